@@ -1,0 +1,3 @@
+//! Host-testable logic of the hypervisor: command line, boot memory map, frame allocation, lock-free log ring.
+#![cfg_attr(not(test), no_std)]
+#![deny(unsafe_code)]

@@ -1,0 +1,3 @@
+//! ACPI MADT discovery, the AP trampoline and the SMP bring-up state machine.
+#![cfg_attr(not(test), no_std)]
+#![deny(unsafe_code)]
