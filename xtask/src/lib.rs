@@ -1,1 +1,19 @@
-//! xtask library
+//! Host-side tooling for the hypervisor: builds the `hv` image, boots it in
+//! QEMU or Bochs, reads the report it prints on its serial console and judges
+//! the run.
+//!
+//! The binary (`cargo xtask ...`) is a thin command-line shell over this
+//! library; the integration tests in `tests/` call [`run::qemu`] and
+//! [`run::bochs`] directly and assert on the report the hypervisor printed.
+
+pub mod accel;
+pub mod ci;
+pub mod cmdline;
+pub mod iso;
+pub mod kernel;
+pub mod paths;
+pub mod process;
+pub mod report;
+pub mod run;
+pub mod serial;
+pub mod tools;

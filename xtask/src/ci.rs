@@ -1,0 +1,65 @@
+//! `cargo xtask test`: everything CI runs, in order.
+//!
+//! 1. `cargo test` at the workspace root: the host unit tests of the default
+//!    members (the logic crates and xtask itself).
+//! 2. The emulators and image tools, installed if missing (as root).
+//! 3. hv, built once.
+//! 4. `cargo test -p tests`: the integration tests, which boot hv in QEMU and
+//!    Bochs. They get the ELF through [`crate::kernel::ELF_ENV`] because a
+//!    `cargo build` started from inside a running `cargo test` on the same
+//!    target directory could wait forever for the build lock.
+
+use std::ffi::OsString;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::kernel;
+use crate::paths::workspace_root;
+use crate::tools::{self, Need};
+
+/// Runs the whole test suite; `harness_args` go to the integration tests'
+/// harness (e.g. a test name filter or `--nocapture`).
+pub fn run_all(harness_args: &[OsString]) -> Result<()> {
+    step("host unit tests");
+    cargo(&["test", "--no-fail-fast"], &[], &[])?;
+
+    step("host tools");
+    tools::ensure(&Need::ALL)?;
+
+    step("building hv");
+    let elf = kernel::build(None)?;
+    eprintln!("hv: {}", elf.display());
+
+    step("integration tests (QEMU, Bochs)");
+    let env = [(kernel::ELF_ENV, elf.into_os_string())];
+    cargo(
+        &["test", "--no-fail-fast", "--package", "tests"],
+        &env,
+        harness_args,
+    )
+}
+
+fn step(name: &str) {
+    eprintln!("\n==> {name}");
+}
+
+/// Runs `cargo <args> [-- <harness_args>]` at the workspace root.
+fn cargo(args: &[&str], env: &[(&str, OsString)], harness_args: &[OsString]) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command.current_dir(workspace_root()).args(args);
+    if !harness_args.is_empty() {
+        command.arg("--").args(harness_args);
+    }
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let status = command
+        .status()
+        .with_context(|| format!("could not run cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}

@@ -1,0 +1,139 @@
+//! The few lines a person reads after a run.
+
+use std::fmt::Write;
+
+use serde_json::Value;
+
+/// A short human summary of a finished run report: where it ran, what hv
+/// found (CPUs, memory, loader, command-line errors) and the verdict.
+pub fn summary(report: &Value) -> String {
+    let mut out = String::new();
+    let mut line = |label: &str, text: String| {
+        let _ = writeln!(out, "  {label:<9}{text}");
+    };
+    let header = format!(
+        "hv on {} (boot: {})",
+        text(&report["emulator"]),
+        text(&report["boot"])
+    );
+
+    let loader = &report["loader"];
+    if !loader.is_null() {
+        let name = loader["name"]
+            .as_str()
+            .map(|name| format!(" from {name}"))
+            .unwrap_or_default();
+        line("loader", format!("{}{name}", text(&loader["protocol"])));
+    }
+    let cpus = &report["cpus"];
+    let failed = match cpus["failed"].as_array() {
+        Some(list) if list.is_empty() => "none".to_owned(),
+        Some(list) => list
+            .iter()
+            .map(Value::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        None => "?".to_owned(),
+    };
+    line(
+        "cpus",
+        format!(
+            "{} possible, {} online, failed: {failed}",
+            text(&cpus["possible"]),
+            text(&cpus["online"])
+        ),
+    );
+    let memory = &report["memory"];
+    line(
+        "memory",
+        match memory["usable_bytes"].as_u64() {
+            Some(bytes) => format!(
+                "{:.1} MiB usable in {} regions",
+                bytes as f64 / (1024.0 * 1024.0),
+                text(&memory["regions"])
+            ),
+            None => "?".to_owned(),
+        },
+    );
+    if let Some(errors) = report["cmdline"]["errors"]
+        .as_array()
+        .filter(|e| !e.is_empty())
+    {
+        let list: Vec<String> = errors.iter().map(text).collect();
+        line(
+            "cmdline",
+            format!("{} errors: {}", errors.len(), list.join("; ")),
+        );
+    }
+    if let Some(malformed) = report["xtask"]["malformed_lines"]
+        .as_array()
+        .filter(|m| !m.is_empty())
+    {
+        line(
+            "garbled",
+            format!("{} report line(s) did not parse", malformed.len()),
+        );
+    }
+    line(
+        "verdict",
+        if report["ok"] == Value::Bool(true) {
+            "ok".to_owned()
+        } else {
+            format!("FAILED: {}", text(&report["reason"]))
+        },
+    );
+    line("serial", text(&report["serial_log"]));
+    format!("{header}\n{out}")
+}
+
+/// A JSON value as plain text: strings without quotes, absence as `?`.
+fn text(value: &Value) -> String {
+    match value {
+        Value::Null => "?".to_owned(),
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn summary_names_cpus_memory_and_verdict() {
+        let report = json!({
+            "emulator": "qemu-tcg", "boot": "direct",
+            "loader": {"protocol": "pvh", "name": null},
+            "cpus": {"possible": 4, "online": 3, "failed": [2]},
+            "memory": {"regions": 5, "usable_bytes": 512 * 1024 * 1024},
+            "cmdline": {"errors": ["unknown option `bogus_option`"]},
+            "ok": false, "reason": "cpus.possible is 4, expected 2",
+            "serial_log": "/b/serial.log",
+        });
+        let text = summary(&report);
+        assert!(
+            text.starts_with("hv on qemu-tcg (boot: direct)\n"),
+            "{text}"
+        );
+        assert!(text.contains("loader   pvh\n"), "{text}");
+        assert!(text.contains("4 possible, 3 online, failed: 2"), "{text}");
+        assert!(text.contains("512.0 MiB usable in 5 regions"), "{text}");
+        assert!(
+            text.contains("1 errors: unknown option `bogus_option`"),
+            "{text}"
+        );
+        assert!(
+            text.contains("FAILED: cpus.possible is 4, expected 2"),
+            "{text}"
+        );
+        assert!(text.contains("serial   /b/serial.log"), "{text}");
+    }
+
+    #[test]
+    fn an_empty_report_still_summarises() {
+        let text = summary(&json!({"ok": false, "reason": "no `done` report"}));
+        assert!(text.contains("? possible, ? online, failed: ?"), "{text}");
+        assert!(text.contains("FAILED: no `done` report"), "{text}");
+    }
+}

@@ -1,0 +1,225 @@
+//! Booting hv in Bochs, from the GRUB ISO.
+//!
+//! Bochs runs non-interactively with the `term` display (its screen goes to a
+//! log file, not the user's terminal), `c` as its debugger script so that the
+//! built-in debugger does not stop at a prompt, and COM1 written to a file
+//! that is followed like QEMU's. hv ends Bochs by writing `Shutdown` to port
+//! 0x8900; Bochs then exits with status 1 however the guest ended, so the
+//! run is judged from the serial report alone.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use super::watch::watch;
+use super::{Boot, Finished, RunOutcome, finish, log_file, prepare_run_dir};
+use crate::process::KillOnDrop;
+use crate::report::{ExitConvention, Expectations};
+use crate::tools::{self, BOCHS_BIOS, Need, VGA_BIOS};
+use crate::{cmdline, iso};
+
+const SERIAL_LOG: &str = "serial.log";
+const BOCHS_LOG: &str = "bochs.log";
+const EMULATOR_LOG: &str = "bochs.out";
+const BOCHSRC: &str = "bochsrc";
+const DEBUGGER_SCRIPT: &str = "cont.rc";
+
+/// Bochs 2.7 fails to start with 16 or more CPUs ("register_timer: too many
+/// registered timers").
+pub const BOCHS_MAX_CPUS: u32 = 15;
+
+/// The CPU Bochs emulates: the oldest model with VMX, EPT, unrestricted
+/// guests and x2APIC.
+const CPU_MODEL: &str = "corei7_haswell_4770";
+
+/// Emulated instructions per second of guest time. Lower values make guest
+/// delays (timer waits during AP start-up) cost fewer host instructions, so
+/// runs end sooner.
+const IPS: u64 = 10_000_000;
+
+/// What a Bochs run looks like.
+#[derive(Debug, Clone)]
+pub struct BochsOptions {
+    /// The hv ELF to boot.
+    pub elf: PathBuf,
+    /// Number of CPUs, 1 to [`BOCHS_MAX_CPUS`]; hv must report them all.
+    pub cpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Extra command-line words after `finish=exit`.
+    pub append: Vec<String>,
+    /// Time after which Bochs is killed and the run fails.
+    pub timeout: Duration,
+    /// Name of the run directory under `build/`; derived from the options
+    /// when `None`.
+    pub run_name: Option<String>,
+    /// Whether to copy the serial console to stdout while it runs.
+    pub echo: bool,
+}
+
+impl BochsOptions {
+    /// The default run: 4 CPUs, 256 MiB, 120 s, quiet.
+    pub fn new(elf: impl Into<PathBuf>) -> Self {
+        Self {
+            elf: elf.into(),
+            cpus: 4,
+            memory_mib: 256,
+            append: Vec::new(),
+            timeout: Duration::from_secs(120),
+            run_name: None,
+            echo: false,
+        }
+    }
+
+    fn default_run_name(&self) -> String {
+        format!("bochs-cpus{}", self.cpus)
+    }
+}
+
+/// Checks a CPU count for Bochs, with the reason when it cannot work.
+pub fn check_cpus(cpus: u32) -> Result<u32> {
+    match cpus {
+        0 => bail!("Bochs needs at least 1 CPU"),
+        n if n > BOCHS_MAX_CPUS => bail!(
+            "Bochs 2.7 runs at most {BOCHS_MAX_CPUS} CPUs (with {n} it stops at start-up: \
+             \"register_timer: too many registered timers\"); use QEMU for more"
+        ),
+        n => Ok(n),
+    }
+}
+
+/// The Bochs configuration of a run; every path is absolute, so Bochs may
+/// start from any directory.
+pub fn bochsrc(cpus: u32, memory_mib: u32, iso: &Path, run_dir: &Path) -> String {
+    let path = |name: &str| run_dir.join(name).display().to_string();
+    format!(
+        "# Written by cargo xtask for one run of hv.\n\
+         cpu: model={CPU_MODEL}, count={cpus}, ips={IPS}, reset_on_triple_fault=0\n\
+         memory: guest={memory_mib}, host={memory_mib}\n\
+         romimage: file=\"{BOCHS_BIOS}\", options=fastboot\n\
+         vgaromimage: file=\"{VGA_BIOS}\"\n\
+         display_library: term\n\
+         ata0: enabled=1, ioaddr1=0x1f0, ioaddr2=0x3f0, irq=14\n\
+         ata0-master: type=cdrom, path=\"{iso}\", status=inserted\n\
+         boot: cdrom\n\
+         com1: enabled=1, mode=file, dev=\"{serial}\"\n\
+         port_e9_hack: enabled=1\n\
+         clock: sync=none, time0=local\n\
+         mouse: enabled=0\n\
+         log: \"{log}\"\n\
+         panic: action=fatal\n\
+         error: action=report\n\
+         info: action=report\n\
+         debug: action=ignore\n",
+        iso = iso.display(),
+        serial = path(SERIAL_LOG),
+        log = path(BOCHS_LOG),
+    )
+}
+
+/// Boots hv in Bochs from the GRUB ISO and judges the run.
+pub fn bochs(options: &BochsOptions) -> Result<RunOutcome> {
+    let cpus = check_cpus(options.cpus)?;
+    tools::ensure(&[Need::GrubIso, Need::Bochs])?;
+    let cmdline = cmdline::kernel_cmdline(&options.append)?;
+    let name = options
+        .run_name
+        .clone()
+        .unwrap_or_else(|| options.default_run_name());
+    let run_dir = prepare_run_dir(&name, &[SERIAL_LOG, BOCHS_LOG, EMULATOR_LOG])?;
+    let iso = iso::make_iso(&options.elf, &cmdline, &run_dir)?;
+
+    let config = run_dir.join(BOCHSRC);
+    fs::write(&config, bochsrc(cpus, options.memory_mib, &iso, &run_dir))
+        .with_context(|| format!("writing {}", config.display()))?;
+    let script = run_dir.join(DEBUGGER_SCRIPT);
+    // `c`ontinue: the Debian build has the debugger compiled in and would
+    // otherwise wait at its prompt before the first instruction.
+    fs::write(&script, "c\n").with_context(|| format!("writing {}", script.display()))?;
+
+    if options.echo {
+        eprintln!(
+            "$ bochs -q -f {} -rc {}",
+            config.display(),
+            script.display()
+        );
+    }
+    let (stdout, stderr) = log_file(&run_dir.join(EMULATOR_LOG))?;
+    let child = Command::new("bochs")
+        .arg("-q")
+        .arg("-f")
+        .arg(&config)
+        .arg("-rc")
+        .arg(&script)
+        .current_dir(&run_dir)
+        // The term display needs a terminal type; a dumb one keeps its
+        // output (into bochs.out) free of escape sequences.
+        .env("TERM", "dumb")
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .context("could not start bochs")?;
+    let mut child = KillOnDrop::new(child);
+    let watched = watch(
+        &mut child,
+        &run_dir.join(SERIAL_LOG),
+        options.timeout,
+        options.echo,
+    )?;
+    drop(child);
+
+    finish(Finished {
+        emulator: "bochs",
+        boot: Boot::GrubBios,
+        expect: Expectations { cpus },
+        convention: ExitConvention::Meaningless,
+        cmdline: &cmdline,
+        run_dir: &run_dir,
+        serial_log: &run_dir.join(SERIAL_LOG),
+        emulator_log: &run_dir.join(BOCHS_LOG),
+        notes: Vec::new(),
+        watched,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn more_than_fifteen_cpus_is_refused_with_the_reason() {
+        assert_eq!(check_cpus(15).unwrap(), 15);
+        let error = check_cpus(16).unwrap_err().to_string();
+        assert!(error.contains("at most 15"), "{error}");
+        assert!(error.contains("too many registered timers"), "{error}");
+        assert!(check_cpus(0).is_err());
+    }
+
+    #[test]
+    fn config_runs_unattended_with_vmx_cpus_and_serial_to_a_file() {
+        let rc = bochsrc(4, 256, Path::new("/b/run/hv.iso"), Path::new("/b/run"));
+        for line in [
+            "cpu: model=corei7_haswell_4770, count=4, ips=10000000, reset_on_triple_fault=0",
+            "memory: guest=256, host=256",
+            "romimage: file=\"/usr/share/bochs/BIOS-bochs-latest\", options=fastboot",
+            "display_library: term",
+            "ata0-master: type=cdrom, path=\"/b/run/hv.iso\", status=inserted",
+            "boot: cdrom",
+            "com1: enabled=1, mode=file, dev=\"/b/run/serial.log\"",
+            "panic: action=fatal",
+        ] {
+            assert!(rc.lines().any(|l| l == line), "missing {line:?} in\n{rc}");
+        }
+    }
+
+    #[test]
+    fn default_run_name_counts_cpus() {
+        let mut options = BochsOptions::new("/t/hv");
+        options.cpus = 8;
+        assert_eq!(options.default_run_name(), "bochs-cpus8");
+    }
+}

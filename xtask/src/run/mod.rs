@@ -1,0 +1,181 @@
+//! Booting hv in an emulator and judging the run: the API the command line
+//! and the integration tests share.
+//!
+//! A run builds its boot media into its own directory under `build/`, starts
+//! the emulator with a kill-on-drop guard, follows the serial log until the
+//! emulator ends (or the time limit kills it), merges hv's report lines and
+//! adds what xtask knows: `emulator`, `boot`, `ok`, `reason`, `serial_log`
+//! and an `xtask` object with the details of the run.
+
+mod bochs;
+mod qemu;
+mod watch;
+
+pub use bochs::{BOCHS_MAX_CPUS, BochsOptions, bochs, bochsrc, check_cpus};
+pub use qemu::{Firmware, QemuOptions, find_ovmf, qemu};
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+use crate::report::{self, End, ExitConvention, Expectations, MalformedLine};
+use watch::Watched;
+
+/// How the emulator boots hv.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Boot {
+    /// QEMU loads the ELF itself (`-kernel`, PVH entry).
+    Direct,
+    /// GRUB from the ISO on legacy BIOS (SeaBIOS, or Bochs' BIOS), multiboot2.
+    GrubBios,
+    /// GRUB from the ISO on UEFI firmware (OVMF), multiboot2.
+    GrubUefi,
+}
+
+impl Boot {
+    /// The `boot` value of the run report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Boot::Direct => "direct",
+            Boot::GrubBios => "grub-bios",
+            Boot::GrubUefi => "grub-uefi",
+        }
+    }
+}
+
+/// The result of one run.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// The run report: hv's merged report plus xtask's keys (the JSON that
+    /// `--report` writes).
+    pub report: Value,
+    /// The whole serial log as text.
+    pub serial: String,
+    /// Whether the run passed (same as `report["ok"]`).
+    pub ok: bool,
+    /// What was wrong, when not ok (same as `report["reason"]`).
+    pub reason: Option<String>,
+    /// The directory holding this run's ISO, logs and `report.json`.
+    pub run_dir: PathBuf,
+}
+
+impl RunOutcome {
+    /// A short human summary of the run.
+    pub fn summary(&self) -> String {
+        report::summary(&self.report)
+    }
+
+    /// Writes the report as pretty JSON to `path`.
+    pub fn write_report(&self, path: &Path) -> Result<()> {
+        write_json(path, &self.report)
+    }
+}
+
+/// Everything about a finished run that goes into its report besides hv's
+/// own lines.
+#[derive(Debug)]
+struct Finished<'a> {
+    emulator: &'a str,
+    boot: Boot,
+    expect: Expectations,
+    convention: ExitConvention,
+    cmdline: &'a str,
+    run_dir: &'a Path,
+    serial_log: &'a Path,
+    emulator_log: &'a Path,
+    notes: Vec<String>,
+    watched: Watched,
+}
+
+/// Judges a finished run, assembles its report and saves it as
+/// `report.json` in the run directory.
+fn finish(run: Finished<'_>) -> Result<RunOutcome> {
+    let malformed = run.watched.collector.malformed().to_vec();
+    let lines = run.watched.collector.lines_seen();
+    let report_lines = run.watched.collector.report_lines();
+    let hv_report = run.watched.collector.into_report();
+    let verdict = report::judge(&hv_report, &run.expect, run.watched.end, run.convention);
+
+    let (exit_status, timed_out) = match run.watched.end {
+        End::Exited(status) => (status, false),
+        End::TimedOut(_) => (None, true),
+    };
+    let mut report = hv_report;
+    if !report.is_object() {
+        report = json!({});
+    }
+    let xtask = json!({
+        "cpus_requested": run.expect.cpus,
+        "cmdline": run.cmdline,
+        "exit_status": exit_status,
+        "timed_out": timed_out,
+        "elapsed_secs": (run.watched.elapsed.as_secs_f64() * 100.0).round() / 100.0,
+        "serial_lines": lines,
+        "report_lines": report_lines,
+        "malformed_lines": malformed.iter().map(malformed_json).collect::<Vec<_>>(),
+        "emulator_log": run.emulator_log,
+        "notes": run.notes,
+    });
+    let owned = [
+        ("emulator", json!(run.emulator)),
+        ("boot", json!(run.boot.as_str())),
+        ("ok", json!(verdict.ok)),
+        ("reason", json!(verdict.reason)),
+        ("serial_log", json!(run.serial_log)),
+        ("xtask", xtask),
+    ];
+    if let Value::Object(map) = &mut report {
+        for (key, value) in owned {
+            map.insert(key.to_owned(), value);
+        }
+    }
+
+    write_json(&run.run_dir.join("report.json"), &report)?;
+    let serial = fs::read(run.serial_log)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default();
+    Ok(RunOutcome {
+        report,
+        serial,
+        ok: verdict.ok,
+        reason: verdict.reason,
+        run_dir: run.run_dir.to_path_buf(),
+    })
+}
+
+fn malformed_json(line: &MalformedLine) -> Value {
+    json!({"line": line.line_number, "text": line.text, "error": line.error})
+}
+
+fn write_json(path: &Path, value: &Value) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value).context("serialising the report")?;
+    text.push('\n');
+    fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Creates (or reuses) the directory of run `name` and removes the logs of
+/// an earlier run there, so nothing stale is read as this run's output.
+fn prepare_run_dir(name: &str, logs: &[&str]) -> Result<PathBuf> {
+    let dir = crate::paths::run_dir(name);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for log in logs {
+        let path = dir.join(log);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                return Err(error).with_context(|| format!("removing {}", path.display()));
+            }
+        }
+    }
+    Ok(dir)
+}
+
+/// Opens `path` for an emulator's stdout and stderr.
+fn log_file(path: &Path) -> Result<(fs::File, fs::File)> {
+    let file = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let copy = file.try_clone().context("duplicating a log file handle")?;
+    Ok((file, copy))
+}

@@ -1,0 +1,432 @@
+//! Booting hv in QEMU.
+
+use std::ffi::OsString;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use super::watch::{Watched, watch};
+use super::{Boot, Finished, RunOutcome, finish, log_file, prepare_run_dir};
+use crate::accel::{self, Accel};
+use crate::process::KillOnDrop;
+use crate::report::{End, ExitConvention, Expectations};
+use crate::report::{QEMU_EXIT_FAILURE, QEMU_EXIT_SUCCESS};
+use crate::tools::{self, Need};
+use crate::{cmdline, iso};
+
+const SERIAL_LOG: &str = "serial.log";
+const DEBUGCON_LOG: &str = "debugcon.log";
+const EMULATOR_LOG: &str = "qemu.log";
+
+/// The I/O port of QEMU's `isa-debug-exit` device, where hv writes its exit
+/// code.
+const DEBUG_EXIT_PORT: &str = "0xf4";
+
+/// What a QEMU run looks like.
+#[derive(Debug, Clone)]
+pub struct QemuOptions {
+    /// The hv ELF to boot.
+    pub elf: PathBuf,
+    /// Number of virtual CPUs (`-smp`); hv must report them all.
+    pub smp: u32,
+    /// Guest memory in MiB (`-m`).
+    pub memory_mib: u32,
+    /// How hv is loaded.
+    pub boot: Boot,
+    /// Extra command-line words after `finish=exit`.
+    pub append: Vec<String>,
+    /// Time after which QEMU is killed and the run fails.
+    pub timeout: Duration,
+    /// Name of the run directory under `build/`; derived from the options
+    /// when `None`. Runs that may happen at the same time need distinct
+    /// names.
+    pub run_name: Option<String>,
+    /// Whether to copy the serial console to stdout while it runs.
+    pub echo: bool,
+}
+
+impl QemuOptions {
+    /// The default run: 4 CPUs, 512 MiB, direct boot, 60 s, quiet.
+    pub fn new(elf: impl Into<PathBuf>) -> Self {
+        Self {
+            elf: elf.into(),
+            smp: 4,
+            memory_mib: 512,
+            boot: Boot::Direct,
+            append: Vec::new(),
+            timeout: Duration::from_secs(60),
+            run_name: None,
+            echo: false,
+        }
+    }
+
+    fn default_run_name(&self) -> String {
+        format!("qemu-{}-smp{}", self.boot.as_str(), self.smp)
+    }
+}
+
+/// UEFI firmware for QEMU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Firmware {
+    /// Split code and variable store on two pflash devices; the variable
+    /// store is copied per run because the firmware writes to it.
+    Pflash {
+        /// Read-only firmware code.
+        code: PathBuf,
+        /// The pristine variable store to copy.
+        vars_template: PathBuf,
+    },
+    /// One combined image given to `-bios`.
+    Bios(PathBuf),
+}
+
+/// Finds OVMF among Debian's file names, preferring the split pflash images.
+pub fn find_ovmf(exists: impl Fn(&Path) -> bool) -> Option<Firmware> {
+    const PFLASH_PAIRS: [(&str, &str); 2] = [
+        (
+            "/usr/share/OVMF/OVMF_CODE.fd",
+            "/usr/share/OVMF/OVMF_VARS.fd",
+        ),
+        (
+            "/usr/share/OVMF/OVMF_CODE_4M.fd",
+            "/usr/share/OVMF/OVMF_VARS_4M.fd",
+        ),
+    ];
+    const COMBINED: &str = "/usr/share/ovmf/OVMF.fd";
+    PFLASH_PAIRS
+        .iter()
+        .map(|(code, vars)| (Path::new(code), Path::new(vars)))
+        .find(|(code, vars)| exists(code) && exists(vars))
+        .map(|(code, vars)| Firmware::Pflash {
+            code: code.to_path_buf(),
+            vars_template: vars.to_path_buf(),
+        })
+        .or_else(|| exists(Path::new(COMBINED)).then(|| Firmware::Bios(COMBINED.into())))
+}
+
+/// What QEMU boots from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Media {
+    /// `-kernel` with `-append`.
+    Kernel { elf: PathBuf, cmdline: String },
+    /// The GRUB ISO on the default firmware (SeaBIOS).
+    BiosCdrom { iso: PathBuf },
+    /// The GRUB ISO on OVMF; `vars` is this run's copy of the variable
+    /// store when the firmware is split.
+    UefiCdrom {
+        iso: PathBuf,
+        firmware: Firmware,
+        vars: Option<PathBuf>,
+    },
+}
+
+/// The QEMU command line, apart from the program name.
+pub(crate) fn qemu_args(
+    accel: Accel,
+    smp: u32,
+    memory_mib: u32,
+    media: &Media,
+    run_dir: &Path,
+) -> Vec<OsString> {
+    let mut args: Vec<OsString> = Vec::new();
+    let mut push = |parts: &[&str]| args.extend(parts.iter().map(OsString::from));
+    push(&["-machine", "q35"]);
+    push(&accel.qemu_args());
+    push(&["-m", &format!("{memory_mib}M"), "-smp", &smp.to_string()]);
+    push(&["-display", "none", "-no-reboot"]);
+    push(&[
+        "-serial",
+        &format!("file:{}", run_dir.join(SERIAL_LOG).display()),
+    ]);
+    push(&[
+        "-device",
+        &format!("isa-debug-exit,iobase={DEBUG_EXIT_PORT},iosize=0x04"),
+    ]);
+    push(&[
+        "-debugcon",
+        &format!("file:{}", run_dir.join(DEBUGCON_LOG).display()),
+    ]);
+    match media {
+        Media::Kernel { elf, cmdline } => {
+            push(&["-kernel", &elf.display().to_string(), "-append", cmdline]);
+        }
+        Media::BiosCdrom { iso } => push(&["-cdrom", &iso.display().to_string()]),
+        Media::UefiCdrom {
+            iso,
+            firmware,
+            vars,
+        } => {
+            match (firmware, vars) {
+                (Firmware::Pflash { code, .. }, Some(vars)) => push(&[
+                    "-drive",
+                    &format!(
+                        "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                        drive_path(code)
+                    ),
+                    "-drive",
+                    &format!("if=pflash,format=raw,unit=1,file={}", drive_path(vars)),
+                ]),
+                (Firmware::Pflash { code, .. }, None) => {
+                    push(&["-bios", &code.display().to_string()]);
+                }
+                (Firmware::Bios(image), _) => push(&["-bios", &image.display().to_string()]),
+            }
+            push(&["-cdrom", &iso.display().to_string()]);
+        }
+    }
+    args
+}
+
+/// A path inside a `-drive` option string, where a comma must be doubled.
+fn drive_path(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
+}
+
+/// Boots hv in QEMU and judges the run.
+pub fn qemu(options: &QemuOptions) -> Result<RunOutcome> {
+    if options.smp == 0 {
+        bail!("--smp must be at least 1");
+    }
+    tools::ensure(&needs(options.boot))?;
+    let cmdline = cmdline::kernel_cmdline(&options.append)?;
+    let name = options
+        .run_name
+        .clone()
+        .unwrap_or_else(|| options.default_run_name());
+    let run_dir = prepare_run_dir(&name, &[SERIAL_LOG, DEBUGCON_LOG, EMULATOR_LOG])?;
+    let media = media(options, &cmdline, &run_dir)?;
+
+    let mut accel = accel::detect();
+    let mut notes = Vec::new();
+    let mut watched = attempt(options, accel, &media, &run_dir)?;
+    if accel == Accel::Kvm && kvm_start_failed(&watched) {
+        notes.push(format!(
+            "QEMU with KVM ended at once without serial output ({:?}); ran again under TCG",
+            watched.end
+        ));
+        accel = Accel::Tcg;
+        watched = attempt(options, accel, &media, &run_dir)?;
+    }
+
+    finish(Finished {
+        emulator: accel.emulator_name(),
+        boot: options.boot,
+        expect: Expectations { cpus: options.smp },
+        convention: ExitConvention::QemuDebugExit,
+        cmdline: &cmdline,
+        run_dir: &run_dir,
+        serial_log: &run_dir.join(SERIAL_LOG),
+        emulator_log: &run_dir.join(EMULATOR_LOG),
+        notes,
+        watched,
+    })
+}
+
+fn needs(boot: Boot) -> Vec<Need> {
+    match boot {
+        Boot::Direct => vec![Need::Qemu],
+        Boot::GrubBios => vec![Need::Qemu, Need::GrubIso],
+        Boot::GrubUefi => vec![Need::Qemu, Need::GrubIso, Need::Ovmf],
+    }
+}
+
+/// Prepares the boot media of a run in its directory.
+fn media(options: &QemuOptions, cmdline: &str, run_dir: &Path) -> Result<Media> {
+    Ok(match options.boot {
+        Boot::Direct => Media::Kernel {
+            elf: options.elf.clone(),
+            cmdline: cmdline.to_owned(),
+        },
+        Boot::GrubBios => Media::BiosCdrom {
+            iso: iso::make_iso(&options.elf, cmdline, run_dir)?,
+        },
+        Boot::GrubUefi => {
+            let iso = iso::make_iso(&options.elf, cmdline, run_dir)?;
+            let firmware = find_ovmf(Path::exists).context("no OVMF firmware found")?;
+            let vars = match &firmware {
+                Firmware::Pflash { vars_template, .. } => {
+                    let copy = run_dir.join("OVMF_VARS.fd");
+                    fs::copy(vars_template, &copy).with_context(|| {
+                        format!("copying {} for this run", vars_template.display())
+                    })?;
+                    Some(copy)
+                }
+                Firmware::Bios(_) => None,
+            };
+            Media::UefiCdrom {
+                iso,
+                firmware,
+                vars,
+            }
+        }
+    })
+}
+
+/// Starts QEMU once and watches it to its end.
+fn attempt(options: &QemuOptions, accel: Accel, media: &Media, run_dir: &Path) -> Result<Watched> {
+    let args = qemu_args(accel, options.smp, options.memory_mib, media, run_dir);
+    if options.echo {
+        let shown: Vec<String> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        eprintln!("$ qemu-system-x86_64 {}", shown.join(" "));
+    }
+    let (stdout, stderr) = log_file(&run_dir.join(EMULATOR_LOG))?;
+    let child = Command::new("qemu-system-x86_64")
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .context("could not start qemu-system-x86_64")?;
+    let mut child = KillOnDrop::new(child);
+    watch(
+        &mut child,
+        &run_dir.join(SERIAL_LOG),
+        options.timeout,
+        options.echo,
+    )
+}
+
+/// A KVM start that failed: QEMU ended with neither of hv's exit codes before
+/// the guest wrote a single serial byte.
+fn kvm_start_failed(watched: &Watched) -> bool {
+    matches!(watched.end, End::Exited(status)
+        if status != Some(QEMU_EXIT_SUCCESS) && status != Some(QEMU_EXIT_FAILURE))
+        && watched.serial_bytes == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args_text(accel: Accel, media: &Media) -> String {
+        qemu_args(accel, 4, 512, media, Path::new("/b/run"))
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn direct_boot_passes_kernel_cmdline_and_exit_device() {
+        let media = Media::Kernel {
+            elf: "/t/hv".into(),
+            cmdline: "finish=exit log=debug".into(),
+        };
+        let args = qemu_args(Accel::Tcg, 4, 512, &media, Path::new("/b/run"));
+        let text = args_text(Accel::Tcg, &media);
+        assert!(
+            text.starts_with(
+                "-machine q35 -accel tcg -cpu max -m 512M -smp 4 -display none -no-reboot"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("-serial file:/b/run/serial.log"), "{text}");
+        assert!(
+            text.contains("-device isa-debug-exit,iobase=0xf4,iosize=0x04"),
+            "{text}"
+        );
+        assert!(
+            text.contains("-debugcon file:/b/run/debugcon.log"),
+            "{text}"
+        );
+        // The command line stays one argument.
+        let append = args.iter().position(|a| a == "-append").unwrap();
+        assert_eq!(args[append + 1], "finish=exit log=debug");
+        assert_eq!(args[append - 1], "/t/hv");
+    }
+
+    #[test]
+    fn kvm_uses_the_host_cpu() {
+        let media = Media::BiosCdrom {
+            iso: "/b/hv.iso".into(),
+        };
+        let text = args_text(Accel::Kvm, &media);
+        assert!(text.contains("-accel kvm -cpu host"), "{text}");
+        assert!(text.ends_with("-cdrom /b/hv.iso"), "{text}");
+    }
+
+    #[test]
+    fn uefi_boot_puts_ovmf_on_pflash_with_a_private_vars_copy() {
+        let media = Media::UefiCdrom {
+            iso: "/b/hv.iso".into(),
+            firmware: Firmware::Pflash {
+                code: "/o/CODE.fd".into(),
+                vars_template: "/o/VARS.fd".into(),
+            },
+            vars: Some("/b/a,b/VARS.fd".into()),
+        };
+        let text = args_text(Accel::Tcg, &media);
+        assert!(
+            text.contains("-drive if=pflash,format=raw,unit=0,readonly=on,file=/o/CODE.fd"),
+            "{text}"
+        );
+        assert!(
+            text.contains("-drive if=pflash,format=raw,unit=1,file=/b/a,,b/VARS.fd"),
+            "{text}"
+        );
+        assert!(text.ends_with("-cdrom /b/hv.iso"), "{text}");
+    }
+
+    #[test]
+    fn combined_ovmf_goes_to_bios() {
+        let media = Media::UefiCdrom {
+            iso: "/b/hv.iso".into(),
+            firmware: Firmware::Bios("/usr/share/ovmf/OVMF.fd".into()),
+            vars: None,
+        };
+        assert!(args_text(Accel::Tcg, &media).contains("-bios /usr/share/ovmf/OVMF.fd -cdrom"));
+    }
+
+    #[test]
+    fn ovmf_prefers_a_complete_pflash_pair() {
+        let all = find_ovmf(|_| true).unwrap();
+        assert_eq!(
+            all,
+            Firmware::Pflash {
+                code: "/usr/share/OVMF/OVMF_CODE.fd".into(),
+                vars_template: "/usr/share/OVMF/OVMF_VARS.fd".into(),
+            }
+        );
+        let no_vars = find_ovmf(|p| !p.to_string_lossy().contains("VARS")).unwrap();
+        assert_eq!(no_vars, Firmware::Bios("/usr/share/ovmf/OVMF.fd".into()));
+        assert_eq!(find_ovmf(|_| false), None);
+    }
+
+    fn watched(end: End, serial_bytes: usize) -> Watched {
+        Watched {
+            end,
+            elapsed: Duration::ZERO,
+            collector: Default::default(),
+            serial_bytes,
+        }
+    }
+
+    #[test]
+    fn kvm_failure_is_a_silent_early_exit() {
+        assert!(kvm_start_failed(&watched(End::Exited(Some(1)), 0)));
+        assert!(!kvm_start_failed(&watched(End::Exited(Some(1)), 10)));
+        assert!(!kvm_start_failed(&watched(
+            End::Exited(Some(QEMU_EXIT_FAILURE)),
+            0
+        )));
+        assert!(!kvm_start_failed(&watched(
+            End::TimedOut(Duration::from_secs(1)),
+            0
+        )));
+    }
+
+    #[test]
+    fn default_run_names_tell_runs_apart() {
+        let mut options = QemuOptions::new("/t/hv");
+        assert_eq!(options.default_run_name(), "qemu-direct-smp4");
+        options.boot = Boot::GrubUefi;
+        options.smp = 2;
+        assert_eq!(options.default_run_name(), "qemu-grub-uefi-smp2");
+    }
+}
