@@ -1,0 +1,551 @@
+//! The hypervisor command line.
+//!
+//! The line is a sequence of whitespace-separated `key=value` words. A bad
+//! word never stops the boot: it is recorded as a [`CmdlineError`] and parsing
+//! goes on with the next word, so the hypervisor boots with the defaults for
+//! whatever it could not understand and reports the errors.
+//!
+//! Every option lives in one table, [`OPTIONS`]: adding an option means adding
+//! a field to [`Options`] (with its default) and a row with a value parser.
+
+use core::fmt;
+use log::LevelFilter;
+
+/// How many errors [`Parsed`] keeps; the rest are only counted.
+pub const MAX_ERRORS: usize = 8;
+
+/// Size of a page: the crash-kernel reservation is made of whole pages.
+const PAGE_SIZE: u64 = 4096;
+
+/// What the hypervisor does once the boot self-report is complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Finish {
+    /// Stay up (halt the boot CPU and wait for interrupts).
+    #[default]
+    Halt,
+    /// End the emulator through its debug-exit port (used by the test runs).
+    Exit,
+}
+
+/// `crashkernel=SIZE[@BASE]`: memory reserved for the capture kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CrashKernelSpec {
+    /// Bytes to reserve: non-zero and a multiple of 4 KiB.
+    pub size: u64,
+    /// Physical base (a multiple of 4 KiB); `None` lets the hypervisor choose.
+    pub base: Option<u64>,
+}
+
+/// The options the command line can set, with their defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// `log=`: the most verbose level that is printed.
+    pub log: LevelFilter,
+    /// `crashkernel=`: the capture-kernel reservation, if any.
+    pub crashkernel: Option<CrashKernelSpec>,
+    /// `finish=`: what to do after the boot self-report.
+    pub finish: Finish,
+    /// `max_cpus=`: at most this many CPUs are brought up (the boot CPU counts).
+    pub max_cpus: Option<u32>,
+}
+
+impl Options {
+    /// The defaults, usable in a `static`.
+    pub const fn new() -> Self {
+        Self {
+            log: LevelFilter::Info,
+            crashkernel: None,
+            finish: Finish::Halt,
+            max_cpus: None,
+        }
+    }
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What was wrong with a word of the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The word has no `=` (or nothing before it).
+    ExpectedKeyValue,
+    /// The key names no option.
+    UnknownOption,
+    /// The option exists but its value is not acceptable.
+    InvalidValue {
+        /// The option's key.
+        option: &'static str,
+        /// Why, for the message: what was expected or which limit was broken.
+        reason: &'static str,
+    },
+}
+
+/// One rejected word. `text` is the offending part of the line: the whole word
+/// for [`ErrorKind::ExpectedKeyValue`], the key for
+/// [`ErrorKind::UnknownOption`], the value for [`ErrorKind::InvalidValue`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CmdlineError<'a> {
+    /// The offending text, borrowed from the command line.
+    pub text: &'a str,
+    /// What was wrong with it.
+    pub kind: ErrorKind,
+}
+
+impl fmt::Display for CmdlineError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            ErrorKind::ExpectedKeyValue => write!(f, "expected key=value, got '{}'", self.text),
+            ErrorKind::UnknownOption => write!(f, "unknown option '{}'", self.text),
+            ErrorKind::InvalidValue { option, reason } => {
+                write!(f, "{option}: invalid value '{}' ({reason})", self.text)
+            }
+        }
+    }
+}
+
+/// The result of [`parse`]: the options (defaults where a word was missing or
+/// bad) and the errors met on the way.
+#[derive(Clone, Debug)]
+pub struct Parsed<'a> {
+    /// The options in force.
+    pub options: Options,
+    errors: [Option<CmdlineError<'a>>; MAX_ERRORS],
+    stored: usize,
+    dropped: usize,
+}
+
+impl<'a> Parsed<'a> {
+    /// The first [`MAX_ERRORS`] errors, in command-line order.
+    pub fn errors(&self) -> impl Iterator<Item = &CmdlineError<'a>> + '_ {
+        self.errors[..self.stored].iter().flatten()
+    }
+
+    /// Errors that did not fit in the fixed-size list.
+    pub fn dropped_errors(&self) -> usize {
+        self.dropped
+    }
+
+    /// All errors, kept or dropped.
+    pub fn error_count(&self) -> usize {
+        self.stored + self.dropped
+    }
+
+    /// Whether every word was accepted.
+    pub fn is_clean(&self) -> bool {
+        self.error_count() == 0
+    }
+
+    fn push_error(&mut self, error: CmdlineError<'a>) {
+        match self.errors.get_mut(self.stored) {
+            Some(slot) => {
+                *slot = Some(error);
+                self.stored += 1;
+            }
+            None => self.dropped += 1,
+        }
+    }
+}
+
+/// Parses a value into the options, or says why it cannot.
+type Setter = fn(&mut Options, &str) -> Result<(), &'static str>;
+
+/// The options the hypervisor understands: key and value parser.
+pub const OPTIONS: &[(&str, Setter)] = &[
+    ("log", set_log),
+    ("crashkernel", set_crashkernel),
+    ("finish", set_finish),
+    ("max_cpus", set_max_cpus),
+];
+
+/// Parses the command line. Unknown keys and bad values are collected as
+/// errors and skipped; when a key repeats, the last valid value wins.
+pub fn parse(line: &str) -> Parsed<'_> {
+    let mut parsed = Parsed {
+        options: Options::new(),
+        errors: [None; MAX_ERRORS],
+        stored: 0,
+        dropped: 0,
+    };
+    for word in line.split_ascii_whitespace() {
+        let Some((key, value)) = word.split_once('=').filter(|(key, _)| !key.is_empty()) else {
+            parsed.push_error(CmdlineError {
+                text: word,
+                kind: ErrorKind::ExpectedKeyValue,
+            });
+            continue;
+        };
+        let Some(&(option, setter)) = OPTIONS.iter().find(|(name, _)| *name == key) else {
+            parsed.push_error(CmdlineError {
+                text: key,
+                kind: ErrorKind::UnknownOption,
+            });
+            continue;
+        };
+        if let Err(reason) = setter(&mut parsed.options, value) {
+            parsed.push_error(CmdlineError {
+                text: value,
+                kind: ErrorKind::InvalidValue { option, reason },
+            });
+        }
+    }
+    parsed
+}
+
+fn set_log(options: &mut Options, value: &str) -> Result<(), &'static str> {
+    const LEVELS: [(&str, LevelFilter); 6] = [
+        ("off", LevelFilter::Off),
+        ("error", LevelFilter::Error),
+        ("warn", LevelFilter::Warn),
+        ("info", LevelFilter::Info),
+        ("debug", LevelFilter::Debug),
+        ("trace", LevelFilter::Trace),
+    ];
+    let (_, level) = LEVELS
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(value))
+        .ok_or("expected one of off, error, warn, info, debug, trace")?;
+    options.log = *level;
+    Ok(())
+}
+
+fn set_finish(options: &mut Options, value: &str) -> Result<(), &'static str> {
+    options.finish = match value {
+        "halt" => Finish::Halt,
+        "exit" => Finish::Exit,
+        _ => return Err("expected one of halt, exit"),
+    };
+    Ok(())
+}
+
+fn set_max_cpus(options: &mut Options, value: &str) -> Result<(), &'static str> {
+    const EXPECTED: &str = "expected a whole number of at least 1";
+    let n = parse_number(value).ok_or(EXPECTED)?;
+    let n = u32::try_from(n).map_err(|_| "number too large")?;
+    if n == 0 {
+        return Err(EXPECTED);
+    }
+    options.max_cpus = Some(n);
+    Ok(())
+}
+
+fn set_crashkernel(options: &mut Options, value: &str) -> Result<(), &'static str> {
+    let (size, base) = match value.split_once('@') {
+        Some((size, base)) => (size, Some(base)),
+        None => (value, None),
+    };
+    let size = parse_size(size)?;
+    if size == 0 {
+        return Err("size must be greater than zero");
+    }
+    if !size.is_multiple_of(PAGE_SIZE) {
+        return Err("size must be a multiple of 4 KiB");
+    }
+    let base = base.map(parse_size).transpose()?;
+    if let Some(base) = base {
+        if !base.is_multiple_of(PAGE_SIZE) {
+            return Err("base must be a multiple of 4 KiB");
+        }
+        if base.checked_add(size).is_none() {
+            return Err("base + size is beyond the address space");
+        }
+    }
+    options.crashkernel = Some(CrashKernelSpec { size, base });
+    Ok(())
+}
+
+/// `NUMBER[K|M|G]`, the number decimal or `0x` hexadecimal.
+fn parse_size(text: &str) -> Result<u64, &'static str> {
+    const EXPECTED: &str = "expected SIZE[@BASE], each a number with an optional K, M or G suffix";
+    let (digits, shift) = match text.as_bytes().last() {
+        Some(b'k' | b'K') => (&text[..text.len() - 1], 10),
+        Some(b'm' | b'M') => (&text[..text.len() - 1], 20),
+        Some(b'g' | b'G') => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    let number = parse_number(digits).ok_or(EXPECTED)?;
+    number.checked_mul(1u64 << shift).ok_or("number too large")
+}
+
+/// A decimal or `0x`-prefixed hexadecimal `u64`; `None` if malformed or too large.
+fn parse_number(text: &str) -> Option<u64> {
+    let (digits, radix) = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => (hex, 16),
+        None => (text, 10),
+    };
+    // `from_str_radix` accepts a leading `+`; a command line should not.
+    if digits.is_empty() || !digits.bytes().all(|b| (b as char).is_digit(radix)) {
+        return None;
+    }
+    u64::from_str_radix(digits, radix).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::string::{String, ToString};
+    use std::vec::Vec;
+
+    fn messages(parsed: &Parsed<'_>) -> Vec<String> {
+        parsed.errors().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn empty_line_gives_defaults() {
+        for line in ["", "   ", "\t\n "] {
+            let parsed = parse(line);
+            assert_eq!(parsed.options, Options::default());
+            assert!(parsed.is_clean());
+            assert_eq!(parsed.errors().count(), 0);
+        }
+        let defaults = Options::default();
+        assert_eq!(defaults.log, LevelFilter::Info);
+        assert_eq!(defaults.finish, Finish::Halt);
+        assert_eq!(defaults.crashkernel, None);
+        assert_eq!(defaults.max_cpus, None);
+    }
+
+    #[test]
+    fn log_levels() {
+        for (text, level) in [
+            ("off", LevelFilter::Off),
+            ("error", LevelFilter::Error),
+            ("warn", LevelFilter::Warn),
+            ("info", LevelFilter::Info),
+            ("debug", LevelFilter::Debug),
+            ("trace", LevelFilter::Trace),
+            ("DEBUG", LevelFilter::Debug),
+        ] {
+            let line = format!("log={text}");
+            let parsed = parse(&line);
+            assert!(parsed.is_clean(), "{line}");
+            assert_eq!(parsed.options.log, level, "{line}");
+        }
+    }
+
+    #[test]
+    fn log_invalid() {
+        let parsed = parse("log=loud");
+        assert_eq!(parsed.options.log, LevelFilter::Info);
+        assert_eq!(
+            messages(&parsed),
+            ["log: invalid value 'loud' (expected one of off, error, warn, info, debug, trace)"]
+        );
+        let parsed = parse("log=");
+        assert_eq!(parsed.error_count(), 1);
+        assert_eq!(
+            parsed.errors().next().unwrap().kind,
+            ErrorKind::InvalidValue {
+                option: "log",
+                reason: "expected one of off, error, warn, info, debug, trace"
+            }
+        );
+    }
+
+    #[test]
+    fn finish_values() {
+        assert_eq!(parse("finish=exit").options.finish, Finish::Exit);
+        assert_eq!(parse("finish=halt").options.finish, Finish::Halt);
+        let parsed = parse("finish=reboot");
+        assert_eq!(parsed.options.finish, Finish::Halt);
+        assert_eq!(
+            messages(&parsed),
+            ["finish: invalid value 'reboot' (expected one of halt, exit)"]
+        );
+    }
+
+    #[test]
+    fn max_cpus_values() {
+        assert_eq!(parse("max_cpus=1").options.max_cpus, Some(1));
+        assert_eq!(parse("max_cpus=512").options.max_cpus, Some(512));
+        assert_eq!(parse("max_cpus=0x10").options.max_cpus, Some(16));
+        for bad in ["0", "", "-1", "+4", "four", "4096x", "4294967296", "0x"] {
+            let line = format!("max_cpus={bad}");
+            let parsed = parse(&line);
+            assert_eq!(parsed.options.max_cpus, None, "{line}");
+            assert_eq!(parsed.error_count(), 1, "{line}");
+            let error = parsed.errors().next().unwrap();
+            assert_eq!(error.text, bad);
+            assert!(
+                error.to_string().starts_with("max_cpus: invalid value"),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn crashkernel_sizes_and_suffixes() {
+        let cases = [
+            ("4096", 4096, None),
+            ("64K", 64 << 10, None),
+            ("64k", 64 << 10, None),
+            ("256M", 256 << 20, None),
+            ("256m", 256 << 20, None),
+            ("1G", 1 << 30, None),
+            ("0x100000", 0x10_0000, None),
+            ("0x10M", 16 << 20, None),
+            ("128M@16M", 128 << 20, Some(16 << 20)),
+            ("128M@0x1000000", 128 << 20, Some(0x100_0000)),
+            ("4K@0", 4096, Some(0)),
+        ];
+        for (text, size, base) in cases {
+            let line = format!("crashkernel={text}");
+            let parsed = parse(&line);
+            assert!(parsed.is_clean(), "{line}: {:?}", messages(&parsed));
+            assert_eq!(
+                parsed.options.crashkernel,
+                Some(CrashKernelSpec { size, base }),
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn crashkernel_invalid() {
+        let cases = [
+            ("0", "size must be greater than zero"),
+            ("0M", "size must be greater than zero"),
+            ("1000", "size must be a multiple of 4 KiB"),
+            ("1M@100", "base must be a multiple of 4 KiB"),
+            ("99999999999G", "number too large"),
+            (
+                "18446744073709551616",
+                "expected SIZE[@BASE], each a number with an optional K, M or G suffix",
+            ),
+            ("17179869184G", "number too large"),
+            (
+                "1M@0xfffffffffffff000",
+                "base + size is beyond the address space",
+            ),
+            (
+                "",
+                "expected SIZE[@BASE], each a number with an optional K, M or G suffix",
+            ),
+            (
+                "M",
+                "expected SIZE[@BASE], each a number with an optional K, M or G suffix",
+            ),
+            (
+                "64T",
+                "expected SIZE[@BASE], each a number with an optional K, M or G suffix",
+            ),
+            (
+                "64M@",
+                "expected SIZE[@BASE], each a number with an optional K, M or G suffix",
+            ),
+            (
+                "64M@1M@2M",
+                "expected SIZE[@BASE], each a number with an optional K, M or G suffix",
+            ),
+            (
+                "0xG",
+                "expected SIZE[@BASE], each a number with an optional K, M or G suffix",
+            ),
+        ];
+        for (text, reason) in cases {
+            let line = format!("crashkernel={text}");
+            let parsed = parse(&line);
+            assert_eq!(parsed.options.crashkernel, None, "{line}");
+            let errors: Vec<_> = parsed.errors().collect();
+            assert_eq!(errors.len(), 1, "{line}");
+            assert_eq!(errors[0].text, text);
+            assert_eq!(
+                errors[0].kind,
+                ErrorKind::InvalidValue {
+                    option: "crashkernel",
+                    reason
+                },
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_and_bare_words() {
+        let parsed = parse("bogus=1 quiet =x log=debug");
+        assert_eq!(parsed.options.log, LevelFilter::Debug);
+        assert_eq!(
+            messages(&parsed),
+            [
+                "unknown option 'bogus'",
+                "expected key=value, got 'quiet'",
+                "expected key=value, got '=x'",
+            ]
+        );
+    }
+
+    #[test]
+    fn multiple_errors_keep_the_good_words() {
+        let parsed =
+            parse("log=loud crashkernel=256M finish=never max_cpus=4 serial=on crashkernel=1");
+        assert_eq!(parsed.options.log, LevelFilter::Info);
+        assert_eq!(
+            parsed.options.crashkernel,
+            Some(CrashKernelSpec {
+                size: 256 << 20,
+                base: None
+            })
+        );
+        assert_eq!(parsed.options.max_cpus, Some(4));
+        assert_eq!(parsed.options.finish, Finish::Halt);
+        assert_eq!(parsed.error_count(), 4);
+        assert_eq!(parsed.dropped_errors(), 0);
+        let keys: Vec<_> = parsed.errors().map(|e| e.text).collect();
+        assert_eq!(keys, ["loud", "never", "serial", "1"]);
+    }
+
+    #[test]
+    fn error_overflow_is_counted() {
+        let line: String = (0..MAX_ERRORS + 5).map(|i| format!("bad{i}=x ")).collect();
+        let line = line + "log=trace";
+        let parsed = parse(&line);
+        assert_eq!(parsed.options.log, LevelFilter::Trace);
+        assert_eq!(parsed.errors().count(), MAX_ERRORS);
+        assert_eq!(parsed.dropped_errors(), 5);
+        assert_eq!(parsed.error_count(), MAX_ERRORS + 5);
+        // The kept ones are the first ones, in order.
+        let kept: Vec<_> = parsed.errors().map(|e| e.text).collect();
+        let expected: Vec<_> = (0..MAX_ERRORS).map(|i| format!("bad{i}")).collect();
+        assert_eq!(kept, expected);
+    }
+
+    #[test]
+    fn repeated_keys_last_valid_wins() {
+        let parsed = parse("log=debug log=warn finish=exit finish=halt max_cpus=2 max_cpus=8");
+        assert!(parsed.is_clean());
+        assert_eq!(parsed.options.log, LevelFilter::Warn);
+        assert_eq!(parsed.options.finish, Finish::Halt);
+        assert_eq!(parsed.options.max_cpus, Some(8));
+        // An invalid repeat is reported and leaves the earlier value in force.
+        let parsed = parse("log=debug log=loud");
+        assert_eq!(parsed.options.log, LevelFilter::Debug);
+        assert_eq!(parsed.error_count(), 1);
+    }
+
+    #[test]
+    fn value_may_contain_equals() {
+        let parsed = parse("log=debug=1");
+        assert_eq!(
+            messages(&parsed),
+            ["log: invalid value 'debug=1' (expected one of off, error, warn, info, debug, trace)"]
+        );
+    }
+
+    #[test]
+    fn every_table_option_parses_its_documented_example() {
+        let examples = [
+            ("log", "warn"),
+            ("crashkernel", "64M"),
+            ("finish", "exit"),
+            ("max_cpus", "2"),
+        ];
+        assert_eq!(OPTIONS.len(), examples.len());
+        for (key, value) in examples {
+            assert!(OPTIONS.iter().any(|(name, _)| *name == key));
+            let line = format!("{key}={value}");
+            assert!(parse(&line).is_clean(), "{line}");
+        }
+    }
+}
