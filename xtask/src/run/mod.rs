@@ -179,3 +179,63 @@ fn log_file(path: &Path) -> Result<(fs::File, fs::File)> {
     let copy = file.try_clone().context("duplicating a log file handle")?;
     Ok((file, copy))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::ReportCollector;
+    use std::time::Duration;
+
+    #[test]
+    fn the_run_report_adds_xtask_keys_to_what_hv_said() {
+        let dir = std::env::temp_dir().join(format!("xtask-finish-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let serial_log = dir.join("serial.log");
+        fs::write(&serial_log, "boot\n@hv {\"done\":true}\n").unwrap();
+        let mut collector = ReportCollector::default();
+        for line in [
+            "@hv {\"cpus\":{\"possible\":2,\"online\":2,\"failed\":[]}}",
+            "@hv {oops",
+            "@hv {\"done\":true}",
+        ] {
+            collector.feed_line(line);
+        }
+        let outcome = finish(Finished {
+            emulator: "qemu-tcg",
+            boot: Boot::GrubUefi,
+            expect: Expectations { cpus: 4 },
+            convention: ExitConvention::QemuDebugExit,
+            cmdline: "finish=exit",
+            run_dir: &dir,
+            serial_log: &serial_log,
+            emulator_log: &dir.join("qemu.log"),
+            notes: vec!["a note".to_owned()],
+            watched: Watched {
+                end: End::Exited(Some(0x21)),
+                elapsed: Duration::from_millis(1234),
+                collector,
+                serial_bytes: 10,
+            },
+        })
+        .unwrap();
+
+        let report = &outcome.report;
+        assert_eq!(report["emulator"], "qemu-tcg");
+        assert_eq!(report["boot"], "grub-uefi");
+        assert_eq!(report["ok"], false);
+        assert_eq!(report["reason"], "cpus.possible is 2, expected 4");
+        assert_eq!(report["serial_log"], json!(serial_log));
+        assert_eq!(report["cpus"]["online"], 2);
+        assert_eq!(report["xtask"]["exit_status"], 0x21);
+        assert_eq!(report["xtask"]["timed_out"], false);
+        assert_eq!(report["xtask"]["elapsed_secs"], 1.23);
+        assert_eq!(report["xtask"]["malformed_lines"][0]["line"], 2);
+        assert_eq!(report["xtask"]["notes"][0], "a note");
+        assert!(!outcome.ok);
+        assert_eq!(outcome.serial, "boot\n@hv {\"done\":true}\n");
+        let saved: Value =
+            serde_json::from_str(&fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+        assert_eq!(&saved, report);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -85,3 +85,51 @@ fn consume(collector: &mut ReportCollector, line: &str, echo: bool) {
         let _ = writeln!(stdout, "{}", strip_ansi(line));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    /// A shell standing in for an emulator that writes `script`'s output to
+    /// a serial log.
+    fn fake_emulator(name: &str, script: &str) -> (KillOnDrop, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("xtask-watch-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("serial.log");
+        let _ = std::fs::remove_file(&log);
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .env("LOG", &log)
+            .spawn()
+            .unwrap();
+        (KillOnDrop::new(child), log)
+    }
+
+    #[test]
+    fn reads_the_report_up_to_the_exit() {
+        let (mut child, log) = fake_emulator(
+            "exit",
+            r#"printf 'GRUB\n@hv {"cpus":{"possible":2}}\n' > "$LOG"; sleep 0.1;
+               printf '@hv {"done":true}' >> "$LOG"; exit 33"#,
+        );
+        let watched = watch(&mut child, &log, Duration::from_secs(20), false).unwrap();
+        assert_eq!(watched.end, End::Exited(Some(33)));
+        assert_eq!(
+            watched.collector.report(),
+            &serde_json::json!({"cpus": {"possible": 2}, "done": true})
+        );
+        assert_eq!(watched.collector.lines_seen(), 3);
+    }
+
+    #[test]
+    fn kills_the_emulator_when_time_runs_out() {
+        let (mut child, log) = fake_emulator("timeout", r#"echo started > "$LOG"; exec sleep 30"#);
+        let started = Instant::now();
+        let watched = watch(&mut child, &log, Duration::from_millis(300), false).unwrap();
+        assert_eq!(watched.end, End::TimedOut(Duration::from_millis(300)));
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(child.try_wait().unwrap().is_some(), "the child still runs");
+    }
+}
