@@ -108,27 +108,29 @@ fn run_task(task: Task) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Task::QemuSmp(args) => {
-            tools::ensure(&qemu_needs(args.boot))?;
-            let options = QemuOptions {
-                smp: args.smp,
-                boot: args.boot,
-                memory_mib: args.memory,
-                append: extra_words(&args.run)?,
-                timeout: Duration::from_secs(args.run.timeout.unwrap_or(60)),
-                echo: true,
-                ..QemuOptions::new(elf(&args.run)?)
-            };
+            tools::ensure(&run::qemu_needs(args.boot))?;
+            let append = extra_words(&args.run)?;
+            let mut options = QemuOptions::new(elf(&args.run)?);
+            options.smp = args.smp;
+            options.boot = args.boot;
+            options.memory_mib = args.memory;
+            options.append = append;
+            options.echo = true;
+            if let Some(secs) = args.run.timeout {
+                options.timeout = Duration::from_secs(secs);
+            }
             conclude(&run::qemu(&options)?, &args.run)
         }
         Task::Bochs(args) => {
-            tools::ensure(&[tools::Need::GrubIso, tools::Need::Bochs])?;
-            let options = BochsOptions {
-                cpus: args.cpus,
-                append: extra_words(&args.run)?,
-                timeout: Duration::from_secs(args.run.timeout.unwrap_or(120)),
-                echo: true,
-                ..BochsOptions::new(elf(&args.run)?)
-            };
+            tools::ensure(&run::BOCHS_NEEDS)?;
+            let append = extra_words(&args.run)?;
+            let mut options = BochsOptions::new(elf(&args.run)?);
+            options.cpus = args.cpus;
+            options.append = append;
+            options.echo = true;
+            if let Some(secs) = args.run.timeout {
+                options.timeout = Duration::from_secs(secs);
+            }
             conclude(&run::bochs(&options)?, &args.run)
         }
         Task::Test(args) => {
@@ -151,15 +153,6 @@ fn extra_words(args: &RunArgs) -> Result<Vec<String>> {
     let words = cmdline::split_words(args.append.as_deref().unwrap_or(""));
     cmdline::kernel_cmdline(&words)?;
     Ok(words)
-}
-
-fn qemu_needs(boot: Boot) -> Vec<tools::Need> {
-    use tools::Need::{GrubIso, Ovmf, Qemu};
-    match boot {
-        Boot::Direct => vec![Qemu],
-        Boot::GrubBios => vec![Qemu, GrubIso],
-        Boot::GrubUefi => vec![Qemu, GrubIso, Ovmf],
-    }
 }
 
 /// Prints the summary, writes `--report` and turns the verdict into the

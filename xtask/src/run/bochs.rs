@@ -79,6 +79,9 @@ impl BochsOptions {
     }
 }
 
+/// What the host must have for a Bochs run.
+pub const BOCHS_NEEDS: [Need; 2] = [Need::GrubIso, Need::Bochs];
+
 /// Checks a CPU count for Bochs, with the reason when it cannot work.
 pub fn check_cpus(cpus: u32) -> Result<u32> {
     match cpus {
@@ -123,7 +126,7 @@ pub fn bochsrc(cpus: u32, memory_mib: u32, iso: &Path, run_dir: &Path) -> String
 /// Boots hv in Bochs from the GRUB ISO and judges the run.
 pub fn bochs(options: &BochsOptions) -> Result<RunOutcome> {
     let cpus = check_cpus(options.cpus)?;
-    tools::ensure(&[Need::GrubIso, Need::Bochs])?;
+    tools::ensure(&BOCHS_NEEDS)?;
     let cmdline = cmdline::kernel_cmdline(&options.append)?;
     let name = options
         .run_name

@@ -11,8 +11,8 @@ mod bochs;
 mod qemu;
 mod watch;
 
-pub use bochs::{BOCHS_MAX_CPUS, BochsOptions, bochs, bochsrc, check_cpus};
-pub use qemu::{Firmware, QemuOptions, find_ovmf, qemu};
+pub use bochs::{BOCHS_MAX_CPUS, BOCHS_NEEDS, BochsOptions, bochs, bochsrc, check_cpus};
+pub use qemu::{Firmware, QemuOptions, find_ovmf, qemu, qemu_needs};
 
 use std::fs;
 use std::path::{Path, PathBuf};

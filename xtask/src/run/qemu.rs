@@ -190,7 +190,7 @@ pub fn qemu(options: &QemuOptions) -> Result<RunOutcome> {
     if options.smp == 0 {
         bail!("--smp must be at least 1");
     }
-    tools::ensure(&needs(options.boot))?;
+    tools::ensure(&qemu_needs(options.boot))?;
     let cmdline = cmdline::kernel_cmdline(&options.append)?;
     let name = options
         .run_name
@@ -225,7 +225,8 @@ pub fn qemu(options: &QemuOptions) -> Result<RunOutcome> {
     })
 }
 
-fn needs(boot: Boot) -> Vec<Need> {
+/// What the host must have for a QEMU run that boots this way.
+pub fn qemu_needs(boot: Boot) -> Vec<Need> {
     match boot {
         Boot::Direct => vec![Need::Qemu],
         Boot::GrubBios => vec![Need::Qemu, Need::GrubIso],
