@@ -47,6 +47,14 @@ pub struct Options {
     pub finish: Finish,
     /// `max_cpus=`: at most this many CPUs are brought up (the boot CPU counts).
     pub max_cpus: Option<u32>,
+    /// `init_delay_us=`: wait after the INIT IPIs (modern CPUs need none).
+    pub init_delay_us: u64,
+    /// `sipi_delay_us=`: wait between the two startup IPIs.
+    pub sipi_delay_us: u64,
+    /// `ap_timeout_ms=`: how long bring-up waits for APs to check in.
+    pub ap_timeout_ms: u64,
+    /// `ap_hang=APIC_ID` (test knob): that AP hangs before it checks in.
+    pub ap_hang: Option<u32>,
 }
 
 impl Options {
@@ -57,6 +65,10 @@ impl Options {
             crashkernel: None,
             finish: Finish::Halt,
             max_cpus: None,
+            init_delay_us: 0,
+            sipi_delay_us: 200,
+            ap_timeout_ms: 1000,
+            ap_hang: None,
         }
     }
 }
@@ -158,6 +170,16 @@ pub const OPTIONS: &[(&str, Setter)] = &[
     ("crashkernel", set_crashkernel),
     ("finish", set_finish),
     ("max_cpus", set_max_cpus),
+    ("init_delay_us", |options, value| {
+        set_bounded(&mut options.init_delay_us, value, 1_000_000)
+    }),
+    ("sipi_delay_us", |options, value| {
+        set_bounded(&mut options.sipi_delay_us, value, 1_000_000)
+    }),
+    ("ap_timeout_ms", |options, value| {
+        set_bounded(&mut options.ap_timeout_ms, value, 600_000)
+    }),
+    ("ap_hang", set_ap_hang),
 ];
 
 /// Parses the command line. Unknown keys and bad values are collected as
@@ -228,6 +250,22 @@ fn set_max_cpus(options: &mut Options, value: &str) -> Result<(), &'static str> 
         return Err(EXPECTED);
     }
     options.max_cpus = Some(n);
+    Ok(())
+}
+
+/// A whole number from 0 to `max`.
+fn set_bounded(target: &mut u64, value: &str, max: u64) -> Result<(), &'static str> {
+    let n = parse_number(value).ok_or("expected a whole number")?;
+    if n > max {
+        return Err("number too large");
+    }
+    *target = n;
+    Ok(())
+}
+
+fn set_ap_hang(options: &mut Options, value: &str) -> Result<(), &'static str> {
+    let n = parse_number(value).ok_or("expected an APIC ID")?;
+    options.ap_hang = Some(u32::try_from(n).map_err(|_| "APIC IDs have 32 bits")?);
     Ok(())
 }
 
@@ -305,6 +343,35 @@ mod tests {
         assert_eq!(defaults.finish, Finish::Halt);
         assert_eq!(defaults.crashkernel, None);
         assert_eq!(defaults.max_cpus, None);
+    }
+
+    #[test]
+    fn bring_up_timing_and_hang_knob() {
+        let parsed = parse("init_delay_us=10000 sipi_delay_us=0 ap_timeout_ms=0x10 ap_hang=3");
+        assert!(parsed.is_clean(), "{:?}", messages(&parsed));
+        assert_eq!(parsed.options.init_delay_us, 10_000);
+        assert_eq!(parsed.options.sipi_delay_us, 0);
+        assert_eq!(parsed.options.ap_timeout_ms, 16);
+        assert_eq!(parsed.options.ap_hang, Some(3));
+        let defaults = Options::default();
+        assert_eq!(
+            (
+                defaults.init_delay_us,
+                defaults.sipi_delay_us,
+                defaults.ap_timeout_ms,
+                defaults.ap_hang
+            ),
+            (0, 200, 1000, None)
+        );
+    }
+
+    #[test]
+    fn bring_up_options_reject_bad_values() {
+        let parsed =
+            parse("init_delay_us=2000000 ap_timeout_ms=soon ap_hang=0x100000000 sipi_delay_us=-1");
+        assert_eq!(messages(&parsed).len(), 4, "{:?}", messages(&parsed));
+        assert_eq!(parsed.options, Options::default());
+        assert!(messages(&parsed)[2].contains("ap_hang"));
     }
 
     #[test]
@@ -540,6 +607,10 @@ mod tests {
             ("crashkernel", "64M"),
             ("finish", "exit"),
             ("max_cpus", "2"),
+            ("init_delay_us", "10000"),
+            ("sipi_delay_us", "200"),
+            ("ap_timeout_ms", "1000"),
+            ("ap_hang", "3"),
         ];
         assert_eq!(OPTIONS.len(), examples.len());
         for (key, value) in examples {

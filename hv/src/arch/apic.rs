@@ -1,0 +1,167 @@
+//! The local APIC, in x2APIC mode wherever the CPU offers it (32-bit
+//! destinations, needed beyond 255 CPUs) and xAPIC MMIO mode otherwise.
+//!
+//! `x86::apic` would do, but its xAPIC and x2APIC types differ; this module
+//! keeps one small interface over both, and every CPU uses the mode the boot
+//! CPU chose. (The `x2apic` crate is avoided: in xAPIC mode it writes the
+//! IPI destination to the wrong ICR bits.)
+
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use super::cpu::{rdmsr, wrmsr};
+
+const APIC_BASE_MSR: u32 = 0x1B;
+const APIC_BASE_ENABLE: u64 = 1 << 11;
+const APIC_BASE_X2APIC: u64 = 1 << 10;
+const XAPIC_MMIO_BASE: u64 = 0xFEE0_0000;
+
+/// Register offsets in xAPIC MMIO; x2APIC MSR = 0x800 + offset / 16.
+const REG_ID: u32 = 0x20;
+const REG_EOI: u32 = 0xB0;
+const REG_SPURIOUS: u32 = 0xF0;
+const REG_ICR_LOW: u32 = 0x300;
+const REG_ICR_HIGH: u32 = 0x310;
+const REG_LVT_LINT0: u32 = 0x350;
+const REG_LVT_LINT1: u32 = 0x360;
+
+/// Vector of spurious interrupts; its handler sends no EOI.
+pub const SPURIOUS_VECTOR: u8 = 0xFF;
+
+const ICR_DELIVERY_FIXED: u32 = 0 << 8;
+const ICR_DELIVERY_NMI: u32 = 4 << 8;
+const ICR_DELIVERY_INIT: u32 = 5 << 8;
+const ICR_DELIVERY_STARTUP: u32 = 6 << 8;
+const ICR_PENDING: u32 = 1 << 12;
+const ICR_LEVEL_ASSERT: u32 = 1 << 14;
+const ICR_ALL_EXCLUDING_SELF: u32 = 3 << 18;
+const LVT_MASKED: u32 = 1 << 16;
+
+static X2APIC: AtomicBool = AtomicBool::new(false);
+
+/// Whether the CPU offers x2APIC mode.
+pub fn cpu_has_x2apic() -> bool {
+    raw_cpuid::CpuId::new()
+        .get_feature_info()
+        .is_some_and(|features| features.has_x2apic())
+}
+
+/// Chooses the mode for every CPU; the boot CPU calls this once.
+pub fn choose_mode() -> &'static str {
+    let x2apic = cpu_has_x2apic();
+    X2APIC.store(x2apic, Ordering::Relaxed);
+    if x2apic { "x2apic" } else { "xapic" }
+}
+
+fn x2apic() -> bool {
+    X2APIC.load(Ordering::Relaxed)
+}
+
+fn read(register: u32) -> u32 {
+    if x2apic() {
+        // SAFETY: x2APIC mode is enabled on this CPU (see `enable`), so the
+        // APIC MSRs exist.
+        unsafe { rdmsr(0x800 + register / 16) as u32 }
+    } else {
+        // SAFETY: the xAPIC page is identity-mapped (uncached) and the
+        // register offset is one of this module's constants.
+        unsafe { core::ptr::read_volatile((XAPIC_MMIO_BASE + u64::from(register)) as *const u32) }
+    }
+}
+
+fn write(register: u32, value: u32) {
+    if x2apic() {
+        // SAFETY: as in `read`.
+        unsafe { wrmsr(0x800 + register / 16, u64::from(value)) };
+    } else {
+        // SAFETY: as in `read`.
+        unsafe {
+            core::ptr::write_volatile((XAPIC_MMIO_BASE + u64::from(register)) as *mut u32, value)
+        };
+    }
+}
+
+/// Enables this CPU's local APIC in the chosen mode, with LINT0/LINT1 masked.
+pub fn enable() {
+    // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU; enabling the APIC
+    // (and x2APIC mode where CPUID offers it) changes no memory mapping.
+    unsafe {
+        let mut base = rdmsr(APIC_BASE_MSR) | APIC_BASE_ENABLE;
+        if x2apic() {
+            base |= APIC_BASE_X2APIC;
+        }
+        wrmsr(APIC_BASE_MSR, base);
+    }
+    write(REG_LVT_LINT0, LVT_MASKED);
+    write(REG_LVT_LINT1, LVT_MASKED);
+    write(REG_SPURIOUS, 0x100 | u32::from(SPURIOUS_VECTOR));
+}
+
+/// Software-disables this CPU's local APIC (crash path: no more IPIs).
+pub fn disable() {
+    write(REG_SPURIOUS, u32::from(SPURIOUS_VECTOR));
+}
+
+/// This CPU's APIC ID as the APIC reports it.
+pub fn id() -> u32 {
+    if x2apic() {
+        read(REG_ID)
+    } else {
+        read(REG_ID) >> 24
+    }
+}
+
+/// Signals the end of an interrupt.
+pub fn end_of_interrupt() {
+    write(REG_EOI, 0);
+}
+
+fn send(destination: u32, command: u32) {
+    if x2apic() {
+        // SAFETY: x2APIC mode is on; the ICR is one 64-bit MSR write.
+        unsafe { wrmsr(0x830, (u64::from(destination) << 32) | u64::from(command)) };
+    } else {
+        // Bounded: a wedged APIC must not hang the caller (the crash path).
+        for _ in 0..1_000_000 {
+            if read(REG_ICR_LOW) & ICR_PENDING == 0 {
+                break;
+            }
+            core::hint::spin_loop();
+        }
+        write(REG_ICR_HIGH, destination << 24);
+        write(REG_ICR_LOW, command);
+    }
+}
+
+/// INIT to one CPU.
+pub fn send_init(apic_id: u32) {
+    send(apic_id, ICR_DELIVERY_INIT | ICR_LEVEL_ASSERT);
+}
+
+/// Startup IPI to one CPU, starting it at `page_number << 12`.
+pub fn send_startup(apic_id: u32, page_number: u8) {
+    send(
+        apic_id,
+        ICR_DELIVERY_STARTUP | ICR_LEVEL_ASSERT | u32::from(page_number),
+    );
+}
+
+/// A fixed-vector interrupt to one CPU.
+pub fn send_fixed(apic_id: u32, vector: u8) {
+    send(
+        apic_id,
+        ICR_DELIVERY_FIXED | ICR_LEVEL_ASSERT | u32::from(vector),
+    );
+}
+
+/// An NMI to one CPU.
+pub fn send_nmi(apic_id: u32) {
+    send(apic_id, ICR_DELIVERY_NMI | ICR_LEVEL_ASSERT);
+}
+
+/// An NMI to every CPU but this one.
+pub fn send_nmi_all_but_self() {
+    send(
+        0,
+        ICR_DELIVERY_NMI | ICR_LEVEL_ASSERT | ICR_ALL_EXCLUDING_SELF,
+    );
+}

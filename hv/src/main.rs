@@ -1,0 +1,168 @@
+//! The hypervisor image: boot, machine discovery, and (in later stages) SMP
+//! bring-up, VMX and the crash path.
+#![no_std]
+#![no_main]
+
+mod acpi;
+mod arch;
+mod bootinfo;
+mod console;
+mod finish;
+mod memory;
+mod paging;
+mod percpu;
+mod report;
+mod smp;
+mod time;
+mod traps;
+
+use hv_core::cmdline::{self, Finish};
+
+/// The boot information, kept for the hypervisor's lifetime.
+static BOOT_INFO: spin::Once<bootinfo::BootInfo> = spin::Once::new();
+/// The command-line options in force.
+static OPTIONS: spin::Once<cmdline::Options> = spin::Once::new();
+
+/// Called by the boot stub in long mode on the boot stack.
+pub extern "C" fn hv_main(entered_by: u32, info: u32, magic: u32) -> ! {
+    percpu::init_boot_cpu();
+    console::init_serial();
+    console::init_logging(log::LevelFilter::Info);
+    arch::idt::load();
+    arch::pic::remap_and_mask();
+    println!("hv {}: booting", env!("CARGO_PKG_VERSION"));
+
+    // SAFETY: the entry stub passes exactly what the loader gave it, and
+    // nothing has touched loader memory yet.
+    let boot = match unsafe { bootinfo::parse(entered_by, info, magic) } {
+        Ok(boot) => BOOT_INFO.call_once(|| boot),
+        Err(error) => {
+            log::error!("cannot read the boot information: {error}");
+            report::line(|o| {
+                o.field("panic")
+                    .object(|o| o.field("message").display(error))
+            });
+            finish::fail_stop();
+        }
+    };
+    report::line(|o| {
+        o.field("loader").object(|o| {
+            o.field("protocol").str(boot.protocol.name())?;
+            o.field("name")
+                .option(boot.loader_name, |value, name| value.str(name))
+        })
+    });
+
+    let parsed = cmdline::parse(boot.cmdline);
+    let options = *OPTIONS.call_once(|| parsed.options);
+    console::set_level(options.log);
+    finish::exit_emulator_when_done(options.finish == Finish::Exit);
+    log::info!("command line: '{}'", boot.cmdline);
+    for error in parsed.errors() {
+        log::warn!("command line: {error} (ignored)");
+    }
+    if parsed.dropped_errors() > 0 {
+        log::warn!(
+            "command line: {} more errors not shown",
+            parsed.dropped_errors()
+        );
+    }
+    report::line(|o| {
+        o.field("cmdline").object(|o| {
+            o.field("raw").str(boot.cmdline)?;
+            o.field("errors").array(|a| {
+                parsed
+                    .errors()
+                    .try_for_each(|error| a.item().display(error))
+            })
+        })
+    });
+
+    memory::init(boot);
+    memory::switch_to_guarded_stacks(boot_cpu_main)
+}
+
+/// The rest of the boot, on the boot CPU's guarded stack.
+fn boot_cpu_main() -> ! {
+    let boot = BOOT_INFO
+        .get()
+        .expect("boot information is read before the stack switch");
+    let options = *OPTIONS
+        .get()
+        .expect("options are parsed before the stack switch");
+    let topology = acpi::discover(boot);
+
+    let tsc_khz = time::calibrate();
+    match tsc_khz {
+        Some(khz) => log::info!("TSC: {} MHz", khz / 1000),
+        None => log::warn!("TSC: the PIT did not answer; assuming 1 GHz"),
+    }
+    let apic_mode = arch::apic::choose_mode();
+    arch::apic::enable();
+    arch::cpu::enable_interrupts();
+    log::info!("local APIC in {apic_mode} mode");
+
+    let own_apic_id = arch::cpu::apic_id();
+    let possible = topology
+        .iter()
+        .flat_map(|topology| topology.possible().map(|cpu| cpu.apic_id));
+    let settings = smp::Settings {
+        max_cpus: options.max_cpus,
+        timing: smp_boot::bringup::Config {
+            init_delay_us: options.init_delay_us,
+            sipi_delay_us: options.sipi_delay_us,
+            timeout_us: options.ap_timeout_ms * 1000,
+        },
+        hang_apic_id: options.ap_hang,
+    };
+    let bringup = smp::bring_up(possible, &settings);
+    let called = smp::call_on_all(|_| {}, 0);
+    let nmis = smp::nmi_self_test();
+    log::info!("IPIs: call-function ran on {called} CPUs; NMI answered by {nmis} others");
+
+    let failed = || {
+        smp::cpus()
+            .iter()
+            .filter(|cpu| cpu.slot.state() == smp_boot::bringup::CpuState::Failed)
+    };
+    report::line(|o| {
+        o.field("cpus").object(|o| {
+            o.field("possible").u64(bringup.possible as u64)?;
+            o.field("online").u64(bringup.online as u64)?;
+            o.field("failed")
+                .u64_array(failed().map(|cpu| u64::from(cpu.slot.apic_id())))?;
+            o.field("attempted").u64(bringup.attempted as u64)?;
+            o.field("bsp_apic_id").u64(u64::from(own_apic_id))?;
+            o.field("apic_ids")
+                .u64_array(smp::cpus().iter().map(|cpu| u64::from(cpu.slot.apic_id())))
+        })?;
+        o.field("bringup_us").u64(bringup.elapsed_us)?;
+        o.field("smp").object(|o| {
+            o.field("apic_mode").str(apic_mode)?;
+            o.field("tsc_khz")
+                .option(tsc_khz, |value, khz| value.u64(khz))?;
+            o.field("call_function_cpus").u64(called as u64)?;
+            o.field("nmi_cpus").u64(nmis as u64)
+        })
+    });
+    report::line(|o| o.field("done").bool(true));
+    log::info!("boot self-report complete");
+    finish::success_stop()
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    use core::fmt::Write;
+    let cpu = percpu::current_cpu_index();
+    let _ = writeln!(
+        console::EmergencyConsole,
+        "\n*** hv: panic on cpu {cpu}: {info}"
+    );
+    report::emergency(|o| {
+        o.field("panic").object(|o| {
+            o.field("message").display(info.message())?;
+            o.field("cpu").u64(u64::from(cpu))
+        })
+    });
+    finish::fail_stop()
+}

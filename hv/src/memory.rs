@@ -1,0 +1,238 @@
+//! Physical memory: the usable map, the frame allocator, the kernel's page
+//! tables, and stacks with guard pages.
+
+use hv_core::frames::FrameAllocator;
+use hv_core::memmap::{MemoryMap, MemoryRegion, RegionKind};
+use spin::Mutex;
+
+use crate::arch::gdt::DescriptorTables;
+use crate::bootinfo::BootInfo;
+use crate::paging::{self, AddressSpace};
+
+const PAGE: u64 = 4096;
+/// Real-mode IVT and BIOS data area: never handed out. The rest of low
+/// memory serves the AP trampoline (`alloc_below` only; `alloc` starts at
+/// 1 MiB).
+const LOW_RESERVED_END: u64 = 0x1_0000;
+const LOW_MEMORY_END: u64 = 0x10_0000;
+const FOUR_GIB: u64 = 4 << 30;
+
+/// Pages of a CPU's main stack.
+pub const MAIN_STACK_PAGES: u64 = 16;
+/// Pages of each interrupt stack (NMI, #DF, #MC).
+pub const INTERRUPT_STACK_PAGES: u64 = 4;
+
+unsafe extern "C" {
+    static __image_start: u8;
+    static __image_end: u8;
+}
+
+/// Something page tables can be built from.
+pub trait FrameSource {
+    /// A zeroed 4 KiB frame, or `None` when memory is exhausted.
+    fn alloc_zeroed_frame(&mut self) -> Option<u64>;
+}
+
+impl FrameSource for FrameAllocator {
+    fn alloc_zeroed_frame(&mut self) -> Option<u64> {
+        let frame = self.alloc(1, 1)?;
+        zero_frames(frame, 1);
+        Some(frame)
+    }
+}
+
+fn zero_frames(start: u64, pages: u64) {
+    // SAFETY: the frames were just handed out by the allocator, so nothing
+    // else uses them, and all RAM is identity-mapped.
+    unsafe { core::ptr::write_bytes(start as *mut u8, 0, (pages * PAGE) as usize) };
+}
+
+/// The frame allocator, once the memory map is known.
+pub static FRAMES: Mutex<Option<FrameAllocator>> = Mutex::new(None);
+/// The page tables every CPU uses.
+static KERNEL_SPACE: Mutex<Option<AddressSpace>> = Mutex::new(None);
+
+fn region_kind(e820_type: u32) -> RegionKind {
+    match e820_type {
+        1 => RegionKind::Usable,
+        2 => RegionKind::Reserved,
+        3 => RegionKind::AcpiReclaimable,
+        4 => RegionKind::AcpiNvs,
+        5 => RegionKind::Bad,
+        other => RegionKind::Other(other),
+    }
+}
+
+/// The image's physical range.
+pub fn image_range() -> (u64, u64) {
+    let start = (&raw const __image_start).addr() as u64;
+    let end = (&raw const __image_end).addr() as u64;
+    (start, end - start)
+}
+
+/// Reads the memory map, sets up the frame allocator and switches to the
+/// kernel's own page tables. Stops the machine if there is no usable RAM.
+pub fn init(boot: &BootInfo) {
+    let regions = boot
+        .regions()
+        .iter()
+        .map(|raw| MemoryRegion::new(raw.start, raw.len, region_kind(raw.e820_type)));
+    let mut map = match MemoryMap::from_regions(regions) {
+        Ok(map) => map,
+        Err(error) => {
+            log::error!("memory map: {error}");
+            crate::finish::fail_stop();
+        }
+    };
+    if boot.regions_dropped > 0 {
+        log::warn!(
+            "memory map: {} entries beyond {} were ignored",
+            boot.regions_dropped,
+            boot.regions().len()
+        );
+    }
+    let (image_start, image_len) = image_range();
+    let mut keep_out = [(0, LOW_RESERVED_END), (image_start, image_len)]
+        .into_iter()
+        .chain(boot.loader_ranges);
+    let modules = boot.modules().map(|module| (module.start, module.len));
+    if let Some(error) = keep_out
+        .by_ref()
+        .chain(modules)
+        .filter(|range| range.1 > 0)
+        .find_map(|(start, len)| map.exclude(start, len).err())
+    {
+        log::error!("memory map: {error}");
+        crate::finish::fail_stop();
+    }
+    for region in map.regions() {
+        log::debug!(
+            "memory: {:#014x}..{:#014x} {:?}",
+            region.start,
+            region.end(),
+            region.kind
+        );
+    }
+    log::info!(
+        "memory: {} MiB usable in {} regions",
+        map.usable_bytes() >> 20,
+        map.usable().count()
+    );
+    crate::report::line(|o| {
+        o.field("memory").object(|o| {
+            o.field("regions").u64(map.len() as u64)?;
+            o.field("usable_bytes").u64(map.usable_bytes())?;
+            o.field("highest_usable").u64(map.highest_usable_end())
+        })
+    });
+    if map.usable_bytes() == 0 {
+        log::error!("memory map: no usable RAM above 1 MiB");
+        crate::finish::fail_stop();
+    }
+
+    let mut frames = FrameAllocator::from_map(&map);
+    let mapped_end = map.highest_usable_end().max(FOUR_GIB);
+    // RAM (and what firmware keeps in it) is cached; holes, where the APIC
+    // and other devices sit, are not.
+    let is_ram = |start: u64, end: u64| {
+        map.regions().iter().any(|region| {
+            region.start < end && start < region.end() && region.kind != RegionKind::Bad
+        })
+    };
+    let space = match AddressSpace::identity(mapped_end, &mut frames, is_ram) {
+        Ok(space) => space,
+        Err(error) => {
+            log::error!("page tables: {error:?}");
+            crate::finish::fail_stop();
+        }
+    };
+    // SAFETY: the new tables identity-map all RAM and the first 4 GiB, a
+    // superset of the boot tables, with the same translations.
+    unsafe { space.activate() };
+    *KERNEL_SPACE.lock() = Some(space);
+    *FRAMES.lock() = Some(frames);
+}
+
+/// Allocates `pages` of stack with an unmapped guard page below them and
+/// returns the stack's top (16-byte aligned).
+pub fn alloc_guarded_stack(pages: u64) -> Option<u64> {
+    let mut frames = FRAMES.lock();
+    let frames = frames.as_mut()?;
+    let base = frames.alloc(pages + 1, 1)?;
+    zero_frames(base + PAGE, pages);
+    let mut space = KERNEL_SPACE.lock();
+    space.as_mut()?.unmap_page(base, frames).ok()?;
+    paging::flush_page(base);
+    Some(base + (pages + 1) * PAGE)
+}
+
+/// A free page below 1 MiB (for the AP trampoline), never freed.
+pub fn alloc_low_page() -> Option<u64> {
+    FRAMES.lock().as_mut()?.alloc_below(LOW_MEMORY_END, 1)
+}
+
+/// A zeroed array of `len` elements that is never freed.
+pub fn alloc_permanent_slice<T: Copy + Default>(len: usize) -> Option<&'static mut [T]> {
+    let bytes = (core::mem::size_of::<T>() as u64).checked_mul(len as u64)?;
+    let pages = bytes.div_ceil(PAGE).max(1);
+    let frame = FRAMES.lock().as_mut()?.alloc(pages, 1)?;
+    let pointer = frame as *mut T;
+    for index in 0..len {
+        // SAFETY: the frames are fresh, identity-mapped and page-aligned,
+        // with room for `len` elements.
+        unsafe { pointer.add(index).write(T::default()) };
+    }
+    // SAFETY: initialized above; never freed, so 'static.
+    Some(unsafe { core::slice::from_raw_parts_mut(pointer, len) })
+}
+
+/// Allocates a zeroed, page-aligned block that is never freed.
+pub fn alloc_permanent<T>(value: T) -> Option<&'static mut T> {
+    let pages = (core::mem::size_of::<T>() as u64).div_ceil(PAGE).max(1);
+    let mut frames = FRAMES.lock();
+    let frame = frames.as_mut()?.alloc(pages, 1)?;
+    let pointer = frame as *mut T;
+    // SAFETY: the frames are fresh, identity-mapped, page-aligned (enough for
+    // any T here) and large enough, and are never freed, so the reference
+    // may live for 'static.
+    unsafe {
+        pointer.write(value);
+        Some(&mut *pointer)
+    }
+}
+
+/// Gives the boot CPU guarded main and interrupt stacks and its own GDT and
+/// TSS, then continues in `next` on the new stack.
+pub fn switch_to_guarded_stacks(next: fn() -> !) -> ! {
+    let stacks = (
+        alloc_guarded_stack(MAIN_STACK_PAGES),
+        alloc_guarded_stack(INTERRUPT_STACK_PAGES),
+        alloc_guarded_stack(INTERRUPT_STACK_PAGES),
+        alloc_guarded_stack(INTERRUPT_STACK_PAGES),
+    );
+    let (Some(main), Some(nmi), Some(double_fault), Some(machine_check)) = stacks else {
+        log::error!("out of memory for the boot CPU's stacks");
+        crate::finish::fail_stop();
+    };
+    let Some(tables) = alloc_permanent(DescriptorTables::new(nmi, double_fault, machine_check))
+    else {
+        log::error!("out of memory for the boot CPU's GDT");
+        crate::finish::fail_stop();
+    };
+    crate::percpu::set_boot_cpu_tables(&raw mut *tables);
+    tables.load();
+    log::debug!("boot CPU on its guarded stack at {main:#x}");
+    // SAFETY: `main` is the top of a fresh, mapped, 16-byte aligned stack;
+    // `next` never returns, so nothing needs the old stack again.
+    unsafe {
+        core::arch::asm!(
+            "mov rsp, {stack}",
+            "xor ebp, ebp",
+            "call {next}",
+            "ud2",
+            stack = in(reg) main,
+            next = in(reg) next,
+            options(noreturn)
+        )
+    }
+}

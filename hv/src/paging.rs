@@ -1,0 +1,162 @@
+//! The hypervisor's own page tables.
+//!
+//! Everything is identity-mapped (virtual == physical) with 2 MiB pages, from
+//! 0 to the end of RAM or 4 GiB, whichever is higher, so the local APIC, the
+//! I/O APICs and the ACPI tables are reachable. A 2 MiB page is split into
+//! 4 KiB pages only where a single page must differ: the guard page under
+//! every stack is unmapped, so an overflow faults instead of corrupting.
+
+use crate::memory::FrameSource;
+
+const PRESENT: u64 = 1 << 0;
+const WRITABLE: u64 = 1 << 1;
+const WRITE_THROUGH: u64 = 1 << 3;
+const CACHE_DISABLE: u64 = 1 << 4;
+const HUGE: u64 = 1 << 7;
+const ADDRESS_MASK: u64 = 0x000F_FFFF_FFFF_F000;
+const PAGE: u64 = 4096;
+const LARGE_PAGE: u64 = 2 * 1024 * 1024;
+const ENTRIES: usize = 512;
+
+/// Why a mapping change failed.
+#[derive(Debug, Clone, Copy)]
+pub enum PagingError {
+    /// No frame was left for a page table.
+    OutOfFrames,
+    /// The address is not mapped at all.
+    NotMapped(u64),
+}
+
+/// A four-level identity-mapped address space.
+#[derive(Debug)]
+pub struct AddressSpace {
+    pml4: u64,
+}
+
+type Table = [u64; ENTRIES];
+
+/// The table at a physical address.
+///
+/// # Safety
+/// `physical` must be a page-table frame owned by an [`AddressSpace`], in
+/// identity-mapped memory, with no other live reference to it.
+unsafe fn table_mut<'a>(physical: u64) -> &'a mut Table {
+    // SAFETY: guaranteed by the caller.
+    unsafe { &mut *(physical as *mut Table) }
+}
+
+fn index(address: u64, level: u32) -> usize {
+    ((address >> (12 + 9 * level)) & 0x1FF) as usize
+}
+
+fn new_table(frames: &mut impl FrameSource) -> Result<u64, PagingError> {
+    let frame = frames
+        .alloc_zeroed_frame()
+        .ok_or(PagingError::OutOfFrames)?;
+    Ok(frame)
+}
+
+impl AddressSpace {
+    /// Builds tables that identity-map `[0, end)` with 2 MiB pages; pages
+    /// for which `is_ram(start, end)` is false (device holes) are uncached.
+    pub fn identity(
+        end: u64,
+        frames: &mut impl FrameSource,
+        is_ram: impl Fn(u64, u64) -> bool,
+    ) -> Result<Self, PagingError> {
+        let space = Self {
+            pml4: new_table(frames)?,
+        };
+        let end = end.div_ceil(LARGE_PAGE) * LARGE_PAGE;
+        let mut address = 0;
+        while address < end {
+            let pd = space.walk_create(address, 1, frames)?;
+            // SAFETY: `pd` is a table of this address space; no other
+            // reference to it exists while this loop runs.
+            let pd = unsafe { table_mut(pd) };
+            let caching = if is_ram(address, address + LARGE_PAGE) {
+                0
+            } else {
+                CACHE_DISABLE | WRITE_THROUGH
+            };
+            pd[index(address, 1)] = address | PRESENT | WRITABLE | HUGE | caching;
+            address += LARGE_PAGE;
+        }
+        Ok(space)
+    }
+
+    /// Physical address of the PML4, for CR3.
+    pub fn root(&self) -> u64 {
+        self.pml4
+    }
+
+    /// Walks down to the table at `level` (1 = page directory) that maps
+    /// `address`, creating missing tables on the way.
+    fn walk_create(
+        &self,
+        address: u64,
+        level: u32,
+        frames: &mut impl FrameSource,
+    ) -> Result<u64, PagingError> {
+        let mut table = self.pml4;
+        for current in (level + 1..=3).rev() {
+            // SAFETY: `table` is a table of this address space.
+            let entries = unsafe { table_mut(table) };
+            let entry = &mut entries[index(address, current)];
+            if *entry & PRESENT == 0 {
+                *entry = new_table(frames)? | PRESENT | WRITABLE;
+            }
+            table = *entry & ADDRESS_MASK;
+        }
+        Ok(table)
+    }
+
+    /// Unmaps one 4 KiB page, splitting its 2 MiB page first if needed.
+    /// The caller flushes the TLB entry if these tables are live.
+    pub fn unmap_page(
+        &mut self,
+        address: u64,
+        frames: &mut impl FrameSource,
+    ) -> Result<(), PagingError> {
+        let address = address & !(PAGE - 1);
+        let pd = self.walk_create(address, 1, frames)?;
+        // SAFETY: `pd` is a table of this address space.
+        let pd_entries = unsafe { table_mut(pd) };
+        let pd_entry = &mut pd_entries[index(address, 1)];
+        if *pd_entry & PRESENT == 0 {
+            return Err(PagingError::NotMapped(address));
+        }
+        if *pd_entry & HUGE != 0 {
+            let base = *pd_entry & ADDRESS_MASK & !(LARGE_PAGE - 1);
+            let flags = *pd_entry & (PRESENT | WRITABLE | CACHE_DISABLE | WRITE_THROUGH);
+            let pt = new_table(frames)?;
+            // SAFETY: `pt` is a fresh frame of this address space.
+            let pt_entries = unsafe { table_mut(pt) };
+            for (slot, entry) in pt_entries.iter_mut().enumerate() {
+                *entry = (base + slot as u64 * PAGE) | flags;
+            }
+            *pd_entry = pt | PRESENT | WRITABLE;
+        }
+        let pt = *pd_entry & ADDRESS_MASK;
+        // SAFETY: `pt` is a table of this address space.
+        let pt_entries = unsafe { table_mut(pt) };
+        pt_entries[index(address, 0)] = 0;
+        Ok(())
+    }
+
+    /// Makes these tables the CPU's.
+    ///
+    /// # Safety
+    /// The tables must map everything the CPU is using at the same address
+    /// (they do: they identity-map all RAM, and only guard pages are holes).
+    pub unsafe fn activate(&self) {
+        // SAFETY: guaranteed by the caller.
+        unsafe { crate::arch::cpu::write_cr3(self.pml4) };
+    }
+}
+
+/// Flushes the TLB entry of one page on this CPU.
+pub fn flush_page(address: u64) {
+    // SAFETY: INVLPG only drops a cached translation.
+    unsafe { core::arch::asm!("invlpg [{}]", in(reg) address, options(nostack, preserves_flags)) };
+}

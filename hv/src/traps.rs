@@ -1,0 +1,130 @@
+//! What happens on an exception or interrupt.
+//!
+//! In the hypervisor every exception is fatal: it prints the vector, error
+//! code, RIP, RSP, CR2 and all registers on the lock-free emergency console,
+//! reports it, and stops the machine.
+
+use core::fmt::Write;
+use core::sync::atomic::Ordering;
+
+use crate::arch::idt::TrapFrame;
+use crate::console::EmergencyConsole;
+
+const EXCEPTION_NAMES: [&str; 32] = [
+    "#DE divide error",
+    "#DB debug",
+    "NMI",
+    "#BP breakpoint",
+    "#OF overflow",
+    "#BR bound range",
+    "#UD invalid opcode",
+    "#NM device not available",
+    "#DF double fault",
+    "coprocessor segment overrun",
+    "#TS invalid TSS",
+    "#NP segment not present",
+    "#SS stack fault",
+    "#GP general protection",
+    "#PF page fault",
+    "reserved 15",
+    "#MF x87 error",
+    "#AC alignment check",
+    "#MC machine check",
+    "#XM SIMD error",
+    "#VE virtualization exception",
+    "#CP control protection",
+    "reserved 22",
+    "reserved 23",
+    "reserved 24",
+    "reserved 25",
+    "reserved 26",
+    "reserved 27",
+    "#HV hypervisor injection",
+    "#VC VMM communication",
+    "#SX security exception",
+    "reserved 31",
+];
+
+const NMI_VECTOR: u64 = 2;
+const CALL_FUNCTION: u64 = crate::smp::CALL_FUNCTION_VECTOR as u64;
+const SPURIOUS: u64 = crate::arch::apic::SPURIOUS_VECTOR as u64;
+const LEGACY_SPURIOUS_PRIMARY: u64 = crate::arch::pic::PIC_VECTOR_BASE as u64 + 7;
+const LEGACY_SPURIOUS_SECONDARY: u64 = crate::arch::pic::PIC_VECTOR_BASE as u64 + 15;
+
+/// Called by every entry stub with the interrupted state.
+pub fn on_trap(frame: &mut TrapFrame) {
+    match frame.vector {
+        NMI_VECTOR => {
+            // Counted (the boot-time NMI test reads the count); the crash
+            // path hooks in here.
+            let cpu = crate::percpu::current_cpu_index() as usize;
+            crate::percpu::shared(cpu)
+                .nmis
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        0..32 => fatal_exception(frame),
+        CALL_FUNCTION => crate::smp::on_call_function_ipi(),
+        // The masked PICs can still raise a spurious IRQ 7 or 15: no EOI.
+        SPURIOUS | LEGACY_SPURIOUS_PRIMARY | LEGACY_SPURIOUS_SECONDARY => {}
+        vector => {
+            log::warn!(
+                "unexpected interrupt vector {vector} at rip={:#x}",
+                frame.rip
+            );
+            crate::arch::apic::end_of_interrupt();
+        }
+    }
+}
+
+fn fatal_exception(frame: &TrapFrame) -> ! {
+    let cr2 = crate::arch::cpu::cr2();
+    let cpu = crate::percpu::current_cpu_index();
+    let name = EXCEPTION_NAMES[frame.vector as usize];
+    let mut out = EmergencyConsole;
+    let _ = writeln!(
+        out,
+        "\n*** hv: fatal exception {name} (vector {}) on cpu {cpu}",
+        frame.vector
+    );
+    let _ = writeln!(
+        out,
+        "    error code {:#x}  rip {:#018x}  rsp {:#018x}  cr2 {:#018x}  rflags {:#x}  cs {:#x}  ss {:#x}",
+        frame.error_code, frame.rip, frame.rsp, cr2, frame.rflags, frame.cs, frame.ss
+    );
+    let registers = [
+        ("rax", frame.rax),
+        ("rbx", frame.rbx),
+        ("rcx", frame.rcx),
+        ("rdx", frame.rdx),
+        ("rsi", frame.rsi),
+        ("rdi", frame.rdi),
+        ("rbp", frame.rbp),
+        ("r8", frame.r8),
+        ("r9", frame.r9),
+        ("r10", frame.r10),
+        ("r11", frame.r11),
+        ("r12", frame.r12),
+        ("r13", frame.r13),
+        ("r14", frame.r14),
+        ("r15", frame.r15),
+    ];
+    for row in registers.chunks(4) {
+        let _ = write!(out, "   ");
+        for (register, value) in row {
+            let _ = write!(out, " {register:>3} {value:#018x}");
+        }
+        let _ = writeln!(out);
+    }
+    crate::report::emergency(|o| {
+        o.field("exception").object(|o| {
+            o.field("vector").u64(frame.vector)?;
+            o.field("name").str(name)?;
+            o.field("error_code").u64(frame.error_code)?;
+            o.field("rip").u64(frame.rip)?;
+            o.field("rsp").u64(frame.rsp)?;
+            o.field("cr2").u64(cr2)?;
+            o.field("cpu").u64(u64::from(cpu))
+        })
+    });
+    crate::finish::fail_stop()
+}
