@@ -79,7 +79,7 @@ pub fn parameters(
     cpu_count: u32,
     entry: u64,
 ) -> Option<Parameters> {
-    if page % 4096 != 0 || page >= 0x10_0000 {
+    if !page.is_multiple_of(4096) || page >= 0x10_0000 {
         return None;
     }
     let cr3 = u32::try_from(cr3).ok()?;
