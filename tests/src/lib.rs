@@ -27,7 +27,9 @@ const BOCHS_TIMEOUT: Duration = Duration::from_secs(300);
 pub fn hv_elf() -> &'static Path {
     static ELF: OnceLock<PathBuf> = OnceLock::new();
     ELF.get_or_init(|| match std::env::var_os(xtask::kernel::ELF_ENV) {
-        Some(path) => PathBuf::from(path),
+        // Relative to the workspace root, not to this crate's directory
+        // where cargo runs the tests.
+        Some(path) => xtask::paths::workspace_root().join(path),
         None => {
             let own_target = xtask::paths::workspace_root().join("target/integration-hv");
             xtask::kernel::build(Some(&own_target)).expect("building hv for the tests")

@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use super::watch::watch;
-use super::{Boot, Finished, RunOutcome, finish, log_file, prepare_run_dir};
+use super::{Boot, Finished, RunOutcome, check_elf, finish, log_file, prepare_run_dir};
 use crate::process::KillOnDrop;
 use crate::report::{ExitConvention, Expectations};
 use crate::tools::{self, BOCHS_BIOS, Need, VGA_BIOS};
@@ -126,6 +126,7 @@ pub fn bochsrc(cpus: u32, memory_mib: u32, iso: &Path, run_dir: &Path) -> String
 /// Boots hv in Bochs from the GRUB ISO and judges the run.
 pub fn bochs(options: &BochsOptions) -> Result<RunOutcome> {
     let cpus = check_cpus(options.cpus)?;
+    check_elf(&options.elf)?;
     tools::ensure(&BOCHS_NEEDS)?;
     let cmdline = cmdline::kernel_cmdline(&options.append)?;
     let name = options
@@ -184,6 +185,7 @@ pub fn bochs(options: &BochsOptions) -> Result<RunOutcome> {
         run_dir: &run_dir,
         serial_log: &run_dir.join(SERIAL_LOG),
         emulator_log: &run_dir.join(BOCHS_LOG),
+        console_log: &run_dir.join(EMULATOR_LOG),
         notes: Vec::new(),
         watched,
     })

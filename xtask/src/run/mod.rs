@@ -84,7 +84,10 @@ struct Finished<'a> {
     cmdline: &'a str,
     run_dir: &'a Path,
     serial_log: &'a Path,
+    /// The emulator's own log file (Bochs' `log:`), or its console output.
     emulator_log: &'a Path,
+    /// What the emulator printed on stdout and stderr.
+    console_log: &'a Path,
     notes: Vec<String>,
     watched: Watched,
 }
@@ -96,7 +99,16 @@ fn finish(run: Finished<'_>) -> Result<RunOutcome> {
     let lines = run.watched.collector.lines_seen();
     let report_lines = run.watched.collector.report_lines();
     let hv_report = run.watched.collector.into_report();
-    let verdict = report::judge(&hv_report, &run.expect, run.watched.end, run.convention);
+    let mut verdict = report::judge(&hv_report, &run.expect, run.watched.end, run.convention);
+    if !verdict.ok && run.watched.serial_bytes == 0 {
+        // The guest never spoke: the emulator's own words are the best clue
+        // (a missing file, a bad option, a firmware that did not start).
+        let said = last_line(run.console_log).unwrap_or_else(|| "nothing".to_owned());
+        verdict.reason = Some(format!(
+            "{}; no serial output at all; the emulator's last words: {said}",
+            verdict.reason.unwrap_or_default()
+        ));
+    }
 
     let (exit_status, timed_out) = match run.watched.end {
         End::Exited(status) => (status, false),
@@ -116,6 +128,7 @@ fn finish(run: Finished<'_>) -> Result<RunOutcome> {
         "report_lines": report_lines,
         "malformed_lines": malformed.iter().map(malformed_json).collect::<Vec<_>>(),
         "emulator_log": run.emulator_log,
+        "emulator_output": run.console_log,
         "notes": run.notes,
     });
     let owned = [
@@ -143,6 +156,26 @@ fn finish(run: Finished<'_>) -> Result<RunOutcome> {
         reason: verdict.reason,
         run_dir: run.run_dir.to_path_buf(),
     })
+}
+
+/// The last non-blank line of a text file, if any.
+fn last_line(path: &Path) -> Option<String> {
+    let text = fs::read(path).ok()?;
+    String::from_utf8_lossy(&text)
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|line| !line.is_empty())
+        .map(str::to_owned)
+}
+
+/// Fails early, with the path, when the ELF to boot is not there (an
+/// emulator would only say so in its own log).
+fn check_elf(elf: &Path) -> Result<()> {
+    if !elf.is_file() {
+        anyhow::bail!("no hv ELF at {}", elf.display());
+    }
+    Ok(())
 }
 
 fn malformed_json(line: &MalformedLine) -> Value {
@@ -209,6 +242,7 @@ mod tests {
             run_dir: &dir,
             serial_log: &serial_log,
             emulator_log: &dir.join("qemu.log"),
+            console_log: &dir.join("qemu.log"),
             notes: vec!["a note".to_owned()],
             watched: Watched {
                 end: End::Exited(Some(0x21)),
@@ -237,5 +271,44 @@ mod tests {
             serde_json::from_str(&fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
         assert_eq!(&saved, report);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_silent_failure_quotes_the_emulator() {
+        let dir = std::env::temp_dir().join(format!("xtask-silent-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let console = dir.join("qemu.log");
+        fs::write(&console, "qemu: could not open kernel file 'hv'\n\n").unwrap();
+        let outcome = finish(Finished {
+            emulator: "qemu-tcg",
+            boot: Boot::Direct,
+            expect: Expectations { cpus: 1 },
+            convention: ExitConvention::QemuDebugExit,
+            cmdline: "finish=exit",
+            run_dir: &dir,
+            serial_log: &dir.join("serial.log"),
+            emulator_log: &console,
+            console_log: &console,
+            notes: Vec::new(),
+            watched: Watched {
+                end: End::Exited(Some(1)),
+                elapsed: Duration::ZERO,
+                collector: ReportCollector::default(),
+                serial_bytes: 0,
+            },
+        })
+        .unwrap();
+        let reason = outcome.reason.unwrap();
+        assert!(
+            reason.ends_with("no serial output at all; the emulator's last words: qemu: could not open kernel file 'hv'"),
+            "{reason}"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_missing_elf_is_named() {
+        let error = check_elf(Path::new("/nonexistent/hv")).unwrap_err();
+        assert_eq!(error.to_string(), "no hv ELF at /nonexistent/hv");
     }
 }

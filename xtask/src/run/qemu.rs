@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use super::watch::{Watched, watch};
-use super::{Boot, Finished, RunOutcome, finish, log_file, prepare_run_dir};
+use super::{Boot, Finished, RunOutcome, check_elf, finish, log_file, prepare_run_dir};
 use crate::accel::{self, Accel};
 use crate::process::KillOnDrop;
 use crate::report::{End, ExitConvention, Expectations};
@@ -190,6 +190,7 @@ pub fn qemu(options: &QemuOptions) -> Result<RunOutcome> {
     if options.smp == 0 {
         bail!("--smp must be at least 1");
     }
+    check_elf(&options.elf)?;
     tools::ensure(&qemu_needs(options.boot))?;
     let cmdline = cmdline::kernel_cmdline(&options.append)?;
     let name = options
@@ -220,6 +221,7 @@ pub fn qemu(options: &QemuOptions) -> Result<RunOutcome> {
         run_dir: &run_dir,
         serial_log: &run_dir.join(SERIAL_LOG),
         emulator_log: &run_dir.join(EMULATOR_LOG),
+        console_log: &run_dir.join(EMULATOR_LOG),
         notes,
         watched,
     })
