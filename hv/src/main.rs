@@ -8,6 +8,8 @@ mod arch;
 mod bootinfo;
 mod console;
 mod finish;
+mod guest_image;
+mod guests;
 mod memory;
 mod paging;
 mod percpu;
@@ -15,6 +17,7 @@ mod report;
 mod smp;
 mod time;
 mod traps;
+mod vmx;
 
 use hv_core::cmdline::{self, Finish};
 
@@ -120,6 +123,8 @@ fn boot_cpu_main() -> ! {
     let nmis = smp::nmi_self_test();
     log::info!("IPIs: call-function ran on {called} CPUs; NMI answered by {nmis} others");
 
+    let virt = run_guests(&options);
+
     let failed = || {
         smp::cpus()
             .iter()
@@ -143,11 +148,73 @@ fn boot_cpu_main() -> ! {
                 .option(tsc_khz, |value, khz| value.u64(khz))?;
             o.field("call_function_cpus").u64(called as u64)?;
             o.field("nmi_cpus").u64(nmis as u64)
+        })?;
+        o.field("virt").object(|o| {
+            o.field("backend")
+                .str(if virt.error.is_none() { "vmx" } else { "none" })?;
+            o.field("reason")
+                .option(virt.error, |value, error| value.display(error))?;
+            o.field("cpus_in_vmx")
+                .u64(vmx::CPUS_IN_VMX.load(core::sync::atomic::Ordering::Relaxed))?;
+            o.field("vcpus").u64(virt.run.vcpus as u64)?;
+            o.field("vm_exits").u64(virt.run.exits)?;
+            o.field("migrations").u64(virt.run.migrations)?;
+            o.field("stopped").u64(virt.run.stopped as u64)?;
+            o.field("exits_per_cpu").u64_array(
+                smp::cpus()
+                    .iter()
+                    .map(|cpu| cpu.vm_exits.load(core::sync::atomic::Ordering::Relaxed)),
+            )
         })
     });
     report::line(|o| o.field("done").bool(true));
     log::info!("boot self-report complete");
     finish::success_stop()
+}
+
+/// What the VMX phase did.
+struct VirtOutcome {
+    error: Option<vmx::VmxError>,
+    run: guests::RunSummary,
+}
+
+/// Enables VMX on every core and runs the guests for a while. Without VMX
+/// (QEMU TCG) this reports why and the hypervisor carries on.
+fn run_guests(options: &cmdline::Options) -> VirtOutcome {
+    if let Err(error) = vmx::capabilities() {
+        log::warn!("vmx: {error}; no guests will run");
+        return VirtOutcome {
+            error: Some(error),
+            run: guests::RunSummary::default(),
+        };
+    }
+    smp::call_on_all(guests::enable_vmx_here, 0);
+    let in_vmx = vmx::CPUS_IN_VMX.load(core::sync::atomic::Ordering::Relaxed);
+    log::info!(
+        "vmx: {in_vmx} of {} CPUs in VMX root operation",
+        smp::cpus().len()
+    );
+    if in_vmx == 0 {
+        return VirtOutcome {
+            error: Some(vmx::VmxError::VmxonFailed),
+            run: guests::RunSummary::default(),
+        };
+    }
+    let settings = guests::Settings {
+        vcpus: options.vcpus as usize,
+        run_ms: options.guest_run_ms,
+        slice_us: options.slice_us,
+        misbehaving_vcpu: options.guest_misbehave,
+    };
+    let run = guests::run_at_boot(&settings);
+    log::info!(
+        "vmx: {} vCPUs, {} VM exits, {} migrations, {} stopped",
+        run.vcpus,
+        run.exits,
+        run.migrations,
+        run.stopped
+    );
+    VirtOutcome { error: None, run }
 }
 
 #[panic_handler]

@@ -171,19 +171,41 @@ pub fn alloc_low_page() -> Option<u64> {
     FRAMES.lock().as_mut()?.alloc_below(LOW_MEMORY_END, 1)
 }
 
-/// A zeroed array of `len` elements that is never freed.
-pub fn alloc_permanent_slice<T: Copy + Default>(len: usize) -> Option<&'static mut [T]> {
+/// A zeroed page, never freed (VMCS, VMXON region, EPT tables).
+pub fn alloc_zeroed_page() -> Option<u64> {
+    FRAMES.lock().as_mut()?.alloc_zeroed_frame()
+}
+
+/// `pages` zeroed frames aligned to `align_pages`, never freed.
+pub fn alloc_aligned(pages: u64, align_pages: u64) -> Option<u64> {
+    let start = FRAMES.lock().as_mut()?.alloc(pages, align_pages)?;
+    zero_frames(start, pages);
+    Some(start)
+}
+
+/// An array of `len` elements made by `make(index)`, never freed.
+pub fn alloc_permanent_slice_with<T>(
+    len: usize,
+    mut make: impl FnMut(usize) -> T,
+) -> Option<&'static mut [T]> {
     let bytes = (core::mem::size_of::<T>() as u64).checked_mul(len as u64)?;
     let pages = bytes.div_ceil(PAGE).max(1);
     let frame = FRAMES.lock().as_mut()?.alloc(pages, 1)?;
     let pointer = frame as *mut T;
     for index in 0..len {
+        // `make` may allocate frames itself: the lock is not held here.
+        let value = make(index);
         // SAFETY: the frames are fresh, identity-mapped and page-aligned,
         // with room for `len` elements.
-        unsafe { pointer.add(index).write(T::default()) };
+        unsafe { pointer.add(index).write(value) };
     }
-    // SAFETY: initialized above; never freed, so 'static.
+    // SAFETY: every element was initialized above; never freed, so 'static.
     Some(unsafe { core::slice::from_raw_parts_mut(pointer, len) })
+}
+
+/// A zeroed array of `len` elements that is never freed.
+pub fn alloc_permanent_slice<T: Copy + Default>(len: usize) -> Option<&'static mut [T]> {
+    alloc_permanent_slice_with(len, |_| T::default())
 }
 
 /// Allocates a zeroed, page-aligned block that is never freed.

@@ -10,7 +10,7 @@
 //!   starts and before VMX is ever on. The crash path touches only this half.
 
 use core::mem::offset_of;
-use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 use smp_boot::bringup::CpuSlot;
 use smp_boot::madt::MAX_CPUS;
@@ -47,6 +47,14 @@ pub struct SharedCpu {
     pub call: crate::smp::CallSlot,
     /// NMIs this CPU has taken (a test of the NMI path).
     pub nmis: AtomicU32,
+    /// Whether this CPU is in VMX root operation.
+    pub vmx_on: AtomicBool,
+    /// Its VMXON region.
+    pub vmxon_region: AtomicU64,
+    /// VM exits this CPU handled.
+    pub vm_exits: AtomicU64,
+    /// Set when this CPU joined the boot-time guest run.
+    pub joined_guests: AtomicBool,
 }
 
 impl SharedCpu {
@@ -55,6 +63,10 @@ impl SharedCpu {
             slot: CpuSlot::new(),
             call: crate::smp::CallSlot::new(),
             nmis: AtomicU32::new(0),
+            vmx_on: AtomicBool::new(false),
+            vmxon_region: AtomicU64::new(0),
+            vm_exits: AtomicU64::new(0),
+            joined_guests: AtomicBool::new(false),
         }
     }
 }
@@ -131,6 +143,17 @@ pub fn set_boot_cpu_tables(tables: *mut DescriptorTables) {
     let area = &raw mut BOOT_CPU;
     // SAFETY: only the boot CPU touches its own area.
     unsafe { (*area).tables = tables };
+}
+
+/// This CPU's local half.
+pub fn current() -> &'static PerCpu {
+    let area: *const PerCpu;
+    // SAFETY: GS points at this CPU's registered PerCpu, whose first field
+    // points at itself; areas live for good.
+    unsafe {
+        core::arch::asm!("mov {}, gs:[{}]", out(reg) area, const offset_of!(PerCpu, this), options(nostack, readonly, preserves_flags));
+        &*area
+    }
 }
 
 /// The dense index of the CPU this runs on.

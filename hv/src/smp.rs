@@ -225,12 +225,23 @@ extern "C" fn ap_entry(index: u64) -> ! {
     idle()
 }
 
-/// An online CPU with nothing to do: serve IPIs.
+/// An online CPU with nothing to do: serve IPIs, and join the guest run
+/// when it starts.
 pub fn idle() -> ! {
-    cpu::enable_interrupts();
+    let me = percpu::current_cpu_index() as usize;
     loop {
-        // SAFETY: `hlt` with interrupts enabled waits for the next one.
-        unsafe { core::arch::asm!("hlt", options(nomem, nostack)) };
+        if crate::guests::running()
+            && !percpu::shared(me)
+                .joined_guests
+                .swap(true, Ordering::AcqRel)
+        {
+            // SAFETY: guests run with interrupts off between explicit windows.
+            unsafe { core::arch::asm!("cli", options(nomem, nostack)) };
+            crate::guests::run_loop();
+        }
+        // SAFETY: `sti; hlt` waits for the next interrupt without missing
+        // one that arrives in between (STI's one-instruction shadow).
+        unsafe { core::arch::asm!("sti", "hlt", options(nomem, nostack)) };
     }
 }
 
@@ -313,8 +324,15 @@ pub fn call_on(index: usize, function: fn(usize), argument: usize) -> bool {
     let ticket = call.requested.load(Ordering::Relaxed) + 1;
     call.requested.store(ticket, Ordering::Release);
     apic::send_fixed(target.slot.apic_id(), CALL_FUNCTION_VECTOR);
+    // Interrupts stay open while waiting: the target may be waiting for
+    // this CPU at the same moment.
+    let interrupts_were_on = cpu::interrupts_enabled();
+    cpu::enable_interrupts();
     while call.completed.load(Ordering::Acquire) < ticket {
         core::hint::spin_loop();
+    }
+    if !interrupts_were_on {
+        cpu::disable_interrupts();
     }
     call.busy.store(false, Ordering::Release);
     true

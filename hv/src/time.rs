@@ -51,3 +51,8 @@ pub fn delay_us(us: u64) {
         core::hint::spin_loop();
     }
 }
+
+/// TSC ticks in `us` microseconds.
+pub fn us_to_tsc(us: u64) -> u64 {
+    us.saturating_mul(TSC_PER_MICROSECOND.load(Ordering::Relaxed))
+}

@@ -55,6 +55,14 @@ pub struct Options {
     pub ap_timeout_ms: u64,
     /// `ap_hang=APIC_ID` (test knob): that AP hangs before it checks in.
     pub ap_hang: Option<u32>,
+    /// `vcpus=N`: vCPUs to run (0: two per core with VMX).
+    pub vcpus: u32,
+    /// `guest_run_ms=`: how long guests run at boot.
+    pub guest_run_ms: u64,
+    /// `slice_us=`: time slice after which a vCPU may move to another core.
+    pub slice_us: u64,
+    /// `guest_misbehave=N` (test knob): vCPU N touches memory outside its EPT.
+    pub guest_misbehave: Option<u32>,
 }
 
 impl Options {
@@ -69,6 +77,10 @@ impl Options {
             sipi_delay_us: 200,
             ap_timeout_ms: 1000,
             ap_hang: None,
+            vcpus: 0,
+            guest_run_ms: 100,
+            slice_us: 2000,
+            guest_misbehave: None,
         }
     }
 }
@@ -180,6 +192,30 @@ pub const OPTIONS: &[(&str, Setter)] = &[
         set_bounded(&mut options.ap_timeout_ms, value, 600_000)
     }),
     ("ap_hang", set_ap_hang),
+    ("vcpus", |options, value| {
+        let mut n = 0;
+        set_bounded(&mut n, value, 1024)?;
+        options.vcpus = n as u32;
+        Ok(())
+    }),
+    ("guest_run_ms", |options, value| {
+        set_bounded(&mut options.guest_run_ms, value, 3_600_000)
+    }),
+    ("slice_us", |options, value| {
+        let mut n = 0;
+        set_bounded(&mut n, value, 10_000_000)?;
+        if n == 0 {
+            return Err("expected a whole number of at least 1");
+        }
+        options.slice_us = n;
+        Ok(())
+    }),
+    ("guest_misbehave", |options, value| {
+        let mut n = 0;
+        set_bounded(&mut n, value, 1023)?;
+        options.guest_misbehave = Some(n as u32);
+        Ok(())
+    }),
 ];
 
 /// Parses the command line. Unknown keys and bad values are collected as
@@ -363,6 +399,20 @@ mod tests {
             ),
             (0, 200, 1000, None)
         );
+    }
+
+    #[test]
+    fn guest_options_and_their_bounds() {
+        let parsed = parse("vcpus=16 guest_run_ms=50 slice_us=500 guest_misbehave=2");
+        assert!(parsed.is_clean(), "{:?}", messages(&parsed));
+        let o = parsed.options;
+        assert_eq!(
+            (o.vcpus, o.guest_run_ms, o.slice_us, o.guest_misbehave),
+            (16, 50, 500, Some(2))
+        );
+        let parsed = parse("vcpus=1025 slice_us=0 guest_misbehave=x");
+        assert_eq!(messages(&parsed).len(), 3, "{:?}", messages(&parsed));
+        assert_eq!(parsed.options.slice_us, Options::default().slice_us);
     }
 
     #[test]
@@ -611,6 +661,10 @@ mod tests {
             ("sipi_delay_us", "200"),
             ("ap_timeout_ms", "1000"),
             ("ap_hang", "3"),
+            ("vcpus", "16"),
+            ("guest_run_ms", "50"),
+            ("slice_us", "500"),
+            ("guest_misbehave", "2"),
         ];
         assert_eq!(OPTIONS.len(), examples.len());
         for (key, value) in examples {

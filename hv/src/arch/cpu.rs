@@ -113,3 +113,19 @@ pub fn enable_interrupts() {
     // SAFETY: the IDT is loaded before anything calls this.
     unsafe { core::arch::asm!("sti", options(nomem, nostack)) };
 }
+
+/// Disables interrupts.
+pub fn disable_interrupts() {
+    // SAFETY: masking interrupts is always allowed in ring 0.
+    unsafe { core::arch::asm!("cli", options(nomem, nostack)) };
+}
+
+/// Whether RFLAGS.IF is set.
+pub fn interrupts_enabled() -> bool {
+    let flags: u64;
+    // SAFETY: reading RFLAGS has no side effects.
+    unsafe {
+        core::arch::asm!("pushfq", "pop {}", out(reg) flags, options(nomem, preserves_flags))
+    };
+    flags & (1 << 9) != 0
+}

@@ -148,6 +148,11 @@ impl Gate {
 /// NMI vector's stub is in place before any crash can need it.
 static IDT: spin::Once<[Gate; 256]> = spin::Once::new();
 
+/// Address of the IDT (VMCS host state).
+pub fn base() -> u64 {
+    IDT.get().map_or(0, |idt| idt.as_ptr() as u64)
+}
+
 /// Builds the IDT on first use and loads it on the current CPU.
 pub fn load() {
     let idt = IDT.call_once(|| {

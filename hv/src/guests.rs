@@ -1,0 +1,574 @@
+//! vCPUs, their scheduling across cores, and VM-exit handling.
+//!
+//! All vCPUs sit in one FIFO run queue. Every core with VMX takes the vCPU
+//! at the head, runs it for a time slice (ended by the VMX-preemption timer
+//! or by the guest's own exits), and puts it back at the tail, still loaded
+//! on that core. With more vCPUs than cores they keep moving: a core that
+//! takes a vCPU last loaded elsewhere first has the old core VMCLEAR it
+//! (call-function IPI), then VMPTRLDs it. So every core's set of loaded
+//! VMCSes changes all the time, which is the state the crash path cleans.
+
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+use raw_cpuid::native_cpuid::cpuid_count;
+use spin::Mutex;
+use x86::vmx::vmcs::ro;
+
+use crate::guest_image::{self, HYPERCALL_PRINT, HYPERCALL_YIELD, MISBEHAVE};
+use crate::vmx::entry::{self, GuestRegisters};
+use crate::vmx::ept::Ept;
+use crate::vmx::vmcs::{self, GuestStart, HostState};
+use crate::{memory, percpu, smp, time, vmx};
+
+/// At most this many vCPUs.
+pub const MAX_VCPUS: usize = 1024;
+/// Guest-physical memory of each guest.
+const GUEST_MEMORY: u64 = 2 * 1024 * 1024;
+const NOT_LOADED: u32 = u32::MAX;
+
+/// What another CPU may read of a vCPU.
+#[derive(Debug)]
+pub struct VcpuShared {
+    /// Physical address of its VMCS.
+    pub vmcs: u64,
+    /// The CPU whose VMCS cache may hold it, or `NOT_LOADED`.
+    pub loaded_on: AtomicU32,
+    /// Set when the vCPU was stopped for good.
+    pub stopped: AtomicBool,
+    /// VM exits it took.
+    pub exits: AtomicU64,
+}
+
+/// What only the CPU running a vCPU touches.
+#[derive(Debug)]
+struct VcpuLocal {
+    registers: GuestRegisters,
+    launched: bool,
+    initialized: bool,
+    ept_pointer: u64,
+    console: [u8; 96],
+    console_len: usize,
+}
+
+/// One virtual CPU.
+#[derive(Debug)]
+pub struct Vcpu {
+    /// Shared half.
+    pub shared: VcpuShared,
+    local: Mutex<VcpuLocal>,
+}
+
+/// Settings from the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// vCPUs to create (0: two per core with VMX).
+    pub vcpus: usize,
+    /// How long guests run at boot.
+    pub run_ms: u64,
+    /// Time slice before a vCPU goes back to the queue.
+    pub slice_us: u64,
+    /// Test knob: this vCPU touches memory outside its EPT.
+    pub misbehaving_vcpu: Option<u32>,
+}
+
+static VCPUS: spin::Once<&'static [Vcpu]> = spin::Once::new();
+static RUN_QUEUE: Mutex<RunQueue> = Mutex::new(RunQueue::new());
+static RUNNING: AtomicBool = AtomicBool::new(false);
+static DEADLINE_US: AtomicU64 = AtomicU64::new(0);
+static SLICE_US: AtomicU64 = AtomicU64::new(2000);
+static CORES_DONE: AtomicUsize = AtomicUsize::new(0);
+static STOPPED: AtomicUsize = AtomicUsize::new(0);
+/// vCPU loads on a core other than the one that last had it.
+pub static MIGRATIONS: AtomicU64 = AtomicU64::new(0);
+
+struct RunQueue {
+    slots: [u16; MAX_VCPUS],
+    head: usize,
+    len: usize,
+}
+
+impl RunQueue {
+    const fn new() -> Self {
+        Self {
+            slots: [0; MAX_VCPUS],
+            head: 0,
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, index: usize) {
+        if self.len < MAX_VCPUS {
+            self.slots[(self.head + self.len) % MAX_VCPUS] = index as u16;
+            self.len += 1;
+        }
+    }
+
+    fn pop(&mut self) -> Option<usize> {
+        (self.len > 0).then(|| {
+            let index = self.slots[self.head];
+            self.head = (self.head + 1) % MAX_VCPUS;
+            self.len -= 1;
+            usize::from(index)
+        })
+    }
+}
+
+/// The vCPUs.
+pub fn vcpus() -> &'static [Vcpu] {
+    VCPUS.get().copied().unwrap_or(&[])
+}
+
+/// Enables VMX on the calling CPU (run on every CPU through an IPI).
+pub fn enable_vmx_here(_: usize) {
+    let cpu = percpu::current_cpu_index() as usize;
+    match vmx::enable_on_this_cpu() {
+        Ok(region) => {
+            percpu::shared(cpu)
+                .vmxon_region
+                .store(region, Ordering::Relaxed);
+            percpu::shared(cpu).vmx_on.store(true, Ordering::Release);
+        }
+        Err(error) => log::debug!("vmx: CPU {cpu}: {error}"),
+    }
+}
+
+/// Creates the vCPUs: a VMCS, 2 MiB of guest memory with the guest image,
+/// and an EPT each.
+pub fn create(count: usize, misbehaving: Option<u32>) -> usize {
+    let capabilities = match vmx::capabilities() {
+        Ok(capabilities) => capabilities,
+        Err(_) => return 0,
+    };
+    let count = count.min(MAX_VCPUS);
+    let Some(storage) = memory::alloc_permanent_slice_with(count, |index| {
+        make_vcpu(index, capabilities.revision, misbehaving)
+    }) else {
+        log::error!("vmx: out of memory for {count} vCPUs");
+        return 0;
+    };
+    let created = storage
+        .iter()
+        .take_while(|vcpu| vcpu.shared.vmcs != 0)
+        .count();
+    let vcpus = &storage[..created];
+    VCPUS.call_once(|| vcpus);
+    let mut queue = RUN_QUEUE.lock();
+    for index in 0..created {
+        queue.push(index);
+    }
+    created
+}
+
+fn make_vcpu(index: usize, revision: u32, misbehaving: Option<u32>) -> Vcpu {
+    let empty = || Vcpu {
+        shared: VcpuShared {
+            vmcs: 0,
+            loaded_on: AtomicU32::new(NOT_LOADED),
+            stopped: AtomicBool::new(true),
+            exits: AtomicU64::new(0),
+        },
+        local: Mutex::new(VcpuLocal {
+            registers: GuestRegisters::default(),
+            launched: false,
+            initialized: false,
+            ept_pointer: 0,
+            console: [0; 96],
+            console_len: 0,
+        }),
+    };
+    let (Some(vmcs), Some(memory)) = (
+        memory::alloc_zeroed_page(),
+        memory::alloc_aligned(GUEST_MEMORY / 4096, GUEST_MEMORY / 4096),
+    ) else {
+        return empty();
+    };
+    let Some(ept) = Ept::new(memory, GUEST_MEMORY, memory::alloc_zeroed_page) else {
+        return empty();
+    };
+    let image = guest_image::bytes();
+    // SAFETY: `vmcs` and `memory` are fresh frames of ours; the image fits
+    // well inside the guest's 2 MiB.
+    unsafe {
+        (vmcs as *mut u32).write_volatile(revision);
+        core::ptr::copy_nonoverlapping(
+            image.as_ptr(),
+            (memory + guest_image::LOAD_ADDRESS) as *mut u8,
+            image.len(),
+        );
+    }
+    let mut registers = GuestRegisters::default();
+    if misbehaving == Some(index as u32) {
+        registers.rdi = MISBEHAVE;
+    }
+    Vcpu {
+        shared: VcpuShared {
+            vmcs,
+            loaded_on: AtomicU32::new(NOT_LOADED),
+            stopped: AtomicBool::new(false),
+            exits: AtomicU64::new(0),
+        },
+        local: Mutex::new(VcpuLocal {
+            registers,
+            launched: false,
+            initialized: false,
+            ept_pointer: ept.pointer,
+            console: [0; 96],
+            console_len: 0,
+        }),
+    }
+}
+
+/// VMCLEARs vCPU `index` on the calling CPU, which holds it (call-function
+/// IPI from the CPU that wants it).
+fn vmclear_here(index: usize) {
+    let vcpu = &vcpus()[index];
+    // SAFETY: the VMCS is ours and loaded (or at least not current
+    // elsewhere) on this CPU; VMCLEAR writes it back to memory.
+    if unsafe { x86::bits64::vmx::vmclear(vcpu.shared.vmcs) }.is_err() {
+        log::error!(
+            "vmx: VMCLEAR of vCPU {index} failed on CPU {}",
+            percpu::current_cpu_index()
+        );
+    }
+    vcpu.shared.loaded_on.store(NOT_LOADED, Ordering::Release);
+}
+
+/// Makes vCPU `index` current on this CPU, taking it from another CPU
+/// first if needed, and refreshes the host state.
+fn load_here(index: usize, local: &mut VcpuLocal) -> bool {
+    let vcpu = &vcpus()[index];
+    let me = percpu::current_cpu_index();
+    let previous = vcpu.shared.loaded_on.load(Ordering::Acquire);
+    if previous != me {
+        if previous != NOT_LOADED {
+            if !smp::call_on(previous as usize, vmclear_here, index) {
+                log::error!("vmx: CPU {previous} holding vCPU {index} does not answer");
+                return false;
+            }
+            MIGRATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        local.launched = false;
+    }
+    // SAFETY: the VMCS is ours and no other CPU has it loaded.
+    if unsafe { x86::bits64::vmx::vmptrld(vcpu.shared.vmcs) }.is_err() {
+        log::error!(
+            "vmx: VMPTRLD of vCPU {index} failed: error {}",
+            vmcs::instruction_error()
+        );
+        return false;
+    }
+    vcpu.shared.loaded_on.store(me, Ordering::Release);
+    if !local.initialized {
+        let Ok(capabilities) = vmx::capabilities() else {
+            return false;
+        };
+        vmcs::setup_guest(
+            &capabilities,
+            &GuestStart {
+                rip: guest_image::LOAD_ADDRESS,
+                rsp: guest_image::STACK_TOP,
+                ept_pointer: local.ept_pointer,
+            },
+        );
+        local.initialized = true;
+    }
+    let area = percpu::current();
+    // SAFETY: the tables pointer was set before this CPU came online.
+    let tables = unsafe { &*area.tables };
+    vmcs::write_host_state(&HostState {
+        gs_base: core::ptr::from_ref(area) as u64,
+        tr_base: tables.tss_base(),
+        gdtr_base: tables.gdt_base(),
+        idtr_base: crate::arch::idt::base(),
+    });
+    true
+}
+
+/// Whether the boot-time guest run is on.
+pub fn running() -> bool {
+    RUNNING.load(Ordering::Acquire)
+}
+
+/// Runs guests on this core until the deadline, then checks out.
+pub fn run_loop() {
+    let cpu = percpu::current_cpu_index() as usize;
+    if !percpu::shared(cpu).vmx_on.load(Ordering::Acquire) {
+        CORES_DONE.fetch_add(1, Ordering::AcqRel);
+        return;
+    }
+    while running() && time::now_us() < DEADLINE_US.load(Ordering::Relaxed) {
+        let next = RUN_QUEUE.lock().pop();
+        let Some(index) = next else {
+            allow_interrupts();
+            continue;
+        };
+        let keep = run_slice(index);
+        if keep {
+            RUN_QUEUE.lock().push(index);
+        }
+        allow_interrupts();
+    }
+    CORES_DONE.fetch_add(1, Ordering::AcqRel);
+}
+
+/// A moment with interrupts on, so pending IPIs (VMCLEAR requests) run.
+fn allow_interrupts() {
+    // SAFETY: `sti; nop; cli` opens a one-instruction interrupt window.
+    unsafe { core::arch::asm!("sti", "nop", "cli", options(nomem, nostack)) };
+}
+
+/// Why a vCPU stopped for good.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    EptViolation { gpa: u64, qualification: u64 },
+    EntryFailed { error: u64 },
+    InvalidGuestState { reason: u64 },
+    TripleFault,
+    Unhandled { reason: u64 },
+}
+
+/// Runs one slice of vCPU `index`; `false` when it was stopped.
+fn run_slice(index: usize) -> bool {
+    let vcpu = &vcpus()[index];
+    let Some(mut local) = vcpu.local.try_lock() else {
+        return true;
+    };
+    if !load_here(index, &mut local) {
+        return true;
+    }
+    let cpu = percpu::current_cpu_index() as usize;
+    let slice_us = SLICE_US.load(Ordering::Relaxed);
+    let slice_end = time::now_us() + slice_us;
+    loop {
+        if let Some(shift) = vmx::capabilities()
+            .ok()
+            .and_then(|c| c.preemption_timer_shift)
+        {
+            let ticks = time::us_to_tsc(slice_us) >> shift;
+            vmcs::set_preemption_timer(ticks.clamp(1, u64::from(u32::MAX)) as u32);
+        }
+        let launched = local.launched;
+        // SAFETY: the vCPU's VMCS is current here with this CPU's host state,
+        // and interrupts are off (the run loop runs with IF clear).
+        if unsafe { entry::run(&mut local.registers, launched) }.is_err() {
+            stop(
+                index,
+                Stop::EntryFailed {
+                    error: vmcs::instruction_error(),
+                },
+            );
+            return false;
+        }
+        local.launched = true;
+        vcpu.shared.exits.fetch_add(1, Ordering::Relaxed);
+        percpu::shared(cpu).vm_exits.fetch_add(1, Ordering::Relaxed);
+        let exit = vmcs::read(ro::EXIT_REASON);
+        if exit & (1 << 31) != 0 {
+            stop(
+                index,
+                Stop::InvalidGuestState {
+                    reason: exit & 0xFFFF,
+                },
+            );
+            return false;
+        }
+        let end_slice = match exit & 0xFFFF {
+            0 => {
+                let info = vmcs::read(ro::VMEXIT_INTERRUPTION_INFO);
+                if (info >> 8) & 7 == 2 {
+                    // A host NMI arrived in the guest: hand it to the
+                    // hypervisor's own handler, as if it came now.
+                    // SAFETY: vector 2's gate is the NMI entry stub.
+                    unsafe { core::arch::asm!("int 2") };
+                    false
+                } else {
+                    stop(index, Stop::Unhandled { reason: 0 });
+                    return false;
+                }
+            }
+            1 => {
+                allow_interrupts();
+                false
+            }
+            2 => {
+                stop(index, Stop::TripleFault);
+                return false;
+            }
+            10 => {
+                emulate_cpuid(&mut local.registers);
+                vmcs::skip_instruction();
+                false
+            }
+            12 => {
+                vmcs::skip_instruction();
+                true
+            }
+            18 => {
+                hypercall(index, &mut local);
+                vmcs::skip_instruction();
+                false
+            }
+            30 => {
+                port_io(index, &mut local);
+                vmcs::skip_instruction();
+                false
+            }
+            48 => {
+                let gpa = vmcs::read(ro::GUEST_PHYSICAL_ADDR_FULL);
+                stop(
+                    index,
+                    Stop::EptViolation {
+                        gpa,
+                        qualification: vmcs::read(ro::EXIT_QUALIFICATION),
+                    },
+                );
+                return false;
+            }
+            52 => true,
+            reason => {
+                stop(index, Stop::Unhandled { reason });
+                return false;
+            }
+        };
+        if end_slice || time::now_us() >= slice_end || !running() {
+            return true;
+        }
+    }
+}
+
+fn stop(index: usize, why: Stop) {
+    let vcpu = &vcpus()[index];
+    vcpu.shared.stopped.store(true, Ordering::Release);
+    STOPPED.fetch_add(1, Ordering::Relaxed);
+    let rip = vmcs::guest_rip();
+    let cpu = percpu::current_cpu_index();
+    log::warn!("vmx: vCPU {index} stopped on CPU {cpu} at guest rip {rip:#x}: {why:?}");
+    let (kind, gpa) = match why {
+        Stop::EptViolation { gpa, .. } => ("ept_violation", Some(gpa)),
+        Stop::EntryFailed { .. } => ("entry_failed", None),
+        Stop::InvalidGuestState { .. } => ("invalid_guest_state", None),
+        Stop::TripleFault => ("triple_fault", None),
+        Stop::Unhandled { .. } => ("unhandled_exit", None),
+    };
+    crate::report::line(|o| {
+        o.field("guest_stopped").object(|o| {
+            o.field("vcpu").u64(index as u64)?;
+            o.field("cpu").u64(u64::from(cpu))?;
+            o.field("reason").str(kind)?;
+            o.field("gpa").option(gpa, |value, gpa| value.u64(gpa))?;
+            o.field("rip").u64(rip)
+        })
+    });
+}
+
+fn emulate_cpuid(registers: &mut GuestRegisters) {
+    let result = cpuid_count(registers.rax as u32, registers.rcx as u32);
+    let mut ecx = result.ecx;
+    if registers.rax as u32 == 1 {
+        ecx &= !(1 << 5); // no VMX inside
+        ecx |= 1 << 31; // running under a hypervisor
+    }
+    registers.rax = u64::from(result.eax);
+    registers.rbx = u64::from(result.ebx);
+    registers.rcx = u64::from(ecx);
+    registers.rdx = u64::from(result.edx);
+}
+
+/// Hypercalls: EAX selects, EBX carries the argument; EAX returns 0, or
+/// u64::MAX for an unknown call or a bad argument.
+fn hypercall(index: usize, local: &mut VcpuLocal) {
+    let argument = local.registers.rbx;
+    local.registers.rax = match local.registers.rax & 0xFFFF_FFFF {
+        HYPERCALL_YIELD => 0,
+        HYPERCALL_PRINT if argument <= 0xFF => {
+            guest_console(index, local, argument as u8);
+            0
+        }
+        _ => u64::MAX,
+    };
+}
+
+const DEBUG_PORT: u64 = 0xE9;
+
+fn port_io(index: usize, local: &mut VcpuLocal) {
+    let qualification = vmcs::read(ro::EXIT_QUALIFICATION);
+    let size = (qualification & 7) + 1;
+    let input = qualification & (1 << 3) != 0;
+    let port = (qualification >> 16) & 0xFFFF;
+    if input {
+        // Nothing behind any port: all ones, like an empty bus.
+        let mask = (1u64 << (size * 8)) - 1;
+        local.registers.rax = (local.registers.rax & !mask) | mask;
+    } else if port == DEBUG_PORT && size == 1 {
+        guest_console(index, local, local.registers.rax as u8);
+    }
+}
+
+fn guest_console(index: usize, local: &mut VcpuLocal, byte: u8) {
+    if byte != b'\n' && local.console_len < local.console.len() {
+        local.console[local.console_len] = byte;
+        local.console_len += 1;
+    }
+    if byte == b'\n' || local.console_len == local.console.len() {
+        let line =
+            core::str::from_utf8(&local.console[..local.console_len]).unwrap_or("<not UTF-8>");
+        log::info!("[vcpu {index}] {line}");
+        local.console_len = 0;
+    }
+}
+
+/// What the boot-time guest run did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunSummary {
+    /// vCPUs created.
+    pub vcpus: usize,
+    /// vCPUs stopped for good.
+    pub stopped: usize,
+    /// VM exits in all.
+    pub exits: u64,
+    /// Loads on a different core.
+    pub migrations: u64,
+}
+
+/// Runs every vCPU across every core with VMX for `settings.run_ms`.
+pub fn run_at_boot(settings: &Settings) -> RunSummary {
+    let cores = smp::cpus()
+        .iter()
+        .filter(|cpu| cpu.vmx_on.load(Ordering::Acquire))
+        .count();
+    let wanted = if settings.vcpus == 0 {
+        2 * cores
+    } else {
+        settings.vcpus
+    };
+    let created = create(wanted, settings.misbehaving_vcpu);
+    log::info!(
+        "vmx: {created} vCPUs on {cores} cores for {} ms, slice {} us",
+        settings.run_ms,
+        settings.slice_us
+    );
+    SLICE_US.store(settings.slice_us.max(1), Ordering::Relaxed);
+    DEADLINE_US.store(time::now_us() + settings.run_ms * 1000, Ordering::Relaxed);
+    RUNNING.store(true, Ordering::Release);
+    // Wake the idle APs; each enters `run_loop` from its idle loop.
+    let woken = smp::call_on_all(|_| {}, 0);
+    // SAFETY: this CPU joins with interrupts off, like the others.
+    unsafe { core::arch::asm!("cli", options(nomem, nostack)) };
+    run_loop();
+    let online = woken.max(1);
+    let deadline = time::now_us() + 1_000_000 + settings.slice_us;
+    while CORES_DONE.load(Ordering::Acquire) < online && time::now_us() < deadline {
+        core::hint::spin_loop();
+    }
+    RUNNING.store(false, Ordering::Release);
+    crate::arch::cpu::enable_interrupts();
+    RunSummary {
+        vcpus: created,
+        stopped: STOPPED.load(Ordering::Relaxed),
+        exits: vcpus()
+            .iter()
+            .map(|vcpu| vcpu.shared.exits.load(Ordering::Relaxed))
+            .sum(),
+        migrations: MIGRATIONS.load(Ordering::Relaxed),
+    }
+}
