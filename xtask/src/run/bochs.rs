@@ -96,6 +96,10 @@ pub fn check_cpus(cpus: u32) -> Result<u32> {
 
 /// The Bochs configuration of a run; every path is absolute, so Bochs may
 /// start from any directory.
+///
+/// Sound is off and on dummy drivers: on a host without a sound card the
+/// ALSA driver fails to open and Bochs 2.7's mixer thread then aborts
+/// ("buffer overflow detected") at random, before the guest runs.
 pub fn bochsrc(cpus: u32, memory_mib: u32, iso: &Path, run_dir: &Path) -> String {
     let path = |name: &str| run_dir.join(name).display().to_string();
     format!(
@@ -112,6 +116,8 @@ pub fn bochsrc(cpus: u32, memory_mib: u32, iso: &Path, run_dir: &Path) -> String
          port_e9_hack: enabled=1\n\
          clock: sync=none, time0=local\n\
          mouse: enabled=0\n\
+         speaker: enabled=0\n\
+         sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy\n\
          log: \"{log}\"\n\
          panic: action=fatal\n\
          error: action=report\n\
@@ -216,6 +222,7 @@ mod tests {
             "boot: cdrom",
             "com1: enabled=1, mode=file, dev=\"/b/run/serial.log\"",
             "panic: action=fatal",
+            "sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy",
         ] {
             assert!(rc.lines().any(|l| l == line), "missing {line:?} in\n{rc}");
         }
