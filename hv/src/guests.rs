@@ -450,15 +450,33 @@ fn stop(index: usize, why: Stop) {
         Stop::TripleFault => ("triple_fault", None),
         Stop::Unhandled { .. } => ("unhandled_exit", None),
     };
+    // Keyed by vCPU, so the reports of several stopped guests merge.
+    let mut key = [0u8; 8];
+    let key = decimal(index, &mut key);
     crate::report::line(|o| {
-        o.field("guest_stopped").object(|o| {
-            o.field("vcpu").u64(index as u64)?;
-            o.field("cpu").u64(u64::from(cpu))?;
-            o.field("reason").str(kind)?;
-            o.field("gpa").option(gpa, |value, gpa| value.u64(gpa))?;
-            o.field("rip").u64(rip)
+        o.field("guests_stopped").object(|o| {
+            o.field(key).object(|o| {
+                o.field("cpu").u64(u64::from(cpu))?;
+                o.field("reason").str(kind)?;
+                o.field("gpa").option(gpa, |value, gpa| value.u64(gpa))?;
+                o.field("rip").u64(rip)
+            })
         })
     });
+}
+
+/// `value` in decimal, in `buffer`.
+fn decimal(mut value: usize, buffer: &mut [u8; 8]) -> &str {
+    let mut start = buffer.len();
+    loop {
+        start -= 1;
+        buffer[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 || start == 0 {
+            break;
+        }
+    }
+    core::str::from_utf8(&buffer[start..]).unwrap_or("?")
 }
 
 fn emulate_cpuid(registers: &mut GuestRegisters) {

@@ -27,6 +27,65 @@ pub enum Finish {
     Exit,
 }
 
+/// Where a test crash is injected (`crash=...,point:NAME`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// Between two stores of a loaded-VMCS list insertion (store 0, 1, ...).
+    ListAdd(u8),
+    /// Between two stores of a loaded-VMCS list removal (store 0, 1, ...).
+    ListRemove(u8),
+    /// After VMCLEAR, before the entry is unlinked.
+    VmclearUnlink,
+    /// Inside the vCPU load path (between VMPTRLD and the list insertion).
+    VcpuLoad,
+    /// The crashing CPU's victim spins with NMIs blocked (a straggler).
+    NmiBlocked,
+    /// Two CPUs panic at the same moment.
+    DoublePanic,
+    /// Before VMX is enabled anywhere.
+    BeforeVmx,
+    /// During AP bring-up.
+    Bringup,
+}
+
+impl CrashPoint {
+    /// Parses `list_add:N`-style names (see [`CRASH_POINT_NAMES`]).
+    pub fn parse(text: &str) -> Option<Self> {
+        let store = |rest: &str| rest.parse::<u8>().ok().filter(|n| *n < 8);
+        if let Some(rest) = text.strip_prefix("list_add") {
+            return store(rest).map(Self::ListAdd);
+        }
+        if let Some(rest) = text.strip_prefix("list_remove") {
+            return store(rest).map(Self::ListRemove);
+        }
+        Some(match text {
+            "vmclear_unlink" => Self::VmclearUnlink,
+            "vcpu_load" => Self::VcpuLoad,
+            "nmi_blocked" => Self::NmiBlocked,
+            "double_panic" => Self::DoublePanic,
+            "before_vmx" => Self::BeforeVmx,
+            "bringup" => Self::Bringup,
+            _ => return None,
+        })
+    }
+}
+
+/// The injection point names `crash=...,point:NAME` accepts (`N` a store
+/// number from 0 to 7).
+pub const CRASH_POINT_NAMES: &str = "list_addN, list_removeN, vmclear_unlink, vcpu_load, nmi_blocked, double_panic, before_vmx, bringup";
+
+/// `crash=cpu:N,after_ms:T[,point:NAME]` (test knob): CPU N (its index;
+/// 0 is the boot CPU) panics T ms after the guests start, or at the point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CrashSpec {
+    /// CPU index that panics.
+    pub cpu: u32,
+    /// Milliseconds after the guest run starts (or after the point is armed).
+    pub after_ms: u64,
+    /// Where, if not at once after `after_ms`.
+    pub point: Option<CrashPoint>,
+}
+
 /// `crashkernel=SIZE[@BASE]`: memory reserved for the capture kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CrashKernelSpec {
@@ -63,6 +122,12 @@ pub struct Options {
     pub slice_us: u64,
     /// `guest_misbehave=N` (test knob): vCPU N touches memory outside its EPT.
     pub guest_misbehave: Option<u32>,
+    /// `crash=...` (test knob): inject a panic.
+    pub crash: Option<CrashSpec>,
+    /// `crash_timeout_ms=`: how long the crash rendezvous waits.
+    pub crash_timeout_ms: u64,
+    /// `crash_hypercall=allow|deny`: may a guest crash the hypervisor.
+    pub crash_hypercall: bool,
 }
 
 impl Options {
@@ -81,6 +146,9 @@ impl Options {
             guest_run_ms: 100,
             slice_us: 2000,
             guest_misbehave: None,
+            crash: None,
+            crash_timeout_ms: 1000,
+            crash_hypercall: false,
         }
     }
 }
@@ -210,6 +278,18 @@ pub const OPTIONS: &[(&str, Setter)] = &[
         options.slice_us = n;
         Ok(())
     }),
+    ("crash", set_crash),
+    ("crash_timeout_ms", |options, value| {
+        set_bounded(&mut options.crash_timeout_ms, value, 600_000)
+    }),
+    ("crash_hypercall", |options, value| {
+        options.crash_hypercall = match value {
+            "allow" => true,
+            "deny" => false,
+            _ => return Err("expected one of allow, deny"),
+        };
+        Ok(())
+    }),
     ("guest_misbehave", |options, value| {
         let mut n = 0;
         set_bounded(&mut n, value, 1023)?;
@@ -296,6 +376,41 @@ fn set_bounded(target: &mut u64, value: &str, max: u64) -> Result<(), &'static s
         return Err("number too large");
     }
     *target = n;
+    Ok(())
+}
+
+fn set_crash(options: &mut Options, value: &str) -> Result<(), &'static str> {
+    let mut cpu = None;
+    let mut after_ms = 0;
+    let mut point = None;
+    for part in value.split(',') {
+        let (key, item) = part
+            .split_once(':')
+            .ok_or("expected cpu:N,after_ms:T[,point:NAME]")?;
+        match key {
+            "cpu" => {
+                cpu = Some(
+                    u32::try_from(parse_number(item).ok_or("cpu: expected a CPU index")?)
+                        .map_err(|_| "cpu: too large")?,
+                )
+            }
+            "after_ms" => {
+                after_ms = parse_number(item)
+                    .filter(|ms| *ms <= 3_600_000)
+                    .ok_or("after_ms: expected milliseconds")?;
+            }
+            "point" => {
+                point = Some(CrashPoint::parse(item).ok_or("point: unknown injection point")?)
+            }
+            _ => return Err("expected cpu:N,after_ms:T[,point:NAME]"),
+        }
+    }
+    let cpu = cpu.ok_or("cpu:N is required")?;
+    options.crash = Some(CrashSpec {
+        cpu,
+        after_ms,
+        point,
+    });
     Ok(())
 }
 
@@ -413,6 +528,70 @@ mod tests {
         let parsed = parse("vcpus=1025 slice_us=0 guest_misbehave=x");
         assert_eq!(messages(&parsed).len(), 3, "{:?}", messages(&parsed));
         assert_eq!(parsed.options.slice_us, Options::default().slice_us);
+    }
+
+    #[test]
+    fn crash_knob_with_and_without_a_point() {
+        let parsed = parse("crash=cpu:3,after_ms:20 crash_timeout_ms=250 crash_hypercall=allow");
+        assert!(parsed.is_clean(), "{:?}", messages(&parsed));
+        assert_eq!(
+            parsed.options.crash,
+            Some(CrashSpec {
+                cpu: 3,
+                after_ms: 20,
+                point: None
+            })
+        );
+        assert_eq!(parsed.options.crash_timeout_ms, 250);
+        assert!(parsed.options.crash_hypercall);
+        for (text, point) in [
+            ("list_add0", CrashPoint::ListAdd(0)),
+            ("list_remove2", CrashPoint::ListRemove(2)),
+            ("vmclear_unlink", CrashPoint::VmclearUnlink),
+            ("vcpu_load", CrashPoint::VcpuLoad),
+            ("nmi_blocked", CrashPoint::NmiBlocked),
+            ("double_panic", CrashPoint::DoublePanic),
+            ("before_vmx", CrashPoint::BeforeVmx),
+            ("bringup", CrashPoint::Bringup),
+        ] {
+            let line = format!("crash=point:{text},cpu:0x1");
+            let parsed = parse(&line);
+            assert!(parsed.is_clean(), "{line}: {:?}", messages(&parsed));
+            assert_eq!(
+                parsed.options.crash,
+                Some(CrashSpec {
+                    cpu: 1,
+                    after_ms: 0,
+                    point: Some(point)
+                })
+            );
+        }
+        let defaults = Options::default();
+        assert_eq!(
+            (
+                defaults.crash,
+                defaults.crash_timeout_ms,
+                defaults.crash_hypercall
+            ),
+            (None, 1000, false)
+        );
+    }
+
+    #[test]
+    fn crash_knob_rejects_what_it_cannot_do() {
+        for bad in [
+            "crash=after_ms:5",
+            "crash=cpu:x",
+            "crash=cpu:1,point:list_add8",
+            "crash=cpu:1,point:somewhere",
+            "crash=cpu:1,when:now",
+            "crash=cpu1",
+            "crash_hypercall=yes",
+        ] {
+            let parsed = parse(bad);
+            assert_eq!(parsed.error_count(), 1, "{bad}");
+            assert_eq!(parsed.options, Options::default(), "{bad}");
+        }
     }
 
     #[test]
@@ -665,6 +844,9 @@ mod tests {
             ("guest_run_ms", "50"),
             ("slice_us", "500"),
             ("guest_misbehave", "2"),
+            ("crash", "cpu:1,after_ms:20"),
+            ("crash_timeout_ms", "500"),
+            ("crash_hypercall", "allow"),
         ];
         assert_eq!(OPTIONS.len(), examples.len());
         for (key, value) in examples {
