@@ -254,6 +254,9 @@ mod tests {
         .unwrap();
 
         let report = &outcome.report;
+        for key in report::XTASK_KEYS {
+            assert!(report.get(key).is_some(), "{key} missing");
+        }
         assert_eq!(report["emulator"], "qemu-tcg");
         assert_eq!(report["boot"], "grub-uefi");
         assert_eq!(report["ok"], false);
