@@ -52,6 +52,18 @@ fn uart_write_byte(byte: u8) {
     outb(COM1, byte);
 }
 
+/// Waits (bounded) until the UART has sent its last bit: an emulator told
+/// to shut down right after would otherwise drop the final bytes.
+pub fn wait_transmitter_empty() {
+    const TRANSMITTER_IDLE: u8 = 0x40;
+    for _ in 0..1_000_000 {
+        if inb(LINE_STATUS) & TRANSMITTER_IDLE != 0 {
+            return;
+        }
+        core::hint::spin_loop();
+    }
+}
+
 /// Writes bytes to the UART, turning `\n` into `\r\n`. Takes no lock.
 pub fn uart_write(bytes: &[u8]) {
     for &byte in bytes {

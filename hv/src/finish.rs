@@ -21,6 +21,7 @@ pub fn exit_emulator_when_done(enabled: bool) {
 
 fn stop(qemu_code: u8) -> ! {
     crate::console::drain();
+    crate::console::wait_transmitter_empty();
     if EXIT_EMULATOR.load(Ordering::Relaxed) {
         // Each emulator ignores the other's port.
         outb(QEMU_EXIT_PORT, qemu_code);
