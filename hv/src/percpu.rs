@@ -55,6 +55,10 @@ pub struct SharedCpu {
     pub vm_exits: AtomicU64,
     /// Set when this CPU joined the boot-time guest run.
     pub joined_guests: AtomicBool,
+    /// Where a tolerated #UD/#GP resumes (0: none armed); see `vmx::tolerant`.
+    pub fault_fixup: AtomicU64,
+    /// Set by the trap handler when it used `fault_fixup`.
+    pub fault_hit: AtomicBool,
 }
 
 impl SharedCpu {
@@ -67,6 +71,8 @@ impl SharedCpu {
             vmxon_region: AtomicU64::new(0),
             vm_exits: AtomicU64::new(0),
             joined_guests: AtomicBool::new(false),
+            fault_fixup: AtomicU64::new(0),
+            fault_hit: AtomicBool::new(false),
         }
     }
 }

@@ -46,6 +46,8 @@ const EXCEPTION_NAMES: [&str; 32] = [
 ];
 
 const NMI_VECTOR: u64 = 2;
+const INVALID_OPCODE: u64 = 6;
+const GENERAL_PROTECTION: u64 = 13;
 const CALL_FUNCTION: u64 = crate::smp::CALL_FUNCTION_VECTOR as u64;
 const SPURIOUS: u64 = crate::arch::apic::SPURIOUS_VECTOR as u64;
 const LEGACY_SPURIOUS_PRIMARY: u64 = crate::arch::pic::PIC_VECTOR_BASE as u64 + 7;
@@ -62,6 +64,7 @@ pub fn on_trap(frame: &mut TrapFrame) {
                 .nmis
                 .fetch_add(1, Ordering::Relaxed);
         }
+        INVALID_OPCODE | GENERAL_PROTECTION if crate::vmx::tolerant::try_fixup(&mut frame.rip) => {}
         0..32 => fatal_exception(frame),
         CALL_FUNCTION => crate::smp::on_call_function_ipi(),
         // The masked PICs can still raise a spurious IRQ 7 or 15: no EOI.

@@ -6,6 +6,7 @@
 
 pub mod entry;
 pub mod ept;
+pub mod tolerant;
 pub mod vmcs;
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
