@@ -43,6 +43,28 @@ pub fn summary(report: &Value) -> String {
             text(&cpus["online"])
         ),
     );
+    if let Some(us) = report["bringup_us"].as_u64() {
+        let mode = report["smp"]["apic_mode"]
+            .as_str()
+            .map(|mode| format!(" ({mode})"))
+            .unwrap_or_default();
+        line("bring-up", format!("{us} us{mode}"));
+    }
+    let virt = &report["virt"];
+    match virt["backend"].as_str() {
+        Some("none") => line("virt", format!("none: {}", text(&virt["reason"]))),
+        Some(backend) => line(
+            "virt",
+            format!(
+                "{backend}: {} vCPUs, {} VM exits, {} migrations, {} stopped",
+                text(&virt["vcpus"]),
+                text(&virt["vm_exits"]),
+                text(&virt["migrations"]),
+                text(&virt["stopped"])
+            ),
+        ),
+        None => {}
+    }
     let memory = &report["memory"];
     line(
         "memory",
@@ -107,6 +129,9 @@ mod tests {
             "loader": {"protocol": "pvh", "name": null},
             "cpus": {"possible": 4, "online": 3, "failed": [2]},
             "memory": {"regions": 5, "usable_bytes": 512 * 1024 * 1024},
+            "bringup_us": 4861, "smp": {"apic_mode": "x2apic"},
+            "virt": {"backend": "vmx", "vcpus": 16, "vm_exits": 27904, "migrations": 353,
+                     "stopped": 0},
             "cmdline": {"errors": ["unknown option `bogus_option`"]},
             "ok": false, "reason": "cpus.possible is 4, expected 2",
             "serial_log": "/b/serial.log",
@@ -119,6 +144,11 @@ mod tests {
         assert!(text.contains("loader   pvh\n"), "{text}");
         assert!(text.contains("4 possible, 3 online, failed: 2"), "{text}");
         assert!(text.contains("512.0 MiB usable in 5 regions"), "{text}");
+        assert!(text.contains("bring-up 4861 us (x2apic)\n"), "{text}");
+        assert!(
+            text.contains("virt     vmx: 16 vCPUs, 27904 VM exits, 353 migrations, 0 stopped"),
+            "{text}"
+        );
         assert!(
             text.contains("1 errors: unknown option `bogus_option`"),
             "{text}"
@@ -128,6 +158,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("serial   /b/serial.log"), "{text}");
+    }
+
+    #[test]
+    fn no_backend_shows_the_reason() {
+        let text = summary(&json!({"virt": {"backend": "none", "reason": "the CPU has no VMX"}}));
+        assert!(text.contains("virt     none: the CPU has no VMX"), "{text}");
     }
 
     #[test]

@@ -9,19 +9,14 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use super::expect::{Backend, Expectations};
+
 /// QEMU's exit status when hv wrote its success code (0x10) to
 /// `isa-debug-exit`: `(0x10 << 1) | 1`.
 pub const QEMU_EXIT_SUCCESS: i32 = 0x21;
 
 /// QEMU's exit status when hv wrote its failure code (0x11).
 pub const QEMU_EXIT_FAILURE: i32 = 0x23;
-
-/// What the run was asked to produce.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Expectations {
-    /// The number of CPUs the emulator was given; hv must find them all.
-    pub cpus: u32,
-}
 
 /// How the emulator's life ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +108,20 @@ pub fn judge(
             });
         }
     }
-    let cpus = &report["cpus"];
+    problems.extend(cpu_problems(&report["cpus"], expect));
+    problems.extend(virt_problems(report, expect));
+
+    Verdict {
+        ok: problems.is_empty(),
+        reason: (!problems.is_empty()).then(|| problems.join("; ")),
+    }
+}
+
+/// What is wrong with `cpus`: every CPU given must be found, every CPU
+/// started must come online except those expected to fail, and exactly
+/// those must be named in `failed`.
+fn cpu_problems(cpus: &Value, expect: &Expectations) -> Vec<String> {
+    let mut problems = Vec::new();
     match cpus["possible"].as_u64() {
         Some(possible) if possible == u64::from(expect.cpus) => {}
         Some(possible) => problems.push(format!(
@@ -123,15 +131,140 @@ pub fn judge(
         None => problems.push("no cpus.possible reported".to_owned()),
     }
     match cpus["online"].as_u64() {
-        Some(online) if online >= 1 => {}
-        Some(online) => problems.push(format!("cpus.online is {online}, expected at least 1")),
+        Some(online) if online == u64::from(expect.online()) => {}
+        Some(online) => problems.push(format!(
+            "cpus.online is {online}, expected {} ({})",
+            expect.online(),
+            online_rule(expect)
+        )),
         None => problems.push("no cpus.online reported".to_owned()),
     }
-
-    Verdict {
-        ok: problems.is_empty(),
-        reason: (!problems.is_empty()).then(|| problems.join("; ")),
+    // Older reports may lack `attempted`; when it is there it must agree.
+    if let Some(attempted) = cpus["attempted"].as_u64()
+        && attempted != u64::from(expect.attempted())
+    {
+        problems.push(format!(
+            "cpus.attempted is {attempted}, expected {}",
+            expect.attempted()
+        ));
     }
+    match apic_ids(&cpus["failed"]) {
+        Some(mut failed) => {
+            failed.sort_unstable();
+            let mut expected: Vec<u64> = expect.failed.iter().map(|&id| u64::from(id)).collect();
+            expected.sort_unstable();
+            if failed != expected {
+                problems.push(format!(
+                    "cpus.failed is {failed:?}, expected {expected:?}{}",
+                    if expected.is_empty() {
+                        ""
+                    } else {
+                        " (ap_hang)"
+                    }
+                ));
+            }
+        }
+        None if cpus["online"].is_u64() => {
+            problems.push("no cpus.failed list reported".to_owned());
+        }
+        None => {}
+    }
+    problems
+}
+
+/// Why that many CPUs must be online, for a message.
+fn online_rule(expect: &Expectations) -> String {
+    let base = match expect.max_cpus {
+        Some(_) if expect.attempted() < expect.cpus => {
+            format!(
+                "max_cpus: {} of {} started",
+                expect.attempted(),
+                expect.cpus
+            )
+        }
+        _ => format!("all {} CPUs", expect.cpus),
+    };
+    if expect.failed.is_empty() {
+        base
+    } else {
+        format!("{base}, minus the {} expected to fail", expect.failed.len())
+    }
+}
+
+/// A JSON array of APIC IDs, `None` if it is not one.
+fn apic_ids(value: &Value) -> Option<Vec<u64>> {
+    value.as_array()?.iter().map(Value::as_u64).collect()
+}
+
+/// What is wrong with `virt` and `guests_stopped`: the backend the platform
+/// implies, a reason whenever there is no backend, and exactly the expected
+/// guests stopped, each for an EPT violation.
+fn virt_problems(report: &Value, expect: &Expectations) -> Vec<String> {
+    let mut problems = Vec::new();
+    let virt = &report["virt"];
+    let backend = virt["backend"].as_str();
+    match (expect.virt, backend) {
+        (Some(wanted), Some(backend)) if backend != wanted.as_str() => {
+            problems.push(format!(
+                "virt.backend is {backend}, expected {}{}",
+                wanted.as_str(),
+                virt["reason"]
+                    .as_str()
+                    .map(|reason| format!(" (hv says: {reason})"))
+                    .unwrap_or_default()
+            ));
+        }
+        (Some(wanted), None) if report["done"] == Value::Bool(true) => {
+            problems.push(format!(
+                "no virt.backend reported, expected {}",
+                wanted.as_str()
+            ));
+        }
+        _ => {}
+    }
+    if backend == Some(Backend::None.as_str()) && !virt["reason"].is_string() {
+        problems.push("virt.backend is none but hv gave no virt.reason".to_owned());
+    }
+    if backend != Some(Backend::Vmx.as_str()) {
+        return problems;
+    }
+
+    let stopped = report["guests_stopped"].as_object();
+    let mut named: Vec<String> = stopped
+        .map(|map| map.keys().cloned().collect())
+        .unwrap_or_default();
+    named.sort_by_key(|key| key.parse::<u64>().unwrap_or(u64::MAX));
+    let expected: Vec<String> = expect.stopped_vcpus.iter().map(u32::to_string).collect();
+    if named != expected {
+        problems.push(format!(
+            "guests_stopped names vCPUs [{}], expected [{}]{}",
+            named.join(", "),
+            expected.join(", "),
+            if expected.is_empty() {
+                ""
+            } else {
+                " (guest_misbehave)"
+            }
+        ));
+    }
+    for vcpu in &expected {
+        let reason = &report["guests_stopped"][vcpu]["reason"];
+        if !reason.is_null() && reason != "ept_violation" {
+            problems.push(format!(
+                "vCPU {vcpu} was stopped for {}, expected ept_violation",
+                show(reason)
+            ));
+        }
+    }
+    match virt["stopped"].as_u64() {
+        Some(count) if count == expected.len() as u64 => {}
+        Some(count) => problems.push(format!(
+            "virt.stopped is {count}, expected {}",
+            expected.len()
+        )),
+        None => problems.push("no virt.stopped reported".to_owned()),
+    }
+    problems
 }
 
 /// A JSON value for a message: numbers and strings bare, absence as `?`.
@@ -155,15 +288,18 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const FOUR: Expectations = Expectations { cpus: 4 };
     const QEMU_OK: End = End::Exited(Some(QEMU_EXIT_SUCCESS));
+
+    fn four() -> Expectations {
+        Expectations::all_cpus(4)
+    }
 
     fn good_report() -> Value {
         json!({"cpus": {"possible": 4, "online": 4, "failed": []}, "done": true})
     }
 
     fn reason(report: &Value, end: End, convention: ExitConvention) -> String {
-        let verdict = judge(report, &FOUR, end, convention);
+        let verdict = judge(report, &four(), end, convention);
         assert!(!verdict.ok);
         verdict.reason.unwrap()
     }
@@ -172,7 +308,7 @@ mod tests {
     fn a_complete_report_with_the_right_cpus_is_ok() {
         let verdict = judge(
             &good_report(),
-            &FOUR,
+            &four(),
             QEMU_OK,
             ExitConvention::QemuDebugExit,
         );
@@ -189,7 +325,7 @@ mod tests {
     fn bochs_exit_status_does_not_matter() {
         let verdict = judge(
             &good_report(),
-            &FOUR,
+            &four(),
             End::Exited(Some(1)),
             ExitConvention::Meaningless,
         );
@@ -258,7 +394,7 @@ mod tests {
         let mut report = good_report();
         report["cpus"]["online"] = json!(0);
         let reason_zero = reason(&report, QEMU_OK, ExitConvention::QemuDebugExit);
-        assert_eq!(reason_zero, "cpus.online is 0, expected at least 1");
+        assert_eq!(reason_zero, "cpus.online is 0, expected 4 (all 4 CPUs)");
     }
 
     #[test]
@@ -281,5 +417,163 @@ mod tests {
             ExitConvention::QemuDebugExit,
         );
         assert!(signal.contains("signal"), "{signal}");
+    }
+
+    fn judge_ok(report: &Value, expect: &Expectations) -> Verdict {
+        judge(report, expect, QEMU_OK, ExitConvention::QemuDebugExit)
+    }
+
+    #[test]
+    fn one_cpu_short_of_all_is_not_ok() {
+        let report = json!({"cpus": {"possible": 4, "online": 3, "failed": []}, "done": true});
+        let reason = reason(&report, QEMU_OK, ExitConvention::QemuDebugExit);
+        assert_eq!(reason, "cpus.online is 3, expected 4 (all 4 CPUs)");
+    }
+
+    #[test]
+    fn an_unexpected_failed_cpu_is_named() {
+        let report = json!({"cpus": {"possible": 4, "online": 3, "failed": [2], "attempted": 4},
+                            "done": true});
+        let reason = reason(&report, QEMU_OK, ExitConvention::QemuDebugExit);
+        assert!(
+            reason.contains("cpus.failed is [2], expected []"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn an_expected_hang_is_ok_only_for_that_apic_id() {
+        let expect = Expectations::from_cmdline(8, &["ap_hang=5"]);
+        let report = |online: u64, failed: Value| {
+            json!({"cpus": {"possible": 8, "online": online, "failed": failed, "attempted": 8},
+                   "done": true})
+        };
+        assert!(judge_ok(&report(7, json!([5])), &expect).ok);
+        let other = judge_ok(&report(7, json!([4])), &expect);
+        assert_eq!(
+            other.reason.as_deref(),
+            Some("cpus.failed is [4], expected [5] (ap_hang)")
+        );
+        let none_failed = judge_ok(&report(8, json!([])), &expect);
+        let reason = none_failed.reason.unwrap();
+        assert!(
+            reason.contains(
+                "cpus.online is 8, expected 7 (all 8 CPUs, minus the 1 expected to fail)"
+            ),
+            "{reason}"
+        );
+        assert!(
+            reason.contains("cpus.failed is [], expected [5]"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn max_cpus_expects_that_many_attempted_and_online() {
+        let expect = Expectations::from_cmdline(8, &["max_cpus=3"]);
+        let good = json!({"cpus": {"possible": 8, "online": 3, "failed": [], "attempted": 3},
+                          "done": true});
+        assert!(judge_ok(&good, &expect).ok);
+        let all = json!({"cpus": {"possible": 8, "online": 8, "failed": [], "attempted": 8},
+                         "done": true});
+        let reason = judge_ok(&all, &expect).reason.unwrap();
+        assert_eq!(
+            reason,
+            "cpus.online is 8, expected 3 (max_cpus: 3 of 8 started); \
+             cpus.attempted is 8, expected 3"
+        );
+    }
+
+    #[test]
+    fn a_missing_failed_list_is_not_ok() {
+        let report = json!({"cpus": {"possible": 4, "online": 4}, "done": true});
+        let reason = reason(&report, QEMU_OK, ExitConvention::QemuDebugExit);
+        assert_eq!(reason, "no cpus.failed list reported");
+    }
+
+    fn vmx_report(stopped: u64, guests_stopped: Value) -> Value {
+        json!({
+            "cpus": {"possible": 4, "online": 4, "failed": []},
+            "virt": {"backend": "vmx", "reason": null, "vcpus": 8, "stopped": stopped},
+            "guests_stopped": guests_stopped,
+            "done": true,
+        })
+    }
+
+    #[test]
+    fn bochs_expects_vmx_and_says_why_it_is_missing() {
+        let expect = four().with_virt(Backend::Vmx);
+        assert!(judge_ok(&vmx_report(0, Value::Null), &expect).ok);
+        let mut report = good_report();
+        report["virt"] = json!({"backend": "none", "reason": "the CPU has no VMX"});
+        let verdict = judge_ok(&report, &expect);
+        assert_eq!(
+            verdict.reason.as_deref(),
+            Some("virt.backend is none, expected vmx (hv says: the CPU has no VMX)")
+        );
+        let silent = judge_ok(&good_report(), &expect);
+        assert_eq!(
+            silent.reason.as_deref(),
+            Some("no virt.backend reported, expected vmx")
+        );
+    }
+
+    #[test]
+    fn no_backend_needs_a_reason_but_is_otherwise_fine() {
+        let mut report = good_report();
+        report["virt"] = json!({"backend": "none", "reason": "the CPU has no VMX"});
+        assert!(judge_ok(&report, &four()).ok);
+        report["virt"]["reason"] = Value::Null;
+        assert_eq!(
+            judge_ok(&report, &four()).reason.as_deref(),
+            Some("virt.backend is none but hv gave no virt.reason")
+        );
+    }
+
+    #[test]
+    fn an_unexpected_stopped_guest_is_not_ok() {
+        let stopped = json!({"2": {"cpu": 1, "reason": "ept_violation", "gpa": 0, "rip": 0}});
+        let verdict = judge_ok(&vmx_report(1, stopped), &four());
+        assert_eq!(
+            verdict.reason.as_deref(),
+            Some("guests_stopped names vCPUs [2], expected []; virt.stopped is 1, expected 0")
+        );
+    }
+
+    #[test]
+    fn a_misbehaving_guest_must_be_the_only_one_stopped_for_ept() {
+        let expect = Expectations::from_cmdline(4, &["guest_misbehave=3"]);
+        let one = |reason: &str| json!({"3": {"cpu": 2, "reason": reason, "gpa": 1, "rip": 2}});
+        assert!(judge_ok(&vmx_report(1, one("ept_violation")), &expect).ok);
+        let wrong_reason = judge_ok(&vmx_report(1, one("triple_fault")), &expect);
+        assert_eq!(
+            wrong_reason.reason.as_deref(),
+            Some("vCPU 3 was stopped for triple_fault, expected ept_violation")
+        );
+        let not_stopped = judge_ok(&vmx_report(0, Value::Null), &expect);
+        assert_eq!(
+            not_stopped.reason.as_deref(),
+            Some(
+                "guests_stopped names vCPUs [], expected [3] (guest_misbehave); \
+                 virt.stopped is 0, expected 1"
+            )
+        );
+        let mut two = one("ept_violation");
+        two["10"] = json!({"cpu": 0, "reason": "ept_violation"});
+        let extra = judge_ok(&vmx_report(2, two), &expect);
+        assert!(
+            extra
+                .reason
+                .unwrap()
+                .starts_with("guests_stopped names vCPUs [3, 10], expected [3]")
+        );
+    }
+
+    #[test]
+    fn without_guests_a_misbehave_knob_expects_nothing() {
+        let expect = Expectations::from_cmdline(4, &["guest_misbehave=3"]);
+        let mut report = good_report();
+        report["virt"] = json!({"backend": "none", "reason": "the CPU has no VMX", "stopped": 0});
+        assert!(judge_ok(&report, &expect).ok);
     }
 }

@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use super::watch::watch;
 use super::{Boot, Finished, RunOutcome, check_elf, finish, log_file, prepare_run_dir};
 use crate::process::KillOnDrop;
-use crate::report::{ExitConvention, Expectations};
+use crate::report::{Backend, ExitConvention, Expectations};
 use crate::tools::{self, BOCHS_BIOS, Need, VGA_BIOS};
 use crate::{cmdline, iso};
 
@@ -185,7 +185,8 @@ pub fn bochs(options: &BochsOptions) -> Result<RunOutcome> {
     finish(Finished {
         emulator: "bochs",
         boot: Boot::GrubBios,
-        expect: Expectations { cpus },
+        // The CPU model has VMX: a run without guests is a failed run.
+        expect: Expectations::from_cmdline(cpus, &options.append).with_virt(Backend::Vmx),
         convention: ExitConvention::Meaningless,
         cmdline: &cmdline,
         run_dir: &run_dir,

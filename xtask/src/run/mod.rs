@@ -120,6 +120,7 @@ fn finish(run: Finished<'_>) -> Result<RunOutcome> {
     }
     let xtask = json!({
         "cpus_requested": run.expect.cpus,
+        "expected": run.expect.to_json(),
         "cmdline": run.cmdline,
         "exit_status": exit_status,
         "timed_out": timed_out,
@@ -236,7 +237,7 @@ mod tests {
         let outcome = finish(Finished {
             emulator: "qemu-tcg",
             boot: Boot::GrubUefi,
-            expect: Expectations { cpus: 4 },
+            expect: Expectations::all_cpus(4),
             convention: ExitConvention::QemuDebugExit,
             cmdline: "finish=exit",
             run_dir: &dir,
@@ -260,7 +261,11 @@ mod tests {
         assert_eq!(report["emulator"], "qemu-tcg");
         assert_eq!(report["boot"], "grub-uefi");
         assert_eq!(report["ok"], false);
-        assert_eq!(report["reason"], "cpus.possible is 2, expected 4");
+        assert_eq!(
+            report["reason"],
+            "cpus.possible is 2, expected 4; cpus.online is 2, expected 4 (all 4 CPUs)"
+        );
+        assert_eq!(report["xtask"]["expected"]["cpus_online"], 4);
         assert_eq!(report["serial_log"], json!(serial_log));
         assert_eq!(report["cpus"]["online"], 2);
         assert_eq!(report["xtask"]["exit_status"], 0x21);
@@ -285,7 +290,7 @@ mod tests {
         let outcome = finish(Finished {
             emulator: "qemu-tcg",
             boot: Boot::Direct,
-            expect: Expectations { cpus: 1 },
+            expect: Expectations::all_cpus(1),
             convention: ExitConvention::QemuDebugExit,
             cmdline: "finish=exit",
             run_dir: &dir,

@@ -12,7 +12,7 @@ use super::watch::{Watched, watch};
 use super::{Boot, Finished, RunOutcome, check_elf, finish, log_file, prepare_run_dir};
 use crate::accel::{self, Accel};
 use crate::process::KillOnDrop;
-use crate::report::{End, ExitConvention, Expectations};
+use crate::report::{Backend, End, ExitConvention, Expectations};
 use crate::report::{QEMU_EXIT_FAILURE, QEMU_EXIT_SUCCESS};
 use crate::tools::{self, Need};
 use crate::{cmdline, iso};
@@ -212,10 +212,15 @@ pub fn qemu(options: &QemuOptions) -> Result<RunOutcome> {
         watched = attempt(options, accel, &media, &run_dir)?;
     }
 
+    let mut expect = Expectations::from_cmdline(options.smp, &options.append);
+    if accel == Accel::Kvm {
+        // KVM is chosen only when it offers nested VMX (see `accel`).
+        expect = expect.with_virt(Backend::Vmx);
+    }
     finish(Finished {
         emulator: accel.emulator_name(),
         boot: options.boot,
-        expect: Expectations { cpus: options.smp },
+        expect,
         convention: ExitConvention::QemuDebugExit,
         cmdline: &cmdline,
         run_dir: &run_dir,
