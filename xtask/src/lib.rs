@@ -7,6 +7,7 @@
 //! [`run::bochs`] directly and assert on the report the hypervisor printed.
 
 pub mod accel;
+pub mod bench;
 pub mod ci;
 pub mod cmdline;
 pub mod iso;
@@ -16,4 +17,6 @@ pub mod process;
 pub mod report;
 pub mod run;
 pub mod serial;
+pub mod stats;
+pub mod stress;
 pub mod tools;

@@ -8,7 +8,9 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
+use xtask::bench::{self, BenchOptions};
 use xtask::run::{self, BochsOptions, Boot, QemuOptions, RunOutcome};
+use xtask::stress::{self, Plain, StressOptions};
 use xtask::{ci, cmdline, kernel, tools};
 
 #[derive(Debug, Parser)]
@@ -30,8 +32,20 @@ enum Task {
     QemuSmp(QemuArgs),
     /// Boot hv in Bochs from the GRUB ISO and judge its report.
     Bochs(BochsArgs),
+    /// Boot hv in QEMU many times in a row; table of CPUs online and
+    /// bring-up times.
+    Stress(StressArgs),
+    /// Benchmarks (not tests: they fail only when they cannot measure).
+    #[command(subcommand)]
+    Bench(Bench),
     /// Run everything CI runs: host unit tests, then the emulator tests.
     Test(TestArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Bring-up time of hv against Linux's on the same QEMU machine.
+    Bringup(BenchBringupArgs),
 }
 
 /// Options every emulator run has.
@@ -74,6 +88,54 @@ struct BochsArgs {
     cpus: u32,
     #[command(flatten)]
     run: RunArgs,
+}
+
+#[derive(Debug, Args)]
+struct StressArgs {
+    /// Number of virtual CPUs.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    smp: u32,
+    /// Number of runs.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    /// How hv is loaded.
+    #[arg(long, value_enum, default_value_t = Boot::Direct)]
+    boot: Boot,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MiB", default_value_t = 512)]
+    memory: u32,
+    /// Go on after a failed run (default: stop at the first).
+    #[arg(long)]
+    keep_going: bool,
+    /// `--report` writes the loop's result (every run, the table's
+    /// numbers) as JSON; `--timeout` applies to each run.
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Args)]
+struct BenchBringupArgs {
+    /// Number of virtual CPUs of both machines.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(2..))]
+    smp: u32,
+    /// Runs of each kernel (they alternate).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    /// Guest memory in MiB of both machines.
+    #[arg(long, value_name = "MiB", default_value_t = 512)]
+    memory: u32,
+    /// Boot this Linux bzImage instead of fetching Debian's.
+    #[arg(long, value_name = "FILE")]
+    linux: Option<PathBuf>,
+    /// Extra words for Linux's command line (e.g. `lpj=...`).
+    #[arg(long, value_name = "WORDS", allow_hyphen_values = true)]
+    linux_append: Option<String>,
+    /// Write the samples and the ratio (JSON) to this file.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// Boot this hv ELF instead of building hv.
+    #[arg(long, value_name = "FILE")]
+    elf: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -133,11 +195,62 @@ fn run_task(task: Task) -> Result<ExitCode> {
             }
             conclude(&run::bochs(&options)?, &args.run)
         }
+        Task::Stress(args) => {
+            tools::ensure(&run::qemu_needs(args.boot))?;
+            let append = extra_words(&args.run)?;
+            let mut base = QemuOptions::new(elf(&args.run)?);
+            base.smp = args.smp;
+            base.boot = args.boot;
+            base.memory_mib = args.memory;
+            base.append = append;
+            if let Some(secs) = args.run.timeout {
+                base.timeout = Duration::from_secs(secs);
+            }
+            let mut options = StressOptions::new(base, args.runs);
+            options.keep_going = args.keep_going;
+            let result = stress::stress(&options, &mut Plain)?;
+            println!("{}", result.table());
+            if let Some(path) = &args.run.report {
+                write_json(path, &result.to_json())?;
+            }
+            Ok(if result.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Task::Bench(Bench::Bringup(args)) => {
+            let elf = match &args.elf {
+                Some(path) => path.clone(),
+                None => kernel::build(None)?,
+            };
+            let mut options = BenchOptions::new(elf);
+            options.smp = args.smp;
+            options.runs = args.runs;
+            options.memory_mib = args.memory;
+            options.linux = args.linux;
+            options.linux_append = cmdline::split_words(args.linux_append.as_deref().unwrap_or(""));
+            let result = bench::bench_bringup(&options)?;
+            println!("{}", result.table());
+            if let Some(path) = &args.report {
+                write_json(path, &result.to_json())?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Task::Test(args) => {
             ci::run_all(&args.harness_args)?;
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Writes `value` as pretty JSON to `path` and says so.
+fn write_json(path: &std::path::Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)? + "\n";
+    std::fs::write(path, text)
+        .map_err(|error| anyhow::anyhow!("writing {}: {error}", path.display()))?;
+    println!("report written to {}", path.display());
+    Ok(())
 }
 
 /// The ELF to boot: `--elf`, or a fresh build of hv.
@@ -222,6 +335,65 @@ mod tests {
         let error = Cli::try_parse_from(["cargo xtask", "bochs", "--cpus", "16"]).unwrap_err();
         assert!(error.to_string().contains("at most 15"), "{error}");
         assert!(Cli::try_parse_from(["cargo xtask", "bochs", "--cpus", "15"]).is_ok());
+    }
+
+    #[test]
+    fn stress_defaults_and_options() {
+        let cli = Cli::try_parse_from(["cargo xtask", "stress"]).unwrap();
+        let Task::Stress(args) = cli.command else {
+            panic!("not stress")
+        };
+        assert_eq!((args.smp, args.runs, args.boot), (64, 20, Boot::Direct));
+        assert!(!args.keep_going);
+        let cli = Cli::try_parse_from([
+            "cargo xtask",
+            "stress",
+            "--smp",
+            "8",
+            "--runs",
+            "3",
+            "--boot",
+            "grub-bios",
+            "--append",
+            "sipi_delay_us=0",
+            "--keep-going",
+            "--report",
+            "s.json",
+        ])
+        .unwrap();
+        let Task::Stress(args) = cli.command else {
+            panic!("not stress")
+        };
+        assert_eq!((args.smp, args.runs, args.boot), (8, 3, Boot::GrubBios));
+        assert!(args.keep_going);
+        assert_eq!(args.run.append.as_deref(), Some("sipi_delay_us=0"));
+        assert!(Cli::try_parse_from(["cargo xtask", "stress", "--runs", "0"]).is_err());
+    }
+
+    #[test]
+    fn bench_bringup_defaults_and_options() {
+        let cli = Cli::try_parse_from(["cargo xtask", "bench", "bringup"]).unwrap();
+        let Task::Bench(Bench::Bringup(args)) = cli.command else {
+            panic!("not bench bringup")
+        };
+        assert_eq!((args.smp, args.runs, args.memory), (64, 5, 512));
+        let cli = Cli::try_parse_from([
+            "cargo xtask",
+            "bench",
+            "bringup",
+            "--smp",
+            "16",
+            "--runs",
+            "2",
+            "--linux-append",
+            "lpj=1000",
+        ])
+        .unwrap();
+        let Task::Bench(Bench::Bringup(args)) = cli.command else {
+            panic!("not bench bringup")
+        };
+        assert_eq!((args.smp, args.runs), (16, 2));
+        assert_eq!(args.linux_append.as_deref(), Some("lpj=1000"));
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod watch;
 
 pub use bochs::{BOCHS_MAX_CPUS, BOCHS_NEEDS, BochsOptions, bochs, bochsrc, check_cpus};
 pub use qemu::{Firmware, QemuOptions, find_ovmf, qemu, qemu_needs};
+pub(crate) use qemu::{Media, qemu_args};
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -191,7 +192,7 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
 
 /// Creates (or reuses) the directory of run `name` and removes the logs of
 /// an earlier run there, so nothing stale is read as this run's output.
-fn prepare_run_dir(name: &str, logs: &[&str]) -> Result<PathBuf> {
+pub(crate) fn prepare_run_dir(name: &str, logs: &[&str]) -> Result<PathBuf> {
     let dir = crate::paths::run_dir(name);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     for log in logs {

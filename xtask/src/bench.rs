@@ -1,0 +1,605 @@
+//! `cargo xtask bench bringup`: how long hv takes to bring up its APs,
+//! next to how long Linux takes on the very same virtual machine.
+//!
+//! The runs alternate, hv then Linux, so that both see the same host load
+//! over time. Both boot directly (`-kernel`) with the same QEMU arguments
+//! (machine, accelerator, CPU model, `-smp`, memory, devices); only the
+//! kernel and its command line differ.
+//!
+//! - hv reports `bringup_us`: first INIT sent to last AP checked in (TSC).
+//! - Linux is Debian's own kernel (`linux-image-amd64`'s versioned package,
+//!   fetched with `apt-get download` into `build/linux/`), booted without an
+//!   initramfs: it prints its SMP lines long before it needs a root file
+//!   system, so QEMU is killed as soon as `smp: Brought up` appears. Its
+//!   time is the difference of the printk timestamps of `x86: Booting SMP
+//!   configuration` (or, failing that, `smp: Bringing up secondary CPUs`)
+//!   and `smp: Brought up N node(s), M CPUs`; a run with fewer than `-smp`
+//!   CPUs up is an error, not a sample.
+//!
+//! It is a benchmark, not a test: it fails only when a run cannot be
+//! measured, never because of the numbers.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::accel::{self, Accel};
+use crate::paths;
+use crate::process::KillOnDrop;
+use crate::run::{self, Boot, Media, QemuOptions};
+use crate::serial::{FileTail, LineBuffer, strip_ansi};
+use crate::stats::{self, Spread};
+
+/// The Debian metapackage that depends on the current kernel package.
+const KERNEL_METAPACKAGE: &str = "linux-image-amd64";
+
+/// The command line Linux gets: the console on COM1 (the serial log),
+/// printk timestamps, and a reboot (QEMU exits, `-no-reboot`) at once if it
+/// ever gets as far as panicking for want of a root file system.
+pub const LINUX_CMDLINE: &str = "console=ttyS0 printk.time=1 panic=-1";
+
+/// The directory of the benchmark's runs under `build/`.
+const BENCH_DIR: &str = "bench-bringup";
+
+/// A bring-up benchmark.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// The hv ELF.
+    pub elf: PathBuf,
+    /// CPUs of both machines.
+    pub smp: u32,
+    /// Memory of both machines, in MiB.
+    pub memory_mib: u32,
+    /// Runs of each kernel.
+    pub runs: u32,
+    /// The Linux bzImage; `None` fetches Debian's.
+    pub linux: Option<PathBuf>,
+    /// Extra words for Linux's command line.
+    pub linux_append: Vec<String>,
+    /// Time allowed for one hv run.
+    pub hv_timeout: Duration,
+    /// Time allowed for one Linux run to reach `smp: Brought up`.
+    pub linux_timeout: Duration,
+    /// Whether to show a progress bar.
+    pub progress: bool,
+}
+
+impl BenchOptions {
+    /// `-smp 64`, 512 MiB, 5 runs each, Debian's kernel.
+    pub fn new(elf: impl Into<PathBuf>) -> Self {
+        Self {
+            elf: elf.into(),
+            smp: 64,
+            memory_mib: 512,
+            runs: 5,
+            linux: None,
+            linux_append: Vec::new(),
+            hv_timeout: Duration::from_secs(120),
+            linux_timeout: Duration::from_secs(600),
+            progress: true,
+        }
+    }
+}
+
+/// What Linux's log says about its SMP bring-up.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinuxSmp {
+    /// Timestamp (s) of the line that starts the bring-up.
+    pub start_secs: f64,
+    /// Timestamp (s) of `smp: Brought up`.
+    pub end_secs: f64,
+    /// The CPU count in `smp: Brought up ..., M CPUs`.
+    pub cpus: u32,
+}
+
+impl LinuxSmp {
+    /// The bring-up time in microseconds.
+    pub fn bringup_us(&self) -> u64 {
+        ((self.end_secs - self.start_secs) * 1e6).round().max(0.0) as u64
+    }
+}
+
+/// The printk timestamp at the start of a line, `[    1.166908] ...`,
+/// with the rest of the line.
+fn timestamped(line: &str) -> Option<(f64, &str)> {
+    let rest = line.trim_start().strip_prefix('[')?;
+    let (stamp, text) = rest.split_once(']')?;
+    Some((stamp.trim().parse().ok()?, text.trim_start()))
+}
+
+/// Reads Linux's SMP bring-up from its console log.
+pub fn linux_smp(log: &str) -> Result<LinuxSmp, String> {
+    let mut booting = None;
+    let mut bringing = None;
+    for line in log.lines() {
+        let line = strip_ansi(line);
+        let Some((stamp, text)) = timestamped(&line) else {
+            continue;
+        };
+        if text.starts_with("x86: Booting SMP configuration") {
+            booting.get_or_insert(stamp);
+        } else if text.starts_with("smp: Bringing up secondary CPUs") {
+            bringing.get_or_insert(stamp);
+        } else if let Some(brought) = text.strip_prefix("smp: Brought up ") {
+            let start = booting.or(bringing).ok_or(
+                "`smp: Brought up` without `x86: Booting SMP configuration` or \
+                 `smp: Bringing up secondary CPUs` before it",
+            )?;
+            // "1 node, 64 CPUs" or "2 nodes, 64 CPUs".
+            let cpus = brought
+                .rsplit_once(',')
+                .and_then(|(_, count)| {
+                    count
+                        .trim()
+                        .strip_suffix("CPUs")
+                        .or(count.trim().strip_suffix("CPU"))
+                })
+                .and_then(|count| count.trim().parse().ok())
+                .ok_or_else(|| format!("cannot read the CPU count in `{text}`"))?;
+            return Ok(LinuxSmp {
+                start_secs: start,
+                end_secs: stamp,
+                cpus,
+            });
+        }
+    }
+    Err("no `smp: Brought up` line with a timestamp".to_owned())
+}
+
+/// The versioned kernel package that `apt-cache depends linux-image-amd64`
+/// names.
+pub fn versioned_kernel_package(depends: &str) -> Option<&str> {
+    depends.lines().find_map(|line| {
+        let package = line.trim().strip_prefix("Depends:")?.trim();
+        (package.starts_with("linux-image-") && package != KERNEL_METAPACKAGE).then_some(package)
+    })
+}
+
+/// Debian's current kernel (a bzImage), fetched and unpacked into
+/// `build/linux/<package>/vmlinuz` the first time, reused afterwards.
+pub fn debian_kernel() -> Result<PathBuf> {
+    let package = match kernel_package()? {
+        Some(package) => package,
+        None => {
+            // A fresh machine may have no package lists yet.
+            apt(&["update"])?;
+            kernel_package()?.with_context(|| {
+                format!("apt-cache names no kernel package behind {KERNEL_METAPACKAGE}")
+            })?
+        }
+    };
+    let dir = paths::build_dir().join("linux").join(&package);
+    let vmlinuz = dir.join("vmlinuz");
+    if vmlinuz.is_file() {
+        return Ok(vmlinuz);
+    }
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    eprintln!("bench: fetching {package} (Linux to compare with)");
+    // Its stderr only matters when it fails (as root it warns that the
+    // download ran unsandboxed).
+    let output = Command::new("apt-get")
+        .args(["download", &package])
+        .current_dir(&dir)
+        .output()
+        .context("could not run apt-get download")?;
+    if !output.status.success() {
+        bail!(
+            "apt-get download {package} failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let deb = fs::read_dir(&dir)?
+        .flatten()
+        .map(|entry| entry.path())
+        .find(|path| path.extension().is_some_and(|ext| ext == "deb"))
+        .with_context(|| format!("apt-get download left no .deb in {}", dir.display()))?;
+    let unpacked = dir.join("root");
+    let status = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&unpacked)
+        .status()
+        .context("could not run dpkg-deb")?;
+    if !status.success() {
+        bail!("dpkg-deb -x {} failed ({status})", deb.display());
+    }
+    let boot = unpacked.join("boot");
+    let image = fs::read_dir(&boot)
+        .with_context(|| format!("reading {}", boot.display()))?
+        .flatten()
+        .map(|entry| entry.path())
+        .find(|path| {
+            path.file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .with_context(|| format!("{package} holds no boot/vmlinuz-*"))?;
+    fs::rename(&image, &vmlinuz)
+        .with_context(|| format!("moving {} to {}", image.display(), vmlinuz.display()))?;
+    // The modules and the package are hundreds of MB we do not need.
+    let _ = fs::remove_dir_all(&unpacked);
+    let _ = fs::remove_file(&deb);
+    Ok(vmlinuz)
+}
+
+fn kernel_package() -> Result<Option<String>> {
+    let output = Command::new("apt-cache")
+        .args(["depends", KERNEL_METAPACKAGE])
+        .stderr(Stdio::null())
+        .output()
+        .context("could not run apt-cache (a Debian host is needed to fetch Linux)")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    Ok(versioned_kernel_package(&text).map(str::to_owned))
+}
+
+fn apt(args: &[&str]) -> Result<()> {
+    let status = Command::new("apt-get")
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(Stdio::null())
+        .status()
+        .context("could not run apt-get")?;
+    if !status.success() {
+        bail!("apt-get {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Samples of both kernels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchResult {
+    /// `-smp`.
+    pub smp: u32,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// The emulator (`qemu-tcg` or `qemu-kvm`).
+    pub emulator: String,
+    /// The Linux kernel image.
+    pub linux: PathBuf,
+    /// hv's `bringup_us`, one per run.
+    pub hv_us: Vec<u64>,
+    /// Linux's bring-up in µs, one per run.
+    pub linux_us: Vec<u64>,
+}
+
+impl BenchResult {
+    /// hv's median over Linux's: below 1, hv is faster.
+    pub fn ratio_of_medians(&self) -> Option<f64> {
+        let hv = Spread::of_u64(&self.hv_us)?;
+        let linux = Spread::of_u64(&self.linux_us)?;
+        (linux.median > 0.0).then(|| hv.median / linux.median)
+    }
+
+    /// The closing table.
+    pub fn table(&self) -> String {
+        let mut rows = vec![vec![
+            "(us)".to_owned(),
+            "runs".to_owned(),
+            "min".to_owned(),
+            "median".to_owned(),
+            "max".to_owned(),
+        ]];
+        for (name, samples) in [("hv", &self.hv_us), ("Linux", &self.linux_us)] {
+            let mut row = vec![name.to_owned(), samples.len().to_string()];
+            if let Some(spread) = Spread::of_u64(samples) {
+                row.extend(
+                    [spread.min, spread.median, spread.max]
+                        .into_iter()
+                        .map(stats::number),
+                );
+            }
+            rows.push(row);
+        }
+        let ratio = match self.ratio_of_medians() {
+            Some(ratio) if ratio > 0.0 => format!(
+                "{} ({})",
+                significant(ratio),
+                if ratio < 1.0 {
+                    format!("Linux takes {:.0} times as long", 1.0 / ratio)
+                } else {
+                    format!("hv takes {ratio:.1} times as long")
+                }
+            ),
+            Some(ratio) => significant(ratio),
+            None => "none (no samples)".to_owned(),
+        };
+        format!(
+            "bring-up, first INIT to last AP online: -smp {}, {} MiB, {}, runs alternating\n{}  \
+             ratio of medians (hv / Linux): {ratio}\n",
+            self.smp,
+            self.memory_mib,
+            self.emulator,
+            stats::table(&rows)
+        )
+    }
+
+    /// The result as JSON (`--report`, and `build/bench-bringup/bench.json`).
+    pub fn to_json(&self) -> Value {
+        let spread = |samples: &[u64]| {
+            Spread::of_u64(samples).map(|s| json!({"min": s.min, "median": s.median, "max": s.max}))
+        };
+        json!({
+            "smp": self.smp,
+            "memory_mib": self.memory_mib,
+            "emulator": self.emulator,
+            "linux_image": self.linux,
+            "hv_us": self.hv_us,
+            "linux_us": self.linux_us,
+            "hv": spread(&self.hv_us),
+            "linux": spread(&self.linux_us),
+            "ratio_of_medians": self.ratio_of_medians(),
+        })
+    }
+}
+
+/// A ratio with three significant digits, however small.
+fn significant(value: f64) -> String {
+    if value == 0.0 || !value.is_finite() {
+        return format!("{value}");
+    }
+    let digits = (2 - value.abs().log10().floor() as i32).max(0) as usize;
+    format!("{value:.digits$}")
+}
+
+/// Runs the benchmark: `runs` rounds of one hv boot and one Linux boot.
+pub fn bench_bringup(options: &BenchOptions) -> Result<BenchResult> {
+    if options.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let linux = match &options.linux {
+        Some(path) => path.clone(),
+        None => debian_kernel()?,
+    };
+    if !linux.is_file() {
+        bail!("no Linux image at {}", linux.display());
+    }
+    crate::tools::ensure(&run::qemu_needs(Boot::Direct))?;
+    let accel = accel::detect();
+    let bar = crate::stress::progress_bar(u64::from(options.runs) * 2, options.progress);
+    let mut result = BenchResult {
+        smp: options.smp,
+        memory_mib: options.memory_mib,
+        emulator: accel.emulator_name().to_owned(),
+        linux: linux.clone(),
+        hv_us: Vec::new(),
+        linux_us: Vec::new(),
+    };
+    for round in 1..=options.runs {
+        bar.set_message(format!("hv, round {round}"));
+        let us = hv_run(options, round)?;
+        bar.println(format!("round {round}: hv {us} us"));
+        result.hv_us.push(us);
+        bar.inc(1);
+
+        bar.set_message(format!("Linux, round {round}"));
+        let smp = linux_run(options, accel, &linux, round)?;
+        bar.println(format!(
+            "round {round}: Linux {} us ({} CPUs)",
+            smp.bringup_us(),
+            smp.cpus
+        ));
+        result.linux_us.push(smp.bringup_us());
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let saved = paths::run_dir(BENCH_DIR).join("bench.json");
+    let text = serde_json::to_string_pretty(&result.to_json())? + "\n";
+    fs::write(&saved, text).with_context(|| format!("writing {}", saved.display()))?;
+    Ok(result)
+}
+
+/// One hv boot; its `bringup_us`.
+fn hv_run(options: &BenchOptions, round: u32) -> Result<u64> {
+    let run_options = QemuOptions {
+        smp: options.smp,
+        memory_mib: options.memory_mib,
+        boot: Boot::Direct,
+        timeout: options.hv_timeout,
+        run_name: Some(format!("{BENCH_DIR}/hv-{round:03}")),
+        ..QemuOptions::new(&options.elf)
+    };
+    let outcome = run::qemu(&run_options)?;
+    if !outcome.ok {
+        bail!(
+            "hv run {round} failed, nothing to measure: {} (see {})",
+            outcome.reason.as_deref().unwrap_or("?"),
+            outcome.run_dir.display()
+        );
+    }
+    outcome.report["bringup_us"]
+        .as_u64()
+        .with_context(|| format!("hv run {round} reported no bringup_us"))
+}
+
+/// One Linux boot, followed until its SMP bring-up is over.
+fn linux_run(options: &BenchOptions, accel: Accel, linux: &Path, round: u32) -> Result<LinuxSmp> {
+    let run_dir = run::prepare_run_dir(
+        &format!("{BENCH_DIR}/linux-{round:03}"),
+        &["serial.log", "debugcon.log", "qemu.log"],
+    )?;
+    let mut cmdline = LINUX_CMDLINE.to_owned();
+    for word in &options.linux_append {
+        cmdline.push(' ');
+        cmdline.push_str(word);
+    }
+    let media = Media::Kernel {
+        elf: linux.to_path_buf(),
+        cmdline,
+    };
+    let args = run::qemu_args(accel, options.smp, options.memory_mib, &media, &run_dir);
+    let log = fs::File::create(run_dir.join("qemu.log"))?;
+    let child = Command::new("qemu-system-x86_64")
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("could not start qemu-system-x86_64")?;
+    let mut child = KillOnDrop::new(child);
+    let serial_log = run_dir.join("serial.log");
+    let text = follow_until(
+        &mut child,
+        &serial_log,
+        options.linux_timeout,
+        "smp: Brought up",
+    )
+    .with_context(|| format!("Linux run {round} (see {})", serial_log.display()))?;
+    child.kill();
+    let smp = linux_smp(&text).map_err(|error| {
+        anyhow::anyhow!("Linux run {round}: {error} (see {})", serial_log.display())
+    })?;
+    if smp.cpus != options.smp {
+        bail!(
+            "Linux run {round} brought up {} of {} CPUs (see {})",
+            smp.cpus,
+            options.smp,
+            serial_log.display()
+        );
+    }
+    Ok(smp)
+}
+
+/// Follows `serial_log` until a line contains `marker`; returns the log up
+/// to that line. Fails if the emulator ends first or time runs out.
+fn follow_until(
+    child: &mut KillOnDrop,
+    serial_log: &Path,
+    timeout: Duration,
+    marker: &str,
+) -> Result<String> {
+    let started = Instant::now();
+    let mut tail = FileTail::new(serial_log);
+    let mut lines = LineBuffer::default();
+    let mut text = String::new();
+    loop {
+        let exited = child.try_wait()?;
+        for line in lines.push(&tail.read_new()?) {
+            text.push_str(&line);
+            text.push('\n');
+            if line.contains(marker) {
+                return Ok(text);
+            }
+        }
+        if let Some(status) = exited {
+            bail!("QEMU ended ({status}) before `{marker}`");
+        }
+        if started.elapsed() >= timeout {
+            bail!("no `{marker}` after {} s", timeout.as_secs());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What Debian's 6.1 kernel printed at -smp 64 under QEMU TCG, trimmed;
+    /// the APs' calibration lines carry timestamps from another clock.
+    const LINUX_LOG: &str = "\
+[    1.146312] NMI watchdog: Perf NMI watchdog permanently disabled\r
+[    1.160693] smp: Bringing up secondary CPUs ...\r
+[    1.166908] x86: Booting SMP configuration:\r
+[    1.167132] .... node  #0, CPUs:        #1\r
+[    0.043451] calibrate_delay_direct() dropping max bogoMips estimate 1 = 15608488\r
+[    1.262212]   #2\r
+[    7.265394]  #62 #63\r
+[    7.455660] smp: Brought up 1 node, 64 CPUs\r
+[    7.455700] smpboot: Max logical packages: 1\r
+";
+
+    #[test]
+    fn linux_bringup_runs_from_booting_smp_to_brought_up() {
+        let smp = linux_smp(LINUX_LOG).unwrap();
+        assert_eq!(smp.cpus, 64);
+        assert_eq!(smp.start_secs, 1.166908);
+        assert_eq!(smp.end_secs, 7.455660);
+        assert_eq!(smp.bringup_us(), 6_288_752);
+    }
+
+    #[test]
+    fn bringing_up_secondary_cpus_is_the_fallback_start() {
+        let log = "[    2.000000] smp: Bringing up secondary CPUs ...\n\
+                   [    2.500000] smp: Brought up 2 nodes, 8 CPUs\n";
+        let smp = linux_smp(log).unwrap();
+        assert_eq!((smp.bringup_us(), smp.cpus), (500_000, 8));
+    }
+
+    #[test]
+    fn a_log_without_the_lines_is_an_error() {
+        assert!(linux_smp("[    0.000000] Linux version 6.1.0\n").is_err());
+        let no_start = linux_smp("[    7.0] smp: Brought up 1 node, 64 CPUs\n").unwrap_err();
+        assert!(no_start.contains("without"), "{no_start}");
+        let garbled = linux_smp(
+            "[ 1.0] x86: Booting SMP configuration:\n[ 2.0] smp: Brought up 1 node, many CPUs\n",
+        )
+        .unwrap_err();
+        assert!(garbled.contains("CPU count"), "{garbled}");
+    }
+
+    #[test]
+    fn a_single_cpu_is_counted_too() {
+        let log =
+            "[ 1.0] smp: Bringing up secondary CPUs ...\n[ 1.0] smp: Brought up 1 node, 1 CPU\n";
+        assert_eq!(linux_smp(log).unwrap().cpus, 1);
+    }
+
+    #[test]
+    fn ratios_keep_three_significant_digits() {
+        assert_eq!(significant(0.000714285), "0.000714");
+        assert_eq!(significant(0.5), "0.500");
+        assert_eq!(significant(2.345), "2.35");
+        assert_eq!(significant(1234.5), "1234");
+    }
+
+    #[test]
+    fn the_versioned_kernel_package_is_found() {
+        let depends = "linux-image-amd64\n  Depends: linux-image-6.1.0-56-amd64\n";
+        assert_eq!(
+            versioned_kernel_package(depends),
+            Some("linux-image-6.1.0-56-amd64")
+        );
+        assert_eq!(versioned_kernel_package("linux-image-amd64\n"), None);
+    }
+
+    #[test]
+    fn the_table_compares_medians() {
+        let result = BenchResult {
+            smp: 64,
+            memory_mib: 512,
+            emulator: "qemu-tcg".to_owned(),
+            linux: "/b/vmlinuz".into(),
+            hv_us: vec![5000, 4000, 6000],
+            linux_us: vec![6_000_000, 8_000_000, 7_000_000],
+        };
+        let ratio = result.ratio_of_medians().unwrap();
+        assert!((ratio - 5000.0 / 7_000_000.0).abs() < 1e-12);
+        let text = result.table();
+        assert!(
+            text.starts_with(
+                "bring-up, first INIT to last AP online: -smp 64, 512 MiB, qemu-tcg, runs alternating\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("  hv        3     4000     5000     6000\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  Linux     3  6000000  7000000  8000000\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "ratio of medians (hv / Linux): 0.000714 (Linux takes 1400 times as long)"
+            ),
+            "{text}"
+        );
+        assert_eq!(result.to_json()["linux"]["median"], 7_000_000.0);
+    }
+}
