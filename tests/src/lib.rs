@@ -14,8 +14,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 use xtask::run::{self, BochsOptions, QemuOptions};
+use xtask::stress::{self, Plain, StressOptions};
 
 pub use xtask::run::{Boot, RunOutcome};
+pub use xtask::stress::StressResult;
 
 /// Time allowed for one QEMU run; generous because tests share two cores.
 const QEMU_TIMEOUT: Duration = Duration::from_secs(180);
@@ -65,6 +67,24 @@ pub fn bochs(name: &str, cpus: u32, append: &[&str]) -> RunOutcome {
     run::bochs(&options).unwrap_or_else(|error| panic!("Bochs run {name} could not run: {error:#}"))
 }
 
+/// Runs `runs` QEMU boots with `cpus` CPUs in a row through xtask's stress
+/// loop (no progress bar), into `build/<name>/`.
+#[track_caller]
+pub fn stress(name: &str, cpus: u32, runs: u32) -> StressResult {
+    let base = QemuOptions {
+        smp: cpus,
+        timeout: QEMU_TIMEOUT,
+        ..QemuOptions::new(hv_elf())
+    };
+    let options = StressOptions {
+        name: name.to_owned(),
+        progress: false,
+        ..StressOptions::new(base, runs)
+    };
+    stress::stress(&options, &mut Plain)
+        .unwrap_or_else(|error| panic!("stress loop {name} could not run: {error:#}"))
+}
+
 /// Fails the test unless xtask judged the run ok, showing why.
 #[track_caller]
 pub fn assert_ok(outcome: &RunOutcome) {
@@ -87,6 +107,15 @@ pub fn number(outcome: &RunOutcome, pointer: &str) -> u64 {
     field(outcome, pointer)
         .as_u64()
         .unwrap_or_else(|| panic!("{pointer} is not a number\n{}", explain(outcome)))
+}
+
+/// An array of numbers in the report (see [`field`]), such as APIC IDs.
+#[track_caller]
+pub fn numbers(outcome: &RunOutcome, pointer: &str) -> Vec<u64> {
+    field(outcome, pointer)
+        .as_array()
+        .and_then(|items| items.iter().map(Value::as_u64).collect())
+        .unwrap_or_else(|| panic!("{pointer} is not an array of numbers\n{}", explain(outcome)))
 }
 
 /// A string in the report (see [`field`]).

@@ -1,6 +1,9 @@
-//! hv booted in Bochs from the GRUB ISO: the emulator with VMX.
+//! hv booted in Bochs from the GRUB ISO: the emulator with VMX, EPT and
+//! x2APIC (`corei7_haswell_4770`), up to its limit of 15 CPUs.
 
-use tests::{assert_ok, bochs, explain, number, string};
+use std::sync::OnceLock;
+
+use tests::{RunOutcome, assert_ok, bochs, explain, field, number, numbers, string};
 
 #[test]
 fn bochs_finds_four_cpus_through_multiboot2() {
@@ -11,6 +14,102 @@ fn bochs_finds_four_cpus_through_multiboot2() {
         string(&run, "/loader/protocol"),
         "multiboot2",
         "{}",
+        explain(&run)
+    );
+}
+
+/// The 15-CPU run, shared by the tests that read its report.
+fn cpus15() -> &'static RunOutcome {
+    static RUN: OnceLock<RunOutcome> = OnceLock::new();
+    RUN.get_or_init(|| bochs("test-bochs-cpus15", 15, &[]))
+}
+
+#[test]
+fn fifteen_cpus_come_up_in_x2apic_mode() {
+    let run = cpus15();
+    assert_ok(run);
+    assert_eq!(number(run, "/cpus/possible"), 15, "{}", explain(run));
+    assert_eq!(number(run, "/cpus/online"), 15, "{}", explain(run));
+    assert!(numbers(run, "/cpus/failed").is_empty(), "{}", explain(run));
+    assert!(number(run, "/bringup_us") > 0, "{}", explain(run));
+    assert_eq!(string(run, "/smp/apic_mode"), "x2apic", "{}", explain(run));
+    assert_eq!(
+        number(run, "/smp/call_function_cpus"),
+        15,
+        "{}",
+        explain(run)
+    );
+    assert_eq!(number(run, "/smp/nmi_cpus"), 14, "{}", explain(run));
+}
+
+/// Guests ran on every one of `cpus` cores, with migrations between them.
+#[track_caller]
+fn assert_guests_on_every_core(run: &RunOutcome, cpus: u64) {
+    assert_eq!(string(run, "/virt/backend"), "vmx", "{}", explain(run));
+    assert!(field(run, "/virt/reason").is_null(), "{}", explain(run));
+    assert_eq!(number(run, "/virt/cpus_in_vmx"), cpus, "{}", explain(run));
+    assert!(number(run, "/virt/vcpus") >= cpus, "{}", explain(run));
+    assert!(number(run, "/virt/migrations") > 0, "{}", explain(run));
+    let exits = numbers(run, "/virt/exits_per_cpu");
+    assert_eq!(exits.len() as u64, cpus, "{}", explain(run));
+    assert!(
+        exits.iter().all(|&n| n > 0),
+        "a core without VM exits: {exits:?}\n{}",
+        explain(run)
+    );
+    assert_eq!(
+        number(run, "/virt/vm_exits"),
+        exits.iter().sum::<u64>(),
+        "vm_exits is not the sum of exits_per_cpu\n{}",
+        explain(run)
+    );
+}
+
+#[test]
+fn eight_cores_run_guests_that_migrate() {
+    let run = bochs("test-bochs-vmx-cpus8", 8, &[]);
+    assert_ok(&run);
+    assert_guests_on_every_core(&run, 8);
+    assert_eq!(number(&run, "/virt/stopped"), 0, "{}", explain(&run));
+}
+
+#[test]
+fn fifteen_cores_run_guests_that_migrate() {
+    let run = cpus15();
+    assert_ok(run);
+    assert_guests_on_every_core(run, 15);
+    assert_eq!(number(run, "/virt/stopped"), 0, "{}", explain(run));
+}
+
+#[test]
+fn a_guest_reading_outside_its_ept_is_stopped_and_the_others_run_on() {
+    let run = bochs("test-bochs-misbehave", 8, &["guest_misbehave=3"]);
+    assert_ok(&run);
+    let stopped = field(&run, "/guests_stopped")
+        .as_object()
+        .unwrap_or_else(|| panic!("guests_stopped is not an object\n{}", explain(&run)));
+    let vcpus: Vec<&String> = stopped.keys().collect();
+    assert_eq!(vcpus, ["3"], "{}", explain(&run));
+    assert_eq!(
+        string(&run, "/guests_stopped/3/reason"),
+        "ept_violation",
+        "{}",
+        explain(&run)
+    );
+    assert!(
+        number(&run, "/guests_stopped/3/cpu") < 8,
+        "{}",
+        explain(&run)
+    );
+    // The faulting address and instruction are reported.
+    number(&run, "/guests_stopped/3/gpa");
+    number(&run, "/guests_stopped/3/rip");
+    assert_eq!(number(&run, "/virt/stopped"), 1, "{}", explain(&run));
+    // The other 15 vCPUs kept running, on every core, for the whole run.
+    assert_guests_on_every_core(&run, 8);
+    assert!(
+        number(&run, "/virt/vm_exits") >= 1000,
+        "too few VM exits for guests that kept running\n{}",
         explain(&run)
     );
 }

@@ -1,0 +1,136 @@
+//! Parallel SMP bring-up in QEMU (TCG): every CPU at `-smp 64`, the knobs
+//! that limit or break bring-up, the report of a machine without VMX, and a
+//! short stress loop.
+
+use std::sync::OnceLock;
+
+use tests::{Boot, RunOutcome, assert_ok, explain, number, numbers, qemu, stress, string};
+
+/// The direct `-smp 64` boot, shared by the tests that read its report.
+fn direct_smp64() -> &'static RunOutcome {
+    static RUN: OnceLock<RunOutcome> = OnceLock::new();
+    RUN.get_or_init(|| qemu("test-qemu-direct-smp64", Boot::Direct, 64, &[]))
+}
+
+/// Every CPU of a 64-CPU machine is online, none failed, and bring-up took
+/// a measurable time.
+#[track_caller]
+fn assert_all_64_online(run: &RunOutcome) {
+    assert_ok(run);
+    assert_eq!(number(run, "/cpus/possible"), 64, "{}", explain(run));
+    assert_eq!(number(run, "/cpus/online"), 64, "{}", explain(run));
+    assert_eq!(number(run, "/cpus/attempted"), 64, "{}", explain(run));
+    assert!(numbers(run, "/cpus/failed").is_empty(), "{}", explain(run));
+    let mut ids = numbers(run, "/cpus/apic_ids");
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(
+        ids.len(),
+        64,
+        "APIC IDs are not 64 distinct ones\n{}",
+        explain(run)
+    );
+    assert!(number(run, "/bringup_us") > 0, "{}", explain(run));
+    // QEMU 7.2's TCG has no x2APIC: 64 CPUs come up in xAPIC mode.
+    assert_eq!(string(run, "/smp/apic_mode"), "xapic", "{}", explain(run));
+    // The IPI facilities reach every CPU that is online.
+    assert_eq!(
+        number(run, "/smp/call_function_cpus"),
+        64,
+        "{}",
+        explain(run)
+    );
+    assert_eq!(number(run, "/smp/nmi_cpus"), 63, "{}", explain(run));
+}
+
+#[test]
+fn direct_boot_brings_all_64_cpus_online() {
+    assert_all_64_online(direct_smp64());
+}
+
+#[test]
+fn grub_on_uefi_brings_all_64_cpus_online() {
+    let run = qemu("test-qemu-grub-uefi-smp64", Boot::GrubUefi, 64, &[]);
+    assert_all_64_online(&run);
+    assert_eq!(
+        string(&run, "/loader/protocol"),
+        "multiboot2",
+        "{}",
+        explain(&run)
+    );
+}
+
+#[test]
+fn an_ap_that_hangs_is_named_failed_and_the_rest_come_up() {
+    let run = qemu(
+        "test-qemu-ap-hang",
+        Boot::Direct,
+        8,
+        &["ap_hang=5", "ap_timeout_ms=300"],
+    );
+    assert_ok(&run);
+    assert_eq!(numbers(&run, "/cpus/failed"), [5], "{}", explain(&run));
+    assert_eq!(number(&run, "/cpus/online"), 7, "{}", explain(&run));
+    assert_eq!(number(&run, "/cpus/possible"), 8, "{}", explain(&run));
+    // The failed CPU is not asked to run functions; the others all are.
+    assert_eq!(
+        number(&run, "/smp/call_function_cpus"),
+        7,
+        "{}",
+        explain(&run)
+    );
+}
+
+#[test]
+fn max_cpus_starts_only_that_many() {
+    let run = qemu("test-qemu-max-cpus", Boot::Direct, 8, &["max_cpus=3"]);
+    assert_ok(&run);
+    assert_eq!(number(&run, "/cpus/possible"), 8, "{}", explain(&run));
+    assert_eq!(number(&run, "/cpus/attempted"), 3, "{}", explain(&run));
+    assert_eq!(number(&run, "/cpus/online"), 3, "{}", explain(&run));
+    assert!(
+        numbers(&run, "/cpus/failed").is_empty(),
+        "{}",
+        explain(&run)
+    );
+}
+
+#[test]
+fn without_vmx_there_is_no_backend_a_reason_and_still_a_good_run() {
+    let run = direct_smp64();
+    assert_ok(run);
+    if string(run, "/emulator") != "qemu-tcg" {
+        // Under nested KVM the machine has VMX; the Bochs tests cover it.
+        return;
+    }
+    assert_eq!(string(run, "/virt/backend"), "none", "{}", explain(run));
+    assert!(
+        !string(run, "/virt/reason").is_empty(),
+        "an empty reason\n{}",
+        explain(run)
+    );
+    assert_eq!(number(run, "/virt/cpus_in_vmx"), 0, "{}", explain(run));
+    assert_eq!(number(run, "/virt/vcpus"), 0, "{}", explain(run));
+    assert_eq!(number(run, "/virt/vm_exits"), 0, "{}", explain(run));
+    let stopped = &run.report["guests_stopped"];
+    assert!(
+        stopped.is_null() || stopped.as_object().is_some_and(|map| map.is_empty()),
+        "guests stopped without guests\n{}",
+        explain(run)
+    );
+}
+
+#[test]
+fn a_short_stress_loop_brings_all_cpus_up_every_time() {
+    let result = stress("test-stress-smp64", 64, 3);
+    let table = result.table();
+    assert!(result.ok(), "{table}");
+    assert_eq!(result.records.len(), 3, "{table}");
+    assert_eq!(result.all_online(), 3, "{table}");
+    let spread = result
+        .bringup()
+        .unwrap_or_else(|| panic!("no bring-up times\n{table}"));
+    assert_eq!(spread.count, 3, "{table}");
+    assert!(spread.min > 0.0 && spread.min <= spread.median && spread.median <= spread.max);
+    assert!(table.contains("all CPUs online  3"), "{table}");
+}
