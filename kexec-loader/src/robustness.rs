@@ -1,0 +1,259 @@
+//! Randomized robustness tests on stable Rust: valid inputs mutated by a
+//! seeded PRNG are fed to every parser, which must return `Ok` or `Err` but
+//! never panic, and whose `Ok` results must keep their invariants. The same
+//! targets exist for cargo-fuzz under `fuzz/` (nightly only); these run in
+//! every `cargo test`. Seeds are fixed, so a failure reproduces; a failing
+//! input found here or by the fuzzer becomes a named regression test below.
+
+use crate::boot_params::{E820Entry, E820Table, ZERO_PAGE_SIZE, ZeroPageConfig, build_zero_page};
+use crate::bzimage::BzImage;
+use crate::cmdline::write_capture_cmdline;
+use crate::crash_note::CrashNote;
+use crate::elfcore::{CoreDump, Placement};
+use crate::layout::CaptureLayout;
+use crate::testutil::{FakeBzImage, XorShift};
+use crate::{PhysRange, elfcore};
+
+const ITERATIONS: usize = 4000;
+
+/// Values that tend to break size arithmetic.
+const INTERESTING: [u64; 12] = [
+    0,
+    1,
+    0x7f,
+    0xff,
+    0x1000,
+    0xffff,
+    0x7fff_ffff,
+    0x8000_0000,
+    0xffff_fffe,
+    0xffff_ffff,
+    0x7fff_ffff_ffff_ffff,
+    u64::MAX,
+];
+
+/// Applies 1 to 8 random mutations; `hot` is the byte range most fields
+/// live in, targeted half of the time.
+fn mutate(rng: &mut XorShift, input: &[u8], hot: core::ops::Range<usize>) -> Vec<u8> {
+    let mut bytes = input.to_vec();
+    let mutations = 1 + rng.below(8);
+    for _ in 0..mutations {
+        if bytes.is_empty() {
+            bytes.push(rng.next_u64() as u8);
+            continue;
+        }
+        let offset = if rng.below(2) == 0 && hot.end > hot.start && hot.end <= bytes.len() {
+            hot.start + rng.below(hot.end - hot.start)
+        } else {
+            rng.below(bytes.len())
+        };
+        match rng.below(6) {
+            0 => bytes[offset] ^= 1 << rng.below(8),
+            1 => bytes[offset] = rng.next_u64() as u8,
+            2 | 3 => {
+                let value = INTERESTING[rng.below(INTERESTING.len())];
+                let width = [1, 2, 4, 8][rng.below(4)];
+                let end = (offset + width).min(bytes.len());
+                let le = value.to_le_bytes();
+                bytes[offset..end].copy_from_slice(&le[..end - offset]);
+            }
+            4 => bytes.truncate(rng.below(bytes.len() + 1)),
+            _ => {
+                let extra = rng.below(64);
+                bytes.extend((0..extra).map(|_| rng.next_u64() as u8));
+            }
+        }
+    }
+    bytes
+}
+
+/// Everything the boot path does with an image that parsed.
+fn exercise_bzimage(bytes: &[u8]) {
+    let Ok(image) = BzImage::parse(bytes) else {
+        return;
+    };
+    let range = image.kernel_file_range();
+    assert!(range.start < range.end && range.end == bytes.len());
+    assert_eq!(image.kernel_bytes().len(), range.len());
+    assert!(!image.payload().is_empty());
+    assert!(image.load_footprint() >= image.kernel_bytes().len() as u64);
+    assert!(image.alignment().is_power_of_two());
+    let _ = (
+        image.kernel_version(),
+        image.compression(),
+        image.setup_header(),
+    );
+
+    let reservation = PhysRange::new(0x4000_0000, 0x1000_0000);
+    let Ok(layout) = CaptureLayout::plan(reservation, &image, 0x10_0000, 0x3000) else {
+        return;
+    };
+    assert!(reservation.contains(&layout.kernel));
+    let firmware = [
+        E820Entry::new(0, 0x9_f000, 1),
+        E820Entry::new(0x10_0000, 0x7ff0_0000, 1),
+    ];
+    let table = E820Table::for_capture(&firmware, reservation, layout.elfcorehdr).unwrap();
+    let mut cmdline = [0u8; 4096];
+    let len = write_capture_cmdline(
+        &mut cmdline,
+        "console=ttyS0",
+        layout.elfcorehdr,
+        image.cmdline_size(),
+    );
+    let Ok(len) = len else {
+        return;
+    };
+    let mut page = [0u8; ZERO_PAGE_SIZE];
+    let config = ZeroPageConfig {
+        cmdline_addr: layout.cmdline.start,
+        cmdline_len: len,
+        initrd: layout.initrd,
+        acpi_rsdp_addr: None,
+        e820: &table,
+    };
+    build_zero_page(&image, &config, &mut page).unwrap();
+}
+
+#[test]
+fn mutated_bzimages_never_panic_the_boot_path() {
+    let valid = FakeBzImage::default().build();
+    exercise_bzimage(&valid);
+    let mut rng = XorShift::new(0x6b65_7865_6331);
+    let mut accepted = 0;
+    for _ in 0..ITERATIONS {
+        let input = mutate(&mut rng, &valid, 0x1f0..0x270);
+        if BzImage::parse(&input).is_ok() {
+            accepted += 1;
+        }
+        exercise_bzimage(&input);
+    }
+    // The mutations must also reach the code behind a successful parse.
+    assert!(accepted > ITERATIONS / 20, "only {accepted} mutants parsed");
+}
+
+/// Everything `cargo xtask dump` and the capture mode do with a dump.
+fn exercise_dump(dump: &CoreDump<'_>) {
+    for note in dump.notes() {
+        let _ = (note.name, note.n_type, note.desc.len());
+    }
+    for cpu in dump.cpus() {
+        let _ = cpu.cpu_index();
+    }
+    if let Some(crash) = dump.crash_note() {
+        let _ = (
+            crash.reason(),
+            crash.coordinator(),
+            crash.stragglers().count(),
+        );
+        for cpu in crash.cpus() {
+            assert_eq!(cpu.vmclears().count(), cpu.vmclear_count());
+        }
+    }
+    for segment in dump.load_segments() {
+        let _ = dump.segment_data(&segment);
+    }
+    let mut out = vec![0u8; 64 * 1024];
+    if let Ok(layout) = dump.write_file_header(&mut out) {
+        // What we write, we must read back.
+        let reread = CoreDump::parse(&out[..layout.len]).unwrap();
+        assert_eq!(reread.notes().count(), dump.notes().count());
+    }
+}
+
+#[test]
+fn mutated_dump_files_never_panic_the_reader() {
+    let valid = elfcore::tests::dump_file();
+    let (_, layout) = elfcore::tests::write(Placement::File);
+    exercise_dump(&CoreDump::parse(&valid).unwrap());
+    let mut rng = XorShift::new(0x636f_7265_6669);
+    let mut accepted = 0;
+    for _ in 0..ITERATIONS {
+        let input = mutate(&mut rng, &valid, 0..layout.notes.end);
+        if let Ok(dump) = CoreDump::parse(&input) {
+            accepted += 1;
+            exercise_dump(&dump);
+        }
+    }
+    assert!(accepted > ITERATIONS / 20, "only {accepted} mutants parsed");
+}
+
+#[test]
+fn mutated_old_memory_headers_never_panic_the_reader() {
+    let (valid, layout) = elfcore::tests::write(Placement::OldMemory {
+        header_phys: elfcore::tests::HEADER_PHYS,
+    });
+    let mut rng = XorShift::new(0x6f6c_646d_656d);
+    let mut accepted = 0;
+    for _ in 0..ITERATIONS {
+        let input = mutate(&mut rng, &valid, 0..layout.notes.end);
+        if let Ok(dump) = CoreDump::parse_elfcorehdr(&input, elfcore::tests::HEADER_PHYS) {
+            accepted += 1;
+            exercise_dump(&dump);
+        }
+    }
+    assert!(accepted > ITERATIONS / 20, "only {accepted} mutants parsed");
+}
+
+#[test]
+fn mutated_crash_notes_never_panic_the_reader() {
+    let valid = elfcore::tests::with_crash_record(|record| {
+        let mut desc = vec![0u8; record.desc_len().unwrap()];
+        record.write(&mut desc).unwrap();
+        desc
+    });
+    let mut rng = XorShift::new(0x6876_6372_6173);
+    let mut accepted = 0;
+    for _ in 0..ITERATIONS {
+        let input = mutate(&mut rng, &valid, 0..32);
+        if let Ok(note) = CrashNote::parse(&input) {
+            accepted += 1;
+            let _ = (note.reason(), note.stragglers().count());
+            for cpu in note.cpus() {
+                assert_eq!(cpu.vmclears().count(), cpu.vmclear_count());
+            }
+        }
+    }
+    assert!(accepted > ITERATIONS / 20, "only {accepted} mutants parsed");
+}
+
+#[test]
+fn random_firmware_maps_never_panic_the_e820_builder() {
+    let mut rng = XorShift::new(0x6538_3230_6d61);
+    let reservation = PhysRange::new(0x4000_0000, 0x1000_0000);
+    let elfcorehdr = PhysRange::new(0x4000_0000, 0x1000);
+    for _ in 0..ITERATIONS {
+        let count = rng.below(140);
+        let firmware: Vec<E820Entry> = (0..count)
+            .map(|_| {
+                let pick = |rng: &mut XorShift| {
+                    if rng.below(3) == 0 {
+                        INTERESTING[rng.below(INTERESTING.len())]
+                    } else {
+                        rng.next_u64() >> rng.below(64)
+                    }
+                };
+                E820Entry::new(pick(&mut rng), pick(&mut rng), rng.below(8) as u32)
+            })
+            .collect();
+        if let Ok(table) = E820Table::for_capture(&firmware, reservation, elfcorehdr) {
+            let entries = table.entries();
+            assert!(entries.windows(2).all(|w| w[0].addr <= w[1].addr));
+            assert!(entries.iter().all(|e| e.size > 0));
+        }
+    }
+}
+
+/// Regression inputs: each one once broke (or nearly broke) a parser.
+mod regressions {
+    use super::*;
+
+    /// A note size near `u32::MAX` must not wrap the 4-byte rounding.
+    #[test]
+    fn a_note_size_that_would_wrap_when_rounded_is_refused() {
+        let (mut bytes, layout) = elfcore::tests::write(Placement::File);
+        let first = layout.notes.start;
+        bytes[first + 4..first + 8].copy_from_slice(&0xffff_fffdu32.to_le_bytes());
+        assert!(CoreDump::parse(&bytes).is_err());
+    }
+}
