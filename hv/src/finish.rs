@@ -11,6 +11,8 @@ static EXIT_EMULATOR: AtomicBool = AtomicBool::new(false);
 const QEMU_EXIT_PORT: u16 = 0xF4;
 const QEMU_EXIT_SUCCESS: u8 = 0x10;
 const QEMU_EXIT_FAILURE: u8 = 0x11;
+/// The crash path ran to its end (QEMU exits with 0x25).
+const QEMU_EXIT_CRASH_HANDLED: u8 = 0x12;
 /// Bochs shuts down when it reads `Shutdown` on this port.
 const BOCHS_SHUTDOWN_PORT: u16 = 0x8900;
 
@@ -35,6 +37,19 @@ fn stop(qemu_code: u8) -> ! {
 /// The run did what it was asked.
 pub fn success_stop() -> ! {
     stop(QEMU_EXIT_SUCCESS)
+}
+
+/// The crash path finished without a capture kernel to jump to.
+pub fn crash_stop() -> ! {
+    // No ring drain: the crash path prints only on the emergency console.
+    crate::console::wait_transmitter_empty();
+    if EXIT_EMULATOR.load(Ordering::Relaxed) {
+        outb(QEMU_EXIT_PORT, QEMU_EXIT_CRASH_HANDLED);
+        for &byte in b"Shutdown" {
+            outb(BOCHS_SHUTDOWN_PORT, byte);
+        }
+    }
+    crate::arch::cpu::halt_forever()
 }
 
 /// The run hit a fatal error.

@@ -16,6 +16,9 @@ pub const HYPERCALL_PRINT: u64 = 2;
 pub const HYPERCALL_CRASH: u64 = 0xC0;
 /// EDI value that makes the guest touch memory outside its EPT.
 pub const MISBEHAVE: u64 = 1;
+/// EDI value that makes the guest make the crash hypercall after 256
+/// iterations.
+pub const CALL_CRASH: u64 = 2;
 
 core::arch::global_asm!(
     r#"
@@ -40,6 +43,13 @@ guest_image_start:
     jne 3f
     mov eax, dword ptr [0x40000000]
 3:
+    cmp edi, {call_crash}
+    jne 4f
+    cmp esi, 256
+    jb 4f
+    mov eax, {hypercall_crash}
+    vmcall
+4:
     test esi, 0x3F
     jnz 2b
     hlt
@@ -50,6 +60,8 @@ guest_image_end:
 "#,
     hypercall_yield = const HYPERCALL_YIELD,
     misbehave = const MISBEHAVE,
+    call_crash = const CALL_CRASH,
+    hypercall_crash = const HYPERCALL_CRASH,
 );
 
 unsafe extern "C" {

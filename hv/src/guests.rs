@@ -14,11 +14,16 @@ use raw_cpuid::native_cpuid::cpuid_count;
 use spin::Mutex;
 use x86::vmx::vmcs::ro;
 
-use crate::guest_image::{self, HYPERCALL_PRINT, HYPERCALL_YIELD, MISBEHAVE};
+use crash::loaded_vmcs::{ListError, StorePoint, VmcsId, Vmx, VmxError};
+
+use crate::crashpath::LISTS;
+use crate::guest_image::{
+    self, CALL_CRASH, HYPERCALL_CRASH, HYPERCALL_PRINT, HYPERCALL_YIELD, MISBEHAVE,
+};
 use crate::vmx::entry::{self, GuestRegisters};
 use crate::vmx::ept::Ept;
 use crate::vmx::vmcs::{self, GuestStart, HostState};
-use crate::{memory, percpu, smp, time, vmx};
+use crate::{inject, memory, percpu, smp, time, vmx};
 
 /// At most this many vCPUs.
 pub const MAX_VCPUS: usize = 1024;
@@ -31,12 +36,20 @@ const NOT_LOADED: u32 = u32::MAX;
 pub struct VcpuShared {
     /// Physical address of its VMCS.
     pub vmcs: u64,
-    /// The CPU whose VMCS cache may hold it, or `NOT_LOADED`.
+    /// The CPU whose VMCS cache may hold it, or `NOT_LOADED`: the vCPU's
+    /// own record, kept apart from the lists so that the crash summary can
+    /// check the lists against it. Set right after the list entry is
+    /// published (before VMPTRLD), cleared right after VMCLEAR (before
+    /// unlinking).
     pub loaded_on: AtomicU32,
     /// Set when the vCPU was stopped for good.
     pub stopped: AtomicBool,
     /// VM exits it took.
     pub exits: AtomicU64,
+    /// Its entry in the loaded-VMCS lists.
+    pub list_id: Option<VmcsId>,
+    /// Set when the crash path VMCLEARed its VMCS.
+    pub crash_cleared: AtomicBool,
 }
 
 /// What only the CPU running a vCPU touches.
@@ -69,6 +82,10 @@ pub struct Settings {
     pub slice_us: u64,
     /// Test knob: this vCPU touches memory outside its EPT.
     pub misbehaving_vcpu: Option<u32>,
+    /// Test knob: this vCPU makes the crash hypercall.
+    pub crash_calling_vcpu: Option<u32>,
+    /// Whether the crash hypercall is honoured.
+    pub crash_hypercall_allowed: bool,
 }
 
 static VCPUS: spin::Once<&'static [Vcpu]> = spin::Once::new();
@@ -78,6 +95,7 @@ static DEADLINE_US: AtomicU64 = AtomicU64::new(0);
 static SLICE_US: AtomicU64 = AtomicU64::new(2000);
 static CORES_DONE: AtomicUsize = AtomicUsize::new(0);
 static STOPPED: AtomicUsize = AtomicUsize::new(0);
+static CRASH_HYPERCALL: AtomicBool = AtomicBool::new(false);
 /// vCPU loads on a core other than the one that last had it.
 pub static MIGRATIONS: AtomicU64 = AtomicU64::new(0);
 
@@ -134,14 +152,14 @@ pub fn enable_vmx_here(_: usize) {
 
 /// Creates the vCPUs: a VMCS, 2 MiB of guest memory with the guest image,
 /// and an EPT each.
-pub fn create(count: usize, misbehaving: Option<u32>) -> usize {
+pub fn create(count: usize, misbehaving: Option<u32>, crash_caller: Option<u32>) -> usize {
     let capabilities = match vmx::capabilities() {
         Ok(capabilities) => capabilities,
         Err(_) => return 0,
     };
     let count = count.min(MAX_VCPUS);
     let Some(storage) = memory::alloc_permanent_slice_with(count, |index| {
-        make_vcpu(index, capabilities.revision, misbehaving)
+        make_vcpu(index, capabilities.revision, misbehaving, crash_caller)
     }) else {
         log::error!("vmx: out of memory for {count} vCPUs");
         return 0;
@@ -159,13 +177,20 @@ pub fn create(count: usize, misbehaving: Option<u32>) -> usize {
     created
 }
 
-fn make_vcpu(index: usize, revision: u32, misbehaving: Option<u32>) -> Vcpu {
+fn make_vcpu(
+    index: usize,
+    revision: u32,
+    misbehaving: Option<u32>,
+    crash_caller: Option<u32>,
+) -> Vcpu {
     let empty = || Vcpu {
         shared: VcpuShared {
             vmcs: 0,
             loaded_on: AtomicU32::new(NOT_LOADED),
             stopped: AtomicBool::new(true),
             exits: AtomicU64::new(0),
+            list_id: None,
+            crash_cleared: AtomicBool::new(false),
         },
         local: Mutex::new(VcpuLocal {
             registers: GuestRegisters::default(),
@@ -200,12 +225,24 @@ fn make_vcpu(index: usize, revision: u32, misbehaving: Option<u32>) -> Vcpu {
     if misbehaving == Some(index as u32) {
         registers.rdi = MISBEHAVE;
     }
+    if crash_caller == Some(index as u32) {
+        registers.rdi = CALL_CRASH;
+    }
+    let list_id = match LISTS.alloc(vmcs) {
+        Ok(id) => Some(id),
+        Err(error) => {
+            log::error!("vmx: no loaded-VMCS list entry for vCPU {index}: {error}");
+            return empty();
+        }
+    };
     Vcpu {
         shared: VcpuShared {
             vmcs,
             loaded_on: AtomicU32::new(NOT_LOADED),
             stopped: AtomicBool::new(false),
             exits: AtomicU64::new(0),
+            list_id,
+            crash_cleared: AtomicBool::new(false),
         },
         local: Mutex::new(VcpuLocal {
             registers,
@@ -218,46 +255,92 @@ fn make_vcpu(index: usize, revision: u32, misbehaving: Option<u32>) -> Vcpu {
     }
 }
 
-/// VMCLEARs vCPU `index` on the calling CPU, which holds it (call-function
-/// IPI from the CPU that wants it).
+/// The real VMX instructions, for the list protocol's normal path.
+struct Instructions;
+
+impl Vmx for Instructions {
+    fn vmclear(&mut self, vmcs_phys: u64) -> Result<(), VmxError> {
+        // SAFETY: the VMCS region is ours; VMCLEAR only writes it back.
+        unsafe { x86::bits64::vmx::vmclear(vmcs_phys) }.map_err(|_| VmxError::FailInvalid)
+    }
+
+    fn vmptrld(&mut self, vmcs_phys: u64) -> Result<(), VmxError> {
+        // SAFETY: the VMCS region is ours, holds our revision, and the list
+        // protocol guarantees no other CPU has it active.
+        unsafe { x86::bits64::vmx::vmptrld(vmcs_phys) }.map_err(|_| VmxError::FailValid {
+            instruction_error: vmcs::instruction_error() as u32,
+        })
+    }
+}
+
+/// The kernel's hook between the list protocol's stores: keeps the vCPU's
+/// own `loaded_on` record in step, and is where test crashes are injected.
+fn store_hook(vcpu: &'static Vcpu) -> impl FnMut(StorePoint) {
+    move |point| {
+        match point {
+            StorePoint::AddPublish => vcpu
+                .shared
+                .loaded_on
+                .store(percpu::current_cpu_index(), Ordering::Release),
+            StorePoint::UnloadVmclear => vcpu.shared.loaded_on.store(NOT_LOADED, Ordering::Release),
+            _ => {}
+        }
+        inject::at_store(point);
+    }
+}
+
+/// VMCLEARs vCPU `index` and unlinks it, on the calling CPU, which holds it
+/// (call-function IPI from the CPU that wants it).
 fn vmclear_here(index: usize) {
     let vcpu = &vcpus()[index];
-    // SAFETY: the VMCS is ours and loaded (or at least not current
-    // elsewhere) on this CPU; VMCLEAR writes it back to memory.
-    if unsafe { x86::bits64::vmx::vmclear(vcpu.shared.vmcs) }.is_err() {
-        log::error!(
-            "vmx: VMCLEAR of vCPU {index} failed on CPU {}",
-            percpu::current_cpu_index()
-        );
+    let Some(id) = vcpu.shared.list_id else {
+        return;
+    };
+    let cpu = percpu::current_cpu_index() as usize;
+    if let Err(error) = LISTS.unload(cpu, id, &mut Instructions, &mut store_hook(vcpu)) {
+        log::error!("vmx: unloading vCPU {index} on CPU {cpu}: {error}");
     }
-    vcpu.shared.loaded_on.store(NOT_LOADED, Ordering::Release);
 }
 
 /// Makes vCPU `index` current on this CPU, taking it from another CPU
 /// first if needed, and refreshes the host state.
 fn load_here(index: usize, local: &mut VcpuLocal) -> bool {
     let vcpu = &vcpus()[index];
-    let me = percpu::current_cpu_index();
-    let previous = vcpu.shared.loaded_on.load(Ordering::Acquire);
-    if previous != me {
-        if previous != NOT_LOADED {
-            if !smp::call_on(previous as usize, vmclear_here, index) {
-                log::error!("vmx: CPU {previous} holding vCPU {index} does not answer");
-                return false;
-            }
+    let Some(id) = vcpu.shared.list_id else {
+        return false;
+    };
+    let me = percpu::current_cpu_index() as usize;
+    // The eviction waits for another CPU: interrupts on, or two CPUs
+    // evicting from each other would deadlock.
+    crate::arch::cpu::enable_interrupts();
+    let evicted = LISTS.evict_from_other_cpu(me, id, |owner, _| {
+        if smp::call_on(owner, vmclear_here, index) {
+            Ok(())
+        } else {
+            Err(ListError::LoadedElsewhere { cpu: owner })
+        }
+    });
+    crate::arch::cpu::disable_interrupts();
+    match evicted {
+        Ok(Some(_)) => {
             MIGRATIONS.fetch_add(1, Ordering::Relaxed);
         }
+        Ok(None) => {}
+        Err(error) => {
+            log::error!("vmx: cannot take vCPU {index} to CPU {me}: {error}");
+            return false;
+        }
+    }
+    let loaded = match LISTS.load_here(me, id, &mut Instructions, &mut store_hook(vcpu)) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            log::error!("vmx: loading vCPU {index} on CPU {me}: {error}");
+            return false;
+        }
+    };
+    if loaded.newly_on_this_cpu {
         local.launched = false;
     }
-    // SAFETY: the VMCS is ours and no other CPU has it loaded.
-    if unsafe { x86::bits64::vmx::vmptrld(vcpu.shared.vmcs) }.is_err() {
-        log::error!(
-            "vmx: VMPTRLD of vCPU {index} failed: error {}",
-            vmcs::instruction_error()
-        );
-        return false;
-    }
-    vcpu.shared.loaded_on.store(me, Ordering::Release);
     if !local.initialized {
         let Ok(capabilities) = vmx::capabilities() else {
             return false;
@@ -282,6 +365,28 @@ fn load_here(index: usize, local: &mut VcpuLocal) -> bool {
         idtr_base: crate::arch::idt::base(),
     });
     true
+}
+
+/// Crash path: marks the vCPU whose VMCS at `vmcs_phys` was just VMCLEARed.
+/// No lock: a linear scan of the shared halves.
+pub fn note_crash_vmclear(vmcs_phys: u64) {
+    if let Some(vcpu) = vcpus().iter().find(|vcpu| vcpu.shared.vmcs == vmcs_phys) {
+        vcpu.shared.crash_cleared.store(true, Ordering::Release);
+    }
+}
+
+/// Crash path: (VMCSes the vCPUs' own records say are loaded, how many of
+/// those the crash path VMCLEARed). Equal unless a list missed one.
+pub fn crash_vmcs_accounting() -> (u64, u64) {
+    let loaded = || {
+        vcpus()
+            .iter()
+            .filter(|vcpu| vcpu.shared.loaded_on.load(Ordering::Acquire) != NOT_LOADED)
+    };
+    let cleared = loaded()
+        .filter(|vcpu| vcpu.shared.crash_cleared.load(Ordering::Acquire))
+        .count();
+    (loaded().count() as u64, cleared as u64)
 }
 
 /// Whether the boot-time guest run is on.
@@ -430,6 +535,7 @@ fn run_slice(index: usize) -> bool {
                 return false;
             }
         };
+        inject::check_time();
         if end_slice || time::now_us() >= slice_end || !running() {
             return true;
         }
@@ -498,6 +604,10 @@ fn hypercall(index: usize, local: &mut VcpuLocal) {
     let argument = local.registers.rbx;
     local.registers.rax = match local.registers.rax & 0xFFFF_FFFF {
         HYPERCALL_YIELD => 0,
+        HYPERCALL_CRASH if CRASH_HYPERCALL.load(Ordering::Relaxed) => {
+            let regs = crate::crashpath::current_regs();
+            crate::crashpath::crash(crate::crashpath::Reason::Hypercall { vcpu: index }, &regs)
+        }
         HYPERCALL_PRINT if argument <= 0xFF => {
             guest_console(index, local, argument as u8);
             0
@@ -559,13 +669,19 @@ pub fn run_at_boot(settings: &Settings) -> RunSummary {
     } else {
         settings.vcpus
     };
-    let created = create(wanted, settings.misbehaving_vcpu);
+    let created = create(
+        wanted,
+        settings.misbehaving_vcpu,
+        settings.crash_calling_vcpu,
+    );
     log::info!(
         "vmx: {created} vCPUs on {cores} cores for {} ms, slice {} us",
         settings.run_ms,
         settings.slice_us
     );
     SLICE_US.store(settings.slice_us.max(1), Ordering::Relaxed);
+    CRASH_HYPERCALL.store(settings.crash_hypercall_allowed, Ordering::Relaxed);
+    inject::start_clock();
     DEADLINE_US.store(time::now_us() + settings.run_ms * 1000, Ordering::Relaxed);
     RUNNING.store(true, Ordering::Release);
     // Wake the idle APs; each enters `run_loop` from its idle loop.

@@ -7,9 +7,11 @@ mod acpi;
 mod arch;
 mod bootinfo;
 mod console;
+mod crashpath;
 mod finish;
 mod guest_image;
 mod guests;
+mod inject;
 mod memory;
 mod paging;
 mod percpu;
@@ -19,7 +21,7 @@ mod time;
 mod traps;
 mod vmx;
 
-use hv_core::cmdline::{self, Finish};
+use hv_core::cmdline::{self, CrashPoint, Finish};
 
 /// The boot information, kept for the hypervisor's lifetime.
 static BOOT_INFO: spin::Once<bootinfo::BootInfo> = spin::Once::new();
@@ -60,6 +62,16 @@ pub extern "C" fn hv_main(entered_by: u32, info: u32, magic: u32) -> ! {
     let options = *OPTIONS.call_once(|| parsed.options);
     console::set_level(options.log);
     finish::exit_emulator_when_done(options.finish == Finish::Exit);
+    crashpath::set_timeout_ms(options.crash_timeout_ms);
+    if let Some(spec) = &options.crash {
+        inject::configure(spec);
+        log::warn!(
+            "crash knob: CPU {} will panic ({:?}, after {} ms)",
+            spec.cpu,
+            spec.point,
+            spec.after_ms
+        );
+    }
     log::info!("command line: '{}'", boot.cmdline);
     for error in parsed.errors() {
         log::warn!("command line: {error} (ignored)");
@@ -123,6 +135,9 @@ fn boot_cpu_main() -> ! {
     let nmis = smp::nmi_self_test();
     log::info!("IPIs: call-function ran on {called} CPUs; NMI answered by {nmis} others");
 
+    if inject::point() == Some(CrashPoint::BeforeVmx) {
+        trigger_crash_now();
+    }
     let virt = run_guests(&options);
 
     let failed = || {
@@ -167,9 +182,81 @@ fn boot_cpu_main() -> ! {
             )
         })
     });
+    if inject::configured() {
+        inject_crash_after_boot();
+    }
     report::line(|o| o.field("done").bool(true));
     log::info!("boot self-report complete");
     finish::success_stop()
+}
+
+/// Has the knob's target CPU panic now (through an IPI if it is another).
+fn trigger_crash_now() {
+    let Some(target) = inject::target_cpu() else {
+        return;
+    };
+    if target == percpu::current_cpu_index() as usize {
+        inject::crash_here(0);
+    }
+    if !smp::call_on(target, inject::crash_here, 0) {
+        log::error!("crash knob: CPU {target} is not online; no crash injected");
+    }
+}
+
+/// The crash knob's cases the guest run did not already fire.
+fn inject_crash_after_boot() {
+    if inject::fired() {
+        return;
+    }
+    if inject::point()
+        .is_none_or(|point| matches!(point, CrashPoint::NmiBlocked | CrashPoint::DoublePanic))
+        && !guests::running()
+    {
+        inject::start_clock();
+    }
+    while !inject::due() {
+        core::hint::spin_loop();
+    }
+    let Some(target) = inject::target_cpu() else {
+        return;
+    };
+    let cpus = smp::cpus().len();
+    match inject::point() {
+        None => trigger_crash_now(),
+        Some(CrashPoint::NmiBlocked) => {
+            // The target spins inside an NMI handler, so it cannot take the
+            // shootdown NMI; another CPU panics and must name it.
+            crashpath::SPIN_IN_NMI.store(target as u32, core::sync::atomic::Ordering::Relaxed);
+            if let Some(cpu) = smp::cpus().get(target) {
+                arch::apic::send_nmi(cpu.slot.apic_id());
+            }
+            time::delay_us(10_000);
+            let panicker = if target == 0 { 1 % cpus } else { 0 };
+            if panicker == 0 {
+                inject::crash_here(0);
+            }
+            smp::call_on(panicker, inject::crash_here, 0);
+        }
+        Some(CrashPoint::DoublePanic) => {
+            let other = (target + 1) % cpus;
+            for cpu in [target, other] {
+                if cpu != percpu::current_cpu_index() as usize {
+                    smp::send_call(cpu, inject::crash_here, 0);
+                }
+            }
+            if [target, other].contains(&(percpu::current_cpu_index() as usize)) {
+                inject::crash_here(0);
+            }
+            time::delay_us(1_000_000);
+        }
+        Some(point) => {
+            log::error!("crash knob: injection point {point:?} was never reached on CPU {target}");
+            report::line(|o| {
+                o.field("crash_injection")
+                    .object(|o| o.field("fired").bool(false))
+            });
+        }
+    }
 }
 
 /// What the VMX phase did.
@@ -209,6 +296,8 @@ fn run_guests(options: &cmdline::Options) -> VirtOutcome {
         run_ms: options.guest_run_ms,
         slice_us: options.slice_us,
         misbehaving_vcpu: options.guest_misbehave,
+        crash_calling_vcpu: options.guest_crash_call,
+        crash_hypercall_allowed: options.crash_hypercall,
     };
     let run = guests::run_at_boot(&settings);
     log::info!(
@@ -224,6 +313,7 @@ fn run_guests(options: &cmdline::Options) -> VirtOutcome {
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     use core::fmt::Write;
+    let regs = crashpath::current_regs();
     let cpu = percpu::current_cpu_index();
     let _ = writeln!(
         console::EmergencyConsole,
@@ -235,5 +325,5 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
             o.field("cpu").u64(u64::from(cpu))
         })
     });
-    finish::fail_stop()
+    crashpath::crash(crashpath::Reason::Panic(info), &regs)
 }

@@ -217,6 +217,7 @@ extern "C" fn ap_entry(index: u64) -> ! {
         // still collect this CPU.
         cpu::halt_forever();
     }
+    crate::inject::at_stage(hv_core::cmdline::CrashPoint::Bringup);
     if percpu::shared(index).slot.check_in(time::now_us()).is_err() {
         log::warn!("smp: CPU {index} came up after the deadline; parking it");
         cpu::halt_forever();
@@ -335,6 +336,28 @@ pub fn call_on(index: usize, function: fn(usize), argument: usize) -> bool {
         cpu::disable_interrupts();
     }
     call.busy.store(false, Ordering::Release);
+    true
+}
+
+/// Asks CPU `index` to run `function(argument)` and does not wait for it
+/// (the crash injection: the target never finishes).
+pub fn send_call(index: usize, function: fn(usize), argument: usize) -> bool {
+    let Some(target) = cpus().get(index) else {
+        return false;
+    };
+    let call = &target.call;
+    if call
+        .busy
+        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        return false;
+    }
+    call.function.store(function as usize, Ordering::Relaxed);
+    call.argument.store(argument, Ordering::Relaxed);
+    let ticket = call.requested.load(Ordering::Relaxed) + 1;
+    call.requested.store(ticket, Ordering::Release);
+    apic::send_fixed(target.slot.apic_id(), CALL_FUNCTION_VECTOR);
     true
 }
 

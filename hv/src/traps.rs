@@ -56,6 +56,7 @@ const LEGACY_SPURIOUS_SECONDARY: u64 = crate::arch::pic::PIC_VECTOR_BASE as u64 
 /// Called by every entry stub with the interrupted state.
 pub fn on_trap(frame: &mut TrapFrame) {
     match frame.vector {
+        NMI_VECTOR if crate::crashpath::on_nmi(frame) => {}
         NMI_VECTOR => {
             // Counted (the boot-time NMI test reads the count); the crash
             // path hooks in here.
@@ -129,5 +130,12 @@ fn fatal_exception(frame: &TrapFrame) -> ! {
             o.field("cpu").u64(u64::from(cpu))
         })
     });
-    crate::finish::fail_stop()
+    let regs = crate::crashpath::regs_from_frame(frame);
+    crate::crashpath::crash(
+        crate::crashpath::Reason::Exception {
+            vector: frame.vector,
+            name,
+        },
+        &regs,
+    )
 }

@@ -122,6 +122,8 @@ pub struct Options {
     pub slice_us: u64,
     /// `guest_misbehave=N` (test knob): vCPU N touches memory outside its EPT.
     pub guest_misbehave: Option<u32>,
+    /// `guest_crash_call=N` (test knob): vCPU N makes the crash hypercall.
+    pub guest_crash_call: Option<u32>,
     /// `crash=...` (test knob): inject a panic.
     pub crash: Option<CrashSpec>,
     /// `crash_timeout_ms=`: how long the crash rendezvous waits.
@@ -146,6 +148,7 @@ impl Options {
             guest_run_ms: 100,
             slice_us: 2000,
             guest_misbehave: None,
+            guest_crash_call: None,
             crash: None,
             crash_timeout_ms: 1000,
             crash_hypercall: false,
@@ -279,6 +282,12 @@ pub const OPTIONS: &[(&str, Setter)] = &[
         Ok(())
     }),
     ("crash", set_crash),
+    ("guest_crash_call", |options, value| {
+        let mut n = 0;
+        set_bounded(&mut n, value, 1023)?;
+        options.guest_crash_call = Some(n as u32);
+        Ok(())
+    }),
     ("crash_timeout_ms", |options, value| {
         set_bounded(&mut options.crash_timeout_ms, value, 600_000)
     }),
@@ -845,6 +854,7 @@ mod tests {
             ("slice_us", "500"),
             ("guest_misbehave", "2"),
             ("crash", "cpu:1,after_ms:20"),
+            ("guest_crash_call", "0"),
             ("crash_timeout_ms", "500"),
             ("crash_hypercall", "allow"),
         ];

@@ -101,17 +101,32 @@ pub fn vmxoff() -> Outcome {
 
 const CR4_VMXE: u64 = 1 << 13;
 
-/// Leaves VMX operation if CR4.VMXE says this CPU may be in it, then clears
-/// CR4.VMXE. Returns whether VMXOFF ran (and did not fault).
-pub fn leave_vmx() -> bool {
-    let cr4 = crate::arch::cpu::cr4();
-    if cr4 & CR4_VMXE == 0 {
-        return false;
+/// The CPU was in VMX operation, where clearing CR4.VMXE raises #GP.
+#[derive(Debug, Clone, Copy)]
+pub struct StillInVmx;
+
+/// Clears CR4.VMXE, surviving the #GP it raises in VMX operation.
+pub fn clear_cr4_vmxe() -> Result<(), StillInVmx> {
+    let shared = percpu::shared(percpu::current_cpu_index() as usize);
+    let fixup = shared.fault_fixup.as_ptr();
+    shared.fault_hit.store(false, Ordering::Release);
+    let cr4 = crate::arch::cpu::cr4() & !CR4_VMXE;
+    // SAFETY: clearing VMXE changes nothing Rust relies on; in VMX operation
+    // it faults and resumes at label 2 (armed in this CPU's fix-up slot).
+    unsafe {
+        core::arch::asm!(
+            "lea {scratch}, [rip + 2f]",
+            "mov [{fixup}], {scratch}",
+            "mov cr4, {cr4}",
+            "2:",
+            scratch = out(reg) _,
+            fixup = in(reg) fixup,
+            cr4 = in(reg) cr4,
+            options(nostack),
+        );
     }
-    let left = vmxoff() == Outcome::Done;
-    // SAFETY: clearing CR4.VMXE outside VMX operation is always allowed (in
-    // VMX operation it would #GP, but VMXOFF just ran or faulted because
-    // the CPU was not in VMX operation).
-    unsafe { core::arch::asm!("mov cr4, {}", in(reg) cr4 & !CR4_VMXE, options(nostack)) };
-    left
+    match outcome(false) {
+        Outcome::Faulted => Err(StillInVmx),
+        _ => Ok(()),
+    }
 }
