@@ -29,6 +29,11 @@ use crate::guests::MAX_VCPUS;
 use crate::vmx::tolerant::{self, Outcome};
 use crate::{arch, percpu, smp, time};
 
+const _: () = assert!(
+    crash::cpuset::MAX_CPUS == MAX_CPUS,
+    "crash sets must cover every possible CPU"
+);
+
 /// The election, the per-CPU crash records and the rendezvous.
 pub static COORDINATOR: CrashCoordinator<MAX_CPUS> = CrashCoordinator::new();
 /// Every CPU's list of loaded VMCSes; entry `i` is vCPU `i`'s VMCS. Exists
@@ -304,7 +309,8 @@ fn coordinate(me: usize, reason: Reason<'_>, regs: &UserRegs) -> ! {
             vmcs_visited += record.ledger.walk.map_or(0, |walk| u64::from(walk.visited));
         }
     }
-    let (vmcs_loaded, vmcs_cleared) = crate::guests::crash_vmcs_accounting();
+    let accounting = crate::guests::crash_vmcs_accounting(&rendezvous.stragglers);
+    let (vmcs_loaded, vmcs_cleared) = (accounting.loaded, accounting.cleared);
     if !SUMMARY_PRINTED.swap(true, Ordering::AcqRel) {
         let _ = writeln!(
             EmergencyConsole,
@@ -330,6 +336,8 @@ fn coordinate(me: usize, reason: Reason<'_>, regs: &UserRegs) -> ! {
                 o.field("vmcs_loaded").u64(vmcs_loaded)?;
                 o.field("vmcs_cleared").u64(vmcs_cleared)?;
                 o.field("vmcs_visited").u64(vmcs_visited)?;
+                o.field("vmcs_on_stragglers")
+                    .u64(accounting.on_stragglers)?;
                 o.field("vmxoff_cpus").u64(vmxoff_cpus)?;
                 o.field("coordinator_vmx_off").bool(own.vmx.is_off())?;
                 o.field("shootdown_us").u64(shootdown_us)?;

@@ -282,7 +282,11 @@ fn store_hook(vcpu: &'static Vcpu) -> impl FnMut(StorePoint) {
                 .shared
                 .loaded_on
                 .store(percpu::current_cpu_index(), Ordering::Release),
-            StorePoint::UnloadVmclear => vcpu.shared.loaded_on.store(NOT_LOADED, Ordering::Release),
+            // After VMCLEAR, and after a failed VMPTRLD's unlink (which
+            // skips the VMCLEAR point): nothing of it is cached here.
+            StorePoint::UnloadVmclear | StorePoint::RemoveReleaseCpu => {
+                vcpu.shared.loaded_on.store(NOT_LOADED, Ordering::Release)
+            }
             _ => {}
         }
         inject::at_store(point);
@@ -375,18 +379,42 @@ pub fn note_crash_vmclear(vmcs_phys: u64) {
     }
 }
 
-/// Crash path: (VMCSes the vCPUs' own records say are loaded, how many of
-/// those the crash path VMCLEARed). Equal unless a list missed one.
-pub fn crash_vmcs_accounting() -> (u64, u64) {
-    let loaded = || {
-        vcpus()
-            .iter()
-            .filter(|vcpu| vcpu.shared.loaded_on.load(Ordering::Acquire) != NOT_LOADED)
-    };
-    let cleared = loaded()
-        .filter(|vcpu| vcpu.shared.crash_cleared.load(Ordering::Acquire))
-        .count();
-    (loaded().count() as u64, cleared as u64)
+/// The crash path's VMCS accounting, from the vCPUs' own records.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CrashAccounting {
+    /// VMCSes the vCPUs' records say may be cached on some CPU.
+    pub loaded: u64,
+    /// Of those, VMCLEARed by the crash path.
+    pub cleared: u64,
+    /// Of those, on CPUs that never checked in (they cannot be cleared).
+    pub on_stragglers: u64,
+}
+
+/// Crash path: checks the lists against the vCPUs' own records, naming on
+/// the emergency console every VMCS that stayed uncleared.
+pub fn crash_vmcs_accounting(stragglers: &crash::cpuset::CpuSet) -> CrashAccounting {
+    use core::fmt::Write;
+    let mut accounting = CrashAccounting::default();
+    for (index, vcpu) in vcpus().iter().enumerate() {
+        let on = vcpu.shared.loaded_on.load(Ordering::Acquire);
+        if on == NOT_LOADED {
+            continue;
+        }
+        accounting.loaded += 1;
+        if vcpu.shared.crash_cleared.load(Ordering::Acquire) {
+            accounting.cleared += 1;
+        } else if stragglers.contains(on as usize) {
+            accounting.on_stragglers += 1;
+        } else {
+            let listed = vcpu.shared.list_id.map(|id| LISTS.loaded_on(id));
+            let _ = writeln!(
+                crate::console::EmergencyConsole,
+                "*** hv: vCPU {index}: VMCS {:#x} loaded on CPU {on} (by its record), not cleared; its list entry says {listed:?}",
+                vcpu.shared.vmcs
+            );
+        }
+    }
+    accounting
 }
 
 /// Whether the boot-time guest run is on.
