@@ -34,6 +34,7 @@ use crate::process::KillOnDrop;
 use crate::run::{self, Boot, Media, QemuOptions};
 use crate::serial::{FileTail, LineBuffer, strip_ansi};
 use crate::stats::{self, Spread};
+use crate::stress::{progress_bar, say};
 
 /// The Debian metapackage that depends on the current kernel package.
 const KERNEL_METAPACKAGE: &str = "linux-image-amd64";
@@ -360,7 +361,7 @@ pub fn bench_bringup(options: &BenchOptions) -> Result<BenchResult> {
     }
     crate::tools::ensure(&run::qemu_needs(Boot::Direct))?;
     let accel = accel::detect();
-    let bar = crate::stress::progress_bar(u64::from(options.runs) * 2, options.progress);
+    let bar = progress_bar(u64::from(options.runs) * 2, options.progress);
     let mut result = BenchResult {
         smp: options.smp,
         memory_mib: options.memory_mib,
@@ -372,17 +373,20 @@ pub fn bench_bringup(options: &BenchOptions) -> Result<BenchResult> {
     for round in 1..=options.runs {
         bar.set_message(format!("hv, round {round}"));
         let us = hv_run(options, round)?;
-        bar.println(format!("round {round}: hv {us} us"));
+        say(&bar, format!("round {round}: hv {us} us"));
         result.hv_us.push(us);
         bar.inc(1);
 
         bar.set_message(format!("Linux, round {round}"));
         let smp = linux_run(options, accel, &linux, round)?;
-        bar.println(format!(
-            "round {round}: Linux {} us ({} CPUs)",
-            smp.bringup_us(),
-            smp.cpus
-        ));
+        say(
+            &bar,
+            format!(
+                "round {round}: Linux {} us ({} CPUs)",
+                smp.bringup_us(),
+                smp.cpus
+            ),
+        );
         result.linux_us.push(smp.bringup_us());
         bar.inc(1);
     }

@@ -294,12 +294,15 @@ pub fn stress_with(
             // Nothing to look at: keep build/ small over long loops.
             let _ = fs::remove_dir_all(&record.run_dir);
         } else {
-            bar.println(format!(
-                "run {} failed: {}\n  serial log: {}",
-                index + 1,
-                record.reason.as_deref().unwrap_or("?"),
-                record.serial_log.display()
-            ));
+            say(
+                &bar,
+                format!(
+                    "run {} failed: {}\n  serial log: {}",
+                    index + 1,
+                    record.reason.as_deref().unwrap_or("?"),
+                    record.serial_log.display()
+                ),
+            );
         }
         let failed = !record.ok;
         records.push(record);
@@ -322,6 +325,12 @@ pub fn stress_with(
         requested: options.runs,
         records,
     })
+}
+
+/// Prints a line on stderr above the progress bar, also when the bar is
+/// hidden (stderr not a terminal), where `ProgressBar::println` would drop it.
+pub(crate) fn say(bar: &ProgressBar, line: String) {
+    bar.suspend(|| eprintln!("{line}"));
 }
 
 /// A bar counting `steps` on stderr (drawn only when stderr is a
