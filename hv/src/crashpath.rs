@@ -280,7 +280,7 @@ fn coordinate(me: usize, reason: Reason<'_>, regs: &UserRegs) -> ! {
         }
     }
     let started = time::now_us();
-    arch::apic::send_nmi_all_but_self();
+    smp::send_nmi_to_online_others();
     let rendezvous = COORDINATOR.wait_for_rendezvous(
         &expected,
         &mut TscClock,

@@ -121,6 +121,7 @@ pub fn init(boot: &BootInfo) {
     crate::report::line(|o| {
         o.field("memory").object(|o| {
             o.field("regions").u64(map.len() as u64)?;
+            o.field("usable_regions").u64(map.usable().count() as u64)?;
             o.field("usable_bytes").u64(map.usable_bytes())?;
             o.field("highest_usable").u64(map.highest_usable_end())
         })

@@ -252,7 +252,7 @@ pub fn nmi_self_test() -> usize {
     let own = percpu::current_cpu_index() as usize;
     let before: [u32; MAX_CPUS] =
         core::array::from_fn(|index| percpu::shared(index).nmis.load(Ordering::Relaxed));
-    apic::send_nmi_all_but_self();
+    send_nmi_to_online_others();
     let others = || {
         cpus()
             .iter()
@@ -269,6 +269,23 @@ pub fn nmi_self_test() -> usize {
         core::hint::spin_loop();
     }
     answered()
+}
+
+/// Sends an NMI to every other online CPU, one by one. Never the
+/// all-but-self shorthand: it would also reach CPUs this run did not start
+/// (beyond `max_cpus`, or ones that failed), which may still be in firmware
+/// with no IDT for an NMI. Lock-free: the crash shootdown uses it. Returns
+/// how many NMIs it sent.
+pub fn send_nmi_to_online_others() -> usize {
+    let own = percpu::current_cpu_index() as usize;
+    let mut sent = 0;
+    for (index, cpu) in cpus().iter().enumerate() {
+        if index != own && cpu.slot.state() == CpuState::Online {
+            apic::send_nmi(cpu.slot.apic_id());
+            sent += 1;
+        }
+    }
+    sent
 }
 
 /// A pending call-function request of one target CPU.

@@ -33,7 +33,6 @@ const ICR_DELIVERY_INIT: u32 = 5 << 8;
 const ICR_DELIVERY_STARTUP: u32 = 6 << 8;
 const ICR_PENDING: u32 = 1 << 12;
 const ICR_LEVEL_ASSERT: u32 = 1 << 14;
-const ICR_ALL_EXCLUDING_SELF: u32 = 3 << 18;
 const LVT_MASKED: u32 = 1 << 16;
 
 static X2APIC: AtomicBool = AtomicBool::new(false);
@@ -156,12 +155,4 @@ pub fn send_fixed(apic_id: u32, vector: u8) {
 /// An NMI to one CPU.
 pub fn send_nmi(apic_id: u32) {
     send(apic_id, ICR_DELIVERY_NMI | ICR_LEVEL_ASSERT);
-}
-
-/// An NMI to every CPU but this one.
-pub fn send_nmi_all_but_self() {
-    send(
-        0,
-        ICR_DELIVERY_NMI | ICR_LEVEL_ASSERT | ICR_ALL_EXCLUDING_SELF,
-    );
 }
