@@ -257,6 +257,9 @@ pub fn on_nmi(frame: &TrapFrame) -> bool {
         // clean up itself after the rendezvous.
         return true;
     }
+    percpu::shared(me as usize)
+        .crash_nmi_at_us
+        .store(time::now_us(), Ordering::Relaxed);
     // Answer the shootdown: no output (every CPU at once would garble the
     // console), clean up, check in, park.
     let regs = regs_from_frame(frame);

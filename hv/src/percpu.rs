@@ -59,6 +59,8 @@ pub struct SharedCpu {
     pub fault_fixup: AtomicU64,
     /// Set by the trap handler when it used `fault_fixup`.
     pub fault_hit: AtomicBool,
+    /// When this CPU took the crash NMI (TSC microseconds; 0: never).
+    pub crash_nmi_at_us: AtomicU64,
 }
 
 impl SharedCpu {
@@ -73,6 +75,7 @@ impl SharedCpu {
             joined_guests: AtomicBool::new(false),
             fault_fixup: AtomicU64::new(0),
             fault_hit: AtomicBool::new(false),
+            crash_nmi_at_us: AtomicU64::new(0),
         }
     }
 }
