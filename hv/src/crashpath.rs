@@ -345,15 +345,13 @@ fn coordinate(me: usize, reason: Reason<'_>, regs: &UserRegs) -> ! {
                 o.field("coordinator_vmx_off").bool(own.vmx.is_off())?;
                 o.field("shootdown_us").u64(shootdown_us)?;
                 o.field("timed_out").bool(rendezvous.timed_out)?;
-                // When the rendezvous first saw each CPU checked in, by CPU
-                // index (null: never): the per-CPU NMI latency.
-                o.field("checkin_us").array(|a| {
-                    (0..smp::cpus().len()).try_for_each(|cpu| {
-                        let seen = COORDINATOR
-                            .record(cpu)
-                            .and_then(|record| record.observed_after_us);
-                        a.item()
-                            .option(seen.filter(|_| cpu != me), |value, us| value.u64(us))
+                // Per CPU index: from the first NMI sent to that CPU taking
+                // it (null: never took it), the per-CPU NMI latency.
+                o.field("nmi_latency_us").array(|a| {
+                    smp::cpus().iter().try_for_each(|cpu| {
+                        let at = cpu.crash_nmi_at_us.load(Ordering::Relaxed);
+                        let latency = (at != 0).then(|| at.saturating_sub(started));
+                        a.item().option(latency, |value, us| value.u64(us))
                     })
                 })
             })
