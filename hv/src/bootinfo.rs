@@ -301,16 +301,21 @@ unsafe fn parse_multiboot2(address: u64) -> Result<BootInfo, BootInfoError> {
     .map_err(|_| BootInfoError::BadMultiboot2Info)?;
     let mut boot = BootInfo::empty(Protocol::Multiboot2);
     boot.add_loader_range(address, info.total_size() as u64);
-    // SAFETY (both): the strings lie in the information structure, which the
-    // caller keeps intact, and whose range the frame allocator leaves out.
     boot.loader_name = info
         .boot_loader_name_tag()
         .and_then(|tag| tag.name().ok())
-        .map(|name| unsafe { forever(name) });
+        .map(|name| {
+            // SAFETY: the name lies in the information structure, which the
+            // caller keeps intact, and whose range the frame allocator leaves out.
+            unsafe { forever(name) }
+        });
     boot.cmdline = info
         .command_line_tag()
         .and_then(|tag| tag.cmdline().ok())
-        .map_or("", |line| unsafe { forever(line) });
+        .map_or("", |line| {
+            // SAFETY: as for the loader name.
+            unsafe { forever(line) }
+        });
     // The RSDP tags hold a copy of the RSDP; that copy is a valid RSDP in RAM.
     if let Some(tag) = info.rsdp_v2_tag() {
         boot.rsdp = Some(core::ptr::from_ref(tag) as *const u8 as u64 + 8);
@@ -331,8 +336,10 @@ unsafe fn parse_multiboot2(address: u64) -> Result<BootInfo, BootInfoError> {
         boot.add_module(Module {
             start,
             len: u64::from(module.end_address()).saturating_sub(start),
-            // SAFETY: as for the command line above.
-            cmdline: module.cmdline().map_or("", |line| unsafe { forever(line) }),
+            cmdline: module.cmdline().map_or("", |line| {
+                // SAFETY: as for the loader name.
+                unsafe { forever(line) }
+            }),
         });
     }
     Ok(boot)

@@ -18,8 +18,6 @@ use crate::arch::port::{inb, outb};
 const COM1: u16 = 0x3F8;
 const LINE_STATUS: u16 = COM1 + 5;
 const TRANSMIT_EMPTY: u8 = 0x20;
-/// QEMU `isa-debugcon` and Bochs both listen on port 0xE9.
-const DEBUG_PORT: u16 = 0xE9;
 
 /// Messages a line each; a report line for hundreds of CPUs must fit one slot.
 const RING_SLOTS: usize = 128;
@@ -71,13 +69,6 @@ pub fn uart_write(bytes: &[u8]) {
             uart_write_byte(b'\r');
         }
         uart_write_byte(byte);
-    }
-}
-
-/// Writes bytes to the debug port (bulk output; no flow control needed).
-pub fn debug_port_write(bytes: &[u8]) {
-    for &byte in bytes {
-        outb(DEBUG_PORT, byte);
     }
 }
 

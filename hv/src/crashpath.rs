@@ -326,7 +326,7 @@ fn coordinate(me: usize, reason: Reason<'_>, regs: &UserRegs) -> ! {
             o.field("crash").object(|o| {
                 o.field("cpu").u64(u64::from(apic_id))?;
                 o.field("cpu_index").u64(me as u64)?;
-                o.field("reason").display(&reason)?;
+                o.field("reason").display(reason)?;
                 o.field("expected").u64(expected.len() as u64)?;
                 o.field("checked_in")
                     .u64(rendezvous.checked_in.len() as u64)?;

@@ -577,12 +577,14 @@ fn stop(index: usize, why: Stop) {
     let rip = vmcs::guest_rip();
     let cpu = percpu::current_cpu_index();
     log::warn!("vmx: vCPU {index} stopped on CPU {cpu} at guest rip {rip:#x}: {why:?}");
-    let (kind, gpa) = match why {
-        Stop::EptViolation { gpa, .. } => ("ept_violation", Some(gpa)),
-        Stop::EntryFailed { .. } => ("entry_failed", None),
-        Stop::InvalidGuestState { .. } => ("invalid_guest_state", None),
-        Stop::TripleFault => ("triple_fault", None),
-        Stop::Unhandled { .. } => ("unhandled_exit", None),
+    // `detail`: the EPT exit qualification, the VM-instruction error, or
+    // the exit reason, whichever the stop has.
+    let (kind, gpa, detail) = match why {
+        Stop::EptViolation { gpa, qualification } => ("ept_violation", Some(gpa), qualification),
+        Stop::EntryFailed { error } => ("entry_failed", None, error),
+        Stop::InvalidGuestState { reason } => ("invalid_guest_state", None, reason),
+        Stop::TripleFault => ("triple_fault", None, 2),
+        Stop::Unhandled { reason } => ("unhandled_exit", None, reason),
     };
     // Keyed by vCPU, so the reports of several stopped guests merge.
     let mut key = [0u8; 8];
@@ -593,6 +595,7 @@ fn stop(index: usize, why: Stop) {
                 o.field("cpu").u64(u64::from(cpu))?;
                 o.field("reason").str(kind)?;
                 o.field("gpa").option(gpa, |value, gpa| value.u64(gpa))?;
+                o.field("detail").u64(detail)?;
                 o.field("rip").u64(rip)
             })
         })

@@ -58,6 +58,14 @@ pub extern "C" fn hv_main(entered_by: u32, info: u32, magic: u32) -> ! {
         })
     });
 
+    for module in boot.modules() {
+        log::info!(
+            "boot module at {:#x}, {} bytes, command line '{}'",
+            module.start,
+            module.len,
+            module.cmdline
+        );
+    }
     let parsed = cmdline::parse(boot.cmdline);
     let options = *OPTIONS.call_once(|| parsed.options);
     console::set_level(options.log);

@@ -143,7 +143,7 @@ pub fn init(boot: &BootInfo) {
     let space = match AddressSpace::identity(mapped_end, &mut frames, is_ram) {
         Ok(space) => space,
         Err(error) => {
-            log::error!("page tables: {error:?}");
+            log::error!("page tables: {error}");
             crate::finish::fail_stop();
         }
     };

@@ -27,6 +27,15 @@ pub enum PagingError {
     NotMapped(u64),
 }
 
+impl core::fmt::Display for PagingError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::OutOfFrames => f.write_str("no frame left for a page table"),
+            Self::NotMapped(address) => write!(f, "{address:#x} is not mapped"),
+        }
+    }
+}
+
 /// A four-level identity-mapped address space.
 #[derive(Debug)]
 pub struct AddressSpace {
@@ -83,11 +92,6 @@ impl AddressSpace {
             address += LARGE_PAGE;
         }
         Ok(space)
-    }
-
-    /// Physical address of the PML4, for CR3.
-    pub fn root(&self) -> u64 {
-        self.pml4
     }
 
     /// Walks down to the table at `level` (1 = page directory) that maps

@@ -16,7 +16,6 @@ const APIC_BASE_X2APIC: u64 = 1 << 10;
 const XAPIC_MMIO_BASE: u64 = 0xFEE0_0000;
 
 /// Register offsets in xAPIC MMIO; x2APIC MSR = 0x800 + offset / 16.
-const REG_ID: u32 = 0x20;
 const REG_EOI: u32 = 0xB0;
 const REG_SPURIOUS: u32 = 0xF0;
 const REG_ICR_LOW: u32 = 0x300;
@@ -98,15 +97,6 @@ pub fn enable() {
 /// Software-disables this CPU's local APIC (crash path: no more IPIs).
 pub fn disable() {
     write(REG_SPURIOUS, u32::from(SPURIOUS_VECTOR));
-}
-
-/// This CPU's APIC ID as the APIC reports it.
-pub fn id() -> u32 {
-    if x2apic() {
-        read(REG_ID)
-    } else {
-        read(REG_ID) >> 24
-    }
 }
 
 /// Signals the end of an interrupt.

@@ -13,14 +13,6 @@ pub fn outb(port: u16, value: u8) {
     };
 }
 
-/// Writes a 32-bit value to an I/O port.
-pub fn outl(port: u16, value: u32) {
-    // SAFETY: as for `outb`.
-    unsafe {
-        core::arch::asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
-    };
-}
-
 /// Reads a byte from an I/O port.
 pub fn inb(port: u16) -> u8 {
     let value: u8;

@@ -27,7 +27,7 @@ impl Ept {
         bytes: u64,
         mut alloc_page: impl FnMut() -> Option<u64>,
     ) -> Option<Self> {
-        if backing % TWO_MIB != 0 || bytes == 0 || bytes > 512 * TWO_MIB {
+        if !backing.is_multiple_of(TWO_MIB) || bytes == 0 || bytes > 512 * TWO_MIB {
             return None;
         }
         let pml4 = alloc_page()?;

@@ -233,8 +233,3 @@ pub fn enable_on_this_cpu() -> Result<u64, VmxError> {
     CPUS_IN_VMX.fetch_add(1, Ordering::Relaxed);
     Ok(region)
 }
-
-/// Whether VMCSes use the VMX-preemption timer.
-pub fn uses_preemption_timer() -> bool {
-    PREEMPTION_TIMER.load(Ordering::Relaxed)
-}
