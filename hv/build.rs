@@ -12,12 +12,17 @@ fn main() {
     if std::env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("none") {
         return;
     }
-    let script = std::fs::read_to_string(format!("{dir}/linker.ld")).expect("hv/linker.ld is readable");
+    let script =
+        std::fs::read_to_string(format!("{dir}/linker.ld")).expect("hv/linker.ld is readable");
     let script = match std::env::var("HV_LINK_BASE") {
         Ok(base) => {
             let digits = base.trim_start_matches("0x");
-            let value = u64::from_str_radix(digits, 16).unwrap_or_else(|_| panic!("HV_LINK_BASE={base} is not hexadecimal"));
-            assert!(value % 0x20_0000 == 0 && value < 0xF000_0000, "HV_LINK_BASE must be 2 MiB aligned and below 3.75 GiB");
+            let value = u64::from_str_radix(digits, 16)
+                .unwrap_or_else(|_| panic!("HV_LINK_BASE={base} is not hexadecimal"));
+            assert!(
+                value % 0x20_0000 == 0 && value < 0xF000_0000,
+                "HV_LINK_BASE must be 2 MiB aligned and below 3.75 GiB"
+            );
             script.replace(". = 0x200000;", &format!(". = {value:#x};"))
         }
         Err(_) => script,

@@ -101,7 +101,7 @@ pub extern "C" fn hv_main(entered_by: u32, info: u32, magic: u32) -> ! {
         })
     });
 
-    memory::init(boot);
+    memory::init(boot, options.crashkernel);
     memory::switch_to_guarded_stacks(boot_cpu_main)
 }
 

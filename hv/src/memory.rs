@@ -1,6 +1,7 @@
 //! Physical memory: the usable map, the frame allocator, the kernel's page
 //! tables, and stacks with guard pages.
 
+use hv_core::cmdline::CrashKernelSpec;
 use hv_core::frames::FrameAllocator;
 use hv_core::memmap::{MemoryMap, MemoryRegion, RegionKind};
 use spin::Mutex;
@@ -47,6 +48,50 @@ fn zero_frames(start: u64, pages: u64) {
     unsafe { core::ptr::write_bytes(start as *mut u8, 0, (pages * PAGE) as usize) };
 }
 
+/// The firmware's memory map as the loader gave it (nothing excluded): the
+/// capture kernel's e820 map and the dump's memory ranges come from it.
+pub static FIRMWARE_MAP: spin::Once<MemoryMap> = spin::Once::new();
+/// The crash-kernel reservation (start, length), out of every allocator.
+pub static CRASH_RESERVATION: spin::Once<(u64, u64)> = spin::Once::new();
+
+/// A Linux capture kernel decompresses at or above its preferred address
+/// (16 MiB on Debian) and the reservation starts on 16 MiB boundaries.
+const RESERVATION_ALIGN: u64 = 16 << 20;
+
+/// Takes `spec` out of the usable map: at its base when given, else as
+/// high as it fits below 4 GiB (the purgatory and a 32-bit capture entry
+/// need it there). The map only holds memory nothing else uses yet.
+fn reserve_crash_memory(
+    map: &mut MemoryMap,
+    spec: CrashKernelSpec,
+) -> Result<(u64, u64), &'static str> {
+    let size = spec.size;
+    let base = match spec.base {
+        Some(base) => {
+            let end = base.checked_add(size).ok_or("base + size overflows")?;
+            if !map
+                .usable()
+                .any(|region| region.start <= base && end <= region.end())
+            {
+                return Err("the requested range is not free usable RAM");
+            }
+            base
+        }
+        None => map
+            .usable()
+            .filter_map(|region| {
+                let end = region.end().min(FOUR_GIB);
+                let base = end.checked_sub(size)? & !(RESERVATION_ALIGN - 1);
+                (base >= region.start.max(RESERVATION_ALIGN)).then_some(base)
+            })
+            .max()
+            .ok_or("no free RAM below 4 GiB holds the reservation")?,
+    };
+    map.exclude(base, size)
+        .map_err(|_| "the memory map is full")?;
+    Ok((base, size))
+}
+
 /// The frame allocator, once the memory map is known.
 pub static FRAMES: Mutex<Option<FrameAllocator>> = Mutex::new(None);
 /// The page tables every CPU uses.
@@ -72,7 +117,7 @@ pub fn image_range() -> (u64, u64) {
 
 /// Reads the memory map, sets up the frame allocator and switches to the
 /// kernel's own page tables. Stops the machine if there is no usable RAM.
-pub fn init(boot: &BootInfo) {
+pub fn init(boot: &BootInfo, crashkernel: Option<CrashKernelSpec>) {
     let regions = boot
         .regions()
         .iter()
@@ -91,20 +136,46 @@ pub fn init(boot: &BootInfo) {
             boot.regions().len()
         );
     }
+    FIRMWARE_MAP.call_once(|| map.clone());
     let (image_start, image_len) = image_range();
-    let mut keep_out = [(0, LOW_RESERVED_END), (image_start, image_len)]
-        .into_iter()
-        .chain(boot.loader_ranges);
     let modules = boot.modules().map(|module| (module.start, module.len));
-    if let Some(error) = keep_out
-        .by_ref()
+    let keep_out = [(0, LOW_RESERVED_END), (image_start, image_len)]
+        .into_iter()
+        .chain(boot.loader_ranges)
         .chain(modules)
-        .filter(|range| range.1 > 0)
-        .find_map(|(start, len)| map.exclude(start, len).err())
-    {
-        log::error!("memory map: {error}");
-        crate::finish::fail_stop();
+        .filter(|range| range.1 > 0);
+    for (start, len) in keep_out {
+        if let Err(error) = map.exclude(start, len) {
+            log::error!("memory map: {error}");
+            crate::finish::fail_stop();
+        }
     }
+    let reservation = crashkernel.map(|spec| reserve_crash_memory(&mut map, spec));
+    match reservation {
+        Some(Ok(range)) => {
+            log::info!(
+                "crashkernel: {} MiB reserved at {:#x}",
+                range.1 >> 20,
+                range.0
+            );
+            CRASH_RESERVATION.call_once(|| range);
+        }
+        Some(Err(error)) => log::error!("crashkernel: {error}; crash capture disabled"),
+        None => {}
+    }
+    crate::report::line(|o| {
+        o.field("crashkernel").object(|o| {
+            let reserved = reservation.and_then(Result::ok);
+            o.field("base")
+                .option(reserved, |value, range| value.u64(range.0))?;
+            o.field("size")
+                .option(reserved, |value, range| value.u64(range.1))?;
+            o.field("error")
+                .option(reservation.and_then(Result::err), |value, error| {
+                    value.str(error)
+                })
+        })
+    });
     for region in map.regions() {
         log::debug!(
             "memory: {:#014x}..{:#014x} {:?}",
