@@ -357,5 +357,11 @@ fn coordinate(me: usize, reason: Reason<'_>, regs: &UserRegs) -> ! {
             })
         });
     }
+    crate::capture::hand_over(&crate::capture::Handover {
+        coordinator: me,
+        checked_in: &rendezvous.checked_in,
+        stragglers: &rendezvous.stragglers,
+        reason: &reason,
+    });
     crate::finish::crash_stop()
 }

@@ -737,3 +737,73 @@ pub fn run_at_boot(settings: &Settings) -> RunSummary {
         migrations: MIGRATIONS.load(Ordering::Relaxed),
     }
 }
+
+/// Crash path: fills the dump's per-CPU VMCLEAR ledger from the vCPUs' own
+/// records: for every online CPU, each VMCS those records say it held, and
+/// whether the crash path VMCLEARed it. Returns the number of ledgers.
+pub fn crash_ledgers(
+    ledgers: &mut [kexec_loader::crash_note::CpuLedger<'static>],
+    vmclears: &'static mut [kexec_loader::crash_note::VmclearRecord],
+    coordinator: usize,
+    checked_in: &crash::cpuset::CpuSet,
+) -> usize {
+    use crash::shootdown::VmxExit;
+    use kexec_loader::crash_note::{CpuLedger, VmclearOutcome, VmclearRecord, cpu_flags};
+    let online = smp::cpus().len().min(ledgers.len());
+    let mut remaining = vmclears;
+    let mut count = 0;
+    for (cpu, shared) in smp::cpus().iter().enumerate().take(online) {
+        if shared.slot.state() != smp_boot::bringup::CpuState::Online {
+            continue;
+        }
+        let held = || {
+            vcpus()
+                .iter()
+                .filter(|vcpu| vcpu.shared.loaded_on.load(Ordering::Acquire) == cpu as u32)
+        };
+        let len = held().count().min(remaining.len());
+        // Split off this CPU's part: it is final once filled, the rest
+        // stays writable for the next CPUs.
+        let (mine, rest) = core::mem::take(&mut remaining).split_at_mut(len);
+        remaining = rest;
+        for (record, vcpu) in mine.iter_mut().zip(held()) {
+            let outcome = if vcpu.shared.crash_cleared.load(Ordering::Acquire) {
+                VmclearOutcome::Succeeded
+            } else {
+                VmclearOutcome::FailInvalid
+            };
+            *record = VmclearRecord {
+                vmcs_phys: vcpu.shared.vmcs,
+                outcome,
+            };
+        }
+        let vmx = crate::crashpath::COORDINATOR
+            .record(cpu)
+            .map(|record| record.ledger.vmx);
+        let mut flags = 0;
+        if checked_in.contains(cpu) {
+            flags |= cpu_flags::CHECKED_IN;
+        }
+        if cpu == coordinator {
+            flags |= cpu_flags::COORDINATOR;
+        }
+        if matches!(
+            vmx,
+            Some(VmxExit::Left | VmxExit::LeftAfterInvalidOpcode | VmxExit::StillOn(_))
+        ) {
+            flags |= cpu_flags::VMX_WAS_ON;
+        }
+        if matches!(vmx, Some(VmxExit::Left | VmxExit::LeftAfterInvalidOpcode)) {
+            flags |= cpu_flags::VMXOFF_DONE;
+        }
+        ledgers[count] = CpuLedger {
+            cpu_index: cpu as u32,
+            apic_id: shared.slot.apic_id(),
+            flags,
+            vmcs_loaded: len as u32,
+            vmclears: mine,
+        };
+        count += 1;
+    }
+    count
+}

@@ -6,6 +6,8 @@
 mod acpi;
 mod arch;
 mod bootinfo;
+mod capture;
+mod capture_mode;
 mod console;
 mod crashpath;
 mod finish;
@@ -15,6 +17,7 @@ mod inject;
 mod memory;
 mod paging;
 mod percpu;
+mod purgatory;
 mod report;
 mod smp;
 mod time;
@@ -102,7 +105,18 @@ pub extern "C" fn hv_main(entered_by: u32, info: u32, magic: u32) -> ! {
     });
 
     memory::init(boot, options.crashkernel);
+    if options.capture_mode.is_some() {
+        memory::switch_to_guarded_stacks(capture_main)
+    }
     memory::switch_to_guarded_stacks(boot_cpu_main)
+}
+
+/// This image is a capture kernel: stream the crashed hypervisor's dump.
+fn capture_main() -> ! {
+    let options = OPTIONS
+        .get()
+        .expect("options are parsed before the stack switch");
+    capture_mode::run(options.capture_mode.expect("capture mode was asked for"))
 }
 
 /// The rest of the boot, on the boot CPU's guarded stack.
@@ -139,6 +153,11 @@ fn boot_cpu_main() -> ! {
         hang_apic_id: options.ap_hang,
     };
     let bringup = smp::bring_up(possible, &settings);
+    capture::load_at_boot(
+        boot,
+        options.finish == Finish::Exit,
+        options.capture_corrupt,
+    );
     let called = smp::call_on_all(|_| {}, 0);
     let nmis = smp::nmi_self_test();
     log::info!("IPIs: call-function ran on {called} CPUs; NMI answered by {nmis} others");

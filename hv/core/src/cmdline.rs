@@ -124,6 +124,12 @@ pub struct Options {
     pub guest_misbehave: Option<u32>,
     /// `guest_crash_call=N` (test knob): vCPU N makes the crash hypercall.
     pub guest_crash_call: Option<u32>,
+    /// `capture_mode=ADDR`: this image is the capture kernel; the crashed
+    /// hypervisor's ELF core header is at physical ADDR.
+    pub capture_mode: Option<u64>,
+    /// `capture_corrupt=1` (test knob): damage the loaded capture kernel
+    /// after its digest was taken, so the crash path must refuse to jump.
+    pub capture_corrupt: bool,
     /// `crash=...` (test knob): inject a panic.
     pub crash: Option<CrashSpec>,
     /// `crash_timeout_ms=`: how long the crash rendezvous waits.
@@ -149,6 +155,8 @@ impl Options {
             slice_us: 2000,
             guest_misbehave: None,
             guest_crash_call: None,
+            capture_mode: None,
+            capture_corrupt: false,
             crash: None,
             crash_timeout_ms: 1000,
             crash_hypercall: false,
@@ -282,6 +290,21 @@ pub const OPTIONS: &[(&str, Setter)] = &[
         Ok(())
     }),
     ("crash", set_crash),
+    ("capture_mode", |options, value| {
+        let address = parse_number(value)
+            .filter(|a| *a != 0 && a % 8 == 0)
+            .ok_or("expected the ELF core header's address")?;
+        options.capture_mode = Some(address);
+        Ok(())
+    }),
+    ("capture_corrupt", |options, value| {
+        options.capture_corrupt = match value {
+            "1" => true,
+            "0" => false,
+            _ => return Err("expected 0 or 1"),
+        };
+        Ok(())
+    }),
     ("guest_crash_call", |options, value| {
         let mut n = 0;
         set_bounded(&mut n, value, 1023)?;
@@ -587,6 +610,17 @@ mod tests {
     }
 
     #[test]
+    fn capture_options() {
+        let parsed = parse("capture_mode=0x1f000000 capture_corrupt=1");
+        assert!(parsed.is_clean(), "{:?}", messages(&parsed));
+        assert_eq!(parsed.options.capture_mode, Some(0x1f00_0000));
+        assert!(parsed.options.capture_corrupt);
+        let parsed = parse("capture_mode=0 capture_mode=0x1001 capture_corrupt=yes");
+        assert_eq!(parsed.error_count(), 3, "{:?}", messages(&parsed));
+        assert_eq!(parsed.options, Options::default());
+    }
+
+    #[test]
     fn crash_knob_rejects_what_it_cannot_do() {
         for bad in [
             "crash=after_ms:5",
@@ -855,6 +889,8 @@ mod tests {
             ("guest_misbehave", "2"),
             ("crash", "cpu:1,after_ms:20"),
             ("guest_crash_call", "0"),
+            ("capture_mode", "0x1f000000"),
+            ("capture_corrupt", "1"),
             ("crash_timeout_ms", "500"),
             ("crash_hypercall", "allow"),
         ];

@@ -22,3 +22,19 @@ pub fn inb(port: u16) -> u8 {
     };
     value
 }
+
+/// Writes a block of bytes to one I/O port (`rep outsb`): the capture
+/// stream's bulk path.
+pub fn outsb(port: u16, bytes: &[u8]) {
+    // SAFETY: `rep outsb` only reads `bytes` (RSI, RCX bytes) and writes the
+    // port; the direction flag is clear in Rust code.
+    unsafe {
+        core::arch::asm!(
+            "rep outsb",
+            in("dx") port,
+            inout("rsi") bytes.as_ptr() => _,
+            inout("rcx") bytes.len() => _,
+            options(nostack, preserves_flags, readonly)
+        )
+    };
+}
