@@ -130,12 +130,13 @@ fn tag(module: &Module) -> &str {
 
 /// Loads the capture kernel at boot. Errors are reported and disable
 /// capture; the hypervisor runs on.
-pub fn load_at_boot(boot: &BootInfo, hv_cmdline_finish_exit: bool, corrupt: bool) {
+pub fn load_at_boot(boot: &BootInfo, options: &hv_core::cmdline::Options) {
+    let corrupt = options.capture_corrupt;
     let wanted = boot.modules().next().is_some() || CRASH_RESERVATION.get().is_some();
     if !wanted {
         return;
     }
-    match load(boot, hv_cmdline_finish_exit) {
+    match load(boot, options) {
         Ok(plan) => {
             log::info!(
                 "capture: {} capture kernel loaded; {} segments digested; ELF core header at {}",
@@ -230,7 +231,7 @@ fn dump_segments(reservation: PhysRange) -> ([MemorySegment; MAX_SEGMENTS], usiz
     (segments, count)
 }
 
-fn load(boot: &BootInfo, finish_exit: bool) -> Result<Plan, LoadError> {
+fn load(boot: &BootInfo, options: &hv_core::cmdline::Options) -> Result<Plan, LoadError> {
     let &(start, len) = CRASH_RESERVATION.get().ok_or(LoadError::NoReservation)?;
     let reservation = PhysRange::new(start, len);
     let modules = || boot.modules();
@@ -269,7 +270,7 @@ fn load(boot: &BootInfo, finish_exit: bool) -> Result<Plan, LoadError> {
             reservation,
             purgatory_area,
             header_len,
-            finish_exit,
+            options,
         )?;
         (Kind::Hv, elfcorehdr, entry, digests)
     } else {
@@ -484,7 +485,7 @@ fn load_hv(
     reservation: PhysRange,
     purgatory_area: u64,
     header_len: u64,
-    finish_exit: bool,
+    options: &hv_core::cmdline::Options,
 ) -> Result<Loaded, LoadError> {
     const PT_LOAD: u32 = 1;
     const PT_NOTE: u32 = 4;
@@ -608,9 +609,14 @@ fn load_hv(
     };
     let _ = write!(
         writer,
-        "capture_mode={:#x} max_cpus=1 log=info{}",
+        "capture_mode={:#x} capture_sink={} max_cpus=1 log=info{}",
         elfcorehdr.start,
-        if finish_exit { " finish=exit" } else { "" }
+        options.capture_sink.name(),
+        if options.finish == hv_core::cmdline::Finish::Exit {
+            " finish=exit"
+        } else {
+            ""
+        }
     );
     let cmdline_len = writer.len + 1;
     if cmdline_at + cmdline_len as u64 > data + purgatory::BOOT_DATA_BYTES {

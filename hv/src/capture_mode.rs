@@ -1,6 +1,7 @@
 //! Capture mode: this image, booted by the crashed hypervisor's purgatory
 //! inside the crash reservation, reads the ELF core header the crash path
-//! wrote and streams the dump out of the debug port (I/O port 0xE9) in the
+//! wrote and streams the dump out of the debug port (I/O port 0xE9), or to
+//! a disk (Bochs), in the
 //! format of `xtask/CAPTURE.md`. All-zero pages go as ZERO records, so a
 //! mostly idle machine's dump crosses quickly.
 
@@ -23,20 +24,125 @@ const RECORD_DATA: u8 = 2;
 const RECORD_ZERO: u8 = 3;
 const RECORD_END: u8 = 4;
 
-fn emit(bytes: &[u8]) {
-    outsb(DEBUG_PORT, bytes);
+/// Where the stream goes: the debug port (QEMU), or the primary ATA
+/// channel's slave disk by PIO from sector 0 (Bochs, whose port 0xE9 shares
+/// stdout with its screen).
+enum Sink {
+    DebugPort,
+    Ata(Ata),
 }
 
-fn emit_u64(value: u64) {
-    emit(&value.to_le_bytes());
+impl Sink {
+    fn emit(&mut self, bytes: &[u8]) {
+        match self {
+            Sink::DebugPort => outsb(DEBUG_PORT, bytes),
+            Sink::Ata(ata) => ata.write(bytes),
+        }
+    }
+
+    fn emit_u64(&mut self, value: u64) {
+        self.emit(&value.to_le_bytes());
+    }
+
+    fn emit_record(&mut self, kind: u8) {
+        match self {
+            Sink::DebugPort => outb(DEBUG_PORT, kind),
+            Sink::Ata(ata) => ata.write(&[kind]),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Sink::Ata(ata) = self {
+            ata.finish();
+        }
+    }
 }
 
-fn emit_record(kind: u8) {
-    outb(DEBUG_PORT, kind);
+const ATA_DATA: u16 = 0x1F0;
+const ATA_SECTOR_COUNT: u16 = 0x1F2;
+const ATA_LBA_LOW: u16 = 0x1F3;
+const ATA_LBA_MID: u16 = 0x1F4;
+const ATA_LBA_HIGH: u16 = 0x1F5;
+const ATA_DRIVE: u16 = 0x1F6;
+const ATA_COMMAND: u16 = 0x1F7;
+const ATA_BUSY: u8 = 0x80;
+const ATA_FAULT: u8 = 0x20;
+const ATA_REQUEST: u8 = 0x08;
+const ATA_ERROR: u8 = 0x01;
+const ATA_WRITE_SECTORS_EXT: u8 = 0x34;
+const ATA_FLUSH_CACHE_EXT: u8 = 0xEA;
+
+/// Sector-buffered LBA48 PIO writes to the primary slave.
+struct Ata {
+    sector: [u16; 256],
+    filled: usize,
+    lba: u64,
+}
+
+impl Ata {
+    fn wait(&self, want: u8) {
+        for _ in 0..10_000_000 {
+            let status = crate::arch::port::inb(ATA_COMMAND);
+            if status & (ATA_ERROR | ATA_FAULT) != 0 {
+                fail(&"the dump disk reported an error");
+            }
+            if status & ATA_BUSY == 0 && status & want == want {
+                return;
+            }
+        }
+        fail(&"the dump disk does not answer");
+    }
+
+    fn write_sector(&mut self) {
+        self.wait(0);
+        let lba = self.lba;
+        outb(ATA_DRIVE, 0x50);
+        outb(ATA_SECTOR_COUNT, 0);
+        outb(ATA_LBA_LOW, (lba >> 24) as u8);
+        outb(ATA_LBA_MID, (lba >> 32) as u8);
+        outb(ATA_LBA_HIGH, (lba >> 40) as u8);
+        outb(ATA_SECTOR_COUNT, 1);
+        outb(ATA_LBA_LOW, lba as u8);
+        outb(ATA_LBA_MID, (lba >> 8) as u8);
+        outb(ATA_LBA_HIGH, (lba >> 16) as u8);
+        outb(ATA_COMMAND, ATA_WRITE_SECTORS_EXT);
+        self.wait(ATA_REQUEST);
+        crate::arch::port::outsw(ATA_DATA, &self.sector);
+        self.lba += 1;
+        self.filled = 0;
+        self.sector = [0; 256];
+    }
+
+    fn write(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let at = self.filled;
+            let take = (512 - at).min(bytes.len());
+            for (index, &byte) in bytes[..take].iter().enumerate() {
+                let position = at + index;
+                let word = &mut self.sector[position / 2];
+                *word |= u16::from(byte) << (8 * (position % 2));
+            }
+            self.filled += take;
+            bytes = &bytes[take..];
+            if self.filled == 512 {
+                self.write_sector();
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if self.filled > 0 {
+            self.write_sector();
+        }
+        self.wait(0);
+        outb(ATA_COMMAND, ATA_FLUSH_CACHE_EXT);
+        self.wait(0);
+    }
 }
 
 /// Pending ZERO or DATA run, flushed when the kind changes.
 struct Stream {
+    sink: Sink,
     zero_start: u64,
     zero_len: u64,
 }
@@ -44,9 +150,9 @@ struct Stream {
 impl Stream {
     fn flush_zero(&mut self) {
         if self.zero_len > 0 {
-            emit_record(RECORD_ZERO);
-            emit_u64(self.zero_start);
-            emit_u64(self.zero_len);
+            self.sink.emit_record(RECORD_ZERO);
+            self.sink.emit_u64(self.zero_start);
+            self.sink.emit_u64(self.zero_len);
             self.zero_len = 0;
         }
     }
@@ -60,10 +166,10 @@ impl Stream {
 
     fn data(&mut self, offset: u64, bytes: &[u8]) {
         self.flush_zero();
-        emit_record(RECORD_DATA);
-        emit_u64(offset);
-        emit_u64(bytes.len() as u64);
-        emit(bytes);
+        self.sink.emit_record(RECORD_DATA);
+        self.sink.emit_u64(offset);
+        self.sink.emit_u64(bytes.len() as u64);
+        self.sink.emit(bytes);
     }
 }
 
@@ -87,7 +193,7 @@ fn fail(why: &dyn core::fmt::Display) -> ! {
 }
 
 /// Streams the dump described by the core header at `header` and ends.
-pub fn run(header: u64) -> ! {
+pub fn run(header: u64, sink: hv_core::cmdline::CaptureSink) -> ! {
     log::info!("capture: hv capture mode, ELF core header at {header:#x}");
     crate::report::line(|o| {
         o.field("capture").object(|o| {
@@ -122,16 +228,27 @@ pub fn run(header: u64) -> ! {
         Err(error) => fail(&error),
     };
     let cpu_notes = dump.cpus().count();
-    log::info!("capture: {cpu_notes} CPU notes; streaming the dump on port {DEBUG_PORT:#x}");
-
-    emit(b"HVDUMP1\0");
-    emit_record(RECORD_HEADER);
-    emit_u64(layout.len as u64);
-    emit(&out[..layout.len]);
+    log::info!(
+        "capture: {cpu_notes} CPU notes; streaming the dump to {}",
+        sink.name()
+    );
+    let sink = match sink {
+        hv_core::cmdline::CaptureSink::DebugPort => Sink::DebugPort,
+        hv_core::cmdline::CaptureSink::AtaSlave => Sink::Ata(Ata {
+            sector: [0; 256],
+            filled: 0,
+            lba: 0,
+        }),
+    };
     let mut stream = Stream {
+        sink,
         zero_start: 0,
         zero_len: 0,
     };
+    stream.sink.emit(b"HVDUMP1\0");
+    stream.sink.emit_record(RECORD_HEADER);
+    stream.sink.emit_u64(layout.len as u64);
+    stream.sink.emit(&out[..layout.len]);
     let mut offset = layout.data_offset;
     let mut data_pages = 0u64;
     for segment in dump.load_segments() {
@@ -168,8 +285,9 @@ pub fn run(header: u64) -> ! {
         offset += len;
     }
     stream.flush_zero();
-    emit_record(RECORD_END);
-    emit_u64(offset);
+    stream.sink.emit_record(RECORD_END);
+    stream.sink.emit_u64(offset);
+    stream.sink.finish();
     log::info!("capture: dump of {offset} bytes streamed ({data_pages} non-zero pages)");
     crate::report::line(|o| {
         o.field("capture").object(|o| {

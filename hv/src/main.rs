@@ -116,7 +116,10 @@ fn capture_main() -> ! {
     let options = OPTIONS
         .get()
         .expect("options are parsed before the stack switch");
-    capture_mode::run(options.capture_mode.expect("capture mode was asked for"))
+    capture_mode::run(
+        options.capture_mode.expect("capture mode was asked for"),
+        options.capture_sink,
+    )
 }
 
 /// The rest of the boot, on the boot CPU's guarded stack.
@@ -153,11 +156,7 @@ fn boot_cpu_main() -> ! {
         hang_apic_id: options.ap_hang,
     };
     let bringup = smp::bring_up(possible, &settings);
-    capture::load_at_boot(
-        boot,
-        options.finish == Finish::Exit,
-        options.capture_corrupt,
-    );
+    capture::load_at_boot(boot, &options);
     let called = smp::call_on_all(|_| {}, 0);
     let nmis = smp::nmi_self_test();
     log::info!("IPIs: call-function ran on {called} CPUs; NMI answered by {nmis} others");

@@ -86,6 +86,26 @@ pub struct CrashSpec {
     pub point: Option<CrashPoint>,
 }
 
+/// Where the hv capture image writes the dump stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CaptureSink {
+    /// I/O port 0xE9 (QEMU `-debugcon`).
+    #[default]
+    DebugPort,
+    /// The primary ATA channel's slave disk, by PIO from sector 0 (Bochs).
+    AtaSlave,
+}
+
+impl CaptureSink {
+    /// The command-line spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::DebugPort => "debugcon",
+            Self::AtaSlave => "ata",
+        }
+    }
+}
+
 /// `crashkernel=SIZE[@BASE]`: memory reserved for the capture kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CrashKernelSpec {
@@ -127,6 +147,9 @@ pub struct Options {
     /// `capture_mode=ADDR`: this image is the capture kernel; the crashed
     /// hypervisor's ELF core header is at physical ADDR.
     pub capture_mode: Option<u64>,
+    /// `capture_sink=debugcon|ata`: where the hv capture image writes the
+    /// dump stream: I/O port 0xE9, or the primary ATA channel's slave disk.
+    pub capture_sink: CaptureSink,
     /// `capture_corrupt=1` (test knob): damage the loaded capture kernel
     /// after its digest was taken, so the crash path must refuse to jump.
     pub capture_corrupt: bool,
@@ -156,6 +179,7 @@ impl Options {
             guest_misbehave: None,
             guest_crash_call: None,
             capture_mode: None,
+            capture_sink: CaptureSink::DebugPort,
             capture_corrupt: false,
             crash: None,
             crash_timeout_ms: 1000,
@@ -295,6 +319,14 @@ pub const OPTIONS: &[(&str, Setter)] = &[
             .filter(|a| *a != 0 && a % 8 == 0)
             .ok_or("expected the ELF core header's address")?;
         options.capture_mode = Some(address);
+        Ok(())
+    }),
+    ("capture_sink", |options, value| {
+        options.capture_sink = match value {
+            "debugcon" => CaptureSink::DebugPort,
+            "ata" => CaptureSink::AtaSlave,
+            _ => return Err("expected one of debugcon, ata"),
+        };
         Ok(())
     }),
     ("capture_corrupt", |options, value| {
@@ -611,12 +643,15 @@ mod tests {
 
     #[test]
     fn capture_options() {
-        let parsed = parse("capture_mode=0x1f000000 capture_corrupt=1");
+        let parsed = parse("capture_mode=0x1f000000 capture_corrupt=1 capture_sink=ata");
         assert!(parsed.is_clean(), "{:?}", messages(&parsed));
+        assert_eq!(parsed.options.capture_sink, CaptureSink::AtaSlave);
+        assert_eq!(Options::default().capture_sink.name(), "debugcon");
         assert_eq!(parsed.options.capture_mode, Some(0x1f00_0000));
         assert!(parsed.options.capture_corrupt);
-        let parsed = parse("capture_mode=0 capture_mode=0x1001 capture_corrupt=yes");
-        assert_eq!(parsed.error_count(), 3, "{:?}", messages(&parsed));
+        let parsed =
+            parse("capture_mode=0 capture_mode=0x1001 capture_corrupt=yes capture_sink=tape");
+        assert_eq!(parsed.error_count(), 4, "{:?}", messages(&parsed));
         assert_eq!(parsed.options, Options::default());
     }
 
@@ -891,6 +926,7 @@ mod tests {
             ("guest_crash_call", "0"),
             ("capture_mode", "0x1f000000"),
             ("capture_corrupt", "1"),
+            ("capture_sink", "ata"),
             ("crash_timeout_ms", "500"),
             ("crash_hypercall", "allow"),
         ];

@@ -38,3 +38,18 @@ pub fn outsb(port: u16, bytes: &[u8]) {
         )
     };
 }
+
+/// Writes `words` to one I/O port (`rep outsw`): ATA PIO data.
+pub fn outsw(port: u16, words: &[u16]) {
+    // SAFETY: `rep outsw` only reads `words` and writes the port; the
+    // direction flag is clear in Rust code.
+    unsafe {
+        core::arch::asm!(
+            "rep outsw",
+            in("dx") port,
+            inout("rsi") words.as_ptr() => _,
+            inout("rcx") words.len() => _,
+            options(nostack, preserves_flags, readonly)
+        )
+    };
+}
