@@ -777,7 +777,7 @@ pub fn hand_over(handover: &Handover<'_>) {
     if let Err(error) = verdict {
         let _ = writeln!(
             EmergencyConsole,
-            "*** hv: capture: {error}: the capture kernel was damaged after boot; refusing to jump"
+            "*** hv: capture: {error} (the capture kernel was damaged after boot)"
         );
         report_capture(plan, false, Some(&error));
         return;
