@@ -10,6 +10,7 @@ pub mod accel;
 pub mod bench;
 pub mod ci;
 pub mod cmdline;
+pub mod crash;
 pub mod iso;
 pub mod kernel;
 pub mod paths;

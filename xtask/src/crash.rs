@@ -1,0 +1,594 @@
+//! hv's crash test knob as xtask speaks it: `crash=cpu:N,after_ms:T[,point:NAME]`.
+//!
+//! [`CrashSpec`] reads and writes the knob's value with hv's own rules
+//! (`hv/core/src/cmdline.rs`: keys in any order, decimal or `0x` hex, the
+//! last key wins, `cpu` required). On top of what hv accepts, xtask knows
+//! which specs can really crash a given machine ([`CrashSpec::check`]): a CPU
+//! that exists, a list store the protocol makes, a point that can fire
+//! without VMX. [`CrashSpec::random`] draws a spec that can, and [`Rng`] is
+//! the small seeded generator behind every random choice, so that a printed
+//! seed reproduces a whole stress loop.
+
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Stores of a loaded-VMCS list insertion: `list_add0` .. `list_add4`.
+pub const LIST_ADD_STORES: u8 = 5;
+/// Stores of a loaded-VMCS list removal: `list_remove0` .. `list_remove2`.
+pub const LIST_REMOVE_STORES: u8 = 3;
+/// hv's parser accepts store numbers below this (more than the protocol
+/// makes: such a point never fires).
+const PARSED_STORES: u8 = 8;
+/// hv's largest `after_ms`.
+const MAX_AFTER_MS: u64 = 3_600_000;
+
+/// hv's default `crash_timeout_ms`.
+pub const DEFAULT_TIMEOUT_MS: u64 = 1000;
+/// hv's largest `crash_timeout_ms`.
+pub const MAX_TIMEOUT_MS: u64 = 600_000;
+/// hv's default `guest_run_ms`.
+pub const DEFAULT_GUEST_RUN_MS: u64 = 100;
+
+/// Where the injected crash happens (`point:NAME`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Point {
+    /// Between two stores of a loaded-VMCS list insertion (`list_addN`).
+    ListAdd(u8),
+    /// Between two stores of a loaded-VMCS list removal (`list_removeN`).
+    ListRemove(u8),
+    /// After VMCLEAR, before the unlink.
+    VmclearUnlink,
+    /// VMPTRLD in the vCPU load path.
+    VcpuLoad,
+    /// CPU N spins inside an NMI handler; another CPU panics.
+    NmiBlocked,
+    /// CPUs N and N+1 (mod the count) panic at the same moment.
+    DoublePanic,
+    /// Before VMX is enabled (`after_ms` ignored).
+    BeforeVmx,
+    /// AP N panics during bring-up, before it checks in (N >= 1).
+    Bringup,
+}
+
+impl Point {
+    /// Every point that can fire: the stores the list protocol really makes.
+    pub fn all() -> Vec<Point> {
+        let mut points: Vec<Point> = (0..LIST_ADD_STORES).map(Point::ListAdd).collect();
+        points.extend((0..LIST_REMOVE_STORES).map(Point::ListRemove));
+        points.extend([
+            Point::VmclearUnlink,
+            Point::VcpuLoad,
+            Point::NmiBlocked,
+            Point::DoublePanic,
+            Point::BeforeVmx,
+            Point::Bringup,
+        ]);
+        points
+    }
+
+    /// Parses a point name as hv does (`list_add0`, `nmi_blocked`, ...).
+    pub fn parse(text: &str) -> Option<Point> {
+        let store = |rest: &str| {
+            rest.parse::<u8>()
+                .ok()
+                .filter(|n| *n < PARSED_STORES && !rest.starts_with('+'))
+        };
+        if let Some(rest) = text.strip_prefix("list_add") {
+            return store(rest).map(Point::ListAdd);
+        }
+        if let Some(rest) = text.strip_prefix("list_remove") {
+            return store(rest).map(Point::ListRemove);
+        }
+        Some(match text {
+            "vmclear_unlink" => Point::VmclearUnlink,
+            "vcpu_load" => Point::VcpuLoad,
+            "nmi_blocked" => Point::NmiBlocked,
+            "double_panic" => Point::DoublePanic,
+            "before_vmx" => Point::BeforeVmx,
+            "bringup" => Point::Bringup,
+            _ => return None,
+        })
+    }
+
+    /// Whether the point sits in the loaded-VMCS protocol, which only runs
+    /// while VMX guests run: without VMX (QEMU TCG) it never fires.
+    pub fn needs_vmx(self) -> bool {
+        matches!(
+            self,
+            Point::ListAdd(_) | Point::ListRemove(_) | Point::VmclearUnlink | Point::VcpuLoad
+        )
+    }
+
+    /// Whether hv ignores `after_ms` for this point.
+    pub fn ignores_after_ms(self) -> bool {
+        matches!(self, Point::BeforeVmx | Point::Bringup)
+    }
+}
+
+impl fmt::Display for Point {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Point::ListAdd(n) => write!(f, "list_add{n}"),
+            Point::ListRemove(n) => write!(f, "list_remove{n}"),
+            Point::VmclearUnlink => f.write_str("vmclear_unlink"),
+            Point::VcpuLoad => f.write_str("vcpu_load"),
+            Point::NmiBlocked => f.write_str("nmi_blocked"),
+            Point::DoublePanic => f.write_str("double_panic"),
+            Point::BeforeVmx => f.write_str("before_vmx"),
+            Point::Bringup => f.write_str("bringup"),
+        }
+    }
+}
+
+/// The value of hv's `crash=` knob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CrashSpec {
+    /// The CPU index that panics (0 is the boot CPU).
+    pub cpu: u32,
+    /// Milliseconds after the guest run starts (after the boot self-report
+    /// without VMX); the point is armed from then on.
+    pub after_ms: u64,
+    /// Where, if not as soon as `after_ms` has passed.
+    pub point: Option<Point>,
+}
+
+impl CrashSpec {
+    /// Parses the value of `crash=` exactly as hv does; the error is hv's
+    /// message for it.
+    pub fn parse(value: &str) -> Result<CrashSpec, String> {
+        const SHAPE: &str = "expected cpu:N,after_ms:T[,point:NAME]";
+        let mut cpu = None;
+        let mut after_ms = 0;
+        let mut point = None;
+        for part in value.split(',') {
+            let (key, item) = part.split_once(':').ok_or(SHAPE)?;
+            match key {
+                "cpu" => {
+                    let n = parse_number(item).ok_or("cpu: expected a CPU index")?;
+                    cpu = Some(u32::try_from(n).map_err(|_| "cpu: too large")?);
+                }
+                "after_ms" => {
+                    after_ms = parse_number(item)
+                        .filter(|ms| *ms <= MAX_AFTER_MS)
+                        .ok_or("after_ms: expected milliseconds")?;
+                }
+                "point" => {
+                    point = Some(Point::parse(item).ok_or_else(|| {
+                        format!(
+                            "point: unknown injection point `{item}` (known: list_add0..list_add{}, \
+                             list_remove0..list_remove{}, vmclear_unlink, vcpu_load, nmi_blocked, \
+                             double_panic, before_vmx, bringup)",
+                            LIST_ADD_STORES - 1,
+                            LIST_REMOVE_STORES - 1
+                        )
+                    })?);
+                }
+                _ => return Err(SHAPE.to_owned()),
+            }
+        }
+        Ok(CrashSpec {
+            cpu: cpu.ok_or("cpu:N is required")?,
+            after_ms,
+            point,
+        })
+    }
+
+    /// The command-line word: `crash=cpu:N,after_ms:T[,point:NAME]`.
+    pub fn word(&self) -> String {
+        format!("crash={self}")
+    }
+
+    /// Whether this spec can crash a machine of `cpus` CPUs, with or
+    /// without VMX guests; the reason when it cannot.
+    pub fn check(&self, cpus: u32, vmx: bool) -> Result<(), String> {
+        if self.cpu >= cpus {
+            return Err(format!(
+                "crash=cpu:{} names CPU index {}, but the machine has {cpus} CPU{} (0 to {})",
+                self.cpu,
+                self.cpu,
+                if cpus == 1 { "" } else { "s" },
+                cpus.saturating_sub(1)
+            ));
+        }
+        let Some(point) = self.point else {
+            return Ok(());
+        };
+        match point {
+            Point::ListAdd(n) if n >= LIST_ADD_STORES => Err(format!(
+                "point:{point} never fires: a list insertion makes {LIST_ADD_STORES} stores \
+                 (list_add0 to list_add{})",
+                LIST_ADD_STORES - 1
+            )),
+            Point::ListRemove(n) if n >= LIST_REMOVE_STORES => Err(format!(
+                "point:{point} never fires: a list removal makes {LIST_REMOVE_STORES} stores \
+                 (list_remove0 to list_remove{})",
+                LIST_REMOVE_STORES - 1
+            )),
+            point if point.needs_vmx() && !vmx => Err(format!(
+                "point:{point} fires only while VMX guests run, and this machine has no VMX \
+                 (QEMU TCG): use Bochs"
+            )),
+            Point::Bringup if self.cpu == 0 => Err(
+                "point:bringup needs an AP (cpu:1 or above): the boot CPU is not brought up"
+                    .to_owned(),
+            ),
+            Point::NmiBlocked | Point::DoublePanic if cpus < 2 => {
+                Err(format!("point:{point} needs at least 2 CPUs"))
+            }
+            Point::Bringup if cpus < 2 => Err("point:bringup needs at least 2 CPUs".to_owned()),
+            _ => Ok(()),
+        }
+    }
+
+    /// A random spec that can crash a machine of `cpus` CPUs (see
+    /// [`check`](Self::check)): a point drawn uniformly among the valid ones
+    /// and "no point" (time-based), a CPU the point allows, and, where hv
+    /// uses it, an `after_ms` from 1 to half of `guest_run_ms`, so that a
+    /// crash with VMX lands inside the guest run.
+    pub fn random(rng: &mut Rng, cpus: u32, vmx: bool, guest_run_ms: u64) -> CrashSpec {
+        let mut choices: Vec<Option<Point>> = vec![None];
+        choices.extend(
+            Point::all()
+                .into_iter()
+                .filter(|&point| {
+                    let probe = CrashSpec {
+                        cpu: u32::from(point == Point::Bringup),
+                        after_ms: 0,
+                        point: Some(point),
+                    };
+                    probe.check(cpus, vmx).is_ok()
+                })
+                .map(Some),
+        );
+        let point = choices[rng.below(choices.len() as u64) as usize];
+        let cpus = u64::from(cpus.max(1));
+        let cpu = match point {
+            Some(Point::Bringup) => 1 + rng.below(cpus - 1),
+            _ => rng.below(cpus),
+        } as u32;
+        let after_ms = match point {
+            Some(point) if point.ignores_after_ms() => 0,
+            _ => 1 + rng.below((guest_run_ms / 2).max(1)),
+        };
+        CrashSpec {
+            cpu,
+            after_ms,
+            point,
+        }
+    }
+
+    /// The CPU indexes that panic (the coordinator is one of them): the
+    /// target, except for `nmi_blocked` (CPU 0, or 1 when the target is 0)
+    /// and `double_panic` (the target and the next one).
+    pub fn panickers(&self, cpus: u32) -> Vec<u32> {
+        let cpus = cpus.max(1);
+        match self.point {
+            Some(Point::NmiBlocked) => vec![if self.cpu == 0 { 1 % cpus } else { 0 }],
+            Some(Point::DoublePanic) => {
+                let other = (self.cpu + 1) % cpus;
+                if other == self.cpu {
+                    vec![self.cpu]
+                } else {
+                    vec![self.cpu, other]
+                }
+            }
+            _ => vec![self.cpu],
+        }
+    }
+
+    /// The CPU indexes that must be named stragglers: the CPU spinning
+    /// with NMIs blocked, no other.
+    pub fn stragglers(&self) -> Vec<u32> {
+        match self.point {
+            Some(Point::NmiBlocked) => vec![self.cpu],
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl fmt::Display for CrashSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cpu:{},after_ms:{}", self.cpu, self.after_ms)?;
+        if let Some(point) = self.point {
+            write!(f, ",point:{point}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What `--crash` asks for: a given spec, or a random one per run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashArg {
+    /// This spec, passed to hv as it is.
+    Spec(CrashSpec),
+    /// A random spec valid for the machine (see [`CrashSpec::random`]).
+    Random,
+}
+
+impl CrashArg {
+    /// Parses `--crash`'s value: `random` or a `crash=` value.
+    pub fn parse(text: &str) -> Result<CrashArg, String> {
+        let text = text.trim();
+        if text == "random" {
+            return Ok(CrashArg::Random);
+        }
+        // Forgive the key: `--crash crash=cpu:1,...` means the same.
+        let value = text.strip_prefix("crash=").unwrap_or(text);
+        CrashSpec::parse(value)
+            .map(CrashArg::Spec)
+            .map_err(|error| format!("`{text}`: {error}"))
+    }
+
+    /// The spec of one run: the given one, or a fresh random one.
+    pub fn pick(&self, rng: &mut Rng, cpus: u32, vmx: bool, guest_run_ms: u64) -> CrashSpec {
+        match self {
+            CrashArg::Spec(spec) => *spec,
+            CrashArg::Random => CrashSpec::random(rng, cpus, vmx, guest_run_ms),
+        }
+    }
+}
+
+/// A small deterministic generator (SplitMix64): the same seed gives the
+/// same sequence of crashes.
+#[derive(Debug, Clone)]
+pub struct Rng {
+    state: u64,
+}
+
+impl Rng {
+    /// A generator starting from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self { state: seed }
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number from 0 to `bound - 1` (0 when `bound` is 0), without the
+    /// bias of a plain modulo.
+    pub fn below(&mut self, bound: u64) -> u64 {
+        if bound == 0 {
+            return 0;
+        }
+        let zone = u64::MAX - (u64::MAX % bound);
+        loop {
+            let value = self.next_u64();
+            if value < zone {
+                return value % bound;
+            }
+        }
+    }
+}
+
+/// A seed from the clock and the process ID, for runs that were given none.
+pub fn fresh_seed() -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos() as u64);
+    let mut rng = Rng::new(nanos ^ (u64::from(std::process::id()) << 32));
+    // Keep printed seeds short enough to type.
+    rng.next_u64() % 1_000_000_000
+}
+
+/// A number as hv's command line writes it: decimal, or hex after `0x`.
+pub(crate) fn parse_number(text: &str) -> Option<u64> {
+    let (digits, radix) = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => (hex, 16),
+        None => (text, 10),
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    u64::from_str_radix(digits, radix).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    fn spec(cpu: u32, after_ms: u64, point: Option<Point>) -> CrashSpec {
+        CrashSpec {
+            cpu,
+            after_ms,
+            point,
+        }
+    }
+
+    #[test]
+    fn specs_parse_like_hv_reads_them() {
+        assert_eq!(
+            CrashSpec::parse("cpu:3,after_ms:20").unwrap(),
+            spec(3, 20, None)
+        );
+        assert_eq!(
+            CrashSpec::parse("point:list_remove2,cpu:0x1").unwrap(),
+            spec(1, 0, Some(Point::ListRemove(2)))
+        );
+        assert_eq!(
+            CrashSpec::parse("cpu:1,cpu:4,after_ms:0xa,point:nmi_blocked").unwrap(),
+            spec(4, 10, Some(Point::NmiBlocked))
+        );
+        for bad in [
+            "after_ms:5",
+            "cpu:x",
+            "cpu:1,point:list_add8",
+            "cpu:1,point:somewhere",
+            "cpu:1,when:now",
+            "cpu1",
+            "cpu:1,after_ms:3600001",
+            "cpu:4294967296",
+            "cpu:-1",
+            "",
+        ] {
+            assert!(CrashSpec::parse(bad).is_err(), "{bad}");
+        }
+        let error = CrashSpec::parse("cpu:1,point:nowhere").unwrap_err();
+        assert!(
+            error.contains("`nowhere`") && error.contains("list_add4"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn every_point_name_round_trips() {
+        for point in Point::all() {
+            assert_eq!(Point::parse(&point.to_string()), Some(point), "{point}");
+        }
+        // hv parses stores up to 7 even though fewer exist.
+        assert_eq!(Point::parse("list_add7"), Some(Point::ListAdd(7)));
+        assert_eq!(Point::parse("list_add+1"), None);
+        assert_eq!(Point::all().len(), 14);
+        let text = spec(5, 30, Some(Point::VcpuLoad)).word();
+        assert_eq!(text, "crash=cpu:5,after_ms:30,point:vcpu_load");
+        assert_eq!(
+            CrashSpec::parse(text.strip_prefix("crash=").unwrap()).unwrap(),
+            spec(5, 30, Some(Point::VcpuLoad))
+        );
+        assert_eq!(spec(0, 7, None).to_string(), "cpu:0,after_ms:7");
+    }
+
+    #[test]
+    fn check_refuses_what_cannot_crash_the_machine() {
+        assert!(spec(7, 5, None).check(8, false).is_ok());
+        let missing = spec(8, 5, None).check(8, true).unwrap_err();
+        assert!(missing.contains("has 8 CPUs (0 to 7)"), "{missing}");
+        let store = spec(1, 5, Some(Point::ListAdd(5)))
+            .check(8, true)
+            .unwrap_err();
+        assert!(store.contains("list_add0 to list_add4"), "{store}");
+        assert!(
+            spec(1, 5, Some(Point::ListRemove(3)))
+                .check(8, true)
+                .is_err()
+        );
+        let tcg = spec(1, 5, Some(Point::VcpuLoad))
+            .check(8, false)
+            .unwrap_err();
+        assert!(tcg.contains("no VMX"), "{tcg}");
+        assert!(spec(1, 5, Some(Point::VcpuLoad)).check(8, true).is_ok());
+        assert!(spec(0, 0, Some(Point::Bringup)).check(8, true).is_err());
+        assert!(spec(1, 0, Some(Point::Bringup)).check(8, false).is_ok());
+        assert!(spec(0, 1, Some(Point::NmiBlocked)).check(1, true).is_err());
+        assert!(spec(0, 1, Some(Point::DoublePanic)).check(1, true).is_err());
+        assert!(spec(0, 1, Some(Point::BeforeVmx)).check(1, false).is_ok());
+    }
+
+    #[test]
+    fn random_specs_are_valid_and_cover_every_point_of_the_platform() {
+        for (cpus, vmx) in [(64, false), (8, true), (15, true), (2, false), (1, true)] {
+            let mut rng = Rng::new(42);
+            let mut seen = HashSet::new();
+            for _ in 0..2000 {
+                let spec = CrashSpec::random(&mut rng, cpus, vmx, 100);
+                assert!(spec.check(cpus, vmx).is_ok(), "{spec} on {cpus} CPUs");
+                match spec.point {
+                    Some(point) if point.ignores_after_ms() => assert_eq!(spec.after_ms, 0),
+                    _ => assert!((1..=50).contains(&spec.after_ms), "{spec}"),
+                }
+                seen.insert(spec.point);
+            }
+            let expected: HashSet<Option<Point>> = std::iter::once(None)
+                .chain(Point::all().into_iter().map(Some))
+                .filter(|point| {
+                    let cpu = u32::from(*point == Some(Point::Bringup));
+                    spec(cpu, 1, *point).check(cpus, vmx).is_ok()
+                })
+                .collect();
+            assert_eq!(seen, expected, "{cpus} CPUs, vmx {vmx}");
+        }
+        // Without VMX: no point of the list protocol, and what is left.
+        let mut rng = Rng::new(7);
+        let points: HashSet<Option<Point>> = (0..500)
+            .map(|_| CrashSpec::random(&mut rng, 64, false, 100).point)
+            .collect();
+        assert_eq!(
+            points,
+            HashSet::from([
+                None,
+                Some(Point::NmiBlocked),
+                Some(Point::DoublePanic),
+                Some(Point::BeforeVmx),
+                Some(Point::Bringup)
+            ])
+        );
+    }
+
+    #[test]
+    fn random_cpus_reach_both_ends_and_bringup_skips_the_boot_cpu() {
+        let mut rng = Rng::new(1);
+        let mut cpus_seen = HashSet::new();
+        for _ in 0..5000 {
+            let spec = CrashSpec::random(&mut rng, 8, true, 100);
+            cpus_seen.insert(spec.cpu);
+            if spec.point == Some(Point::Bringup) {
+                assert!(spec.cpu >= 1, "{spec}");
+            }
+        }
+        assert_eq!(cpus_seen, (0..8).collect());
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_specs() {
+        let draw = |seed| {
+            let mut rng = Rng::new(seed);
+            (0..20)
+                .map(|_| CrashSpec::random(&mut rng, 64, false, 100))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(99), draw(99));
+        assert_ne!(draw(99), draw(100));
+    }
+
+    #[test]
+    fn below_stays_in_range() {
+        let mut rng = Rng::new(3);
+        assert_eq!(rng.below(0), 0);
+        assert_eq!(rng.below(1), 0);
+        let values: HashSet<u64> = (0..1000).map(|_| rng.below(3)).collect();
+        assert_eq!(values, HashSet::from([0, 1, 2]));
+    }
+
+    #[test]
+    fn panickers_and_stragglers_follow_the_point() {
+        assert_eq!(spec(3, 1, None).panickers(8), [3]);
+        assert_eq!(spec(3, 1, Some(Point::NmiBlocked)).panickers(8), [0]);
+        assert_eq!(spec(0, 1, Some(Point::NmiBlocked)).panickers(8), [1]);
+        assert_eq!(spec(3, 1, Some(Point::NmiBlocked)).stragglers(), [3]);
+        assert_eq!(spec(7, 1, Some(Point::DoublePanic)).panickers(8), [7, 0]);
+        assert_eq!(spec(2, 1, Some(Point::DoublePanic)).panickers(8), [2, 3]);
+        assert!(spec(2, 1, Some(Point::DoublePanic)).stragglers().is_empty());
+        assert_eq!(spec(5, 0, Some(Point::Bringup)).panickers(8), [5]);
+    }
+
+    #[test]
+    fn the_crash_option_takes_random_or_a_spec() {
+        assert_eq!(CrashArg::parse("random"), Ok(CrashArg::Random));
+        assert_eq!(
+            CrashArg::parse("cpu:2,after_ms:5"),
+            Ok(CrashArg::Spec(spec(2, 5, None)))
+        );
+        assert_eq!(
+            CrashArg::parse("crash=cpu:2,point:bringup"),
+            Ok(CrashArg::Spec(spec(2, 0, Some(Point::Bringup))))
+        );
+        let error = CrashArg::parse("cpu:two").unwrap_err();
+        assert!(error.starts_with("`cpu:two`: cpu:"), "{error}");
+        let mut rng = Rng::new(5);
+        assert_eq!(
+            CrashArg::Spec(spec(1, 2, None)).pick(&mut rng, 4, false, 100),
+            spec(1, 2, None)
+        );
+    }
+
+    #[test]
+    fn fresh_seeds_are_short() {
+        assert!(fresh_seed() < 1_000_000_000);
+    }
+}
