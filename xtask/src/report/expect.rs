@@ -3,12 +3,16 @@
 //! By default a run expects every CPU it gave the emulator to be found and
 //! brought online. hv's test knobs change that on purpose, and the command
 //! line says so: `max_cpus=N` brings up only N CPUs, `ap_hang=ID` makes that
-//! AP fail, `guest_misbehave=N` gets vCPU N stopped. xtask reads those words
-//! (with hv's number syntax: decimal or `0x` hex, the last word wins) so a
-//! run with a knob is judged against what the knob must cause, not against
-//! a full boot.
+//! AP fail, `guest_misbehave=N` gets vCPU N stopped, `crash=...` (or
+//! `crash_hypercall=allow` with `guest_crash_call=N`) makes hv crash and
+//! report its shootdown instead of `done`. xtask reads those words (with
+//! hv's number syntax: decimal or `0x` hex, the last word wins) so a run
+//! with a knob is judged against what the knob must cause, not against a
+//! full boot.
 
 use serde_json::{Value, json};
+
+use crate::crash::{self, CrashSpec, Point, parse_number};
 
 /// The virtualisation backend hv reports in `virt.backend`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +51,53 @@ pub struct Expectations {
     /// vCPUs that must be stopped for an EPT violation when guests run
     /// (`guest_misbehave=`); no other guest may be stopped.
     pub stopped_vcpus: Vec<u32>,
+    /// The crash the command line asks for, if any.
+    pub crash: CrashKnobs,
+}
+
+/// The command-line words about crashing: what must crash hv, and the
+/// settings the crash report is judged with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrashKnobs {
+    /// `crash=`: the injected crash.
+    pub injected: Option<CrashSpec>,
+    /// `guest_crash_call=N` with `crash_hypercall=allow`: vCPU N's guest
+    /// makes the crash hypercall (only where guests run, with VMX).
+    pub hypercall_vcpu: Option<u32>,
+    /// `crash_timeout_ms=`: how long the rendezvous waits for stragglers.
+    pub timeout_ms: u64,
+    /// `guest_run_ms=`: how long the guests run (a time-based crash within
+    /// it lands while VMCSes are loaded).
+    pub guest_run_ms: u64,
+}
+
+impl Default for CrashKnobs {
+    fn default() -> Self {
+        Self {
+            injected: None,
+            hypercall_vcpu: None,
+            timeout_ms: crash::DEFAULT_TIMEOUT_MS,
+            guest_run_ms: crash::DEFAULT_GUEST_RUN_MS,
+        }
+    }
+}
+
+impl CrashKnobs {
+    /// Whether the command line asks for any crash.
+    pub fn any(&self) -> bool {
+        self.injected.is_some() || self.hypercall_vcpu.is_some()
+    }
+
+    /// Whether an injected crash fires while VMX guests run (given guests
+    /// run at all): a point of the loaded-VMCS protocol, or a time-based
+    /// crash due before the guest run ends. Then VMCSes are loaded when it
+    /// happens.
+    pub fn injected_during_guest_run(&self) -> bool {
+        self.injected.is_some_and(|spec| match spec.point {
+            None => spec.after_ms < self.guest_run_ms,
+            Some(point) => point.needs_vmx(),
+        })
+    }
 }
 
 impl Expectations {
@@ -59,6 +110,7 @@ impl Expectations {
             failed: Vec::new(),
             virt: None,
             stopped_vcpus: Vec::new(),
+            crash: CrashKnobs::default(),
         }
     }
 
@@ -67,19 +119,46 @@ impl Expectations {
     /// reports them in `cmdline.errors` and boots with its defaults).
     pub fn from_cmdline<S: AsRef<str>>(cpus: u32, words: &[S]) -> Self {
         let mut expect = Self::all_cpus(cpus);
+        let mut hypercall_allowed = false;
+        let mut calling_vcpu = None;
         for word in words {
             let Some((key, value)) = word.as_ref().split_once('=') else {
                 continue;
             };
-            let number = parse_number(value).and_then(|n| u32::try_from(n).ok());
+            let wide = parse_number(value);
+            let number = wide.and_then(|n| u32::try_from(n).ok());
             match (key, number) {
                 ("max_cpus", Some(n)) if n >= 1 => expect.max_cpus = Some(n),
                 ("ap_hang", Some(id)) => expect.failed = vec![id],
                 ("guest_misbehave", Some(vcpu)) if vcpu <= 1023 => {
                     expect.stopped_vcpus = vec![vcpu];
                 }
+                ("crash", _) => {
+                    if let Ok(spec) = CrashSpec::parse(value) {
+                        expect.crash.injected = Some(spec);
+                    }
+                }
+                ("guest_crash_call", Some(vcpu)) if vcpu <= 1023 => calling_vcpu = Some(vcpu),
+                ("crash_hypercall", _) => match value {
+                    "allow" => hypercall_allowed = true,
+                    "deny" => hypercall_allowed = false,
+                    _ => {}
+                },
+                ("crash_timeout_ms", _) => {
+                    if let Some(ms) = wide.filter(|ms| *ms <= crash::MAX_TIMEOUT_MS) {
+                        expect.crash.timeout_ms = ms;
+                    }
+                }
+                ("guest_run_ms", _) => {
+                    if let Some(ms) = wide.filter(|ms| *ms <= 3_600_000) {
+                        expect.crash.guest_run_ms = ms;
+                    }
+                }
                 _ => {}
             }
+        }
+        if hypercall_allowed {
+            expect.crash.hypercall_vcpu = calling_vcpu;
         }
         expect
     }
@@ -102,29 +181,101 @@ impl Expectations {
         self.attempted().saturating_sub(failed)
     }
 
+    /// Whether guests run with VMX, as far as the platform tells before
+    /// the run (Bochs, nested KVM); `None` when only hv's report can tell.
+    pub fn vmx_known(&self) -> Option<bool> {
+        self.virt.map(|backend| backend == Backend::Vmx)
+    }
+
+    /// The crash hv must go through, given what it reported about VMX
+    /// (`virt.backend`, when the platform did not decide it): the injected
+    /// crash, or the crash hypercall where guests run. `None`: the run must
+    /// end with `done`.
+    pub fn crash_rules(&self, reported_backend: Option<&str>) -> Option<CrashRules> {
+        let vmx = self
+            .vmx_known()
+            .unwrap_or(reported_backend == Some(Backend::Vmx.as_str()));
+        let hypercall_vcpu = self.crash.hypercall_vcpu.filter(|_| vmx);
+        if self.crash.injected.is_none() && hypercall_vcpu.is_none() {
+            return None;
+        }
+        Some(CrashRules {
+            injected: self.crash.injected,
+            hypercall_vcpu,
+            cpus: self.attempted(),
+            online: self.online(),
+            timeout_ms: self.crash.timeout_ms,
+            // VMCSes are loaded when the crash comes during the guest run,
+            // on a platform known to run guests.
+            vmcs_loaded: self.vmx_known() == Some(true)
+                && (hypercall_vcpu.is_some() || self.crash.injected_during_guest_run()),
+        })
+    }
+
     /// The expectations as they go into the run report (`xtask.expected`).
     pub fn to_json(&self) -> Value {
-        json!({
+        let mut value = json!({
             "cpus_possible": self.cpus,
             "cpus_attempted": self.attempted(),
             "cpus_online": self.online(),
             "cpus_failed": self.failed,
             "virt_backend": self.virt.map(Backend::as_str),
             "guests_stopped": self.stopped_vcpus,
-        })
+        });
+        if self.crash.any() {
+            let injected = self.crash.injected;
+            value["crash"] = json!({
+                "spec": injected.map(|spec| spec.to_string()),
+                "panickers": injected.map(|spec| spec.panickers(self.attempted())),
+                "stragglers": injected.map(|spec| spec.stragglers()).unwrap_or_default(),
+                "hypercall_vcpu": self.crash.hypercall_vcpu,
+                "timeout_ms": self.crash.timeout_ms,
+                "vmcs_loaded": self.vmx_known() == Some(true)
+                    && (self.crash.hypercall_vcpu.is_some()
+                        || self.crash.injected_during_guest_run()),
+            });
+        }
+        value
     }
 }
 
-/// A number as hv's command line writes it: decimal, or hex after `0x`.
-fn parse_number(text: &str) -> Option<u64> {
-    let (digits, radix) = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
-        Some(hex) => (hex, 16),
-        None => (text, 10),
-    };
-    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
-        return None;
+/// What a crash run's `crash` report must show (see
+/// [`Expectations::crash_rules`] and `report::crash`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrashRules {
+    /// The injected crash, if any.
+    pub injected: Option<CrashSpec>,
+    /// The vCPU making the crash hypercall, if it can.
+    pub hypercall_vcpu: Option<u32>,
+    /// CPUs hv started (the size of its per-CPU arrays).
+    pub cpus: u32,
+    /// CPUs that come online.
+    pub online: u32,
+    /// `crash_timeout_ms`.
+    pub timeout_ms: u64,
+    /// Whether `vmcs_loaded` must be above 0: guests were running.
+    pub vmcs_loaded: bool,
+}
+
+impl CrashRules {
+    /// The knob words, for messages.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(spec) = self.injected {
+            parts.push(spec.word());
+        }
+        if let Some(vcpu) = self.hypercall_vcpu {
+            parts.push(format!("crash_hypercall=allow guest_crash_call={vcpu}"));
+        }
+        parts.join(" ")
     }
-    u64::from_str_radix(digits, radix).ok()
+
+    /// Whether the injected crash comes during AP bring-up, when not every
+    /// CPU is online yet.
+    pub fn during_bringup(&self) -> bool {
+        self.injected
+            .is_some_and(|spec| spec.point == Some(Point::Bringup))
+    }
 }
 
 #[cfg(test)]
@@ -192,5 +343,115 @@ mod tests {
                 "cpus_failed": [5], "virt_backend": "vmx", "guests_stopped": [3],
             })
         );
+    }
+
+    #[test]
+    fn crash_words_ask_for_a_crash_with_its_settings() {
+        let expect = Expectations::from_cmdline(
+            8,
+            &[
+                "crash=cpu:3,after_ms:20,point:list_add0",
+                "crash_timeout_ms=0x1f4",
+            ],
+        );
+        assert_eq!(
+            expect.crash,
+            CrashKnobs {
+                injected: Some(CrashSpec {
+                    cpu: 3,
+                    after_ms: 20,
+                    point: Some(Point::ListAdd(0)),
+                }),
+                hypercall_vcpu: None,
+                timeout_ms: 500,
+                guest_run_ms: 100,
+            }
+        );
+        // The other expectations stay: the crash report judges the CPUs.
+        assert_eq!((expect.attempted(), expect.online()), (8, 8));
+        let rules = expect.crash_rules(None).unwrap();
+        assert_eq!((rules.cpus, rules.online, rules.timeout_ms), (8, 8, 500));
+        assert!(!rules.vmcs_loaded, "no platform known to run guests");
+        let bochs = expect.with_virt(Backend::Vmx).crash_rules(None).unwrap();
+        assert!(bochs.vmcs_loaded);
+        assert_eq!(bochs.describe(), "crash=cpu:3,after_ms:20,point:list_add0");
+    }
+
+    #[test]
+    fn bad_crash_words_change_nothing_and_the_last_good_one_wins() {
+        for word in [
+            "crash=cpu:x",
+            "crash=point:bringup",
+            "crash_timeout_ms=600001",
+            "crash_hypercall=yes",
+            "guest_crash_call=1024",
+        ] {
+            let expect = Expectations::from_cmdline(4, &[word]);
+            assert_eq!(expect, Expectations::all_cpus(4), "{word}");
+            assert!(expect.crash_rules(Some("vmx")).is_none(), "{word}");
+        }
+        let expect = Expectations::from_cmdline(
+            4,
+            &["crash=cpu:1,after_ms:5", "crash=cpu:x", "crash=cpu:2"],
+        );
+        assert_eq!(expect.crash.injected.map(|spec| spec.cpu), Some(2));
+    }
+
+    #[test]
+    fn the_hypercall_needs_both_words_and_vmx() {
+        let words = ["guest_crash_call=5", "crash_hypercall=allow"];
+        let expect = Expectations::from_cmdline(8, &words);
+        assert_eq!(expect.crash.hypercall_vcpu, Some(5));
+        assert!(expect.crash_rules(Some("none")).is_none());
+        assert!(expect.crash_rules(None).is_none());
+        let rules = expect.crash_rules(Some("vmx")).unwrap();
+        assert_eq!(rules.hypercall_vcpu, Some(5));
+        assert_eq!(rules.describe(), "crash_hypercall=allow guest_crash_call=5");
+        let denied = Expectations::from_cmdline(
+            8,
+            &[
+                "guest_crash_call=5",
+                "crash_hypercall=allow",
+                "crash_hypercall=deny",
+            ],
+        );
+        assert_eq!(denied.crash.hypercall_vcpu, None);
+        let bochs = expect.with_virt(Backend::Vmx);
+        assert!(
+            bochs
+                .crash_rules(Some("none"))
+                .is_some_and(|rules| rules.vmcs_loaded)
+        );
+    }
+
+    #[test]
+    fn a_time_based_crash_lands_in_the_guest_run_only_before_it_ends() {
+        let during = |words: &[&str]| {
+            Expectations::from_cmdline(8, words)
+                .crash
+                .injected_during_guest_run()
+        };
+        assert!(during(&["crash=cpu:1,after_ms:99"]));
+        assert!(!during(&["crash=cpu:1,after_ms:100"]));
+        assert!(during(&["crash=cpu:1,after_ms:150", "guest_run_ms=200"]));
+        assert!(during(&["crash=cpu:1,after_ms:500,point:vcpu_load"]));
+        assert!(!during(&["crash=cpu:1,after_ms:5,point:nmi_blocked"]));
+        assert!(!during(&["crash=cpu:1,point:before_vmx"]));
+        assert!(!during(&[]));
+    }
+
+    #[test]
+    fn the_report_shows_the_crash_expected() {
+        let expect = Expectations::from_cmdline(8, &["crash=cpu:0,after_ms:3,point:nmi_blocked"])
+            .with_virt(Backend::Vmx);
+        assert_eq!(
+            expect.to_json()["crash"],
+            json!({
+                "spec": "cpu:0,after_ms:3,point:nmi_blocked", "panickers": [1],
+                "stragglers": [0], "hypercall_vcpu": null, "timeout_ms": 1000,
+                "vmcs_loaded": false,
+            })
+        );
+        assert!(Expectations::all_cpus(2).to_json().get("crash").is_none());
     }
 }

@@ -6,13 +6,16 @@
 //! does not parse is skipped but remembered, so that a garbled report shows
 //! up in the run report instead of vanishing.
 
+mod crash;
 mod expect;
 mod summary;
 mod verdict;
 
-pub use expect::{Backend, Expectations};
+pub use expect::{Backend, CrashKnobs, CrashRules, Expectations};
 pub use summary::summary;
-pub use verdict::{End, ExitConvention, QEMU_EXIT_FAILURE, QEMU_EXIT_SUCCESS, Verdict, judge};
+pub use verdict::{
+    End, ExitConvention, QEMU_EXIT_CRASH, QEMU_EXIT_FAILURE, QEMU_EXIT_SUCCESS, Verdict, judge,
+};
 
 use serde_json::{Map, Value};
 

@@ -35,14 +35,21 @@ pub fn summary(report: &Value) -> String {
             .join(", "),
         None => "?".to_owned(),
     };
-    line(
-        "cpus",
-        format!(
-            "{} possible, {} online, failed: {failed}",
-            text(&cpus["possible"]),
-            text(&cpus["online"])
-        ),
-    );
+    if cpus.is_null() && report["crash"].is_object() {
+        line(
+            "cpus",
+            "not reported: hv crashed before its boot report".to_owned(),
+        );
+    } else {
+        line(
+            "cpus",
+            format!(
+                "{} possible, {} online, failed: {failed}",
+                text(&cpus["possible"]),
+                text(&cpus["online"])
+            ),
+        );
+    }
     if let Some(us) = report["bringup_us"].as_u64() {
         let mode = report["smp"]["apic_mode"]
             .as_str()
@@ -64,6 +71,55 @@ pub fn summary(report: &Value) -> String {
             ),
         ),
         None => {}
+    }
+    let crash = &report["crash"];
+    if crash.is_object() {
+        line(
+            "crash",
+            format!(
+                "CPU {} (APIC ID {}) coordinated: {}",
+                text(&crash["cpu_index"]),
+                text(&crash["cpu"]),
+                text(&crash["reason"])
+            ),
+        );
+        let stragglers = match crash["stragglers"].as_array() {
+            Some(list) if list.is_empty() => "none".to_owned(),
+            Some(list) => format!(
+                "APIC ID {}",
+                list.iter().map(text).collect::<Vec<_>>().join(", ")
+            ),
+            None => "?".to_owned(),
+        };
+        line(
+            "check-in",
+            format!(
+                "{} of {} CPUs in {} us{}, stragglers: {stragglers}",
+                text(&crash["checked_in"]),
+                text(&crash["expected"]),
+                text(&crash["shootdown_us"]),
+                if crash["timed_out"] == Value::Bool(true) {
+                    " (timed out)"
+                } else {
+                    ""
+                }
+            ),
+        );
+        line(
+            "VMCS",
+            format!(
+                "{} loaded, {} cleared, {} on stragglers; VMXOFF on {} CPUs, coordinator {}",
+                text(&crash["vmcs_loaded"]),
+                text(&crash["vmcs_cleared"]),
+                text(&crash["vmcs_on_stragglers"]),
+                text(&crash["vmxoff_cpus"]),
+                match crash["coordinator_vmx_off"].as_bool() {
+                    Some(true) => "off",
+                    Some(false) => "STILL IN VMX",
+                    None => "?",
+                }
+            ),
+        );
     }
     let memory = &report["memory"];
     line(
@@ -158,6 +214,38 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("serial   /b/serial.log"), "{text}");
+    }
+
+    #[test]
+    fn a_crash_shows_coordinator_shootdown_and_vmcs() {
+        let report = json!({
+            "crash": {"cpu": 0, "cpu_index": 0, "reason": "panic: injected crash on CPU 0 (x)",
+                      "expected": 7, "checked_in": 6, "stragglers": [5], "vmcs_loaded": 16,
+                      "vmcs_cleared": 14, "vmcs_on_stragglers": 2, "vmxoff_cpus": 6,
+                      "coordinator_vmx_off": true, "shootdown_us": 1000073, "timed_out": true},
+            "ok": true,
+        });
+        let text = summary(&report);
+        assert!(
+            text.contains(
+                "  crash    CPU 0 (APIC ID 0) coordinated: panic: injected crash on CPU 0 (x)\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "  check-in 6 of 7 CPUs in 1000073 us (timed out), stragglers: APIC ID 5\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "  VMCS     16 loaded, 14 cleared, 2 on stragglers; VMXOFF on 6 CPUs, coordinator off\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("  cpus     not reported: hv crashed before its boot report\n"));
+        assert!(!summary(&json!({})).contains("check-in"));
     }
 
     #[test]

@@ -3,12 +3,16 @@
 //! An exit status alone never makes a run ok: a triple fault under QEMU's
 //! `-no-reboot` exits with 0, and Bochs always exits with 1. A run is ok only
 //! if hv reported `done`, reported no panic or exception, and reported the
-//! values the run expected.
+//! values the run expected. A run whose command line asks for a crash is
+//! judged the other way round: it must end in the crash path, with a
+//! `crash` report that shows a correct shootdown (see [`super::crash`]), no
+//! `done`, and, under QEMU, hv's crash exit code.
 
 use std::time::Duration;
 
 use serde_json::Value;
 
+use super::crash::{crash_problems, expected_panic};
 use super::expect::{Backend, Expectations};
 
 /// QEMU's exit status when hv wrote its success code (0x10) to
@@ -17,6 +21,10 @@ pub const QEMU_EXIT_SUCCESS: i32 = 0x21;
 
 /// QEMU's exit status when hv wrote its failure code (0x11).
 pub const QEMU_EXIT_FAILURE: i32 = 0x23;
+
+/// QEMU's exit status when hv's crash path ran to its end without a capture
+/// kernel (0x12).
+pub const QEMU_EXIT_CRASH: i32 = 0x25;
 
 /// How the emulator's life ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +63,7 @@ pub fn judge(
 ) -> Verdict {
     let mut problems = Vec::new();
     let done = report["done"] == Value::Bool(true);
+    let crash_rules = expect.crash_rules(report["virt"]["backend"].as_str());
 
     if let End::TimedOut(after) = end {
         problems.push(format!(
@@ -62,12 +71,18 @@ pub fn judge(
             after.as_secs(),
             if done {
                 " (hv reported done but did not end the emulator)"
+            } else if report["crash"].is_object() {
+                " (hv reported its crash but did not end the emulator)"
             } else {
                 ""
             }
         ));
     }
-    if let Some(panic) = report.get("panic") {
+    if let Some(panic) = report.get("panic")
+        && !crash_rules
+            .as_ref()
+            .is_some_and(|rules| expected_panic(panic, rules))
+    {
         problems.push(format!(
             "hv panicked on cpu {}: {}",
             show(&panic["cpu"]),
@@ -83,32 +98,63 @@ pub fn judge(
             hex(&exception["rip"]),
         ));
     }
-    if !done {
-        problems.push(match (end, convention) {
-            (End::Exited(Some(0)), ExitConvention::QemuDebugExit) => {
-                "no `done` report: QEMU exited with status 0 before it \
-                 (a triple fault or reset under -no-reboot?)"
-                    .to_owned()
+    match &crash_rules {
+        Some(rules) => problems.extend(crash_problems(report, rules)),
+        None => {
+            if !done {
+                problems.push(match (end, convention) {
+                    (End::Exited(Some(0)), ExitConvention::QemuDebugExit) => {
+                        "no `done` report: QEMU exited with status 0 before it \
+                         (a triple fault or reset under -no-reboot?)"
+                            .to_owned()
+                    }
+                    _ => "no `done` report".to_owned(),
+                });
             }
-            _ => "no `done` report".to_owned(),
-        });
+            // A crash nobody asked for; a panic or exception already says why.
+            if report["crash"].is_object()
+                && report.get("panic").is_none()
+                && report.get("exception").is_none()
+            {
+                problems.push(format!(
+                    "hv went through its crash path on cpu {}: {}",
+                    show(&report["crash"]["cpu_index"]),
+                    report["crash"]["reason"].as_str().unwrap_or("(no reason)")
+                ));
+            }
+        }
     }
     if let (End::Exited(status), ExitConvention::QemuDebugExit) = (end, convention) {
+        let (wanted, what) = match crash_rules {
+            Some(_) => (QEMU_EXIT_CRASH, "crash-handled code 0x25"),
+            None => (QEMU_EXIT_SUCCESS, "success 0x21"),
+        };
         // Status 0 without `done` is already explained above.
-        let explained = !done && status == Some(0);
-        if status != Some(QEMU_EXIT_SUCCESS) && !explained {
+        let explained = crash_rules.is_none() && !done && status == Some(0);
+        if status != Some(wanted) && !explained {
             problems.push(match status {
                 Some(QEMU_EXIT_FAILURE) => {
                     "hv ended QEMU with its failure code (status 0x23)".to_owned()
                 }
+                Some(QEMU_EXIT_CRASH) => {
+                    "hv ended QEMU with its crash-handled code (status 0x25)".to_owned()
+                }
+                Some(QEMU_EXIT_SUCCESS) => {
+                    format!("hv ended QEMU with its success code (status 0x21), not its {what}")
+                }
                 Some(code) => {
-                    format!("QEMU exited with status {code} (0x{code:x}), not hv's success 0x21")
+                    format!("QEMU exited with status {code} (0x{code:x}), not hv's {what}")
                 }
                 None => "QEMU was ended by a signal".to_owned(),
             });
         }
     }
-    problems.extend(cpu_problems(&report["cpus"], expect));
+    // A crash before the boot report (before VMX, during bring-up, during
+    // the guest run) leaves no `cpus` to judge: the crash report's own
+    // counts stand for it.
+    if crash_rules.is_none() || report.get("cpus").is_some() {
+        problems.extend(cpu_problems(&report["cpus"], expect));
+    }
     problems.extend(virt_problems(report, expect));
 
     Verdict {
