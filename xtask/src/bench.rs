@@ -17,7 +17,10 @@
 //!   CPUs up is an error, not a sample.
 //!
 //! It is a benchmark, not a test: it fails only when a run cannot be
-//! measured, never because of the numbers.
+//! measured, never because of the numbers. [`shootdown`] is the crash
+//! path's benchmark.
+
+pub mod shootdown;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -8,9 +8,12 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
+use xtask::accel::{self, Accel};
 use xtask::bench::{self, BenchOptions};
+use xtask::crash::{self, CrashArg, CrashSpec, Rng};
+use xtask::report::Expectations;
 use xtask::run::{self, BochsOptions, Boot, QemuOptions, RunOutcome};
-use xtask::stress::{self, Plain, StressOptions};
+use xtask::stress::{self, CrashPlan, Plain, StressOptions};
 use xtask::{ci, cmdline, kernel, tools};
 
 #[derive(Debug, Parser)]
@@ -46,6 +49,8 @@ enum Task {
 enum Bench {
     /// Bring-up time of hv against Linux's on the same QEMU machine.
     Bringup(BenchBringupArgs),
+    /// Crash shootdown latency and per-CPU NMI latency in QEMU.
+    Shootdown(BenchShootdownArgs),
 }
 
 /// Options every emulator run has.
@@ -66,6 +71,25 @@ struct RunArgs {
     elf: Option<PathBuf>,
 }
 
+/// Making hv crash (its `crash=` and `crash_timeout_ms=` knobs).
+#[derive(Debug, Args)]
+struct CrashArgs {
+    /// Make hv crash: a `crash=` value, `cpu:N,after_ms:T[,point:NAME]`
+    /// (passed to hv as it is), or `random` (a random CPU, time and
+    /// injection point this machine can fire; the choice is printed). The
+    /// run is then judged by hv's crash report instead of `done`.
+    #[arg(long, value_name = "SPEC|random", value_parser = parse_crash)]
+    crash: Option<CrashArg>,
+    /// How long hv's crash rendezvous waits for every CPU
+    /// (`crash_timeout_ms=`) [hv's default: 1000].
+    #[arg(long, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(0..=crash::MAX_TIMEOUT_MS))]
+    crash_timeout_ms: Option<u64>,
+    /// Seed for `--crash random` [default: a fresh one, printed].
+    #[arg(long, value_name = "N", requires = "crash")]
+    seed: Option<u64>,
+}
+
 #[derive(Debug, Args)]
 struct QemuArgs {
     /// Number of virtual CPUs.
@@ -79,6 +103,8 @@ struct QemuArgs {
     memory: u32,
     #[command(flatten)]
     run: RunArgs,
+    #[command(flatten)]
+    crash: CrashArgs,
 }
 
 #[derive(Debug, Args)]
@@ -88,6 +114,8 @@ struct BochsArgs {
     cpus: u32,
     #[command(flatten)]
     run: RunArgs,
+    #[command(flatten)]
+    crash: CrashArgs,
 }
 
 #[derive(Debug, Args)]
@@ -111,6 +139,9 @@ struct StressArgs {
     /// numbers) as JSON; `--timeout` applies to each run.
     #[command(flatten)]
     run: RunArgs,
+    /// `--crash` applies to every run (`random`: a new spec per run).
+    #[command(flatten)]
+    crash: CrashArgs,
 }
 
 #[derive(Debug, Args)]
@@ -139,11 +170,41 @@ struct BenchBringupArgs {
 }
 
 #[derive(Debug, Args)]
+struct BenchShootdownArgs {
+    /// Number of virtual CPUs.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(2..))]
+    smp: u32,
+    /// Number of crash runs.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MiB", default_value_t = 512)]
+    memory: u32,
+    /// The CPU index that panics in every run [default: a random one per
+    /// run].
+    #[arg(long, value_name = "N")]
+    cpu: Option<u32>,
+    /// Seed for the random CPUs and times [default: a fresh one, printed].
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
+    /// Write the samples and their spreads (JSON) to this file.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// Boot this hv ELF instead of building hv.
+    #[arg(long, value_name = "FILE")]
+    elf: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 struct TestArgs {
     /// Arguments for the integration tests' harness (a test name filter,
     /// `--nocapture`, ...).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     harness_args: Vec<OsString>,
+}
+
+fn parse_crash(text: &str) -> Result<CrashArg, String> {
+    CrashArg::parse(text)
 }
 
 fn parse_bochs_cpus(text: &str) -> Result<u32, String> {
@@ -171,7 +232,9 @@ fn run_task(task: Task) -> Result<ExitCode> {
         }
         Task::QemuSmp(args) => {
             tools::ensure(&run::qemu_needs(args.boot))?;
-            let append = extra_words(&args.run)?;
+            let mut append = extra_words(&args.run)?;
+            let vmx = accel::detect() == Accel::Kvm;
+            append.extend(single_run_crash(&args.crash, args.smp, vmx, &append)?);
             let mut options = QemuOptions::new(elf(&args.run)?);
             options.smp = args.smp;
             options.boot = args.boot;
@@ -185,7 +248,9 @@ fn run_task(task: Task) -> Result<ExitCode> {
         }
         Task::Bochs(args) => {
             tools::ensure(&run::BOCHS_NEEDS)?;
-            let append = extra_words(&args.run)?;
+            let mut append = extra_words(&args.run)?;
+            // Bochs' CPU model always has VMX.
+            append.extend(single_run_crash(&args.crash, args.cpus, true, &append)?);
             let mut options = BochsOptions::new(elf(&args.run)?);
             options.cpus = args.cpus;
             options.append = append;
@@ -197,7 +262,23 @@ fn run_task(task: Task) -> Result<ExitCode> {
         }
         Task::Stress(args) => {
             tools::ensure(&run::qemu_needs(args.boot))?;
-            let append = extra_words(&args.run)?;
+            let mut append = extra_words(&args.run)?;
+            check_crash_conflicts(&args.crash, &append)?;
+            append.extend(timeout_word(&args.crash));
+            let mut plan: Box<dyn stress::RunPlan> = match args.crash.crash {
+                Some(arg) => {
+                    let vmx = accel::detect() == Accel::Kvm;
+                    if let CrashArg::Spec(spec) = arg {
+                        check_spec(&spec, args.smp, vmx)?;
+                    }
+                    let guest_run_ms = Expectations::from_cmdline(args.smp, &append)
+                        .crash
+                        .guest_run_ms;
+                    let seed = args.crash.seed.unwrap_or_else(crash::fresh_seed);
+                    Box::new(CrashPlan::new(arg, seed, args.smp, vmx, guest_run_ms))
+                }
+                None => Box::new(Plain),
+            };
             let mut base = QemuOptions::new(elf(&args.run)?);
             base.smp = args.smp;
             base.boot = args.boot;
@@ -208,7 +289,7 @@ fn run_task(task: Task) -> Result<ExitCode> {
             }
             let mut options = StressOptions::new(base, args.runs);
             options.keep_going = args.keep_going;
-            let result = stress::stress(&options, &mut Plain)?;
+            let result = stress::stress(&options, plan.as_mut())?;
             println!("{}", result.table());
             if let Some(path) = &args.run.report {
                 write_json(path, &result.to_json())?;
@@ -237,11 +318,107 @@ fn run_task(task: Task) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Task::Bench(Bench::Shootdown(args)) => {
+            if let Some(cpu) = args.cpu
+                && cpu >= args.smp
+            {
+                anyhow::bail!(
+                    "--cpu {cpu}: the machine has {} CPUs (0 to {})",
+                    args.smp,
+                    args.smp - 1
+                );
+            }
+            let elf = match &args.elf {
+                Some(path) => path.clone(),
+                None => kernel::build(None)?,
+            };
+            let mut options = bench::shootdown::ShootdownOptions::new(elf);
+            options.smp = args.smp;
+            options.runs = args.runs;
+            options.memory_mib = args.memory;
+            options.cpu = args.cpu;
+            options.seed = args.seed.unwrap_or_else(crash::fresh_seed);
+            let result = bench::shootdown::bench_shootdown(&options)?;
+            println!("{}", result.table());
+            if let Some(path) = &args.report {
+                write_json(path, &result.to_json())?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Task::Test(args) => {
             ci::run_all(&args.harness_args)?;
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The crash words of one run (`qemu-smp`, `bochs`): `crash=` with the
+/// spec given or drawn (printed), and `crash_timeout_ms=`.
+fn single_run_crash(
+    args: &CrashArgs,
+    cpus: u32,
+    vmx: bool,
+    append: &[String],
+) -> Result<Vec<String>> {
+    check_crash_conflicts(args, append)?;
+    let mut words = Vec::new();
+    if let Some(arg) = args.crash {
+        let spec = match arg {
+            CrashArg::Spec(spec) => {
+                check_spec(&spec, cpus, vmx)?;
+                println!("crash: {}", spec.word());
+                spec
+            }
+            CrashArg::Random => {
+                let seed = args.seed.unwrap_or_else(crash::fresh_seed);
+                let guest_run_ms = Expectations::from_cmdline(cpus, append).crash.guest_run_ms;
+                let spec = CrashSpec::random(&mut Rng::new(seed), cpus, vmx, guest_run_ms);
+                println!("crash: {} (random, seed {seed})", spec.word());
+                spec
+            }
+        };
+        words.push(spec.word());
+    }
+    words.extend(timeout_word(args));
+    Ok(words)
+}
+
+/// `crash_timeout_ms=` when `--crash-timeout-ms` is given.
+fn timeout_word(args: &CrashArgs) -> Option<String> {
+    args.crash_timeout_ms
+        .map(|ms| format!("crash_timeout_ms={ms}"))
+}
+
+/// Refuses a spec that cannot crash this machine (a CPU it does not have,
+/// a list store that does not exist, ...); a point that needs VMX on a
+/// machine without it only gets a note: hv then reports that it never
+/// fired, and the run fails as it should.
+fn check_spec(spec: &CrashSpec, cpus: u32, vmx: bool) -> Result<()> {
+    spec.check(cpus, true)
+        .map_err(|error| anyhow::anyhow!("--crash: {error}"))?;
+    if let Err(note) = spec.check(cpus, vmx) {
+        println!("note: {note}; hv will report that it never fired");
+    }
+    Ok(())
+}
+
+/// `--crash` and a `crash=` word in `--append` (or both timeouts) would
+/// contradict each other: one of them must go.
+fn check_crash_conflicts(args: &CrashArgs, append: &[String]) -> Result<()> {
+    let has = |key: &str| {
+        append
+            .iter()
+            .any(|word| word.starts_with(&format!("{key}=")))
+    };
+    if args.crash.is_some() && has("crash") {
+        anyhow::bail!("--crash and a `crash=` word in --append: give only one");
+    }
+    if args.crash_timeout_ms.is_some() && has("crash_timeout_ms") {
+        anyhow::bail!(
+            "--crash-timeout-ms and a `crash_timeout_ms=` word in --append: give only one"
+        );
+    }
+    Ok(())
 }
 
 /// Writes `value` as pretty JSON to `path` and says so.
@@ -394,6 +571,141 @@ mod tests {
         };
         assert_eq!((args.smp, args.runs), (16, 2));
         assert_eq!(args.linux_append.as_deref(), Some("lpj=1000"));
+    }
+
+    #[test]
+    fn runs_take_a_crash_spec_or_random_with_a_timeout_and_seed() {
+        let cli = Cli::try_parse_from([
+            "cargo xtask",
+            "qemu-smp",
+            "--smp",
+            "64",
+            "--crash",
+            "cpu:5,after_ms:3,point:nmi_blocked",
+            "--crash-timeout-ms",
+            "500",
+        ])
+        .unwrap();
+        let Task::QemuSmp(args) = cli.command else {
+            panic!("not qemu-smp")
+        };
+        assert_eq!(
+            args.crash.crash,
+            Some(CrashArg::Spec(
+                CrashSpec::parse("cpu:5,after_ms:3,point:nmi_blocked").unwrap()
+            ))
+        );
+        assert_eq!(args.crash.crash_timeout_ms, Some(500));
+        let words = single_run_crash(&args.crash, 64, false, &[]).unwrap();
+        assert_eq!(
+            words,
+            [
+                "crash=cpu:5,after_ms:3,point:nmi_blocked",
+                "crash_timeout_ms=500"
+            ]
+        );
+
+        let cli = Cli::try_parse_from([
+            "cargo xtask",
+            "bochs",
+            "--cpus",
+            "8",
+            "--crash",
+            "random",
+            "--seed",
+            "17",
+        ])
+        .unwrap();
+        let Task::Bochs(args) = cli.command else {
+            panic!("not bochs")
+        };
+        assert_eq!(args.crash.crash, Some(CrashArg::Random));
+        let words = single_run_crash(&args.crash, 8, true, &[]).unwrap();
+        assert_eq!(words, single_run_crash(&args.crash, 8, true, &[]).unwrap());
+        let spec = CrashSpec::parse(words[0].strip_prefix("crash=").unwrap()).unwrap();
+        assert!(spec.check(8, true).is_ok(), "{spec}");
+
+        let cli = Cli::try_parse_from(["cargo xtask", "stress", "--crash", "random"]).unwrap();
+        let Task::Stress(args) = cli.command else {
+            panic!("not stress")
+        };
+        assert_eq!(args.crash.crash, Some(CrashArg::Random));
+    }
+
+    #[test]
+    fn crash_options_refuse_what_cannot_work() {
+        for bad in [
+            vec!["qemu-smp", "--crash", "cpu:x"],
+            vec!["qemu-smp", "--crash", "cpu:1,point:nowhere"],
+            vec!["qemu-smp", "--crash-timeout-ms", "600001"],
+            vec!["qemu-smp", "--seed", "3"],
+        ] {
+            let mut argv = vec!["cargo xtask"];
+            argv.extend(&bad);
+            assert!(Cli::try_parse_from(&argv).is_err(), "{bad:?}");
+        }
+        let args = |crash: &str| CrashArgs {
+            crash: Some(CrashArg::parse(crash).unwrap()),
+            crash_timeout_ms: Some(100),
+            seed: None,
+        };
+        let missing = single_run_crash(&args("cpu:8,after_ms:1"), 8, true, &[]).unwrap_err();
+        assert!(missing.to_string().contains("0 to 7"), "{missing}");
+        let store = single_run_crash(&args("cpu:1,point:list_add6"), 8, true, &[]).unwrap_err();
+        assert!(
+            store.to_string().contains("list_add0 to list_add4"),
+            "{store}"
+        );
+        // A point that needs VMX still runs without it: hv says it never fired.
+        assert!(single_run_crash(&args("cpu:1,point:list_add0"), 8, false, &[]).is_ok());
+        let both = single_run_crash(&args("cpu:1,after_ms:1"), 8, true, &["crash=cpu:2".into()])
+            .unwrap_err();
+        assert!(both.to_string().contains("give only one"), "{both}");
+        let timeouts = single_run_crash(
+            &args("cpu:1,after_ms:1"),
+            8,
+            true,
+            &["crash_timeout_ms=5".into()],
+        )
+        .unwrap_err();
+        assert!(
+            timeouts.to_string().contains("--crash-timeout-ms"),
+            "{timeouts}"
+        );
+    }
+
+    #[test]
+    fn bench_shootdown_defaults_and_options() {
+        let cli = Cli::try_parse_from(["cargo xtask", "bench", "shootdown"]).unwrap();
+        let Task::Bench(Bench::Shootdown(args)) = cli.command else {
+            panic!("not bench shootdown")
+        };
+        assert_eq!(
+            (args.smp, args.runs, args.memory, args.cpu),
+            (64, 10, 512, None)
+        );
+        let cli = Cli::try_parse_from([
+            "cargo xtask",
+            "bench",
+            "shootdown",
+            "--smp",
+            "8",
+            "--runs",
+            "3",
+            "--cpu",
+            "2",
+            "--seed",
+            "5",
+        ])
+        .unwrap();
+        let Task::Bench(Bench::Shootdown(args)) = cli.command else {
+            panic!("not bench shootdown")
+        };
+        assert_eq!(
+            (args.smp, args.runs, args.cpu, args.seed),
+            (8, 3, Some(2), Some(5))
+        );
+        assert!(Cli::try_parse_from(["cargo xtask", "bench", "shootdown", "--smp", "1"]).is_err());
     }
 
     #[test]

@@ -9,9 +9,11 @@
 //!
 //! What varies between runs goes through a [`RunPlan`]: it may add
 //! command-line words to each run and check each finished run beyond the
-//! usual verdict. [`Plain`] does neither; a crash-injection plan (a random
-//! `crash=` word per run, and checks that the crash was handled) is another
-//! implementation, without a change to the loop.
+//! usual verdict. [`Plain`] does neither; [`CrashPlan`] gives every run a
+//! `crash=` word (a random one for `--crash random`), which makes the usual
+//! verdict judge the run by its crash report (see `report::crash`), and
+//! checks that hv took the word. The table then also counts the crash runs,
+//! the stragglers named and the shootdown times.
 
 use std::fs;
 use std::path::PathBuf;
@@ -21,6 +23,7 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Value, json};
 
+use crate::crash::{CrashArg, CrashSpec, Point, Rng};
 use crate::paths;
 use crate::run::{QemuOptions, RunOutcome};
 use crate::stats::{self, Spread};
@@ -40,6 +43,12 @@ pub trait RunPlan {
         let _ = (index, outcome);
         Vec::new()
     }
+
+    /// What the plan does, for the table's title; `None` for nothing
+    /// worth saying.
+    fn describe(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Every run the same, judged as usual.
@@ -47,6 +56,146 @@ pub trait RunPlan {
 pub struct Plain;
 
 impl RunPlan for Plain {}
+
+/// A crash in every run: the given spec, or a fresh random one per run
+/// drawn from a seeded generator (the seed is in the table's title, so a
+/// loop can be replayed).
+#[derive(Debug, Clone)]
+pub struct CrashPlan {
+    arg: CrashArg,
+    seed: u64,
+    rng: Rng,
+    cpus: u32,
+    vmx: bool,
+    guest_run_ms: u64,
+}
+
+impl CrashPlan {
+    /// Crashes on a machine of `cpus` CPUs, with or without VMX guests
+    /// (which decides the points a random spec may use), whose guests run
+    /// `guest_run_ms` (random crashes come within that time).
+    pub fn new(arg: CrashArg, seed: u64, cpus: u32, vmx: bool, guest_run_ms: u64) -> Self {
+        Self {
+            arg,
+            seed,
+            rng: Rng::new(seed),
+            cpus,
+            vmx,
+            guest_run_ms,
+        }
+    }
+
+    /// The spec of the next run.
+    pub fn next_spec(&mut self) -> CrashSpec {
+        self.arg
+            .pick(&mut self.rng, self.cpus, self.vmx, self.guest_run_ms)
+    }
+}
+
+impl RunPlan for CrashPlan {
+    fn words(&mut self, _index: u32) -> Vec<String> {
+        vec![self.next_spec().word()]
+    }
+
+    /// hv must have taken every word: a `crash=` it rejected would leave
+    /// the run uncrashed (the verdict then fails it for want of a crash,
+    /// but this says why).
+    fn check(&mut self, _index: u32, outcome: &RunOutcome) -> Vec<String> {
+        match outcome.report["cmdline"]["errors"].as_array() {
+            Some(errors) if !errors.is_empty() => vec![format!(
+                "hv rejected command-line words: {}",
+                errors
+                    .iter()
+                    .map(|error| error
+                        .as_str()
+                        .map_or_else(|| error.to_string(), str::to_owned))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )],
+            Some(_) => Vec::new(),
+            None if outcome.report["crash"].is_object() => Vec::new(),
+            None => vec!["hv reported no cmdline (did it boot?)".to_owned()],
+        }
+    }
+
+    fn describe(&self) -> Option<String> {
+        Some(match self.arg {
+            CrashArg::Random => format!("a random crash per run (seed {})", self.seed),
+            CrashArg::Spec(spec) => format!("crash={spec} every run"),
+        })
+    }
+}
+
+/// What a run that asked for a crash reported about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrashRecord {
+    /// The `crash=` value the run was given (the last one, as hv reads it).
+    pub spec: Option<CrashSpec>,
+    /// `crash.cpu_index`, the coordinator.
+    pub coordinator: Option<u64>,
+    /// `crash.expected`.
+    pub expected: Option<u64>,
+    /// `crash.checked_in`.
+    pub checked_in: Option<u64>,
+    /// `crash.stragglers` (APIC IDs).
+    pub stragglers: Vec<u64>,
+    /// `crash.shootdown_us`.
+    pub shootdown_us: Option<u64>,
+    /// `crash.timed_out`.
+    pub timed_out: bool,
+}
+
+impl CrashRecord {
+    /// The crash of a run whose command line asked for one; `None` for a
+    /// run without a `crash=` word.
+    pub fn from_report(report: &Value) -> Option<Self> {
+        let spec = report["xtask"]["cmdline"]
+            .as_str()?
+            .split_whitespace()
+            .filter_map(|word| word.strip_prefix("crash="))
+            .filter_map(|value| CrashSpec::parse(value).ok())
+            .next_back()?;
+        let crash = &report["crash"];
+        Some(Self {
+            spec: Some(spec),
+            coordinator: crash["cpu_index"].as_u64(),
+            expected: crash["expected"].as_u64(),
+            checked_in: crash["checked_in"].as_u64(),
+            stragglers: crash["stragglers"]
+                .as_array()
+                .map(|list| list.iter().filter_map(Value::as_u64).collect())
+                .unwrap_or_default(),
+            shootdown_us: crash["shootdown_us"].as_u64(),
+            timed_out: crash["timed_out"] == Value::Bool(true),
+        })
+    }
+
+    /// The point's name, `time` for a time-based crash.
+    pub fn point_name(&self) -> String {
+        match self.spec.and_then(|spec| spec.point) {
+            Some(point) => point.to_string(),
+            None => "time".to_owned(),
+        }
+    }
+
+    /// Whether stragglers were asked for (a CPU spinning with NMIs blocked).
+    pub fn straggler_expected(&self) -> bool {
+        self.spec
+            .is_some_and(|spec| spec.point == Some(Point::NmiBlocked))
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "spec": self.spec.map(|spec| spec.to_string()),
+            "coordinator": self.coordinator,
+            "expected": self.expected,
+            "checked_in": self.checked_in,
+            "stragglers": self.stragglers,
+            "shootdown_us": self.shootdown_us,
+            "timed_out": self.timed_out,
+        })
+    }
+}
 
 /// A stress loop.
 #[derive(Debug, Clone)]
@@ -96,6 +245,8 @@ pub struct RunRecord {
     pub bringup_us: Option<u64>,
     /// The run's hv command line.
     pub cmdline: String,
+    /// The crash, for a run that asked for one.
+    pub crash: Option<CrashRecord>,
     /// The serial log (kept only for failed runs).
     pub serial_log: PathBuf,
     /// The run's directory (kept only for failed runs).
@@ -123,6 +274,7 @@ impl RunRecord {
                 .as_str()
                 .unwrap_or_default()
                 .to_owned(),
+            crash: CrashRecord::from_report(report),
             serial_log: report["serial_log"]
                 .as_str()
                 .map(PathBuf::from)
@@ -140,6 +292,7 @@ impl RunRecord {
             "online": self.online,
             "bringup_us": self.bringup_us,
             "cmdline": self.cmdline,
+            "crash": self.crash.as_ref().map(CrashRecord::to_json),
             // Only a failed run's log is kept.
             "serial_log": if self.ok { Value::Null } else { json!(self.serial_log) },
         })
@@ -180,6 +333,67 @@ impl StressResult {
         Spread::of_u64(&samples)
     }
 
+    /// The runs that asked for a crash.
+    pub fn crash_runs(&self) -> Vec<&RunRecord> {
+        self.records.iter().filter(|r| r.crash.is_some()).collect()
+    }
+
+    /// Crash runs that passed (the crash report showed a correct shootdown).
+    pub fn crash_runs_ok(&self) -> usize {
+        self.crash_runs().iter().filter(|r| r.ok).count()
+    }
+
+    fn crashes(&self) -> impl Iterator<Item = &CrashRecord> {
+        self.records.iter().filter_map(|r| r.crash.as_ref())
+    }
+
+    /// Stragglers named over all crash runs: (CPUs, runs with any, runs
+    /// with any where none was asked for).
+    pub fn stragglers_seen(&self) -> (usize, usize, usize) {
+        let with: Vec<&CrashRecord> = self
+            .crashes()
+            .filter(|crash| !crash.stragglers.is_empty())
+            .collect();
+        let cpus = with.iter().map(|crash| crash.stragglers.len()).sum();
+        let unasked = with.iter().filter(|c| !c.straggler_expected()).count();
+        (cpus, with.len(), unasked)
+    }
+
+    /// Min / median / max of `shootdown_us` over the crash runs where
+    /// every CPU checked in (`timed_out` false).
+    pub fn shootdown(&self) -> Option<Spread> {
+        let samples: Vec<u64> = self
+            .crashes()
+            .filter(|crash| !crash.timed_out)
+            .filter_map(|crash| crash.shootdown_us)
+            .collect();
+        Spread::of_u64(&samples)
+    }
+
+    /// The same over the crash runs that waited for a straggler.
+    pub fn shootdown_timed_out(&self) -> Option<Spread> {
+        let samples: Vec<u64> = self
+            .crashes()
+            .filter(|crash| crash.timed_out)
+            .filter_map(|crash| crash.shootdown_us)
+            .collect();
+        Spread::of_u64(&samples)
+    }
+
+    /// How many crash runs used each point (`time` for none), by name.
+    pub fn points(&self) -> Vec<(String, usize)> {
+        let mut counts: Vec<(String, usize)> = Vec::new();
+        for crash in self.crashes() {
+            let name = crash.point_name();
+            match counts.iter_mut().find(|(known, _)| *known == name) {
+                Some((_, count)) => *count += 1,
+                None => counts.push((name, 1)),
+            }
+        }
+        counts.sort();
+        counts
+    }
+
     /// The closing table.
     pub fn table(&self) -> String {
         let made = self.records.len();
@@ -200,13 +414,61 @@ impl StressResult {
             ]),
             None => rows.push(vec!["bring-up (us)".to_owned(), "none reported".to_owned()]),
         }
+        let crash_runs = self.crash_runs().len();
+        if crash_runs > 0 {
+            rows.push(vec![
+                "crash runs ok".to_owned(),
+                format!("{} of {crash_runs}", self.crash_runs_ok()),
+            ]);
+            let (cpus, runs, unasked) = self.stragglers_seen();
+            rows.push(vec![
+                "stragglers seen".to_owned(),
+                if cpus == 0 {
+                    "none".to_owned()
+                } else {
+                    format!(
+                        "{cpus} in {runs} run{} ({})",
+                        if runs == 1 { "" } else { "s" },
+                        if unasked == 0 {
+                            "all deliberate: nmi_blocked".to_owned()
+                        } else {
+                            format!("{unasked} run(s) where none was asked for")
+                        }
+                    )
+                },
+            ]);
+            rows.push(vec![
+                "shootdown (us)".to_owned(),
+                spread_text(self.shootdown(), "no run without stragglers"),
+            ]);
+            if let Some(spread) = self.shootdown_timed_out() {
+                rows.push(vec![
+                    "timed out (us)".to_owned(),
+                    spread_text(Some(spread), ""),
+                ]);
+            }
+            rows.push(vec![
+                "points".to_owned(),
+                self.points()
+                    .iter()
+                    .map(|(name, count)| format!("{name} {count}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ]);
+        }
         let mut out = format!("{}\n{}", self.title, left_table(&rows));
         let failures = self.failures();
         if !failures.is_empty() {
             out.push_str("  failed runs (logs kept):\n");
             for record in failures {
+                let spec = record
+                    .crash
+                    .as_ref()
+                    .and_then(|crash| crash.spec)
+                    .map(|spec| format!(" (crash={spec})"))
+                    .unwrap_or_default();
                 out.push_str(&format!(
-                    "    run {}: {}\n      serial log: {}\n",
+                    "    run {}{spec}: {}\n      serial log: {}\n",
                     record.index + 1,
                     record.reason.as_deref().unwrap_or("?"),
                     record.serial_log.display()
@@ -233,9 +495,44 @@ impl StressResult {
             "failures": self.failures().len(),
             "ok": self.ok(),
             "bringup_us": spread.map(|s| json!({"min": s.min, "median": s.median, "max": s.max})),
+            "crash": (!self.crash_runs().is_empty()).then(|| {
+                let (cpus, runs, unasked) = self.stragglers_seen();
+                json!({
+                    "runs": self.crash_runs().len(),
+                    "ok": self.crash_runs_ok(),
+                    "stragglers": {"cpus": cpus, "runs": runs, "unasked_runs": unasked},
+                    "shootdown_us": spread_json(self.shootdown()),
+                    "shootdown_timed_out_us": spread_json(self.shootdown_timed_out()),
+                    "points": self
+                        .points()
+                        .into_iter()
+                        .map(|(name, count)| (name, json!(count)))
+                        .collect::<serde_json::Map<String, Value>>(),
+                })
+            }),
             "records": self.records.iter().map(RunRecord::to_json).collect::<Vec<_>>(),
         })
     }
+}
+
+/// `min A  median B  max C`, or `none` when there are no samples.
+fn spread_text(spread: Option<Spread>, none: &str) -> String {
+    match spread {
+        Some(spread) => format!(
+            "min {}  median {}  max {}",
+            stats::number(spread.min),
+            stats::number(spread.median),
+            stats::number(spread.max)
+        ),
+        None => none.to_owned(),
+    }
+}
+
+fn spread_json(spread: Option<Spread>) -> Value {
+    spread.map_or(
+        Value::Null,
+        |s| json!({"min": s.min, "median": s.median, "max": s.max}),
+    )
 }
 
 /// A two-column table whose values are left-aligned.
@@ -263,7 +560,7 @@ pub fn stress_with(
 ) -> Result<StressResult> {
     let base = &options.base;
     let title = format!(
-        "stress: hv on QEMU, -smp {}, {} MiB, boot {}{}",
+        "stress: hv on QEMU, -smp {}, {} MiB, boot {}{}{}",
         base.smp,
         base.memory_mib,
         base.boot.as_str(),
@@ -271,7 +568,10 @@ pub fn stress_with(
             String::new()
         } else {
             format!(", with `{}`", base.append.join(" "))
-        }
+        },
+        plan.describe()
+            .map(|text| format!(", {text}"))
+            .unwrap_or_default()
     );
     // Failed runs of an earlier loop must not be mistaken for this one's.
     let root = paths::run_dir(&options.name);
@@ -307,13 +607,24 @@ pub fn stress_with(
         let failed = !record.ok;
         records.push(record);
         let failures = records.iter().filter(|r: &&RunRecord| !r.ok).count();
-        bar.set_message(format!(
-            "{failures} failed, last bring-up {}",
-            records
-                .last()
-                .and_then(|r| r.bringup_us)
-                .map_or_else(|| "?".to_owned(), |us| format!("{us} us"))
-        ));
+        let last = records.last();
+        bar.set_message(match last.and_then(|r| r.crash.as_ref()) {
+            Some(crash) => format!(
+                "{failures} failed, last crash {} ({}), shootdown {}",
+                crash
+                    .spec
+                    .map_or_else(|| "?".to_owned(), |spec| spec.to_string()),
+                crash.point_name(),
+                crash
+                    .shootdown_us
+                    .map_or_else(|| "?".to_owned(), |us| format!("{us} us"))
+            ),
+            None => format!(
+                "{failures} failed, last bring-up {}",
+                last.and_then(|r| r.bringup_us)
+                    .map_or_else(|| "?".to_owned(), |us| format!("{us} us"))
+            ),
+        });
         if failed && !options.keep_going {
             break;
         }
@@ -383,6 +694,7 @@ mod tests {
             online: Some(if all_online { 64 } else { 63 }),
             bringup_us,
             cmdline: "finish=exit".to_owned(),
+            crash: None,
             serial_log: format!("/b/stress/run-{:03}/serial.log", index + 1).into(),
             run_dir: format!("/b/stress/run-{:03}", index + 1).into(),
         }
@@ -571,5 +883,199 @@ mod tests {
         .unwrap_err();
         assert_eq!(error.to_string(), "no qemu");
         assert_eq!(calls, 1);
+    }
+
+    /// A finished crash run as the loop sees it.
+    fn crash_outcome(spec: &str, crash: Value, reason: Option<&str>) -> RunOutcome {
+        let run_dir = std::env::temp_dir().join("xtask-crash-record");
+        RunOutcome {
+            report: json!({
+                "cmdline": {"raw": format!("finish=exit {spec}"), "errors": []},
+                "crash": crash,
+                "serial_log": run_dir.join("serial.log"),
+                "xtask": {"cmdline": format!("finish=exit crash=cpu:1,after_ms:1 {spec}")},
+            }),
+            serial: String::new(),
+            ok: reason.is_none(),
+            reason: reason.map(str::to_owned),
+            run_dir,
+        }
+    }
+
+    fn crash_line(
+        coordinator: u64,
+        stragglers: Value,
+        shootdown_us: u64,
+        timed_out: bool,
+    ) -> Value {
+        json!({"cpu_index": coordinator, "expected": 63, "checked_in": 63,
+               "stragglers": stragglers, "shootdown_us": shootdown_us, "timed_out": timed_out})
+    }
+
+    #[test]
+    fn a_crash_record_reads_the_last_crash_word_and_the_report() {
+        let blocked = crash_outcome(
+            "crash=cpu:5,after_ms:3,point:nmi_blocked",
+            crash_line(0, json!([5]), 500_100, true),
+            None,
+        );
+        let record = RunRecord::from_outcome(0, 64, &blocked, vec![]);
+        let crash = record.crash.unwrap();
+        assert_eq!(
+            crash.spec.unwrap().to_string(),
+            "cpu:5,after_ms:3,point:nmi_blocked"
+        );
+        assert_eq!(crash.point_name(), "nmi_blocked");
+        assert!(crash.straggler_expected());
+        assert_eq!(
+            (
+                crash.coordinator,
+                crash.stragglers,
+                crash.shootdown_us,
+                crash.timed_out
+            ),
+            (Some(0), vec![5], Some(500_100), true)
+        );
+        // A run without a crash word has no crash record.
+        let plain = RunRecord::from_outcome(0, 64, &outcome("p", 64, Some(1), None), vec![]);
+        assert!(plain.crash.is_none());
+        // Asked for, but no crash report: the record is there, empty.
+        let silent = crash_outcome(
+            "crash=cpu:2,after_ms:1",
+            Value::Null,
+            Some("no `crash` report"),
+        );
+        let crash = RunRecord::from_outcome(0, 64, &silent, vec![])
+            .crash
+            .unwrap();
+        assert_eq!((crash.coordinator, crash.shootdown_us), (None, None));
+        assert_eq!(crash.point_name(), "time");
+    }
+
+    #[test]
+    fn the_table_counts_crash_runs_stragglers_shootdowns_and_points() {
+        let runs = [
+            (
+                "crash=cpu:3,after_ms:5",
+                crash_line(3, json!([]), 2000, false),
+                None,
+            ),
+            (
+                "crash=cpu:9,after_ms:0,point:bringup",
+                crash_line(9, json!([]), 9000, false),
+                None,
+            ),
+            (
+                "crash=cpu:4,after_ms:5,point:nmi_blocked",
+                crash_line(0, json!([4]), 500_200, true),
+                None,
+            ),
+            (
+                "crash=cpu:6,after_ms:5",
+                crash_line(6, json!([7]), 500_100, true),
+                Some("crash.stragglers is [7], expected []"),
+            ),
+            (
+                "crash=cpu:7,after_ms:5",
+                crash_line(7, json!([]), 5000, false),
+                None,
+            ),
+        ];
+        let records = runs
+            .iter()
+            .enumerate()
+            .map(|(index, (spec, crash, reason))| {
+                RunRecord::from_outcome(
+                    index as u32,
+                    64,
+                    &crash_outcome(spec, crash.clone(), *reason),
+                    vec![],
+                )
+            })
+            .collect();
+        let result = StressResult {
+            title: "stress: c".to_owned(),
+            requested: 5,
+            records,
+        };
+        assert_eq!(result.crash_runs().len(), 5);
+        assert_eq!(result.crash_runs_ok(), 4);
+        assert_eq!(result.stragglers_seen(), (2, 2, 1));
+        let text = result.table();
+        for row in [
+            "  crash runs ok    4 of 5\n",
+            "  stragglers seen  2 in 2 runs (1 run(s) where none was asked for)\n",
+            "  shootdown (us)   min 2000  median 5000  max 9000\n",
+            "  timed out (us)   min 500100  median 500150  max 500200\n",
+            "  points           bringup 1, nmi_blocked 1, time 3\n",
+            "    run 4 (crash=cpu:6,after_ms:5): crash.stragglers is [7], expected []\n",
+        ] {
+            assert!(text.contains(row), "missing {row:?} in\n{text}");
+        }
+        let json = result.to_json();
+        assert_eq!(json["crash"]["ok"], 4);
+        assert_eq!(json["crash"]["points"]["time"], 3);
+        assert_eq!(json["crash"]["shootdown_us"]["median"], 5000.0);
+        assert_eq!(json["records"][2]["crash"]["stragglers"], json!([4]));
+        // A loop without crashes keeps its table as it was.
+        let plain = StressResult {
+            title: "t".to_owned(),
+            requested: 1,
+            records: vec![record(0, true, true, Some(5))],
+        };
+        assert!(!plain.table().contains("crash runs"));
+        assert_eq!(plain.to_json()["crash"], Value::Null);
+    }
+
+    #[test]
+    fn a_crash_plan_gives_each_run_a_valid_crash_and_names_its_seed() {
+        let seen = RefCell::new(Vec::new());
+        let mut plan = CrashPlan::new(CrashArg::Random, 1234, 64, false, 100);
+        let options = options(20, true);
+        let result = stress_with(&options, &mut plan, fake(&seen)).unwrap();
+        assert!(
+            result
+                .title
+                .ends_with(", a random crash per run (seed 1234)"),
+            "{}",
+            result.title
+        );
+        let specs: Vec<CrashSpec> = seen
+            .borrow()
+            .iter()
+            .map(|o| {
+                assert_eq!(o.append.len(), 2, "{:?}", o.append);
+                let word = o.append[1].strip_prefix("crash=").unwrap();
+                CrashSpec::parse(word).unwrap()
+            })
+            .collect();
+        assert!(specs.iter().all(|spec| spec.check(64, false).is_ok()));
+        assert!(specs.windows(2).any(|pair| pair[0] != pair[1]), "{specs:?}");
+        // The same seed replays the same loop.
+        let mut again = CrashPlan::new(CrashArg::Random, 1234, 64, false, 100);
+        let replay: Vec<CrashSpec> = (0..20).map(|_| again.next_spec()).collect();
+        assert_eq!(replay, specs);
+        // A fixed spec is the same every run.
+        let fixed = CrashSpec::parse("cpu:2,after_ms:4").unwrap();
+        let mut plan = CrashPlan::new(CrashArg::Spec(fixed), 0, 64, false, 100);
+        assert_eq!(plan.words(0), ["crash=cpu:2,after_ms:4"]);
+        assert_eq!(plan.words(1), ["crash=cpu:2,after_ms:4"]);
+        assert_eq!(plan.describe().unwrap(), "crash=cpu:2,after_ms:4 every run");
+    }
+
+    #[test]
+    fn a_crash_plan_fails_a_run_whose_words_hv_rejected() {
+        let mut plan = CrashPlan::new(CrashArg::Random, 1, 8, false, 100);
+        let mut outcome = crash_outcome(
+            "crash=cpu:1,after_ms:1",
+            crash_line(1, json!([]), 1, false),
+            None,
+        );
+        assert!(plan.check(0, &outcome).is_empty());
+        outcome.report["cmdline"]["errors"] = json!(["crash: cpu:N is required"]);
+        assert_eq!(
+            plan.check(0, &outcome),
+            ["hv rejected command-line words: crash: cpu:N is required"]
+        );
     }
 }

@@ -1,0 +1,423 @@
+//! `cargo xtask bench shootdown`: how fast hv's crash path collects every
+//! CPU.
+//!
+//! Each run boots hv in QEMU (direct boot) with a time-based crash on one
+//! CPU (`crash=cpu:N,after_ms:T`; by default a random CPU and a random T
+//! from 1 to 20 ms after the boot report, from a printed seed) and reads
+//! its crash report:
+//!
+//! - `shootdown_us`: from the first NMI sent to the last CPU checked in;
+//! - `nmi_latency_us`: per CPU index, from the first NMI sent to that CPU
+//!   taking it (null for the coordinator).
+//!
+//! Every run is judged like any crash run (the shootdown must be correct,
+//! see `report::crash`): a run that fails cannot be measured and ends the
+//! benchmark. Otherwise it never fails because of the numbers.
+
+use std::fs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::crash::{CrashSpec, Rng};
+use crate::paths;
+use crate::run::{self, Boot, QemuOptions};
+use crate::stats::{self, Spread};
+use crate::stress::{progress_bar, say};
+
+/// The directory of the benchmark's runs under `build/`.
+const BENCH_DIR: &str = "bench-shootdown";
+
+/// Largest random `after_ms`: the crash comes soon after the boot report.
+const MAX_AFTER_MS: u64 = 20;
+
+/// A shootdown benchmark.
+#[derive(Debug, Clone)]
+pub struct ShootdownOptions {
+    /// The hv ELF.
+    pub elf: PathBuf,
+    /// CPUs of the machine.
+    pub smp: u32,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// Crash runs.
+    pub runs: u32,
+    /// The CPU that panics; `None` draws one per run.
+    pub cpu: Option<u32>,
+    /// Seed of the random CPUs and times.
+    pub seed: u64,
+    /// Time allowed for one run.
+    pub timeout: Duration,
+    /// Whether to show a progress bar.
+    pub progress: bool,
+}
+
+impl ShootdownOptions {
+    /// `-smp 64`, 512 MiB, 10 runs, a random CPU per run.
+    pub fn new(elf: impl Into<PathBuf>) -> Self {
+        Self {
+            elf: elf.into(),
+            smp: 64,
+            memory_mib: 512,
+            runs: 10,
+            cpu: None,
+            seed: 0,
+            timeout: Duration::from_secs(120),
+            progress: true,
+        }
+    }
+
+    /// The crash of each run, in order: the same seed gives the same runs.
+    pub fn specs(&self) -> Vec<CrashSpec> {
+        let mut rng = Rng::new(self.seed);
+        (0..self.runs)
+            .map(|_| {
+                let cpu = self
+                    .cpu
+                    .unwrap_or_else(|| rng.below(u64::from(self.smp)) as u32);
+                CrashSpec {
+                    cpu,
+                    after_ms: 1 + rng.below(MAX_AFTER_MS),
+                    point: None,
+                }
+            })
+            .collect()
+    }
+}
+
+/// What one crash run measured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShootdownSample {
+    /// The crash it was given.
+    pub spec: CrashSpec,
+    /// `crash.shootdown_us`.
+    pub shootdown_us: u64,
+    /// `crash.nmi_latency_us`, per CPU index.
+    pub nmi_latency_us: Vec<Option<u64>>,
+}
+
+impl ShootdownSample {
+    /// Reads a crash report; the reason when it lacks the numbers.
+    pub fn from_report(spec: CrashSpec, report: &Value) -> Result<Self, String> {
+        let crash = &report["crash"];
+        let shootdown_us = crash["shootdown_us"]
+            .as_u64()
+            .ok_or("no crash.shootdown_us")?;
+        let nmi_latency_us = crash["nmi_latency_us"]
+            .as_array()
+            .ok_or("no crash.nmi_latency_us")?
+            .iter()
+            .map(Value::as_u64)
+            .collect();
+        Ok(Self {
+            spec,
+            shootdown_us,
+            nmi_latency_us,
+        })
+    }
+}
+
+/// The samples of a benchmark.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShootdownResult {
+    /// `-smp`.
+    pub smp: u32,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// The emulator (`qemu-tcg` or `qemu-kvm`).
+    pub emulator: String,
+    /// The seed of the random choices.
+    pub seed: u64,
+    /// The fixed crashing CPU, if one was given.
+    pub cpu: Option<u32>,
+    /// One sample per run.
+    pub samples: Vec<ShootdownSample>,
+}
+
+impl ShootdownResult {
+    /// Spread of `shootdown_us` over the runs.
+    pub fn shootdown(&self) -> Option<Spread> {
+        let samples: Vec<u64> = self.samples.iter().map(|s| s.shootdown_us).collect();
+        Spread::of_u64(&samples)
+    }
+
+    /// Spread of every CPU's NMI latency in every run.
+    pub fn nmi_latency(&self) -> Option<Spread> {
+        let samples: Vec<u64> = self
+            .samples
+            .iter()
+            .flat_map(|s| s.nmi_latency_us.iter().flatten().copied())
+            .collect();
+        Spread::of_u64(&samples)
+    }
+
+    /// Spread of each CPU's NMI latency over the runs (by CPU index;
+    /// `None` for a CPU that coordinated every run).
+    pub fn nmi_latency_per_cpu(&self) -> Vec<Option<Spread>> {
+        let cpus = self
+            .samples
+            .iter()
+            .map(|s| s.nmi_latency_us.len())
+            .max()
+            .unwrap_or(0);
+        (0..cpus)
+            .map(|cpu| {
+                let samples: Vec<u64> = self
+                    .samples
+                    .iter()
+                    .filter_map(|s| s.nmi_latency_us.get(cpu).copied().flatten())
+                    .collect();
+                Spread::of_u64(&samples)
+            })
+            .collect()
+    }
+
+    /// The closing table.
+    pub fn table(&self) -> String {
+        let row = |name: &str, spread: Option<Spread>| {
+            let mut row = vec![name.to_owned()];
+            match spread {
+                Some(spread) => row.extend([
+                    spread.count.to_string(),
+                    stats::number(spread.min),
+                    stats::number(spread.median),
+                    stats::number(spread.max),
+                ]),
+                None => row.push("0".to_owned()),
+            }
+            row
+        };
+        let header = |first: &str| {
+            [first, "samples", "min", "median", "max"]
+                .map(str::to_owned)
+                .to_vec()
+        };
+        let overall = vec![
+            header("(us)"),
+            row("shootdown", self.shootdown()),
+            row("NMI latency, every CPU", self.nmi_latency()),
+        ];
+        let mut per_cpu = vec![header("NMI latency of CPU")];
+        per_cpu.extend(
+            self.nmi_latency_per_cpu()
+                .into_iter()
+                .enumerate()
+                .map(|(cpu, spread)| row(&cpu.to_string(), spread)),
+        );
+        format!(
+            "crash shootdown, first NMI sent to last check-in: -smp {}, {} MiB, {}, {} runs, \
+             crashing CPU {}\n{}\n{}",
+            self.smp,
+            self.memory_mib,
+            self.emulator,
+            self.samples.len(),
+            match self.cpu {
+                Some(cpu) => cpu.to_string(),
+                None => format!("random (seed {})", self.seed),
+            },
+            stats::table(&overall),
+            stats::table(&per_cpu),
+        )
+    }
+
+    /// The result as JSON (`--report`, and `build/bench-shootdown/bench.json`).
+    pub fn to_json(&self) -> Value {
+        let spread = |spread: Option<Spread>| {
+            spread.map(
+                |s| json!({"samples": s.count, "min": s.min, "median": s.median, "max": s.max}),
+            )
+        };
+        json!({
+            "smp": self.smp,
+            "memory_mib": self.memory_mib,
+            "emulator": self.emulator,
+            "seed": self.seed,
+            "cpu": self.cpu,
+            "shootdown_us": spread(self.shootdown()),
+            "nmi_latency_us": spread(self.nmi_latency()),
+            "nmi_latency_us_per_cpu": self
+                .nmi_latency_per_cpu()
+                .into_iter()
+                .map(spread)
+                .collect::<Vec<_>>(),
+            "runs": self.samples.iter().map(|s| json!({
+                "crash": s.spec.to_string(),
+                "shootdown_us": s.shootdown_us,
+                "nmi_latency_us": s.nmi_latency_us,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// Runs the benchmark.
+pub fn bench_shootdown(options: &ShootdownOptions) -> Result<ShootdownResult> {
+    if options.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    if options.smp < 2 {
+        bail!("a shootdown needs at least 2 CPUs");
+    }
+    crate::tools::ensure(&run::qemu_needs(Boot::Direct))?;
+    let root = paths::run_dir(BENCH_DIR);
+    if root.exists() {
+        fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
+    }
+    let bar = progress_bar(u64::from(options.runs), options.progress);
+    let mut emulator = String::new();
+    let mut samples = Vec::new();
+    for (index, spec) in options.specs().into_iter().enumerate() {
+        let round = index + 1;
+        bar.set_message(format!("run {round}: {}", spec.word()));
+        let run_options = QemuOptions {
+            smp: options.smp,
+            memory_mib: options.memory_mib,
+            boot: Boot::Direct,
+            append: vec![spec.word()],
+            timeout: options.timeout,
+            run_name: Some(format!("{BENCH_DIR}/run-{round:03}")),
+            ..QemuOptions::new(&options.elf)
+        };
+        let outcome = run::qemu(&run_options)?;
+        if !outcome.ok {
+            bail!(
+                "crash run {round} ({}) failed, nothing to measure: {} (see {})",
+                spec.word(),
+                outcome.reason.as_deref().unwrap_or("?"),
+                outcome.run_dir.display()
+            );
+        }
+        emulator = outcome.report["emulator"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let sample = ShootdownSample::from_report(spec, &outcome.report).map_err(|error| {
+            anyhow::anyhow!(
+                "crash run {round}: {error} (see {})",
+                outcome.run_dir.display()
+            )
+        })?;
+        say(
+            &bar,
+            format!(
+                "run {round}: {} shootdown {} us",
+                spec.word(),
+                sample.shootdown_us
+            ),
+        );
+        samples.push(sample);
+        bar.inc(1);
+        let _ = fs::remove_dir_all(&outcome.run_dir);
+    }
+    bar.finish_and_clear();
+    let result = ShootdownResult {
+        smp: options.smp,
+        memory_mib: options.memory_mib,
+        emulator,
+        seed: options.seed,
+        cpu: options.cpu,
+        samples,
+    };
+    fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let saved = root.join("bench.json");
+    let text = serde_json::to_string_pretty(&result.to_json())? + "\n";
+    fs::write(&saved, text).with_context(|| format!("writing {}", saved.display()))?;
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(cpu: u32, shootdown_us: u64, latency: &[Option<u64>]) -> ShootdownSample {
+        ShootdownSample {
+            spec: CrashSpec {
+                cpu,
+                after_ms: 5,
+                point: None,
+            },
+            shootdown_us,
+            nmi_latency_us: latency.to_vec(),
+        }
+    }
+
+    #[test]
+    fn specs_are_time_based_crashes_on_valid_cpus_and_replayable() {
+        let mut options = ShootdownOptions::new("/t/hv");
+        options.runs = 200;
+        options.smp = 8;
+        options.seed = 77;
+        let specs = options.specs();
+        assert_eq!(specs.len(), 200);
+        assert!(specs.iter().all(|spec| spec.point.is_none()
+            && spec.cpu < 8
+            && (1..=MAX_AFTER_MS).contains(&spec.after_ms)));
+        let cpus: std::collections::HashSet<u32> = specs.iter().map(|spec| spec.cpu).collect();
+        assert_eq!(cpus.len(), 8, "every CPU gets to crash");
+        assert_eq!(options.specs(), specs);
+        options.cpu = Some(3);
+        assert!(options.specs().iter().all(|spec| spec.cpu == 3));
+    }
+
+    #[test]
+    fn a_sample_reads_the_crash_report() {
+        let spec = CrashSpec::parse("cpu:1,after_ms:3").unwrap();
+        let report = serde_json::json!({"crash": {"shootdown_us": 2479,
+            "nmi_latency_us": [1871, null, 2295]}});
+        assert_eq!(
+            ShootdownSample::from_report(spec, &report).unwrap(),
+            ShootdownSample {
+                spec,
+                shootdown_us: 2479,
+                nmi_latency_us: vec![Some(1871), None, Some(2295)]
+            }
+        );
+        assert_eq!(
+            ShootdownSample::from_report(spec, &serde_json::json!({})).unwrap_err(),
+            "no crash.shootdown_us"
+        );
+    }
+
+    #[test]
+    fn the_table_spreads_shootdowns_and_nmi_latencies_overall_and_per_cpu() {
+        let result = ShootdownResult {
+            smp: 3,
+            memory_mib: 512,
+            emulator: "qemu-tcg".to_owned(),
+            seed: 9,
+            cpu: None,
+            samples: vec![
+                sample(0, 900, &[None, Some(100), Some(300)]),
+                sample(1, 700, &[Some(50), None, Some(200)]),
+                sample(1, 800, &[Some(70), None, Some(250)]),
+            ],
+        };
+        let overall = result.nmi_latency().unwrap();
+        assert_eq!((overall.count, overall.min, overall.max), (6, 50.0, 300.0));
+        let per_cpu = result.nmi_latency_per_cpu();
+        assert_eq!(per_cpu[0].unwrap().median, 60.0);
+        assert_eq!(per_cpu[1].unwrap().count, 1);
+        assert_eq!(per_cpu[2].unwrap().median, 250.0);
+        let text = result.table();
+        assert!(
+            text.starts_with(
+                "crash shootdown, first NMI sent to last check-in: -smp 3, 512 MiB, qemu-tcg, \
+                 3 runs, crashing CPU random (seed 9)\n"
+            ),
+            "{text}"
+        );
+        for line in [
+            "  shootdown                     3  700     800  900\n",
+            "  NMI latency, every CPU        6   50     150  300\n",
+            "  0                         2   50      60   70\n",
+            "  2                         3  200     250  300\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        let json = result.to_json();
+        assert_eq!(json["shootdown_us"]["median"], 800.0);
+        assert_eq!(json["nmi_latency_us_per_cpu"][1]["samples"], 1);
+        assert_eq!(json["runs"][2]["crash"], "cpu:1,after_ms:5");
+    }
+}
