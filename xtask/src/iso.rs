@@ -13,9 +13,29 @@ use anyhow::{Context, Result, bail};
 /// Where the ELF sits inside the ISO.
 const ELF_IN_ISO: &str = "boot/hv";
 
+/// A boot module: a file GRUB loads next to hv (`module2`), with the
+/// command line hv tells modules apart by (`capture`, `capture-initrd`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootModule {
+    /// The file to load.
+    pub file: PathBuf,
+    /// Its command line (the first word is its role).
+    pub cmdline: String,
+}
+
 /// The GRUB configuration: boot hv at once, talking on COM1 at 115200 baud
 /// so that GRUB's own messages land in the same serial log as hv's.
 pub fn grub_cfg(cmdline: &str) -> String {
+    grub_cfg_with_modules(cmdline, &[])
+}
+
+/// [`grub_cfg`] with `module2` lines, one per entry of `modules`: the
+/// path of the module inside the ISO and its command line.
+pub fn grub_cfg_with_modules(cmdline: &str, modules: &[(String, String)]) -> String {
+    let mut lines = String::new();
+    for (path, module_cmdline) in modules {
+        lines.push_str(&format!("    module2 /{path} {module_cmdline}\n"));
+    }
     format!(
         "# Written by cargo xtask: boot hv at once, console on COM1.\n\
          serial --unit=0 --speed=115200\n\
@@ -26,6 +46,7 @@ pub fn grub_cfg(cmdline: &str) -> String {
          \n\
          menuentry \"hv\" {{\n\
          \x20   multiboot2 /{ELF_IN_ISO} {cmdline}\n\
+         {lines}\
          \x20   boot\n\
          }}\n"
     )
@@ -34,6 +55,21 @@ pub fn grub_cfg(cmdline: &str) -> String {
 /// Builds `<run_dir>/hv.iso` holding `elf` and a config that passes
 /// `cmdline`, and returns its path.
 pub fn make_iso(elf: &Path, cmdline: &str, run_dir: &Path) -> Result<PathBuf> {
+    make_iso_with_modules(elf, cmdline, &[], run_dir)
+}
+
+/// [`make_iso`] with boot modules, copied into the ISO's `boot/` as
+/// `module0`, `module1`, ... Their command lines go through GRUB's parser
+/// like hv's and are checked the same way.
+pub fn make_iso_with_modules(
+    elf: &Path,
+    cmdline: &str,
+    modules: &[BootModule],
+    run_dir: &Path,
+) -> Result<PathBuf> {
+    for module in modules {
+        crate::cmdline::kernel_cmdline(&crate::cmdline::split_words(&module.cmdline))?;
+    }
     let tree = run_dir.join("iso");
     if tree.exists() {
         fs::remove_dir_all(&tree).with_context(|| format!("removing {}", tree.display()))?;
@@ -44,7 +80,18 @@ pub fn make_iso(elf: &Path, cmdline: &str, run_dir: &Path) -> Result<PathBuf> {
     // rebuilds the ELF while an emulator still reads the image.
     fs::copy(elf, tree.join(ELF_IN_ISO))
         .with_context(|| format!("copying {} into the ISO tree", elf.display()))?;
-    fs::write(grub_dir.join("grub.cfg"), grub_cfg(cmdline)).context("writing grub.cfg")?;
+    let mut lines = Vec::new();
+    for (i, module) in modules.iter().enumerate() {
+        let path = format!("boot/module{i}");
+        fs::copy(&module.file, tree.join(&path))
+            .with_context(|| format!("copying {} into the ISO tree", module.file.display()))?;
+        lines.push((path, module.cmdline.clone()));
+    }
+    fs::write(
+        grub_dir.join("grub.cfg"),
+        grub_cfg_with_modules(cmdline, &lines),
+    )
+    .context("writing grub.cfg")?;
 
     let iso = run_dir.join("hv.iso");
     let output = Command::new("grub-mkrescue")
@@ -81,6 +128,29 @@ mod tests {
         ] {
             assert!(cfg.lines().any(|l| l == line), "missing {line:?} in\n{cfg}");
         }
+    }
+
+    #[test]
+    fn modules_follow_the_kernel_with_their_command_lines() {
+        let cfg = grub_cfg_with_modules(
+            "finish=exit crashkernel=256M",
+            &[
+                ("boot/module0".into(), "capture console=ttyS0".into()),
+                ("boot/module1".into(), "capture-initrd".into()),
+            ],
+        );
+        let kernel = cfg
+            .find("    multiboot2 /boot/hv finish=exit crashkernel=256M\n")
+            .unwrap();
+        let first = cfg
+            .find("    module2 /boot/module0 capture console=ttyS0\n")
+            .unwrap();
+        let second = cfg
+            .find("    module2 /boot/module1 capture-initrd\n")
+            .unwrap();
+        let boot = cfg.find("    boot\n").unwrap();
+        assert!(kernel < first && first < second && second < boot, "{cfg}");
+        assert_eq!(grub_cfg("x"), grub_cfg_with_modules("x", &[]));
     }
 
     #[test]

@@ -23,7 +23,30 @@ pub const ELF_ENV: &str = "HV_ELF";
 /// `target_dir` overrides cargo's target directory; the integration tests use
 /// a directory of their own when they must build the image themselves.
 pub fn build(target_dir: Option<&Path>) -> Result<PathBuf> {
+    build_with_env(target_dir, &[])
+}
+
+/// Environment variable through which `hv/build.rs` links the image at
+/// another address: the capture-mode image runs inside the crash
+/// reservation.
+pub const LINK_BASE_ENV: &str = "HV_LINK_BASE";
+
+/// Builds the capture-mode image: hv linked at `link_base` (the crash
+/// reservation's base, 2 MiB aligned), in a target directory of its own
+/// (`target/hv-capture`) so that it never replaces the ordinary build.
+pub fn build_capture(link_base: u64) -> Result<PathBuf> {
+    if link_base == 0 || !link_base.is_multiple_of(0x20_0000) {
+        bail!("the capture image's link base {link_base:#x} must be a non-zero multiple of 2 MiB");
+    }
+    let dir = crate::paths::workspace_root().join("target/hv-capture");
+    build_with_env(Some(&dir), &[(LINK_BASE_ENV, format!("{link_base:#x}"))])
+}
+
+/// [`build`] with extra environment variables for cargo (and so for
+/// `hv/build.rs`).
+pub fn build_with_env(target_dir: Option<&Path>, env: &[(&str, String)]) -> Result<PathBuf> {
     let mut command = Command::new(cargo());
+    command.envs(env.iter().map(|(key, value)| (key, value)));
     command
         .current_dir(crate::paths::workspace_root())
         .args([

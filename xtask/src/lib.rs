@@ -8,9 +8,14 @@
 
 pub mod accel;
 pub mod bench;
+pub mod capture;
 pub mod ci;
 pub mod cmdline;
+pub mod cpio;
 pub mod crash;
+pub mod debian;
+pub mod dump;
+pub mod initramfs;
 pub mod iso;
 pub mod kernel;
 pub mod paths;

@@ -16,6 +16,7 @@ use anyhow::{Context, Result, bail};
 
 use super::watch::watch;
 use super::{Boot, Finished, RunOutcome, check_elf, finish, log_file, prepare_run_dir};
+use crate::iso::BootModule;
 use crate::process::KillOnDrop;
 use crate::report::{Backend, ExitConvention, Expectations};
 use crate::tools::{self, BOCHS_BIOS, Need, VGA_BIOS};
@@ -58,6 +59,14 @@ pub struct BochsOptions {
     pub run_name: Option<String>,
     /// Whether to copy the serial console to stdout while it runs.
     pub echo: bool,
+    /// Boot modules: `module2` lines in the GRUB config.
+    pub modules: Vec<BootModule>,
+    /// More bochsrc lines (a disk on `ata0-slave`, ...).
+    pub extra_config: Vec<String>,
+    /// Where Bochs' stdout goes, which with `port_e9_hack` carries what
+    /// the guest writes to port 0xE9; `None`: with its stderr into
+    /// `bochs.out`.
+    pub stdout_log: Option<PathBuf>,
 }
 
 impl BochsOptions {
@@ -71,6 +80,9 @@ impl BochsOptions {
             timeout: Duration::from_secs(120),
             run_name: None,
             echo: false,
+            modules: Vec::new(),
+            extra_config: Vec::new(),
+            stdout_log: None,
         }
     }
 
@@ -140,11 +152,15 @@ pub fn bochs(options: &BochsOptions) -> Result<RunOutcome> {
         .clone()
         .unwrap_or_else(|| options.default_run_name());
     let run_dir = prepare_run_dir(&name, &[SERIAL_LOG, BOCHS_LOG, EMULATOR_LOG])?;
-    let iso = iso::make_iso(&options.elf, &cmdline, &run_dir)?;
+    let iso = iso::make_iso_with_modules(&options.elf, &cmdline, &options.modules, &run_dir)?;
 
     let config = run_dir.join(BOCHSRC);
-    fs::write(&config, bochsrc(cpus, options.memory_mib, &iso, &run_dir))
-        .with_context(|| format!("writing {}", config.display()))?;
+    let mut rc = bochsrc(cpus, options.memory_mib, &iso, &run_dir);
+    for line in &options.extra_config {
+        rc.push_str(line);
+        rc.push('\n');
+    }
+    fs::write(&config, rc).with_context(|| format!("writing {}", config.display()))?;
     let script = run_dir.join(DEBUGGER_SCRIPT);
     // `c`ontinue: the Debian build has the debugger compiled in and would
     // otherwise wait at its prompt before the first instruction.
@@ -157,7 +173,10 @@ pub fn bochs(options: &BochsOptions) -> Result<RunOutcome> {
             script.display()
         );
     }
-    let (stdout, stderr) = log_file(&run_dir.join(EMULATOR_LOG))?;
+    let (mut stdout, stderr) = log_file(&run_dir.join(EMULATOR_LOG))?;
+    if let Some(path) = &options.stdout_log {
+        stdout = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    }
     let child = Command::new("bochs")
         .arg("-q")
         .arg("-f")

@@ -13,7 +13,7 @@ mod watch;
 
 pub use bochs::{BOCHS_MAX_CPUS, BOCHS_NEEDS, BochsOptions, bochs, bochsrc, check_cpus};
 pub use qemu::{Firmware, QemuOptions, find_ovmf, qemu, qemu_needs};
-pub(crate) use qemu::{Media, qemu_args};
+pub(crate) use qemu::{Media, drive_path, qemu_args};
 
 use std::fs;
 use std::path::{Path, PathBuf};

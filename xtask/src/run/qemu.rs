@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use super::watch::{Watched, watch};
 use super::{Boot, Finished, RunOutcome, check_elf, finish, log_file, prepare_run_dir};
 use crate::accel::{self, Accel};
+use crate::iso::BootModule;
 use crate::process::KillOnDrop;
 use crate::report::{Backend, End, ExitConvention, Expectations};
 use crate::report::{QEMU_EXIT_FAILURE, QEMU_EXIT_SUCCESS};
@@ -46,6 +47,12 @@ pub struct QemuOptions {
     pub run_name: Option<String>,
     /// Whether to copy the serial console to stdout while it runs.
     pub echo: bool,
+    /// Boot modules: `module2` lines in the GRUB config; with direct boot
+    /// at most one, given to QEMU as `-initrd` (PVH has no module command
+    /// line).
+    pub modules: Vec<BootModule>,
+    /// More QEMU arguments (disks, ...), after all others.
+    pub extra_args: Vec<OsString>,
 }
 
 impl QemuOptions {
@@ -60,6 +67,8 @@ impl QemuOptions {
             timeout: Duration::from_secs(60),
             run_name: None,
             echo: false,
+            modules: Vec::new(),
+            extra_args: Vec::new(),
         }
     }
 
@@ -181,7 +190,7 @@ pub(crate) fn qemu_args(
 }
 
 /// A path inside a `-drive` option string, where a comma must be doubled.
-fn drive_path(path: &Path) -> String {
+pub(crate) fn drive_path(path: &Path) -> String {
     path.display().to_string().replace(',', ",,")
 }
 
@@ -243,16 +252,22 @@ pub fn qemu_needs(boot: Boot) -> Vec<Need> {
 
 /// Prepares the boot media of a run in its directory.
 fn media(options: &QemuOptions, cmdline: &str, run_dir: &Path) -> Result<Media> {
+    if options.boot == Boot::Direct && options.modules.len() > 1 {
+        bail!(
+            "direct boot carries one module (-initrd), not {}: boot through GRUB",
+            options.modules.len()
+        );
+    }
     Ok(match options.boot {
         Boot::Direct => Media::Kernel {
             elf: options.elf.clone(),
             cmdline: cmdline.to_owned(),
         },
         Boot::GrubBios => Media::BiosCdrom {
-            iso: iso::make_iso(&options.elf, cmdline, run_dir)?,
+            iso: iso::make_iso_with_modules(&options.elf, cmdline, &options.modules, run_dir)?,
         },
         Boot::GrubUefi => {
-            let iso = iso::make_iso(&options.elf, cmdline, run_dir)?;
+            let iso = iso::make_iso_with_modules(&options.elf, cmdline, &options.modules, run_dir)?;
             let firmware = find_ovmf(Path::exists).context("no OVMF firmware found")?;
             let vars = match &firmware {
                 Firmware::Pflash { vars_template, .. } => {
@@ -275,7 +290,11 @@ fn media(options: &QemuOptions, cmdline: &str, run_dir: &Path) -> Result<Media> 
 
 /// Starts QEMU once and watches it to its end.
 fn attempt(options: &QemuOptions, accel: Accel, media: &Media, run_dir: &Path) -> Result<Watched> {
-    let args = qemu_args(accel, options.smp, options.memory_mib, media, run_dir);
+    let mut args = qemu_args(accel, options.smp, options.memory_mib, media, run_dir);
+    if let (Media::Kernel { .. }, Some(module)) = (media, options.modules.first()) {
+        args.extend(["-initrd".into(), module.file.clone().into_os_string()]);
+    }
+    args.extend(options.extra_args.iter().cloned());
     if options.echo {
         let shown: Vec<String> = args
             .iter()

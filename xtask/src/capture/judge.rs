@@ -1,0 +1,663 @@
+//! The `capture` object of the run report, and the capture's part of the
+//! verdict.
+//!
+//! hv prints `capture` report lines itself: at boot `loaded`, `kernel` (or
+//! `error`), in the crash path `digest_ok`, `jumped`, `handover_us`,
+//! `refused`; hv's capture mode adds `entered`, `entered_us`, `streamed`,
+//! `cpu_notes`, `dump_bytes`; the Linux initramfs adds `linux.copied`,
+//! `linux.vmcore_bytes`, `linux.copy_ms`. xtask merges them like every
+//! report line and then sets what it found itself:
+//!
+//! | key | meaning |
+//! |---|---|
+//! | `kernel` | the capture kernel asked for, `linux` or `hv` |
+//! | `entered` | the capture kernel printed its marker after the crash: hv's capture mode its `"entered":true` line, Linux its banner (`Linux version`) or `/init`'s first line |
+//! | `digest_ok` | hv's: the loaded image matched its boot-time digests |
+//! | `dump_path`, `dump_bytes` | the extracted dump and its length (`null` when there is none) |
+//! | `cpu_notes` | `NT_PRSTATUS` notes in the dump |
+//! | `crash_to_capture_us` | from the crash to the capture kernel's entry, see below |
+//! | `crash_to_capture_source` | `tsc` or `serial` |
+//! | `dump_error` | why there is no usable dump |
+//!
+//! `crash_to_capture_us`: when hv reports both `crash.started_us` and
+//! `capture.entered_us` (hv's capture mode; the TSC runs on across the
+//! jump), their difference (`tsc`). Otherwise the wall-clock time between
+//! the crash's first serial line (`*** hv: CRASH`) and the capture
+//! kernel's first (hv's `capture: hv capture mode`, Linux's `Linux
+//! version` banner) as xtask saw them arrive in the serial log (`serial`:
+//! a few milliseconds of resolution; for Linux it includes the kernel's
+//! decompression and early boot before its console is up).
+//!
+//! A capture run whose command line asks for a crash is ok when, on top of
+//! the crash run's own checks, hv loaded the capture kernel, verified its
+//! digests and jumped, the capture kernel was entered and ended the
+//! emulator with the success code (QEMU status 0x21), and the dump exists,
+//! parses, is complete, has one `NT_PRSTATUS` per CPU that checked in plus
+//! the coordinator, and its `HVCRASH` note names the coordinator of the
+//! crash report. With `capture_corrupt=1` the jump must be refused
+//! instead: `digest_ok` false, nothing entered, no dump.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+use super::stream::{self, StreamSummary};
+use super::{CaptureKernel, DISK_FILE, DUMP_FILE};
+use crate::dump::DumpInfo;
+use crate::initramfs::{COPIED_MARKER, FAILED_MARKER, INIT_MARKER};
+use crate::report::{self, Backend, End, ExitConvention, Expectations, QEMU_EXIT_SUCCESS};
+use crate::run::RunOutcome;
+use crate::serial::strip_ansi;
+
+/// The crash path's first line on the console.
+pub const CRASH_MARKER: &str = "*** hv: CRASH";
+/// hv's capture mode's first line.
+pub const HV_ENTRY_MARKER: &str = "capture: hv capture mode";
+/// The Linux kernel's banner.
+pub const LINUX_ENTRY_MARKER: &str = "Linux version ";
+
+/// The capture kernel's first line.
+pub fn entry_marker(kernel: CaptureKernel) -> &'static str {
+    match kernel {
+        CaptureKernel::Linux => LINUX_ENTRY_MARKER,
+        CaptureKernel::Hv => HV_ENTRY_MARKER,
+    }
+}
+
+/// What xtask took out of the machine after the run.
+#[derive(Debug)]
+pub struct Collected {
+    /// The dump, if one could be extracted.
+    pub dump: Result<DumpInfo>,
+    /// The stream's summary (hv's capture mode).
+    pub stream: Option<StreamSummary>,
+    /// Where the raw material is: the disk image or the stream.
+    pub source: PathBuf,
+}
+
+impl Collected {
+    /// The Linux capture kernel's disk: the dump is the image cut to the
+    /// length its ELF header gives.
+    pub fn from_disk(run_dir: &Path) -> Self {
+        let image = run_dir.join(DISK_FILE);
+        let out = run_dir.join(DUMP_FILE);
+        Self {
+            dump: extract_disk(&image, &out),
+            stream: None,
+            source: image,
+        }
+    }
+
+    /// hv's stream, from a port log or a disk that holds it.
+    pub fn from_stream(run_dir: &Path, stream_file: &Path) -> Self {
+        let out = run_dir.join(DUMP_FILE);
+        let (dump, stream) = match stream::reassemble(stream_file, &out) {
+            Ok(summary) => (DumpInfo::read(&out), Some(summary)),
+            Err(error) => (Err(error), None),
+        };
+        Self {
+            dump,
+            stream,
+            source: stream_file.to_path_buf(),
+        }
+    }
+}
+
+/// Cuts the disk image to the dump it holds and renames it to `out`.
+pub fn extract_disk(image: &Path, out: &Path) -> Result<DumpInfo> {
+    let info = DumpInfo::read(image)
+        .with_context(|| format!("no dump on the capture disk {}", image.display()))?;
+    if info.data_end > info.file_bytes {
+        anyhow::bail!(
+            "the capture disk {} holds {} bytes, the dump's segments reach {}",
+            image.display(),
+            info.file_bytes,
+            info.data_end
+        );
+    }
+    fs::rename(image, out).with_context(|| format!("renaming {}", image.display()))?;
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(out)
+        .with_context(|| format!("opening {}", out.display()))?;
+    file.set_len(info.data_end)?;
+    drop(file);
+    DumpInfo::read(out)
+}
+
+/// Sets the `capture` object of `outcome`'s report, judges the capture,
+/// and saves the report again. `qemu`: whether the exit status is QEMU's.
+pub fn conclude(
+    outcome: &mut RunOutcome,
+    kernel: CaptureKernel,
+    words: &[String],
+    collected: &Collected,
+    times: &[Option<Duration>],
+    qemu: bool,
+) -> Result<()> {
+    let serial = outcome.serial.clone();
+    let capture = capture_object(&outcome.report, kernel, &serial, collected, times);
+    if let Value::Object(map) = &mut outcome.report {
+        let mut merged = map.remove("capture").unwrap_or_else(|| json!({}));
+        report::deep_merge(&mut merged, capture);
+        map.insert("capture".to_owned(), merged);
+    }
+
+    let mut problems = base_problems(outcome, words, qemu);
+    problems.extend(capture_problems(&outcome.report, words, collected));
+    outcome.ok = problems.is_empty();
+    outcome.reason = (!problems.is_empty()).then(|| problems.join("; "));
+    outcome.report["ok"] = json!(outcome.ok);
+    outcome.report["reason"] = json!(outcome.reason);
+    outcome.write_report(&outcome.run_dir.join("report.json"))
+}
+
+/// The run's own verdict. When the capture kernel took over, the exit
+/// status is its own (QEMU 0x21 after a good capture, like hv's success),
+/// not hv's crash-handled code: the run is judged again with the status
+/// left aside and the capture kernel's checked here.
+fn base_problems(outcome: &RunOutcome, words: &[String], qemu: bool) -> Vec<String> {
+    let report = &outcome.report;
+    let jumped = report["capture"]["jumped"] == Value::Bool(true);
+    if !jumped || !qemu {
+        return outcome.reason.iter().cloned().collect();
+    }
+    let cpus = report["xtask"]["cpus_requested"]
+        .as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(0);
+    let mut expect = Expectations::from_cmdline(cpus, words);
+    if report["emulator"] == "qemu-kvm" {
+        expect = expect.with_virt(Backend::Vmx);
+    }
+    let timed_out = report["xtask"]["timed_out"] == Value::Bool(true);
+    let status = report["xtask"]["exit_status"]
+        .as_i64()
+        .and_then(|s| i32::try_from(s).ok());
+    let end = if timed_out {
+        End::TimedOut(Duration::from_secs_f64(
+            report["xtask"]["elapsed_secs"].as_f64().unwrap_or(0.0),
+        ))
+    } else {
+        End::Exited(status)
+    };
+    let verdict = report::judge(report, &expect, end, ExitConvention::Meaningless);
+    let mut problems: Vec<String> = verdict.reason.into_iter().collect();
+    if !timed_out && status != Some(QEMU_EXIT_SUCCESS) {
+        problems.push(match status {
+            Some(code) => {
+                format!("the capture kernel ended QEMU with status {code:#x}, not its success 0x21")
+            }
+            None => "QEMU was ended by a signal during the capture".to_owned(),
+        });
+    }
+    problems
+}
+
+/// The keys xtask sets in `capture`.
+fn capture_object(
+    report: &Value,
+    kernel: CaptureKernel,
+    serial: &str,
+    collected: &Collected,
+    times: &[Option<Duration>],
+) -> Value {
+    let hv_said = &report["capture"];
+    let entered = match kernel {
+        CaptureKernel::Hv => hv_said["entered"] == Value::Bool(true),
+        CaptureKernel::Linux => {
+            seen_after_crash(serial, LINUX_ENTRY_MARKER) || seen_after_crash(serial, INIT_MARKER)
+        }
+    };
+    let (timing, source) = match (
+        report["crash"]["started_us"].as_u64(),
+        hv_said["entered_us"].as_u64(),
+    ) {
+        (Some(crash), Some(entry)) if entry >= crash => (Some(entry - crash), "tsc"),
+        _ => match (
+            times.first().copied().flatten(),
+            times.get(1).copied().flatten(),
+        ) {
+            (Some(crash), Some(entry)) => (
+                Some(u64::try_from(entry.saturating_sub(crash).as_micros()).unwrap_or(u64::MAX)),
+                "serial",
+            ),
+            _ => (None, "serial"),
+        },
+    };
+    let mut object = json!({
+        "kernel": kernel.as_str(),
+        "entered": entered,
+        "crash_to_capture_us": timing,
+        "crash_to_capture_source": timing.map(|_| source),
+        "source": collected.source,
+    });
+    match &collected.dump {
+        Ok(info) => {
+            object["dump_path"] = json!(info.path);
+            object["dump_bytes"] = json!(info.file_bytes);
+            object["cpu_notes"] = json!(info.cpus.len());
+            object["dump_error"] = Value::Null;
+        }
+        Err(error) => {
+            object["dump_path"] = Value::Null;
+            object["dump_bytes"] = Value::Null;
+            object["cpu_notes"] = Value::Null;
+            object["dump_error"] = json!(format!("{error:#}"));
+        }
+    }
+    if hv_said["streamed"] == Value::Bool(true) {
+        // hv's capture mode says how long a file it streamed, under the key
+        // xtask now fills from the file: keep its word next to it.
+        object["streamed_bytes"] = hv_said["dump_bytes"].clone();
+    }
+    if let Some(summary) = &collected.stream {
+        object["stream"] = json!({
+            "offset": summary.stream_offset,
+            "records": summary.records,
+            "data_bytes": summary.data_bytes,
+            "zero_bytes": summary.zero_bytes,
+            "uncovered_bytes": summary.uncovered_bytes,
+        });
+    }
+    object
+}
+
+/// Whether a line containing `marker` comes after the crash's first line.
+fn seen_after_crash(serial: &str, marker: &str) -> bool {
+    serial
+        .lines()
+        .map(strip_ansi)
+        .skip_while(|line| !line.contains(CRASH_MARKER))
+        .any(|line| line.contains(marker))
+}
+
+/// The last value of `key=` in the words, as hv takes it.
+fn word<'a>(words: &'a [String], key: &str) -> Option<&'a str> {
+    words
+        .iter()
+        .rev()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// What is wrong with the capture, given the merged report (with xtask's
+/// `capture` keys set) and the command line.
+pub fn capture_problems(report: &Value, words: &[String], collected: &Collected) -> Vec<String> {
+    if !super::asks_for_crash(words) {
+        // No crash asked for: nothing to capture; the boot-time load is
+        // reported and the tests judge it.
+        return Vec::new();
+    }
+    let capture = &report["capture"];
+    let mut problems = Vec::new();
+    if capture["loaded"] != Value::Bool(true) {
+        problems.push(format!(
+            "hv did not load the capture kernel: {}",
+            capture["error"]
+                .as_str()
+                .unwrap_or("(no capture report at boot)")
+        ));
+        return problems;
+    }
+    let kernel = capture["kernel"].as_str().unwrap_or("?");
+    if word(words, "capture_corrupt") == Some("1") {
+        if capture["digest_ok"] != Value::Bool(false) {
+            problems.push(format!(
+                "capture_corrupt=1: digest_ok is {}, expected false",
+                capture["digest_ok"]
+            ));
+        }
+        if capture["jumped"] == Value::Bool(true) || capture["entered"] == Value::Bool(true) {
+            problems
+                .push("capture_corrupt=1: hv jumped into the damaged capture kernel".to_owned());
+        }
+        if collected.dump.is_ok() {
+            problems.push("capture_corrupt=1: a dump was written all the same".to_owned());
+        }
+        return problems;
+    }
+    if report["crash"].is_null() {
+        // The crash run's own checks say why there was no crash.
+        return problems;
+    }
+    match capture["digest_ok"].as_bool() {
+        Some(true) => {}
+        Some(false) => problems.push(format!(
+            "hv refused to jump into the capture kernel: {}",
+            capture["refused"].as_str().unwrap_or("digest mismatch")
+        )),
+        None => problems.push("hv reported no capture digest check at the crash".to_owned()),
+    }
+    if capture["entered"] != Value::Bool(true) {
+        problems.push(format!("the {kernel} capture kernel was not entered"));
+    }
+    if let Some(error) = capture["error"].as_str() {
+        problems.push(format!("the capture kernel failed: {error}"));
+    }
+    if capture["linux"]["copied"] == Value::Bool(false) {
+        problems.push("the Linux capture kernel failed to copy /proc/vmcore".to_owned());
+    }
+    let info = match &collected.dump {
+        Ok(info) => info,
+        Err(error) => {
+            problems.push(format!("no dump: {error:#}"));
+            return problems;
+        }
+    };
+    problems.extend(info.problems());
+    let checked_in = report["crash"]["checked_in"].as_u64();
+    if let Some(checked_in) = checked_in
+        && info.cpus.len() as u64 != checked_in + 1
+    {
+        problems.push(format!(
+            "the dump has {} NT_PRSTATUS notes, expected {} (the {checked_in} CPUs that checked in and the coordinator)",
+            info.cpus.len(),
+            checked_in + 1
+        ));
+    }
+    let coordinator = report["crash"]["cpu_index"].as_u64();
+    match (&info.crash, coordinator) {
+        (Some(crash), Some(index)) if u64::from(crash.coordinator) != index => {
+            problems.push(format!(
+                "the dump's HVCRASH note names CPU {} as coordinator, the crash report CPU {index}",
+                crash.coordinator
+            ))
+        }
+        _ => {}
+    }
+    if let Some(first) = info.cpus.first()
+        && let Some(index) = coordinator
+        && first.cpu_index.map(u64::from) != Some(index)
+    {
+        problems.push(format!(
+            "the dump's first NT_PRSTATUS (gdb's thread 1) is CPU {:?}, not the coordinator {index}",
+            first.cpu_index
+        ));
+    }
+    if let Some(bytes) = capture["linux"]["vmcore_bytes"].as_u64()
+        && bytes != info.file_bytes
+    {
+        problems.push(format!(
+            "/proc/vmcore held {bytes} bytes, the extracted dump {}",
+            info.file_bytes
+        ));
+    }
+    if let Some(summary) = &collected.stream {
+        if summary.uncovered_bytes > 0 {
+            problems.push(format!(
+                "the stream left {} bytes of memory uncovered",
+                summary.uncovered_bytes
+            ));
+        }
+        if let Some(streamed) = capture["streamed_bytes"].as_u64()
+            && streamed != summary.total
+        {
+            problems.push(format!(
+                "hv streamed a {streamed}-byte dump, the stream's END says {}",
+                summary.total
+            ));
+        }
+    }
+    problems
+}
+
+/// Lines for the run summary.
+pub fn summary(report: &Value) -> String {
+    let capture = &report["capture"];
+    if !capture.is_object() {
+        return String::new();
+    }
+    let mut lines = vec![format!(
+        "capture     {} kernel: loaded {}, digest_ok {}, entered {}{}",
+        capture["kernel"].as_str().unwrap_or("?"),
+        capture["loaded"],
+        capture["digest_ok"],
+        capture["entered"],
+        capture["crash_to_capture_us"]
+            .as_u64()
+            .map(|us| format!(
+                " {:.1} ms after the crash ({})",
+                us as f64 / 1000.0,
+                capture["crash_to_capture_source"].as_str().unwrap_or("?")
+            ))
+            .unwrap_or_default()
+    )];
+    match capture["dump_path"].as_str() {
+        Some(path) => lines.push(format!(
+            "dump        {path}: {} bytes, {} CPU notes (cargo xtask dump {path})",
+            capture["dump_bytes"], capture["cpu_notes"]
+        )),
+        None => {
+            if let Some(error) = capture["dump_error"].as_str() {
+                lines.push(format!("dump        none: {error}"));
+            }
+        }
+    }
+    lines.join("\n")
+}
+
+/// Lines of the serial log that the Linux initramfs printed, for a person
+/// reading a failed run.
+pub fn linux_init_lines(serial: &str) -> Vec<String> {
+    serial
+        .lines()
+        .map(strip_ansi)
+        .filter(|line| {
+            line.contains(INIT_MARKER)
+                || line.contains(COPIED_MARKER)
+                || line.contains(FAILED_MARKER)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dump::tests::sample_dump;
+
+    fn words(text: &str) -> Vec<String> {
+        text.split_whitespace().map(str::to_owned).collect()
+    }
+
+    /// A temporary directory with the sample dump as its `vmcore`.
+    fn collected_sample(name: &str) -> (PathBuf, Collected) {
+        let dir = std::env::temp_dir().join(format!("xtask-judge-{name}-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(DUMP_FILE);
+        fs::write(&path, sample_dump()).unwrap();
+        let collected = Collected {
+            dump: DumpInfo::read(&path),
+            stream: None,
+            source: path,
+        };
+        (dir, collected)
+    }
+
+    /// The report of a good capture of the sample dump: coordinator CPU 2,
+    /// two CPUs checked in.
+    fn good_report(collected: &Collected) -> Value {
+        let hv = json!({
+            "crash": {"cpu_index": 2, "checked_in": 2, "reason": "panic: injected crash"},
+            "capture": {"loaded": true, "kernel": "hv", "digest_ok": true, "jumped": true,
+                        "entered": true, "handover_us": 1000, "entered_us": 1900},
+        });
+        let mut report = hv.clone();
+        let object = capture_object(&hv, CaptureKernel::Hv, "", collected, &[]);
+        report::deep_merge(&mut report["capture"], object);
+        report
+    }
+
+    #[test]
+    fn a_good_capture_has_no_problems() {
+        let (dir, collected) = collected_sample("good");
+        let report = good_report(&collected);
+        let words = words("crashkernel=64M@0x10000000 crash=cpu:2,after_ms:50");
+        assert_eq!(
+            capture_problems(&report, &words, &collected),
+            Vec::<String>::new()
+        );
+        assert_eq!(report["capture"]["cpu_notes"], 3);
+        assert_eq!(report["capture"]["kernel"], "hv");
+        assert_eq!(report["capture"]["entered"], true);
+        assert!(report["capture"]["dump_bytes"].as_u64().unwrap() > 0);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn wrong_counts_and_coordinators_are_named() {
+        let (dir, collected) = collected_sample("wrong");
+        let mut report = good_report(&collected);
+        report["crash"]["checked_in"] = json!(5);
+        report["crash"]["cpu_index"] = json!(1);
+        let problems =
+            capture_problems(&report, &words("crash=cpu:1,after_ms:50"), &collected).join("\n");
+        assert!(
+            problems.contains("3 NT_PRSTATUS notes, expected 6"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("names CPU 2 as coordinator, the crash report CPU 1"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("gdb's thread 1) is CPU Some(2)"),
+            "{problems}"
+        );
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_refused_jump_is_a_problem_unless_asked_for() {
+        let (dir, _) = collected_sample("refused");
+        let none = Collected {
+            dump: Err(anyhow::anyhow!("no dump stream")),
+            stream: None,
+            source: dir.join("dump.stream"),
+        };
+        let hv = json!({
+            "crash": {"cpu_index": 1, "checked_in": 3},
+            "capture": {"loaded": true, "kernel": "hv", "digest_ok": false, "jumped": false,
+                        "refused": "segment 0: digest mismatch"},
+        });
+        let mut report = hv.clone();
+        report::deep_merge(
+            &mut report["capture"],
+            capture_object(&hv, CaptureKernel::Hv, "", &none, &[]),
+        );
+        assert_eq!(report["capture"]["entered"], false);
+        assert_eq!(report["capture"]["dump_path"], Value::Null);
+        let asked = words("crash=cpu:1,after_ms:50 capture_corrupt=1");
+        assert_eq!(
+            capture_problems(&report, &asked, &none),
+            Vec::<String>::new()
+        );
+        let problems = capture_problems(&report, &words("crash=cpu:1,after_ms:50"), &none);
+        assert!(
+            problems.contains(
+                &"hv refused to jump into the capture kernel: segment 0: digest mismatch"
+                    .to_owned()
+            ),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("no dump: no dump stream")),
+            "{problems:?}"
+        );
+        // A corrupt image that was jumped into all the same.
+        let (_, dump) = collected_sample("refused");
+        let good = good_report(&dump);
+        let problems = capture_problems(&good, &asked, &dump);
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_capture_kernel_that_did_not_load_is_named() {
+        let report = json!({"capture": {"loaded": false, "error": "bzImage rejected: no HdrS"}});
+        let none = Collected {
+            dump: Err(anyhow::anyhow!("none")),
+            stream: None,
+            source: PathBuf::new(),
+        };
+        assert_eq!(
+            capture_problems(&report, &words("crash=cpu:1,after_ms:5"), &none),
+            ["hv did not load the capture kernel: bzImage rejected: no HdrS"]
+        );
+        // Without a crash nothing is judged here.
+        assert!(capture_problems(&report, &words("log=debug"), &none).is_empty());
+    }
+
+    #[test]
+    fn linux_entry_is_its_banner_after_the_crash() {
+        let before = "Linux version 6.1 (the host)\n*** hv: CRASH on CPU 1\n";
+        assert!(!seen_after_crash(before, LINUX_ENTRY_MARKER));
+        let after = "boot\n\x1b[0m*** hv: CRASH on CPU 1 (APIC ID 1)\n[ 0.0] Linux version 6.1.0\n";
+        assert!(seen_after_crash(after, LINUX_ENTRY_MARKER));
+    }
+
+    #[test]
+    fn timing_prefers_the_tsc_and_falls_back_to_the_serial_clock() {
+        let none = Collected {
+            dump: Err(anyhow::anyhow!("none")),
+            stream: None,
+            source: PathBuf::new(),
+        };
+        let serial = [
+            Some(Duration::from_millis(100)),
+            Some(Duration::from_millis(350)),
+        ];
+        let tsc = json!({"crash": {"started_us": 5000}, "capture": {"entered_us": 7500}});
+        let object = capture_object(&tsc, CaptureKernel::Hv, "", &none, &serial);
+        assert_eq!(object["crash_to_capture_us"], 2500);
+        assert_eq!(object["crash_to_capture_source"], "tsc");
+        let object = capture_object(&json!({}), CaptureKernel::Linux, "", &none, &serial);
+        assert_eq!(object["crash_to_capture_us"], 250_000);
+        assert_eq!(object["crash_to_capture_source"], "serial");
+        let object = capture_object(&json!({}), CaptureKernel::Linux, "", &none, &[None, None]);
+        assert_eq!(object["crash_to_capture_us"], Value::Null);
+    }
+
+    #[test]
+    fn a_disk_image_is_cut_to_its_dump() {
+        let dir = std::env::temp_dir().join(format!("xtask-disk-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let dump = sample_dump();
+        let image = dir.join(DISK_FILE);
+        let mut bytes = dump.clone();
+        bytes.resize(dump.len() + (1 << 20), 0);
+        fs::write(&image, &bytes).unwrap();
+        let info = extract_disk(&image, &dir.join(DUMP_FILE)).unwrap();
+        assert_eq!(info.file_bytes, dump.len() as u64);
+        assert_eq!(fs::read(dir.join(DUMP_FILE)).unwrap(), dump);
+        assert!(!image.exists());
+        // A disk the capture kernel never wrote.
+        fs::write(&image, vec![0u8; 8192]).unwrap();
+        let error = format!(
+            "{:#}",
+            extract_disk(&image, &dir.join("other")).unwrap_err()
+        );
+        assert!(error.contains("no dump on the capture disk"), "{error}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_summary_reads_at_a_glance() {
+        let report = json!({"capture": {
+            "kernel": "linux", "loaded": true, "digest_ok": true, "entered": true,
+            "crash_to_capture_us": 4_200_000, "crash_to_capture_source": "serial",
+            "dump_path": "build/x/vmcore", "dump_bytes": 1000, "cpu_notes": 8,
+        }});
+        let text = summary(&report);
+        assert!(text.contains("linux kernel: loaded true, digest_ok true, entered true 4200.0 ms after the crash (serial)"), "{text}");
+        assert!(
+            text.contains("build/x/vmcore: 1000 bytes, 8 CPU notes"),
+            "{text}"
+        );
+        assert_eq!(summary(&json!({})), "");
+    }
+}
