@@ -10,7 +10,9 @@ use clap::{Args, Parser, Subcommand};
 
 use xtask::accel::{self, Accel};
 use xtask::bench::{self, BenchOptions};
+use xtask::capture::{self, BochsSink, CaptureKernel, CaptureOptions};
 use xtask::crash::{self, CrashArg, CrashSpec, Rng};
+use xtask::dump::{DumpInfo, Symbols};
 use xtask::report::Expectations;
 use xtask::run::{self, BochsOptions, Boot, QemuOptions, RunOutcome};
 use xtask::stress::{self, CrashPlan, Plain, StressOptions};
@@ -43,6 +45,9 @@ enum Task {
     Bench(Bench),
     /// Run everything CI runs: host unit tests, then the emulator tests.
     Test(TestArgs),
+    /// Show what a crash dump holds: CPUs and their registers, crash
+    /// reason, coordinator, stragglers, VMCLEAR ledger, memory ranges.
+    Dump(DumpArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,21 +95,86 @@ struct CrashArgs {
     seed: Option<u64>,
 }
 
+/// Capturing the crash with a capture kernel (`xtask/CAPTURE.md`).
+#[derive(Debug, Args)]
+struct CaptureArgs {
+    /// Load a capture kernel and capture the crash into a dump file:
+    /// Debian's Linux with xtask's initramfs, or hv's own capture mode. A
+    /// crash is injected unless one is asked for (`crash=cpu:1,after_ms:50`).
+    #[arg(long, value_enum, value_name = "KERNEL")]
+    capture: Option<CaptureKernel>,
+    /// The reservation (`crashkernel=SIZE[@BASE]`) [default: 256M for
+    /// linux, 64M@0x10000000 for hv, whose image is linked at the base].
+    #[arg(long, value_name = "SIZE[@BASE]", requires = "capture")]
+    crashkernel: Option<String>,
+    /// Use this file as the capture kernel instead of Debian's bzImage or
+    /// the hv-capture build.
+    #[arg(long, value_name = "FILE", requires = "capture")]
+    capture_kernel: Option<PathBuf>,
+    /// Use this initramfs for the Linux capture kernel instead of xtask's.
+    #[arg(long, value_name = "FILE", requires = "capture")]
+    capture_initrd: Option<PathBuf>,
+    /// The Linux capture kernel's arguments (hv adds `elfcorehdr=` and
+    /// `memmap=`) [default: console=ttyS0,115200 nr_cpus=1 reset_devices
+    /// panic=-1 printk.time=1].
+    #[arg(
+        long,
+        value_name = "WORDS",
+        requires = "capture",
+        allow_hyphen_values = true
+    )]
+    capture_args: Option<String>,
+}
+
+impl CaptureArgs {
+    /// The capture of a run with `cpus` CPUs, if asked for.
+    fn options(&self, cpus: u32) -> Option<CaptureOptions> {
+        let kernel = self.capture?;
+        let mut options = CaptureOptions::new(kernel, cpus);
+        options.crashkernel = self.crashkernel.clone();
+        options.image = self.capture_kernel.clone();
+        options.initrd = self.capture_initrd.clone();
+        if let Some(args) = &self.capture_args {
+            options.linux_args = args.clone();
+        }
+        Some(options)
+    }
+}
+
 #[derive(Debug, Args)]
 struct QemuArgs {
     /// Number of virtual CPUs.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     smp: u32,
-    /// How hv is loaded.
-    #[arg(long, value_enum, default_value_t = Boot::Direct)]
-    boot: Boot,
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MiB", default_value_t = 512)]
-    memory: u32,
+    /// How hv is loaded [default: direct; grub-bios with --capture linux].
+    #[arg(long, value_enum)]
+    boot: Option<Boot>,
+    /// Guest memory in MiB [default: 512; 1024 with --capture linux].
+    #[arg(long, value_name = "MiB")]
+    memory: Option<u32>,
     #[command(flatten)]
     run: RunArgs,
     #[command(flatten)]
     crash: CrashArgs,
+    #[command(flatten)]
+    capture: CaptureArgs,
+}
+
+impl QemuArgs {
+    fn boot(&self) -> Boot {
+        self.boot.unwrap_or(match self.capture.capture {
+            Some(CaptureKernel::Linux) => Boot::GrubBios,
+            _ => Boot::Direct,
+        })
+    }
+
+    fn memory(&self) -> u32 {
+        self.memory.unwrap_or(match self.capture.capture {
+            Some(CaptureKernel::Linux) => capture::LINUX_MEMORY_MIB,
+            Some(CaptureKernel::Hv) => capture::HV_MEMORY_MIB,
+            None => 512,
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -116,6 +186,12 @@ struct BochsArgs {
     run: RunArgs,
     #[command(flatten)]
     crash: CrashArgs,
+    #[command(flatten)]
+    capture: CaptureArgs,
+    /// Where hv's capture mode writes the dump stream: a disk on
+    /// ata0-slave, or port 0xE9 (Bochs' stdout).
+    #[arg(long, value_enum, default_value_t = BochsSink::Ata, requires = "capture")]
+    capture_sink: BochsSink,
 }
 
 #[derive(Debug, Args)]
@@ -196,6 +272,21 @@ struct BenchShootdownArgs {
 }
 
 #[derive(Debug, Args)]
+struct DumpArgs {
+    /// The dump (an ELF core file).
+    file: PathBuf,
+    /// hv's ELF, to name the function each CPU's RIP is in.
+    #[arg(long, value_name = "FILE")]
+    elf: Option<PathBuf>,
+    /// Show every register of every CPU.
+    #[arg(long, short)]
+    verbose: bool,
+    /// Print JSON instead.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
 struct TestArgs {
     /// Arguments for the integration tests' harness (a test name filter,
     /// `--nocapture`, ...).
@@ -231,20 +322,28 @@ fn run_task(task: Task) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Task::QemuSmp(args) => {
-            tools::ensure(&run::qemu_needs(args.boot))?;
+            let boot = args.boot();
+            tools::ensure(&run::qemu_needs(boot))?;
             let mut append = extra_words(&args.run)?;
             let vmx = accel::detect() == Accel::Kvm;
             append.extend(single_run_crash(&args.crash, args.smp, vmx, &append)?);
             let mut options = QemuOptions::new(elf(&args.run)?);
             options.smp = args.smp;
-            options.boot = args.boot;
-            options.memory_mib = args.memory;
+            options.boot = boot;
+            options.memory_mib = args.memory();
             options.append = append;
             options.echo = true;
             if let Some(secs) = args.run.timeout {
                 options.timeout = Duration::from_secs(secs);
             }
-            conclude(&run::qemu(&options)?, &args.run)
+            let outcome = match args.capture.options(args.smp) {
+                Some(capture) => {
+                    say_default_crash(&capture, &options.append);
+                    capture::qemu(&options, &capture)?
+                }
+                None => run::qemu(&options)?,
+            };
+            conclude(&outcome, &args.run)
         }
         Task::Bochs(args) => {
             tools::ensure(&run::BOCHS_NEEDS)?;
@@ -258,7 +357,17 @@ fn run_task(task: Task) -> Result<ExitCode> {
             if let Some(secs) = args.run.timeout {
                 options.timeout = Duration::from_secs(secs);
             }
-            conclude(&run::bochs(&options)?, &args.run)
+            let outcome = match args.capture.options(args.cpus) {
+                Some(mut capture) => {
+                    capture.bochs_sink = args.capture_sink;
+                    // The default reservation (256 to 320 MiB) must lie in RAM.
+                    options.memory_mib = options.memory_mib.max(capture::HV_MEMORY_MIB);
+                    say_default_crash(&capture, &options.append);
+                    capture::bochs(&options, &capture)?
+                }
+                None => run::bochs(&options)?,
+            };
+            conclude(&outcome, &args.run)
         }
         Task::Stress(args) => {
             tools::ensure(&run::qemu_needs(args.boot))?;
@@ -349,6 +458,29 @@ fn run_task(task: Task) -> Result<ExitCode> {
             ci::run_all(&args.harness_args)?;
             Ok(ExitCode::SUCCESS)
         }
+        Task::Dump(args) => {
+            let info = DumpInfo::read(&args.file)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&info.to_json())?);
+            } else {
+                let symbols = args.elf.as_deref().map(Symbols::load).transpose()?;
+                print!("{}", info.render(args.verbose, symbols.as_ref()));
+            }
+            Ok(if info.problems().is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+/// Says which crash a capture run injects when the user asked for none.
+fn say_default_crash(capture: &CaptureOptions, words: &[String]) {
+    if let Some(spec) = &capture.default_crash
+        && !capture::asks_for_crash(words)
+    {
+        println!("crash: crash={spec} (a capture run's default)");
     }
 }
 
@@ -449,6 +581,10 @@ fn extra_words(args: &RunArgs) -> Result<Vec<String>> {
 /// exit status.
 fn conclude(outcome: &RunOutcome, args: &RunArgs) -> Result<ExitCode> {
     println!("\n{}", outcome.summary());
+    let capture = capture::judge::summary(&outcome.report);
+    if !capture.is_empty() {
+        println!("{capture}");
+    }
     if let Some(path) = &args.report {
         outcome.write_report(path)?;
         println!("report written to {}", path.display());
@@ -476,7 +612,11 @@ mod tests {
         let Task::QemuSmp(args) = cli.command else {
             panic!("not qemu-smp")
         };
-        assert_eq!((args.smp, args.boot, args.memory), (4, Boot::Direct, 512));
+        assert_eq!(
+            (args.smp, args.boot(), args.memory()),
+            (4, Boot::Direct, 512)
+        );
+        assert!(args.capture.options(4).is_none());
         assert!(args.run.report.is_none() && args.run.timeout.is_none());
     }
 
@@ -502,9 +642,91 @@ mod tests {
         let Task::QemuSmp(args) = cli.command else {
             panic!("not qemu-smp")
         };
-        assert_eq!((args.smp, args.boot, args.memory), (2, Boot::GrubUefi, 256));
+        assert_eq!(
+            (args.smp, args.boot(), args.memory()),
+            (2, Boot::GrubUefi, 256)
+        );
         assert_eq!(args.run.append.as_deref(), Some("bogus_option=1 log=loud"));
         assert_eq!(args.run.timeout, Some(30));
+    }
+
+    #[test]
+    fn capture_runs_change_the_defaults_and_take_their_options() {
+        let cli = Cli::try_parse_from(["cargo xtask", "qemu-smp", "--capture", "linux"]).unwrap();
+        let Task::QemuSmp(args) = cli.command else {
+            panic!("not qemu-smp")
+        };
+        assert_eq!((args.boot(), args.memory()), (Boot::GrubBios, 1024));
+        let capture = args.capture.options(8).unwrap();
+        assert_eq!(capture.kernel, CaptureKernel::Linux);
+        assert_eq!(capture.crashkernel(), "256M");
+        assert_eq!(capture.default_crash.as_deref(), Some("cpu:1,after_ms:50"));
+
+        let cli = Cli::try_parse_from([
+            "cargo xtask",
+            "qemu-smp",
+            "--smp",
+            "64",
+            "--capture",
+            "hv",
+            "--crashkernel",
+            "32M@0x8000000",
+            "--capture-kernel",
+            "/x/garbage",
+            "--boot",
+            "grub-uefi",
+            "--memory",
+            "2048",
+        ])
+        .unwrap();
+        let Task::QemuSmp(args) = cli.command else {
+            panic!("not qemu-smp")
+        };
+        assert_eq!((args.boot(), args.memory()), (Boot::GrubUefi, 2048));
+        let capture = args.capture.options(64).unwrap();
+        assert_eq!(capture.crashkernel(), "32M@0x8000000");
+        assert_eq!(
+            capture.image.as_deref(),
+            Some(std::path::Path::new("/x/garbage"))
+        );
+
+        let cli = Cli::try_parse_from(["cargo xtask", "qemu-smp", "--capture", "hv"]).unwrap();
+        let Task::QemuSmp(args) = cli.command else {
+            panic!("not qemu-smp")
+        };
+        assert_eq!((args.boot(), args.memory()), (Boot::Direct, 512));
+        // Capture options need --capture.
+        assert!(Cli::try_parse_from(["cargo xtask", "qemu-smp", "--crashkernel", "64M"]).is_err());
+
+        let cli = Cli::try_parse_from([
+            "cargo xtask",
+            "bochs",
+            "--cpus",
+            "8",
+            "--capture",
+            "hv",
+            "--capture-sink",
+            "debugcon",
+        ])
+        .unwrap();
+        let Task::Bochs(args) = cli.command else {
+            panic!("not bochs")
+        };
+        assert_eq!(args.capture_sink, BochsSink::Debugcon);
+        assert_eq!(args.capture.options(8).unwrap().kernel, CaptureKernel::Hv);
+    }
+
+    #[test]
+    fn dump_takes_a_file_and_options() {
+        let cli =
+            Cli::try_parse_from(["cargo xtask", "dump", "vmcore", "--elf", "hv", "-v"]).unwrap();
+        let Task::Dump(args) = cli.command else {
+            panic!("not dump")
+        };
+        assert_eq!(args.file, PathBuf::from("vmcore"));
+        assert_eq!(args.elf, Some(PathBuf::from("hv")));
+        assert!(args.verbose && !args.json);
+        assert!(Cli::try_parse_from(["cargo xtask", "dump"]).is_err());
     }
 
     #[test]

@@ -199,8 +199,7 @@ pub fn capture_words(words: &[String], capture: &CaptureOptions) -> Vec<String> 
         words.push(format!("crashkernel={}", capture.crashkernel()));
     }
     if let Some(spec) = &capture.default_crash
-        && !has("crash")
-        && !has("guest_crash_call")
+        && !asks_for_crash(&words)
     {
         words.push(format!("crash={spec}"));
     }
@@ -494,8 +493,18 @@ mod tests {
             &linux,
         );
         assert_eq!(own, ["crashkernel=128M", "crash=cpu:3,after_ms:10"]);
-        let hypercall = capture_words(&["guest_crash_call=2".into()], &linux);
-        assert_eq!(hypercall, ["guest_crash_call=2", "crashkernel=256M"]);
+        let hypercall = capture_words(
+            &["guest_crash_call=2".into(), "crash_hypercall=allow".into()],
+            &linux,
+        );
+        assert_eq!(
+            hypercall,
+            [
+                "guest_crash_call=2",
+                "crash_hypercall=allow",
+                "crashkernel=256M"
+            ]
+        );
         let no_crash = CaptureOptions {
             default_crash: None,
             crashkernel: Some("32M".into()),
