@@ -13,8 +13,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::Value;
+use xtask::crash::CrashArg;
 use xtask::run::{self, BochsOptions, QemuOptions};
-use xtask::stress::{self, Plain, StressOptions};
+use xtask::stress::{self, CrashPlan, Plain, StressOptions};
 
 pub use xtask::run::{Boot, RunOutcome};
 pub use xtask::stress::StressResult;
@@ -83,6 +84,152 @@ pub fn stress(name: &str, cpus: u32, runs: u32) -> StressResult {
     };
     stress::stress(&options, &mut Plain)
         .unwrap_or_else(|error| panic!("stress loop {name} could not run: {error:#}"))
+}
+
+/// Runs `runs` QEMU boots with `cpus` CPUs through xtask's stress loop,
+/// each with a random crash drawn from `seed` (QEMU TCG: the points that
+/// fire without VMX), into `build/<name>/`. The seed is in the result's
+/// title.
+#[track_caller]
+pub fn stress_crash(name: &str, cpus: u32, runs: u32, seed: u64) -> StressResult {
+    let base = QemuOptions {
+        smp: cpus,
+        timeout: QEMU_TIMEOUT,
+        ..QemuOptions::new(hv_elf())
+    };
+    let options = StressOptions {
+        name: name.to_owned(),
+        progress: false,
+        ..StressOptions::new(base, runs)
+    };
+    let vmx = xtask::accel::detect() == xtask::accel::Accel::Kvm;
+    let mut plan = CrashPlan::new(
+        CrashArg::Random,
+        seed,
+        cpus,
+        vmx,
+        xtask::crash::DEFAULT_GUEST_RUN_MS,
+    );
+    stress::stress(&options, &mut plan)
+        .unwrap_or_else(|error| panic!("stress loop {name} could not run: {error:#}"))
+}
+
+/// hv's crash report (`crash`) of a run, read key by key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Crash {
+    /// APIC ID of the coordinator.
+    pub cpu: u64,
+    /// CPU index of the coordinator.
+    pub cpu_index: u64,
+    /// Why the machine crashed.
+    pub reason: String,
+    /// CPUs expected to check in.
+    pub expected: u64,
+    /// CPUs that did.
+    pub checked_in: u64,
+    /// APIC IDs of those that did not.
+    pub stragglers: Vec<u64>,
+    /// VMCSes loaded when the crash came (counted from the vCPUs).
+    pub vmcs_loaded: u64,
+    /// VMCSes the crash path cleared.
+    pub vmcs_cleared: u64,
+    /// Loaded VMCSes held by stragglers.
+    pub vmcs_on_stragglers: u64,
+    /// CPUs that checked in out of VMX.
+    pub vmxoff_cpus: u64,
+    /// Whether the coordinator left VMX.
+    pub coordinator_vmx_off: bool,
+    /// First NMI sent to last check-in.
+    pub shootdown_us: u64,
+    /// Whether the rendezvous gave up waiting.
+    pub timed_out: bool,
+    /// Per CPU index: first NMI sent to that CPU taking it.
+    pub nmi_latency_us: Vec<Option<u64>>,
+}
+
+/// The crash report of a run, failing the test with the whole story when
+/// a key is missing or of the wrong type.
+#[track_caller]
+pub fn crash(outcome: &RunOutcome) -> Crash {
+    let flag = |pointer: &str| {
+        field(outcome, pointer)
+            .as_bool()
+            .unwrap_or_else(|| panic!("{pointer} is not true or false\n{}", explain(outcome)))
+    };
+    let latency = field(outcome, "/crash/nmi_latency_us")
+        .as_array()
+        .unwrap_or_else(|| panic!("crash.nmi_latency_us is not a list\n{}", explain(outcome)))
+        .iter()
+        .map(Value::as_u64)
+        .collect();
+    Crash {
+        cpu: number(outcome, "/crash/cpu"),
+        cpu_index: number(outcome, "/crash/cpu_index"),
+        reason: string(outcome, "/crash/reason").to_owned(),
+        expected: number(outcome, "/crash/expected"),
+        checked_in: number(outcome, "/crash/checked_in"),
+        stragglers: numbers(outcome, "/crash/stragglers"),
+        vmcs_loaded: number(outcome, "/crash/vmcs_loaded"),
+        vmcs_cleared: number(outcome, "/crash/vmcs_cleared"),
+        vmcs_on_stragglers: number(outcome, "/crash/vmcs_on_stragglers"),
+        vmxoff_cpus: number(outcome, "/crash/vmxoff_cpus"),
+        coordinator_vmx_off: flag("/crash/coordinator_vmx_off"),
+        shootdown_us: number(outcome, "/crash/shootdown_us"),
+        timed_out: flag("/crash/timed_out"),
+        nmi_latency_us: latency,
+    }
+}
+
+/// The invariants of a correct shootdown, whatever the trigger: every CPU
+/// expected checked in but the stragglers, each left VMX, the coordinator
+/// too, and every loaded VMCS was cleared or is held by a straggler. Also
+/// that xtask judged the run ok and that hv never said `done`.
+#[track_caller]
+pub fn assert_clean_shootdown(run: &RunOutcome) -> Crash {
+    assert_ok(run);
+    assert!(
+        run.report.get("done").is_none(),
+        "a crash run reported done\n{}",
+        explain(run)
+    );
+    let crash = crash(run);
+    let why = || format!("{crash:#?}\n{}", explain(run));
+    assert_eq!(
+        crash.checked_in,
+        crash.expected - crash.stragglers.len() as u64,
+        "checked_in != expected - stragglers\n{}",
+        why()
+    );
+    assert_eq!(
+        crash.vmcs_cleared + crash.vmcs_on_stragglers,
+        crash.vmcs_loaded,
+        "a loaded VMCS was not cleared\n{}",
+        why()
+    );
+    assert_eq!(
+        crash.vmxoff_cpus,
+        crash.checked_in,
+        "vmxoff_cpus != checked_in\n{}",
+        why()
+    );
+    assert!(
+        crash.coordinator_vmx_off,
+        "coordinator still in VMX\n{}",
+        why()
+    );
+    assert_eq!(
+        crash.timed_out,
+        !crash.stragglers.is_empty(),
+        "timed_out without stragglers or stragglers without timeout\n{}",
+        why()
+    );
+    assert_eq!(
+        crash.nmi_latency_us.get(crash.cpu_index as usize),
+        Some(&None),
+        "the coordinator has an NMI latency\n{}",
+        why()
+    );
+    crash
 }
 
 /// Fails the test unless xtask judged the run ok, showing why.

@@ -1,0 +1,435 @@
+//! The crash path (issue 5): hv crashed on purpose with its `crash=` knob
+//! (and the guest crash hypercall), in Bochs with guests running on 8 and
+//! 15 CPUs, at every class of injection point, and in QEMU at `-smp 64`.
+//! Each run must end with a correct shootdown: every CPU checked in but the
+//! deliberate straggler, every loaded VMCS cleared, every CPU out of VMX.
+//!
+//! xtask's verdict already holds a crash run to these rules (see
+//! `xtask/REPORT.md`, "A crash run"); the tests assert them again, one by
+//! one, on the report, and add what each case is about.
+
+use tests::{
+    Crash, RunOutcome, assert_clean_shootdown, bochs, explain, number, numbers, qemu, stress_crash,
+};
+use xtask::run::Boot;
+
+/// The 8-CPU Bochs machine of the point tests.
+const BOCHS_CPUS: u64 = 8;
+
+/// A crash in Bochs with 8 CPUs: a clean shootdown coordinated by
+/// `coordinator` (one of them), with every other CPU checked in, no
+/// straggler, and `vmcs_loaded > 0` when `guests_running`. Returns the
+/// crash for the test's own checks.
+#[track_caller]
+fn bochs_crash(name: &str, words: &[&str], coordinators: &[u64], guests_running: bool) -> Crash {
+    let run = bochs(name, BOCHS_CPUS as u32, words);
+    let crash = assert_clean_shootdown(&run);
+    assert_all_checked_in(&run, &crash, BOCHS_CPUS);
+    assert!(
+        coordinators.contains(&crash.cpu_index),
+        "coordinator {} is not one of {coordinators:?}\n{}",
+        crash.cpu_index,
+        explain(&run)
+    );
+    // Bochs numbers APIC IDs like CPU indexes.
+    assert_eq!(crash.cpu, crash.cpu_index, "{}", explain(&run));
+    if guests_running {
+        assert!(
+            crash.vmcs_loaded > 0,
+            "guests were running but no VMCS was loaded\n{}",
+            explain(&run)
+        );
+        assert_eq!(crash.vmcs_cleared, crash.vmcs_loaded, "{}", explain(&run));
+    }
+    crash
+}
+
+/// Every CPU of a `cpus`-CPU machine but the coordinator was expected and
+/// checked in, each answering the NMI.
+#[track_caller]
+fn assert_all_checked_in(run: &RunOutcome, crash: &Crash, cpus: u64) {
+    assert_eq!(crash.expected, cpus - 1, "{}", explain(run));
+    assert_eq!(crash.checked_in, cpus - 1, "{}", explain(run));
+    assert!(crash.stragglers.is_empty(), "{}", explain(run));
+    assert!(!crash.timed_out, "{}", explain(run));
+    assert_eq!(crash.vmxoff_cpus, cpus - 1, "{}", explain(run));
+    assert_eq!(crash.nmi_latency_us.len() as u64, cpus, "{}", explain(run));
+    let answered = crash.nmi_latency_us.iter().flatten().count() as u64;
+    assert_eq!(
+        answered,
+        cpus - 1,
+        "a CPU never took the NMI\n{}",
+        explain(run)
+    );
+}
+
+/// The reason names the injected panic on the coordinator at `store`, the
+/// name hv gives the place it fired: the point really was the one asked for.
+#[track_caller]
+fn assert_fired_at(crash: &Crash, store: &str) {
+    assert_eq!(
+        crash.reason,
+        format!("panic: injected crash on CPU {} ({store})", crash.cpu_index),
+        "{crash:#?}"
+    );
+}
+
+#[test]
+fn bochs_an_ap_crashing_during_the_guest_run_collects_every_cpu() {
+    let crash = bochs_crash(
+        "test-crash-bochs-time-ap",
+        &["crash=cpu:3,after_ms:20"],
+        &[3],
+        true,
+    );
+    assert_fired_at(&crash, "after_ms elapsed");
+}
+
+#[test]
+fn bochs_the_boot_cpu_crashing_during_the_guest_run_collects_every_cpu() {
+    let crash = bochs_crash(
+        "test-crash-bochs-time-bsp",
+        &["crash=cpu:0,after_ms:20"],
+        &[0],
+        true,
+    );
+    assert_fired_at(&crash, "after_ms elapsed");
+}
+
+#[test]
+fn bochs_a_crash_before_the_first_store_of_a_list_insertion() {
+    let crash = bochs_crash(
+        "test-crash-bochs-list-add0",
+        &["crash=cpu:2,after_ms:10,point:list_add0"],
+        &[2],
+        true,
+    );
+    assert_fired_at(&crash, "add-claim");
+}
+
+#[test]
+fn bochs_a_crash_before_the_last_store_of_a_list_insertion() {
+    let crash = bochs_crash(
+        "test-crash-bochs-list-add4",
+        &["crash=cpu:5,after_ms:30,point:list_add4"],
+        &[5],
+        true,
+    );
+    assert_fired_at(&crash, "add-publish");
+}
+
+#[test]
+fn bochs_a_crash_in_the_middle_of_a_list_removal() {
+    let crash = bochs_crash(
+        "test-crash-bochs-list-remove0",
+        &["crash=cpu:1,after_ms:30,point:list_remove0"],
+        &[1],
+        true,
+    );
+    assert_fired_at(&crash, "remove-unlink");
+}
+
+#[test]
+fn bochs_a_crash_between_vmclear_and_unlink() {
+    let crash = bochs_crash(
+        "test-crash-bochs-vmclear-unlink",
+        &["crash=cpu:7,after_ms:30,point:vmclear_unlink"],
+        &[7],
+        true,
+    );
+    assert_fired_at(&crash, "unload-vmclear");
+}
+
+#[test]
+fn bochs_a_crash_inside_the_vcpu_load_path() {
+    let crash = bochs_crash(
+        "test-crash-bochs-vcpu-load",
+        &["crash=cpu:4,after_ms:30,point:vcpu_load"],
+        &[4],
+        true,
+    );
+    assert_fired_at(&crash, "load-vmptrld");
+}
+
+#[test]
+fn bochs_a_cpu_stuck_with_nmis_blocked_is_named_and_the_rest_cleaned_up() {
+    const TIMEOUT_MS: u64 = 500;
+    let timeout = format!("crash_timeout_ms={TIMEOUT_MS}");
+    let run = bochs(
+        "test-crash-bochs-nmi-blocked",
+        BOCHS_CPUS as u32,
+        &["crash=cpu:5,after_ms:10,point:nmi_blocked", &timeout],
+    );
+    let crash = assert_clean_shootdown(&run);
+    // CPU 5 spins in an NMI handler; CPU 0 panics and must name it.
+    assert_eq!(crash.cpu_index, 0, "{}", explain(&run));
+    assert_eq!(crash.stragglers, [5], "{}", explain(&run));
+    assert_eq!(crash.expected, BOCHS_CPUS - 1, "{}", explain(&run));
+    assert_eq!(crash.checked_in, BOCHS_CPUS - 2, "{}", explain(&run));
+    assert!(crash.timed_out, "{}", explain(&run));
+    assert!(
+        crash.shootdown_us >= TIMEOUT_MS * 1000,
+        "gave up before crash_timeout_ms\n{}",
+        explain(&run)
+    );
+    assert_eq!(crash.nmi_latency_us[5], None, "{}", explain(&run));
+    // The straggler's VMCSes are counted, not lost.
+    assert!(crash.vmcs_loaded > 0, "{}", explain(&run));
+    assert_eq!(
+        crash.vmcs_cleared + crash.vmcs_on_stragglers,
+        crash.vmcs_loaded,
+        "{}",
+        explain(&run)
+    );
+}
+
+#[test]
+fn bochs_two_cpus_panicking_at_once_make_one_coordinator() {
+    let crash = bochs_crash(
+        "test-crash-bochs-double-panic",
+        &["crash=cpu:7,after_ms:10,point:double_panic"],
+        &[7, 0],
+        true,
+    );
+    assert_fired_at(&crash, "after_ms elapsed");
+}
+
+#[test]
+fn bochs_a_crash_before_vmx_has_nothing_loaded_and_still_collects_everyone() {
+    let crash = bochs_crash(
+        "test-crash-bochs-before-vmx",
+        &["crash=cpu:3,point:before_vmx"],
+        &[3],
+        false,
+    );
+    assert_eq!(crash.vmcs_loaded, 0, "{crash:#?}");
+    assert_eq!(crash.vmcs_cleared, 0, "{crash:#?}");
+}
+
+#[test]
+fn bochs_an_ap_crashing_during_bringup_collects_the_cpus_already_online() {
+    let run = bochs(
+        "test-crash-bochs-bringup",
+        BOCHS_CPUS as u32,
+        &["crash=cpu:6,point:bringup"],
+    );
+    let crash = assert_clean_shootdown(&run);
+    assert_eq!(crash.cpu_index, 6, "{}", explain(&run));
+    assert_eq!(crash.reason, "panic: injected crash on CPU 6 (boot stage)");
+    // CPU 6 never came online; the boot CPU and the APs online by then
+    // are expected, and they all check in.
+    assert!(
+        (1..BOCHS_CPUS).contains(&crash.expected),
+        "{}",
+        explain(&run)
+    );
+    assert!(crash.stragglers.is_empty(), "{}", explain(&run));
+    assert_eq!(crash.vmcs_loaded, 0, "{}", explain(&run));
+    // No boot report before the crash.
+    assert!(run.report.get("cpus").is_none(), "{}", explain(&run));
+}
+
+#[test]
+fn bochs_a_guest_allowed_to_crash_the_hypervisor_does() {
+    let run = bochs(
+        "test-crash-bochs-hypercall",
+        BOCHS_CPUS as u32,
+        &["crash_hypercall=allow", "guest_crash_call=5"],
+    );
+    let crash = assert_clean_shootdown(&run);
+    assert_all_checked_in(&run, &crash, BOCHS_CPUS);
+    assert_eq!(
+        crash.reason,
+        "crash hypercall from vCPU 5",
+        "{}",
+        explain(&run)
+    );
+    assert!(run.report.get("panic").is_none(), "{}", explain(&run));
+    assert!(crash.vmcs_loaded > 0, "{}", explain(&run));
+    assert_eq!(crash.vmcs_cleared, crash.vmcs_loaded, "{}", explain(&run));
+}
+
+#[test]
+fn bochs_fifteen_cpus_a_crash_during_the_guest_run() {
+    let run = bochs("test-crash-bochs15-time", 15, &["crash=cpu:9,after_ms:20"]);
+    let crash = assert_clean_shootdown(&run);
+    assert_all_checked_in(&run, &crash, 15);
+    assert_eq!(crash.cpu_index, 9, "{}", explain(&run));
+    assert!(crash.vmcs_loaded > 0, "{}", explain(&run));
+    assert_eq!(crash.vmcs_cleared, crash.vmcs_loaded, "{}", explain(&run));
+}
+
+#[test]
+fn bochs_fifteen_cpus_a_crash_in_the_middle_of_a_list_insertion() {
+    let run = bochs(
+        "test-crash-bochs15-list-add2",
+        15,
+        &["crash=cpu:14,after_ms:20,point:list_add2"],
+    );
+    let crash = assert_clean_shootdown(&run);
+    assert_all_checked_in(&run, &crash, 15);
+    assert_fired_at(&crash, "add-set-prev");
+    assert_eq!(crash.cpu_index, 14, "{}", explain(&run));
+    assert!(crash.vmcs_loaded > 0, "{}", explain(&run));
+    assert_eq!(crash.vmcs_cleared, crash.vmcs_loaded, "{}", explain(&run));
+}
+
+#[test]
+fn qemu_64_cpus_an_ap_crash_collects_63_of_63() {
+    let run = qemu(
+        "test-crash-qemu-smp64-ap",
+        Boot::Direct,
+        64,
+        &["crash=cpu:37,after_ms:5"],
+    );
+    let crash = assert_clean_shootdown(&run);
+    assert_all_checked_in(&run, &crash, 64);
+    assert_eq!(crash.cpu_index, 37, "{}", explain(&run));
+    assert_eq!(
+        crash.cpu,
+        numbers(&run, "/cpus/apic_ids")[37],
+        "{}",
+        explain(&run)
+    );
+    assert_eq!(
+        number(&run, "/xtask/exit_status"),
+        0x25,
+        "{}",
+        explain(&run)
+    );
+}
+
+#[test]
+fn qemu_64_cpus_the_stuck_cpu_is_named_and_the_crash_completes_within_the_timeout() {
+    const TIMEOUT_MS: u64 = 500;
+    let timeout = format!("crash_timeout_ms={TIMEOUT_MS}");
+    let run = qemu(
+        "test-crash-qemu-smp64-nmi-blocked",
+        Boot::Direct,
+        64,
+        &["crash=cpu:42,after_ms:5,point:nmi_blocked", &timeout],
+    );
+    let crash = assert_clean_shootdown(&run);
+    let stuck = numbers(&run, "/cpus/apic_ids")[42];
+    assert_eq!(crash.stragglers, [stuck], "{}", explain(&run));
+    assert_eq!(crash.cpu_index, 0, "{}", explain(&run));
+    assert_eq!(
+        (crash.expected, crash.checked_in),
+        (63, 62),
+        "{}",
+        explain(&run)
+    );
+    assert!(crash.timed_out, "{}", explain(&run));
+    // It waited the whole timeout, and not much longer.
+    assert!(
+        (TIMEOUT_MS * 1000..TIMEOUT_MS * 1500).contains(&crash.shootdown_us),
+        "shootdown_us {} for crash_timeout_ms={TIMEOUT_MS}\n{}",
+        crash.shootdown_us,
+        explain(&run)
+    );
+    assert_eq!(crash.nmi_latency_us[42], None, "{}", explain(&run));
+    // The run ended by itself, well within its own time limit.
+    assert_eq!(
+        number(&run, "/xtask/exit_status"),
+        0x25,
+        "{}",
+        explain(&run)
+    );
+    let elapsed = run.report["xtask"]["elapsed_secs"]
+        .as_f64()
+        .unwrap_or(f64::MAX);
+    assert!(
+        elapsed < 30.0,
+        "the run took {elapsed} s\n{}",
+        explain(&run)
+    );
+}
+
+#[test]
+fn a_short_stress_loop_of_random_crashes_passes() {
+    let seed = xtask::crash::fresh_seed();
+    let result = stress_crash("test-stress-crash-smp64", 64, 3, seed);
+    let table = result.table();
+    assert!(result.ok(), "{table}");
+    assert_eq!(result.records.len(), 3, "{table}");
+    assert_eq!(result.crash_runs().len(), 3, "{table}");
+    assert_eq!(result.crash_runs_ok(), 3, "{table}");
+    assert!(table.contains("crash runs ok    3 of 3"), "{table}");
+    assert!(table.contains(&format!("(seed {seed})")), "{table}");
+    // Stragglers only where one was asked for (nmi_blocked).
+    let (_, _, unasked) = result.stragglers_seen();
+    assert_eq!(unasked, 0, "{table}");
+    for record in &result.records {
+        let crash = record.crash.as_ref().expect("a crash record");
+        assert!(crash.shootdown_us.is_some(), "{table}");
+        assert_eq!(
+            crash.checked_in,
+            crash
+                .expected
+                .map(|expected| expected - crash.stragglers.len() as u64),
+            "{table}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "hv bug (reported): with no guests, a list point's clock never starts and hv spins \
+            in inject_crash_after_boot instead of reporting crash_injection.fired false"]
+fn qemu_a_point_that_needs_vmx_never_fires_without_it_and_the_run_fails() {
+    let run = qemu(
+        "test-crash-qemu-unfired",
+        Boot::Direct,
+        4,
+        &["crash=cpu:1,after_ms:3,point:list_add0"],
+    );
+    if run.report["emulator"] != "qemu-tcg" {
+        return;
+    }
+    assert!(
+        !run.ok,
+        "a crash was asked for and none came\n{}",
+        explain(&run)
+    );
+    assert_eq!(
+        run.report["crash_injection"]["fired"],
+        false,
+        "{}",
+        explain(&run)
+    );
+    assert_eq!(run.report["done"], true, "{}", explain(&run));
+    let reason = run.reason.as_deref().unwrap_or_default();
+    assert!(
+        reason.contains("point list_add0 never fired"),
+        "{}",
+        explain(&run)
+    );
+}
+
+#[test]
+#[ignore = "hv bug (reported): with cpu:0 the boot CPU sends the NMI to itself, spins in its \
+            own NMI handler and never makes CPU 1 panic: the run hangs"]
+fn qemu_the_boot_cpu_stuck_with_nmis_blocked_is_named_by_cpu_1() {
+    let run = qemu(
+        "test-crash-qemu-nmi-blocked-bsp",
+        Boot::Direct,
+        8,
+        &[
+            "crash=cpu:0,after_ms:3,point:nmi_blocked",
+            "crash_timeout_ms=300",
+        ],
+    );
+    let crash = assert_clean_shootdown(&run);
+    assert_eq!(crash.cpu_index, 1, "{}", explain(&run));
+    assert_eq!(
+        crash.stragglers,
+        [numbers(&run, "/cpus/apic_ids")[0]],
+        "{}",
+        explain(&run)
+    );
+    assert_eq!(
+        (crash.expected, crash.checked_in),
+        (7, 6),
+        "{}",
+        explain(&run)
+    );
+}
