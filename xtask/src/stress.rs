@@ -333,6 +333,20 @@ impl StressResult {
         Spread::of_u64(&samples)
     }
 
+    /// The "all CPUs online" cell: a count, and for crash loops out of how
+    /// many runs reported their CPUs at all (a crash before the boot
+    /// report leaves none).
+    fn all_online_text(&self) -> String {
+        if self.crash_runs().is_empty() {
+            return self.all_online().to_string();
+        }
+        let reporting = self.records.iter().filter(|r| r.online.is_some()).count();
+        format!(
+            "{} of {reporting} runs that reported their CPUs before the crash",
+            self.all_online()
+        )
+    }
+
     /// The runs that asked for a crash.
     pub fn crash_runs(&self) -> Vec<&RunRecord> {
         self.records.iter().filter(|r| r.crash.is_some()).collect()
@@ -399,7 +413,7 @@ impl StressResult {
         let made = self.records.len();
         let mut rows = vec![
             vec!["runs".to_owned(), format!("{made} of {}", self.requested)],
-            vec!["all CPUs online".to_owned(), self.all_online().to_string()],
+            vec!["all CPUs online".to_owned(), self.all_online_text()],
             vec!["failures".to_owned(), self.failures().len().to_string()],
         ];
         match self.bringup() {
@@ -1003,6 +1017,7 @@ mod tests {
         assert_eq!(result.stragglers_seen(), (2, 2, 1));
         let text = result.table();
         for row in [
+            "  all CPUs online  0 of 0 runs that reported their CPUs before the crash\n",
             "  crash runs ok    4 of 5\n",
             "  stragglers seen  2 in 2 runs (1 run(s) where none was asked for)\n",
             "  shootdown (us)   min 2000  median 5000  max 9000\n",
