@@ -8,6 +8,8 @@
 //! own: a `cargo build` on the target directory of the `cargo test` that is
 //! running them could wait for its build lock.
 
+pub mod capture;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;

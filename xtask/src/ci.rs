@@ -14,9 +14,9 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::kernel;
 use crate::paths::workspace_root;
 use crate::tools::{self, Need};
+use crate::{capture, kernel};
 
 /// Runs the whole test suite; `harness_args` go to the integration tests'
 /// harness (e.g. a test name filter or `--nocapture`).
@@ -30,9 +30,16 @@ pub fn run_all(harness_args: &[OsString]) -> Result<()> {
     step("building hv");
     let elf = kernel::build(None)?;
     eprintln!("hv: {}", elf.display());
+    // The capture-mode image, linked at the default reservation's base.
+    let (_, base) = capture::parse_crashkernel(capture::HV_CRASHKERNEL)?;
+    let capture_elf = kernel::build_capture(base.context("the default reservation has a base")?)?;
+    eprintln!("hv capture mode: {}", capture_elf.display());
 
     step("integration tests (QEMU, Bochs)");
-    let env = [(kernel::ELF_ENV, elf.into_os_string())];
+    let env = [
+        (kernel::ELF_ENV, elf.into_os_string()),
+        (kernel::CAPTURE_ELF_ENV, capture_elf.into_os_string()),
+    ];
     cargo(
         &["test", "--no-fail-fast", "--package", "tests"],
         &env,

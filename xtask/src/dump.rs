@@ -312,14 +312,14 @@ impl DumpInfo {
         );
         let _ = writeln!(
             out,
-            "  {:>6}  {:>4}  {:>4}  {:<28}  {:<18}  {:<18}  {:<18}",
+            "  {:>6}  {:>4}  {:>4}  {:<30}  {:<18}  {:<18}  {:<18}",
             "thread", "cpu", "apic", "state", "rip", "rsp", "rbp"
         );
         for cpu in &self.cpus {
             let ledger = self.ledger_of(cpu.cpu_index);
             let _ = writeln!(
                 out,
-                "  {:>6}  {:>4}  {:>4}  {:<28}  {:#018x}  {:#018x}  {:#018x}",
+                "  {:>6}  {:>4}  {:>4}  {:<30}  {:#018x}  {:#018x}  {:#018x}",
                 cpu.thread,
                 cpu.cpu_index
                     .map_or_else(|| format!("pid{}", cpu.pid), |i| i.to_string()),
@@ -360,7 +360,7 @@ impl DumpInfo {
                     .collect::<Vec<_>>();
                 let _ = writeln!(
                     out,
-                    "  CPU {:>3} (APIC {:>3}) {:<28} loaded {:>2}, cleared {:>2}{}{}",
+                    "  CPU {:>3} (APIC {:>3}) {:<30} loaded {:>2}, cleared {:>2}{}{}",
                     cpu.cpu_index,
                     cpu.apic_id,
                     flag_names(cpu.flags).join(","),

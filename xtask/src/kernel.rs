@@ -26,6 +26,11 @@ pub fn build(target_dir: Option<&Path>) -> Result<PathBuf> {
     build_with_env(target_dir, &[])
 }
 
+/// Environment variable through which `cargo xtask test` hands the
+/// capture-mode image (built by [`build_capture`] for the default
+/// reservation) to the integration tests.
+pub const CAPTURE_ELF_ENV: &str = "HV_CAPTURE_ELF";
+
 /// Environment variable through which `hv/build.rs` links the image at
 /// another address: the capture-mode image runs inside the crash
 /// reservation.

@@ -377,6 +377,7 @@ pub fn capture_problems(report: &Value, words: &[String], collected: &Collected)
             first.cpu_index
         ));
     }
+    problems.extend(ledger_problems(report, info));
     if let Some(bytes) = capture["linux"]["vmcore_bytes"].as_u64()
         && bytes != info.file_bytes
     {
@@ -400,6 +401,46 @@ pub fn capture_problems(report: &Value, words: &[String], collected: &Collected)
                 summary.total
             ));
         }
+    }
+    problems
+}
+
+/// Whether the dump's VMCLEAR ledger accounts for every VMCS loaded at
+/// the crash: each CPU that checked in cleared, successfully, as many as
+/// were loaded on it, and the ledger's total is the crash report's
+/// `vmcs_loaded` less those held by stragglers (which nobody could clear).
+fn ledger_problems(report: &Value, info: &DumpInfo) -> Vec<String> {
+    let Some(crash) = &info.crash else {
+        return Vec::new();
+    };
+    let mut problems = Vec::new();
+    for cpu in &crash.ledger {
+        let checked_in = cpu.flags & kexec_loader::crash_note::cpu_flags::CHECKED_IN != 0
+            || cpu.flags & kexec_loader::crash_note::cpu_flags::COORDINATOR != 0;
+        if checked_in && cpu.cleared() != cpu.vmcs_loaded as usize {
+            problems.push(format!(
+                "the dump's VMCLEAR ledger: CPU {} had {} VMCS loaded and cleared {}",
+                cpu.cpu_index,
+                cpu.vmcs_loaded,
+                cpu.cleared()
+            ));
+        }
+    }
+    let ledger_loaded: u64 = crash
+        .ledger
+        .iter()
+        .filter(|cpu| !crash.stragglers.contains(&cpu.apic_id))
+        .map(|cpu| u64::from(cpu.vmcs_loaded))
+        .sum();
+    if let (Some(loaded), Some(on_stragglers)) = (
+        report["crash"]["vmcs_loaded"].as_u64(),
+        report["crash"]["vmcs_on_stragglers"].as_u64(),
+    ) && ledger_loaded != loaded.saturating_sub(on_stragglers)
+    {
+        problems.push(format!(
+            "the dump's VMCLEAR ledger counts {ledger_loaded} VMCS loaded on the CPUs that \
+             checked in, the crash report {loaded} less {on_stragglers} on stragglers"
+        ));
     }
     problems
 }
@@ -491,13 +532,14 @@ mod tests {
     }
 
     #[test]
-    fn a_good_capture_has_no_problems() {
+    fn a_good_capture_has_no_problems_but_the_samples_failed_vmclear() {
         let (dir, collected) = collected_sample("good");
         let report = good_report(&collected);
         let words = words("crashkernel=64M@0x10000000 crash=cpu:2,after_ms:50");
+        // The sample's CPU 0 got VMfailValid for one of its two VMCSes.
         assert_eq!(
             capture_problems(&report, &words, &collected),
-            Vec::<String>::new()
+            ["the dump's VMCLEAR ledger: CPU 0 had 2 VMCS loaded and cleared 1"]
         );
         assert_eq!(report["capture"]["cpu_notes"], 3);
         assert_eq!(report["capture"]["kernel"], "hv");
@@ -573,6 +615,26 @@ mod tests {
         let good = good_report(&dump);
         let problems = capture_problems(&good, &asked, &dump);
         assert_eq!(problems.len(), 3, "{problems:?}");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_ledger_must_account_for_every_loaded_vmcs() {
+        let (dir, collected) = collected_sample("ledger");
+        let info = collected.dump.as_ref().unwrap();
+        // The sample: CPU 0 had 2 loaded and cleared 1 (one VMfailValid).
+        let report = json!({"crash": {"vmcs_loaded": 2, "vmcs_on_stragglers": 0}});
+        assert_eq!(
+            ledger_problems(&report, info),
+            ["the dump's VMCLEAR ledger: CPU 0 had 2 VMCS loaded and cleared 1"]
+        );
+        let report = json!({"crash": {"vmcs_loaded": 5, "vmcs_on_stragglers": 1}});
+        let problems = ledger_problems(&report, info);
+        assert!(problems[1].contains("counts 2 VMCS loaded"), "{problems:?}");
+        assert!(
+            problems[1].contains("the crash report 5 less 1"),
+            "{problems:?}"
+        );
         fs::remove_dir_all(dir).unwrap();
     }
 
