@@ -12,6 +12,7 @@
 
 use std::fs;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde_json::Value;
 use tests::capture::{
@@ -19,6 +20,32 @@ use tests::capture::{
 };
 use tests::{Boot, RunOutcome, assert_ok, explain, number};
 use xtask::capture::{CaptureKernel, CaptureOptions, LINUX_MEMORY_MIB};
+
+/// The Linux capture kernel and xtask's initramfs alone, with a fake core
+/// header in RAM: what comes back is exactly the "old memory".
+#[test]
+fn the_linux_capture_kernel_copies_a_fake_vmcore_on_its_own() {
+    use xtask::capture::selftest;
+    let result = selftest::linux_selftest("test-capture-linux-selftest", Duration::from_secs(300))
+        .unwrap_or_else(|error| panic!("{error:#}"));
+    let dump = &result.dump;
+    assert!(dump.problems().is_empty(), "{:?}", dump.problems());
+    let threads: Vec<_> = dump.cpus.iter().map(|cpu| cpu.cpu_index).collect();
+    assert_eq!(threads, [Some(1), Some(0)]);
+    let crash = dump
+        .crash
+        .as_ref()
+        .expect("the HVCRASH note survives /proc/vmcore");
+    assert_eq!(crash.reason, "xtask capture self-test");
+    assert_eq!(crash.coordinator, 1);
+    assert_eq!(dump.segments.len(), 1);
+    let bytes = selftest::segment_bytes(&dump.path).unwrap();
+    assert!(
+        bytes == selftest::old_memory(),
+        "the dumped memory differs from what was in RAM ({})",
+        result.run_dir.display()
+    );
+}
 
 #[test]
 fn linux_captures_a_dump_of_eight_cpus_that_gdb_reads() {

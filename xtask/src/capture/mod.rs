@@ -19,6 +19,7 @@
 //! checks to the crash run's.
 
 pub mod judge;
+pub mod selftest;
 pub mod stream;
 mod timing;
 
