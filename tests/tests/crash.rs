@@ -130,6 +130,17 @@ fn bochs_a_crash_in_the_middle_of_a_list_removal() {
 }
 
 #[test]
+fn bochs_the_boot_cpu_crashing_in_the_middle_of_a_list_removal() {
+    let crash = bochs_crash(
+        "test-crash-bochs-list-remove2-bsp",
+        &["crash=cpu:0,after_ms:30,point:list_remove2"],
+        &[0],
+        true,
+    );
+    assert_fired_at(&crash, "remove-release-cpu");
+}
+
+#[test]
 fn bochs_a_crash_between_vmclear_and_unlink() {
     let crash = bochs_crash(
         "test-crash-bochs-vmclear-unlink",

@@ -266,6 +266,13 @@ pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> 
         problems
             .push("crash.vmcs_loaded is 0, but guests were running when the crash came".to_owned());
     }
+    if rules.before_vmx()
+        && let Some(loaded) = loaded.filter(|&n| n > 0)
+    {
+        problems.push(format!(
+            "crash.vmcs_loaded is {loaded}, but the crash came before VMX was enabled"
+        ));
+    }
     if let (Some(vmxoff), Some(checked_in)) = (vmxoff, checked_in)
         && vmxoff != checked_in
     {
@@ -714,6 +721,12 @@ mod tests {
         assert_eq!(
             bochs_problems(&before, &["crash=cpu:3,after_ms:0,point:before_vmx"]),
             None
+        );
+        // Before VMX nothing can be loaded.
+        let loaded = json!({"crash": clean_crash(8, 3, &injected(3, "boot stage"), 2)});
+        assert_eq!(
+            bochs_problems(&loaded, &["crash=cpu:3,point:bringup"]).as_deref(),
+            Some("crash.vmcs_loaded is 2, but the crash came before VMX was enabled")
         );
     }
 

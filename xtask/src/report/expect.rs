@@ -270,6 +270,15 @@ impl CrashRules {
         parts.join(" ")
     }
 
+    /// Whether the injected crash comes before VMX is enabled anywhere
+    /// (`before_vmx`, `bringup`): then no VMCS can be loaded.
+    pub fn before_vmx(&self) -> bool {
+        self.hypercall_vcpu.is_none()
+            && self
+                .injected
+                .is_some_and(|spec| matches!(spec.point, Some(Point::BeforeVmx | Point::Bringup)))
+    }
+
     /// Whether the injected crash comes during AP bring-up, when not every
     /// CPU is online yet.
     pub fn during_bringup(&self) -> bool {
