@@ -104,6 +104,11 @@ pub fn start_clock() {
     );
 }
 
+/// Whether [`start_clock`] ran.
+pub fn clock_started() -> bool {
+    AT_US.load(Ordering::Relaxed) != u64::MAX
+}
+
 /// Whether the `after_ms` time has come.
 pub fn due() -> bool {
     time::now_us() >= AT_US.load(Ordering::Relaxed)
@@ -154,6 +159,13 @@ pub fn at_stage(stage: CrashPoint) {
     if point() == Some(stage) && is_target() {
         fire("boot stage");
     }
+}
+
+/// Runs on a CPU asked (by IPI) to crash once the CPU that asked has had
+/// 10 ms to get itself stuck (`nmi_blocked` on the boot CPU).
+pub fn crash_after_delay(_: usize) {
+    time::delay_us(10_000);
+    fire("after the stuck CPU blocked its NMIs");
 }
 
 /// Runs on a CPU asked (by IPI) to crash now.

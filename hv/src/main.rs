@@ -234,10 +234,26 @@ fn inject_crash_after_boot() {
     if inject::fired() {
         return;
     }
-    if inject::point()
-        .is_none_or(|point| matches!(point, CrashPoint::NmiBlocked | CrashPoint::DoublePanic))
-        && !guests::running()
+    let point = inject::point();
+    if let Some(
+        point @ (CrashPoint::ListAdd(_)
+        | CrashPoint::ListRemove(_)
+        | CrashPoint::VmclearUnlink
+        | CrashPoint::VcpuLoad),
+    ) = point
     {
+        // Points of the loaded-VMCS list protocol exist only while guests
+        // run; the run is over (or never started: no VMX) and it was not hit.
+        log::error!(
+            "crash knob: injection point {point:?} was never reached (it needs a VMX guest run)"
+        );
+        report::line(|o| {
+            o.field("crash_injection")
+                .object(|o| o.field("fired").bool(false))
+        });
+        return;
+    }
+    if !inject::clock_started() {
         inject::start_clock();
     }
     while !inject::due() {
@@ -246,19 +262,24 @@ fn inject_crash_after_boot() {
     let Some(target) = inject::target_cpu() else {
         return;
     };
+    let me = percpu::current_cpu_index() as usize;
     let cpus = smp::cpus().len();
-    match inject::point() {
-        None => trigger_crash_now(),
+    match point {
         Some(CrashPoint::NmiBlocked) => {
             // The target spins inside an NMI handler, so it cannot take the
             // shootdown NMI; another CPU panics and must name it.
+            let panicker = if target == 0 { 1 % cpus } else { 0 };
             crashpath::SPIN_IN_NMI.store(target as u32, core::sync::atomic::Ordering::Relaxed);
+            if target == me {
+                // This CPU is about to block itself: have the panicker wait
+                // until it surely has, then panic.
+                smp::send_call(panicker, inject::crash_after_delay, 0);
+            }
             if let Some(cpu) = smp::cpus().get(target) {
                 arch::apic::send_nmi(cpu.slot.apic_id());
             }
             time::delay_us(10_000);
-            let panicker = if target == 0 { 1 % cpus } else { 0 };
-            if panicker == 0 {
+            if panicker == me {
                 inject::crash_here(0);
             }
             smp::call_on(panicker, inject::crash_here, 0);
@@ -266,22 +287,16 @@ fn inject_crash_after_boot() {
         Some(CrashPoint::DoublePanic) => {
             let other = (target + 1) % cpus;
             for cpu in [target, other] {
-                if cpu != percpu::current_cpu_index() as usize {
+                if cpu != me {
                     smp::send_call(cpu, inject::crash_here, 0);
                 }
             }
-            if [target, other].contains(&(percpu::current_cpu_index() as usize)) {
+            if [target, other].contains(&me) {
                 inject::crash_here(0);
             }
             time::delay_us(1_000_000);
         }
-        Some(point) => {
-            log::error!("crash knob: injection point {point:?} was never reached on CPU {target}");
-            report::line(|o| {
-                o.field("crash_injection")
-                    .object(|o| o.field("fired").bool(false))
-            });
-        }
+        _ => trigger_crash_now(),
     }
 }
 

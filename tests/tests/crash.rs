@@ -384,8 +384,6 @@ fn a_short_stress_loop_of_random_crashes_passes() {
 }
 
 #[test]
-#[ignore = "hv bug (reported): with no guests, a list point's clock never starts and hv spins \
-            in inject_crash_after_boot instead of reporting crash_injection.fired false"]
 fn qemu_a_point_that_needs_vmx_never_fires_without_it_and_the_run_fails() {
     let run = qemu(
         "test-crash-qemu-unfired",
@@ -417,8 +415,6 @@ fn qemu_a_point_that_needs_vmx_never_fires_without_it_and_the_run_fails() {
 }
 
 #[test]
-#[ignore = "hv bug (reported): with cpu:0 the boot CPU sends the NMI to itself, spins in its \
-            own NMI handler and never makes CPU 1 panic: the run hangs"]
 fn qemu_the_boot_cpu_stuck_with_nmis_blocked_is_named_by_cpu_1() {
     let run = qemu(
         "test-crash-qemu-nmi-blocked-bsp",
