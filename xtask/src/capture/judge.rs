@@ -19,8 +19,8 @@
 //! | `crash_to_capture_source` | `tsc` or `serial` |
 //! | `dump_error` | why there is no usable dump |
 //!
-//! `crash_to_capture_us`: when hv reports both `crash.started_us` and
-//! `capture.entered_us` (hv's capture mode; the TSC runs on across the
+//! `crash_to_capture_us`: when hv reports the crash's and the capture
+//! kernel's entry TSC (see `tsc_timing`; the TSC runs on across the
 //! jump), their difference (`tsc`). Otherwise the wall-clock time between
 //! the crash's first serial line (`*** hv: CRASH`) and the capture
 //! kernel's first (hv's `capture: hv capture mode`, Linux's `Linux
@@ -212,12 +212,9 @@ fn capture_object(
             seen_after_crash(serial, LINUX_ENTRY_MARKER) || seen_after_crash(serial, INIT_MARKER)
         }
     };
-    let (timing, source) = match (
-        report["crash"]["started_us"].as_u64(),
-        hv_said["entered_us"].as_u64(),
-    ) {
-        (Some(crash), Some(entry)) if entry >= crash => (Some(entry - crash), "tsc"),
-        _ => match (
+    let (timing, source) = match tsc_timing(report) {
+        Some(us) => (Some(us), "tsc"),
+        None => match (
             times.first().copied().flatten(),
             times.get(1).copied().flatten(),
         ) {
@@ -264,6 +261,31 @@ fn capture_object(
         });
     }
     object
+}
+
+/// Crash to capture entry on the TSC, which runs on across the jump: raw
+/// counts (`crash.started_tsc`, `capture.entered_tsc`) over the crashed
+/// hv's `smp.tsc_khz`, or microseconds both kernels computed with that
+/// same rate (`crash.started_us`, `capture.entered_us` with
+/// `capture.tsc_khz` equal to `smp.tsc_khz`). `None` when hv does not
+/// report them, or they go backwards.
+fn tsc_timing(report: &Value) -> Option<u64> {
+    let crash = &report["crash"];
+    let capture = &report["capture"];
+    let khz = report["smp"]["tsc_khz"].as_u64().filter(|&k| k > 0);
+    if let (Some(start), Some(entry), Some(khz)) = (
+        crash["started_tsc"].as_u64(),
+        capture["entered_tsc"].as_u64(),
+        khz,
+    ) {
+        let ticks = entry.checked_sub(start)?;
+        return u64::try_from(u128::from(ticks) * 1000 / u128::from(khz)).ok();
+    }
+    let same_rate = capture["tsc_khz"].as_u64().is_some() && capture["tsc_khz"].as_u64() == khz;
+    match (crash["started_us"].as_u64(), capture["entered_us"].as_u64()) {
+        (Some(start), Some(entry)) if same_rate => entry.checked_sub(start),
+        _ => None,
+    }
 }
 
 /// Whether a line containing `marker` comes after the crash's first line.
@@ -673,10 +695,25 @@ mod tests {
             Some(Duration::from_millis(100)),
             Some(Duration::from_millis(350)),
         ];
-        let tsc = json!({"crash": {"started_us": 5000}, "capture": {"entered_us": 7500}});
+        let tsc = json!({"smp": {"tsc_khz": 2_000_000},
+            "crash": {"started_tsc": 10_000_000}, "capture": {"entered_tsc": 15_000_000}});
         let object = capture_object(&tsc, CaptureKernel::Hv, "", &none, &serial);
         assert_eq!(object["crash_to_capture_us"], 2500);
         assert_eq!(object["crash_to_capture_source"], "tsc");
+        let us = json!({"smp": {"tsc_khz": 2_000_000}, "crash": {"started_us": 5000},
+            "capture": {"entered_us": 7500, "tsc_khz": 2_000_000}});
+        let object = capture_object(&us, CaptureKernel::Hv, "", &none, &serial);
+        assert_eq!(object["crash_to_capture_us"], 2500);
+        // Microseconds from a capture kernel that calibrated its own rate
+        // (as hv's capture mode does today) are not comparable.
+        let own_rate = json!({"smp": {"tsc_khz": 2_000_000}, "crash": {"started_us": 5000},
+            "capture": {"entered_us": 7500}});
+        let object = capture_object(&own_rate, CaptureKernel::Hv, "", &none, &serial);
+        assert_eq!(object["crash_to_capture_source"], "serial");
+        let backwards = json!({"smp": {"tsc_khz": 1000},
+            "crash": {"started_tsc": 9}, "capture": {"entered_tsc": 5}});
+        let object = capture_object(&backwards, CaptureKernel::Hv, "", &none, &serial);
+        assert_eq!(object["crash_to_capture_source"], "serial");
         let object = capture_object(&json!({}), CaptureKernel::Linux, "", &none, &serial);
         assert_eq!(object["crash_to_capture_us"], 250_000);
         assert_eq!(object["crash_to_capture_source"], "serial");
