@@ -182,7 +182,7 @@ fn old_memory(address: u64, len: u64) -> &'static [u8] {
 
 fn fail(why: &dyn core::fmt::Display) -> ! {
     let _ = writeln!(EmergencyConsole, "capture: {why}");
-    crate::report::line(|o| {
+    crate::report::capture_line(|o| {
         o.field("capture").object(|o| {
             o.field("entered").bool(true)?;
             o.field("kernel").str("hv")?;
@@ -195,11 +195,11 @@ fn fail(why: &dyn core::fmt::Display) -> ! {
 /// Streams the dump described by the core header at `header` and ends.
 pub fn run(header: u64, sink: hv_core::cmdline::CaptureSink) -> ! {
     log::info!("capture: hv capture mode, ELF core header at {header:#x}");
-    crate::report::line(|o| {
+    crate::report::capture_line(|o| {
         o.field("capture").object(|o| {
             o.field("entered").bool(true)?;
             o.field("kernel").str("hv")?;
-            o.field("entered_us").u64(crate::time::now_us())
+            o.field("entered_tsc").u64(crate::arch::cpu::rdtsc())
         })
     });
     // The header region is the reserved map entry that starts at it.
@@ -289,11 +289,11 @@ pub fn run(header: u64, sink: hv_core::cmdline::CaptureSink) -> ! {
     stream.sink.emit_u64(offset);
     stream.sink.finish();
     log::info!("capture: dump of {offset} bytes streamed ({data_pages} non-zero pages)");
-    crate::report::line(|o| {
+    crate::report::capture_line(|o| {
         o.field("capture").object(|o| {
             o.field("streamed").bool(true)?;
             o.field("cpu_notes").u64(cpu_notes as u64)?;
-            o.field("dump_bytes").u64(offset)?;
+            o.field("streamed_bytes").u64(offset)?;
             o.field("data_pages").u64(data_pages)
         })
     });

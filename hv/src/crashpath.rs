@@ -283,6 +283,7 @@ fn coordinate(me: usize, reason: Reason<'_>, regs: &UserRegs) -> ! {
         }
     }
     let started = time::now_us();
+    let started_tsc = arch::cpu::rdtsc();
     smp::send_nmi_to_online_others();
     let rendezvous = COORDINATOR.wait_for_rendezvous(
         &expected,
@@ -344,6 +345,9 @@ fn coordinate(me: usize, reason: Reason<'_>, regs: &UserRegs) -> ! {
                 o.field("vmxoff_cpus").u64(vmxoff_cpus)?;
                 o.field("coordinator_vmx_off").bool(own.vmx.is_off())?;
                 o.field("shootdown_us").u64(shootdown_us)?;
+                // Raw TSC: a capture kernel's own clock has another
+                // calibration, the TSC is the one clock both share.
+                o.field("started_tsc").u64(started_tsc)?;
                 o.field("timed_out").bool(rendezvous.timed_out)?;
                 // Per CPU index: from the first NMI sent to that CPU taking
                 // it (null: never took it), the per-CPU NMI latency.

@@ -53,14 +53,6 @@ pub extern "C" fn hv_main(entered_by: u32, info: u32, magic: u32) -> ! {
             finish::fail_stop();
         }
     };
-    report::line(|o| {
-        o.field("loader").object(|o| {
-            o.field("protocol").str(boot.protocol.name())?;
-            o.field("name")
-                .option(boot.loader_name, |value, name| value.str(name))
-        })
-    });
-
     for module in boot.modules() {
         log::info!(
             "boot module at {:#x}, {} bytes, command line '{}'",
@@ -71,6 +63,16 @@ pub extern "C" fn hv_main(entered_by: u32, info: u32, magic: u32) -> ! {
     }
     let parsed = cmdline::parse(boot.cmdline);
     let options = *OPTIONS.call_once(|| parsed.options);
+    // A capture image's report is about the capture only: its own boot
+    // must not overwrite what the crashed hypervisor reported.
+    report::only_capture_lines(options.capture_mode.is_some());
+    report::line(|o| {
+        o.field("loader").object(|o| {
+            o.field("protocol").str(boot.protocol.name())?;
+            o.field("name")
+                .option(boot.loader_name, |value, name| value.str(name))
+        })
+    });
     console::set_level(options.log);
     finish::exit_emulator_when_done(options.finish == Finish::Exit);
     crashpath::set_timeout_ms(options.crash_timeout_ms);
