@@ -200,20 +200,25 @@ unsafe fn forever(text: &str) -> &'static str {
     unsafe { &*core::ptr::from_ref(text) }
 }
 
-const PVH_MAGIC: u32 = 0x336e_c578;
+/// `hvm_start_info.magic`.
+pub const PVH_MAGIC: u32 = 0x336e_c578;
 
+/// Xen's `hvm_start_info`: read here, written by the capture loader for the
+/// hv capture image.
 #[repr(C)]
-struct HvmStartInfo {
-    magic: u32,
-    version: u32,
-    flags: u32,
-    nr_modules: u32,
-    modlist_paddr: u64,
-    cmdline_paddr: u64,
-    rsdp_paddr: u64,
-    memmap_paddr: u64,
-    memmap_entries: u32,
-    reserved: u32,
+#[derive(Debug, Clone, Copy)]
+#[allow(missing_docs)]
+pub struct HvmStartInfo {
+    pub magic: u32,
+    pub version: u32,
+    pub flags: u32,
+    pub nr_modules: u32,
+    pub modlist_paddr: u64,
+    pub cmdline_paddr: u64,
+    pub rsdp_paddr: u64,
+    pub memmap_paddr: u64,
+    pub memmap_entries: u32,
+    pub reserved: u32,
 }
 
 #[repr(C)]
@@ -224,12 +229,15 @@ struct HvmModlistEntry {
     reserved: u64,
 }
 
+/// One entry of the PVH memory map (E820 types).
 #[repr(C)]
-struct HvmMemmapEntry {
-    addr: u64,
-    size: u64,
-    kind: u32,
-    reserved: u32,
+#[derive(Debug, Clone, Copy, Default)]
+#[allow(missing_docs)]
+pub struct HvmMemmapEntry {
+    pub addr: u64,
+    pub size: u64,
+    pub kind: u32,
+    pub reserved: u32,
 }
 
 /// # Safety

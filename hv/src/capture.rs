@@ -27,7 +27,7 @@ use kexec_loader::elfcore::{
 use kexec_loader::layout::CaptureLayout;
 use smp_boot::madt::MAX_CPUS;
 
-use crate::bootinfo::{BootInfo, Module};
+use crate::bootinfo::{BootInfo, HvmMemmapEntry, HvmStartInfo, Module};
 use crate::console::EmergencyConsole;
 use crate::guests::MAX_VCPUS;
 use crate::memory::{CRASH_RESERVATION, FIRMWARE_MAP};
@@ -379,13 +379,7 @@ fn load_linux(
         .flat_map(|map| map.regions())
         .take(firmware.len())
     {
-        let kind = match region.kind {
-            RegionKind::Usable => 1,
-            RegionKind::Reserved | RegionKind::Other(_) => 2,
-            RegionKind::AcpiReclaimable => 3,
-            RegionKind::AcpiNvs => 4,
-            RegionKind::Bad => 5,
-        };
+        let kind = region_e820(region.kind);
         firmware[count] = E820Entry {
             addr: region.start,
             size: region.len,
@@ -448,32 +442,6 @@ fn le_u64(bytes: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(
         bytes.get(at..at.checked_add(8)?)?.try_into().ok()?,
     ))
-}
-
-/// The hvm_start_info and memory map the PVH entry of the capture image
-/// reads (Xen's public layout).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct StartInfo {
-    magic: u32,
-    version: u32,
-    flags: u32,
-    nr_modules: u32,
-    modlist_paddr: u64,
-    cmdline_paddr: u64,
-    rsdp_paddr: u64,
-    memmap_paddr: u64,
-    memmap_entries: u32,
-    reserved: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct MemmapEntry {
-    addr: u64,
-    size: u64,
-    kind: u32,
-    reserved: u32,
 }
 
 /// Loads the hv image (built with `HV_LINK_BASE` inside the reservation)
@@ -567,8 +535,8 @@ fn load_hv(
 
     // Start info, memory map and command line in the purgatory's data room.
     let data = purgatory_area + purgatory::BOOT_DATA_OFFSET;
-    let memmap_at = data + core::mem::size_of::<StartInfo>() as u64;
-    let mut memmap = [MemmapEntry {
+    let memmap_at = data + core::mem::size_of::<HvmStartInfo>() as u64;
+    let mut memmap = [HvmMemmapEntry {
         addr: 0,
         size: 0,
         kind: 0,
@@ -577,7 +545,7 @@ fn load_hv(
     let mut entries = 0;
     let mut add = |addr: u64, end: u64, kind: u32| {
         if end > addr && entries < memmap.len() {
-            memmap[entries] = MemmapEntry {
+            memmap[entries] = HvmMemmapEntry {
                 addr,
                 size: end - addr,
                 kind,
@@ -601,7 +569,7 @@ fn load_hv(
     add(reservation.start, elfcorehdr.start, 1);
     add(elfcorehdr.start, elfcorehdr.start + elfcorehdr.len, 2);
     add(elfcorehdr.start + elfcorehdr.len, reserved_end, 1);
-    let cmdline_at = memmap_at + (entries * core::mem::size_of::<MemmapEntry>()) as u64;
+    let cmdline_at = memmap_at + (entries * core::mem::size_of::<HvmMemmapEntry>()) as u64;
     let mut cmdline = [0u8; 160];
     let mut writer = FixedWriter {
         buffer: &mut cmdline,
@@ -622,8 +590,8 @@ fn load_hv(
     if cmdline_at + cmdline_len as u64 > data + purgatory::BOOT_DATA_BYTES {
         return Err(LoadError::Elf("the capture image's boot data do not fit"));
     }
-    let start_info = StartInfo {
-        magic: 0x336e_c578,
+    let start_info = HvmStartInfo {
+        magic: crate::bootinfo::PVH_MAGIC,
         version: 1,
         flags: 0,
         nr_modules: 0,
@@ -637,8 +605,8 @@ fn load_hv(
     // SAFETY: the purgatory's data room is inside the reservation and
     // sized for these (checked above).
     unsafe {
-        (data as *mut StartInfo).write_unaligned(start_info);
-        core::ptr::copy_nonoverlapping(memmap.as_ptr(), memmap_at as *mut MemmapEntry, entries);
+        (data as *mut HvmStartInfo).write_unaligned(start_info);
+        core::ptr::copy_nonoverlapping(memmap.as_ptr(), memmap_at as *mut HvmMemmapEntry, entries);
         core::ptr::copy_nonoverlapping(cmdline.as_ptr(), cmdline_at as *mut u8, cmdline_len);
     }
     let data_len = cmdline_at + cmdline_len as u64 - data;
