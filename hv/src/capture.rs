@@ -340,14 +340,10 @@ fn load_linux(
         initrd_bytes.map_or(0, |bytes| bytes.len() as u64),
         header_len,
     )?;
-    // SAFETY (this and the copies below): the layout places each piece
+    let kernel_range = PhysRange::new(layout.kernel.start, bz.kernel_bytes().len() as u64);
+    // SAFETY: the layout places each piece (this one and those below)
     // inside the reservation, disjoint from the others; nothing else uses it.
-    let destination = unsafe {
-        bytes_mut(PhysRange::new(
-            layout.kernel.start,
-            bz.kernel_bytes().len() as u64,
-        ))
-    };
+    let destination = unsafe { bytes_mut(kernel_range) };
     destination.copy_from_slice(bz.kernel_bytes());
     if let (Some(range), Some(bytes)) = (layout.initrd, initrd_bytes) {
         // SAFETY: as above.

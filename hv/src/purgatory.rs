@@ -190,7 +190,7 @@ pub unsafe fn install(area: u64, entry: Entry) -> &'static [u8] {
         ((area + CODE_BYTES as u64) as *mut Parameters).write_unaligned(parameters);
         let pml4 = (area + TABLES_OFFSET) as *mut u64;
         let pdpt = (area + TABLES_OFFSET + PAGE) as *mut u64;
-        pml4.write(area + TABLES_OFFSET + PAGE | 3);
+        pml4.write((area + TABLES_OFFSET + PAGE) | 3);
         for directory in 0..4u64 {
             let pd = area + TABLES_OFFSET + (2 + directory) * PAGE;
             pdpt.add(directory as usize).write(pd | 3);
