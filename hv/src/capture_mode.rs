@@ -27,10 +27,10 @@ const RECORD_END: u8 = 4;
 /// Where the stream goes: the debug port (QEMU), or the primary ATA
 /// channel's slave disk by PIO from sector 0 (Bochs, whose port 0xE9 shares
 /// stdout with its screen).
+// Boxing would need an allocator; the one Sink lives on the stack once.
+#[allow(clippy::large_enum_variant)]
 enum Sink {
     DebugPort,
-    // Boxed would need an allocator; the one Sink lives on the stack once.
-    #[allow(clippy::large_enum_variant)]
     Ata(Ata),
 }
 
