@@ -195,6 +195,38 @@ fn bochs_a_cpu_stuck_with_nmis_blocked_is_named_and_the_rest_cleaned_up() {
 }
 
 #[test]
+fn bochs_the_boot_cpu_stuck_with_nmis_blocked_keeps_its_vmcses_and_is_named() {
+    let run = bochs(
+        "test-crash-bochs-nmi-blocked-bsp",
+        BOCHS_CPUS as u32,
+        &[
+            "crash=cpu:0,after_ms:10,point:nmi_blocked",
+            "crash_timeout_ms=300",
+        ],
+    );
+    let crash = assert_clean_shootdown(&run);
+    // CPU 0 spins in an NMI handler; CPU 1 panics and must name it.
+    assert_eq!(crash.cpu_index, 1, "{}", explain(&run));
+    assert_eq!(crash.stragglers, [0], "{}", explain(&run));
+    assert_eq!(
+        (crash.expected, crash.checked_in),
+        (BOCHS_CPUS - 1, BOCHS_CPUS - 2),
+        "{}",
+        explain(&run)
+    );
+    assert!(crash.shootdown_us >= 300_000, "{}", explain(&run));
+    // The stuck boot CPU still holds the VMCSes it had loaded: counted as
+    // on a straggler, every other one cleared.
+    assert!(crash.vmcs_on_stragglers > 0, "{}", explain(&run));
+    assert_eq!(
+        crash.vmcs_cleared + crash.vmcs_on_stragglers,
+        crash.vmcs_loaded,
+        "{}",
+        explain(&run)
+    );
+}
+
+#[test]
 fn bochs_two_cpus_panicking_at_once_make_one_coordinator() {
     let crash = bochs_crash(
         "test-crash-bochs-double-panic",
