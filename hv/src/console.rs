@@ -9,7 +9,7 @@
 //!   ring's drain flag. Nobody ever waits for another CPU to print.
 
 use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 
 use hv_core::logring::{LogRing, Record};
 
@@ -72,13 +72,69 @@ pub fn uart_write(bytes: &[u8]) {
     }
 }
 
-/// A lock-free writer straight to the UART, for the crash path.
+/// Set once a crash begins: the ring's output stops (between two bytes) so
+/// the crash path's lines reach the UART whole.
+static EMERGENCY: AtomicBool = AtomicBool::new(false);
+
+/// Silences the ring's drain for good and gives a drain that is already
+/// writing a moment to notice. No lock: a flag and a bounded wait of about
+/// two byte times.
+pub fn enter_emergency() {
+    if !EMERGENCY.swap(true, Ordering::AcqRel) {
+        for _ in 0..20_000 {
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// The drain's writer: stops at once when a crash begins.
+fn uart_write_unless_crashing(bytes: &[u8]) {
+    for &byte in bytes {
+        if EMERGENCY.load(Ordering::Relaxed) {
+            return;
+        }
+        if byte == b'\n' {
+            uart_write_byte(b'\r');
+        }
+        uart_write_byte(byte);
+    }
+}
+
+/// A writer straight to the UART for the crash path. Takes no lock: a line
+/// (first write to its `\n`) claims the UART with a compare-and-swap, and a
+/// CPU that finds it claimed waits a bounded time, then writes anyway. So
+/// lines of CPUs crashing at once come out whole, and a claimant that an NMI
+/// interrupted (or that died) delays the others a little, never forever.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct EmergencyConsole;
 
+const NO_OWNER: u32 = u32::MAX;
+static LINE_OWNER: AtomicU32 = AtomicU32::new(NO_OWNER);
+/// How long a line waits for another CPU's line (a few ms on hardware).
+const CLAIM_SPINS: u32 = 2_000_000;
+
+fn claim_line(me: u32) {
+    for _ in 0..CLAIM_SPINS {
+        match LINE_OWNER.compare_exchange(NO_OWNER, me, Ordering::Acquire, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(owner) if owner == me => return,
+            Err(_) => core::hint::spin_loop(),
+        }
+    }
+}
+
+fn release_line(me: u32) {
+    let _ = LINE_OWNER.compare_exchange(me, NO_OWNER, Ordering::Release, Ordering::Relaxed);
+}
+
 impl Write for EmergencyConsole {
     fn write_str(&mut self, text: &str) -> fmt::Result {
+        let me = crate::percpu::current_cpu_index();
+        claim_line(me);
         uart_write(text.as_bytes());
+        if text.ends_with('\n') {
+            release_line(me);
+        }
         Ok(())
     }
 }
@@ -89,9 +145,9 @@ pub fn drain() {
         Record::Message {
             bytes, truncated, ..
         } => {
-            uart_write(bytes);
+            uart_write_unless_crashing(bytes);
             if truncated {
-                uart_write(b" [truncated]\n");
+                uart_write_unless_crashing(b" [truncated]\n");
             }
         }
         Record::Dropped(count) => {

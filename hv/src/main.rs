@@ -357,6 +357,7 @@ fn run_guests(options: &cmdline::Options) -> VirtOutcome {
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     use core::fmt::Write;
     let regs = crashpath::current_regs();
+    console::enter_emergency();
     let cpu = percpu::current_cpu_index();
     let _ = writeln!(
         console::EmergencyConsole,

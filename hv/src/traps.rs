@@ -81,6 +81,7 @@ pub fn on_trap(frame: &mut TrapFrame) {
 }
 
 fn fatal_exception(frame: &TrapFrame) -> ! {
+    crate::console::enter_emergency();
     let cr2 = crate::arch::cpu::cr2();
     let cpu = crate::percpu::current_cpu_index();
     let name = EXCEPTION_NAMES[frame.vector as usize];

@@ -171,7 +171,7 @@ impl Options {
             max_cpus: None,
             init_delay_us: 0,
             sipi_delay_us: 200,
-            ap_timeout_ms: 1000,
+            ap_timeout_ms: 5000,
             ap_hang: None,
             vcpus: 0,
             guest_run_ms: 100,
@@ -576,7 +576,7 @@ mod tests {
                 defaults.ap_timeout_ms,
                 defaults.ap_hang
             ),
-            (0, 200, 1000, None)
+            (0, 200, 5000, None)
         );
     }
 
