@@ -16,11 +16,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub const LIST_ADD_STORES: u8 = 5;
 /// Stores of a loaded-VMCS list removal: `list_remove0` .. `list_remove2`.
 pub const LIST_REMOVE_STORES: u8 = 3;
-/// hv's parser accepts store numbers below this (more than the protocol
-/// makes: such a point never fires).
-const PARSED_STORES: u8 = 8;
-/// hv's largest `after_ms`.
-const MAX_AFTER_MS: u64 = 3_600_000;
 
 /// hv's default `crash_timeout_ms`.
 pub const DEFAULT_TIMEOUT_MS: u64 = 1000;
@@ -66,28 +61,9 @@ impl Point {
         points
     }
 
-    /// Parses a point name as hv does (`list_add0`, `nmi_blocked`, ...).
+    /// Parses a point name with hv's own parser (`hv_core::cmdline`).
     pub fn parse(text: &str) -> Option<Point> {
-        let store = |rest: &str| {
-            rest.parse::<u8>()
-                .ok()
-                .filter(|n| *n < PARSED_STORES && !rest.starts_with('+'))
-        };
-        if let Some(rest) = text.strip_prefix("list_add") {
-            return store(rest).map(Point::ListAdd);
-        }
-        if let Some(rest) = text.strip_prefix("list_remove") {
-            return store(rest).map(Point::ListRemove);
-        }
-        Some(match text {
-            "vmclear_unlink" => Point::VmclearUnlink,
-            "vcpu_load" => Point::VcpuLoad,
-            "nmi_blocked" => Point::NmiBlocked,
-            "double_panic" => Point::DoublePanic,
-            "before_vmx" => Point::BeforeVmx,
-            "bringup" => Point::Bringup,
-            _ => return None,
-        })
+        hv_core::cmdline::CrashPoint::parse(text).map(Point::from)
     }
 
     /// Whether the point sits in the loaded-VMCS protocol, which only runs
@@ -102,6 +78,22 @@ impl Point {
     /// Whether hv ignores `after_ms` for this point.
     pub fn ignores_after_ms(self) -> bool {
         matches!(self, Point::BeforeVmx | Point::Bringup)
+    }
+}
+
+impl From<hv_core::cmdline::CrashPoint> for Point {
+    fn from(point: hv_core::cmdline::CrashPoint) -> Self {
+        use hv_core::cmdline::CrashPoint as Hv;
+        match point {
+            Hv::ListAdd(n) => Point::ListAdd(n),
+            Hv::ListRemove(n) => Point::ListRemove(n),
+            Hv::VmclearUnlink => Point::VmclearUnlink,
+            Hv::VcpuLoad => Point::VcpuLoad,
+            Hv::NmiBlocked => Point::NmiBlocked,
+            Hv::DoublePanic => Point::DoublePanic,
+            Hv::BeforeVmx => Point::BeforeVmx,
+            Hv::Bringup => Point::Bringup,
+        }
     }
 }
 
@@ -133,43 +125,19 @@ pub struct CrashSpec {
 }
 
 impl CrashSpec {
-    /// Parses the value of `crash=` exactly as hv does; the error is hv's
-    /// message for it.
+    /// Parses the value of `crash=` with hv's own parser
+    /// (`hv_core::cmdline`); the error is hv's message for it.
     pub fn parse(value: &str) -> Result<CrashSpec, String> {
-        const SHAPE: &str = "expected cpu:N,after_ms:T[,point:NAME]";
-        let mut cpu = None;
-        let mut after_ms = 0;
-        let mut point = None;
-        for part in value.split(',') {
-            let (key, item) = part.split_once(':').ok_or(SHAPE)?;
-            match key {
-                "cpu" => {
-                    let n = parse_number(item).ok_or("cpu: expected a CPU index")?;
-                    cpu = Some(u32::try_from(n).map_err(|_| "cpu: too large")?);
-                }
-                "after_ms" => {
-                    after_ms = parse_number(item)
-                        .filter(|ms| *ms <= MAX_AFTER_MS)
-                        .ok_or("after_ms: expected milliseconds")?;
-                }
-                "point" => {
-                    point = Some(Point::parse(item).ok_or_else(|| {
-                        format!(
-                            "point: unknown injection point `{item}` (known: list_add0..list_add{}, \
-                             list_remove0..list_remove{}, vmclear_unlink, vcpu_load, nmi_blocked, \
-                             double_panic, before_vmx, bringup)",
-                            LIST_ADD_STORES - 1,
-                            LIST_REMOVE_STORES - 1
-                        )
-                    })?);
-                }
-                _ => return Err(SHAPE.to_owned()),
-            }
+        let line = format!("crash={value}");
+        let parsed = hv_core::cmdline::parse(&line);
+        if let Some(error) = parsed.errors().next() {
+            return Err(error.to_string());
         }
+        let spec = parsed.options.crash.ok_or("crash=: no value")?;
         Ok(CrashSpec {
-            cpu: cpu.ok_or("cpu:N is required")?,
-            after_ms,
-            point,
+            cpu: spec.cpu,
+            after_ms: spec.after_ms,
+            point: spec.point.map(Point::from),
         })
     }
 
@@ -431,7 +399,7 @@ mod tests {
         }
         let error = CrashSpec::parse("cpu:1,point:nowhere").unwrap_err();
         assert!(
-            error.contains("`nowhere`") && error.contains("list_add4"),
+            error.contains("nowhere") && error.contains("list_add4"),
             "{error}"
         );
     }
@@ -579,7 +547,10 @@ mod tests {
             Ok(CrashArg::Spec(spec(2, 0, Some(Point::Bringup))))
         );
         let error = CrashArg::parse("cpu:two").unwrap_err();
-        assert!(error.starts_with("`cpu:two`: cpu:"), "{error}");
+        assert!(
+            error.starts_with("`cpu:two`: ") && error.contains("cpu: expected a CPU index"),
+            "{error}"
+        );
         let mut rng = Rng::new(5);
         assert_eq!(
             CrashArg::Spec(spec(1, 2, None)).pick(&mut rng, 4, false, 100),

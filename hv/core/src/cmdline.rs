@@ -51,7 +51,13 @@ pub enum CrashPoint {
 impl CrashPoint {
     /// Parses `list_add:N`-style names (see [`CRASH_POINT_NAMES`]).
     pub fn parse(text: &str) -> Option<Self> {
-        let store = |rest: &str| rest.parse::<u8>().ok().filter(|n| *n < 8);
+        // Digits only: `u8::from_str` would also take a leading `+`.
+        let store = |rest: &str| {
+            (!rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| rest.parse::<u8>().ok())
+                .flatten()
+                .filter(|n| *n < 8)
+        };
         if let Some(rest) = text.strip_prefix("list_add") {
             return store(rest).map(Self::ListAdd);
         }
@@ -464,7 +470,7 @@ fn set_crash(options: &mut Options, value: &str) -> Result<(), &'static str> {
                     .ok_or("after_ms: expected milliseconds")?;
             }
             "point" => {
-                point = Some(CrashPoint::parse(item).ok_or("point: unknown injection point")?)
+                point = Some(CrashPoint::parse(item).ok_or("point: unknown injection point (known: list_add0..list_add4, list_remove0..list_remove2, vmclear_unlink, vcpu_load, nmi_blocked, double_panic, before_vmx, bringup)")?)
             }
             _ => return Err("expected cpu:N,after_ms:T[,point:NAME]"),
         }
@@ -662,6 +668,7 @@ mod tests {
             "crash=cpu:x",
             "crash=cpu:1,point:list_add8",
             "crash=cpu:1,point:somewhere",
+            "crash=cpu:1,point:list_add+1",
             "crash=cpu:1,when:now",
             "crash=cpu1",
             "crash_hypercall=yes",
