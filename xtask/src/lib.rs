@@ -19,6 +19,7 @@ pub mod initramfs;
 pub mod iso;
 pub mod kernel;
 pub mod paths;
+pub mod plan;
 pub mod process;
 pub mod report;
 pub mod run;

@@ -13,7 +13,8 @@ use xtask::bench::{self, BenchOptions};
 use xtask::capture::{self, BochsSink, CaptureKernel, CaptureOptions};
 use xtask::crash::{self, CrashArg, CrashSpec, Rng};
 use xtask::dump::{DumpInfo, Symbols};
-use xtask::report::Expectations;
+use xtask::plan::{self, CaptureFlag, CrashSource, Plan};
+use xtask::report::{self, Expectations};
 use xtask::run::{self, BochsOptions, Boot, QemuOptions, RunOutcome};
 use xtask::stress::{self, CrashPlan, Plain, StressOptions};
 use xtask::{ci, cmdline, kernel, tools};
@@ -33,7 +34,9 @@ struct Cli {
 enum Task {
     /// Build hv (release, x86_64-unknown-none) and print the ELF path.
     Build,
-    /// Boot hv in QEMU, show its serial console and judge its report.
+    /// Boot hv in QEMU and show the whole path: bring-up, guests where the
+    /// CPU has VMX, a crash on an AP, the shootdown, the capture and the
+    /// dump (`--no-crash`: boot and self-report only); judge its report.
     QemuSmp(QemuArgs),
     /// Boot hv in Bochs from the GRUB ISO and judge its report.
     Bochs(BochsArgs),
@@ -68,7 +71,7 @@ struct RunArgs {
     #[arg(long, value_name = "WORDS", allow_hyphen_values = true)]
     append: Option<String>,
     /// Kill the emulator and fail after this many seconds [default: 60 for
-    /// QEMU, 120 for Bochs].
+    /// QEMU, 300 for QEMU with a capture, 120 for Bochs].
     #[arg(long, value_name = "SECS")]
     timeout: Option<u64>,
     /// Boot this ELF instead of building hv.
@@ -83,6 +86,8 @@ struct CrashArgs {
     /// (passed to hv as it is), or `random` (a random CPU, time and
     /// injection point this machine can fire; the choice is printed). The
     /// run is then judged by hv's crash report instead of `done`.
+    /// [qemu-smp's default: cpu:1,after_ms:200, an AP after the boot
+    /// report; see --no-crash]
     #[arg(long, value_name = "SPEC|random", value_parser = parse_crash)]
     crash: Option<CrashArg>,
     /// How long hv's crash rendezvous waits for every CPU
@@ -98,38 +103,48 @@ struct CrashArgs {
 /// Capturing the crash with a capture kernel (`xtask/CAPTURE.md`).
 #[derive(Debug, Args)]
 struct CaptureArgs {
-    /// Load a capture kernel and capture the crash into a dump file:
-    /// Debian's Linux with xtask's initramfs, or hv's own capture mode. A
-    /// crash is injected unless one is asked for (`crash=cpu:1,after_ms:50`).
+    /// Capture the crash into a dump file with a capture kernel: hv's own
+    /// capture mode (built from this repository), Debian's Linux with
+    /// xtask's initramfs (fetched with apt), or none (a plain crash). A
+    /// crash is injected unless one is asked for (qemu-smp:
+    /// `crash=cpu:1,after_ms:200`; bochs: `crash=cpu:1,after_ms:50`)
+    /// [qemu-smp's default: hv; bochs: none].
     #[arg(long, value_enum, value_name = "KERNEL")]
-    capture: Option<CaptureKernel>,
+    capture: Option<CaptureFlag>,
     /// The reservation (`crashkernel=SIZE[@BASE]`) [default: 256M for
     /// linux, 64M@0x10000000 for hv, whose image is linked at the base].
-    #[arg(long, value_name = "SIZE[@BASE]", requires = "capture")]
+    #[arg(long, value_name = "SIZE[@BASE]")]
     crashkernel: Option<String>,
     /// Use this file as the capture kernel instead of Debian's bzImage or
     /// the hv-capture build.
-    #[arg(long, value_name = "FILE", requires = "capture")]
+    #[arg(long, value_name = "FILE")]
     capture_kernel: Option<PathBuf>,
     /// Use this initramfs for the Linux capture kernel instead of xtask's.
-    #[arg(long, value_name = "FILE", requires = "capture")]
+    #[arg(long, value_name = "FILE")]
     capture_initrd: Option<PathBuf>,
     /// The Linux capture kernel's arguments (hv adds `elfcorehdr=` and
     /// `memmap=`) [default: console=ttyS0,115200 nr_cpus=1 reset_devices
     /// panic=-1 printk.time=1].
-    #[arg(
-        long,
-        value_name = "WORDS",
-        requires = "capture",
-        allow_hyphen_values = true
-    )]
+    #[arg(long, value_name = "WORDS", allow_hyphen_values = true)]
     capture_args: Option<String>,
 }
 
 impl CaptureArgs {
-    /// The capture of a run with `cpus` CPUs, if asked for.
-    fn options(&self, cpus: u32) -> Option<CaptureOptions> {
-        let kernel = self.capture?;
+    /// The capture options given (which need a capture to mean anything).
+    fn given(&self) -> Vec<&'static str> {
+        [
+            ("--crashkernel", self.crashkernel.is_some()),
+            ("--capture-kernel", self.capture_kernel.is_some()),
+            ("--capture-initrd", self.capture_initrd.is_some()),
+            ("--capture-args", self.capture_args.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, given)| given.then_some(name))
+        .collect()
+    }
+
+    /// The capture of a run with `cpus` CPUs by `kernel`.
+    fn options(&self, kernel: CaptureKernel, cpus: u32) -> CaptureOptions {
         let mut options = CaptureOptions::new(kernel, cpus);
         options.crashkernel = self.crashkernel.clone();
         options.image = self.capture_kernel.clone();
@@ -137,7 +152,7 @@ impl CaptureArgs {
         if let Some(args) = &self.capture_args {
             options.linux_args = args.clone();
         }
-        Some(options)
+        options
     }
 }
 
@@ -152,6 +167,10 @@ struct QemuArgs {
     /// Guest memory in MiB [default: 512; 1024 with --capture linux].
     #[arg(long, value_name = "MiB")]
     memory: Option<u32>,
+    /// Boot and self-report only, as before the whole path was the default:
+    /// no crash, and so no capture.
+    #[arg(long, conflicts_with_all = ["crash", "crash_timeout_ms", "seed"])]
+    no_crash: bool,
     #[command(flatten)]
     run: RunArgs,
     #[command(flatten)]
@@ -160,20 +179,35 @@ struct QemuArgs {
     capture: CaptureArgs,
 }
 
+/// How long a QEMU run with a capture may take by default: the capture
+/// kernel boots and the dump crosses the debug port or a virtio disk
+/// (about 30 s direct, 90 s through GRUB on UEFI, whose firmware leaves
+/// more memory to send, under TCG on 2 cores).
+const QEMU_CAPTURE_TIMEOUT: Duration = Duration::from_secs(300);
+
 impl QemuArgs {
     fn boot(&self) -> Boot {
         self.boot.unwrap_or(match self.capture.capture {
-            Some(CaptureKernel::Linux) => Boot::GrubBios,
+            Some(CaptureFlag::Linux) => Boot::GrubBios,
             _ => Boot::Direct,
         })
     }
 
-    fn memory(&self) -> u32 {
-        self.memory.unwrap_or(match self.capture.capture {
+    /// Guest memory, for the run's capture kernel.
+    fn memory(&self, capture: Option<CaptureKernel>) -> u32 {
+        self.memory.unwrap_or(match capture {
             Some(CaptureKernel::Linux) => capture::LINUX_MEMORY_MIB,
             Some(CaptureKernel::Hv) => capture::HV_MEMORY_MIB,
             None => 512,
         })
+    }
+
+    /// The time limit, for a run that captures or not.
+    fn timeout(&self, captures: bool) -> Option<Duration> {
+        match self.run.timeout {
+            Some(secs) => Some(Duration::from_secs(secs)),
+            None => captures.then_some(QEMU_CAPTURE_TIMEOUT),
+        }
     }
 }
 
@@ -322,34 +356,46 @@ fn run_task(task: Task) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Task::QemuSmp(args) => {
+            let vmx = accel::detect() == Accel::Kvm;
+            let (plan, append) = crash_and_capture(
+                true,
+                args.no_crash,
+                &args.crash,
+                &args.capture,
+                &args.run,
+                args.smp,
+                vmx,
+            )?;
             let boot = args.boot();
             tools::ensure(&run::qemu_needs(boot))?;
-            let mut append = extra_words(&args.run)?;
-            let vmx = accel::detect() == Accel::Kvm;
-            append.extend(single_run_crash(&args.crash, args.smp, vmx, &append)?);
             let mut options = QemuOptions::new(elf(&args.run)?);
             options.smp = args.smp;
             options.boot = boot;
-            options.memory_mib = args.memory();
+            options.memory_mib = args.memory(plan.capture);
             options.append = append;
             options.echo = true;
-            if let Some(secs) = args.run.timeout {
-                options.timeout = Duration::from_secs(secs);
+            if let Some(timeout) = args.timeout(plan.capture.is_some()) {
+                options.timeout = timeout;
             }
-            let outcome = match args.capture.options(args.smp) {
-                Some(capture) => {
-                    say_default_crash(&capture, &options.append);
-                    capture::qemu(&options, &capture)?
-                }
+            let mut outcome = match plan.capture {
+                Some(kernel) => capture::qemu(&options, &args.capture.options(kernel, args.smp))?,
                 None => run::qemu(&options)?,
             };
+            outcome.add_notes(&plan.notes)?;
             conclude(&outcome, &args.run)
         }
         Task::Bochs(args) => {
-            tools::ensure(&run::BOCHS_NEEDS)?;
-            let mut append = extra_words(&args.run)?;
             // Bochs' CPU model always has VMX.
-            append.extend(single_run_crash(&args.crash, args.cpus, true, &append)?);
+            let (plan, append) = crash_and_capture(
+                false,
+                false,
+                &args.crash,
+                &args.capture,
+                &args.run,
+                args.cpus,
+                true,
+            )?;
+            tools::ensure(&run::BOCHS_NEEDS)?;
             let mut options = BochsOptions::new(elf(&args.run)?);
             options.cpus = args.cpus;
             options.append = append;
@@ -357,16 +403,17 @@ fn run_task(task: Task) -> Result<ExitCode> {
             if let Some(secs) = args.run.timeout {
                 options.timeout = Duration::from_secs(secs);
             }
-            let outcome = match args.capture.options(args.cpus) {
-                Some(mut capture) => {
+            let mut outcome = match plan.capture {
+                Some(kernel) => {
+                    let mut capture = args.capture.options(kernel, args.cpus);
                     capture.bochs_sink = args.capture_sink;
                     // The default reservation (256 to 320 MiB) must lie in RAM.
                     options.memory_mib = options.memory_mib.max(capture::HV_MEMORY_MIB);
-                    say_default_crash(&capture, &options.append);
                     capture::bochs(&options, &capture)?
                 }
                 None => run::bochs(&options)?,
             };
+            outcome.add_notes(&plan.notes)?;
             conclude(&outcome, &args.run)
         }
         Task::Stress(args) => {
@@ -475,13 +522,40 @@ fn run_task(task: Task) -> Result<ExitCode> {
     }
 }
 
-/// Says which crash a capture run injects when the user asked for none.
-fn say_default_crash(capture: &CaptureOptions, words: &[String]) {
-    if let Some(spec) = &capture.default_crash
-        && !capture::asks_for_crash(words)
-    {
-        println!("crash: crash={spec} (a capture run's default)");
+/// The crash and capture of one `qemu-smp` or `bochs` run
+/// ([`plan::resolve`]), and its hv words: the user's, the crash's (given,
+/// drawn, or the default) and `crash_timeout_ms=`. Prints what the run
+/// will do.
+fn crash_and_capture(
+    whole_path_by_default: bool,
+    no_crash: bool,
+    crash: &CrashArgs,
+    capture: &CaptureArgs,
+    run: &RunArgs,
+    cpus: u32,
+    vmx: bool,
+) -> Result<(Plan, Vec<String>)> {
+    let mut words = extra_words(run)?;
+    let given = capture.given();
+    let plan = plan::resolve(&plan::Flags {
+        whole_path_by_default,
+        no_crash,
+        crash: crash.crash.is_some(),
+        capture: capture.capture,
+        capture_options: &given,
+        words: &words,
+    })
+    .map_err(anyhow::Error::msg)?;
+    words.extend(single_run_crash(crash, cpus, vmx, &words)?);
+    if plan.crash == CrashSource::Default {
+        let spec = plan::default_crash(whole_path_by_default, cpus, &words);
+        words.push(format!("crash={spec}"));
     }
+    let plan = plan
+        .settle(&words, crash.crash == Some(CrashArg::Random))
+        .map_err(anyhow::Error::msg)?;
+    println!("{}", plan.describe(&words, cpus));
+    Ok((plan, words))
 }
 
 /// The crash words of one run (`qemu-smp`, `bochs`): `crash=` with the
@@ -498,7 +572,6 @@ fn single_run_crash(
         let spec = match arg {
             CrashArg::Spec(spec) => {
                 check_spec(&spec, cpus, vmx)?;
-                println!("crash: {}", spec.word());
                 spec
             }
             CrashArg::Random => {
@@ -580,11 +653,8 @@ fn extra_words(args: &RunArgs) -> Result<Vec<String>> {
 /// Prints the summary, writes `--report` and turns the verdict into the
 /// exit status.
 fn conclude(outcome: &RunOutcome, args: &RunArgs) -> Result<ExitCode> {
-    println!("\n{}", outcome.summary());
-    let capture = capture::judge::summary(&outcome.report);
-    if !capture.is_empty() {
-        println!("{capture}");
-    }
+    let cwd = std::env::current_dir().ok();
+    print!("\n{}", report::summary_in(&outcome.report, cwd.as_deref()));
     if let Some(path) = &args.report {
         outcome.write_report(path)?;
         println!("report written to {}", path.display());
@@ -606,25 +676,79 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    fn qemu(argv: &[&str]) -> QemuArgs {
+        let mut full = vec!["cargo xtask", "qemu-smp"];
+        full.extend(argv);
+        match Cli::try_parse_from(full).unwrap().command {
+            Task::QemuSmp(args) => args,
+            other => panic!("not qemu-smp: {other:?}"),
+        }
+    }
+
+    /// The crash and capture of a `qemu-smp` run on a machine without VMX.
+    fn qemu_plan(args: &QemuArgs) -> Result<(Plan, Vec<String>)> {
+        crash_and_capture(
+            true,
+            args.no_crash,
+            &args.crash,
+            &args.capture,
+            &args.run,
+            args.smp,
+            false,
+        )
+    }
+
     #[test]
-    fn qemu_smp_defaults() {
-        let cli = Cli::try_parse_from(["cargo xtask", "qemu-smp"]).unwrap();
-        let Task::QemuSmp(args) = cli.command else {
-            panic!("not qemu-smp")
-        };
-        assert_eq!(
-            (args.smp, args.boot(), args.memory()),
-            (4, Boot::Direct, 512)
-        );
-        assert!(args.capture.options(4).is_none());
+    fn qemu_smp_defaults_to_the_whole_path() {
+        let args = qemu(&[]);
+        assert_eq!((args.smp, args.boot()), (4, Boot::Direct));
         assert!(args.run.report.is_none() && args.run.timeout.is_none());
+        let (plan, words) = qemu_plan(&args).unwrap();
+        assert_eq!(
+            (plan.crash, plan.capture),
+            (CrashSource::Default, Some(CaptureKernel::Hv))
+        );
+        assert_eq!(words, ["crash=cpu:1,after_ms:200"]);
+        assert!(plan.notes.is_empty());
+        assert_eq!(args.memory(plan.capture), 512);
+        assert_eq!(args.timeout(true), Some(QEMU_CAPTURE_TIMEOUT));
+        let capture = args.capture.options(CaptureKernel::Hv, args.smp);
+        assert_eq!(capture.crashkernel(), "64M@0x10000000");
+        assert!(capture.image.is_none());
+
+        // One CPU: the boot CPU crashes.
+        let (_, words) = qemu_plan(&qemu(&["--smp", "1"])).unwrap();
+        assert_eq!(words, ["crash=cpu:0,after_ms:200"]);
+    }
+
+    #[test]
+    fn no_crash_is_the_old_boot_only_run() {
+        let args = qemu(&["--no-crash", "--append", "log=debug"]);
+        let (plan, words) = qemu_plan(&args).unwrap();
+        assert_eq!((plan.crash, plan.capture), (CrashSource::None, None));
+        assert_eq!(words, ["log=debug"]);
+        assert_eq!(
+            (args.boot(), args.memory(plan.capture), args.timeout(false)),
+            (Boot::Direct, 512, None)
+        );
+        assert!(qemu_plan(&qemu(&["--no-crash", "--capture", "none"])).is_ok());
+        for conflict in [
+            &["--no-crash", "--crash", "cpu:1,after_ms:5"][..],
+            &["--no-crash", "--crash-timeout-ms", "5"],
+        ] {
+            let mut argv = vec!["cargo xtask", "qemu-smp"];
+            argv.extend(conflict);
+            assert!(Cli::try_parse_from(&argv).is_err(), "{conflict:?}");
+        }
+        let error = qemu_plan(&qemu(&["--no-crash", "--capture", "hv"])).unwrap_err();
+        assert!(error.to_string().contains("drop --capture hv"), "{error}");
+        let error = qemu_plan(&qemu(&["--no-crash", "--append", "crash=cpu:1"])).unwrap_err();
+        assert!(error.to_string().contains("give only one"), "{error}");
     }
 
     #[test]
     fn qemu_smp_takes_every_option() {
-        let cli = Cli::try_parse_from([
-            "cargo xtask",
-            "qemu-smp",
+        let args = qemu(&[
             "--smp",
             "2",
             "--boot",
@@ -637,34 +761,85 @@ mod tests {
             "30",
             "--memory",
             "256",
-        ])
-        .unwrap();
-        let Task::QemuSmp(args) = cli.command else {
-            panic!("not qemu-smp")
-        };
+        ]);
         assert_eq!(
-            (args.smp, args.boot(), args.memory()),
+            (args.smp, args.boot(), args.memory(Some(CaptureKernel::Hv))),
             (2, Boot::GrubUefi, 256)
         );
         assert_eq!(args.run.append.as_deref(), Some("bogus_option=1 log=loud"));
-        assert_eq!(args.run.timeout, Some(30));
+        assert_eq!(args.timeout(true), Some(Duration::from_secs(30)));
+        let (plan, words) = qemu_plan(&args).unwrap();
+        assert_eq!(plan.capture, Some(CaptureKernel::Hv));
+        assert_eq!(
+            words,
+            ["bogus_option=1", "log=loud", "crash=cpu:1,after_ms:200"]
+        );
+    }
+
+    #[test]
+    fn a_crash_asked_for_replaces_the_default_and_is_captured() {
+        let args = qemu(&[
+            "--smp",
+            "64",
+            "--crash",
+            "cpu:42,after_ms:5,point:nmi_blocked",
+            "--crash-timeout-ms",
+            "500",
+        ]);
+        let (plan, words) = qemu_plan(&args).unwrap();
+        assert_eq!(
+            (plan.crash, plan.capture),
+            (CrashSource::Asked, Some(CaptureKernel::Hv))
+        );
+        assert_eq!(
+            words,
+            [
+                "crash=cpu:42,after_ms:5,point:nmi_blocked",
+                "crash_timeout_ms=500"
+            ]
+        );
+        let (plan, words) = qemu_plan(&qemu(&["--append", "crash=cpu:3,after_ms:1"])).unwrap();
+        assert_eq!(plan.crash, CrashSource::Asked);
+        assert_eq!(words, ["crash=cpu:3,after_ms:1"]);
+        // --capture none: the crash alone, as `--crash` gave before.
+        let (plan, _) =
+            qemu_plan(&qemu(&["--crash", "cpu:2,after_ms:1", "--capture", "none"])).unwrap();
+        assert_eq!((plan.crash, plan.capture), (CrashSource::Asked, None));
+        let (plan, words) = qemu_plan(&qemu(&["--capture", "none"])).unwrap();
+        assert_eq!((plan.crash, plan.capture), (CrashSource::Default, None));
+        assert_eq!(words, ["crash=cpu:1,after_ms:200"]);
+    }
+
+    #[test]
+    fn a_bringup_crash_falls_back_to_a_plain_crash_or_is_refused() {
+        let (plan, _) = qemu_plan(&qemu(&["--crash", "cpu:2,point:bringup"])).unwrap();
+        assert_eq!(plan.capture, None);
+        assert_eq!(plan.notes.len(), 1, "{:?}", plan.notes);
+        let error = qemu_plan(&qemu(&[
+            "--crash",
+            "cpu:2,point:bringup",
+            "--capture",
+            "hv",
+        ]))
+        .unwrap_err();
+        assert!(error.to_string().contains("--capture none"), "{error}");
     }
 
     #[test]
     fn capture_runs_change_the_defaults_and_take_their_options() {
-        let cli = Cli::try_parse_from(["cargo xtask", "qemu-smp", "--capture", "linux"]).unwrap();
-        let Task::QemuSmp(args) = cli.command else {
-            panic!("not qemu-smp")
-        };
-        assert_eq!((args.boot(), args.memory()), (Boot::GrubBios, 1024));
-        let capture = args.capture.options(8).unwrap();
+        let args = qemu(&["--capture", "linux"]);
+        let (plan, words) = qemu_plan(&args).unwrap();
+        assert_eq!(plan.capture, Some(CaptureKernel::Linux));
+        assert_eq!(words, ["crash=cpu:1,after_ms:200"]);
+        assert_eq!(
+            (args.boot(), args.memory(plan.capture)),
+            (Boot::GrubBios, 1024)
+        );
+        let capture = args.capture.options(CaptureKernel::Linux, 8);
         assert_eq!(capture.kernel, CaptureKernel::Linux);
         assert_eq!(capture.crashkernel(), "256M");
-        assert_eq!(capture.default_crash.as_deref(), Some("cpu:1,after_ms:50"));
 
-        let cli = Cli::try_parse_from([
-            "cargo xtask",
-            "qemu-smp",
+        let args = qemu(&[
             "--smp",
             "64",
             "--capture",
@@ -677,26 +852,31 @@ mod tests {
             "grub-uefi",
             "--memory",
             "2048",
-        ])
-        .unwrap();
-        let Task::QemuSmp(args) = cli.command else {
-            panic!("not qemu-smp")
-        };
-        assert_eq!((args.boot(), args.memory()), (Boot::GrubUefi, 2048));
-        let capture = args.capture.options(64).unwrap();
+        ]);
+        let (plan, _) = qemu_plan(&args).unwrap();
+        assert_eq!(
+            (args.boot(), args.memory(plan.capture)),
+            (Boot::GrubUefi, 2048)
+        );
+        let capture = args.capture.options(CaptureKernel::Hv, 64);
         assert_eq!(capture.crashkernel(), "32M@0x8000000");
         assert_eq!(
             capture.image.as_deref(),
             Some(std::path::Path::new("/x/garbage"))
         );
 
-        let cli = Cli::try_parse_from(["cargo xtask", "qemu-smp", "--capture", "hv"]).unwrap();
-        let Task::QemuSmp(args) = cli.command else {
-            panic!("not qemu-smp")
-        };
-        assert_eq!((args.boot(), args.memory()), (Boot::Direct, 512));
-        // Capture options need --capture.
-        assert!(Cli::try_parse_from(["cargo xtask", "qemu-smp", "--crashkernel", "64M"]).is_err());
+        // Capture options apply to the default capture, and need one.
+        let args = qemu(&["--crashkernel", "32M@0x8000000"]);
+        assert_eq!(args.capture.given(), ["--crashkernel"]);
+        assert_eq!(qemu_plan(&args).unwrap().0.capture, Some(CaptureKernel::Hv));
+        let error =
+            qemu_plan(&qemu(&["--capture", "none", "--capture-args", "quiet"])).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("--capture-args sets up a capture"),
+            "{error}"
+        );
 
         let cli = Cli::try_parse_from([
             "cargo xtask",
@@ -713,7 +893,31 @@ mod tests {
             panic!("not bochs")
         };
         assert_eq!(args.capture_sink, BochsSink::Debugcon);
-        assert_eq!(args.capture.options(8).unwrap().kernel, CaptureKernel::Hv);
+        let (plan, words) =
+            crash_and_capture(false, false, &args.crash, &args.capture, &args.run, 8, true)
+                .unwrap();
+        assert_eq!(plan.capture, Some(CaptureKernel::Hv));
+        assert_eq!(words, ["crash=cpu:1,after_ms:50"]);
+    }
+
+    #[test]
+    fn bochs_still_boots_only_by_default() {
+        let cli = Cli::try_parse_from(["cargo xtask", "bochs", "--cpus", "8"]).unwrap();
+        let Task::Bochs(args) = cli.command else {
+            panic!("not bochs")
+        };
+        let (plan, words) =
+            crash_and_capture(false, false, &args.crash, &args.capture, &args.run, 8, true)
+                .unwrap();
+        assert_eq!((plan.crash, plan.capture), (CrashSource::None, None));
+        assert!(words.is_empty());
+        let cli = Cli::try_parse_from(["cargo xtask", "bochs", "--crashkernel", "64M"]).unwrap();
+        let Task::Bochs(args) = cli.command else {
+            panic!("not bochs")
+        };
+        let error = crash_and_capture(false, false, &args.crash, &args.capture, &args.run, 8, true)
+            .unwrap_err();
+        assert!(error.to_string().contains("add --capture hv"), "{error}");
     }
 
     #[test]

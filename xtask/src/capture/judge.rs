@@ -247,9 +247,13 @@ fn capture_object(
         }
     }
     if hv_said["streamed"] == Value::Bool(true) {
-        // hv's capture mode says how long a file it streamed, under the key
-        // xtask now fills from the file: keep its word next to it.
-        object["streamed_bytes"] = hv_said["dump_bytes"].clone();
+        // hv's capture mode says how long a file it streamed: as
+        // `streamed_bytes`, or (older images) under `dump_bytes`, the key
+        // xtask now fills from the file. Keep its word next to it.
+        object["streamed_bytes"] = match &hv_said["streamed_bytes"] {
+            Value::Null => hv_said["dump_bytes"].clone(),
+            bytes => bytes.clone(),
+        };
     }
     if let Some(summary) = &collected.stream {
         object["stream"] = json!({
@@ -465,41 +469,6 @@ fn ledger_problems(report: &Value, info: &DumpInfo) -> Vec<String> {
         ));
     }
     problems
-}
-
-/// Lines for the run summary.
-pub fn summary(report: &Value) -> String {
-    let capture = &report["capture"];
-    if !capture.is_object() {
-        return String::new();
-    }
-    let mut lines = vec![format!(
-        "capture     {} kernel: loaded {}, digest_ok {}, entered {}{}",
-        capture["kernel"].as_str().unwrap_or("?"),
-        capture["loaded"],
-        capture["digest_ok"],
-        capture["entered"],
-        capture["crash_to_capture_us"]
-            .as_u64()
-            .map(|us| format!(
-                " {:.1} ms after the crash ({})",
-                us as f64 / 1000.0,
-                capture["crash_to_capture_source"].as_str().unwrap_or("?")
-            ))
-            .unwrap_or_default()
-    )];
-    match capture["dump_path"].as_str() {
-        Some(path) => lines.push(format!(
-            "dump        {path}: {} bytes, {} CPU notes (cargo xtask dump {path})",
-            capture["dump_bytes"], capture["cpu_notes"]
-        )),
-        None => {
-            if let Some(error) = capture["dump_error"].as_str() {
-                lines.push(format!("dump        none: {error}"));
-            }
-        }
-    }
-    lines.join("\n")
 }
 
 /// Lines of the serial log that the Linux initramfs printed, for a person
@@ -722,6 +691,25 @@ mod tests {
     }
 
     #[test]
+    fn hv_s_streamed_length_is_kept_under_either_key() {
+        let none = Collected {
+            dump: Err(anyhow::anyhow!("none")),
+            stream: None,
+            source: PathBuf::new(),
+        };
+        // Today's capture mode says `streamed_bytes`; the object xtask
+        // merges over it must not blank it out.
+        let report = json!({"capture": {"streamed": true, "streamed_bytes": 4096}});
+        let object = capture_object(&report, CaptureKernel::Hv, "", &none, &[]);
+        assert_eq!(object["streamed_bytes"], 4096);
+        let older = json!({"capture": {"streamed": true, "dump_bytes": 8192}});
+        let object = capture_object(&older, CaptureKernel::Hv, "", &none, &[]);
+        assert_eq!(object["streamed_bytes"], 8192);
+        let object = capture_object(&json!({}), CaptureKernel::Hv, "", &none, &[]);
+        assert!(object.get("streamed_bytes").is_none());
+    }
+
+    #[test]
     fn a_disk_image_is_cut_to_its_dump() {
         let dir = std::env::temp_dir().join(format!("xtask-disk-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
@@ -742,21 +730,5 @@ mod tests {
         );
         assert!(error.contains("no dump on the capture disk"), "{error}");
         fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn the_summary_reads_at_a_glance() {
-        let report = json!({"capture": {
-            "kernel": "linux", "loaded": true, "digest_ok": true, "entered": true,
-            "crash_to_capture_us": 4_200_000, "crash_to_capture_source": "serial",
-            "dump_path": "build/x/vmcore", "dump_bytes": 1000, "cpu_notes": 8,
-        }});
-        let text = summary(&report);
-        assert!(text.contains("linux kernel: loaded true, digest_ok true, entered true 4200.0 ms after the crash (serial)"), "{text}");
-        assert!(
-            text.contains("build/x/vmcore: 1000 bytes, 8 CPU notes"),
-            "{text}"
-        );
-        assert_eq!(summary(&json!({})), "");
     }
 }

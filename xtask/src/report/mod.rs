@@ -12,7 +12,7 @@ mod summary;
 mod verdict;
 
 pub use expect::{Backend, CrashKnobs, CrashRules, Expectations};
-pub use summary::summary;
+pub use summary::{summary, summary_in};
 pub use verdict::{
     End, ExitConvention, QEMU_EXIT_CRASH, QEMU_EXIT_FAILURE, QEMU_EXIT_SUCCESS, Verdict, judge,
 };

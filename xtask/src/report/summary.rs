@@ -1,76 +1,51 @@
 //! The few lines a person reads after a run.
+//!
+//! One block, one line per stage of the run, each only when the run got
+//! there: the boot path and loader, the CPUs and their bring-up, VMX and
+//! the guests (or why there are none), the crash, the shootdown and the
+//! VMCSes, the capture and the dump, notes, the verdict, and then the
+//! commands that open the dump. For example (a default `qemu-smp` run):
+//!
+//! ```text
+//! hv on qemu-tcg
+//!   boot      direct, pvh from PVH (QEMU -kernel); 438.7 MiB usable in 12 regions
+//!   cpus      4 of 4 online, none failed; bring-up 4974 us (xapic)
+//!   vmx       none: the CPU has no VMX (QEMU TCG; guests need KVM with nested VMX)
+//!   crash     CPU 1 (APIC ID 1) coordinated: panic: injected crash on CPU 1 (after_ms elapsed)
+//!   shootdown 3 of 3 CPUs checked in in 5827 us, stragglers: none
+//!   VMCS      0 loaded, 0 cleared, 0 on stragglers; VMXOFF on 3 CPUs, coordinator off
+//!   capture   hv capture mode: digests ok, entered 56.0 ms after the crash (tsc)
+//!   dump      build/qemu-direct-smp4-capture-hv/vmcore: 447.5 MiB, 4 CPU notes
+//!   verdict   ok
+//!   inspect   cargo xtask dump build/qemu-direct-smp4-capture-hv/vmcore --elf target/...
+//!   gdb       gdb target/x86_64-unknown-none/release/hv build/qemu-direct-smp4-capture-hv/vmcore
+//!   serial    build/qemu-direct-smp4-capture-hv/serial.log
+//! ```
 
 use std::fmt::Write;
+use std::path::Path;
 
 use serde_json::Value;
 
-/// A short human summary of a finished run report: where it ran, what hv
-/// found (CPUs, memory, loader, command-line errors) and the verdict.
+/// [`summary_in`] with every path as the report has it (absolute).
 pub fn summary(report: &Value) -> String {
+    summary_in(report, None)
+}
+
+/// A short human summary of a finished run report; paths inside `cwd`
+/// are shown relative to it, so the commands it prints can be pasted
+/// there.
+pub fn summary_in(report: &Value, cwd: Option<&Path>) -> String {
     let mut out = String::new();
     let mut line = |label: &str, text: String| {
-        let _ = writeln!(out, "  {label:<9}{text}");
+        let _ = writeln!(out, "  {label:<10}{text}");
     };
-    let header = format!(
-        "hv on {} (boot: {})",
-        text(&report["emulator"]),
-        text(&report["boot"])
-    );
+    let path = |value: &Value| value.as_str().map(|p| shown(p, cwd));
 
-    let loader = &report["loader"];
-    if !loader.is_null() {
-        let name = loader["name"]
-            .as_str()
-            .map(|name| format!(" from {name}"))
-            .unwrap_or_default();
-        line("loader", format!("{}{name}", text(&loader["protocol"])));
-    }
-    let cpus = &report["cpus"];
-    let failed = match cpus["failed"].as_array() {
-        Some(list) if list.is_empty() => "none".to_owned(),
-        Some(list) => list
-            .iter()
-            .map(Value::to_string)
-            .collect::<Vec<_>>()
-            .join(", "),
-        None => "?".to_owned(),
-    };
-    if cpus.is_null() && report["crash"].is_object() {
-        line(
-            "cpus",
-            "not reported: hv crashed before its boot report".to_owned(),
-        );
-    } else {
-        line(
-            "cpus",
-            format!(
-                "{} possible, {} online, failed: {failed}",
-                text(&cpus["possible"]),
-                text(&cpus["online"])
-            ),
-        );
-    }
-    if let Some(us) = report["bringup_us"].as_u64() {
-        let mode = report["smp"]["apic_mode"]
-            .as_str()
-            .map(|mode| format!(" ({mode})"))
-            .unwrap_or_default();
-        line("bring-up", format!("{us} us{mode}"));
-    }
-    let virt = &report["virt"];
-    match virt["backend"].as_str() {
-        Some("none") => line("virt", format!("none: {}", text(&virt["reason"]))),
-        Some(backend) => line(
-            "virt",
-            format!(
-                "{backend}: {} vCPUs, {} VM exits, {} migrations, {} stopped",
-                text(&virt["vcpus"]),
-                text(&virt["vm_exits"]),
-                text(&virt["migrations"]),
-                text(&virt["stopped"])
-            ),
-        ),
-        None => {}
+    line("boot", boot(report));
+    line("cpus", cpus(report));
+    if let Some(text) = vmx(report) {
+        line("vmx", text);
     }
     let crash = &report["crash"];
     if crash.is_object() {
@@ -83,56 +58,39 @@ pub fn summary(report: &Value) -> String {
                 text(&crash["reason"])
             ),
         );
-        let stragglers = match crash["stragglers"].as_array() {
-            Some(list) if list.is_empty() => "none".to_owned(),
-            Some(list) => format!(
-                "APIC ID {}",
-                list.iter().map(text).collect::<Vec<_>>().join(", ")
-            ),
-            None => "?".to_owned(),
-        };
+        line("shootdown", shootdown(crash));
+        line("VMCS", vmcs(crash));
+    } else if report["crash_injection"]["fired"] == Value::Bool(false) {
         line(
-            "check-in",
-            format!(
-                "{} of {} CPUs in {} us{}, stragglers: {stragglers}",
-                text(&crash["checked_in"]),
-                text(&crash["expected"]),
-                text(&crash["shootdown_us"]),
-                if crash["timed_out"] == Value::Bool(true) {
-                    " (timed out)"
-                } else {
-                    ""
-                }
-            ),
-        );
-        line(
-            "VMCS",
-            format!(
-                "{} loaded, {} cleared, {} on stragglers; VMXOFF on {} CPUs, coordinator {}",
-                text(&crash["vmcs_loaded"]),
-                text(&crash["vmcs_cleared"]),
-                text(&crash["vmcs_on_stragglers"]),
-                text(&crash["vmxoff_cpus"]),
-                match crash["coordinator_vmx_off"].as_bool() {
-                    Some(true) => "off",
-                    Some(false) => "STILL IN VMX",
-                    None => "?",
-                }
-            ),
+            "crash",
+            "asked for, but its point was never reached".to_owned(),
         );
     }
-    let memory = &report["memory"];
-    line(
-        "memory",
-        match memory["usable_bytes"].as_u64() {
-            Some(bytes) => format!(
-                "{:.1} MiB usable in {} regions",
-                bytes as f64 / (1024.0 * 1024.0),
-                text(&memory["regions"])
+    let capture = &report["capture"];
+    if capture.is_object() {
+        line("capture", capture_line(report));
+        let dump = path(&capture["dump_path"]);
+        match (&dump, capture["dump_error"].as_str()) {
+            (Some(dump), _) => line(
+                "dump",
+                format!(
+                    "{dump}: {}, {} CPU notes",
+                    mib(&capture["dump_bytes"]),
+                    text(&capture["cpu_notes"])
+                ),
             ),
-            None => "?".to_owned(),
-        },
-    );
+            (None, Some(error)) if crash.is_object() => line("dump", format!("none: {error}")),
+            _ => {}
+        }
+    } else if crash.is_object() {
+        line(
+            "capture",
+            "none: a plain crash, ended by hv's crash path".to_owned(),
+        );
+    }
+    for note in report["xtask"]["notes"].as_array().into_iter().flatten() {
+        line("note", text(note));
+    }
     if let Some(errors) = report["cmdline"]["errors"]
         .as_array()
         .filter(|e| !e.is_empty())
@@ -160,8 +118,210 @@ pub fn summary(report: &Value) -> String {
             format!("FAILED: {}", text(&report["reason"]))
         },
     );
-    line("serial", text(&report["serial_log"]));
-    format!("{header}\n{out}")
+    if let Some(dump) = path(&capture["dump_path"]) {
+        let elf = path(&report["xtask"]["elf"]);
+        let dump = shell_word(&dump);
+        match elf.as_deref().map(shell_word) {
+            Some(elf) => {
+                line("inspect", format!("cargo xtask dump {dump} --elf {elf}"));
+                line("gdb", format!("gdb {elf} {dump}"));
+            }
+            None => line("inspect", format!("cargo xtask dump {dump}")),
+        }
+    }
+    if let Some(serial) = path(&report["serial_log"]) {
+        line("serial", serial);
+    }
+    format!("hv on {}\n{out}", text(&report["emulator"]))
+}
+
+/// Boot path, loader and memory.
+fn boot(report: &Value) -> String {
+    let loader = &report["loader"];
+    let mut text = text(&report["boot"]);
+    if !loader.is_null() {
+        let name = loader["name"]
+            .as_str()
+            .map(|name| format!(" from {name}"))
+            .unwrap_or_default();
+        let _ = write!(text, ", {}{name}", self::text(&loader["protocol"]));
+    }
+    let memory = &report["memory"];
+    if let Some(bytes) = memory["usable_bytes"].as_u64() {
+        let _ = write!(
+            text,
+            "; {:.1} MiB usable in {} regions",
+            bytes as f64 / (1024.0 * 1024.0),
+            self::text(&memory["regions"])
+        );
+    }
+    text
+}
+
+/// CPUs online of those possible, failed ones, bring-up time.
+fn cpus(report: &Value) -> String {
+    let cpus = &report["cpus"];
+    if cpus.is_null() && report["crash"].is_object() {
+        return "not reported: hv crashed before its boot report".to_owned();
+    }
+    let failed = match cpus["failed"].as_array() {
+        Some(list) if list.is_empty() => "none failed".to_owned(),
+        Some(list) => format!(
+            "failed: APIC ID {}",
+            list.iter().map(text).collect::<Vec<_>>().join(", ")
+        ),
+        None => "failed: ?".to_owned(),
+    };
+    let mut line = format!(
+        "{} of {} online, {failed}",
+        text(&cpus["online"]),
+        text(&cpus["possible"])
+    );
+    if let Some(us) = report["bringup_us"].as_u64() {
+        let mode = report["smp"]["apic_mode"]
+            .as_str()
+            .map(|mode| format!(" ({mode})"))
+            .unwrap_or_default();
+        let _ = write!(line, "; bring-up {us} us{mode}");
+    }
+    line
+}
+
+/// VMX and the guests, or why there are none.
+fn vmx(report: &Value) -> Option<String> {
+    let virt = &report["virt"];
+    Some(match virt["backend"].as_str()? {
+        "none" => format!(
+            "none: {}{}",
+            text(&virt["reason"]),
+            if report["emulator"] == "qemu-tcg" {
+                " (QEMU TCG; guests need KVM with nested VMX)"
+            } else {
+                ""
+            }
+        ),
+        backend => format!(
+            "{backend}: {} vCPUs on {} CPUs, {} VM exits, {} migrations, {} stopped",
+            text(&virt["vcpus"]),
+            text(&virt["cpus_in_vmx"]),
+            text(&virt["vm_exits"]),
+            text(&virt["migrations"]),
+            text(&virt["stopped"])
+        ),
+    })
+}
+
+/// Who checked in, how fast, who did not.
+fn shootdown(crash: &Value) -> String {
+    let stragglers = match crash["stragglers"].as_array() {
+        Some(list) if list.is_empty() => "none".to_owned(),
+        Some(list) => format!(
+            "APIC ID {}",
+            list.iter().map(text).collect::<Vec<_>>().join(", ")
+        ),
+        None => "?".to_owned(),
+    };
+    format!(
+        "{} of {} CPUs checked in in {} us{}, stragglers: {stragglers}",
+        text(&crash["checked_in"]),
+        text(&crash["expected"]),
+        text(&crash["shootdown_us"]),
+        if crash["timed_out"] == Value::Bool(true) {
+            " (timed out)"
+        } else {
+            ""
+        }
+    )
+}
+
+/// The VMCSes loaded and cleared, and who left VMX.
+fn vmcs(crash: &Value) -> String {
+    format!(
+        "{} loaded, {} cleared, {} on stragglers; VMXOFF on {} CPUs, coordinator {}",
+        text(&crash["vmcs_loaded"]),
+        text(&crash["vmcs_cleared"]),
+        text(&crash["vmcs_on_stragglers"]),
+        text(&crash["vmxoff_cpus"]),
+        match crash["coordinator_vmx_off"].as_bool() {
+            Some(true) => "off",
+            Some(false) => "STILL IN VMX",
+            None => "?",
+        }
+    )
+}
+
+/// The capture kernel: loaded, digests, entered, how soon after the crash.
+fn capture_line(report: &Value) -> String {
+    let capture = &report["capture"];
+    let kernel = match capture["kernel"].as_str() {
+        Some("hv") => "hv capture mode".to_owned(),
+        Some("linux") => "Linux".to_owned(),
+        other => other.unwrap_or("?").to_owned(),
+    };
+    if capture["loaded"] == Value::Bool(false) {
+        return format!(
+            "{kernel}: not loaded at boot: {}",
+            capture["error"].as_str().unwrap_or("no reason given")
+        );
+    }
+    if !report["crash"].is_object() {
+        return format!("{kernel}: loaded at boot; no crash to capture");
+    }
+    match capture["digest_ok"].as_bool() {
+        Some(true) => {}
+        Some(false) => {
+            return format!(
+                "{kernel}: digests MISMATCH, jump refused ({})",
+                capture["refused"].as_str().unwrap_or("no reason given")
+            );
+        }
+        None => return format!("{kernel}: no digest check reported at the crash"),
+    }
+    let mut line = format!("{kernel}: digests ok, ");
+    if capture["entered"] == Value::Bool(true) {
+        line.push_str("entered");
+        if let Some(us) = capture["crash_to_capture_us"].as_u64() {
+            let _ = write!(
+                line,
+                " {:.1} ms after the crash ({})",
+                us as f64 / 1000.0,
+                text(&capture["crash_to_capture_source"])
+            );
+        }
+    } else {
+        line.push_str("NOT entered");
+    }
+    if let Some(ms) = capture["linux"]["copy_ms"].as_u64() {
+        let _ = write!(line, "; /proc/vmcore copied in {ms} ms");
+    }
+    line
+}
+
+/// A byte count as MiB.
+fn mib(bytes: &Value) -> String {
+    match bytes.as_u64() {
+        Some(bytes) => format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0)),
+        None => "? bytes".to_owned(),
+    }
+}
+
+/// `path` relative to `cwd` when it lies inside it.
+fn shown(path: &str, cwd: Option<&Path>) -> String {
+    cwd.and_then(|cwd| Path::new(path).strip_prefix(cwd).ok())
+        .filter(|rest| !rest.as_os_str().is_empty())
+        .map(|rest| rest.display().to_string())
+        .unwrap_or_else(|| path.to_owned())
+}
+
+/// `word` as one shell word: as it is when it holds only safe characters,
+/// else in single quotes.
+fn shell_word(word: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "/._-+,:=@%".contains(c);
+    if !word.is_empty() && word.chars().all(safe) {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
 }
 
 /// A JSON value as plain text: strings without quotes, absence as `?`.
@@ -178,86 +338,215 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    #[test]
-    fn summary_names_cpus_memory_and_verdict() {
-        let report = json!({
+    /// A default `qemu-smp` run's report, as xtask leaves it.
+    fn whole_path() -> Value {
+        json!({
             "emulator": "qemu-tcg", "boot": "direct",
-            "loader": {"protocol": "pvh", "name": null},
-            "cpus": {"possible": 4, "online": 3, "failed": [2]},
-            "memory": {"regions": 5, "usable_bytes": 512 * 1024 * 1024},
-            "bringup_us": 4861, "smp": {"apic_mode": "x2apic"},
-            "virt": {"backend": "vmx", "vcpus": 16, "vm_exits": 27904, "migrations": 353,
-                     "stopped": 0},
-            "cmdline": {"errors": ["unknown option `bogus_option`"]},
-            "ok": false, "reason": "cpus.possible is 4, expected 2",
-            "serial_log": "/b/serial.log",
-        });
-        let text = summary(&report);
-        assert!(
-            text.starts_with("hv on qemu-tcg (boot: direct)\n"),
-            "{text}"
-        );
-        assert!(text.contains("loader   pvh\n"), "{text}");
-        assert!(text.contains("4 possible, 3 online, failed: 2"), "{text}");
-        assert!(text.contains("512.0 MiB usable in 5 regions"), "{text}");
-        assert!(text.contains("bring-up 4861 us (x2apic)\n"), "{text}");
-        assert!(
-            text.contains("virt     vmx: 16 vCPUs, 27904 VM exits, 353 migrations, 0 stopped"),
-            "{text}"
-        );
-        assert!(
-            text.contains("1 errors: unknown option `bogus_option`"),
-            "{text}"
-        );
-        assert!(
-            text.contains("FAILED: cpus.possible is 4, expected 2"),
-            "{text}"
-        );
-        assert!(text.contains("serial   /b/serial.log"), "{text}");
+            "loader": {"protocol": "pvh", "name": "PVH (QEMU -kernel)"},
+            "memory": {"regions": 12, "usable_bytes": 460_017_664u64},
+            "cpus": {"possible": 4, "online": 4, "failed": []},
+            "bringup_us": 4974, "smp": {"apic_mode": "xapic"},
+            "virt": {"backend": "none", "reason": "the CPU has no VMX"},
+            "crash": {"cpu": 1, "cpu_index": 1,
+                      "reason": "panic: injected crash on CPU 1 (after_ms elapsed)",
+                      "expected": 3, "checked_in": 3, "stragglers": [], "vmcs_loaded": 0,
+                      "vmcs_cleared": 0, "vmcs_on_stragglers": 0, "vmxoff_cpus": 3,
+                      "coordinator_vmx_off": true, "shootdown_us": 5827, "timed_out": false},
+            "capture": {"kernel": "hv", "loaded": true, "digest_ok": true, "jumped": true,
+                        "entered": true, "crash_to_capture_us": 55980,
+                        "crash_to_capture_source": "tsc",
+                        "dump_path": "/w/build/run/vmcore", "dump_bytes": 469_236_736u64,
+                        "cpu_notes": 4, "dump_error": null},
+            "ok": true, "reason": null,
+            "serial_log": "/w/build/run/serial.log",
+            "xtask": {"elf": "/w/target/x86_64-unknown-none/release/hv", "notes": []},
+        })
     }
 
     #[test]
-    fn a_crash_shows_coordinator_shootdown_and_vmcs() {
+    fn the_whole_path_reads_at_a_glance() {
+        let text = summary_in(&whole_path(), Some(Path::new("/w")));
+        assert_eq!(
+            text,
+            "hv on qemu-tcg
+  boot      direct, pvh from PVH (QEMU -kernel); 438.7 MiB usable in 12 regions
+  cpus      4 of 4 online, none failed; bring-up 4974 us (xapic)
+  vmx       none: the CPU has no VMX (QEMU TCG; guests need KVM with nested VMX)
+  crash     CPU 1 (APIC ID 1) coordinated: panic: injected crash on CPU 1 (after_ms elapsed)
+  shootdown 3 of 3 CPUs checked in in 5827 us, stragglers: none
+  VMCS      0 loaded, 0 cleared, 0 on stragglers; VMXOFF on 3 CPUs, coordinator off
+  capture   hv capture mode: digests ok, entered 56.0 ms after the crash (tsc)
+  dump      build/run/vmcore: 447.5 MiB, 4 CPU notes
+  verdict   ok
+  inspect   cargo xtask dump build/run/vmcore --elf target/x86_64-unknown-none/release/hv
+  gdb       gdb target/x86_64-unknown-none/release/hv build/run/vmcore
+  serial    build/run/serial.log
+"
+        );
+        // Outside the workspace the paths stay whole.
+        let text = summary(&whole_path());
+        assert!(
+            text.contains(
+                "  gdb       gdb /w/target/x86_64-unknown-none/release/hv /w/build/run/vmcore\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_boot_only_run_has_no_crash_or_capture_lines() {
+        let mut report = whole_path();
+        let map = report.as_object_mut().unwrap();
+        map.remove("crash");
+        map.remove("capture");
+        let text = summary(&report);
+        for absent in [
+            "crash",
+            "shootdown",
+            "VMCS",
+            "capture",
+            "dump",
+            "inspect",
+            "gdb",
+        ] {
+            assert!(!text.contains(&format!("  {absent} ")), "{absent}: {text}");
+        }
+        assert!(text.contains("  verdict   ok\n"), "{text}");
+    }
+
+    #[test]
+    fn guests_stragglers_and_failures_are_named() {
         let report = json!({
+            "emulator": "bochs", "boot": "grub-bios",
+            "cpus": {"possible": 8, "online": 7, "failed": [5]},
+            "virt": {"backend": "vmx", "vcpus": 16, "cpus_in_vmx": 8, "vm_exits": 27904,
+                     "migrations": 353, "stopped": 0},
             "crash": {"cpu": 0, "cpu_index": 0, "reason": "panic: injected crash on CPU 0 (x)",
                       "expected": 7, "checked_in": 6, "stragglers": [5], "vmcs_loaded": 16,
                       "vmcs_cleared": 14, "vmcs_on_stragglers": 2, "vmxoff_cpus": 6,
-                      "coordinator_vmx_off": true, "shootdown_us": 1000073, "timed_out": true},
-            "ok": true,
+                      "coordinator_vmx_off": false, "shootdown_us": 1000073, "timed_out": true},
+            "cmdline": {"errors": ["unknown option `bogus_option`"]},
+            "xtask": {"malformed_lines": [{"line": 3}], "notes": ["a fallback"]},
+            "ok": false, "reason": "cpus.online is 7, expected 8",
         });
         let text = summary(&report);
-        assert!(
-            text.contains(
-                "  crash    CPU 0 (APIC ID 0) coordinated: panic: injected crash on CPU 0 (x)\n"
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                "  check-in 6 of 7 CPUs in 1000073 us (timed out), stragglers: APIC ID 5\n"
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                "  VMCS     16 loaded, 14 cleared, 2 on stragglers; VMXOFF on 6 CPUs, coordinator off\n"
-            ),
-            "{text}"
-        );
-        assert!(text.contains("  cpus     not reported: hv crashed before its boot report\n"));
-        assert!(!summary(&json!({})).contains("check-in"));
+        for expected in [
+            "hv on bochs\n",
+            "  boot      grub-bios\n",
+            "  cpus      7 of 8 online, failed: APIC ID 5\n",
+            "  vmx       vmx: 16 vCPUs on 8 CPUs, 27904 VM exits, 353 migrations, 0 stopped\n",
+            "  shootdown 6 of 7 CPUs checked in in 1000073 us (timed out), stragglers: APIC ID 5\n",
+            "  VMCS      16 loaded, 14 cleared, 2 on stragglers; VMXOFF on 6 CPUs, coordinator STILL IN VMX\n",
+            "  capture   none: a plain crash, ended by hv's crash path\n",
+            "  note      a fallback\n",
+            "  cmdline   1 errors: unknown option `bogus_option`\n",
+            "  garbled   1 report line(s) did not parse\n",
+            "  verdict   FAILED: cpus.online is 7, expected 8\n",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+        assert!(!text.contains("serial"), "{text}");
     }
 
     #[test]
-    fn no_backend_shows_the_reason() {
-        let text = summary(&json!({"virt": {"backend": "none", "reason": "the CPU has no VMX"}}));
-        assert!(text.contains("virt     none: the CPU has no VMX"), "{text}");
+    fn a_crash_before_the_boot_report_says_so() {
+        let report = json!({"crash": {"cpu_index": 2}, "ok": true});
+        let text = summary(&report);
+        assert!(
+            text.contains("  cpus      not reported: hv crashed before its boot report\n"),
+            "{text}"
+        );
+        let text = summary(&json!({"crash_injection": {"fired": false}, "ok": false}));
+        assert!(
+            text.contains("  crash     asked for, but its point was never reached\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn capture_failures_say_what_went_wrong() {
+        let capture_line_with = |capture: Value| {
+            let mut report = whole_path();
+            report["capture"] = capture;
+            summary(&report)
+                .lines()
+                .find(|line| line.starts_with("  capture"))
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(
+            capture_line_with(json!({"kernel": "hv", "loaded": false,
+                                     "error": "capture ELF rejected"})),
+            "  capture   hv capture mode: not loaded at boot: capture ELF rejected"
+        );
+        assert_eq!(
+            capture_line_with(json!({"kernel": "hv", "loaded": true, "digest_ok": false,
+                                     "refused": "segment 2 digest mismatch"})),
+            "  capture   hv capture mode: digests MISMATCH, jump refused (segment 2 digest mismatch)"
+        );
+        assert_eq!(
+            capture_line_with(json!({"kernel": "linux", "loaded": true, "digest_ok": true,
+                                     "entered": true, "crash_to_capture_us": 3_418_321,
+                                     "crash_to_capture_source": "serial",
+                                     "linux": {"copy_ms": 12000}})),
+            "  capture   Linux: digests ok, entered 3418.3 ms after the crash (serial); \
+             /proc/vmcore copied in 12000 ms"
+        );
+        assert_eq!(
+            capture_line_with(json!({"kernel": "hv", "loaded": true, "digest_ok": true,
+                                     "entered": false})),
+            "  capture   hv capture mode: digests ok, NOT entered"
+        );
+        let mut report = whole_path();
+        report["capture"] = json!({"kernel": "hv", "loaded": true, "digest_ok": true,
+                                   "entered": true, "dump_path": null,
+                                   "dump_error": "no dump stream"});
+        let text = summary(&report);
+        assert!(
+            text.contains("  dump      none: no dump stream\n"),
+            "{text}"
+        );
+        assert!(!text.contains("inspect"), "{text}");
+        // A capture kernel loaded for a run without a crash.
+        let mut report = whole_path();
+        report.as_object_mut().unwrap().remove("crash");
+        report["capture"] = json!({"kernel": "hv", "loaded": true});
+        let text = summary(&report);
+        assert!(
+            text.contains("  capture   hv capture mode: loaded at boot; no crash to capture\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn without_the_elf_only_xtask_dump_is_offered() {
+        let mut report = whole_path();
+        report["xtask"] = json!({});
+        let text = summary(&report);
+        assert!(
+            text.contains("  inspect   cargo xtask dump /w/build/run/vmcore\n"),
+            "{text}"
+        );
+        assert!(!text.contains("  gdb"), "{text}");
+    }
+
+    #[test]
+    fn paths_are_relative_only_inside_the_directory_and_quoted_when_needed() {
+        let cwd = Some(Path::new("/w/main"));
+        assert_eq!(shown("/w/main/build/x", cwd), "build/x");
+        assert_eq!(shown("/w/mainly/x", cwd), "/w/mainly/x");
+        assert_eq!(shown("/w/main", cwd), "/w/main");
+        assert_eq!(shown("/w/main/x", None), "/w/main/x");
+        assert_eq!(shell_word("build/a-b_c.d/vmcore"), "build/a-b_c.d/vmcore");
+        assert_eq!(shell_word("/my dir/vmcore"), "'/my dir/vmcore'");
+        assert_eq!(shell_word("it's"), r"'it'\''s'");
+        assert_eq!(shell_word(""), "''");
     }
 
     #[test]
     fn an_empty_report_still_summarises() {
         let text = summary(&json!({"ok": false, "reason": "no `done` report"}));
-        assert!(text.contains("? possible, ? online, failed: ?"), "{text}");
+        assert!(text.contains("? of ? online, failed: ?"), "{text}");
         assert!(text.contains("FAILED: no `done` report"), "{text}");
     }
 }

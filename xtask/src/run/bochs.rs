@@ -204,6 +204,7 @@ pub fn bochs(options: &BochsOptions) -> Result<RunOutcome> {
     finish(Finished {
         emulator: "bochs",
         boot: Boot::GrubBios,
+        elf: &options.elf,
         // The CPU model has VMX: a run without guests is a failed run.
         expect: Expectations::from_cmdline(cpus, &options.append).with_virt(Backend::Vmx),
         convention: ExitConvention::Meaningless,

@@ -72,6 +72,22 @@ impl RunOutcome {
     pub fn write_report(&self, path: &Path) -> Result<()> {
         write_json(path, &self.report)
     }
+
+    /// Adds `notes` to the report's `xtask.notes` (what the command line
+    /// changed about the run, e.g. a fallback) and saves `report.json` in
+    /// the run directory again.
+    pub fn add_notes(&mut self, notes: &[String]) -> Result<()> {
+        if notes.is_empty() {
+            return Ok(());
+        }
+        if !self.report["xtask"]["notes"].is_array() {
+            self.report["xtask"]["notes"] = json!([]);
+        }
+        if let Some(list) = self.report["xtask"]["notes"].as_array_mut() {
+            list.extend(notes.iter().map(|note| json!(note)));
+        }
+        self.write_report(&self.run_dir.join("report.json"))
+    }
 }
 
 /// Everything about a finished run that goes into its report besides hv's
@@ -80,6 +96,8 @@ impl RunOutcome {
 struct Finished<'a> {
     emulator: &'a str,
     boot: Boot,
+    /// The hv ELF that was booted.
+    elf: &'a Path,
     expect: Expectations,
     convention: ExitConvention,
     cmdline: &'a str,
@@ -121,6 +139,7 @@ fn finish(run: Finished<'_>) -> Result<RunOutcome> {
     }
     let xtask = json!({
         "cpus_requested": run.expect.cpus,
+        "elf": run.elf,
         "expected": run.expect.to_json(),
         "cmdline": run.cmdline,
         "exit_status": exit_status,
@@ -238,6 +257,7 @@ mod tests {
         let outcome = finish(Finished {
             emulator: "qemu-tcg",
             boot: Boot::GrubUefi,
+            elf: Path::new("/t/hv"),
             expect: Expectations::all_cpus(4),
             convention: ExitConvention::QemuDebugExit,
             cmdline: "finish=exit",
@@ -274,11 +294,22 @@ mod tests {
         assert_eq!(report["xtask"]["elapsed_secs"], 1.23);
         assert_eq!(report["xtask"]["malformed_lines"][0]["line"], 2);
         assert_eq!(report["xtask"]["notes"][0], "a note");
+        assert_eq!(report["xtask"]["elf"], "/t/hv");
         assert!(!outcome.ok);
         assert_eq!(outcome.serial, "boot\n@hv {\"done\":true}\n");
         let saved: Value =
             serde_json::from_str(&fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
         assert_eq!(&saved, report);
+
+        let mut outcome = outcome;
+        outcome.add_notes(&["a fallback".to_owned()]).unwrap();
+        assert_eq!(
+            outcome.report["xtask"]["notes"],
+            json!(["a note", "a fallback"])
+        );
+        let saved: Value =
+            serde_json::from_str(&fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+        assert_eq!(saved["xtask"]["notes"][1], "a fallback");
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -291,6 +322,7 @@ mod tests {
         let outcome = finish(Finished {
             emulator: "qemu-tcg",
             boot: Boot::Direct,
+            elf: Path::new("/t/hv"),
             expect: Expectations::all_cpus(1),
             convention: ExitConvention::QemuDebugExit,
             cmdline: "finish=exit",

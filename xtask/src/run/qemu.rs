@@ -229,6 +229,7 @@ pub fn qemu(options: &QemuOptions) -> Result<RunOutcome> {
     finish(Finished {
         emulator: accel.emulator_name(),
         boot: options.boot,
+        elf: &options.elf,
         expect,
         convention: ExitConvention::QemuDebugExit,
         cmdline: &cmdline,
