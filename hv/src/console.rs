@@ -121,6 +121,10 @@ fn claim_line(me: u32) {
             Err(_) => core::hint::spin_loop(),
         }
     }
+    // The owner did not finish its line in time: it may be parked for good
+    // (an NMI took it mid-line). Take the line over, so that this CPU waits
+    // once, not once per write.
+    LINE_OWNER.store(me, Ordering::Relaxed);
 }
 
 fn release_line(me: u32) {
