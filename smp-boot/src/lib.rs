@@ -2,6 +2,6 @@
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_code)]
 
-pub mod madt;
 pub mod bringup;
+pub mod madt;
 pub mod trampoline;
