@@ -50,6 +50,7 @@ pub fn build_capture(link_base: u64) -> Result<PathBuf> {
 /// [`build`] with extra environment variables for cargo (and so for
 /// `hv/build.rs`).
 pub fn build_with_env(target_dir: Option<&Path>, env: &[(&str, String)]) -> Result<PathBuf> {
+    crate::toolchain::ensure()?;
     let mut command = Command::new(cargo());
     command.envs(env.iter().map(|(key, value)| (key, value)));
     command

@@ -26,4 +26,5 @@ pub mod run;
 pub mod serial;
 pub mod stats;
 pub mod stress;
+pub mod toolchain;
 pub mod tools;
