@@ -12,7 +12,6 @@ use core::cell::UnsafeCell;
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use crash::shootdown::UserRegs;
 use hv_core::memmap::RegionKind;
 use kexec_loader::PhysRange;
 use kexec_loader::boot_params::{E820Entry, E820Table, ZeroPageConfig, build_zero_page};
@@ -640,10 +639,6 @@ impl Write for FixedWriter<'_> {
     }
 }
 
-fn registers(regs: &UserRegs) -> CpuRegisters {
-    CpuRegisters::from_array(regs.to_array())
-}
-
 /// What the coordinator knows at hand-over time.
 pub struct Handover<'a> {
     /// The coordinator's CPU index.
@@ -689,7 +684,7 @@ pub fn hand_over(handover: &Handover<'_>) {
         if let Some(regs) = coordinator.record(cpu).and_then(|record| record.regs) {
             cpus[cpu_count] = CpuState {
                 cpu_index: cpu as u32,
-                regs: registers(&regs),
+                regs,
             };
             cpu_count += 1;
         }

@@ -19,7 +19,7 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use crash::cpuset::CpuSet;
 use crash::loaded_vmcs::{VmcsArena, Vmx, VmxError};
-use crash::shootdown::{Clock, CrashCoordinator, CrashHardware, Fault, Role, UserRegs};
+use crash::shootdown::{Clock, CpuRegisters, CrashCoordinator, CrashHardware, Fault, Role};
 use smp_boot::bringup::CpuState;
 use smp_boot::madt::MAX_CPUS;
 
@@ -133,8 +133,8 @@ impl Clock for TscClock {
 }
 
 /// The registers of an interrupted context, for its `NT_PRSTATUS`.
-pub fn regs_from_frame(frame: &TrapFrame) -> UserRegs {
-    UserRegs {
+pub fn regs_from_frame(frame: &TrapFrame) -> CpuRegisters {
+    CpuRegisters {
         r15: frame.r15,
         r14: frame.r14,
         r13: frame.r13,
@@ -156,14 +156,14 @@ pub fn regs_from_frame(frame: &TrapFrame) -> UserRegs {
         eflags: frame.rflags,
         rsp: frame.rsp,
         ss: frame.ss,
-        ..UserRegs::default()
+        ..CpuRegisters::default()
     }
 }
 
 /// The caller's own registers (for a panic, which has no trap frame): RIP
 /// is the return address into the caller, RSP and RBP its frame.
 #[inline(always)]
-pub fn current_regs() -> UserRegs {
+pub fn current_regs() -> CpuRegisters {
     let (rip, rsp, rbp, rbx, r12, r13, r14, r15): (u64, u64, u64, u64, u64, u64, u64, u64);
     // SAFETY: only reads registers.
     unsafe {
@@ -187,7 +187,7 @@ pub fn current_regs() -> UserRegs {
             options(nomem, nostack, preserves_flags)
         );
     }
-    UserRegs {
+    CpuRegisters {
         rip,
         rsp,
         rbp,
@@ -200,7 +200,7 @@ pub fn current_regs() -> UserRegs {
         ss: 0x10,
         eflags: 0x2,
         orig_rax: u64::MAX,
-        ..UserRegs::default()
+        ..CpuRegisters::default()
     }
 }
 
@@ -211,7 +211,7 @@ fn park() -> ! {
 }
 
 /// Enters the crash path. Never returns.
-pub fn crash(reason: Reason<'_>, regs: &UserRegs) -> ! {
+pub fn crash(reason: Reason<'_>, regs: &CpuRegisters) -> ! {
     arch::cpu::disable_interrupts();
     let me = percpu::current_cpu_index() as usize;
     match COORDINATOR.enter(me) {
@@ -270,7 +270,7 @@ pub fn on_nmi(frame: &TrapFrame) -> bool {
 
 static SUMMARY_PRINTED: AtomicBool = AtomicBool::new(false);
 
-fn coordinate(me: usize, reason: Reason<'_>, regs: &UserRegs) -> ! {
+fn coordinate(me: usize, reason: Reason<'_>, regs: &CpuRegisters) -> ! {
     let apic_id = percpu::shared(me).slot.apic_id();
     let _ = writeln!(
         EmergencyConsole,

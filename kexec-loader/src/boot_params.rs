@@ -38,16 +38,7 @@ pub const LOW_MEMORY_END: u64 = 1 << 20;
 /// `type_of_loader` 0xFF: "undefined" in the boot protocol.
 pub const TYPE_OF_LOADER_UNDEFINED: u8 = 0xFF;
 
-/// e820 type: usable RAM.
-pub const E820_RAM: u32 = 1;
-/// e820 type: reserved.
-pub const E820_RESERVED: u32 = 2;
-/// e820 type: ACPI tables, reclaimable after they are read.
-pub const E820_ACPI: u32 = 3;
-/// e820 type: ACPI non-volatile storage.
-pub const E820_NVS: u32 = 4;
-/// e820 type: unusable (defective) memory.
-pub const E820_UNUSABLE: u32 = 5;
+pub use hv_abi::e820::{E820_ACPI, E820_NVS, E820_RAM, E820_RESERVED, E820_UNUSABLE};
 
 /// Offsets of the `struct boot_params` fields outside the setup header
 /// (`arch/x86/include/uapi/asm/bootparam.h`; the setup-header fields are in

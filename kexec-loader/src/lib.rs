@@ -35,10 +35,10 @@
 #![deny(unsafe_code)]
 
 pub mod boot_params;
-mod bytes;
+use hv_abi::bytes;
 pub mod bzimage;
 pub mod cmdline;
-pub mod crash_note;
+pub use hv_abi::crash_note;
 pub mod digest;
 pub mod elfcore;
 pub mod layout;

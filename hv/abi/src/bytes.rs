@@ -8,37 +8,37 @@ use core::fmt;
 
 /// A write or read went past the end of a buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct OutOfBounds;
+pub struct OutOfBounds;
 
 /// `bytes[offset..offset + N]` as an array, if it is inside the slice.
-pub(crate) fn array<const N: usize>(bytes: &[u8], offset: usize) -> Option<[u8; N]> {
+pub fn array<const N: usize>(bytes: &[u8], offset: usize) -> Option<[u8; N]> {
     let end = offset.checked_add(N)?;
     bytes.get(offset..end)?.try_into().ok()
 }
 
-pub(crate) fn u8_at(bytes: &[u8], offset: usize) -> Option<u8> {
+pub fn u8_at(bytes: &[u8], offset: usize) -> Option<u8> {
     bytes.get(offset).copied()
 }
 
-pub(crate) fn u16_at(bytes: &[u8], offset: usize) -> Option<u16> {
+pub fn u16_at(bytes: &[u8], offset: usize) -> Option<u16> {
     array(bytes, offset).map(u16::from_le_bytes)
 }
 
-pub(crate) fn u32_at(bytes: &[u8], offset: usize) -> Option<u32> {
+pub fn u32_at(bytes: &[u8], offset: usize) -> Option<u32> {
     array(bytes, offset).map(u32::from_le_bytes)
 }
 
-pub(crate) fn u64_at(bytes: &[u8], offset: usize) -> Option<u64> {
+pub fn u64_at(bytes: &[u8], offset: usize) -> Option<u64> {
     array(bytes, offset).map(u64::from_le_bytes)
 }
 
 /// `bytes[offset..offset + len]`, if it is inside the slice.
-pub(crate) fn slice_at(bytes: &[u8], offset: usize, len: usize) -> Option<&[u8]> {
+pub fn slice_at(bytes: &[u8], offset: usize, len: usize) -> Option<&[u8]> {
     bytes.get(offset..offset.checked_add(len)?)
 }
 
 /// Copies `src` to `buf[offset..]`.
-pub(crate) fn put(buf: &mut [u8], offset: usize, src: &[u8]) -> Result<(), OutOfBounds> {
+pub fn put(buf: &mut [u8], offset: usize, src: &[u8]) -> Result<(), OutOfBounds> {
     let end = offset.checked_add(src.len()).ok_or(OutOfBounds)?;
     buf.get_mut(offset..end)
         .ok_or(OutOfBounds)?
@@ -46,32 +46,32 @@ pub(crate) fn put(buf: &mut [u8], offset: usize, src: &[u8]) -> Result<(), OutOf
     Ok(())
 }
 
-pub(crate) fn put_u8(buf: &mut [u8], offset: usize, value: u8) -> Result<(), OutOfBounds> {
+pub fn put_u8(buf: &mut [u8], offset: usize, value: u8) -> Result<(), OutOfBounds> {
     put(buf, offset, &[value])
 }
 
-pub(crate) fn put_u16(buf: &mut [u8], offset: usize, value: u16) -> Result<(), OutOfBounds> {
+pub fn put_u16(buf: &mut [u8], offset: usize, value: u16) -> Result<(), OutOfBounds> {
     put(buf, offset, &value.to_le_bytes())
 }
 
-pub(crate) fn put_u32(buf: &mut [u8], offset: usize, value: u32) -> Result<(), OutOfBounds> {
+pub fn put_u32(buf: &mut [u8], offset: usize, value: u32) -> Result<(), OutOfBounds> {
     put(buf, offset, &value.to_le_bytes())
 }
 
-pub(crate) fn put_u64(buf: &mut [u8], offset: usize, value: u64) -> Result<(), OutOfBounds> {
+pub fn put_u64(buf: &mut [u8], offset: usize, value: u64) -> Result<(), OutOfBounds> {
     put(buf, offset, &value.to_le_bytes())
 }
 
 /// Rounds `value` up to a multiple of `align` (a power of two), `None` on
 /// overflow.
-pub(crate) fn align_up(value: u64, align: u64) -> Option<u64> {
+pub fn align_up(value: u64, align: u64) -> Option<u64> {
     debug_assert!(align.is_power_of_two());
     let mask = align.checked_sub(1)?;
     Some(value.checked_add(mask)? & !mask)
 }
 
 /// [`align_up`] for `usize`.
-pub(crate) fn align_up_usize(value: usize, align: usize) -> Option<usize> {
+pub fn align_up_usize(value: usize, align: usize) -> Option<usize> {
     debug_assert!(align.is_power_of_two());
     let mask = align.checked_sub(1)?;
     Some(value.checked_add(mask)? & !mask)
@@ -79,13 +79,14 @@ pub(crate) fn align_up_usize(value: usize, align: usize) -> Option<usize> {
 
 /// A `core::fmt::Write` sink over a byte slice that fails instead of
 /// truncating when the slice is full.
-pub(crate) struct SliceWriter<'a> {
+#[derive(Debug)]
+pub struct SliceWriter<'a> {
     buf: &'a mut [u8],
     len: usize,
 }
 
 impl<'a> SliceWriter<'a> {
-    pub(crate) fn new(buf: &'a mut [u8]) -> Self {
+    pub fn new(buf: &'a mut [u8]) -> Self {
         Self { buf, len: 0 }
     }
 }
