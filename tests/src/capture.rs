@@ -139,7 +139,7 @@ pub fn gdb_threads(text: &str) -> Vec<&str> {
 
 /// Asserts that gdb, given hv's ELF and the run's dump, lists one thread
 /// per CPU and that the crashing CPU's backtrace (gdb's current thread)
-/// reaches the panic site, the injected crash's `hv::inject::fire`.
+/// reaches the panic site, the injected crash's `hv::crash::inject::fire`.
 #[track_caller]
 pub fn assert_gdb_reads(run: &RunOutcome, cpus: usize) {
     let dump = run.report["capture"]["dump_path"]
@@ -154,7 +154,7 @@ pub fn assert_gdb_reads(run: &RunOutcome, cpus: usize) {
     for frame in [
         "hv::panic",
         "core::panicking::panic_fmt",
-        "hv::inject::fire",
+        "hv::crash::inject::fire",
     ] {
         assert!(
             backtrace.contains(&format!(" in {frame} "))

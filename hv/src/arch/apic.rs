@@ -106,8 +106,16 @@ pub fn end_of_interrupt() {
 
 fn send(destination: u32, command: u32) {
     if x2apic() {
-        // SAFETY: x2APIC mode is on; the ICR is one 64-bit MSR write.
-        unsafe { wrmsr(0x830, (u64::from(destination) << 32) | u64::from(command)) };
+        // WRMSR to the x2APIC ICR is not serializing: without a fence the
+        // IPI can overtake the stores it announces (a call-function
+        // request), and the target finds nothing to do. Linux's
+        // weak_wrmsr_fence does the same.
+        // SAFETY: (1) MFENCE; LFENCE only order memory and instructions;
+        // (2) x2APIC mode is on; the ICR is one 64-bit MSR write.
+        unsafe {
+            core::arch::asm!("mfence", "lfence", options(nostack, preserves_flags));
+            wrmsr(0x830, (u64::from(destination) << 32) | u64::from(command));
+        }
     } else {
         // Bounded: a wedged APIC must not hang the caller (the crash path).
         for _ in 0..1_000_000 {
