@@ -11,6 +11,7 @@
 //!   coordinator, stragglers, the per-CPU VMCLEAR ledger);
 //! - [`e820`]: the memory types every map uses;
 //! - [`dump_stream`]: the `HVDUMP1` stream hv's capture mode writes;
+//! - [`pvh`]: the PVH boot ABI (`hvm_start_info`, module list, memory map);
 //! - [`knobs`] and [`defaults`]: the crash-injection knob and the option
 //!   defaults the harness must read exactly as the hypervisor does;
 //! - [`hypercall`]: the in-tree test guest's hypercalls;
@@ -27,4 +28,5 @@ pub mod dump_stream;
 pub mod e820;
 pub mod hypercall;
 pub mod knobs;
+pub mod pvh;
 pub mod regs;
