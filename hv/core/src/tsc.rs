@@ -279,9 +279,13 @@ pub struct Config {
     /// Measurements that must agree before a rate is taken. Default 3.
     pub samples: u32,
     /// Measurements tried per method before giving up on it (capped at
-    /// [`MAX_ATTEMPTS`]). Default 20: on a host so loaded that half of all
-    /// measurements are preempted, 3 clean ones out of 20 fail to appear
-    /// once in about 5000 boots.
+    /// [`MAX_ATTEMPTS`]). Default 20. Without a reference, on a host where
+    /// half of all PIT counts are seen late, fewer than 3 clean ones out of
+    /// 20 happen once in about 5000 boots. With one, the reference's
+    /// readings are rarely spoiled, and the attempts go to waiting for one
+    /// clean PIT count to confirm them (with 90% of counts late, 20
+    /// attempts find one 88% of the time; otherwise the source says the
+    /// reference stood alone).
     pub max_attempts: u32,
     /// A measurement whose TSC brackets add up to more than this share of
     /// its length is discarded. Default 1000 ppm (10 µs of a 10 ms gate;
@@ -294,7 +298,8 @@ pub struct Config {
     /// TCG). With a reference, a PIT that has not expired after
     /// 20 × `gate_ms` by the reference is declared dead sooner.
     pub max_polls: u32,
-    /// Check a CPUID rate with one measurement. Default true.
+    /// Check a CPUID rate by measurement (see the module docs). Default
+    /// true.
     pub check_cpuid: bool,
 }
 
