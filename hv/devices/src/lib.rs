@@ -2,6 +2,14 @@
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_code)]
 
+pub mod acpi_pm;
 pub mod cpu_state;
+pub mod debug_exit;
+pub mod fw_cfg;
+pub mod lapic;
 pub mod memory;
 pub mod multiboot;
+pub mod pci;
+pub mod testdev;
+pub mod time;
+pub mod uart;

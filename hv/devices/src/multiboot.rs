@@ -48,7 +48,6 @@ pub const MAX_RAM: u64 = 0xC000_0000;
 const PAGE: u64 = 4096;
 const FLAG_PAGE_ALIGN: u32 = 1 << 0;
 const FLAG_MEMORY_INFO: u32 = 1 << 1;
-const FLAG_VIDEO_MODE: u32 = 1 << 2;
 const FLAG_AOUT_KLUDGE: u32 = 1 << 16;
 /// Bits 0-15 are requirements: a loader that does not understand one must
 /// refuse the image. We honour 0 and 1; 2 (a video mode) we cannot.
@@ -919,7 +918,6 @@ pub(crate) mod testutil {
         pub segments: Vec<(u32, Vec<u8>, u32)>, // (paddr, file bytes, memsz)
         pub entry: u32,
         pub flags: u32,
-        pub header_in_segment: usize,
     }
 
     impl ElfBuilder {
@@ -938,7 +936,6 @@ pub(crate) mod testutil {
                 ],
                 entry: 0x40_00bc,
                 flags: 0,
-                header_in_segment: 0,
             }
         }
 
@@ -1186,10 +1183,11 @@ mod tests {
     #[test]
     fn refuses_required_features_it_cannot_honour() {
         let mut builder = ElfBuilder::kvm_unit_test_like();
-        builder.flags = FLAG_VIDEO_MODE;
+        // Bit 2: a video mode, which hv's guests cannot have.
+        builder.flags = 1 << 2;
         assert_eq!(
             parse_error(&builder.build()),
-            LoadError::UnsupportedFlags(FLAG_VIDEO_MODE)
+            LoadError::UnsupportedFlags(1 << 2)
         );
         builder.flags = 1 << 15 | FLAG_MEMORY_INFO;
         assert_eq!(
