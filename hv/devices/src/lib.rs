@@ -4,11 +4,14 @@
 
 pub mod acpi_pm;
 pub mod cpu_state;
+pub mod cpuid;
 pub mod debug_exit;
+pub mod decode;
 pub mod fw_cfg;
 pub mod ioapic;
 pub mod lapic;
 pub mod memory;
+pub mod msr;
 pub mod multiboot;
 pub mod pci;
 pub mod pic;
