@@ -424,7 +424,7 @@ impl CpuidPolicy {
         }
     }
 
-    /// MAXPHYADDR the guest sees (CPUID 0x8000_0008 EAX[7:0], 36 without).
+    /// MAXPHYADDR the guest sees (CPUID 0x8000_0008 EAX bits 7:0, 36 without).
     pub fn phys_addr_bits(&self, host: &dyn HostCpuid) -> u8 {
         if host.cpuid(0x8000_0000, 0).eax >= 0x8000_0008 {
             host.cpuid(0x8000_0008, 0).eax as u8
@@ -442,7 +442,7 @@ pub enum XsetbvFault {
 }
 
 /// XSETBV's checks past the ones the CPU makes before the VM exit (CPL 0,
-/// CR4.OSXSAVE): ECX selects XCR0 only (RCX[63:32] ignored), x87 state
+/// CR4.OSXSAVE): ECX selects XCR0 only (RCX bits 63:32 ignored), x87 state
 /// stays on, AVX needs SSE, AVX-512 needs AVX and all three of its
 /// components, nothing outside `supported` (SDM Vol. 1, 13.3).
 pub fn check_xsetbv(ecx: u64, value: u64, supported: u64) -> Result<(), XsetbvFault> {

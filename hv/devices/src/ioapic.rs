@@ -106,7 +106,7 @@ impl IoApic {
             0x02 => self.id,
             0x10..=0x3F => {
                 let entry = self.redirection[usize::from(index - 0x10) / 2];
-                if index % 2 == 0 {
+                if index.is_multiple_of(2) {
                     entry as u32
                 } else {
                     (entry >> 32) as u32
@@ -122,7 +122,7 @@ impl IoApic {
             0x10..=0x3F => {
                 let pin = usize::from(index - 0x10) / 2;
                 let old = self.redirection[pin];
-                let new = if index % 2 == 0 {
+                let new = if index.is_multiple_of(2) {
                     (old & !0xFFFF_FFFF) | u64::from(value)
                 } else {
                     (old & 0xFFFF_FFFF) | u64::from(value) << 32

@@ -776,16 +776,20 @@ impl LocalApic {
             reg::LDR => self.ldr,
             reg::DFR if !x2apic => self.dfr,
             reg::SVR => self.svr,
-            0x100..=0x170 if offset % 16 == 0 => self.isr[((offset - reg::ISR) / 16) as usize],
-            0x180..=0x1F0 if offset % 16 == 0 => self.tmr[((offset - reg::TMR) / 16) as usize],
-            0x200..=0x270 if offset % 16 == 0 => {
+            0x100..=0x170 if offset.is_multiple_of(16) => {
+                self.isr[((offset - reg::ISR) / 16) as usize]
+            }
+            0x180..=0x1F0 if offset.is_multiple_of(16) => {
+                self.tmr[((offset - reg::TMR) / 16) as usize]
+            }
+            0x200..=0x270 if offset.is_multiple_of(16) => {
                 self.advance_timer(now, timing);
                 self.irr[((offset - reg::IRR) / 16) as usize]
             }
             reg::ESR => self.esr,
             reg::ICR => self.icr as u32,
             reg::ICR2 if !x2apic => (self.icr >> 32) as u32,
-            reg::LVT_TIMER..=reg::LVT_ERROR if offset % 16 == 0 => {
+            reg::LVT_TIMER..=reg::LVT_ERROR if offset.is_multiple_of(16) => {
                 self.lvt[((offset - reg::LVT_TIMER) / 16) as usize]
             }
             reg::TMICT => self.tmict,

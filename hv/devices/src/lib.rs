@@ -16,6 +16,7 @@ pub mod multiboot;
 pub mod pci;
 pub mod pic;
 pub mod pit;
+pub mod platform;
 pub mod testdev;
 pub mod time;
 pub mod uart;

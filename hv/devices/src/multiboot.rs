@@ -514,7 +514,7 @@ pub const HIGH_MEMORY: u64 = 0x10_0000;
 impl GuestLayout {
     /// A layout with the given reserved ranges (each inside RAM, any order).
     pub fn new(ram_bytes: u64, reserved: &[GpaRange]) -> Result<Self, LoadError> {
-        if !(MIN_RAM..=MAX_RAM).contains(&ram_bytes) || ram_bytes % PAGE != 0 {
+        if !(MIN_RAM..=MAX_RAM).contains(&ram_bytes) || !ram_bytes.is_multiple_of(PAGE) {
             return Err(LoadError::BadRamSize(ram_bytes));
         }
         if reserved.len() > MAX_RESERVED {
@@ -1112,10 +1112,10 @@ mod tests {
     #[test]
     fn an_entry_given_virtually_is_translated_to_its_load_address() {
         let mut builder = ElfBuilder::kvm_unit_test_like();
-        builder.entry = 0xC040_00bc;
+        builder.entry = 0xC040_00BC;
         let mut image = builder.build();
         // Make segment 0's vaddr 0xC04000b0 (paddr stays 0x4000b0).
-        image[52 + 8..52 + 12].copy_from_slice(&0xC040_00b0u32.to_le_bytes());
+        image[52 + 8..52 + 12].copy_from_slice(&0xC040_00B0_u32.to_le_bytes());
         let parsed = MultibootImage::parse(&image).unwrap();
         assert_eq!(parsed.entry(), 0x40_00bc);
     }
@@ -1257,7 +1257,7 @@ mod tests {
         // A kernel in the legacy hole.
         let mut low = ElfBuilder::kvm_unit_test_like();
         low.segments = vec![(0xF_0000, low.segments[0].1.clone(), 0)];
-        low.entry = 0xF_000c;
+        low.entry = 0xF_000C;
         let low = low.build();
         let parsed = MultibootImage::parse(&low).unwrap();
         assert!(matches!(

@@ -42,9 +42,6 @@ pub(crate) mod fake {
         pub fn set(&self, now: u64) {
             self.0.set(now);
         }
-        pub fn advance(&self, ticks: u64) {
-            self.0.set(self.0.get() + ticks);
-        }
     }
 
     impl super::Clock for FakeClock {
