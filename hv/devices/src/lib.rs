@@ -3,6 +3,7 @@
 #![deny(unsafe_code)]
 
 pub mod acpi_pm;
+pub mod acpi_tables;
 pub mod cpu_state;
 pub mod cpuid;
 pub mod debug_exit;
