@@ -21,3 +21,6 @@ pub mod platform;
 pub mod testdev;
 pub mod time;
 pub mod uart;
+
+#[cfg(test)]
+mod robustness;
