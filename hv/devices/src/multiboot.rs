@@ -1402,6 +1402,15 @@ mod tests {
                     .iter()
                     .any(|s| s.range().contains(u64::from(state.eip)))
             );
+            // The boot information lands where QEMU puts it, except for
+            // realmode.flat, which occupies 0x8000-0xDA30 and has its
+            // module in the next page.
+            let expected = if path.ends_with("realmode.flat") {
+                0xF000
+            } else {
+                0x9000
+            };
+            assert_eq!(state.ebx, expected, "{}", path.display());
             loaded += 1;
         }
         assert!(loaded >= 40, "only {loaded} images found in {dir}");
