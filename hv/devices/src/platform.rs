@@ -275,6 +275,9 @@ struct Vcpu {
 }
 
 /// One guest's platform. `C` gives the time, `S` takes its console lines.
+///
+/// About 16 KiB (64 local APICs): keep it where it lives (a static or a
+/// frame of its own), not on a small stack.
 pub struct Platform<C: Clock, S: ConsoleSink> {
     config: PlatformConfig,
     clock: C,
