@@ -150,13 +150,23 @@ fn boot_cpu_main() -> ! {
     let options = *OPTIONS
         .get()
         .expect("options are parsed before the stack switch");
-    let topology = boot::acpi::discover(boot);
+    let acpi = boot::acpi::discover(boot);
+    let topology = acpi.topology;
 
-    let tsc_khz = time::calibrate();
-    match tsc_khz {
-        Some(khz) => log::info!("TSC: {} MHz", khz / 1000),
-        None => log::warn!("TSC: the PIT did not answer; assuming 1 GHz"),
+    let tsc = time::calibrate(acpi.rsdp);
+    match &tsc {
+        Ok(tsc) => log::info!(
+            "TSC: {}.{:03} MHz ({}; {} measurements, {} rejected, {} disagreements)",
+            tsc.khz / 1000,
+            tsc.khz % 1000,
+            tsc.source.name(),
+            tsc.attempts,
+            tsc.rejected,
+            tsc.disagreements
+        ),
+        Err(error) => log::warn!("TSC: not calibrated: {error}; assuming 1 GHz"),
     }
+    let tsc_khz = tsc.as_ref().ok().map(|tsc| tsc.khz);
     let apic_mode = arch::apic::choose_mode();
     arch::apic::enable();
     arch::cpu::enable_interrupts();
@@ -179,7 +189,9 @@ fn boot_cpu_main() -> ! {
     cpu::idle::set_work(virt::sched::join_run::<Vmx>);
     let bringup = smp::bring_up(possible, &settings);
     capture::load::load_at_boot(boot, &options);
-    let called = ipi::call_on_all(|_| {}, 0);
+    // The capture load changed page protections: every CPU drops what it
+    // cached (and this doubles as the call-function self-test).
+    let called = ipi::call_on_all(|_| arch::cpu::flush_tlb(), 0);
     let nmis = ipi::nmi_self_test();
     log::info!("IPIs: call-function ran on {called} CPUs; NMI answered by {nmis} others");
 
@@ -209,6 +221,29 @@ fn boot_cpu_main() -> ! {
             o.field("apic_mode").str(apic_mode)?;
             o.field("tsc_khz")
                 .option(tsc_khz, |value, khz| value.u64(khz))?;
+            o.field("tsc_source").str(match &tsc {
+                Ok(tsc) => tsc.source.name(),
+                Err(error) => error.source_name(),
+            })?;
+            o.field("tsc_measured_by").option(
+                tsc.as_ref().ok().and_then(|tsc| tsc.measured_by),
+                |value, timer| value.str(timer.name()),
+            )?;
+            o.field("tsc_confirmed_by").option(
+                tsc.as_ref().ok().and_then(|tsc| tsc.confirmed_by),
+                |value, timer| value.str(timer.name()),
+            )?;
+            o.field("tsc_cpuid_khz").option(
+                tsc.as_ref().ok().and_then(|tsc| tsc.cpuid_khz),
+                |value, khz| value.u64(khz),
+            )?;
+            let (attempts, rejected, disagreements) = match &tsc {
+                Ok(tsc) => (tsc.attempts, tsc.rejected, tsc.disagreements),
+                Err(error) => (error.attempts, error.rejected, error.disagreements),
+            };
+            o.field("tsc_attempts").u64(u64::from(attempts))?;
+            o.field("tsc_rejected").u64(u64::from(rejected))?;
+            o.field("tsc_disagreements").u64(u64::from(disagreements))?;
             o.field("call_function_cpus").u64(called as u64)?;
             o.field("nmi_cpus").u64(nmis as u64)
         })?;

@@ -69,6 +69,14 @@ pub(super) unsafe fn write_cr0_cr4(cr0: u64, cr4: u64) {
     };
 }
 
+/// Drops this CPU's cached translations (non-global ones; the kernel
+/// uses no global pages) by reloading CR3 with its own value.
+pub fn flush_tlb() {
+    // SAFETY: writing CR3 back unchanged keeps every translation; it only
+    // empties the TLB.
+    unsafe { write_cr3(cr3()) };
+}
+
 /// Invalidates the TLB entry of one page.
 pub fn flush_page(address: u64) {
     // SAFETY: INVLPG only drops a cached translation.
@@ -242,4 +250,24 @@ pub unsafe fn switch_stack(top: u64, next: fn() -> !) -> ! {
             options(noreturn)
         )
     }
+}
+
+/// IA32_EFER.
+const EFER: u32 = 0xC000_0080;
+/// EFER.NXE: the no-execute bit of page-table entries is honoured.
+const EFER_NXE: u64 = 1 << 11;
+
+/// Turns on EFER.NXE on this CPU, so that page tables may mark pages
+/// no-execute. Returns `false` when the CPU has no NX.
+pub fn enable_no_execute() -> bool {
+    let has_nx = raw_cpuid::CpuId::new()
+        .get_extended_processor_and_feature_identifiers()
+        .is_some_and(|features| features.has_execute_disable());
+    if has_nx {
+        // SAFETY: EFER exists in long mode; NXE only makes bit 63 of
+        // page-table entries meaningful, and the tables in use set it
+        // nowhere yet.
+        unsafe { wrmsr(EFER, rdmsr(EFER) | EFER_NXE) };
+    }
+    has_nx
 }

@@ -23,7 +23,8 @@ use crate::boot::info::{BootInfo, Module, Protocol};
 use crate::crash::handover::{self, Kind, MAX_REASON, MAX_SEGMENTS, Plan};
 use crate::crash::purgatory::{self, Entry};
 use crate::crash::records::MAX_VMCS;
-use crate::mm::{CRASH_RESERVATION, FIRMWARE_MAP, phys};
+use crate::mm::paging::Access;
+use crate::mm::{self, CRASH_RESERVATION, FIRMWARE_MAP, phys};
 
 /// Command line given to a Linux capture kernel whose module line has none.
 const DEFAULT_LINUX_ARGS: &str = "console=ttyS0,115200 nr_cpus=1 reset_devices";
@@ -96,6 +97,7 @@ pub fn load_at_boot(boot: &BootInfo, options: &hv_core::cmdline::Options) {
             if corrupt {
                 corrupt_loaded_image(plan);
             }
+            protect_reservation(plan);
         }
         Err(error) => {
             log::error!("capture: {error}; crash capture disabled");
@@ -106,6 +108,26 @@ pub fn load_at_boot(boot: &BootInfo, options: &hv_core::cmdline::Options) {
                 })
             });
         }
+    }
+}
+
+/// Makes the reservation read-only in the kernel's tables, but for the
+/// ELF core header's region (written at crash time) and the purgatory
+/// (executed by the jump until it loads its own tables): a stray write
+/// into the loaded capture kernel faults at once instead of damaging it.
+/// The caller drops the other CPUs' cached translations.
+fn protect_reservation(plan: &Plan) {
+    let Some(&(start, len)) = CRASH_RESERVATION.get() else {
+        return;
+    };
+    let result = mm::protect(start, len, Access::READ_ONLY)
+        .and_then(|()| mm::protect(plan.elfcorehdr.start, plan.elfcorehdr.len, Access::DATA))
+        .and_then(|()| mm::protect(plan.purgatory, purgatory::AREA_BYTES, Access::TEXT));
+    match result {
+        Ok(()) => {
+            log::info!("capture: the reservation is read-only for hv (core header region writable)")
+        }
+        Err(error) => log::error!("capture: cannot protect the reservation: {error}"),
     }
 }
 

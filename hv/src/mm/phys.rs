@@ -75,6 +75,57 @@ pub fn with_bytes_mut<R>(start: u64, len: u64, f: impl FnOnce(&mut [u8]) -> R) -
     f(unsafe { core::slice::from_raw_parts_mut(start as *mut u8, len as usize) })
 }
 
+/// Reads a 64-bit device register (memory-mapped I/O below 4 GiB, which
+/// the kernel maps uncached where it is not RAM).
+pub fn mmio_read_u64(address: u64) -> u64 {
+    // SAFETY: (1) mapped and uncached (above); (2) the caller names a
+    // device register, 8-byte aligned, whose read changes no memory Rust
+    // knows about; (3) volatile, so it happens each time, in order.
+    unsafe { core::ptr::read_volatile(address as *const u64) }
+}
+
+/// Writes a 64-bit device register (as [`mmio_read_u64`]), for a device
+/// the kernel alone programs.
+pub fn mmio_write_u64(address: u64, value: u64) {
+    // SAFETY: as in `mmio_read_u64`; the caller owns the device.
+    unsafe { core::ptr::write_volatile(address as *mut u64, value) };
+}
+
+/// The ACPI tables' timers: the PM timer's block from the FADT and the
+/// HPET's register base from the HPET table, read through the `acpi`
+/// crate (which checks each table's signature and checksum) from the
+/// checked bytes by `hv_core::tsc`'s host-tested readers. `rsdp` is an
+/// RSDP the MADT reader accepted.
+pub fn acpi_timers(rsdp: u64) -> (Option<hv_core::tsc::PmTimerBlock>, Option<u64>) {
+    let Ok(rsdp) = usize::try_from(rsdp) else {
+        return (None, None);
+    };
+    // SAFETY: (1) the handler maps what the crate asks for through the
+    // identity map, and nothing writes the tables (module docs); (2) the
+    // RSDP and its root table were checked by the MADT reader, whose
+    // lengths the crate trusts.
+    let Ok(tables) = (unsafe { ::acpi::AcpiTables::from_rsdp(acpi_handler(), rsdp) }) else {
+        return (None, None);
+    };
+    let pm_timer = tables
+        .find_table::<::acpi::fadt::Fadt>()
+        .ok()
+        .and_then(|fadt| hv_core::tsc::pm_timer_from_fadt(mapped_table(&fadt)));
+    let hpet = tables
+        .find_table::<::acpi::hpet::HpetTable>()
+        .ok()
+        .and_then(|hpet| hv_core::tsc::hpet_base_from_table(mapped_table(&hpet)));
+    (pm_timer, hpet)
+}
+
+/// The bytes of a table the `acpi` crate found and checksummed.
+fn mapped_table<T>(mapping: &::acpi::PhysicalMapping<smp_boot::madt::IdentityMapped, T>) -> &[u8] {
+    read(
+        mapping.virtual_start().as_ptr() as u64,
+        mapping.region_length() as u64,
+    )
+}
+
 /// Entry `index` of the page table at `table`.
 pub(super) fn table_entry(table: u64, index: usize) -> u64 {
     debug_assert!(index < 512);
