@@ -76,7 +76,7 @@ pub struct SharedCpu {
     /// Bring-up state and APIC ID.
     pub slot: CpuSlot,
     /// Requests of the call-function IPI.
-    pub call: super::ipi::CallSlot,
+    pub call: smp_boot::call::CallSlot,
     /// NMIs this CPU has taken that were nobody's crash (the boot-time NMI
     /// test counts them).
     pub nmis: AtomicU32,
@@ -86,7 +86,7 @@ impl SharedCpu {
     const fn new() -> Self {
         Self {
             slot: CpuSlot::new(),
-            call: super::ipi::CallSlot::new(),
+            call: smp_boot::call::CallSlot::new(),
             nmis: AtomicU32::new(0),
         }
     }
