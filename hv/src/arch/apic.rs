@@ -20,8 +20,12 @@ const REG_EOI: u32 = 0xB0;
 const REG_SPURIOUS: u32 = 0xF0;
 const REG_ICR_LOW: u32 = 0x300;
 const REG_ICR_HIGH: u32 = 0x310;
+const REG_LVT_TIMER: u32 = 0x320;
 const REG_LVT_LINT0: u32 = 0x350;
 const REG_LVT_LINT1: u32 = 0x360;
+const REG_TIMER_INITIAL: u32 = 0x380;
+const REG_TIMER_CURRENT: u32 = 0x390;
+const REG_TIMER_DIVIDE: u32 = 0x3E0;
 
 /// Vector of spurious interrupts; its handler sends no EOI.
 pub const SPURIOUS_VECTOR: u8 = 0xFF;
@@ -33,6 +37,11 @@ const ICR_DELIVERY_STARTUP: u32 = 6 << 8;
 const ICR_PENDING: u32 = 1 << 12;
 const ICR_LEVEL_ASSERT: u32 = 1 << 14;
 const LVT_MASKED: u32 = 1 << 16;
+const LVT_DELIVERY_NMI: u32 = 4 << 8;
+const LVT_ACTIVE_LOW: u32 = 1 << 13;
+const LVT_TIMER_PERIODIC: u32 = 1 << 17;
+/// Timer divide configuration: by 16.
+const TIMER_DIVIDE_16: u32 = 0b0011;
 
 static X2APIC: AtomicBool = AtomicBool::new(false);
 
@@ -92,6 +101,61 @@ pub fn enable() {
     write(REG_LVT_LINT0, LVT_MASKED);
     write(REG_LVT_LINT1, LVT_MASKED);
     write(REG_SPURIOUS, 0x100 | u32::from(SPURIOUS_VECTOR));
+}
+
+/// How a LINT pin carries the platform's NMI (the MADT's Local APIC NMI
+/// entries): delivered as an NMI, edge-triggered, with this polarity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NmiPin {
+    /// LINT0 or LINT1.
+    pub lint: u8,
+    /// Active low (else active high).
+    pub active_low: bool,
+}
+
+/// Unmasks `pin` on this CPU as an NMI input: the platform's NMI (the
+/// front-panel button, a BMC's diagnostic NMI) then reaches this CPU.
+pub fn unmask_nmi_pin(pin: NmiPin) {
+    let register = if pin.lint == 0 {
+        REG_LVT_LINT0
+    } else {
+        REG_LVT_LINT1
+    };
+    let polarity = if pin.active_low { LVT_ACTIVE_LOW } else { 0 };
+    write(register, LVT_DELIVERY_NMI | polarity);
+}
+
+/// Software-enables this CPU's local APIC again after [`disable`] (a test
+/// knob's CPU that must still send NMIs during a crash).
+pub fn software_enable() {
+    write(REG_SPURIOUS, 0x100 | u32::from(SPURIOUS_VECTOR));
+}
+
+/// Starts this CPU's APIC timer counting down from `count` once (divide
+/// by 16, masked: for measuring its rate against the TSC).
+pub fn timer_start_one_shot(count: u32) {
+    write(REG_TIMER_DIVIDE, TIMER_DIVIDE_16);
+    write(REG_LVT_TIMER, LVT_MASKED);
+    write(REG_TIMER_INITIAL, count);
+}
+
+/// The APIC timer's current count.
+pub fn timer_current() -> u32 {
+    read(REG_TIMER_CURRENT)
+}
+
+/// Runs this CPU's APIC timer periodically: `vector` every `count` ticks
+/// (divide by 16).
+pub fn timer_start_periodic(vector: u8, count: u32) {
+    write(REG_TIMER_DIVIDE, TIMER_DIVIDE_16);
+    write(REG_LVT_TIMER, LVT_TIMER_PERIODIC | u32::from(vector));
+    write(REG_TIMER_INITIAL, count);
+}
+
+/// Stops this CPU's APIC timer.
+pub fn timer_stop() {
+    write(REG_LVT_TIMER, LVT_MASKED);
+    write(REG_TIMER_INITIAL, 0);
 }
 
 /// Software-disables this CPU's local APIC (crash path: no more IPIs).

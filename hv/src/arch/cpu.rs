@@ -271,3 +271,34 @@ pub fn enable_no_execute() -> bool {
     }
     has_nx
 }
+
+/// Continues in `next` on the stack whose top is `top`, with a copy of
+/// `value` placed on that stack first (so it survives whatever happens to
+/// the old one: the crash path leaves the NMI stack this way, which a
+/// nested NMI would overwrite).
+///
+/// # Safety
+/// `top` must be the 16-byte aligned top of a mapped stack that nothing
+/// else uses now, large enough for `T` and `next`; the old stack is never
+/// used again.
+pub unsafe fn switch_stack_with<T: Copy>(top: u64, value: &T, next: fn(&T) -> !) -> ! {
+    let size = core::mem::size_of::<T>() as u64;
+    let at = (top - size) & !0xF;
+    // SAFETY: (1) `at..at + size` lies below `top` on the caller's stack,
+    // which nothing else uses; (2) 16-byte alignment covers any `T` here.
+    unsafe { (at as *mut T).write(*value) };
+    // SAFETY: (1) `at` is 16-byte aligned, so the call leaves RSP as the
+    // ABI expects; (2) `next` never returns.
+    unsafe {
+        core::arch::asm!(
+            "mov rsp, {stack}",
+            "xor ebp, ebp",
+            "call {next}",
+            "ud2",
+            stack = in(reg) at,
+            next = in(reg) next,
+            in("rdi") at,
+            options(noreturn)
+        )
+    }
+}

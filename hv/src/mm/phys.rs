@@ -33,25 +33,6 @@ pub fn read(start: u64, len: u64) -> &'static [u8] {
     unsafe { core::slice::from_raw_parts(start as *const u8, len as usize) }
 }
 
-/// The NUL-terminated string at `address`, at most `max` bytes, without
-/// its NUL (empty for address 0 or when no NUL comes within `max`).
-pub fn c_string(address: u64, max: usize) -> &'static [u8] {
-    if address == 0 {
-        return &[];
-    }
-    let mut len = 0;
-    while len < max {
-        // SAFETY: (1) identity-mapped loader memory (module docs); (2)
-        // read byte by byte, never past the NUL or `max`.
-        let byte = unsafe { core::ptr::read((address + len as u64) as *const u8) };
-        if byte == 0 {
-            return read(address, len as u64);
-        }
-        len += 1;
-    }
-    &[]
-}
-
 /// Copies `bytes` to `start`, in memory the kernel owns.
 pub fn write(start: u64, bytes: &[u8]) {
     // SAFETY: (1) identity-mapped memory the caller owns (module docs);
@@ -159,6 +140,16 @@ pub(super) fn switch_to_stack(top: u64, next: fn() -> !) -> ! {
     unsafe { crate::arch::cpu::switch_stack(top, next) }
 }
 
+/// Continues in `next` on the crash stack whose top is `top`, with a copy
+/// of `value` on it. Only the crash path calls this, once per CPU, with
+/// that CPU's own crash stack (fresh and guarded at bring-up, used by
+/// nothing else).
+pub fn run_on_crash_stack<T: Copy>(top: u64, value: &T, next: fn(&T) -> !) -> ! {
+    // SAFETY: the top of this CPU's crash stack (above), 16-byte aligned,
+    // mapped, nothing else on it; `next` never returns.
+    unsafe { crate::arch::cpu::switch_stack_with(top, value, next) }
+}
+
 /// Moves `value` into fresh frames at `frame` (owned, zeroed, page-aligned
 /// and large enough), for good.
 pub(super) fn place<T>(frame: u64, value: T) -> &'static mut T {
@@ -222,41 +213,56 @@ pub fn find_rsdp_in_bios() -> Option<u64> {
     unsafe { smp_boot::madt::find_rsdp_bios(acpi_handler()) }
 }
 
-/// A permanent allocation handed to exactly one taker, once: crash-time
-/// buffers are made at boot and taken by the one CPU that needs them,
-/// without a lock.
+/// A permanent allocation that one CPU claims for good: crash-time
+/// buffers are made at boot and claimed by the CPU that coordinates the
+/// crash, without a lock. That CPU may claim it again: the crash path
+/// re-enters the hand-over after a panic inside it, and never returns into
+/// the interrupted attempt, whose borrow is dead from then on.
 #[derive(Debug)]
-pub struct TakeOnce<T: 'static> {
+pub struct ClaimOnce<T: 'static> {
     value: AtomicPtr<T>,
+    owner: core::sync::atomic::AtomicU32,
 }
 
-// SAFETY: the value moves to whichever CPU takes it, once; `T: Send` makes
-// that move sound.
-unsafe impl<T: Send + 'static> Sync for TakeOnce<T> {}
+const NO_OWNER: u32 = u32::MAX;
 
-impl<T: 'static> TakeOnce<T> {
+// SAFETY: the value moves to the one CPU that claims it; `T: Send` makes
+// that move sound.
+unsafe impl<T: Send + 'static> Sync for ClaimOnce<T> {}
+
+impl<T: 'static> ClaimOnce<T> {
     /// Empty.
     pub const fn new() -> Self {
         Self {
             value: AtomicPtr::new(core::ptr::null_mut()),
+            owner: core::sync::atomic::AtomicU32::new(NO_OWNER),
         }
     }
 
-    /// Stores the allocation (once; a second put replaces nothing taken).
+    /// Stores the allocation (at boot, before anyone claims it).
     pub fn put(&self, value: &'static mut T) {
         self.value.store(value, Ordering::Release);
     }
 
-    /// The allocation, to the first caller only.
-    pub fn take(&self) -> Option<&'static mut T> {
-        let pointer = self.value.swap(core::ptr::null_mut(), Ordering::AcqRel);
-        // SAFETY: a non-null pointer came from the `&'static mut` given to
-        // `put`, and the swap hands it to exactly one caller.
-        (!pointer.is_null()).then(|| unsafe { &mut *pointer })
+    /// The allocation, to the first CPU that asks and to it alone after.
+    pub fn claim(&self, cpu: u32) -> Option<&'static mut T> {
+        let owner =
+            match self
+                .owner
+                .compare_exchange(NO_OWNER, cpu, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => cpu,
+                Err(owner) => owner,
+            };
+        let pointer = self.value.load(Ordering::Acquire);
+        // SAFETY: (1) a non-null pointer came from the `&'static mut` given
+        // to `put`; (2) only its owner gets it, and an owner that claims it
+        // again has abandoned its earlier borrow (type docs).
+        (owner == cpu && !pointer.is_null()).then(|| unsafe { &mut *pointer })
     }
 }
 
-impl<T: 'static> Default for TakeOnce<T> {
+impl<T: 'static> Default for ClaimOnce<T> {
     fn default() -> Self {
         Self::new()
     }
