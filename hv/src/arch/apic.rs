@@ -65,22 +65,24 @@ fn x2apic() -> bool {
 
 fn read(register: u32) -> u32 {
     if x2apic() {
-        // SAFETY: x2APIC mode is enabled on this CPU (see `enable`), so the
-        // APIC MSRs exist.
+        // SAFETY: (1) x2APIC mode is enabled on this CPU (see `enable`), so the APIC MSRs exist.
         unsafe { rdmsr(0x800 + register / 16) as u32 }
     } else {
-        // SAFETY: the xAPIC page is identity-mapped (uncached) and the
-        // register offset is one of this module's constants.
+        // SAFETY: (1) the xAPIC page is identity-mapped (uncached) and the register offset is one
+        // of this module's constants.
         unsafe { core::ptr::read_volatile((XAPIC_MMIO_BASE + u64::from(register)) as *const u32) }
     }
 }
 
 fn write(register: u32, value: u32) {
     if x2apic() {
-        // SAFETY: as in `read`.
+        // SAFETY: (1) x2APIC mode is enabled on this CPU (see `enable`), so
+        // the APIC MSRs exist; (2) the register is one of this module's
+        // constants.
         unsafe { wrmsr(0x800 + register / 16, u64::from(value)) };
     } else {
-        // SAFETY: as in `read`.
+        // SAFETY: (1) the xAPIC page is identity-mapped (uncached); (2) the
+        // register offset is one of this module's constants.
         unsafe {
             core::ptr::write_volatile((XAPIC_MMIO_BASE + u64::from(register)) as *mut u32, value)
         };
@@ -89,8 +91,8 @@ fn write(register: u32, value: u32) {
 
 /// Enables this CPU's local APIC in the chosen mode, with LINT0/LINT1 masked.
 pub fn enable() {
-    // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU; enabling the APIC
-    // (and x2APIC mode where CPUID offers it) changes no memory mapping.
+    // SAFETY: (1) IA32_APIC_BASE exists on every x86_64 CPU; (2) enabling the APIC (and x2APIC
+    // mode where CPUID offers it) changes no memory mapping.
     unsafe {
         let mut base = rdmsr(APIC_BASE_MSR) | APIC_BASE_ENABLE;
         if x2apic() {
@@ -176,7 +178,7 @@ pub fn end_of_interrupt() {
 /// enough.
 pub fn fence_before_ipi() {
     if x2apic() {
-        // SAFETY: MFENCE; LFENCE only order memory and instructions.
+        // SAFETY: (1) MFENCE; (2) LFENCE only order memory and instructions.
         unsafe { core::arch::asm!("mfence", "lfence", options(nostack, preserves_flags)) };
     } else {
         core::sync::atomic::compiler_fence(Ordering::SeqCst);
@@ -186,7 +188,7 @@ pub fn fence_before_ipi() {
 fn send(destination: u32, command: u32) {
     if x2apic() {
         fence_before_ipi();
-        // SAFETY: x2APIC mode is on; the ICR is one 64-bit MSR write.
+        // SAFETY: (1) x2APIC mode is on; (2) the ICR is one 64-bit MSR write.
         unsafe { wrmsr(0x830, (u64::from(destination) << 32) | u64::from(command)) };
     } else {
         // Bounded: a wedged APIC must not hang the caller (the crash path).

@@ -210,36 +210,24 @@ fn load(boot: &BootInfo, options: &hv_core::cmdline::Options) -> Result<Plan, Lo
     let header_len =
         core_header_len(cpus, segment_count, desc_len).ok_or(LoadError::HeaderSize)? as u64;
 
+    let room = Room {
+        firmware,
+        usable,
+        reservation,
+        header_len,
+    };
     if !handover::alloc_scratch() {
         return Err(LoadError::OutOfMemory);
     }
     let is_bzimage = image.get(0x202..0x206) == Some(b"HdrS");
     let is_elf = image.get(..4) == Some(b"\x7fELF");
     let (kind, elfcorehdr, entry, mut digests) = if is_bzimage {
-        let (elfcorehdr, entry, digests) = load_linux(
-            boot,
-            kernel,
-            image,
-            initrd,
-            firmware,
-            usable,
-            reservation,
-            header_len,
-        )
-        .map_err(LoadError::Linux)?;
+        let (elfcorehdr, entry, digests) =
+            load_linux(boot, kernel, image, initrd, &room).map_err(LoadError::Linux)?;
         (Kind::Linux, elfcorehdr, entry, digests)
     } else if is_elf {
-        let (elfcorehdr, entry, digests) = load_hv(
-            boot,
-            image,
-            firmware,
-            usable,
-            reservation,
-            purgatory_area,
-            header_len,
-            options,
-        )
-        .map_err(LoadError::Elf)?;
+        let (elfcorehdr, entry, digests) =
+            load_hv(boot, image, &room, purgatory_area, options).map_err(LoadError::Elf)?;
         (Kind::Hv, elfcorehdr, entry, digests)
     } else {
         return Err(LoadError::UnknownFormat);
@@ -262,16 +250,31 @@ fn load(boot: &BootInfo, options: &hv_core::cmdline::Options) -> Result<Plan, Lo
 
 type Loaded = (PhysRange, Entry, DigestTable<DIGESTS>);
 
+/// Where a capture kernel goes, and what its maps are made of.
+struct Room<'a> {
+    /// The firmware's memory map, whole.
+    firmware: &'a [E820Entry],
+    /// The reservation's part for the kernel (the purgatory's left out).
+    usable: PhysRange,
+    /// The whole reservation.
+    reservation: PhysRange,
+    /// The ELF core header's size, for the worst case.
+    header_len: u64,
+}
+
 fn load_linux(
     boot: &BootInfo,
     kernel: &Module,
     image: &'static [u8],
     initrd: Option<&Module>,
-    firmware: &[E820Entry],
-    usable: PhysRange,
-    reservation: PhysRange,
-    header_len: u64,
+    room: &Room<'_>,
 ) -> Result<Loaded, kexec_loader::Error> {
+    let Room {
+        firmware,
+        usable,
+        reservation,
+        header_len,
+    } = *room;
     let bz = BzImage::parse(image)?;
     let initrd_bytes = initrd.map(module_bytes);
     let layout = CaptureLayout::plan(
@@ -342,17 +345,19 @@ fn load_linux(
 
 /// Loads the hv image (built with `HV_LINK_BASE` inside the reservation)
 /// and the PVH start info it boots from (`kexec_loader::pvh`).
-#[allow(clippy::too_many_arguments)]
 fn load_hv(
     boot: &BootInfo,
     image_bytes: &'static [u8],
-    firmware: &[E820Entry],
-    usable: PhysRange,
-    reservation: PhysRange,
+    room: &Room<'_>,
     purgatory_area: u64,
-    header_len: u64,
     options: &hv_core::cmdline::Options,
 ) -> Result<Loaded, kexec_loader::Error> {
+    let Room {
+        firmware,
+        usable,
+        reservation,
+        header_len,
+    } = *room;
     let image = PvhImage::parse(image_bytes)?;
     let layout = image.place(usable, header_len)?;
     let mut digests = DigestTable::excluding(layout.elfcorehdr);

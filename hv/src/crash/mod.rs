@@ -4,7 +4,7 @@
 //!
 //! A reader starting from a panic follows it in this folder:
 //!
-//! 1. [`crash`] (from the panic handler, [`exception`], the crash
+//! 1. [`crash()`] (from the panic handler, [`exception`], the crash
 //!    hypercall, the lockup detector, [`nmi`] for an NMI from outside, or
 //!    [`inject`]): the first CPU in wins the election in [`COORDINATOR`]
 //!    and runs [`coordinate`]; any other CPU answers as a responder. It
