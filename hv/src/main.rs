@@ -36,8 +36,13 @@ static BOOT_INFO: spin::Once<BootInfo> = spin::Once::new();
 /// The command-line options in force.
 static OPTIONS: spin::Once<cmdline::Options> = spin::Once::new();
 
+/// The TSC at the image's first Rust instruction: a capture image reports
+/// it as the moment the capture kernel was entered.
+static ENTRY_TSC: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
 /// Called by the boot stub in long mode on the boot stack.
 extern "C" fn hv_main(entered_by: u32, info: u32, magic: u32) -> ! {
+    ENTRY_TSC.store(arch::cpu::rdtsc(), Ordering::Relaxed);
     percpu::init_boot_cpu();
     console::init_serial();
     console::init_logging(log::LevelFilter::Info);
@@ -197,6 +202,7 @@ fn capture_main() -> ! {
     capture::mode::run(
         options.capture_mode.expect("capture mode was asked for"),
         options.capture_sink,
+        ENTRY_TSC.load(Ordering::Relaxed),
     )
 }
 

@@ -139,6 +139,7 @@ pub fn coordinate(me: usize, reason: Reason<'_>, regs: &CpuRegisters) -> ! {
         TIMEOUT_US.load(Ordering::Relaxed),
     );
     let shootdown_us = time::now_us().saturating_sub(started);
+    super::stamp(super::Step::Rendezvous);
     for straggler in &rendezvous.stragglers {
         let stuck = if rendezvous.stuck_in_handler.contains(straggler) {
             " (stuck inside the crash handler)"
@@ -161,6 +162,7 @@ pub fn coordinate(me: usize, reason: Reason<'_>, regs: &CpuRegisters) -> ! {
         }
     }
     let own = COORDINATOR.crash_this_cpu(me, regs, &LISTS, &mut Hardware);
+    super::stamp(super::Step::Cleanup);
     inject::coordinator_step(CoordinatorStep::AfterCleanup);
     if !SUMMARY_PRINTED.swap(true, Ordering::AcqRel) {
         summarize(
@@ -174,6 +176,7 @@ pub fn coordinate(me: usize, reason: Reason<'_>, regs: &CpuRegisters) -> ! {
             started_tsc,
         );
     }
+    super::stamp(super::Step::Summary);
     super::handover::hand_over(&super::handover::Handover {
         coordinator: me,
         checked_in: &rendezvous.checked_in,

@@ -7,7 +7,7 @@
 //! not match), having said why.
 
 use core::fmt::Write;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, Ordering};
 
 use crash::cpuset::CpuSet;
 use crash::shootdown::VmxExit;
@@ -293,7 +293,7 @@ pub fn hand_over(handover: &Handover<'_>) {
             placement,
         )
     });
-    let header_tsc = cpu::rdtsc();
+    super::stamp(super::Step::CoreHeader);
     if let Err(error) = written {
         let _ = writeln!(
             EmergencyConsole,
@@ -307,7 +307,7 @@ pub fn hand_over(handover: &Handover<'_>) {
     let verdict = plan
         .digests
         .verify(|address, len| Some(phys::read(address, len as u64)));
-    let digest_tsc = cpu::rdtsc();
+    super::stamp(super::Step::Digests);
     if let Err(error) = verdict {
         let _ = writeln!(
             EmergencyConsole,
@@ -323,17 +323,11 @@ pub fn hand_over(handover: &Handover<'_>) {
         plan.segment_count,
         plan.kind.name()
     );
-    STEPS_TSC[0].store(header_tsc, Ordering::Relaxed);
-    STEPS_TSC[1].store(digest_tsc, Ordering::Relaxed);
     report_capture(plan, true, None);
     crate::console::wait_transmitter_empty();
     super::inject::coordinator_step(CoordinatorStep::Purgatory);
     crate::arch::blobs::jump_to_purgatory(plan.purgatory)
 }
-
-/// When the core header was written and the digests checked (TSC), for
-/// the report of the last hand-over.
-static STEPS_TSC: [AtomicU64; 2] = [const { AtomicU64::new(0) }; 2];
 
 fn report_capture(plan: &Plan, digest_ok: bool, error: Option<&dyn core::fmt::Display>) {
     let now = cpu::rdtsc();
@@ -348,10 +342,16 @@ fn report_capture(plan: &Plan, digest_ok: bool, error: Option<&dyn core::fmt::Di
             o.field("handover_us")
                 .u64(crate::cpu::time::tsc_to_us(now))?;
             o.field("handover_tsc").u64(now)?;
+            o.field("rendezvous_tsc")
+                .u64(super::stamped(super::Step::Rendezvous))?;
+            o.field("cleanup_tsc")
+                .u64(super::stamped(super::Step::Cleanup))?;
+            o.field("summary_tsc")
+                .u64(super::stamped(super::Step::Summary))?;
             o.field("header_tsc")
-                .u64(STEPS_TSC[0].load(Ordering::Relaxed))?;
+                .u64(super::stamped(super::Step::CoreHeader))?;
             o.field("digests_tsc")
-                .u64(STEPS_TSC[1].load(Ordering::Relaxed))?;
+                .u64(super::stamped(super::Step::Digests))?;
             o.field("attempt")
                 .u64(u64::from(ATTEMPTS.load(Ordering::Relaxed)))?;
             o.field("coordinator_stray_nmis")

@@ -172,6 +172,34 @@ pub fn entered_tsc() -> u64 {
     ENTERED_TSC.load(Ordering::Acquire)
 }
 
+/// The coordinator's steps, stamped with the TSC for the report (and
+/// `cargo xtask bench crash`).
+#[derive(Debug, Clone, Copy)]
+pub enum Step {
+    /// Every CPU checked in, or the wait gave up.
+    Rendezvous,
+    /// Its own cleanup is done.
+    Cleanup,
+    /// The summary is printed.
+    Summary,
+    /// The core header is written.
+    CoreHeader,
+    /// The digests are checked.
+    Digests,
+}
+
+static STEPS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+
+/// Stamps `step` with the TSC now.
+pub fn stamp(step: Step) {
+    STEPS[step as usize].store(cpu::rdtsc(), Ordering::Relaxed);
+}
+
+/// When `step` was reached (0: not yet).
+pub fn stamped(step: Step) -> u64 {
+    STEPS[step as usize].load(Ordering::Relaxed)
+}
+
 /// The panic handler's way in. Prints nothing: the coordinator prints the
 /// panic once its NMIs are out.
 pub fn on_panic(info: &core::panic::PanicInfo<'_>) -> ! {
