@@ -22,7 +22,8 @@ use kexec_loader::crash_note::{
 };
 use kexec_loader::digest::DigestTable;
 use kexec_loader::elfcore::{
-    CpuRegisters, CpuState, MemorySegment, Placement, core_header_len, write_core_header,
+    CpuRegisters, CpuState, LoadedImage, MemorySegment, Placement, core_header_len,
+    write_core_header,
 };
 use kexec_loader::layout::CaptureLayout;
 use smp_boot::madt::MAX_CPUS;
@@ -66,6 +67,9 @@ struct Plan {
     digests: DigestTable<16>,
     segments: [MemorySegment; MAX_SEGMENTS],
     segment_count: usize,
+    /// hv's own image as loaded, for the dump's `NT_AUXV` and `NT_FILE`
+    /// notes (drgn matches `-s hv` to the dump through them).
+    image: Option<LoadedImage<'static>>,
     /// Crash-time scratch, owned by whoever wins `SCRATCH_TAKEN`.
     scratch: &'static Scratch,
 }
@@ -252,8 +256,9 @@ fn load(boot: &BootInfo, options: &hv_core::cmdline::Options) -> Result<Plan, Lo
     let (segments, segment_count) = dump_segments(reservation);
     let cpus = crate::smp::cpus().len().max(1);
     let desc_len = desc_len_for(MAX_REASON, cpus, cpus, MAX_VCPUS).ok_or(LoadError::OutOfMemory)?;
-    let header_len =
-        core_header_len(cpus, segment_count, desc_len).ok_or(LoadError::OutOfMemory)? as u64;
+    let hv_image = loaded_image();
+    let header_len = core_header_len(cpus, segment_count, desc_len, hv_image.as_ref())
+        .ok_or(LoadError::OutOfMemory)? as u64;
     let scratch = alloc_scratch().ok_or(LoadError::OutOfMemory)?;
 
     let is_bzimage = image.get(0x202..0x206) == Some(b"HdrS");
@@ -287,8 +292,26 @@ fn load(boot: &BootInfo, options: &hv_core::cmdline::Options) -> Result<Plan, Lo
         digests,
         segments,
         segment_count,
+        image: hv_image,
         scratch,
     })
+}
+
+/// hv's ELF file header and program headers, which `linker.ld` loads at
+/// the image's start (`FILEHDR PHDRS`), as a [`LoadedImage`]. `None`, with
+/// a warning, when a loader left them out: the dump then lacks only what
+/// drgn needs to attach `hv`'s symbols.
+fn loaded_image() -> Option<LoadedImage<'static>> {
+    let (start, _) = crate::memory::image_range();
+    // SAFETY: the image's first page lies inside the image (`.text` starts
+    // on the next page), which is identity-mapped and never written after
+    // loading.
+    let headers = unsafe { core::slice::from_raw_parts(start as *const u8, 4096) };
+    LoadedImage::from_loaded_headers("hv", start, headers)
+        .inspect_err(|error| {
+            log::warn!("capture: {error}; the dump will not name hv's image for drgn")
+        })
+        .ok()
 }
 
 /// Allocates the crash-time buffers, element by element (they are far too
@@ -725,6 +748,7 @@ pub fn hand_over(handover: &Handover<'_>) {
         &cpus[..cpu_count],
         &record,
         &plan.segments[..plan.segment_count],
+        plan.image.as_ref(),
         placement,
     ) {
         let _ = writeln!(

@@ -625,7 +625,8 @@ pub(crate) mod tests {
         ];
         let mut header = vec![0u8; 64 << 10];
         let layout =
-            write_core_header(&mut header, &cpus, &crash, &segments, Placement::File).unwrap();
+            write_core_header(&mut header, &cpus, &crash, &segments, None, Placement::File)
+                .unwrap();
         let mut file = header[..layout.len].to_vec();
         file.resize(layout.data_offset as usize, 0);
         for segment in &segments {
@@ -753,7 +754,8 @@ pub(crate) mod tests {
         }];
         let mut header = vec![0u8; 1 << 20];
         let layout =
-            write_core_header(&mut header, &cpus, &crash, &segments, Placement::File).unwrap();
+            write_core_header(&mut header, &cpus, &crash, &segments, None, Placement::File)
+                .unwrap();
         assert!(layout.len as u64 > FIRST_READ);
         let mut file = header[..layout.len].to_vec();
         file.resize(layout.data_offset as usize + 4096, 0);

@@ -245,7 +245,13 @@ profile = "minimal"
         assert_eq!(
             commands,
             [
-                vec!["target", "add", "--toolchain", "1.95.0", "x86_64-unknown-none"],
+                vec![
+                    "target",
+                    "add",
+                    "--toolchain",
+                    "1.95.0",
+                    "x86_64-unknown-none"
+                ],
                 vec!["component", "add", "--toolchain", "1.95.0", "clippy"],
             ]
         );

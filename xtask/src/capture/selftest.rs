@@ -109,6 +109,7 @@ fn core_header() -> Result<Vec<u8>> {
         &cpus,
         &crash,
         &segments,
+        None,
         Placement::OldMemory {
             header_phys: HEADER_PHYS,
         },
