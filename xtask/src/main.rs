@@ -127,6 +127,12 @@ struct CaptureArgs {
     /// panic=-1 printk.time=1].
     #[arg(long, value_name = "WORDS", allow_hyphen_values = true)]
     capture_args: Option<String>,
+    /// With --capture linux: filter /proc/vmcore with Debian's makedumpfile
+    /// (dump level 1, zero pages left out) into an ELF dump (`vmcore`, for
+    /// gdb and drgn) and a compressed kdump (`vmcore.kdump`) instead of
+    /// copying it whole.
+    #[arg(long)]
+    makedumpfile: bool,
 }
 
 impl CaptureArgs {
@@ -137,6 +143,7 @@ impl CaptureArgs {
             ("--capture-kernel", self.capture_kernel.is_some()),
             ("--capture-initrd", self.capture_initrd.is_some()),
             ("--capture-args", self.capture_args.is_some()),
+            ("--makedumpfile", self.makedumpfile),
         ]
         .into_iter()
         .filter_map(|(name, given)| given.then_some(name))
@@ -152,6 +159,7 @@ impl CaptureArgs {
         if let Some(args) = &self.capture_args {
             options.linux_args = args.clone();
         }
+        options.makedumpfile = self.makedumpfile;
         options
     }
 }
