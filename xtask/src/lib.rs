@@ -22,6 +22,7 @@ pub mod makedumpfile;
 pub mod paths;
 pub mod plan;
 pub mod process;
+pub mod readme;
 pub mod report;
 pub mod run;
 pub mod serial;

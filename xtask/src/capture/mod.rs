@@ -427,6 +427,10 @@ pub fn bochs(options: &BochsOptions, capture: &CaptureOptions) -> Result<RunOutc
              Bochs lacks"
         );
     }
+    if capture.bochs_sink == BochsSink::Ata {
+        // Refused before anything is built: Bochs would stop at start-up.
+        run::check_cpus_with_disk(options.cpus)?;
+    }
     let mut words = capture_words(&options.append, capture);
     if capture.bochs_sink == BochsSink::Ata && !words.iter().any(|w| w.starts_with("capture_sink="))
     {
@@ -628,6 +632,18 @@ mod tests {
         let bytes = bochs_disk_bytes(512);
         assert_eq!(bytes % (16 * 63 * 512), 0);
         assert!(bytes >= 528 << 20);
+    }
+
+    #[test]
+    fn bochs_refuses_fifteen_cpus_with_the_dump_disk_at_once() {
+        let options = BochsOptions {
+            cpus: 15,
+            ..BochsOptions::new("/nonexistent/hv")
+        };
+        let capture = CaptureOptions::new(CaptureKernel::Hv, 15);
+        let error = bochs(&options, &capture).unwrap_err().to_string();
+        assert!(error.contains("too many registered timers"), "{error}");
+        assert!(error.contains("--cpus 14"), "{error}");
     }
 
     #[test]
