@@ -285,6 +285,7 @@ fn coordinate(me: usize, reason: Reason<'_>, regs: &UserRegs) -> ! {
     let started = time::now_us();
     let started_tsc = arch::cpu::rdtsc();
     smp::send_nmi_to_online_others();
+    let waiting_from_us = time::now_us().saturating_sub(started);
     let rendezvous = COORDINATOR.wait_for_rendezvous(
         &expected,
         &mut TscClock,
@@ -356,6 +357,17 @@ fn coordinate(me: usize, reason: Reason<'_>, regs: &UserRegs) -> ! {
                         let at = cpu.crash_nmi_at_us.load(Ordering::Relaxed);
                         let latency = (at != 0).then(|| at.saturating_sub(started));
                         a.item().option(latency, |value, us| value.u64(us))
+                    })
+                })?;
+                // Per CPU index: from the first NMI sent to the rendezvous
+                // seeing that CPU checked in (null: never seen).
+                o.field("checkin_us").array(|a| {
+                    (0..smp::cpus().len()).try_for_each(|cpu| {
+                        let seen = COORDINATOR
+                            .record(cpu)
+                            .and_then(|record| record.observed_after_us)
+                            .map(|us| waiting_from_us.saturating_add(us));
+                        a.item().option(seen, |value, us| value.u64(us))
                     })
                 })
             })

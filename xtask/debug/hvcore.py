@@ -197,12 +197,15 @@ def format_ledger(note):
         f"VMCLEAR ledger: {len(note['cpus'])} CPUs, {loaded} VMCS loaded at the crash, "
         f"{len(clears)} VMCLEARs, {ok} succeeded"
     )
+    # As `cargo xtask dump` prints it: `cleared` counts the VMCLEARs that
+    # succeeded, and every VMCLEAR follows with its outcome.
     for cpu in note["cpus"]:
         done = ", ".join(f"{phys:#x} {outcome}" for phys, outcome in cpu["vmclears"])
+        succeeded = sum(1 for _, outcome in cpu["vmclears"] if outcome == "ok")
         lines.append(
             f"  CPU {cpu['cpu_index']:>3} (APIC {cpu['apic_id']:>3}) "
-            f"{','.join(names_of(cpu['flags'], LEDGER_FLAGS)):<32} "
-            f"loaded {cpu['vmcs_loaded']:>2}, cleared {len(cpu['vmclears']):>2}"
+            f"{','.join(names_of(cpu['flags'], LEDGER_FLAGS)):<30} "
+            f"loaded {cpu['vmcs_loaded']:>2}, cleared {succeeded:>2}"
             + (f": {done}" if done else "")
         )
     return lines

@@ -671,6 +671,53 @@ pub(crate) mod tests {
         assert!(info.other_notes.is_empty());
     }
 
+    /// The Python helpers of `xtask/debug/` (the gdb commands and the drgn
+    /// module) decode the crash note themselves: they must read what
+    /// kexec-loader wrote as this crate reads it. Skipped (with a message)
+    /// where python3 is not installed.
+    #[test]
+    fn the_debugger_helpers_read_the_crash_note_as_xtask_does() {
+        let (path, _) = sample_file("python");
+        let script = crate::paths::workspace_root().join("xtask/debug/hvcore.py");
+        let Ok(output) = std::process::Command::new("python3")
+            .arg(&script)
+            .arg(&path)
+            .output()
+        else {
+            eprintln!("python3 not installed: debugger helper test skipped");
+            std::fs::remove_file(&path).unwrap();
+            return;
+        };
+        std::fs::remove_file(&path).unwrap();
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        for needed in [
+            "crash        panic: injected crash",
+            "coordinator  CPU 2",
+            "stragglers   APIC IDs 9",
+            "VMCLEAR ledger: 3 CPUs, 2 VMCS loaded at the crash, 2 VMCLEARs, 1 succeeded",
+            "CPU   2 (APIC   2) coordinator,checked-in",
+        ] {
+            assert!(text.contains(needed), "missing {needed:?} in\n{text}");
+        }
+        // The ledger lines are the ones `cargo xtask dump` prints.
+        let (path, _) = sample_file("python-compare");
+        let ours = DumpInfo::read(&path).unwrap().render(false, None);
+        std::fs::remove_file(&path).unwrap();
+        let ledger = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter(|l| l.starts_with("  CPU ") && l.contains(" loaded "))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(ledger(&text), ledger(&ours), "{text}\n{ours}");
+        assert_eq!(ledger(&ours).len(), 3);
+    }
+
     #[test]
     fn the_summary_names_everything_a_person_looks_for() {
         let (path, _) = sample_file("render");

@@ -276,6 +276,10 @@ struct BenchBringupArgs {
     /// Boot this Linux bzImage instead of fetching Debian's.
     #[arg(long, value_name = "FILE")]
     linux: Option<PathBuf>,
+    /// Draw each AP's bring-up time in hv, and both kernels' whole
+    /// bring-up, as SVG into this file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
     /// Extra words for Linux's command line (e.g. `lpj=...`).
     #[arg(long, value_name = "WORDS", allow_hyphen_values = true)]
     linux_append: Option<String>,
@@ -305,6 +309,10 @@ struct BenchShootdownArgs {
     /// Seed for the random CPUs and times [default: a fresh one, printed].
     #[arg(long, value_name = "N")]
     seed: Option<u64>,
+    /// Draw each CPU's NMI latency and check-in time, and the whole
+    /// shootdown, as SVG into this file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
     /// Write the samples and their spreads (JSON) to this file.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
@@ -480,6 +488,10 @@ fn run_task(task: Task) -> Result<ExitCode> {
             if let Some(path) = &args.report {
                 write_json(path, &result.to_json())?;
             }
+            if let Some(path) = &args.plot {
+                bench::plot::write_svg(&bench::plot::bringup_figure(&result), path)?;
+                println!("plot written to {}", path.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Task::Bench(Bench::Shootdown(args)) => {
@@ -506,6 +518,10 @@ fn run_task(task: Task) -> Result<ExitCode> {
             println!("{}", result.table());
             if let Some(path) = &args.report {
                 write_json(path, &result.to_json())?;
+            }
+            if let Some(path) = &args.plot {
+                bench::plot::write_svg(&bench::plot::shootdown_figure(&result), path)?;
+                println!("plot written to {}", path.display());
             }
             Ok(ExitCode::SUCCESS)
         }
