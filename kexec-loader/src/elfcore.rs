@@ -60,6 +60,13 @@ pub const ELFCLASS64: u8 = 2;
 pub const ELFDATA2LSB: u8 = 1;
 /// `EV_CURRENT`.
 pub const EV_CURRENT: u8 = 1;
+/// `e_ident[EI_OSABI]` of the core: `ELFOSABI_GNU` (also called
+/// `ELFOSABI_LINUX`). Linux writes `ELFOSABI_NONE` in its own cores, and
+/// lldb then refuses them ("Unsupported OS") unless a note names Linux;
+/// with this one it opens hv's dumps as the Linux-layout cores they are.
+/// Nobody else reads the byte: Linux's `/proc/vmcore`, gdb, drgn and
+/// makedumpfile take the core as before.
+pub const ELFOSABI_GNU: u8 = 3;
 /// Program header type: loadable segment.
 pub const PT_LOAD: u32 = 1;
 /// Program header type: notes.
@@ -537,6 +544,7 @@ fn put_ehdr(out: &mut [u8], phnum: u16) -> Result<(), OutOfBounds> {
     ident[4] = ELFCLASS64;
     ident[5] = ELFDATA2LSB;
     ident[6] = EV_CURRENT;
+    ident[7] = ELFOSABI_GNU;
     bytes::put(out, 0, &ident)?;
     bytes::put_u16(out, 16, ET_CORE)?;
     bytes::put_u16(out, 18, EM_X86_64)?;

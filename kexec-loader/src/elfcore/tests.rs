@@ -177,6 +177,7 @@ fn linux_proc_vmcore_sanity_checks_pass() {
     assert_eq!(bytes[4], 2, "ELFCLASS64");
     assert_eq!(bytes[5], 1, "ELFDATA2LSB");
     assert_eq!(bytes[6], 1, "EI_VERSION == EV_CURRENT");
+    assert_eq!(bytes[7], 3, "EI_OSABI: GNU/Linux, for lldb");
     assert_eq!(u32_at(&bytes, 20), Some(1), "e_version == EV_CURRENT");
     assert_eq!(u16_at(&bytes, 52), Some(64), "e_ehsize");
     assert_eq!(u16_at(&bytes, 54), Some(56), "e_phentsize");
@@ -633,6 +634,43 @@ mod reader_rejections {
 mod gdb {
     use super::*;
     use std::process::Command;
+
+    /// lldb opens the dump (it refuses ELF cores it cannot tie to an OS)
+    /// and lists one thread per CPU with its registers. Skipped (with a
+    /// message) where lldb is not installed.
+    #[test]
+    fn lldb_opens_the_dump_with_a_thread_per_cpu() {
+        if Command::new("lldb").arg("--version").output().is_err() {
+            eprintln!("lldb not installed: lldb test skipped");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("kexec-loader-lldb-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let core = dir.join("vmcore");
+        std::fs::write(&core, dump_file()).unwrap();
+        let output = Command::new("lldb")
+            .arg("-b")
+            .arg("-c")
+            .arg(&core)
+            .args(["-o", "thread list", "-o", "register read rip"])
+            .env("TERM", "dumb")
+            .output()
+            .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let all = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(!all.contains("Unsupported OS"), "{all}");
+        for pid in 1..=3 {
+            assert!(all.contains(&format!("tid = {pid}")), "thread {pid}: {all}");
+        }
+        assert!(
+            all.contains(&format!("rip = {:#018x}", regs(2).rip)),
+            "the crashing CPU's rip: {all}"
+        );
+    }
 
     /// gdb itself opens the dump: one thread per CPU with its registers,
     /// memory at the hypervisor's virtual addresses. Skipped (with a
