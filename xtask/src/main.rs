@@ -71,7 +71,8 @@ struct RunArgs {
     #[arg(long, value_name = "WORDS", allow_hyphen_values = true)]
     append: Option<String>,
     /// Kill the emulator and fail after this many seconds [default: 60 for
-    /// QEMU, 300 for QEMU with a capture, 120 for Bochs].
+    /// QEMU, 300 for QEMU with a capture, 120 for Bochs, 600 for Bochs with
+    /// a capture].
     #[arg(long, value_name = "SECS")]
     timeout: Option<u64>,
     /// Boot this ELF instead of building hv.
@@ -186,6 +187,11 @@ struct QemuArgs {
     #[command(flatten)]
     capture: CaptureArgs,
 }
+
+/// How long a Bochs run with a capture may take by default: the stream of
+/// a 448 MiB dump takes 75 to 100 s on an ATA disk at 8 CPUs, and about
+/// 4 minutes on port 0xE9 at 15 CPUs, on 2 shared cores.
+const BOCHS_CAPTURE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// How long a QEMU run with a capture may take by default: the capture
 /// kernel boots and the dump crosses the debug port or a virtio disk
@@ -421,6 +427,9 @@ fn run_task(task: Task) -> Result<ExitCode> {
             }
             let mut outcome = match plan.capture {
                 Some(kernel) => {
+                    if args.run.timeout.is_none() {
+                        options.timeout = BOCHS_CAPTURE_TIMEOUT;
+                    }
                     let mut capture = args.capture.options(kernel, args.cpus);
                     capture.bochs_sink = args.capture_sink;
                     // The default reservation (256 to 320 MiB) must lie in RAM.

@@ -125,8 +125,8 @@ pub fn check_cpus_with_disk(cpus: u32) -> Result<u32> {
             "Bochs 2.7 cannot run {cpus} CPUs and the ATA dump disk at once (it stops at \
              start-up: \">>PANIC<< register_timer: too many registered timers\", before the \
              guest runs): use --cpus {BOCHS_MAX_CPUS_WITH_DISK} or fewer, or \
-             --capture-sink debugcon (the dump on port 0xE9, no disk) with up to \
-             {BOCHS_MAX_CPUS} CPUs"
+             --capture-sink debugcon (the dump on port 0xE9, no disk), which runs up to \
+             {BOCHS_MAX_CPUS} CPUs (about 4 minutes at 15)"
         );
     }
     Ok(cpus)
