@@ -57,6 +57,7 @@
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_code)]
 
+pub mod accounting;
 pub mod cpuset;
 pub mod loaded_vmcs;
 pub mod shootdown;

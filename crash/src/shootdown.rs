@@ -48,114 +48,7 @@ const NO_CPU: u32 = u32::MAX;
 /// path must not hang on a broken clock.
 pub const STALLED_CLOCK_POLLS: u32 = 1 << 20;
 
-/// The registers of the interrupted context, in Linux `user_regs_struct`
-/// order, so that a record becomes the `pr_reg` of an ELF `NT_PRSTATUS` note
-/// as is.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[repr(C)]
-#[allow(missing_docs)]
-pub struct UserRegs {
-    pub r15: u64,
-    pub r14: u64,
-    pub r13: u64,
-    pub r12: u64,
-    pub rbp: u64,
-    pub rbx: u64,
-    pub r11: u64,
-    pub r10: u64,
-    pub r9: u64,
-    pub r8: u64,
-    pub rax: u64,
-    pub rcx: u64,
-    pub rdx: u64,
-    pub rsi: u64,
-    pub rdi: u64,
-    pub orig_rax: u64,
-    pub rip: u64,
-    pub cs: u64,
-    pub eflags: u64,
-    pub rsp: u64,
-    pub ss: u64,
-    pub fs_base: u64,
-    pub gs_base: u64,
-    pub ds: u64,
-    pub es: u64,
-    pub fs: u64,
-    pub gs: u64,
-}
-
-const _: () = assert!(core::mem::size_of::<UserRegs>() == UserRegs::COUNT * 8);
-
-impl UserRegs {
-    /// Registers in a `user_regs_struct`.
-    pub const COUNT: usize = 27;
-
-    /// The registers in `user_regs_struct` order.
-    pub const fn to_array(&self) -> [u64; Self::COUNT] {
-        [
-            self.r15,
-            self.r14,
-            self.r13,
-            self.r12,
-            self.rbp,
-            self.rbx,
-            self.r11,
-            self.r10,
-            self.r9,
-            self.r8,
-            self.rax,
-            self.rcx,
-            self.rdx,
-            self.rsi,
-            self.rdi,
-            self.orig_rax,
-            self.rip,
-            self.cs,
-            self.eflags,
-            self.rsp,
-            self.ss,
-            self.fs_base,
-            self.gs_base,
-            self.ds,
-            self.es,
-            self.fs,
-            self.gs,
-        ]
-    }
-
-    /// The registers from an array in `user_regs_struct` order.
-    pub const fn from_array(r: [u64; Self::COUNT]) -> Self {
-        Self {
-            r15: r[0],
-            r14: r[1],
-            r13: r[2],
-            r12: r[3],
-            rbp: r[4],
-            rbx: r[5],
-            r11: r[6],
-            r10: r[7],
-            r9: r[8],
-            r8: r[9],
-            rax: r[10],
-            rcx: r[11],
-            rdx: r[12],
-            rsi: r[13],
-            rdi: r[14],
-            orig_rax: r[15],
-            rip: r[16],
-            cs: r[17],
-            eflags: r[18],
-            rsp: r[19],
-            ss: r[20],
-            fs_base: r[21],
-            gs_base: r[22],
-            ds: r[23],
-            es: r[24],
-            fs: r[25],
-            gs: r[26],
-        }
-    }
-}
+pub use hv_abi::regs::CpuRegisters;
 
 /// What a CPU entering the crash path is to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -377,7 +270,7 @@ pub struct CrashRecord {
     /// Its progress.
     pub status: CpuStatus,
     /// The interrupted registers, once saved.
-    pub regs: Option<UserRegs>,
+    pub regs: Option<CpuRegisters>,
     /// Its ledger (parts not yet published read as not done).
     pub ledger: Ledger,
     /// When the rendezvous first saw it checked in, in microseconds after
@@ -468,7 +361,7 @@ const fn decode_walk_end(raw: u64) -> Option<WalkEnd> {
 #[derive(Debug)]
 struct CrashSlot {
     status: AtomicU32,
-    regs: [AtomicU64; UserRegs::COUNT],
+    regs: [AtomicU64; CpuRegisters::COUNT],
     vmcs_visited: AtomicU32,
     vmcs_cleared: AtomicU32,
     vmcs_failed: AtomicU32,
@@ -484,7 +377,7 @@ impl CrashSlot {
     const fn new() -> Self {
         Self {
             status: AtomicU32::new(0),
-            regs: [const { AtomicU64::new(0) }; UserRegs::COUNT],
+            regs: [const { AtomicU64::new(0) }; CpuRegisters::COUNT],
             vmcs_visited: AtomicU32::new(0),
             vmcs_cleared: AtomicU32::new(0),
             vmcs_failed: AtomicU32::new(0),
@@ -610,7 +503,7 @@ impl<const CPUS: usize> CrashCoordinator<CPUS> {
     pub fn crash_this_cpu<const ENTRIES: usize, const LIST_CPUS: usize, H>(
         &self,
         cpu: usize,
-        interrupted: &UserRegs,
+        interrupted: &CpuRegisters,
         lists: &VmcsArena<ENTRIES, LIST_CPUS>,
         hw: &mut H,
     ) -> CpuCrashOutcome
@@ -807,11 +700,11 @@ impl<const CPUS: usize> CrashCoordinator<CPUS> {
         let slot = self.slots.get(cpu)?;
         let status = CpuStatus(slot.status.load(Ordering::Acquire));
         let regs = status.regs_saved().then(|| {
-            let mut raw = [0; UserRegs::COUNT];
+            let mut raw = [0; CpuRegisters::COUNT];
             for (value, cell) in raw.iter_mut().zip(&slot.regs) {
                 *value = cell.load(Ordering::Relaxed);
             }
-            UserRegs::from_array(raw)
+            CpuRegisters::from_array(raw)
         });
         let mut ledger = slot.ledger();
         if !status.walked() {

@@ -1,56 +1,60 @@
-//! The hypervisor image: boot, machine discovery, and (in later stages) SMP
-//! bring-up, VMX and the crash path.
+//! The hypervisor image: the boot sequence, and nothing else.
+//!
+//! The layers, lowest first (a layer imports only from layers below it;
+//! see ARCHITECTURE.md): `arch` (the processor, all assembly; with
+//! `mm::phys`, the only `unsafe`), `console`, `mm`, `boot`, `cpu`,
+//! `crash`, `virt`, `capture`. This file registers the handlers the lower
+//! layers call up through and runs the boot in order.
 #![no_std]
 #![no_main]
+#![deny(unsafe_code)]
 
-mod acpi;
+#[allow(unsafe_code)]
 mod arch;
-mod bootinfo;
+mod boot;
 mod capture;
-mod capture_mode;
 mod console;
-mod crashpath;
-mod finish;
-mod guest_image;
-mod guests;
-mod inject;
-mod memory;
-mod paging;
-mod percpu;
-mod purgatory;
-mod report;
-mod smp;
-mod time;
-mod traps;
-mod vmx;
+mod cpu;
+mod crash;
+mod mm;
+mod virt;
+
+use core::sync::atomic::Ordering;
 
 use hv_core::cmdline::{self, CrashPoint, Finish};
 
+use crate::boot::info::BootInfo;
+use crate::cpu::percpu::LocalHalf;
+use crate::cpu::{ipi, percpu, smp, time};
+use crate::virt::Backend;
+use crate::virt::vmx::backend::Vmx;
+
+entry_point!(crate::hv_main);
+
 /// The boot information, kept for the hypervisor's lifetime.
-static BOOT_INFO: spin::Once<bootinfo::BootInfo> = spin::Once::new();
+static BOOT_INFO: spin::Once<BootInfo> = spin::Once::new();
 /// The command-line options in force.
 static OPTIONS: spin::Once<cmdline::Options> = spin::Once::new();
 
 /// Called by the boot stub in long mode on the boot stack.
-pub extern "C" fn hv_main(entered_by: u32, info: u32, magic: u32) -> ! {
+extern "C" fn hv_main(entered_by: u32, info: u32, magic: u32) -> ! {
     percpu::init_boot_cpu();
     console::init_serial();
     console::init_logging(log::LevelFilter::Info);
+    register_trap_handlers();
     arch::idt::load();
     arch::pic::remap_and_mask();
     println!("hv {}: booting", env!("CARGO_PKG_VERSION"));
 
-    // SAFETY: the entry stub passes exactly what the loader gave it, and
-    // nothing has touched loader memory yet.
-    let boot = match unsafe { bootinfo::parse(entered_by, info, magic) } {
+    let boot = match boot::info::parse(entered_by, info, magic) {
         Ok(boot) => BOOT_INFO.call_once(|| boot),
         Err(error) => {
             log::error!("cannot read the boot information: {error}");
-            report::line(|o| {
+            console::report::line(|o| {
                 o.field("panic")
                     .object(|o| o.field("message").display(error))
             });
-            finish::fail_stop();
+            console::finish::fail_stop();
         }
     };
     for module in boot.modules() {
@@ -65,8 +69,8 @@ pub extern "C" fn hv_main(entered_by: u32, info: u32, magic: u32) -> ! {
     let options = *OPTIONS.call_once(|| parsed.options);
     // A capture image's report is about the capture only: its own boot
     // must not overwrite what the crashed hypervisor reported.
-    report::only_capture_lines(options.capture_mode.is_some());
-    report::line(|o| {
+    console::report::only_capture_lines(options.capture_mode.is_some());
+    console::report::line(|o| {
         o.field("loader").object(|o| {
             o.field("protocol").str(boot.protocol.name())?;
             o.field("name")
@@ -74,10 +78,10 @@ pub extern "C" fn hv_main(entered_by: u32, info: u32, magic: u32) -> ! {
         })
     });
     console::set_level(options.log);
-    finish::exit_emulator_when_done(options.finish == Finish::Exit);
-    crashpath::set_timeout_ms(options.crash_timeout_ms);
+    console::finish::exit_emulator_when_done(options.finish == Finish::Exit);
+    crash::set_timeout_ms(options.crash_timeout_ms);
     if let Some(spec) = &options.crash {
-        inject::configure(spec);
+        crash::inject::configure(spec);
         log::warn!(
             "crash knob: CPU {} will panic ({:?}, after {} ms)",
             spec.cpu,
@@ -95,7 +99,7 @@ pub extern "C" fn hv_main(entered_by: u32, info: u32, magic: u32) -> ! {
             parsed.dropped_errors()
         );
     }
-    report::line(|o| {
+    console::report::line(|o| {
         o.field("cmdline").object(|o| {
             o.field("raw").str(boot.cmdline)?;
             o.field("errors").array(|a| {
@@ -105,12 +109,26 @@ pub extern "C" fn hv_main(entered_by: u32, info: u32, magic: u32) -> ! {
             })
         })
     });
-
-    memory::init(boot, options.crashkernel);
-    if options.capture_mode.is_some() {
-        memory::switch_to_guarded_stacks(capture_main)
+    if boot.regions_dropped > 0 {
+        log::warn!(
+            "memory map: {} entries beyond {} were ignored",
+            boot.regions_dropped,
+            boot.regions().len()
+        );
     }
-    memory::switch_to_guarded_stacks(boot_cpu_main)
+    mm::init(boot.memory_map(), boot.keep_out(), options.crashkernel);
+    let record_tables = |tables| percpu::current().set_tables(tables);
+    if options.capture_mode.is_some() {
+        mm::switch_to_guarded_stacks(record_tables, capture_main)
+    }
+    mm::switch_to_guarded_stacks(record_tables, boot_cpu_main)
+}
+
+/// The handlers the lowest layer calls up through.
+fn register_trap_handlers() {
+    arch::idt::register(2, crash::nmi::on_nmi);
+    arch::idt::register(ipi::CALL_FUNCTION_VECTOR, ipi::on_call_function_ipi);
+    arch::idt::register_exceptions(crash::exception::on_exception);
 }
 
 /// This image is a capture kernel: stream the crashed hypervisor's dump.
@@ -118,7 +136,7 @@ fn capture_main() -> ! {
     let options = OPTIONS
         .get()
         .expect("options are parsed before the stack switch");
-    capture_mode::run(
+    capture::mode::run(
         options.capture_mode.expect("capture mode was asked for"),
         options.capture_sink,
     )
@@ -132,13 +150,23 @@ fn boot_cpu_main() -> ! {
     let options = *OPTIONS
         .get()
         .expect("options are parsed before the stack switch");
-    let topology = acpi::discover(boot);
+    let acpi = boot::acpi::discover(boot);
+    let topology = acpi.topology;
 
-    let tsc_khz = time::calibrate();
-    match tsc_khz {
-        Some(khz) => log::info!("TSC: {} MHz", khz / 1000),
-        None => log::warn!("TSC: the PIT did not answer; assuming 1 GHz"),
+    let tsc = time::calibrate(acpi.rsdp);
+    match &tsc {
+        Ok(tsc) => log::info!(
+            "TSC: {}.{:03} MHz ({}; {} measurements, {} rejected, {} disagreements)",
+            tsc.khz / 1000,
+            tsc.khz % 1000,
+            tsc.source.name(),
+            tsc.attempts,
+            tsc.rejected,
+            tsc.disagreements
+        ),
+        Err(error) => log::warn!("TSC: not calibrated: {error}; assuming 1 GHz"),
     }
+    let tsc_khz = tsc.as_ref().ok().map(|tsc| tsc.khz);
     let apic_mode = arch::apic::choose_mode();
     arch::apic::enable();
     arch::cpu::enable_interrupts();
@@ -156,15 +184,19 @@ fn boot_cpu_main() -> ! {
             timeout_us: options.ap_timeout_ms * 1000,
         },
         hang_apic_id: options.ap_hang,
+        before_check_in: crash::inject::at_bringup,
     };
+    cpu::idle::set_work(virt::sched::join_run::<Vmx>);
     let bringup = smp::bring_up(possible, &settings);
-    capture::load_at_boot(boot, &options);
-    let called = smp::call_on_all(|_| {}, 0);
-    let nmis = smp::nmi_self_test();
+    capture::load::load_at_boot(boot, &options);
+    // The capture load changed page protections: every CPU drops what it
+    // cached (and this doubles as the call-function self-test).
+    let called = ipi::call_on_all(|_| arch::cpu::flush_tlb(), 0);
+    let nmis = ipi::nmi_self_test();
     log::info!("IPIs: call-function ran on {called} CPUs; NMI answered by {nmis} others");
 
-    if inject::point() == Some(CrashPoint::BeforeVmx) {
-        trigger_crash_now();
+    if crash::inject::point() == Some(CrashPoint::BeforeVmx) {
+        crash::inject::trigger_now();
     }
     let virt = run_guests(&options);
 
@@ -173,7 +205,7 @@ fn boot_cpu_main() -> ! {
             .iter()
             .filter(|cpu| cpu.slot.state() == smp_boot::bringup::CpuState::Failed)
     };
-    report::line(|o| {
+    console::report::line(|o| {
         o.field("cpus").object(|o| {
             o.field("possible").u64(bringup.possible as u64)?;
             o.field("online").u64(bringup.online as u64)?;
@@ -198,160 +230,103 @@ fn boot_cpu_main() -> ! {
             o.field("apic_mode").str(apic_mode)?;
             o.field("tsc_khz")
                 .option(tsc_khz, |value, khz| value.u64(khz))?;
+            o.field("tsc_source").str(match &tsc {
+                Ok(tsc) => tsc.source.name(),
+                Err(error) => error.source_name(),
+            })?;
+            o.field("tsc_measured_by").option(
+                tsc.as_ref().ok().and_then(|tsc| tsc.measured_by),
+                |value, timer| value.str(timer.name()),
+            )?;
+            o.field("tsc_confirmed_by").option(
+                tsc.as_ref().ok().and_then(|tsc| tsc.confirmed_by),
+                |value, timer| value.str(timer.name()),
+            )?;
+            o.field("tsc_cpuid_khz").option(
+                tsc.as_ref().ok().and_then(|tsc| tsc.cpuid_khz),
+                |value, khz| value.u64(khz),
+            )?;
+            let (attempts, rejected, disagreements) = match &tsc {
+                Ok(tsc) => (tsc.attempts, tsc.rejected, tsc.disagreements),
+                Err(error) => (error.attempts, error.rejected, error.disagreements),
+            };
+            o.field("tsc_attempts").u64(u64::from(attempts))?;
+            o.field("tsc_rejected").u64(u64::from(rejected))?;
+            o.field("tsc_disagreements").u64(u64::from(disagreements))?;
             o.field("call_function_cpus").u64(called as u64)?;
             o.field("nmi_cpus").u64(nmis as u64)
         })?;
         o.field("virt").object(|o| {
-            o.field("backend")
-                .str(if virt.error.is_none() { "vmx" } else { "none" })?;
+            o.field("backend").str(if virt.error.is_none() {
+                Vmx::NAME
+            } else {
+                "none"
+            })?;
             o.field("reason")
                 .option(virt.error, |value, error| value.display(error))?;
             o.field("cpus_in_vmx")
-                .u64(vmx::CPUS_IN_VMX.load(core::sync::atomic::Ordering::Relaxed))?;
+                .u64(virt::vmx::CPUS_IN_VMX.load(Ordering::Relaxed))?;
             o.field("vcpus").u64(virt.run.vcpus as u64)?;
             o.field("vm_exits").u64(virt.run.exits)?;
             o.field("migrations").u64(virt.run.migrations)?;
             o.field("stopped").u64(virt.run.stopped as u64)?;
             o.field("exits_per_cpu").u64_array(
-                smp::cpus()
-                    .iter()
-                    .map(|cpu| cpu.vm_exits.load(core::sync::atomic::Ordering::Relaxed)),
+                (0..smp::cpus().len())
+                    .map(|index| virt::cpu(index).vm_exits.load(Ordering::Relaxed)),
             )
         })
     });
-    if inject::configured() {
-        inject_crash_after_boot();
+    if crash::inject::configured() {
+        crash::inject::fire_after_boot();
     }
-    report::line(|o| o.field("done").bool(true));
+    console::report::line(|o| o.field("done").bool(true));
     log::info!("boot self-report complete");
-    finish::success_stop()
+    console::finish::success_stop()
 }
 
-/// Has the knob's target CPU panic now (through an IPI if it is another).
-fn trigger_crash_now() {
-    let Some(target) = inject::target_cpu() else {
-        return;
-    };
-    if target == percpu::current_cpu_index() as usize {
-        inject::crash_here(0);
-    }
-    if !smp::call_on(target, inject::crash_here, 0) {
-        log::error!("crash knob: CPU {target} is not online; no crash injected");
-    }
-}
-
-/// The crash knob's cases the guest run did not already fire.
-fn inject_crash_after_boot() {
-    if inject::fired() {
-        return;
-    }
-    let point = inject::point();
-    if let Some(
-        point @ (CrashPoint::ListAdd(_)
-        | CrashPoint::ListRemove(_)
-        | CrashPoint::VmclearUnlink
-        | CrashPoint::VcpuLoad),
-    ) = point
-    {
-        // Points of the loaded-VMCS list protocol exist only while guests
-        // run; the run is over (or never started: no VMX) and it was not hit.
-        log::error!(
-            "crash knob: injection point {point:?} was never reached (it needs a VMX guest run)"
-        );
-        report::line(|o| {
-            o.field("crash_injection")
-                .object(|o| o.field("fired").bool(false))
-        });
-        return;
-    }
-    if !inject::clock_started() {
-        inject::start_clock();
-    }
-    while !inject::due() {
-        core::hint::spin_loop();
-    }
-    let Some(target) = inject::target_cpu() else {
-        return;
-    };
-    let me = percpu::current_cpu_index() as usize;
-    let cpus = smp::cpus().len();
-    match point {
-        Some(CrashPoint::NmiBlocked) => {
-            // The target spins inside an NMI handler, so it cannot take the
-            // shootdown NMI; another CPU panics and must name it.
-            let panicker = if target == 0 { 1 % cpus } else { 0 };
-            crashpath::SPIN_IN_NMI.store(target as u32, core::sync::atomic::Ordering::Relaxed);
-            if target == me {
-                // This CPU is about to block itself: have the panicker wait
-                // until it surely has, then panic.
-                smp::send_call(panicker, inject::crash_after_delay, 0);
-            }
-            if let Some(cpu) = smp::cpus().get(target) {
-                arch::apic::send_nmi(cpu.slot.apic_id());
-            }
-            time::delay_us(10_000);
-            if panicker == me {
-                inject::crash_here(0);
-            }
-            smp::call_on(panicker, inject::crash_here, 0);
-        }
-        Some(CrashPoint::DoublePanic) => {
-            let other = (target + 1) % cpus;
-            for cpu in [target, other] {
-                if cpu != me {
-                    smp::send_call(cpu, inject::crash_here, 0);
-                }
-            }
-            if [target, other].contains(&me) {
-                inject::crash_here(0);
-            }
-            time::delay_us(1_000_000);
-        }
-        _ => trigger_crash_now(),
-    }
-}
-
-/// What the VMX phase did.
+/// What the guest phase did.
 struct VirtOutcome {
-    error: Option<vmx::VmxError>,
-    run: guests::RunSummary,
+    error: Option<<Vmx as Backend>::Error>,
+    run: virt::sched::RunSummary,
 }
 
-/// Enables VMX on every core and runs the guests for a while. Without VMX
-/// (QEMU TCG) this reports why and the hypervisor carries on.
+/// Enables the backend on every core and runs the guests for a while.
+/// Without VMX (QEMU TCG) this reports why and the hypervisor carries on.
 fn run_guests(options: &cmdline::Options) -> VirtOutcome {
-    if let Err(error) = vmx::capabilities() {
+    if let Err(error) = Vmx::check() {
         log::warn!("vmx: {error}; no guests will run");
         // The crash path's VMXOFF must survive a #UD; with no VMX, VMXOFF
         // is exactly that case: check that the fix-up catches it.
-        let outcome = vmx::tolerant::vmxoff();
+        let outcome = arch::fixup::vmxoff();
         log::info!("vmx: VMXOFF outside VMX operation: {outcome:?} (tolerated)");
         return VirtOutcome {
             error: Some(error),
-            run: guests::RunSummary::default(),
+            run: virt::sched::RunSummary::default(),
         };
     }
-    smp::call_on_all(guests::enable_vmx_here, 0);
-    let in_vmx = vmx::CPUS_IN_VMX.load(core::sync::atomic::Ordering::Relaxed);
+    ipi::call_on_all(virt::enable_here::<Vmx>, 0);
+    let in_vmx = virt::enabled_cpus();
     log::info!(
         "vmx: {in_vmx} of {} CPUs in VMX root operation",
         smp::cpus().len()
     );
     if in_vmx == 0 {
         return VirtOutcome {
-            error: Some(vmx::VmxError::VmxonFailed),
-            run: guests::RunSummary::default(),
+            error: Some(virt::vmx::VmxError::VmxonFailed),
+            run: virt::sched::RunSummary::default(),
         };
     }
-    let settings = guests::Settings {
+    let settings = virt::sched::Settings {
         vcpus: options.vcpus as usize,
         run_ms: options.guest_run_ms,
         slice_us: options.slice_us,
-        misbehaving_vcpu: options.guest_misbehave,
-        crash_calling_vcpu: options.guest_crash_call,
+        knobs: virt::vcpu::Knobs {
+            misbehaving: options.guest_misbehave,
+            crash_caller: options.guest_crash_call,
+        },
         crash_hypercall_allowed: options.crash_hypercall,
     };
-    let run = guests::run_at_boot(&settings);
+    let run = virt::sched::run_at_boot::<Vmx>(&settings);
     log::info!(
         "vmx: {} vCPUs, {} VM exits, {} migrations, {} stopped",
         run.vcpus,
@@ -364,19 +339,5 @@ fn run_guests(options: &cmdline::Options) -> VirtOutcome {
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
-    use core::fmt::Write;
-    let regs = crashpath::current_regs();
-    console::enter_emergency();
-    let cpu = percpu::current_cpu_index();
-    let _ = writeln!(
-        console::EmergencyConsole,
-        "\n*** hv: panic on cpu {cpu}: {info}"
-    );
-    report::emergency(|o| {
-        o.field("panic").object(|o| {
-            o.field("message").display(info.message())?;
-            o.field("cpu").u64(u64::from(cpu))
-        })
-    });
-    crashpath::crash(crashpath::Reason::Panic(info), &regs)
+    crash::on_panic(info)
 }

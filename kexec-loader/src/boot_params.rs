@@ -38,16 +38,7 @@ pub const LOW_MEMORY_END: u64 = 1 << 20;
 /// `type_of_loader` 0xFF: "undefined" in the boot protocol.
 pub const TYPE_OF_LOADER_UNDEFINED: u8 = 0xFF;
 
-/// e820 type: usable RAM.
-pub const E820_RAM: u32 = 1;
-/// e820 type: reserved.
-pub const E820_RESERVED: u32 = 2;
-/// e820 type: ACPI tables, reclaimable after they are read.
-pub const E820_ACPI: u32 = 3;
-/// e820 type: ACPI non-volatile storage.
-pub const E820_NVS: u32 = 4;
-/// e820 type: unusable (defective) memory.
-pub const E820_UNUSABLE: u32 = 5;
+pub use hv_abi::e820::{E820_ACPI, E820_NVS, E820_RAM, E820_RESERVED, E820_UNUSABLE};
 
 /// Offsets of the `struct boot_params` fields outside the setup header
 /// (`arch/x86/include/uapi/asm/bootparam.h`; the setup-header fields are in
@@ -295,7 +286,7 @@ impl E820Table {
 /// Checks that `[reservation.start, res_end)` is covered by firmware RAM
 /// and touched by no other firmware range. Quadratic in the number of
 /// entries, which is small, and needs no sorting.
-fn check_reservation_is_ram(
+pub(crate) fn check_reservation_is_ram(
     firmware: &[E820Entry],
     reservation: PhysRange,
     res_end: u64,
@@ -591,6 +582,38 @@ mod tests {
         assert_eq!(
             E820Table::for_capture(&firmware, reservation(), elfcorehdr()).unwrap_err(),
             BootParamsError::TooManyE820Entries
+        );
+    }
+
+    /// The limit is on the map the capture kernel gets, not on the
+    /// firmware's: a firmware map of any length is read whole (the kernel
+    /// used to cut it at 128 entries before calling this).
+    #[test]
+    fn a_firmware_map_longer_than_128_entries_is_read_whole() {
+        let mut firmware = firmware_map();
+        // 300 RAM ranges above 4 GiB: none of them reaches the capture map.
+        for i in 0..300u64 {
+            firmware.push(E820Entry::new(16 * GIB + i * 2 * MIB, MIB, E820_RAM));
+        }
+        // Entries past the 128th still count.
+        let late_reserved = E820Entry::new(0xfee0_0000, 0x1000, E820_RESERVED);
+        let late_acpi = E820Entry::new(3 * GIB - 4 * MIB, MIB, E820_ACPI);
+        firmware.push(late_reserved);
+        firmware.push(late_acpi);
+        assert!(firmware.len() > E820_MAX_ENTRIES);
+        let table = E820Table::for_capture(&firmware, reservation(), elfcorehdr()).unwrap();
+        assert!(table.entries().contains(&late_reserved));
+        assert!(table.entries().contains(&late_acpi));
+        assert_eq!(table.entries().len(), 11);
+        // And a late entry that the reservation's check must see is seen.
+        let over = E820Entry::new(GIB + MIB, 0x1000, E820_RESERVED);
+        firmware.push(over);
+        assert_eq!(
+            E820Table::for_capture(&firmware, reservation(), elfcorehdr()).unwrap_err(),
+            BootParamsError::ReservationOverlapsFirmwareRange {
+                reservation: reservation(),
+                entry: over
+            }
         );
     }
 

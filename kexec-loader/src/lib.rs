@@ -11,10 +11,16 @@
 //! - [`cmdline`]: appends `elfcorehdr=` and `memmap=` to the user's arguments;
 //! - [`elfcore`]: writes and reads the ELF core header (`/proc/vmcore` and
 //!   `gdb` read it), with [`crash_note`] for the hypervisor's private note;
-//! - [`digest`]: SHA-256 of every loaded segment, verified before the jump.
+//! - [`digest`]: SHA-256 of every loaded segment, verified before the jump;
+//! - [`pvh`]: the other capture kernel, hv itself in capture mode: its ELF
+//!   image, its placement and its PVH start info and memory map;
+//! - [`segments`]: the RAM a dump describes, as the core header's segments.
 //!
 //! # At boot
-//! 1. [`bzimage::BzImage::parse`] the `capture` module;
+//! 0. [`segments::ram_outside_reservation`]: the memory the dump will
+//!    describe, which sizes the core header;
+//! 1. [`bzimage::BzImage::parse`] the `capture` module (or, for the hv
+//!    image, follow [`pvh`]'s steps instead of 1 to 3);
 //! 2. [`layout::CaptureLayout::plan`] it into the reservation, sizing the
 //!    core header with [`elfcore::core_header_len`] for the worst case;
 //! 3. copy [`bzimage::BzImage::kernel_bytes`] and the initrd to their
@@ -35,13 +41,15 @@
 #![deny(unsafe_code)]
 
 pub mod boot_params;
-mod bytes;
+use hv_abi::bytes;
 pub mod bzimage;
 pub mod cmdline;
-pub mod crash_note;
+pub use hv_abi::crash_note;
 pub mod digest;
 pub mod elfcore;
 pub mod layout;
+pub mod pvh;
+pub mod segments;
 
 #[cfg(test)]
 mod end_to_end;
@@ -132,6 +140,10 @@ pub enum Error {
     Digest(digest::DigestError),
     /// A loaded segment changed since its digest was taken.
     Verify(digest::VerifyError),
+    /// The hv capture image or its PVH boot data was rejected.
+    Pvh(pvh::PvhLoadError),
+    /// The dump's segment list could not be built.
+    Segments(segments::SegmentsError),
 }
 
 impl fmt::Display for Error {
@@ -145,6 +157,8 @@ impl fmt::Display for Error {
             Self::CrashNote(e) => write!(f, "crash note: {e}"),
             Self::Digest(e) => write!(f, "segment digest: {e}"),
             Self::Verify(e) => write!(f, "purgatory check: {e}"),
+            Self::Pvh(e) => write!(f, "hv capture image: {e}"),
+            Self::Segments(e) => write!(f, "dump segments: {e}"),
         }
     }
 }
@@ -168,6 +182,8 @@ impl_from!(
     CrashNote(crash_note::CrashNoteError),
     Digest(digest::DigestError),
     Verify(digest::VerifyError),
+    Pvh(pvh::PvhLoadError),
+    Segments(segments::SegmentsError),
 );
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use crate::cmdline::write_capture_cmdline;
 use crate::crash_note::CrashNote;
 use crate::elfcore::{CoreDump, Placement};
 use crate::layout::CaptureLayout;
+use crate::pvh::{BootDataConfig, PvhImage, write_boot_data};
 use crate::testutil::{FakeBzImage, XorShift};
 use crate::{PhysRange, elfcore};
 
@@ -305,6 +306,176 @@ fn random_firmware_maps_never_panic_the_e820_builder() {
             assert!(entries.iter().all(|e| e.size > 0));
         }
     }
+}
+
+/// Everything the boot path does with an hv capture image that parsed.
+fn exercise_pvh_image(bytes: &[u8]) {
+    use crate::pvh::tests::{firmware_map, reservation, usable};
+    let Ok(image) = PvhImage::parse(bytes) else {
+        return;
+    };
+    let segments = image.load_segments();
+    assert!(!segments.is_empty());
+    for (i, segment) in segments.iter().enumerate() {
+        assert!(segment.range().end().is_some());
+        assert!(segment.file_len as u64 <= segment.mem_len);
+        assert_eq!(image.segment_bytes(segment).len(), segment.file_len);
+        assert!(segment.file_offset + segment.file_len <= bytes.len());
+        for other in &segments[..i] {
+            assert!(!other.range().overlaps(&segment.range()));
+        }
+    }
+    let entry = u64::from(image.entry());
+    assert!(
+        segments
+            .iter()
+            .any(|s| s.range().contains(&PhysRange::new(entry, 1)))
+    );
+    let Ok(layout) = image.place(usable(), 0x2345) else {
+        return;
+    };
+    assert!(usable().contains(&layout.image));
+    assert!(usable().contains(&layout.elfcorehdr));
+    assert!(layout.elfcorehdr.is_page_aligned());
+    assert!(layout.elfcorehdr.start >= layout.image.start + layout.image.len);
+    for segment in segments.iter().filter(|s| s.mem_len <= 1 << 20) {
+        let mut memory = vec![0xAA; segment.mem_len as usize];
+        image.write_segment(segment, &mut memory).unwrap();
+    }
+    let firmware = firmware_map();
+    let mut data = vec![0u8; 0x2000];
+    let config = BootDataConfig {
+        firmware: &firmware,
+        reservation: reservation(),
+        elfcorehdr: layout.elfcorehdr,
+        rsdp: None,
+        cmdline: &"capture_mode=1",
+    };
+    let written = write_boot_data(&mut data, 0x4fff_7000, &config).unwrap();
+    let read = |paddr: u64, len: usize| {
+        let offset = usize::try_from(paddr.checked_sub(0x4fff_7000)?).ok()?;
+        crate::bytes::slice_at(&data, offset, len)
+    };
+    let boot = hv_abi::pvh::decode(0x4fff_7000, read).unwrap();
+    assert_eq!(boot.memmap.len(), written.memmap_entries as usize);
+}
+
+#[test]
+fn mutated_pvh_images_never_panic_the_loader() {
+    let valid = crate::pvh::tests::hv_like();
+    exercise_pvh_image(&valid);
+    let program_headers = 64 + 5 * 56;
+    let mut rng = XorShift::new(0x7076_6869_6d67);
+    let mut accepted = 0;
+    for round in 0..ITERATIONS {
+        // Half the rounds aim at the headers, half at the notes.
+        let hot = if round % 2 == 0 {
+            0..program_headers
+        } else {
+            0x3700..0x3750
+        };
+        let input = mutate(&mut rng, &valid, hot);
+        if PvhImage::parse(&input).is_ok() {
+            accepted += 1;
+        }
+        exercise_pvh_image(&input);
+    }
+    assert!(accepted > ITERATIONS / 20, "only {accepted} mutants parsed");
+}
+
+#[test]
+fn random_bytes_never_panic_the_pvh_parser() {
+    let mut rng = XorShift::new(0x7261_6e64_656c);
+    let valid = crate::pvh::tests::hv_like();
+    for _ in 0..ITERATIONS {
+        let len = rng.below(600);
+        let mut input: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+        // Keep a valid ELF identification half of the time, so the
+        // program header checks are reached.
+        if rng.below(2) == 0 && len >= 64 {
+            input[..24].copy_from_slice(&valid[..24]);
+            input[54..58].copy_from_slice(&valid[54..58]);
+        }
+        exercise_pvh_image(&input);
+    }
+}
+
+#[test]
+fn random_firmware_maps_never_panic_the_pvh_boot_data_or_the_dump_segments() {
+    use crate::elfcore::MemorySegment;
+    use crate::segments::{SegmentsError, ram_outside_reservation};
+    let mut rng = XorShift::new(0x7076_6864_6174);
+    let reservation = PhysRange::new(0x4000_0000, 0x1000_0000);
+    let elfcorehdr = PhysRange::new(0x4000_8000, 0x3000);
+    for _ in 0..ITERATIONS {
+        let count = rng.below(140);
+        let firmware: Vec<E820Entry> = (0..count)
+            .map(|_| {
+                let pick = |rng: &mut XorShift| {
+                    if rng.below(3) == 0 {
+                        INTERESTING[rng.below(INTERESTING.len())]
+                    } else {
+                        rng.next_u64() >> rng.below(64)
+                    }
+                };
+                E820Entry::new(pick(&mut rng), pick(&mut rng), rng.below(8) as u32)
+            })
+            .collect();
+        let mut data = vec![0u8; 56 + 24 * rng.below(200) + rng.below(64)];
+        let config = BootDataConfig {
+            firmware: &firmware,
+            reservation,
+            elfcorehdr,
+            rsdp: Some(0xe_0000),
+            cmdline: &"capture_mode=0x40008000",
+        };
+        if let Ok(written) = write_boot_data(&mut data, 0x4fff_0000, &config) {
+            let read = |paddr: u64, len: usize| {
+                let offset = usize::try_from(paddr.checked_sub(0x4fff_0000)?).ok()?;
+                crate::bytes::slice_at(&data, offset, len)
+            };
+            let boot = hv_abi::pvh::decode(0x4fff_0000, read).unwrap();
+            let map: Vec<_> = boot.memmap.iter().collect();
+            assert_eq!(map.len(), written.memmap_entries as usize);
+            assert!(map.windows(2).all(|w| w[0].addr <= w[1].addr));
+            assert!(map.iter().all(|e| e.size > 0));
+            // Nothing outside the reservation is RAM to the capture image.
+            for entry in map.iter().filter(|e| e.kind == 1) {
+                assert!(reservation.contains(&PhysRange::new(entry.addr, entry.size)));
+            }
+        }
+        let mut segments = vec![
+            MemorySegment {
+                phys: 0,
+                virt: 0,
+                len: 0
+            };
+            rng.below(80)
+        ];
+        match ram_outside_reservation(&firmware, reservation, &mut segments) {
+            Ok(count) => {
+                let segments = &segments[..count];
+                assert!(
+                    segments
+                        .windows(2)
+                        .all(|w| w[0].phys + w[0].len < w[1].phys)
+                );
+                assert!(
+                    segments
+                        .iter()
+                        .all(|s| s.len > 0 && !s_overlaps(s, reservation))
+                );
+            }
+            Err(SegmentsError::TooManySegments { needed, capacity }) => {
+                assert!(needed > capacity)
+            }
+            Err(error) => panic!("{error}"),
+        }
+    }
+}
+
+fn s_overlaps(segment: &crate::elfcore::MemorySegment, range: PhysRange) -> bool {
+    PhysRange::new(segment.phys, segment.len).overlaps(&range)
 }
 
 /// Regression inputs: each one once broke (or nearly broke) a parser.

@@ -139,7 +139,7 @@ pub fn gdb_threads(text: &str) -> Vec<&str> {
 
 /// Asserts that gdb, given hv's ELF and the run's dump, lists one thread
 /// per CPU and that the crashing CPU's backtrace (gdb's current thread)
-/// reaches the panic site, the injected crash's `hv::inject::fire`.
+/// reaches the panic site, the injected crash's `hv::crash::inject::fire`.
 #[track_caller]
 pub fn assert_gdb_reads(run: &RunOutcome, cpus: usize) {
     let dump = run.report["capture"]["dump_path"]
@@ -154,7 +154,7 @@ pub fn assert_gdb_reads(run: &RunOutcome, cpus: usize) {
     for frame in [
         "hv::panic",
         "core::panicking::panic_fmt",
-        "hv::inject::fire",
+        "hv::crash::inject::fire",
     ] {
         assert!(
             backtrace.contains(&format!(" in {frame} "))
@@ -244,7 +244,8 @@ pub fn listed_vmcs(line: &str) -> Vec<u64> {
 }
 
 /// Asserts that drgn symbolizes every CPU's stack and that the crashing
-/// CPU's reaches the panic site (`hv::inject::fire` through
+/// CPU's reaches the panic site (the injected crash's `...::inject::fire`,
+/// found by its last path components as hv's modules move, through
 /// `core::panicking::panic_fmt`), and that the drgn module lists every
 /// CPU's loaded VMCSes. Returns the `vmcs` lines.
 #[track_caller]
@@ -275,10 +276,10 @@ pub fn assert_drgn_reads(run: &RunOutcome, cpus: u32) -> Vec<(u32, String)> {
         assert!(first.contains(" at "), "no source line: {first}\n{text}");
     }
     let panic_fmt = stacks[0].find("in core::panicking::panic_fmt");
-    let fire = stacks[0].find("in hv::inject::fire");
+    let fire = stacks[0].find("::inject::fire at ");
     assert!(
         matches!((panic_fmt, fire), (Some(p), Some(f)) if p < f),
-        "the crashed thread's stack does not reach hv::inject::fire through panic_fmt:\n{}",
+        "the crashed thread's stack does not reach inject::fire through panic_fmt:\n{}",
         stacks[0]
     );
     let lines = vmcs_lines(&text);

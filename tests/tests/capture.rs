@@ -214,20 +214,30 @@ fn assert_helpers_read_the_lists(run: &RunOutcome, info: &xtask::dump::DumpInfo)
     }
     assert!(total > 0, "no VMCS on any list:\n{text}");
     assert_eq!(total as u64, number(run, "/crash/vmcs_loaded"), "{text}");
+    // Each vCPU whose VMCS is on a CPU's list was cleared at the crash by
+    // that very CPU, and its own record, when it still names a CPU, names
+    // the same one.
     let vcpus: Vec<&str> = text.lines().filter(|l| l.starts_with("  vCPU ")).collect();
-    assert!(!vcpus.is_empty(), "{text}");
+    let word_after = |line: &str, key: &str| -> Option<String> {
+        let rest = line.split(key).nth(1)?;
+        Some(rest.split(|c: char| !c.is_ascii_digit()).next()?.to_owned())
+    };
+    let mut on_lists = 0;
     for line in &vcpus {
-        let loaded = line
-            .split("loaded CPU ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next());
-        if let Some(cpu) = loaded {
-            assert!(
-                line.contains(&format!("on CPU {cpu}'s list")),
-                "{line}\n{text}"
-            );
+        let Some(listed) = word_after(line, "on CPU ") else {
+            continue;
+        };
+        on_lists += 1;
+        assert_eq!(
+            word_after(line, "cleared by CPU ").as_deref(),
+            Some(listed.as_str()),
+            "{line}\n{text}"
+        );
+        if let Some(loaded) = word_after(line, "loaded CPU ") {
+            assert_eq!(loaded, listed, "{line}\n{text}");
         }
     }
+    assert_eq!(on_lists, total, "every listed VMCS is a vCPU's:\n{text}");
     assert_eq!(
         text.lines()
             .filter(|l| l.contains(" APIC ") && l.contains(" thread "))

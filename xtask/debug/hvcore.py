@@ -3,7 +3,7 @@
 and the names of Rust symbols.
 
 Pure Python 3 (no gdb, no drgn): `python3 hvcore.py DUMP` prints the crash
-note. The note's layout is version 1 of `kexec-loader/src/crash_note.rs`;
+note. The note's layout is version 1 of `hv/abi/src/crash_note.rs`;
 the ELF core layout is `kexec-loader/src/elfcore.rs`.
 """
 
@@ -25,23 +25,29 @@ STATICS = {
     "lists": "LISTS",
     # AtomicUsize: CPUs brought up (dense indices 0..CPU_COUNT).
     "cpu_count": "CPU_COUNT",
-    # [SharedCpu; MAX_CPUS]: per-CPU shared half. Fields: slot.{apic_id,
-    # state, online_at_us}, nmis, vmx_on, vm_exits, crash_nmi_at_us.
+    # [SharedCpu; MAX_CPUS] (hv cpu::percpu): per-CPU shared half. Fields:
+    # slot.{apic_id, state}, nmis.
     "shared": "SHARED",
+    # [VirtCpu; MAX_CPUS] (hv virt): per-CPU virtualization state. Fields:
+    # enabled (VMX root operation), vm_exits.
+    "virt_cpus": "CPUS",
+    # [Record; MAX_VMCS] (hv crash::records): each VMCS's own record, kept
+    # apart from the lists. Fields: vmcs, loaded_on, cleared_by.
+    "records": "RECORDS",
     # crash::shootdown::CrashCoordinator<CPUS>: coordinator,
     # slots[cpu].{status, vmcs_visited, vmcs_cleared, vmcs_failed,
     # vmcs_stranded}.
     "coordinator": "COORDINATOR",
-    # spin::Once<&[Vcpu]>: the vCPUs. Vcpu.shared.{vmcs, loaded_on,
-    # stopped, exits, crash_cleared}.
+    # spin::Once<&[Vcpu]> (hv virt::sched): the vCPUs. Vcpu.shared.{
+    # context.page (the VMCS), stopped, exits}.
     "vcpus": "VCPUS",
 }
 
 #: crash::loaded_vmcs: the "none" index and CPU, and the ALLOCATED state.
 NONE_INDEX = 0xFFFF_FFFF
 ENTRY_ALLOCATED = 2
-#: hv guests: `VcpuShared.loaded_on` of a VMCS loaded nowhere.
-NOT_LOADED = 0xFFFF_FFFF
+#: hv crash::records: `loaded_on` and `cleared_by` of no CPU.
+NO_CPU = 0xFFFF_FFFF
 #: smp_boot::bringup::CpuState.
 CPU_STATES = {0: "offline", 1: "starting", 2: "online", 3: "failed"}
 #: crash::shootdown: the bits of a CrashSlot's `status`.
@@ -56,7 +62,7 @@ CRASH_STATUS_BITS = [
     (1 << 7, "gave-up"),
 ]
 
-# kexec-loader: the crash note and its ledger flags.
+# hv-abi (hv/abi/src/crash_note.rs): the crash note and its ledger flags.
 CRASH_NOTE_NAME = b"HVCRASH"
 NT_HV_CRASH = struct.unpack("<I", b"HVCR")[0]
 LEDGER_FLAGS = [

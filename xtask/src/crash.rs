@@ -9,146 +9,38 @@
 //! the small seeded generator behind every random choice, so that a printed
 //! seed reproduces a whole stress loop.
 
-use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Stores of a loaded-VMCS list insertion: `list_add0` .. `list_add4`.
-pub const LIST_ADD_STORES: u8 = 5;
-/// Stores of a loaded-VMCS list removal: `list_remove0` .. `list_remove2`.
-pub const LIST_REMOVE_STORES: u8 = 3;
+pub use hv_abi::defaults::{
+    CRASH_TIMEOUT_MS as DEFAULT_TIMEOUT_MS, GUEST_RUN_MS as DEFAULT_GUEST_RUN_MS,
+    MAX_CRASH_TIMEOUT_MS as MAX_TIMEOUT_MS,
+};
+pub use hv_abi::knobs::{LIST_ADD_STORES, LIST_REMOVE_STORES};
 
-/// hv's default `crash_timeout_ms`.
-pub const DEFAULT_TIMEOUT_MS: u64 = 1000;
-/// hv's largest `crash_timeout_ms`.
-pub const MAX_TIMEOUT_MS: u64 = 600_000;
-/// hv's default `guest_run_ms`.
-pub const DEFAULT_GUEST_RUN_MS: u64 = 100;
+pub use hv_abi::knobs::{CrashPoint as Point, CrashSpec};
 
-/// Where the injected crash happens (`point:NAME`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Point {
-    /// Between two stores of a loaded-VMCS list insertion (`list_addN`).
-    ListAdd(u8),
-    /// Between two stores of a loaded-VMCS list removal (`list_removeN`).
-    ListRemove(u8),
-    /// After VMCLEAR, before the unlink.
-    VmclearUnlink,
-    /// VMPTRLD in the vCPU load path.
-    VcpuLoad,
-    /// CPU N spins inside an NMI handler; another CPU panics.
-    NmiBlocked,
-    /// CPUs N and N+1 (mod the count) panic at the same moment.
-    DoublePanic,
-    /// Before VMX is enabled (`after_ms` ignored).
-    BeforeVmx,
-    /// AP N panics during bring-up, before it checks in (N >= 1).
-    Bringup,
-}
-
-impl Point {
-    /// Every point that can fire: the stores the list protocol really makes.
-    pub fn all() -> Vec<Point> {
-        let mut points: Vec<Point> = (0..LIST_ADD_STORES).map(Point::ListAdd).collect();
-        points.extend((0..LIST_REMOVE_STORES).map(Point::ListRemove));
-        points.extend([
-            Point::VmclearUnlink,
-            Point::VcpuLoad,
-            Point::NmiBlocked,
-            Point::DoublePanic,
-            Point::BeforeVmx,
-            Point::Bringup,
-        ]);
-        points
-    }
-
-    /// Parses a point name with hv's own parser (`hv_core::cmdline`).
-    pub fn parse(text: &str) -> Option<Point> {
-        hv_core::cmdline::CrashPoint::parse(text).map(Point::from)
-    }
-
-    /// Whether the point sits in the loaded-VMCS protocol, which only runs
-    /// while VMX guests run: without VMX (QEMU TCG) it never fires.
-    pub fn needs_vmx(self) -> bool {
-        matches!(
-            self,
-            Point::ListAdd(_) | Point::ListRemove(_) | Point::VmclearUnlink | Point::VcpuLoad
-        )
-    }
-
-    /// Whether hv ignores `after_ms` for this point.
-    pub fn ignores_after_ms(self) -> bool {
-        matches!(self, Point::BeforeVmx | Point::Bringup)
-    }
-}
-
-impl From<hv_core::cmdline::CrashPoint> for Point {
-    fn from(point: hv_core::cmdline::CrashPoint) -> Self {
-        use hv_core::cmdline::CrashPoint as Hv;
-        match point {
-            Hv::ListAdd(n) => Point::ListAdd(n),
-            Hv::ListRemove(n) => Point::ListRemove(n),
-            Hv::VmclearUnlink => Point::VmclearUnlink,
-            Hv::VcpuLoad => Point::VcpuLoad,
-            Hv::NmiBlocked => Point::NmiBlocked,
-            Hv::DoublePanic => Point::DoublePanic,
-            Hv::BeforeVmx => Point::BeforeVmx,
-            Hv::Bringup => Point::Bringup,
-        }
-    }
-}
-
-impl fmt::Display for Point {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Point::ListAdd(n) => write!(f, "list_add{n}"),
-            Point::ListRemove(n) => write!(f, "list_remove{n}"),
-            Point::VmclearUnlink => f.write_str("vmclear_unlink"),
-            Point::VcpuLoad => f.write_str("vcpu_load"),
-            Point::NmiBlocked => f.write_str("nmi_blocked"),
-            Point::DoublePanic => f.write_str("double_panic"),
-            Point::BeforeVmx => f.write_str("before_vmx"),
-            Point::Bringup => f.write_str("bringup"),
-        }
-    }
-}
-
-/// The value of hv's `crash=` knob.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct CrashSpec {
-    /// The CPU index that panics (0 is the boot CPU).
-    pub cpu: u32,
-    /// Milliseconds after the guest run starts (after the boot self-report
-    /// without VMX); the point is armed from then on.
-    pub after_ms: u64,
-    /// Where, if not as soon as `after_ms` has passed.
-    pub point: Option<Point>,
-}
-
-impl CrashSpec {
-    /// Parses the value of `crash=` with hv's own parser
-    /// (`hv_core::cmdline`); the error is hv's message for it.
-    pub fn parse(value: &str) -> Result<CrashSpec, String> {
-        let line = format!("crash={value}");
-        let parsed = hv_core::cmdline::parse(&line);
-        if let Some(error) = parsed.errors().next() {
-            return Err(error.to_string());
-        }
-        let spec = parsed.options.crash.ok_or("crash=: no value")?;
-        Ok(CrashSpec {
-            cpu: spec.cpu,
-            after_ms: spec.after_ms,
-            point: spec.point.map(Point::from),
-        })
-    }
-
+/// What the harness knows of a `crash=` spec beyond hv's parser: whether a
+/// machine can fire it, random draws, who panics and who must straggle.
+pub trait CrashSpecExt: Sized {
     /// The command-line word: `crash=cpu:N,after_ms:T[,point:NAME]`.
-    pub fn word(&self) -> String {
+    fn word(&self) -> String;
+    /// Whether this spec can crash a machine of `cpus` CPUs, with or
+    /// without VMX guests; the reason when it cannot.
+    fn check(&self, cpus: u32, vmx: bool) -> Result<(), String>;
+    /// A random spec that can crash a machine of `cpus` CPUs.
+    fn random(rng: &mut Rng, cpus: u32, vmx: bool, guest_run_ms: u64) -> Self;
+    /// The CPU indexes that panic.
+    fn panickers(&self, cpus: u32) -> Vec<u32>;
+    /// The CPU indexes that must be named stragglers.
+    fn stragglers(&self) -> Vec<u32>;
+}
+
+impl CrashSpecExt for CrashSpec {
+    fn word(&self) -> String {
         format!("crash={self}")
     }
 
-    /// Whether this spec can crash a machine of `cpus` CPUs, with or
-    /// without VMX guests; the reason when it cannot.
-    pub fn check(&self, cpus: u32, vmx: bool) -> Result<(), String> {
+    fn check(&self, cpus: u32, vmx: bool) -> Result<(), String> {
         if self.cpu >= cpus {
             return Err(format!(
                 "crash=cpu:{} names CPU index {}, but the machine has {cpus} CPU{} (0 to {})",
@@ -193,10 +85,10 @@ impl CrashSpec {
     /// and "no point" (time-based), a CPU the point allows, and, where hv
     /// uses it, an `after_ms` from 1 to half of `guest_run_ms`, so that a
     /// crash with VMX lands inside the guest run.
-    pub fn random(rng: &mut Rng, cpus: u32, vmx: bool, guest_run_ms: u64) -> CrashSpec {
+    fn random(rng: &mut Rng, cpus: u32, vmx: bool, guest_run_ms: u64) -> CrashSpec {
         let mut choices: Vec<Option<Point>> = vec![None];
         choices.extend(
-            Point::all()
+            Point::ALL
                 .into_iter()
                 .filter(|&point| {
                     let probe = CrashSpec {
@@ -228,7 +120,7 @@ impl CrashSpec {
     /// The CPU indexes that panic (the coordinator is one of them): the
     /// target, except for `nmi_blocked` (CPU 0, or 1 when the target is 0)
     /// and `double_panic` (the target and the next one).
-    pub fn panickers(&self, cpus: u32) -> Vec<u32> {
+    fn panickers(&self, cpus: u32) -> Vec<u32> {
         let cpus = cpus.max(1);
         match self.point {
             Some(Point::NmiBlocked) => vec![if self.cpu == 0 { 1 % cpus } else { 0 }],
@@ -246,21 +138,11 @@ impl CrashSpec {
 
     /// The CPU indexes that must be named stragglers: the CPU spinning
     /// with NMIs blocked, no other.
-    pub fn stragglers(&self) -> Vec<u32> {
+    fn stragglers(&self) -> Vec<u32> {
         match self.point {
             Some(Point::NmiBlocked) => vec![self.cpu],
             _ => Vec::new(),
         }
-    }
-}
-
-impl fmt::Display for CrashSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "cpu:{},after_ms:{}", self.cpu, self.after_ms)?;
-        if let Some(point) = self.point {
-            write!(f, ",point:{point}")?;
-        }
-        Ok(())
     }
 }
 
@@ -284,6 +166,7 @@ impl CrashArg {
         let value = text.strip_prefix("crash=").unwrap_or(text);
         CrashSpec::parse(value)
             .map(CrashArg::Spec)
+            .map_err(String::from)
             .map_err(|error| format!("`{text}`: {error}"))
     }
 
@@ -397,7 +280,7 @@ mod tests {
         ] {
             assert!(CrashSpec::parse(bad).is_err(), "{bad}");
         }
-        let error = CrashSpec::parse("cpu:1,point:nowhere").unwrap_err();
+        let error = CrashArg::parse("cpu:1,point:nowhere").unwrap_err();
         assert!(
             error.contains("nowhere") && error.contains("list_add4"),
             "{error}"
@@ -406,13 +289,13 @@ mod tests {
 
     #[test]
     fn every_point_name_round_trips() {
-        for point in Point::all() {
+        for point in Point::ALL {
             assert_eq!(Point::parse(&point.to_string()), Some(point), "{point}");
         }
         // hv parses stores up to 7 even though fewer exist.
         assert_eq!(Point::parse("list_add7"), Some(Point::ListAdd(7)));
         assert_eq!(Point::parse("list_add+1"), None);
-        assert_eq!(Point::all().len(), 14);
+        assert_eq!(Point::ALL.len(), 14);
         let text = spec(5, 30, Some(Point::VcpuLoad)).word();
         assert_eq!(text, "crash=cpu:5,after_ms:30,point:vcpu_load");
         assert_eq!(
@@ -463,7 +346,7 @@ mod tests {
                 seen.insert(spec.point);
             }
             let expected: HashSet<Option<Point>> = std::iter::once(None)
-                .chain(Point::all().into_iter().map(Some))
+                .chain(Point::ALL.into_iter().map(Some))
                 .filter(|point| {
                     let cpu = u32::from(*point == Some(Point::Bringup));
                     spec(cpu, 1, *point).check(cpus, vmx).is_ok()

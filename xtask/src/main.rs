@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use xtask::accel::{self, Accel};
 use xtask::bench::{self, BenchOptions};
 use xtask::capture::{self, BochsSink, CaptureKernel, CaptureOptions};
-use xtask::crash::{self, CrashArg, CrashSpec, Rng};
+use xtask::crash::{self, CrashArg, CrashSpec, CrashSpecExt, Rng};
 use xtask::dump::{DumpInfo, Symbols};
 use xtask::plan::{self, CaptureFlag, CrashSource, Plan};
 use xtask::report::{self, Expectations};

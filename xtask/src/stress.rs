@@ -15,6 +15,7 @@
 //! checks that hv took the word. The table then also counts the crash runs,
 //! the stragglers named and the shootdown times.
 
+use crate::crash::CrashSpecExt;
 use std::fs;
 use std::path::PathBuf;
 use std::time::Duration;

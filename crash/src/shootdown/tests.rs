@@ -150,8 +150,8 @@ impl CrashHardware for FakeCpu {
     }
 }
 
-fn regs(tag: u64) -> UserRegs {
-    UserRegs::from_array(std::array::from_fn(|i| tag << 8 | i as u64))
+fn regs(tag: u64) -> CpuRegisters {
+    CpuRegisters::from_array(std::array::from_fn(|i| tag << 8 | i as u64))
 }
 
 /// `count` VMCSes loaded on `cpu`.
@@ -935,24 +935,24 @@ fn whole_shootdown_names_the_blocked_cpu_and_cleans_up_everyone_else() {
 
 #[test]
 fn registers_are_in_user_regs_struct_order() {
-    assert_eq!(offset_of!(UserRegs, r15), 0);
-    assert_eq!(offset_of!(UserRegs, orig_rax), 15 * 8);
-    assert_eq!(offset_of!(UserRegs, rip), 16 * 8);
-    assert_eq!(offset_of!(UserRegs, rsp), 19 * 8);
-    assert_eq!(offset_of!(UserRegs, gs), 26 * 8);
-    let regs = UserRegs {
+    assert_eq!(offset_of!(CpuRegisters, r15), 0);
+    assert_eq!(offset_of!(CpuRegisters, orig_rax), 15 * 8);
+    assert_eq!(offset_of!(CpuRegisters, rip), 16 * 8);
+    assert_eq!(offset_of!(CpuRegisters, rsp), 19 * 8);
+    assert_eq!(offset_of!(CpuRegisters, gs), 26 * 8);
+    let regs = CpuRegisters {
         rip: 0x1111,
         rsp: 0x2222,
         r15: 0x3333,
         gs: 0x4444,
-        ..UserRegs::default()
+        ..CpuRegisters::default()
     };
     let array = regs.to_array();
     assert_eq!(
         (array[0], array[16], array[19], array[26]),
         (0x3333, 0x1111, 0x2222, 0x4444)
     );
-    assert_eq!(UserRegs::from_array(array), regs);
+    assert_eq!(CpuRegisters::from_array(array), regs);
 }
 
 #[test]

@@ -9,6 +9,8 @@
 //! a field to [`Options`] (with its default) and a row with a value parser.
 
 use core::fmt;
+use hv_abi::defaults;
+use hv_abi::knobs::parse_number;
 use log::LevelFilter;
 
 /// How many errors [`Parsed`] keeps; the rest are only counted.
@@ -27,70 +29,7 @@ pub enum Finish {
     Exit,
 }
 
-/// Where a test crash is injected (`crash=...,point:NAME`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CrashPoint {
-    /// Between two stores of a loaded-VMCS list insertion (store 0, 1, ...).
-    ListAdd(u8),
-    /// Between two stores of a loaded-VMCS list removal (store 0, 1, ...).
-    ListRemove(u8),
-    /// After VMCLEAR, before the entry is unlinked.
-    VmclearUnlink,
-    /// Inside the vCPU load path (between VMPTRLD and the list insertion).
-    VcpuLoad,
-    /// The crashing CPU's victim spins with NMIs blocked (a straggler).
-    NmiBlocked,
-    /// Two CPUs panic at the same moment.
-    DoublePanic,
-    /// Before VMX is enabled anywhere.
-    BeforeVmx,
-    /// During AP bring-up.
-    Bringup,
-}
-
-impl CrashPoint {
-    /// Parses `list_add:N`-style names (see [`CRASH_POINT_NAMES`]).
-    pub fn parse(text: &str) -> Option<Self> {
-        // Digits only: `u8::from_str` would also take a leading `+`.
-        let store = |rest: &str| {
-            (!rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()))
-                .then(|| rest.parse::<u8>().ok())
-                .flatten()
-                .filter(|n| *n < 8)
-        };
-        if let Some(rest) = text.strip_prefix("list_add") {
-            return store(rest).map(Self::ListAdd);
-        }
-        if let Some(rest) = text.strip_prefix("list_remove") {
-            return store(rest).map(Self::ListRemove);
-        }
-        Some(match text {
-            "vmclear_unlink" => Self::VmclearUnlink,
-            "vcpu_load" => Self::VcpuLoad,
-            "nmi_blocked" => Self::NmiBlocked,
-            "double_panic" => Self::DoublePanic,
-            "before_vmx" => Self::BeforeVmx,
-            "bringup" => Self::Bringup,
-            _ => return None,
-        })
-    }
-}
-
-/// The injection point names `crash=...,point:NAME` accepts (`N` a store
-/// number from 0 to 7).
-pub const CRASH_POINT_NAMES: &str = "list_addN, list_removeN, vmclear_unlink, vcpu_load, nmi_blocked, double_panic, before_vmx, bringup";
-
-/// `crash=cpu:N,after_ms:T[,point:NAME]` (test knob): CPU N (its index;
-/// 0 is the boot CPU) panics T ms after the guests start, or at the point.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CrashSpec {
-    /// CPU index that panics.
-    pub cpu: u32,
-    /// Milliseconds after the guest run starts (or after the point is armed).
-    pub after_ms: u64,
-    /// Where, if not at once after `after_ms`.
-    pub point: Option<CrashPoint>,
-}
+pub use hv_abi::knobs::{CRASH_POINT_NAMES, CrashPoint, CrashSpec};
 
 /// Where the hv capture image writes the dump stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -180,7 +119,7 @@ impl Options {
             ap_timeout_ms: 5000,
             ap_hang: None,
             vcpus: 0,
-            guest_run_ms: 100,
+            guest_run_ms: defaults::GUEST_RUN_MS,
             slice_us: 2000,
             guest_misbehave: None,
             guest_crash_call: None,
@@ -188,7 +127,7 @@ impl Options {
             capture_sink: CaptureSink::DebugPort,
             capture_corrupt: false,
             crash: None,
-            crash_timeout_ms: 1000,
+            crash_timeout_ms: defaults::CRASH_TIMEOUT_MS,
             crash_hypercall: false,
         }
     }
@@ -308,7 +247,7 @@ pub const OPTIONS: &[(&str, Setter)] = &[
         Ok(())
     }),
     ("guest_run_ms", |options, value| {
-        set_bounded(&mut options.guest_run_ms, value, 3_600_000)
+        set_bounded(&mut options.guest_run_ms, value, defaults::MAX_GUEST_RUN_MS)
     }),
     ("slice_us", |options, value| {
         let mut n = 0;
@@ -350,7 +289,11 @@ pub const OPTIONS: &[(&str, Setter)] = &[
         Ok(())
     }),
     ("crash_timeout_ms", |options, value| {
-        set_bounded(&mut options.crash_timeout_ms, value, 600_000)
+        set_bounded(
+            &mut options.crash_timeout_ms,
+            value,
+            defaults::MAX_CRASH_TIMEOUT_MS,
+        )
     }),
     ("crash_hypercall", |options, value| {
         options.crash_hypercall = match value {
@@ -450,37 +393,7 @@ fn set_bounded(target: &mut u64, value: &str, max: u64) -> Result<(), &'static s
 }
 
 fn set_crash(options: &mut Options, value: &str) -> Result<(), &'static str> {
-    let mut cpu = None;
-    let mut after_ms = 0;
-    let mut point = None;
-    for part in value.split(',') {
-        let (key, item) = part
-            .split_once(':')
-            .ok_or("expected cpu:N,after_ms:T[,point:NAME]")?;
-        match key {
-            "cpu" => {
-                cpu = Some(
-                    u32::try_from(parse_number(item).ok_or("cpu: expected a CPU index")?)
-                        .map_err(|_| "cpu: too large")?,
-                )
-            }
-            "after_ms" => {
-                after_ms = parse_number(item)
-                    .filter(|ms| *ms <= 3_600_000)
-                    .ok_or("after_ms: expected milliseconds")?;
-            }
-            "point" => {
-                point = Some(CrashPoint::parse(item).ok_or("point: unknown injection point (known: list_add0..list_add4, list_remove0..list_remove2, vmclear_unlink, vcpu_load, nmi_blocked, double_panic, before_vmx, bringup)")?)
-            }
-            _ => return Err("expected cpu:N,after_ms:T[,point:NAME]"),
-        }
-    }
-    let cpu = cpu.ok_or("cpu:N is required")?;
-    options.crash = Some(CrashSpec {
-        cpu,
-        after_ms,
-        point,
-    });
+    options.crash = Some(CrashSpec::parse(value)?);
     Ok(())
 }
 
@@ -529,18 +442,6 @@ fn parse_size(text: &str) -> Result<u64, &'static str> {
 }
 
 /// A decimal or `0x`-prefixed hexadecimal `u64`; `None` if malformed or too large.
-fn parse_number(text: &str) -> Option<u64> {
-    let (digits, radix) = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
-        Some(hex) => (hex, 16),
-        None => (text, 10),
-    };
-    // `from_str_radix` accepts a leading `+`; a command line should not.
-    if digits.is_empty() || !digits.bytes().all(|b| (b as char).is_digit(radix)) {
-        return None;
-    }
-    u64::from_str_radix(digits, radix).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,9 +1,15 @@
-//! Host-testable logic of the hypervisor: command line, boot memory map, frame allocation, lock-free log ring.
+//! Host-testable logic of the hypervisor: command line, boot memory map,
+//! frame allocation, crash-kernel placement, page tables, TSC calibration,
+//! lock-free log ring, VM-exit dispatch.
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_code)]
 
 pub mod cmdline;
+pub mod crashkernel;
+pub mod exits;
 pub mod frames;
 pub mod json;
 pub mod logring;
 pub mod memmap;
+pub mod paging;
+pub mod tsc;

@@ -23,6 +23,8 @@ use core::fmt;
 /// How many disjoint regions a [`MemoryMap`] holds.
 pub const MAX_REGIONS: usize = 256;
 
+use hv_abi::e820::E820Kind;
+
 /// Usable memory ends below this: x86-64 physical addresses have at most 52 bits.
 pub const MAX_PHYS_ADDR: u64 = 1 << 52;
 
@@ -43,7 +45,44 @@ pub enum RegionKind {
     Other(u32),
 }
 
+impl From<E820Kind> for RegionKind {
+    fn from(kind: E820Kind) -> Self {
+        match kind {
+            E820Kind::Ram => Self::Usable,
+            E820Kind::Reserved => Self::Reserved,
+            E820Kind::Acpi => Self::AcpiReclaimable,
+            E820Kind::Nvs => Self::AcpiNvs,
+            E820Kind::Unusable => Self::Bad,
+            E820Kind::Other(raw) => Self::Other(raw),
+        }
+    }
+}
+
+impl From<RegionKind> for E820Kind {
+    fn from(kind: RegionKind) -> Self {
+        match kind {
+            RegionKind::Usable => Self::Ram,
+            RegionKind::Reserved => Self::Reserved,
+            RegionKind::AcpiReclaimable => Self::Acpi,
+            RegionKind::AcpiNvs => Self::Nvs,
+            RegionKind::Bad => Self::Unusable,
+            RegionKind::Other(raw) => Self::Other(raw),
+        }
+    }
+}
+
 impl RegionKind {
+    /// The kind of a raw e820 type number.
+    pub fn from_e820(raw: u32) -> Self {
+        E820Kind::from_raw(raw).into()
+    }
+
+    /// The e820 type number to hand to another kernel (unknown types
+    /// become reserved).
+    pub fn e820_for_handover(self) -> u32 {
+        E820Kind::from(self).raw_for_handover()
+    }
+
     /// Which kind wins where two overlap: higher is more restrictive.
     fn rank(self) -> u8 {
         match self {

@@ -104,8 +104,24 @@ pub fn end_of_interrupt() {
     write(REG_EOI, 0);
 }
 
+/// Orders every earlier store before the next IPI. WRMSR to the x2APIC
+/// ICR is not serializing: without `mfence; lfence` the IPI can overtake
+/// the stores it announces (a call-function request), and the target finds
+/// nothing to do (Linux's `weak_wrmsr_fence`). An xAPIC ICR write is an
+/// uncached store, ordered after earlier stores: a compiler fence is
+/// enough.
+pub fn fence_before_ipi() {
+    if x2apic() {
+        // SAFETY: MFENCE; LFENCE only order memory and instructions.
+        unsafe { core::arch::asm!("mfence", "lfence", options(nostack, preserves_flags)) };
+    } else {
+        core::sync::atomic::compiler_fence(Ordering::SeqCst);
+    }
+}
+
 fn send(destination: u32, command: u32) {
     if x2apic() {
+        fence_before_ipi();
         // SAFETY: x2APIC mode is on; the ICR is one 64-bit MSR write.
         unsafe { wrmsr(0x830, (u64::from(destination) << 32) | u64::from(command)) };
     } else {

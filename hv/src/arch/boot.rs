@@ -3,9 +3,11 @@
 //! GRUB (multiboot2, BIOS and UEFI) and QEMU's `-kernel` (PVH) both enter in
 //! 32-bit protected mode with paging off. Both paths build identity-mapped
 //! page tables for the first 4 GiB with 2 MiB pages, enable long mode and call
-//! [`hv_main`](crate::hv_main) with the boot protocol, the pointer to its boot
-//! information and the magic value found in EAX. The kernel replaces these
-//! tables with its own once it knows the memory map.
+//! the kernel's main function with the boot protocol, the pointer to its boot
+//! information and the magic value found in EAX. The kernel names that
+//! function with [`entry_point!`](crate::entry_point), so this layer imports
+//! nothing above it. The kernel replaces these tables with its own once it
+//! knows the memory map.
 
 /// `hv_main`'s first argument: which protocol entered the image.
 pub const ENTERED_BY_PVH: u32 = 1;
@@ -163,7 +165,7 @@ boot64:
     mov esi, esi
     mov edx, edx
     xor ebp, ebp
-    call {main}
+    call hv_boot_main
 6:
     cli
     hlt
@@ -197,5 +199,60 @@ boot_stack_top:
     mb2 = const ENTERED_BY_MULTIBOOT2,
     pvh = const ENTERED_BY_PVH,
     stack_bytes = const BOOT_STACK_BYTES,
-    main = sym crate::hv_main,
 );
+
+/// Names the kernel's main function, which the boot stub calls in long mode
+/// on the boot stack as `extern "C" fn(entered_by: u32, info: u32, magic:
+/// u32) -> !` (see [`ENTERED_BY_PVH`], [`ENTERED_BY_MULTIBOOT2`]).
+#[macro_export]
+macro_rules! entry_point {
+    ($main:path) => {
+        // The stub's `call hv_boot_main` lands here. A symbol, not an
+        // import, so that the lowest layer does not name the highest.
+        #[allow(unsafe_code)]
+        mod boot_entry {
+            core::arch::global_asm!(
+                ".section .text.boot64, \"ax\"",
+                ".global hv_boot_main",
+                "hv_boot_main:",
+                "jmp {main}",
+                main = sym $main,
+            );
+        }
+        const _: extern "C" fn(u32, u32, u32) -> ! = $main;
+    };
+}
+
+unsafe extern "C" {
+    static __image_start: u8;
+    static __image_end: u8;
+    static __text_end: u8;
+    static __rodata_end: u8;
+}
+
+/// Where the image's parts lie, as (start, length), page-aligned.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageLayout {
+    /// Code.
+    pub text: (u64, u64),
+    /// Read-only data (with the exception tables, unwind tables, notes).
+    pub rodata: (u64, u64),
+}
+
+/// The image's parts, from the linker script.
+pub fn image_layout() -> ImageLayout {
+    let start = (&raw const __image_start).addr() as u64;
+    let text_end = (&raw const __text_end).addr() as u64;
+    let rodata_end = (&raw const __rodata_end).addr() as u64;
+    ImageLayout {
+        text: (start, text_end - start),
+        rodata: (text_end, rodata_end - text_end),
+    }
+}
+
+/// The image's physical range (start, length), from the linker script.
+pub fn image_range() -> (u64, u64) {
+    let start = (&raw const __image_start).addr() as u64;
+    let end = (&raw const __image_end).addr() as u64;
+    (start, end - start)
+}

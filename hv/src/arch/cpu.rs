@@ -1,44 +1,46 @@
-//! Control registers, MSRs, CPUID and halting.
+//! Control registers, MSRs, the TSC, CPUID, interrupts and halting.
 
-/// Reads CR2, the faulting address of the last page fault.
-pub fn cr2() -> u64 {
-    let value: u64;
-    // SAFETY: reading CR2 has no side effects.
-    unsafe {
-        core::arch::asm!("mov {}, cr2", out(reg) value, options(nomem, nostack, preserves_flags))
+use hv_abi::regs::CpuRegisters;
+
+use super::gdt::{KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR};
+
+/// CR4.VMXE: VMX enabled.
+pub const CR4_VMXE: u64 = 1 << 13;
+
+macro_rules! read_control_register {
+    ($(#[$doc:meta])* $name:ident, $register:literal) => {
+        $(#[$doc])*
+        pub fn $name() -> u64 {
+            let value: u64;
+            // SAFETY: reading a control register has no side effects.
+            unsafe {
+                core::arch::asm!(
+                    concat!("mov {}, ", $register),
+                    out(reg) value,
+                    options(nomem, nostack, preserves_flags)
+                )
+            };
+            value
+        }
     };
-    value
 }
 
-/// Reads CR3.
-pub fn cr3() -> u64 {
-    let value: u64;
-    // SAFETY: reading CR3 has no side effects.
-    unsafe {
-        core::arch::asm!("mov {}, cr3", out(reg) value, options(nomem, nostack, preserves_flags))
-    };
-    value
-}
-
-/// Reads CR0.
-pub fn cr0() -> u64 {
-    let value: u64;
-    // SAFETY: reading CR0 has no side effects.
-    unsafe {
-        core::arch::asm!("mov {}, cr0", out(reg) value, options(nomem, nostack, preserves_flags))
-    };
-    value
-}
-
-/// Reads CR4.
-pub fn cr4() -> u64 {
-    let value: u64;
-    // SAFETY: reading CR4 has no side effects.
-    unsafe {
-        core::arch::asm!("mov {}, cr4", out(reg) value, options(nomem, nostack, preserves_flags))
-    };
-    value
-}
+read_control_register!(
+    /// CR0.
+    cr0, "cr0"
+);
+read_control_register!(
+    /// CR2, the faulting address of the last page fault.
+    cr2, "cr2"
+);
+read_control_register!(
+    /// CR3, the top-level page table.
+    cr3, "cr3"
+);
+read_control_register!(
+    /// CR4.
+    cr4, "cr4"
+);
 
 /// Loads CR3 with a new top-level page table.
 ///
@@ -50,11 +52,42 @@ pub unsafe fn write_cr3(pml4: u64) {
     unsafe { core::arch::asm!("mov cr3, {}", in(reg) pml4, options(nostack, preserves_flags)) };
 }
 
+/// Writes CR0 and CR4 (entering VMX or SVM operation adjusts them).
+///
+/// # Safety
+/// The new values must keep paging, protection and long mode as they are.
+pub(super) unsafe fn write_cr0_cr4(cr0: u64, cr4: u64) {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        core::arch::asm!(
+            "mov cr0, {cr0}",
+            "mov cr4, {cr4}",
+            cr0 = in(reg) cr0,
+            cr4 = in(reg) cr4,
+            options(nostack, preserves_flags)
+        )
+    };
+}
+
+/// Drops this CPU's cached translations (non-global ones; the kernel
+/// uses no global pages) by reloading CR3 with its own value.
+pub fn flush_tlb() {
+    // SAFETY: writing CR3 back unchanged keeps every translation; it only
+    // empties the TLB.
+    unsafe { write_cr3(cr3()) };
+}
+
+/// Invalidates the TLB entry of one page.
+pub fn flush_page(address: u64) {
+    // SAFETY: INVLPG only drops a cached translation.
+    unsafe { core::arch::asm!("invlpg [{}]", in(reg) address, options(nostack, preserves_flags)) };
+}
+
 /// Reads a model-specific register.
 ///
 /// # Safety
 /// `msr` must exist on this CPU, or the read raises #GP.
-pub unsafe fn rdmsr(msr: u32) -> u64 {
+pub(super) unsafe fn rdmsr(msr: u32) -> u64 {
     let (low, high): (u32, u32);
     // SAFETY: the caller guarantees the MSR exists.
     unsafe {
@@ -68,7 +101,7 @@ pub unsafe fn rdmsr(msr: u32) -> u64 {
 /// # Safety
 /// `msr` must exist and `value` must be valid for it, and the write must not
 /// change anything Rust relies on (paging, segment bases in use).
-pub unsafe fn wrmsr(msr: u32, value: u64) {
+pub(super) unsafe fn wrmsr(msr: u32, value: u64) {
     // SAFETY: the caller guarantees the MSR and value are valid.
     unsafe {
         core::arch::asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack, preserves_flags))
@@ -99,11 +132,12 @@ pub fn apic_id() -> u32 {
         .map_or(0, |features| u32::from(features.initial_local_apic_id()))
 }
 
-/// Disables interrupts and halts forever.
+/// Disables interrupts and halts forever. NMIs still wake the CPU; their
+/// handler returns here, where it halts again. Never MWAIT: a capture
+/// kernel overwriting a monitored line would wake the CPU.
 pub fn halt_forever() -> ! {
     loop {
-        // SAFETY: `cli; hlt` only stops this CPU; an NMI still wakes it and
-        // returns here, where it halts again.
+        // SAFETY: `cli; hlt` only stops this CPU.
         unsafe { core::arch::asm!("cli", "hlt", options(nomem, nostack)) };
     }
 }
@@ -128,4 +162,112 @@ pub fn interrupts_enabled() -> bool {
         core::arch::asm!("pushfq", "pop {}", out(reg) flags, options(nomem, preserves_flags))
     };
     flags & (1 << 9) != 0
+}
+
+/// A one-instruction interrupt window (`sti; nop; cli`): pending
+/// interrupts (IPIs) run, then interrupts are off again.
+pub fn interrupt_window() {
+    // SAFETY: STI's shadow covers the NOP; interrupts taken there return
+    // before the CLI.
+    unsafe { core::arch::asm!("sti", "nop", "cli", options(nomem, nostack)) };
+}
+
+/// Waits for the next interrupt with interrupts enabled (`sti; hlt`: STI's
+/// shadow means an interrupt arriving in between is not missed).
+pub fn wait_for_interrupt() {
+    // SAFETY: only waits; the IDT is loaded.
+    unsafe { core::arch::asm!("sti", "hlt", options(nomem, nostack)) };
+}
+
+/// Delivers the NMI vector to this CPU's own handler (`int 2`), for an NMI
+/// that a guest took: the VM exit swallowed it, its handler must still run.
+pub fn run_nmi_handler() {
+    // SAFETY: vector 2's gate is the NMI entry stub, which saves and
+    // restores every register.
+    unsafe { core::arch::asm!("int 2") };
+}
+
+/// The caller's own registers (for a panic, which has no trap frame): RIP
+/// is an address in the caller, RSP and RBP its frame.
+#[inline(always)]
+pub fn current_regs() -> CpuRegisters {
+    let (rip, rsp, rbp, rbx, r12, r13, r14, r15): (u64, u64, u64, u64, u64, u64, u64, u64);
+    // SAFETY: only reads registers.
+    unsafe {
+        core::arch::asm!(
+            "lea {rip}, [rip]",
+            "mov {rsp}, rsp",
+            "mov {rbp}, rbp",
+            "mov {rbx}, rbx",
+            "mov {r12}, r12",
+            "mov {r13}, r13",
+            "mov {r14}, r14",
+            "mov {r15}, r15",
+            rip = out(reg) rip,
+            rsp = out(reg) rsp,
+            rbp = out(reg) rbp,
+            rbx = out(reg) rbx,
+            r12 = out(reg) r12,
+            r13 = out(reg) r13,
+            r14 = out(reg) r14,
+            r15 = out(reg) r15,
+            options(nomem, nostack, preserves_flags)
+        );
+    }
+    CpuRegisters {
+        rip,
+        rsp,
+        rbp,
+        rbx,
+        r12,
+        r13,
+        r14,
+        r15,
+        cs: u64::from(KERNEL_CODE_SELECTOR),
+        ss: u64::from(KERNEL_DATA_SELECTOR),
+        eflags: 0x2,
+        orig_rax: u64::MAX,
+        ..CpuRegisters::default()
+    }
+}
+
+/// Continues in `next` on the stack whose top is `top`; the old stack is
+/// never used again.
+///
+/// # Safety
+/// `top` must be the 16-byte aligned top of a mapped stack that nothing
+/// else uses, large enough for `next`.
+pub unsafe fn switch_stack(top: u64, next: fn() -> !) -> ! {
+    // SAFETY: guaranteed by the caller; `next` never returns.
+    unsafe {
+        core::arch::asm!(
+            "mov rsp, {stack}",
+            "xor ebp, ebp",
+            "call {next}",
+            "ud2",
+            stack = in(reg) top,
+            next = in(reg) next,
+            options(noreturn)
+        )
+    }
+}
+
+/// IA32_EFER.
+const EFER: u32 = 0xC000_0080;
+/// EFER.NXE: the no-execute bit of page-table entries is honoured.
+const EFER_NXE: u64 = 1 << 11;
+
+/// Turns on EFER.NXE on this CPU, so that page tables may mark pages
+/// no-execute. Returns `false` when the CPU has no NX.
+pub fn enable_no_execute() -> bool {
+    let has_nx = raw_cpuid::CpuId::new()
+        .get_extended_processor_and_feature_identifiers()
+        .is_some_and(|features| features.has_execute_disable());
+    if has_nx {
+        // SAFETY: EFER exists in long mode; NXE only makes bit 63 of
+        // page-table entries meaningful, and the tables in use set it
+        // nowhere yet.
+        unsafe { wrmsr(EFER, rdmsr(EFER) | EFER_NXE) };
+    }
+    has_nx
 }

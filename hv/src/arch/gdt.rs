@@ -1,6 +1,8 @@
 //! The GDT and TSS. Every CPU has its own pair (the TSS holds that CPU's
 //! interrupt stacks), built by [`DescriptorTables::new`] and loaded once.
 
+use core::cell::UnsafeCell;
+
 /// Code segment selector of the hypervisor.
 pub const KERNEL_CODE_SELECTOR: u16 = 0x08;
 /// Data segment selector of the hypervisor.
@@ -31,12 +33,20 @@ pub struct TaskStateSegment {
 const _: () = assert!(core::mem::size_of::<TaskStateSegment>() == 104);
 
 /// A CPU's GDT and TSS, kept together so one allocation serves each CPU.
+///
+/// The CPU itself writes them (the TSS busy bit), so both sit in
+/// `UnsafeCell`s; the kernel writes them only in [`load`](Self::load), on
+/// the CPU they belong to.
 #[derive(Debug)]
 #[repr(C, align(16))]
 pub struct DescriptorTables {
-    gdt: [u64; 5],
-    tss: TaskStateSegment,
+    gdt: UnsafeCell<[u64; 5]>,
+    tss: UnsafeCell<TaskStateSegment>,
 }
+
+// SAFETY: the cells are written only by `load`, on the one CPU that owns
+// the tables, before that CPU uses them; other CPUs only read addresses.
+unsafe impl Sync for DescriptorTables {}
 
 impl DescriptorTables {
     /// Builds tables whose TSS points the NMI, #DF and #MC handlers at the
@@ -47,8 +57,8 @@ impl DescriptorTables {
         interrupt_stacks[IST_DOUBLE_FAULT as usize - 1] = double_fault_stack;
         interrupt_stacks[IST_MACHINE_CHECK as usize - 1] = machine_check_stack;
         Self {
-            gdt: [0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF, 0, 0],
-            tss: TaskStateSegment {
+            gdt: UnsafeCell::new([0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF, 0, 0]),
+            tss: UnsafeCell::new(TaskStateSegment {
                 reserved0: 0,
                 privilege_stacks: [0; 3],
                 reserved1: 0,
@@ -57,33 +67,40 @@ impl DescriptorTables {
                 reserved3: 0,
                 // No I/O permission bitmap: the limit ends before it.
                 io_map_base: core::mem::size_of::<TaskStateSegment>() as u16,
-            },
+            }),
         }
     }
 
     /// Address of the TSS, for the VMCS host state.
     pub fn tss_base(&self) -> u64 {
-        &raw const self.tss as u64
+        self.tss.get() as u64
     }
 
     /// Address of the GDT, for the VMCS host state.
     pub fn gdt_base(&self) -> u64 {
-        self.gdt.as_ptr() as u64
+        self.gdt.get() as u64
     }
 
     /// Loads this GDT and TSS on the current CPU and reloads every segment.
     ///
-    /// Takes `&'static mut` because the CPU keeps using the tables (and
-    /// writes the TSS busy bit) for as long as it runs.
-    pub fn load(&'static mut self) {
+    /// Takes `&'static` because the CPU keeps using the tables (and
+    /// writes the TSS busy bit) for as long as it runs. Call it once, on
+    /// the CPU the tables were made for.
+    pub fn load(&'static self) {
         let base = self.tss_base();
         let limit = (core::mem::size_of::<TaskStateSegment>() - 1) as u64;
-        self.gdt[3] = (limit & 0xFFFF)
+        let low = (limit & 0xFFFF)
             | ((base & 0xFF_FFFF) << 16)
             | (0x89 << 40)
             | (((limit >> 16) & 0xF) << 48)
             | (((base >> 24) & 0xFF) << 56);
-        self.gdt[4] = base >> 32;
+        // SAFETY: only this CPU touches its tables, and it does not use
+        // them yet (the old GDT is still loaded).
+        unsafe {
+            let gdt = &mut *self.gdt.get();
+            gdt[3] = low;
+            gdt[4] = base >> 32;
+        }
 
         #[repr(C, packed)]
         struct Pointer {
@@ -91,7 +108,7 @@ impl DescriptorTables {
             base: u64,
         }
         let pointer = Pointer {
-            limit: (core::mem::size_of_val(&self.gdt) - 1) as u16,
+            limit: (core::mem::size_of::<[u64; 5]>() - 1) as u16,
             base: self.gdt_base(),
         };
         // SAFETY: (1) `pointer` describes a GDT that lives for 'static, whose

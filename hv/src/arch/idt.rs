@@ -2,9 +2,37 @@
 //!
 //! Every stub pushes a uniform frame (an error code of 0 where the CPU pushes
 //! none, then the vector), saves all general-purpose registers, aligns RSP to
-//! 16 and calls [`crate::traps::on_trap`] with the frame.
+//! 16 and calls the dispatcher with the frame. The dispatcher resumes a
+//! faulting instruction that has a fix-up ([`super::fixup`]), else calls the
+//! handler registered for the vector ([`register`]). The layers above
+//! register their handlers at boot; this layer imports none of them.
+
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use super::gdt::{IST_DOUBLE_FAULT, IST_MACHINE_CHECK, IST_NMI, KERNEL_CODE_SELECTOR};
+
+/// A handler for one vector, called with the interrupted state.
+pub type Handler = fn(&mut TrapFrame);
+
+/// The registered handlers, as `fn` addresses (0: none).
+static HANDLERS: [AtomicUsize; 256] = [const { AtomicUsize::new(0) }; 256];
+
+/// Registers `handler` for `vector`; called at boot, before the vector can
+/// be raised. A later registration replaces an earlier one.
+pub fn register(vector: u8, handler: Handler) {
+    HANDLERS[usize::from(vector)].store(handler as usize, Ordering::Release);
+}
+
+/// Registers `handler` for every exception vector (0 to 31) that has no
+/// handler yet.
+pub fn register_exceptions(handler: Handler) {
+    for slot in &HANDLERS[..32] {
+        let _ = slot.compare_exchange(0, handler as usize, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
+const INVALID_OPCODE: u64 = 6;
+const GENERAL_PROTECTION: u64 = 13;
 
 /// The registers an entry stub saves, in memory order.
 #[derive(Debug, Clone, Copy, Default)]
@@ -104,7 +132,29 @@ unsafe extern "C" {
 }
 
 extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
-    crate::traps::on_trap(frame);
+    if matches!(frame.vector, INVALID_OPCODE | GENERAL_PROTECTION)
+        && let Some(resume) = super::fixup::lookup(frame.rip)
+    {
+        frame.rip = resume;
+        return;
+    }
+    let handler = HANDLERS[(frame.vector & 0xFF) as usize].load(Ordering::Acquire);
+    if handler == 0 {
+        unhandled(frame);
+        return;
+    }
+    // SAFETY: non-zero slots hold a `Handler` stored by `register`.
+    let handler = unsafe { core::mem::transmute::<usize, Handler>(handler) };
+    handler(frame);
+}
+
+/// A vector nobody registered: an exception stops the CPU (nothing above
+/// is there to report it yet); an interrupt is acknowledged and dropped.
+fn unhandled(frame: &TrapFrame) {
+    if frame.vector < 32 {
+        super::cpu::halt_forever();
+    }
+    super::apic::end_of_interrupt();
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -53,3 +53,13 @@ pub fn outsw(port: u16, words: &[u16]) {
         )
     };
 }
+
+/// Reads a 32-bit value from an I/O port (the ACPI PM timer).
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: `in` touches no memory.
+    unsafe {
+        core::arch::asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
+    };
+    value
+}

@@ -5,7 +5,8 @@
     (gdb) hv cpus       every CPU: APIC ID, bring-up and crash state, VMX,
                         its gdb thread and where it stopped
     (gdb) hv vmcs       every CPU's list of loaded VMCSes (crash::loaded_vmcs)
-    (gdb) hv vcpus      every vCPU: its VMCS, where it is loaded, exits
+    (gdb) hv vcpus      every vCPU: its VMCS, on which CPU's list, exits,
+                        which CPU's crash-time VMCLEAR cleared it
     (gdb) hv ledger     the crash note: reason, coordinator, stragglers and
                         each CPU's VMCLEAR ledger
     (gdb) hv bt         every CPU's backtrace, crashing CPU first
@@ -165,6 +166,7 @@ class HvCpus(gdb.Command):
 
     def invoke(self, argument, from_tty):
         shared = static("shared")
+        virt = static("virt_cpus")
         slots = static("coordinator")["slots"]
         coordinator = scalar(static("coordinator")["coordinator"])
         threads = threads_by_cpu()
@@ -177,8 +179,8 @@ class HvCpus(gdb.Command):
             thread = threads.get(cpu)
             print(
                 f"  CPU {cpu:>3}  APIC {scalar(this['slot']['apic_id']):>3}  {state:<8}"
-                f"  vmx {'on ' if scalar(this['vmx_on']) else 'off'}"
-                f"  exits {scalar(this['vm_exits']):>7}  nmis {scalar(this['nmis']):>3}"
+                f"  vmx {'on ' if scalar(virt[cpu]['enabled']) else 'off'}"
+                f"  exits {scalar(virt[cpu]['vm_exits']):>7}  nmis {scalar(this['nmis']):>3}"
                 f"  crash {','.join(status) or '-'}"
                 + (f"  thread {thread.num} in {where(thread)}" if thread else "  no thread")
             )
@@ -200,9 +202,24 @@ class HvVmcs(gdb.Command):
             print(hvcore.format_list(cpu, entries, problem, current))
 
 
+def vmcs_records():
+    """{VMCS physical address: (loaded_on, cleared_by)} from each VMCS's own
+    record (hv's crash::records), kept apart from the lists."""
+    records = static("records")
+    count = records.type.strip_typedefs().range()[1] + 1
+    found = {}
+    for index in range(count):
+        record = records[index]
+        vmcs = scalar(record["vmcs"])
+        if vmcs:
+            found[vmcs] = (scalar(record["loaded_on"]), scalar(record["cleared_by"]))
+    return found
+
+
 class HvVcpus(gdb.Command):
-    """Every vCPU: its VMCS, the CPU it is loaded on, and whether that CPU's
-    list holds it, VM exits, stopped, VMCLEARed by the crash path."""
+    """Every vCPU: its VMCS, the CPU its record says it is loaded on and
+    whether that CPU's list holds it, VM exits, stopped, and which CPU's
+    crash-time VMCLEAR cleared it."""
 
     def __init__(self):
         super().__init__("hv vcpus", gdb.COMMAND_DATA)
@@ -217,19 +234,20 @@ class HvVcpus(gdb.Command):
             for cpu, (entries, _, _) in loaded_lists().items()
             for _, phys, _ in entries
         }
+        records = vmcs_records()
         print(f"{len(items)} vCPUs")
         for index, vcpu in enumerate(items):
             shared = vcpu["shared"]
-            phys = int(shared["vmcs"])
-            loaded = scalar(shared["loaded_on"])
-            where_loaded = "-" if loaded == hvcore.NOT_LOADED else f"CPU {loaded}"
+            phys = scalar(shared["context"]["page"])
+            loaded, cleared_by = records.get(phys, (hvcore.NO_CPU, hvcore.NO_CPU))
+            where_loaded = "-" if loaded == hvcore.NO_CPU else f"CPU {loaded}"
             listed = on_list.get(phys)
             listed = "on no list" if listed is None else f"on CPU {listed}'s list"
             print(
                 f"  vCPU {index:>3}  VMCS {phys:#x}  loaded {where_loaded:<7}  {listed:<16}"
                 f"  exits {scalar(shared['exits']):>6}"
                 + ("  stopped" if scalar(shared["stopped"]) else "")
-                + ("  crash-cleared" if scalar(shared["crash_cleared"]) else "")
+                + (f"  cleared by CPU {cleared_by}" if cleared_by != hvcore.NO_CPU else "")
             )
 
 

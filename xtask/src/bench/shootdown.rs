@@ -14,6 +14,7 @@
 //! see `report::crash`): a run that fails cannot be measured and ends the
 //! benchmark. Otherwise it never fails because of the numbers.
 
+use crate::crash::CrashSpecExt;
 use std::fs;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -15,23 +15,14 @@
 //! written sparse: ZERO records and gaps are holes.
 
 use std::fs::{self, File};
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use kexec_loader::elfcore::{CoreDump, PT_LOAD};
 
-/// The stream's first bytes.
-pub const MAGIC: &[u8; 8] = b"HVDUMP1\0";
-
-const HEADER: u8 = 1;
-const DATA: u8 = 2;
-const ZERO: u8 = 3;
-const END: u8 = 4;
-
-/// The largest header accepted: far more than 64K program headers and
-/// notes for hundreds of CPUs need.
-const MAX_HEADER_LEN: u64 = 64 << 20;
+pub use hv_abi::dump_stream::MAGIC;
+use hv_abi::dump_stream::{self as wire, Decoder, Encoder, Record};
 
 /// What a complete stream held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,96 +97,54 @@ fn find_magic(file: &mut File, from: u64) -> Result<Option<u64>> {
 
 /// Reads the records after a magic and writes the file.
 fn read_stream(mut input: impl Read, out: &Path) -> Result<StreamSummary> {
-    let mut summary = StreamSummary {
-        stream_offset: 0,
-        total: 0,
-        header_len: 0,
-        data_bytes: 0,
-        zero_bytes: 0,
-        uncovered_bytes: 0,
-        records: 0,
+    let mut decoder = Decoder::new();
+    let mut read_exact = |buffer: &mut [u8]| input.read_exact(buffer).is_ok();
+    let Record::Header { len: header_len } = decoder.next_record(&mut read_exact)? else {
+        bail!("the first record is not a HEADER");
     };
-    let record_type = read_u8(&mut input).context("no HEADER record after the magic")?;
-    if record_type != HEADER {
-        bail!("the first record is of type {record_type}, not HEADER");
-    }
-    let header_len = read_u64(&mut input).context("truncated HEADER record")?;
-    if header_len == 0 || header_len > MAX_HEADER_LEN {
-        bail!("HEADER record of {header_len} bytes");
-    }
     let mut header = vec![0; header_len as usize];
-    input
-        .read_exact(&mut header)
-        .context("truncated HEADER record")?;
+    if !read_exact(&mut header) {
+        bail!("truncated HEADER record");
+    }
     let loads = load_ranges(&header)?;
-    summary.header_len = header_len;
-    summary.records = 1;
-
     let mut output = File::create(out).with_context(|| format!("creating {}", out.display()))?;
     output.write_all(&header)?;
-    // Everything covered so far: [0, covered_to); records must not go back.
-    let mut covered_to = header_len;
     let mut covered = vec![(0, header_len)];
     let mut buffer = vec![0u8; 1 << 20];
     loop {
-        let record_type = match read_u8(&mut input) {
-            Ok(t) => t,
-            Err(_) => bail!(
-                "the stream ends without an END record after {} records \
-                 ({} bytes of data): the capture did not finish",
-                summary.records,
-                summary.data_bytes
-            ),
-        };
-        summary.records += 1;
-        match record_type {
-            DATA | ZERO => {
-                let what = if record_type == DATA { "DATA" } else { "ZERO" };
-                let offset = read_u64(&mut input).with_context(|| format!("truncated {what}"))?;
-                let len = read_u64(&mut input).with_context(|| format!("truncated {what}"))?;
-                let end = offset
-                    .checked_add(len)
-                    .with_context(|| format!("{what} record at {offset:#x} overflows"))?;
-                if offset < covered_to {
-                    bail!(
-                        "{what} record at {offset:#x} goes back before {covered_to:#x} \
-                         (records must come in increasing offset order)"
-                    );
-                }
-                if record_type == DATA {
-                    output.seek(SeekFrom::Start(offset))?;
-                    let mut left = len;
-                    while left > 0 {
-                        let n = left.min(buffer.len() as u64) as usize;
-                        input
-                            .read_exact(&mut buffer[..n])
-                            .with_context(|| format!("DATA record at {offset:#x} is cut short"))?;
-                        output.write_all(&buffer[..n])?;
-                        left -= n as u64;
+        match decoder.next_record(&mut read_exact)? {
+            Record::Header { .. } => unreachable!("the decoder refuses a second HEADER"),
+            Record::Data { offset, len } => {
+                output.seek(SeekFrom::Start(offset))?;
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(buffer.len() as u64) as usize;
+                    if !read_exact(&mut buffer[..n]) {
+                        bail!("DATA record at {offset:#x} is cut short");
                     }
-                    summary.data_bytes += len;
-                } else {
-                    summary.zero_bytes += len;
+                    output.write_all(&buffer[..n])?;
+                    left -= n as u64;
                 }
-                covered_to = end;
-                covered.push((offset, end));
+                covered.push((offset, offset + len));
             }
-            END => {
-                let total = read_u64(&mut input).context("truncated END record")?;
-                if total < covered_to {
-                    bail!("END says {total} bytes, but records reach {covered_to}");
-                }
+            Record::Zero { offset, len } => covered.push((offset, offset + len)),
+            Record::End { total } => {
                 let needed = loads.iter().map(|&(_, end)| end).max().unwrap_or(0);
                 if total < needed {
                     bail!("END says {total} bytes, but the header's segments reach {needed}");
                 }
                 output.set_len(total)?;
                 output.flush()?;
-                summary.total = total;
-                summary.uncovered_bytes = uncovered(&loads, &covered);
-                return Ok(summary);
+                return Ok(StreamSummary {
+                    stream_offset: 0,
+                    total,
+                    header_len,
+                    data_bytes: decoder.data_bytes(),
+                    zero_bytes: decoder.zero_bytes(),
+                    uncovered_bytes: uncovered(&loads, &covered),
+                    records: decoder.records(),
+                });
             }
-            other => bail!("unknown record type {other} (record {})", summary.records),
         }
     }
 }
@@ -230,22 +179,16 @@ fn uncovered(loads: &[(u64, u64)], covered: &[(u64, u64)]) -> u64 {
         .sum()
 }
 
-fn read_u8(input: &mut impl Read) -> io::Result<u8> {
-    let mut byte = [0u8; 1];
-    input.read_exact(&mut byte)?;
-    Ok(byte[0])
-}
-
-fn read_u64(input: &mut impl Read) -> io::Result<u64> {
-    let mut bytes = [0u8; 8];
-    input.read_exact(&mut bytes)?;
-    Ok(u64::from_le_bytes(bytes))
-}
-
 /// Writes a stream for `dump` (a complete dump file) the way CAPTURE.md
 /// says, with all-zero pages sent as ZERO records: what hv's capture mode
 /// does, for tests on both sides of the protocol.
 pub fn encode(dump: &[u8]) -> Result<Vec<u8>> {
+    struct Bytes(Vec<u8>);
+    impl wire::Sink for Bytes {
+        fn emit(&mut self, bytes: &[u8]) {
+            self.0.extend_from_slice(bytes);
+        }
+    }
     let core =
         CoreDump::parse(dump).map_err(|error| anyhow::anyhow!("not a dump file: {error}"))?;
     // HEADER: everything before the first segment's bytes.
@@ -254,30 +197,24 @@ pub fn encode(dump: &[u8]) -> Result<Vec<u8>> {
         .map(|p| p.p_offset)
         .min()
         .unwrap_or(dump.len() as u64);
-    let mut stream = MAGIC.to_vec();
-    stream.push(HEADER);
-    stream.extend_from_slice(&header_len.to_le_bytes());
-    stream.extend_from_slice(&dump[..header_len as usize]);
+    let mut encoder = Encoder::start(Bytes(Vec::new()), &dump[..header_len as usize]);
     for segment in core.load_segments() {
         let data = core
             .segment_data(&segment)
             .context("the dump holds less than its segments")?;
-        for (i, page) in data.chunks(4096).enumerate() {
-            let offset = segment.p_offset + (i * 4096) as u64;
-            if page.iter().all(|&b| b == 0) {
-                stream.push(ZERO);
-                stream.extend_from_slice(&offset.to_le_bytes());
-                stream.extend_from_slice(&(page.len() as u64).to_le_bytes());
-            } else {
-                stream.push(DATA);
-                stream.extend_from_slice(&offset.to_le_bytes());
-                stream.extend_from_slice(&(page.len() as u64).to_le_bytes());
-                stream.extend_from_slice(page);
-            }
-        }
+        // The file's own offsets stand in for memory addresses: a page of
+        // the file is a page of memory.
+        encoder.segment(
+            segment.p_offset,
+            segment.p_offset,
+            data.len() as u64,
+            |at, len| {
+                let from = (at - segment.p_offset) as usize;
+                &data[from..from + len as usize]
+            },
+        );
     }
-    stream.push(END);
-    stream.extend_from_slice(&(dump.len() as u64).to_le_bytes());
+    let (Bytes(stream), _) = encoder.finish(dump.len() as u64);
     Ok(stream)
 }
 
@@ -285,6 +222,7 @@ pub fn encode(dump: &[u8]) -> Result<Vec<u8>> {
 mod tests {
     use super::*;
     use crate::dump::tests::sample_dump;
+    use hv_abi::dump_stream::{END, HEADER, ZERO};
 
     struct Dir(std::path::PathBuf);
     impl Dir {

@@ -16,6 +16,7 @@
 //! - `nmi_latency_us` has one entry per CPU started, none for the
 //!   coordinator or for a CPU that could not take the NMI.
 
+use crate::crash::CrashSpecExt;
 use serde_json::Value;
 
 use super::expect::CrashRules;

@@ -10,6 +10,7 @@
 //! with a knob is judged against what the knob must cause, not against a
 //! full boot.
 
+use crate::crash::CrashSpecExt;
 use serde_json::{Value, json};
 
 use crate::crash::{self, CrashSpec, Point, parse_number};

@@ -1,0 +1,11 @@
+//! Defaults and limits of hypervisor options that the harness also needs
+//! (to predict what a run will do, and to draw random plans within them).
+
+/// `crash_timeout_ms=`: how long the crash rendezvous waits, by default.
+pub const CRASH_TIMEOUT_MS: u64 = 1000;
+/// The largest `crash_timeout_ms=` accepted.
+pub const MAX_CRASH_TIMEOUT_MS: u64 = 600_000;
+/// `guest_run_ms=`: how long guests run at boot, by default.
+pub const GUEST_RUN_MS: u64 = 100;
+/// The largest `guest_run_ms=` accepted.
+pub const MAX_GUEST_RUN_MS: u64 = 3_600_000;

@@ -1,0 +1,233 @@
+//! Bringing up the application processors.
+
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use smp_boot::bringup::{self, Clock, Config, CpuState, StartupIpi};
+use smp_boot::madt::MAX_CPUS;
+use smp_boot::trampoline;
+
+use super::percpu::{self, LocalHalf, SharedCpu};
+use super::time;
+use crate::arch::{apic, cpu};
+use crate::mm::{self, phys};
+
+/// How many CPUs this run uses (online or failed), boot CPU included.
+static CPU_COUNT: AtomicUsize = AtomicUsize::new(1);
+
+/// Test knob: the AP with this APIC ID hangs before it checks in.
+static HANG_APIC_ID: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// What the bring-up did, for the report.
+#[derive(Debug, Clone, Copy)]
+pub struct BringupReport {
+    /// CPUs the MADT offers.
+    pub possible: usize,
+    /// CPUs asked to start (boot CPU included), after `max_cpus`.
+    pub attempted: usize,
+    /// CPUs running, boot CPU included.
+    pub online: usize,
+    /// First INIT to the last AP's check-in.
+    pub elapsed_us: u64,
+}
+
+/// Bring-up settings from the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// At most this many CPUs, boot CPU included.
+    pub max_cpus: Option<u32>,
+    /// Startup timing.
+    pub timing: Config,
+    /// Test knob: this AP hangs before it checks in.
+    pub hang_apic_id: Option<u32>,
+    /// Runs on every AP, with its index, just before it checks in (a
+    /// crash-injection point of the layer above, handed over so that this
+    /// layer imports nothing above it).
+    pub before_check_in: fn(usize),
+}
+
+/// [`Settings::before_check_in`], for the APs.
+static BEFORE_CHECK_IN: crate::arch::atomic_fn::AtomicCallFn =
+    crate::arch::atomic_fn::AtomicCallFn::new();
+
+struct LocalApicIpi;
+
+impl StartupIpi for LocalApicIpi {
+    fn send_init(&mut self, apic_id: u32) {
+        apic::send_init(apic_id);
+    }
+
+    fn send_startup(&mut self, apic_id: u32, page_number: u8) {
+        apic::send_startup(apic_id, page_number);
+    }
+}
+
+struct TscClock;
+
+impl Clock for TscClock {
+    fn now_us(&mut self) -> u64 {
+        time::now_us()
+    }
+}
+
+/// The CPUs of this run, boot CPU first.
+pub fn cpus() -> &'static [SharedCpu] {
+    &percpu::all_shared()[..CPU_COUNT.load(Ordering::Acquire)]
+}
+
+/// Starts every AP of `possible` (APIC IDs in MADT order; up to
+/// `max_cpus`), all at once.
+pub fn bring_up(possible: impl Iterator<Item = u32>, settings: &Settings) -> BringupReport {
+    let own_apic_id = cpu::apic_id();
+    // The boot CPU is index 0; the others follow in MADT order.
+    let mut apic_ids = [0u32; MAX_CPUS];
+    apic_ids[0] = own_apic_id;
+    let mut count = 1;
+    for apic_id in possible
+        .filter(|&apic_id| apic_id != own_apic_id)
+        .take(MAX_CPUS - 1)
+    {
+        apic_ids[count] = apic_id;
+        count += 1;
+    }
+    let possible = count;
+    let limit = settings
+        .max_cpus
+        .map_or(count, |max| (max as usize).clamp(1, count));
+    if limit < count {
+        log::info!("smp: max_cpus={limit}: starting {limit} of {count} CPUs");
+    }
+    for (index, &apic_id) in apic_ids[..possible].iter().enumerate() {
+        percpu::shared(index).slot.assign(apic_id);
+    }
+    percpu::shared(0).slot.mark_boot_cpu_online(time::now_us());
+    let count = limit;
+    BEFORE_CHECK_IN.store(settings.before_check_in, Ordering::Relaxed);
+    if let Some(apic_id) = settings.hang_apic_id {
+        HANG_APIC_ID.store(u64::from(apic_id), Ordering::Relaxed);
+        log::warn!("smp: test knob: the AP with APIC ID {apic_id} will hang before it checks in");
+    }
+
+    let report = |online, elapsed_us| BringupReport {
+        possible,
+        attempted: count,
+        online,
+        elapsed_us,
+    };
+    if count == 1 {
+        CPU_COUNT.store(1, Ordering::Release);
+        return report(1, 0);
+    }
+    let Some(stack_tops) = prepare_aps(&apic_ids[..count]) else {
+        log::error!("smp: out of memory for AP stacks; running on the boot CPU alone");
+        return report(1, 0);
+    };
+    let Some(page) = install_trampoline(&apic_ids[..count], stack_tops) else {
+        return report(1, 0);
+    };
+    CPU_COUNT.store(count, Ordering::Release);
+
+    log::info!(
+        "smp: starting {} APs in parallel (trampoline at {page:#x})",
+        count - 1
+    );
+    let aps = &percpu::all_shared()[1..count];
+    let outcome = start_slots(aps, (page >> 12) as u8, &settings.timing);
+    for (index, cpu) in percpu::all_shared()[..count].iter().enumerate() {
+        if cpu.slot.state() == CpuState::Failed {
+            log::error!(
+                "smp: CPU {index} (APIC ID {}) did not check in; excluded",
+                cpu.slot.apic_id()
+            );
+        }
+    }
+    log::info!(
+        "smp: {} of {} CPUs online in {} us",
+        outcome.online + 1,
+        count,
+        outcome.elapsed_us
+    );
+    report(outcome.online + 1, outcome.elapsed_us)
+}
+
+fn start_slots(aps: &[SharedCpu], page_number: u8, timing: &Config) -> bringup::Outcome {
+    bringup::start_all(
+        aps.iter().map(|cpu| &cpu.slot),
+        page_number,
+        timing,
+        &mut LocalApicIpi,
+        &mut TscClock,
+    )
+}
+
+/// Allocates every AP's stacks, GDT/TSS and local half. Returns the
+/// physical address of the stack-top table (by CPU index).
+fn prepare_aps(apic_ids: &[u32]) -> Option<u64> {
+    let stack_tops = mm::alloc_permanent_slice::<u64>(apic_ids.len())?;
+    for (index, &apic_id) in apic_ids.iter().enumerate().skip(1) {
+        let stacks = mm::alloc_cpu_stacks()?;
+        let local = mm::alloc_permanent(percpu::new_local(index as u32, apic_id))?;
+        local.set_tables(stacks.tables);
+        percpu::register(index, local);
+        stack_tops[index] = stacks.main;
+    }
+    Some(stack_tops.as_ptr() as u64)
+}
+
+/// Copies the trampoline below 1 MiB with its parameters.
+fn install_trampoline(apic_ids: &[u32], stack_tops: u64) -> Option<u64> {
+    let ids = mm::alloc_permanent_slice::<u32>(apic_ids.len())?;
+    ids.copy_from_slice(apic_ids);
+    let Some(page) = mm::alloc_low_page() else {
+        log::error!(
+            "smp: no free page below 1 MiB for the AP trampoline; running on the boot CPU alone"
+        );
+        return None;
+    };
+    let entry = ap_entry as *const () as u64;
+    let Some(parameters) = trampoline::parameters(
+        page as u32,
+        cpu::cr3(),
+        ids.as_ptr() as u64,
+        stack_tops,
+        apic_ids.len() as u32,
+        entry,
+    ) else {
+        log::error!(
+            "smp: page tables above 4 GiB cannot be reached from the trampoline; running on the boot CPU alone"
+        );
+        return None;
+    };
+    // The page is ours (fresh from the allocator) and no AP runs yet.
+    phys::with_bytes_mut(page, 4096, |destination| {
+        trampoline::write_blob(destination, &parameters)
+    })
+    .ok()?;
+    Some(page)
+}
+
+/// Where every AP lands in 64-bit mode, on its own stack.
+extern "C" fn ap_entry(index: u64) -> ! {
+    let index = index as usize;
+    let Some(local) = percpu::install_for(index) else {
+        cpu::halt_forever();
+    };
+    if let Some(tables) = local.tables() {
+        tables.load();
+    }
+    crate::arch::idt::load();
+    apic::enable();
+    if HANG_APIC_ID.load(Ordering::Relaxed) == u64::from(local.apic_id()) {
+        // Test knob: never check in; wait with NMIs open so a crash can
+        // still collect this CPU.
+        cpu::halt_forever();
+    }
+    if let Some(hook) = BEFORE_CHECK_IN.load(Ordering::Relaxed) {
+        hook(index);
+    }
+    if percpu::shared(index).slot.check_in(time::now_us()).is_err() {
+        log::warn!("smp: CPU {index} came up after the deadline; parking it");
+        cpu::halt_forever();
+    }
+    log::debug!("smp: CPU {index} (APIC ID {}) online", local.apic_id());
+    super::idle::idle()
+}

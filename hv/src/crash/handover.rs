@@ -1,0 +1,319 @@
+//! The hand-over to the capture kernel: the last thing the coordinator
+//! does. The capture layer loaded the kernel and digested it at boot, and
+//! left a [`Plan`] here; at crash time this writes the ELF core header
+//! (the one piece left out of the digests), checks every digest and jumps
+//! through the purgatory. It returns only when there is no capture kernel,
+//! or when it refuses to jump (the header does not fit, or a digest does
+//! not match), having said why.
+
+use core::fmt::Write;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use crash::cpuset::CpuSet;
+use crash::shootdown::VmxExit;
+use hv_abi::crash_note::{CpuLedger, CrashRecord, VmclearOutcome, VmclearRecord, cpu_flags};
+use kexec_loader::PhysRange;
+use kexec_loader::digest::DigestTable;
+use kexec_loader::elfcore::{CpuState, LoadedImage, MemorySegment, Placement, write_core_header};
+use smp_boot::bringup::CpuState as BringupState;
+use smp_boot::madt::MAX_CPUS;
+
+use super::COORDINATOR;
+use super::records::{MAX_VMCS, Records};
+use crate::console::EmergencyConsole;
+use crate::cpu::{percpu, smp};
+use crate::mm::{self, phys};
+
+/// Memory ranges a dump can describe.
+pub const MAX_SEGMENTS: usize = 64;
+/// Longest crash reason kept in the dump.
+pub const MAX_REASON: usize = 256;
+
+/// Which capture kernel is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A Linux bzImage (64-bit boot protocol).
+    Linux,
+    /// The hv image in capture mode (PVH entry).
+    Hv,
+}
+
+impl Kind {
+    /// The name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Linux => "linux",
+            Kind::Hv => "hv",
+        }
+    }
+}
+
+/// Everything the crash path needs, fixed at boot by the capture layer.
+#[derive(Debug)]
+pub struct Plan {
+    /// The kernel's kind.
+    pub kind: Kind,
+    /// Where the ELF core header goes (left out of the digests).
+    pub elfcorehdr: PhysRange,
+    /// The purgatory's area.
+    pub purgatory: u64,
+    /// Every loaded piece's digest.
+    pub digests: DigestTable<16>,
+    /// The memory the dump describes.
+    pub segments: [MemorySegment; MAX_SEGMENTS],
+    /// How many of `segments` are valid.
+    pub segment_count: usize,
+    /// hv's own image as loaded, for the dump's `NT_AUXV` and `NT_FILE`
+    /// notes (drgn matches `-s hv` to the dump through them).
+    pub image: Option<LoadedImage<'static>>,
+}
+
+/// Buffers the crash path fills to write the core header (it allocates
+/// nothing): made at boot, taken once by the coordinator.
+#[derive(Debug)]
+struct Scratch {
+    cpus: &'static mut [CpuState],
+    ledgers: &'static mut [CpuLedger<'static>],
+    vmclears: &'static mut [VmclearRecord],
+    stragglers: &'static mut [u32],
+    reason: [u8; MAX_REASON],
+}
+
+static PLAN: spin::Once<Plan> = spin::Once::new();
+static SCRATCH: phys::TakeOnce<Scratch> = phys::TakeOnce::new();
+static HANDED_OVER: AtomicBool = AtomicBool::new(false);
+
+/// Allocates the crash-time buffers, element by element (they are far too
+/// large for a stack). `false` when memory ran out.
+pub fn alloc_scratch() -> bool {
+    use mm::alloc_permanent_slice_with as slice;
+    let buffers = (
+        slice(MAX_CPUS, |_| CpuState {
+            cpu_index: 0,
+            regs: Default::default(),
+        }),
+        slice(MAX_CPUS, |_| CpuLedger {
+            cpu_index: 0,
+            apic_id: 0,
+            flags: 0,
+            vmcs_loaded: 0,
+            vmclears: &[],
+        }),
+        slice(MAX_VMCS, |_| VmclearRecord {
+            vmcs_phys: 0,
+            outcome: VmclearOutcome::Succeeded,
+        }),
+        slice(MAX_CPUS, |_| 0u32),
+    );
+    let (Some(cpus), Some(ledgers), Some(vmclears), Some(stragglers)) = buffers else {
+        return false;
+    };
+    let Some(scratch) = mm::alloc_permanent(Scratch {
+        cpus,
+        ledgers,
+        vmclears,
+        stragglers,
+        reason: [0; MAX_REASON],
+    }) else {
+        return false;
+    };
+    SCRATCH.put(scratch);
+    true
+}
+
+/// Leaves the capture layer's plan for the crash path.
+pub fn install(plan: Plan) -> &'static Plan {
+    PLAN.call_once(|| plan)
+}
+
+/// What the coordinator knows at hand-over time.
+pub struct Handover<'a> {
+    /// The coordinator's CPU index.
+    pub coordinator: usize,
+    /// CPUs that checked in.
+    pub checked_in: &'a CpuSet,
+    /// CPUs that did not.
+    pub stragglers: &'a CpuSet,
+    /// Why the machine crashed.
+    pub reason: &'a dyn core::fmt::Display,
+}
+
+/// `core::fmt::Write` into a fixed buffer, cutting what does not fit.
+struct FixedWriter<'a> {
+    buffer: &'a mut [u8],
+    len: usize,
+}
+
+impl Write for FixedWriter<'_> {
+    fn write_str(&mut self, text: &str) -> core::fmt::Result {
+        let take = text.len().min(self.buffer.len() - self.len);
+        self.buffer[self.len..self.len + take].copy_from_slice(&text.as_bytes()[..take]);
+        self.len += take;
+        Ok(())
+    }
+}
+
+/// Fills the per-CPU ledger: for every online CPU, each VMCS its records
+/// say it held and whether it was VMCLEARed. Returns how many ledgers.
+fn fill_ledgers(
+    ledgers: &mut [CpuLedger<'static>],
+    vmclears: &'static mut [VmclearRecord],
+    coordinator: usize,
+    checked_in: &CpuSet,
+) -> usize {
+    let mut remaining = vmclears;
+    let mut count = 0;
+    for (cpu, shared) in smp::cpus().iter().enumerate().take(ledgers.len()) {
+        if shared.slot.state() != BringupState::Online {
+            continue;
+        }
+        let (written, held) = crash::accounting::cpu_ledger(&Records, cpu, remaining);
+        // Split off this CPU's part: final once filled, the rest stays
+        // writable for the next CPUs.
+        let (mine, rest) = core::mem::take(&mut remaining).split_at_mut(written);
+        remaining = rest;
+        let vmx = COORDINATOR.record(cpu).map(|record| record.ledger.vmx);
+        let mut flags = 0;
+        if checked_in.contains(cpu) {
+            flags |= cpu_flags::CHECKED_IN;
+        }
+        if cpu == coordinator {
+            flags |= cpu_flags::COORDINATOR;
+        }
+        if matches!(
+            vmx,
+            Some(VmxExit::Left | VmxExit::LeftAfterInvalidOpcode | VmxExit::StillOn(_))
+        ) {
+            flags |= cpu_flags::VMX_WAS_ON;
+        }
+        if matches!(vmx, Some(VmxExit::Left | VmxExit::LeftAfterInvalidOpcode)) {
+            flags |= cpu_flags::VMXOFF_DONE;
+        }
+        ledgers[count] = CpuLedger {
+            cpu_index: cpu as u32,
+            apic_id: shared.slot.apic_id(),
+            flags,
+            vmcs_loaded: held as u32,
+            vmclears: mine,
+        };
+        count += 1;
+    }
+    count
+}
+
+/// Writes the ELF core header, checks the digests and jumps to the
+/// capture kernel. Returns only when there is no capture kernel, or when
+/// the jump is refused.
+pub fn hand_over(handover: &Handover<'_>) {
+    let Some(plan) = PLAN.get() else { return };
+    if HANDED_OVER.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let Some(scratch) = SCRATCH.take() else {
+        let _ = writeln!(
+            EmergencyConsole,
+            "*** hv: capture: the crash-time buffers are gone; not jumping"
+        );
+        return;
+    };
+    // The crashing CPU first: gdb makes the first note its current thread.
+    let order = core::iter::once(handover.coordinator).chain(
+        handover
+            .checked_in
+            .iter()
+            .filter(|&cpu| cpu != handover.coordinator),
+    );
+    let mut cpu_count = 0;
+    for cpu in order {
+        if let Some(regs) = COORDINATOR.record(cpu).and_then(|record| record.regs) {
+            scratch.cpus[cpu_count] = CpuState {
+                cpu_index: cpu as u32,
+                regs,
+            };
+            cpu_count += 1;
+        }
+    }
+    let mut straggler_count = 0;
+    for cpu in handover.stragglers {
+        scratch.stragglers[straggler_count] = percpu::shared(cpu).slot.apic_id();
+        straggler_count += 1;
+    }
+    let vmclears = core::mem::take(&mut scratch.vmclears);
+    let ledger_count = fill_ledgers(
+        scratch.ledgers,
+        vmclears,
+        handover.coordinator,
+        handover.checked_in,
+    );
+    let mut writer = FixedWriter {
+        buffer: &mut scratch.reason,
+        len: 0,
+    };
+    let _ = write!(writer, "{}", handover.reason);
+    let reason_len = writer.len;
+    let reason_text = core::str::from_utf8(&scratch.reason[..reason_len]).unwrap_or("crash");
+    let record = CrashRecord {
+        reason: reason_text,
+        coordinator: handover.coordinator as u32,
+        stragglers: &scratch.stragglers[..straggler_count],
+        cpus: &scratch.ledgers[..ledger_count],
+    };
+    let placement = Placement::OldMemory {
+        header_phys: plan.elfcorehdr.start,
+    };
+    // The core header region lies in the reservation, left out of every
+    // allocator and of the digests; only this CPU writes it now.
+    let written = phys::with_bytes_mut(plan.elfcorehdr.start, plan.elfcorehdr.len, |out| {
+        write_core_header(
+            out,
+            &scratch.cpus[..cpu_count],
+            &record,
+            &plan.segments[..plan.segment_count],
+            plan.image.as_ref(),
+            placement,
+        )
+    });
+    if let Err(error) = written {
+        let _ = writeln!(
+            EmergencyConsole,
+            "*** hv: capture: cannot write the ELF core header: {error}; not jumping"
+        );
+        report_capture(plan, false, Some(&error));
+        return;
+    }
+    // Digested ranges lie in the reservation, which nothing writes.
+    let verdict = plan
+        .digests
+        .verify(|address, len| Some(phys::read(address, len as u64)));
+    if let Err(error) = verdict {
+        let _ = writeln!(
+            EmergencyConsole,
+            "*** hv: capture: {error} (the capture kernel was damaged after boot)"
+        );
+        report_capture(plan, false, Some(&error));
+        return;
+    }
+    let _ = writeln!(
+        EmergencyConsole,
+        "*** hv: capture: {} CPU notes, {} memory ranges; digests verified; jumping to the {} capture kernel",
+        cpu_count,
+        plan.segment_count,
+        plan.kind.name()
+    );
+    report_capture(plan, true, None);
+    crate::console::wait_transmitter_empty();
+    crate::arch::blobs::jump_to_purgatory(plan.purgatory)
+}
+
+fn report_capture(plan: &Plan, digest_ok: bool, error: Option<&dyn core::fmt::Display>) {
+    crate::console::report::emergency(|o| {
+        o.field("capture").object(|o| {
+            o.field("kernel").str(plan.kind.name())?;
+            o.field("digest_ok").bool(digest_ok)?;
+            o.field("jumped").bool(digest_ok)?;
+            o.field("handover_us").u64(crate::cpu::time::now_us())?;
+            o.field("refused")
+                .option(error, |value, error| value.display(error))
+        })
+    });
+}

@@ -1,0 +1,258 @@
+//! Test crash injection (`crash=cpu:N,after_ms:T[,point:NAME]`): a chosen
+//! CPU panics at a chosen time, optionally at a named point of the
+//! loaded-VMCS list protocol or of the boot.
+
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+
+use crash::loaded_vmcs::StorePoint;
+use hv_core::cmdline::{CrashPoint, CrashSpec};
+
+use crate::cpu::{ipi, percpu, smp, time};
+
+const NO_CPU: u32 = u32::MAX;
+
+static CPU: AtomicU32 = AtomicU32::new(NO_CPU);
+static AFTER_US: AtomicU64 = AtomicU64::new(0);
+static AT_US: AtomicU64 = AtomicU64::new(u64::MAX);
+static POINT: AtomicU8 = AtomicU8::new(NO_POINT);
+static FIRED: AtomicBool = AtomicBool::new(false);
+
+const NO_POINT: u8 = 0xFF;
+
+fn encode(point: CrashPoint) -> u8 {
+    match point {
+        CrashPoint::ListAdd(store) => store,
+        CrashPoint::ListRemove(store) => 0x10 | store,
+        CrashPoint::VmclearUnlink => 0x20,
+        CrashPoint::VcpuLoad => 0x21,
+        CrashPoint::NmiBlocked => 0x22,
+        CrashPoint::DoublePanic => 0x23,
+        CrashPoint::BeforeVmx => 0x24,
+        CrashPoint::Bringup => 0x25,
+    }
+}
+
+fn decode(raw: u8) -> Option<CrashPoint> {
+    Some(match raw {
+        0..=7 => CrashPoint::ListAdd(raw),
+        0x10..=0x17 => CrashPoint::ListRemove(raw & 7),
+        0x20 => CrashPoint::VmclearUnlink,
+        0x21 => CrashPoint::VcpuLoad,
+        0x22 => CrashPoint::NmiBlocked,
+        0x23 => CrashPoint::DoublePanic,
+        0x24 => CrashPoint::BeforeVmx,
+        0x25 => CrashPoint::Bringup,
+        _ => return None,
+    })
+}
+
+/// The list stores of `add` and `remove`, numbered as `list_addN` and
+/// `list_removeN` count them.
+const ADD_STORES: [StorePoint; 5] = [
+    StorePoint::AddClaim,
+    StorePoint::AddSetNext,
+    StorePoint::AddSetPrev,
+    StorePoint::AddBackLink,
+    StorePoint::AddPublish,
+];
+const REMOVE_STORES: [StorePoint; 3] = [
+    StorePoint::RemoveUnlink,
+    StorePoint::RemoveBackLink,
+    StorePoint::RemoveReleaseCpu,
+];
+
+/// Records the knob at boot; the clock starts at [`start_clock`].
+pub fn configure(spec: &CrashSpec) {
+    if let Some(point) = spec.point {
+        let out_of_range = match point {
+            CrashPoint::ListAdd(store) => usize::from(store) >= ADD_STORES.len(),
+            CrashPoint::ListRemove(store) => usize::from(store) >= REMOVE_STORES.len(),
+            _ => false,
+        };
+        if out_of_range {
+            log::warn!(
+                "crash knob: {point:?} names a store the list protocol does not make; it will never fire"
+            );
+        }
+        POINT.store(encode(point), Ordering::Relaxed);
+    }
+    CPU.store(spec.cpu, Ordering::Relaxed);
+    AFTER_US.store(spec.after_ms.saturating_mul(1000), Ordering::Relaxed);
+}
+
+/// Whether a crash is configured at all.
+pub fn configured() -> bool {
+    CPU.load(Ordering::Relaxed) != NO_CPU
+}
+
+/// The configured point.
+pub fn point() -> Option<CrashPoint> {
+    decode(POINT.load(Ordering::Relaxed))
+}
+
+/// The CPU (index) the knob names.
+pub fn target_cpu() -> Option<usize> {
+    let cpu = CPU.load(Ordering::Relaxed);
+    (cpu != NO_CPU).then_some(cpu as usize)
+}
+
+/// Starts the `after_ms` clock (when the guests start, or after boot).
+pub fn start_clock() {
+    AT_US.store(
+        time::now_us().saturating_add(AFTER_US.load(Ordering::Relaxed)),
+        Ordering::Relaxed,
+    );
+}
+
+/// Whether [`start_clock`] ran.
+pub fn clock_started() -> bool {
+    AT_US.load(Ordering::Relaxed) != u64::MAX
+}
+
+/// Whether the `after_ms` time has come.
+pub fn due() -> bool {
+    time::now_us() >= AT_US.load(Ordering::Relaxed)
+}
+
+fn fire(what: &str) -> ! {
+    FIRED.store(true, Ordering::Relaxed);
+    panic!(
+        "injected crash on CPU {} ({what})",
+        percpu::current_cpu_index()
+    )
+}
+
+/// Whether the injected crash already happened.
+pub fn fired() -> bool {
+    FIRED.load(Ordering::Relaxed)
+}
+
+fn is_target() -> bool {
+    CPU.load(Ordering::Relaxed) == percpu::current_cpu_index()
+}
+
+/// Time-based injection without a point: called on the target CPU from
+/// the guest loop.
+pub fn check_time() {
+    if point().is_none() && is_target() && due() {
+        fire("after_ms elapsed");
+    }
+}
+
+/// Point-based injection inside the list protocol.
+pub fn at_store(store: StorePoint) {
+    let Some(point) = point() else { return };
+    let matches = match point {
+        CrashPoint::ListAdd(n) => ADD_STORES.get(usize::from(n)) == Some(&store),
+        CrashPoint::ListRemove(n) => REMOVE_STORES.get(usize::from(n)) == Some(&store),
+        CrashPoint::VmclearUnlink => store == StorePoint::UnloadVmclear,
+        CrashPoint::VcpuLoad => store == StorePoint::LoadVmptrld,
+        _ => false,
+    };
+    if matches && is_target() && due() {
+        fire(store.name());
+    }
+}
+
+/// Point-based injection at a boot stage (`before_vmx`, `bringup`).
+pub fn at_stage(stage: CrashPoint) {
+    if point() == Some(stage) && is_target() {
+        fire("boot stage");
+    }
+}
+
+/// Runs on a CPU asked (by IPI) to crash once the CPU that asked has had
+/// 10 ms to get itself stuck (`nmi_blocked` on the boot CPU).
+pub fn crash_after_delay(_: usize) {
+    time::delay_us(10_000);
+    fire("after the stuck CPU blocked its NMIs");
+}
+
+/// Runs on a CPU asked (by IPI) to crash now.
+pub fn crash_here(_: usize) {
+    fire("after_ms elapsed");
+}
+
+/// `point:bringup`, on every AP just before it checks in.
+pub fn at_bringup(_index: usize) {
+    at_stage(CrashPoint::Bringup);
+}
+
+/// Has the knob's target CPU panic now (through an IPI if it is another).
+pub fn trigger_now() {
+    let Some(target) = target_cpu() else {
+        return;
+    };
+    if target == percpu::current_cpu_index() as usize {
+        crash_here(0);
+    }
+    if !ipi::call_on(target, crash_here, 0) {
+        log::error!("crash knob: CPU {target} is not online; no crash injected");
+    }
+}
+
+/// The crash knob's cases the guest run did not already fire, once the
+/// boot report is out.
+pub fn fire_after_boot() {
+    if fired() {
+        return;
+    }
+    let point = point();
+    if let Some(point) = point.filter(|point| point.needs_vmx()) {
+        // Points of the loaded-VMCS list protocol exist only while guests
+        // run; the run is over (or never started: no VMX) and it was not hit.
+        log::error!(
+            "crash knob: injection point {point:?} was never reached (it needs a VMX guest run)"
+        );
+        crate::console::report::line(|o| {
+            o.field("crash_injection")
+                .object(|o| o.field("fired").bool(false))
+        });
+        return;
+    }
+    if !clock_started() {
+        start_clock();
+    }
+    while !due() {
+        core::hint::spin_loop();
+    }
+    let Some(target) = target_cpu() else {
+        return;
+    };
+    let me = percpu::current_cpu_index() as usize;
+    let cpus = smp::cpus().len();
+    match point {
+        Some(CrashPoint::NmiBlocked) => {
+            // The target spins inside an NMI handler, so it cannot take the
+            // shootdown NMI; another CPU panics and must name it.
+            let panicker = if target == 0 { 1 % cpus } else { 0 };
+            super::nmi::SPIN_IN_NMI.store(target as u32, Ordering::Relaxed);
+            if target == me {
+                // This CPU is about to block itself: have the panicker wait
+                // until it surely has, then panic.
+                ipi::send_call(panicker, crash_after_delay, 0);
+            }
+            if let Some(cpu) = smp::cpus().get(target) {
+                crate::arch::apic::send_nmi(cpu.slot.apic_id());
+            }
+            time::delay_us(10_000);
+            if panicker == me {
+                crash_here(0);
+            }
+            ipi::call_on(panicker, crash_here, 0);
+        }
+        Some(CrashPoint::DoublePanic) => {
+            let other = (target + 1) % cpus;
+            for cpu in [target, other] {
+                if cpu != me {
+                    ipi::send_call(cpu, crash_here, 0);
+                }
+            }
+            if [target, other].contains(&me) {
+                crash_here(0);
+            }
+            time::delay_us(1_000_000);
+        }
+        _ => trigger_now(),
+    }
+}

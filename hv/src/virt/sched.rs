@@ -1,0 +1,434 @@
+//! The run queue: vCPUs moving between cores every slice.
+//!
+//! All vCPUs sit in one FIFO run queue. Every core with the backend
+//! enabled takes the vCPU at the head, runs it for a time slice (ended by
+//! the backend's timer or by the guest's own exits), and puts it back at
+//! the tail, still loaded on that core. With more vCPUs than cores they
+//! keep moving: a core that takes a vCPU last loaded elsewhere first has
+//! the old core clear it (call-function IPI), then loads it. So every
+//! core's set of loaded contexts changes all the time, which is the state
+//! the crash path cleans.
+
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use crash::loaded_vmcs::{ListError, StorePoint, VmcsId};
+
+use hv_core::exits::{self, Action, GuestRegisters, Stop};
+use raw_cpuid::native_cpuid::cpuid_count;
+use spin::Mutex;
+
+use super::vcpu::{self, Knobs, MAX_VCPUS, Vcpu, VcpuLocal};
+use super::{Backend, test_guest};
+use crate::arch::cpu;
+use crate::cpu::{ipi, percpu, time};
+use crate::crash::records::{self, LISTS};
+use crate::crash::{self as crash_path, inject};
+use crate::mm;
+
+/// Settings from the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// vCPUs to create (0: two per core with the backend enabled).
+    pub vcpus: usize,
+    /// How long guests run at boot.
+    pub run_ms: u64,
+    /// Time slice before a vCPU goes back to the queue.
+    pub slice_us: u64,
+    /// Test knobs of the in-tree guest.
+    pub knobs: Knobs,
+    /// Whether the crash hypercall is honoured.
+    pub crash_hypercall_allowed: bool,
+}
+
+static VCPUS: spin::Once<&'static [Vcpu]> = spin::Once::new();
+static RUN_QUEUE: Mutex<RunQueue> = Mutex::new(RunQueue::new());
+static RUNNING: AtomicBool = AtomicBool::new(false);
+static DEADLINE_US: AtomicU64 = AtomicU64::new(0);
+static SLICE_US: AtomicU64 = AtomicU64::new(2000);
+static CORES_DONE: AtomicUsize = AtomicUsize::new(0);
+static STOPPED: AtomicUsize = AtomicUsize::new(0);
+static CRASH_HYPERCALL: AtomicBool = AtomicBool::new(false);
+/// vCPU loads on a core other than the one that last had it.
+pub static MIGRATIONS: AtomicU64 = AtomicU64::new(0);
+
+struct RunQueue {
+    slots: [u16; MAX_VCPUS],
+    head: usize,
+    len: usize,
+}
+
+impl RunQueue {
+    const fn new() -> Self {
+        Self {
+            slots: [0; MAX_VCPUS],
+            head: 0,
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, index: usize) {
+        if self.len < MAX_VCPUS {
+            self.slots[(self.head + self.len) % MAX_VCPUS] = index as u16;
+            self.len += 1;
+        }
+    }
+
+    fn pop(&mut self) -> Option<usize> {
+        (self.len > 0).then(|| {
+            let index = self.slots[self.head];
+            self.head = (self.head + 1) % MAX_VCPUS;
+            self.len -= 1;
+            usize::from(index)
+        })
+    }
+}
+
+/// The hook the list protocol calls between its stores: keeps the
+/// context's record in step, and is where test crashes are injected.
+fn store_hook(id: VmcsId) -> impl FnMut(StorePoint) {
+    move |point| {
+        records::track(id, point);
+        inject::at_store(point);
+    }
+}
+
+/// The vCPUs.
+pub fn vcpus() -> &'static [Vcpu] {
+    VCPUS.get().copied().unwrap_or(&[])
+}
+
+/// Creates the vCPUs of the in-tree guest and queues them.
+fn create<B: Backend>(count: usize, knobs: Knobs) -> usize {
+    let count = count.min(MAX_VCPUS);
+    let Some(storage) =
+        mm::alloc_permanent_slice_with(count, |index| vcpu::make::<B>(index, knobs))
+    else {
+        log::error!("{}: out of memory for {count} vCPUs", B::NAME);
+        return 0;
+    };
+    let created = storage.iter().take_while(|vcpu| vcpu.exists()).count();
+    let vcpus = &storage[..created];
+    VCPUS.call_once(|| vcpus);
+    let mut queue = RUN_QUEUE.lock();
+    for index in 0..created {
+        queue.push(index);
+    }
+    created
+}
+
+/// Clears vCPU `index`'s context and unlinks it, on the calling CPU, which
+/// holds it (call-function IPI from the CPU that wants it).
+fn clear_here<B: Backend>(index: usize) {
+    let vcpu = &vcpus()[index];
+    let Some(id) = vcpu.shared.list_id else {
+        return;
+    };
+    let cpu = percpu::current_cpu_index() as usize;
+    let mut instructions = B::Instructions::default();
+    if let Err(error) = LISTS.unload(cpu, id, &mut instructions, &mut store_hook(id)) {
+        log::error!("{}: unloading vCPU {index} on CPU {cpu}: {error}", B::NAME);
+    }
+}
+
+/// Makes vCPU `index` current on this CPU, taking it from another CPU
+/// first if needed, and refreshes the host state.
+fn load_here<B: Backend>(index: usize, local: &mut VcpuLocal) -> bool {
+    let vcpu = &vcpus()[index];
+    let Some(id) = vcpu.shared.list_id else {
+        return false;
+    };
+    let me = percpu::current_cpu_index() as usize;
+    // The eviction waits for another CPU: interrupts on, or two CPUs
+    // evicting from each other would deadlock.
+    cpu::enable_interrupts();
+    let evicted = LISTS.evict_from_other_cpu(me, id, |owner, _| {
+        if ipi::call_on(owner, clear_here::<B>, index) {
+            Ok(())
+        } else {
+            Err(ListError::LoadedElsewhere { cpu: owner })
+        }
+    });
+    cpu::disable_interrupts();
+    match evicted {
+        Ok(Some(_)) => {
+            MIGRATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(None) => {}
+        Err(error) => {
+            log::error!("{}: cannot take vCPU {index} to CPU {me}: {error}", B::NAME);
+            return false;
+        }
+    }
+    let mut instructions = B::Instructions::default();
+    let loaded = match LISTS.load_here(me, id, &mut instructions, &mut store_hook(id)) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            log::error!("{}: loading vCPU {index} on CPU {me}: {error}", B::NAME);
+            return false;
+        }
+    };
+    if loaded.newly_on_this_cpu {
+        local.launched = false;
+    }
+    if !local.initialized {
+        B::init_guest(
+            &vcpu.shared.context,
+            test_guest::LOAD_ADDRESS,
+            test_guest::STACK_TOP,
+        );
+        local.initialized = true;
+    }
+    B::refresh_host_state();
+    true
+}
+
+/// Whether the boot-time guest run is on.
+pub fn running() -> bool {
+    RUNNING.load(Ordering::Acquire)
+}
+
+/// Runs guests on this core until the deadline, then checks out.
+pub fn run_loop<B: Backend>() {
+    let cpu = percpu::current_cpu_index() as usize;
+    if !super::cpu(cpu).enabled.load(Ordering::Acquire) {
+        CORES_DONE.fetch_add(1, Ordering::AcqRel);
+        return;
+    }
+    while running() && time::now_us() < DEADLINE_US.load(Ordering::Relaxed) {
+        let next = RUN_QUEUE.lock().pop();
+        let Some(index) = next else {
+            cpu::interrupt_window();
+            continue;
+        };
+        let keep = run_slice::<B>(index);
+        if keep {
+            RUN_QUEUE.lock().push(index);
+        }
+        cpu::interrupt_window();
+    }
+    CORES_DONE.fetch_add(1, Ordering::AcqRel);
+}
+
+/// The idle work of every CPU: join the guest run once, when it is on.
+pub fn join_run<B: Backend>(cpu: usize) {
+    if running() && !super::cpu(cpu).joined.swap(true, Ordering::AcqRel) {
+        // Guests run with interrupts off between explicit windows.
+        crate::arch::cpu::disable_interrupts();
+        run_loop::<B>();
+    }
+}
+
+/// The hypervisor's side of an exit of vCPU `index`.
+struct HostServices<'a> {
+    index: usize,
+    console: &'a mut [u8; 96],
+    console_len: &'a mut usize,
+}
+
+impl exits::Host for HostServices<'_> {
+    fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        let result = cpuid_count(leaf, subleaf);
+        [result.eax, result.ebx, result.ecx, result.edx]
+    }
+
+    fn console(&mut self, byte: u8) {
+        let (buffer, len) = (&mut *self.console, &mut *self.console_len);
+        if byte != b'\n' && *len < buffer.len() {
+            buffer[*len] = byte;
+            *len += 1;
+        }
+        if byte == b'\n' || *len == buffer.len() {
+            let line = core::str::from_utf8(&buffer[..*len]).unwrap_or("<not UTF-8>");
+            log::info!("[vcpu {}] {line}", self.index);
+            *len = 0;
+        }
+    }
+
+    fn crash_hypercall_allowed(&self) -> bool {
+        CRASH_HYPERCALL.load(Ordering::Relaxed)
+    }
+}
+
+/// The exited vCPU, for `hv_core::exits`.
+struct ExitedGuest<'a, B> {
+    registers: &'a mut GuestRegisters,
+    backend: core::marker::PhantomData<B>,
+}
+
+impl<B: Backend> exits::Guest for ExitedGuest<'_, B> {
+    fn registers(&mut self) -> &mut GuestRegisters {
+        self.registers
+    }
+
+    fn skip_instruction(&mut self) {
+        B::skip_instruction();
+    }
+}
+
+/// Runs one slice of vCPU `index`; `false` when it was stopped.
+fn run_slice<B: Backend>(index: usize) -> bool {
+    let vcpu = &vcpus()[index];
+    let Some(mut local) = vcpu.local.try_lock() else {
+        return true;
+    };
+    if !load_here::<B>(index, &mut local) {
+        return true;
+    }
+    let cpu = percpu::current_cpu_index() as usize;
+    let slice_us = SLICE_US.load(Ordering::Relaxed);
+    let slice_end = time::now_us() + slice_us;
+    loop {
+        let launched = local.launched;
+        let exit = B::enter(&mut local.registers, launched, slice_us);
+        if !matches!(exit, exits::Exit::EntryFailed { .. }) {
+            local.launched = true;
+            vcpu.shared.exits.fetch_add(1, Ordering::Relaxed);
+            super::cpu(cpu).vm_exits.fetch_add(1, Ordering::Relaxed);
+        }
+        let VcpuLocal {
+            registers,
+            console,
+            console_len,
+            ..
+        } = &mut *local;
+        let action = exits::dispatch(
+            exit,
+            &mut ExitedGuest::<B> {
+                registers,
+                backend: core::marker::PhantomData,
+            },
+            &mut HostServices {
+                index,
+                console,
+                console_len,
+            },
+        );
+        let end_slice = match action {
+            Action::Resume => false,
+            Action::EndSlice => true,
+            // A host NMI arrived in the guest: hand it to the hypervisor's
+            // own handler, as if it came now.
+            Action::HostNmi => {
+                cpu::run_nmi_handler();
+                false
+            }
+            Action::HostInterrupts => {
+                cpu::interrupt_window();
+                false
+            }
+            Action::Stop(why) => {
+                stop::<B>(index, why);
+                return false;
+            }
+            Action::Crash => {
+                let regs = cpu::current_regs();
+                crash_path::crash(crash_path::Reason::Hypercall { vcpu: index }, &regs)
+            }
+        };
+        inject::check_time();
+        if end_slice || time::now_us() >= slice_end || !running() {
+            return true;
+        }
+    }
+}
+
+fn stop<B: Backend>(index: usize, why: Stop) {
+    vcpus()[index].mark_stopped();
+    STOPPED.fetch_add(1, Ordering::Relaxed);
+    let rip = B::guest_rip();
+    let cpu = percpu::current_cpu_index();
+    log::warn!(
+        "{}: vCPU {index} stopped on CPU {cpu} at guest rip {rip:#x}: {why:?}",
+        B::NAME
+    );
+    // `detail`: the exit qualification, the instruction error, or the
+    // exit reason, whichever the stop has.
+    let (kind, gpa, detail) = why.report();
+    // Keyed by vCPU, so the reports of several stopped guests merge.
+    let mut key = [0u8; 8];
+    let key = decimal(index, &mut key);
+    crate::console::report::line(|o| {
+        o.field("guests_stopped").object(|o| {
+            o.field(key).object(|o| {
+                o.field("cpu").u64(u64::from(cpu))?;
+                o.field("reason").str(kind)?;
+                o.field("gpa").option(gpa, |value, gpa| value.u64(gpa))?;
+                o.field("detail").u64(detail)?;
+                o.field("rip").u64(rip)
+            })
+        })
+    });
+}
+
+/// `value` in decimal, in `buffer`.
+fn decimal(mut value: usize, buffer: &mut [u8; 8]) -> &str {
+    let mut start = buffer.len();
+    loop {
+        start -= 1;
+        buffer[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 || start == 0 {
+            break;
+        }
+    }
+    core::str::from_utf8(&buffer[start..]).unwrap_or("?")
+}
+
+/// What the boot-time guest run did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunSummary {
+    /// vCPUs created.
+    pub vcpus: usize,
+    /// vCPUs stopped for good.
+    pub stopped: usize,
+    /// VM exits in all.
+    pub exits: u64,
+    /// Loads on a different core.
+    pub migrations: u64,
+}
+
+/// Runs every vCPU across every core with the backend for
+/// `settings.run_ms`.
+pub fn run_at_boot<B: Backend>(settings: &Settings) -> RunSummary {
+    let cores = super::enabled_cpus();
+    let wanted = if settings.vcpus == 0 {
+        2 * cores
+    } else {
+        settings.vcpus
+    };
+    let created = create::<B>(wanted, settings.knobs);
+    log::info!(
+        "{}: {created} vCPUs on {cores} cores for {} ms, slice {} us",
+        B::NAME,
+        settings.run_ms,
+        settings.slice_us
+    );
+    SLICE_US.store(settings.slice_us.max(1), Ordering::Relaxed);
+    CRASH_HYPERCALL.store(settings.crash_hypercall_allowed, Ordering::Relaxed);
+    inject::start_clock();
+    DEADLINE_US.store(time::now_us() + settings.run_ms * 1000, Ordering::Relaxed);
+    RUNNING.store(true, Ordering::Release);
+    // Wake the idle APs; each joins from its idle loop.
+    let woken = ipi::call_on_all(|_| {}, 0);
+    // This CPU joins with interrupts off, like the others.
+    cpu::disable_interrupts();
+    let me = percpu::current_cpu_index() as usize;
+    super::cpu(me).joined.store(true, Ordering::Release);
+    run_loop::<B>();
+    let online = woken.max(1);
+    let deadline = time::now_us() + 1_000_000 + settings.slice_us;
+    while CORES_DONE.load(Ordering::Acquire) < online && time::now_us() < deadline {
+        core::hint::spin_loop();
+    }
+    RUNNING.store(false, Ordering::Release);
+    cpu::enable_interrupts();
+    RunSummary {
+        vcpus: created,
+        stopped: STOPPED.load(Ordering::Relaxed),
+        exits: vcpus()
+            .iter()
+            .map(|vcpu| vcpu.shared.exits.load(Ordering::Relaxed))
+            .sum(),
+        migrations: MIGRATIONS.load(Ordering::Relaxed),
+    }
+}

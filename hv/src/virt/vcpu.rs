@@ -1,0 +1,146 @@
+//! vCPUs: each has a shared half other CPUs may read (its context, list
+//! entry, counters) and a local half only the CPU running it touches.
+
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crash::loaded_vmcs::VmcsId;
+use hv_abi::hypercall;
+use hv_core::exits::GuestRegisters;
+use spin::Mutex;
+
+use super::{Backend, Context, test_guest};
+use crate::crash::records::{self, MAX_VMCS};
+use crate::mm;
+
+/// At most this many vCPUs: one list entry each.
+pub const MAX_VCPUS: usize = MAX_VMCS;
+
+/// What another CPU may read of a vCPU.
+#[derive(Debug)]
+pub struct VcpuShared {
+    /// Its hardware context.
+    pub context: Context,
+    /// Its entry in the loaded-context lists.
+    pub list_id: Option<VmcsId>,
+    /// Set when the vCPU was stopped for good.
+    pub stopped: AtomicBool,
+    /// VM exits it took.
+    pub exits: AtomicU64,
+}
+
+/// What only the CPU running a vCPU touches.
+#[derive(Debug)]
+pub struct VcpuLocal {
+    /// The registers the context does not hold.
+    pub registers: GuestRegisters,
+    /// Launched on the CPU it is loaded on (VMRESUME next).
+    pub launched: bool,
+    /// Controls and guest state written.
+    pub initialized: bool,
+    /// The guest's console line being assembled.
+    pub console: [u8; 96],
+    /// Bytes in `console`.
+    pub console_len: usize,
+}
+
+/// One virtual CPU.
+#[derive(Debug)]
+pub struct Vcpu {
+    /// Shared half.
+    pub shared: VcpuShared,
+    /// Local half: held by the CPU running it.
+    pub local: Mutex<VcpuLocal>,
+}
+
+impl Vcpu {
+    fn empty() -> Self {
+        Self {
+            shared: VcpuShared {
+                context: Context {
+                    page: 0,
+                    nested_root: 0,
+                },
+                list_id: None,
+                stopped: AtomicBool::new(true),
+                exits: AtomicU64::new(0),
+            },
+            local: Mutex::new(VcpuLocal {
+                registers: GuestRegisters::default(),
+                launched: false,
+                initialized: false,
+                console: [0; 96],
+                console_len: 0,
+            }),
+        }
+    }
+
+    /// Whether the vCPU exists (creation may have run out of memory).
+    pub fn exists(&self) -> bool {
+        self.shared.context.page != 0
+    }
+
+    /// Marks the vCPU stopped for good.
+    pub fn mark_stopped(&self) {
+        self.shared.stopped.store(true, Ordering::Release);
+    }
+}
+
+/// Test knobs of the in-tree guest.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Knobs {
+    /// This vCPU touches memory outside its EPT.
+    pub misbehaving: Option<u32>,
+    /// This vCPU makes the crash hypercall.
+    pub crash_caller: Option<u32>,
+}
+
+/// vCPU `index` of the in-tree test guest: its memory with the image, a
+/// context, a list entry and record. An empty (non-existent) vCPU when
+/// memory or list entries run out.
+pub fn make<B: Backend>(index: usize, knobs: Knobs) -> Vcpu {
+    let memory_bytes = test_guest::MEMORY_BYTES;
+    let Some(memory) = mm::alloc_aligned(memory_bytes / 4096, memory_bytes / 4096) else {
+        return Vcpu::empty();
+    };
+    let context = match B::new_context(memory, memory_bytes) {
+        Ok(context) => context,
+        Err(error) => {
+            log::error!("{}: no context for vCPU {index}: {error}", B::NAME);
+            return Vcpu::empty();
+        }
+    };
+    // The guest's memory is a fresh allocation of ours; the image fits.
+    mm::phys::write(memory + test_guest::LOAD_ADDRESS, test_guest::bytes());
+    let mut registers = GuestRegisters::default();
+    if knobs.misbehaving == Some(index as u32) {
+        registers.rdi = hypercall::MISBEHAVE;
+    }
+    if knobs.crash_caller == Some(index as u32) {
+        registers.rdi = hypercall::CALL_CRASH;
+    }
+    let list_id = match records::register(context.page) {
+        Ok(id) => id,
+        Err(error) => {
+            log::error!(
+                "{}: no loaded-context list entry for vCPU {index}: {error}",
+                B::NAME
+            );
+            return Vcpu::empty();
+        }
+    };
+    Vcpu {
+        shared: VcpuShared {
+            context,
+            list_id: Some(list_id),
+            stopped: AtomicBool::new(false),
+            exits: AtomicU64::new(0),
+        },
+        local: Mutex::new(VcpuLocal {
+            registers,
+            launched: false,
+            initialized: false,
+            console: [0; 96],
+            console_len: 0,
+        }),
+    }
+}

@@ -1,0 +1,50 @@
+//! Extended page tables: each guest sees guest-physical memory starting at
+//! 0, backed by frames the hypervisor allocated for it and nothing else.
+//! The hypervisor image and the crash-kernel reservation are never in the
+//! frame allocator, so they can never be mapped into a guest.
+
+use crate::mm::phys;
+
+/// Read, write, execute.
+const ALL_ACCESS: u64 = 0b111;
+/// Leaf memory type: write-back.
+const WRITE_BACK: u64 = 6 << 3;
+const LARGE_PAGE: u64 = 1 << 7;
+const TWO_MIB: u64 = 2 * 1024 * 1024;
+
+/// A guest's EPT: guest-physical `[0, pages * 2 MiB)` maps to the given
+/// host chunk.
+#[derive(Debug, Clone, Copy)]
+pub struct Ept {
+    /// The EPT pointer for the VMCS.
+    pub pointer: u64,
+}
+
+impl Ept {
+    /// Builds the tables (three zeroed frames from `alloc_page`) for
+    /// `bytes` of guest memory at host `backing` (2 MiB aligned, at most
+    /// 1 GiB).
+    pub fn new(
+        backing: u64,
+        bytes: u64,
+        mut alloc_page: impl FnMut() -> Option<u64>,
+    ) -> Option<Self> {
+        if !backing.is_multiple_of(TWO_MIB) || bytes == 0 || bytes > 512 * TWO_MIB {
+            return None;
+        }
+        let pml4 = alloc_page()?;
+        let pdpt = alloc_page()?;
+        let pd = alloc_page()?;
+        // The three frames are fresh, zeroed and owned by this EPT alone.
+        phys::write(pml4, &(pdpt | ALL_ACCESS).to_le_bytes());
+        phys::write(pdpt, &(pd | ALL_ACCESS).to_le_bytes());
+        for index in 0..bytes.div_ceil(TWO_MIB) {
+            let entry = (backing + index * TWO_MIB) | ALL_ACCESS | WRITE_BACK | LARGE_PAGE;
+            phys::write(pd + index * 8, &entry.to_le_bytes());
+        }
+        // Write-back paging structures, 4-level walk.
+        Some(Self {
+            pointer: pml4 | 6 | (3 << 3),
+        })
+    }
+}
