@@ -46,8 +46,12 @@ enum Task {
     /// Benchmarks (not tests: they fail only when they cannot measure).
     #[command(subcommand)]
     Bench(Bench),
-    /// Run everything CI runs: host unit tests, then the emulator tests.
+    /// Run everything CI runs: lints, host unit tests, then the emulator
+    /// tests.
     Test(TestArgs),
+    /// The lints CI runs: rustfmt, clippy (host crates and hv) and
+    /// rustdoc, warnings denied.
+    Lint,
     /// Show what a crash dump holds: CPUs and their registers, crash
     /// reason, coordinator, stragglers, VMCLEAR ledger, memory ranges.
     Dump(DumpArgs),
@@ -536,6 +540,10 @@ fn run_task(task: Task) -> Result<ExitCode> {
         }
         Task::Test(args) => {
             ci::run_all(&args.harness_args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Task::Lint => {
+            ci::lints()?;
             Ok(ExitCode::SUCCESS)
         }
         Task::Dump(args) => {

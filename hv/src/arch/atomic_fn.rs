@@ -38,8 +38,8 @@ impl AtomicCallFn {
     /// The stored function, if any.
     pub fn load(&self, order: Ordering) -> Option<fn(usize)> {
         let bits = self.bits.load(order);
-        // SAFETY: non-zero bits were stored by `store` from a `fn(usize)`
-        // (function pointers are never null).
+        // SAFETY: (1) non-zero bits were stored by `store` from a `fn(usize)` (function pointers
+        // are never null).
         (bits != 0).then(|| unsafe { core::mem::transmute::<usize, fn(usize)>(bits) })
     }
 }

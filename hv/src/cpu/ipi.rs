@@ -21,6 +21,13 @@ pub fn nmi_self_test() -> usize {
     let own = percpu::current_cpu_index() as usize;
     let before: [u32; MAX_CPUS] =
         core::array::from_fn(|index| percpu::shared(index).nmis.load(Ordering::Relaxed));
+    // Announced first, so that the handler counts them instead of taking
+    // them for an NMI from outside.
+    for (index, cpu) in cpus().iter().enumerate() {
+        if index != own && cpu.slot.state() == CpuState::Online {
+            cpu.nmis_expected.fetch_add(1, Ordering::AcqRel);
+        }
+    }
     send_nmi_to_online_others();
     let others = || {
         cpus()

@@ -24,6 +24,8 @@ const FOUR_GIB: u64 = 4 << 30;
 
 /// Pages of a CPU's main stack.
 pub const MAIN_STACK_PAGES: u64 = 16;
+/// Pages of each CPU's crash stack.
+pub const CRASH_STACK_PAGES: u64 = 8;
 /// Pages of each interrupt stack (NMI, #DF, #MC).
 pub const INTERRUPT_STACK_PAGES: u64 = 4;
 
@@ -272,6 +274,8 @@ pub fn alloc_permanent<T>(value: T) -> Option<&'static mut T> {
 pub struct CpuStacks {
     /// Top of the main stack.
     pub main: u64,
+    /// Top of the crash stack: the crash path's, off the NMI stack.
+    pub crash: u64,
     /// The GDT and TSS whose IST slots point at the interrupt stacks.
     pub tables: &'static DescriptorTables,
 }
@@ -282,23 +286,25 @@ pub fn alloc_cpu_stacks() -> Option<CpuStacks> {
     let nmi = alloc_guarded_stack(INTERRUPT_STACK_PAGES)?;
     let double_fault = alloc_guarded_stack(INTERRUPT_STACK_PAGES)?;
     let machine_check = alloc_guarded_stack(INTERRUPT_STACK_PAGES)?;
+    let crash = alloc_guarded_stack(CRASH_STACK_PAGES)?;
     let tables = alloc_permanent(DescriptorTables::new(nmi, double_fault, machine_check))?;
-    Some(CpuStacks { main, tables })
+    Some(CpuStacks {
+        main,
+        crash,
+        tables,
+    })
 }
 
 /// Gives the boot CPU guarded main and interrupt stacks and its own GDT and
 /// TSS (recorded with `record_tables`), then continues in `next` on the new
 /// stack.
-pub fn switch_to_guarded_stacks(
-    record_tables: impl FnOnce(&'static DescriptorTables),
-    next: fn() -> !,
-) -> ! {
+pub fn switch_to_guarded_stacks(record_tables: impl FnOnce(&CpuStacks), next: fn() -> !) -> ! {
     let Some(stacks) = alloc_cpu_stacks() else {
         log::error!("out of memory for the boot CPU's stacks and GDT");
         crate::console::finish::fail_stop();
     };
     stacks.tables.load();
-    record_tables(stacks.tables);
+    record_tables(&stacks);
     log::debug!("boot CPU on its guarded stack at {:#x}", stacks.main);
     phys::switch_to_stack(stacks.main, next)
 }
