@@ -292,7 +292,16 @@ fn boot_cpu_main() -> ! {
             o.field("attempted").u64(bringup.attempted as u64)?;
             o.field("bsp_apic_id").u64(u64::from(own_apic_id))?;
             o.field("apic_ids")
-                .u64_array(smp::cpus().iter().map(|cpu| u64::from(cpu.slot.apic_id())))
+                .u64_array(smp::cpus().iter().map(|cpu| u64::from(cpu.slot.apic_id())))?;
+            // Per CPU index, when it came online (null: not online), on
+            // the clock of bringup_us: `bench bringup --plot` draws each AP.
+            o.field("online_at_us").array(|a| {
+                smp::cpus().iter().try_for_each(|cpu| {
+                    let online = cpu.slot.state() == smp_boot::bringup::CpuState::Online;
+                    a.item()
+                        .option(online.then(|| cpu.slot.online_at_us()), |v, us| v.u64(us))
+                })
+            })
         })?;
         o.field("bringup_us").u64(bringup.elapsed_us)?;
         o.field("smp").object(|o| {

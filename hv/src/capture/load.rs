@@ -12,7 +12,7 @@ use kexec_loader::boot_params::{E820Entry, E820Table, ZeroPageConfig, build_zero
 use kexec_loader::bzimage::BzImage;
 use kexec_loader::crash_note::desc_len_for;
 use kexec_loader::digest::DigestTable;
-use kexec_loader::elfcore::{MemorySegment, core_header_len};
+use kexec_loader::elfcore::{LoadedImage, MemorySegment, core_header_len};
 use kexec_loader::layout::CaptureLayout;
 use kexec_loader::pvh::{BootDataConfig, PvhImage, write_boot_data};
 use kexec_loader::segments;
@@ -207,8 +207,9 @@ fn load(boot: &BootInfo, options: &hv_core::cmdline::Options) -> Result<Plan, Lo
         .map_err(|error| LoadError::DumpMap(error.into()))?;
     let cpus = crate::cpu::smp::cpus().len().max(1);
     let desc_len = desc_len_for(MAX_REASON, cpus, cpus, MAX_VMCS).ok_or(LoadError::HeaderSize)?;
-    let header_len =
-        core_header_len(cpus, segment_count, desc_len).ok_or(LoadError::HeaderSize)? as u64;
+    let hv_image = loaded_image();
+    let header_len = core_header_len(cpus, segment_count, desc_len, hv_image.as_ref())
+        .ok_or(LoadError::HeaderSize)? as u64;
 
     let room = Room {
         firmware,
@@ -245,7 +246,24 @@ fn load(boot: &BootInfo, options: &hv_core::cmdline::Options) -> Result<Plan, Lo
         digests,
         segments,
         segment_count,
+        image: hv_image,
     })
+}
+
+/// hv's ELF file header and program headers, which `linker.ld` loads at
+/// the image's start (`FILEHDR PHDRS`), as a [`LoadedImage`]. `None`, with
+/// a warning, when a loader left them out: the dump then lacks only what
+/// drgn needs to attach `hv`'s symbols.
+fn loaded_image() -> Option<LoadedImage<'static>> {
+    let (start, _) = crate::arch::boot::image_range();
+    // The image's first page (`.text` starts on the next): the kernel's
+    // own image, which nobody writes while it runs.
+    let headers = phys::read(start, 4096);
+    LoadedImage::from_loaded_headers("hv", start, headers)
+        .inspect_err(|error| {
+            log::warn!("capture: {error}; the dump will not name hv's image for drgn")
+        })
+        .ok()
 }
 
 type Loaded = (PhysRange, Entry, DigestTable<DIGESTS>);

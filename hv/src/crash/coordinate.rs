@@ -133,6 +133,9 @@ pub fn coordinate(me: usize, reason: Reason<'_>, regs: &CpuRegisters) -> ! {
     // whole.
     crate::console::enter_emergency();
     say_why(me, &reason, regs);
+    // When the wait begins, after the first NMI: `checkin_us` counts from
+    // the first NMI, the rendezvous from here.
+    let waiting_from_us = time::now_us().saturating_sub(started);
     let rendezvous = COORDINATOR.wait_for_rendezvous(
         &expected,
         &mut TscClock,
@@ -174,6 +177,7 @@ pub fn coordinate(me: usize, reason: Reason<'_>, regs: &CpuRegisters) -> ! {
             shootdown_us,
             started,
             started_tsc,
+            waiting_from_us,
         );
     }
     super::stamp(super::Step::Summary);
@@ -230,6 +234,7 @@ fn summarize(
     shootdown_us: u64,
     started: u64,
     started_tsc: u64,
+    waiting_from_us: u64,
 ) {
     let apic_id = percpu::shared(me).slot.apic_id();
     let mut vmxoff_cpus = 0;
@@ -356,6 +361,17 @@ fn summarize(
                 (0..cpus).try_for_each(|cpu| {
                     let latency = super::nmi::nmi_at_us(cpu).map(|at| at.saturating_sub(started));
                     a.item().option(latency, |value, us| value.u64(us))
+                })
+            })?;
+            // Per CPU index: from the first NMI sent to the rendezvous
+            // seeing that CPU checked in (null: never seen).
+            o.field("checkin_us").array(|a| {
+                (0..cpus).try_for_each(|cpu| {
+                    let seen = COORDINATOR
+                        .record(cpu)
+                        .and_then(|record| record.observed_after_us)
+                        .map(|us| waiting_from_us.saturating_add(us));
+                    a.item().option(seen, |value, us| value.u64(us))
                 })
             })
         })

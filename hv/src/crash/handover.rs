@@ -15,7 +15,7 @@ use hv_abi::crash_note::{CpuLedger, CrashRecord, VmclearOutcome, VmclearRecord, 
 use hv_core::cmdline::CoordinatorStep;
 use kexec_loader::PhysRange;
 use kexec_loader::digest::DigestTable;
-use kexec_loader::elfcore::{CpuState, MemorySegment, Placement, write_core_header};
+use kexec_loader::elfcore::{CpuState, LoadedImage, MemorySegment, Placement, write_core_header};
 use smp_boot::bringup::CpuState as BringupState;
 use smp_boot::madt::MAX_CPUS;
 
@@ -69,6 +69,9 @@ pub struct Plan {
     pub segments: [MemorySegment; MAX_SEGMENTS],
     /// How many of `segments` are valid.
     pub segment_count: usize,
+    /// hv's own image as loaded, for the dump's `NT_AUXV` and `NT_FILE`
+    /// notes (drgn matches `-s hv` to the dump through them).
+    pub image: Option<LoadedImage<'static>>,
 }
 
 /// Buffers the crash path fills to write the core header (it allocates
@@ -290,6 +293,7 @@ pub fn hand_over(handover: &Handover<'_>) {
             &scratch.cpus[..cpu_count],
             &record,
             &plan.segments[..plan.segment_count],
+            plan.image.as_ref(),
             placement,
         )
     });

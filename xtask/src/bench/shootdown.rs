@@ -97,6 +97,9 @@ pub struct ShootdownSample {
     pub shootdown_us: u64,
     /// `crash.nmi_latency_us`, per CPU index.
     pub nmi_latency_us: Vec<Option<u64>>,
+    /// `crash.checkin_us`, per CPU index (empty when hv does not report
+    /// it).
+    pub checkin_us: Vec<Option<u64>>,
 }
 
 impl ShootdownSample {
@@ -112,10 +115,15 @@ impl ShootdownSample {
             .iter()
             .map(Value::as_u64)
             .collect();
+        let checkin_us = crash["checkin_us"]
+            .as_array()
+            .map(|cpus| cpus.iter().map(Value::as_u64).collect())
+            .unwrap_or_default();
         Ok(Self {
             spec,
             shootdown_us,
             nmi_latency_us,
+            checkin_us,
         })
     }
 }
@@ -247,6 +255,7 @@ impl ShootdownResult {
                 "crash": s.spec.to_string(),
                 "shootdown_us": s.shootdown_us,
                 "nmi_latency_us": s.nmi_latency_us,
+                "checkin_us": s.checkin_us,
             })).collect::<Vec<_>>(),
         })
     }
@@ -340,6 +349,7 @@ mod tests {
             },
             shootdown_us,
             nmi_latency_us: latency.to_vec(),
+            checkin_us: Vec::new(),
         }
     }
 
@@ -365,14 +375,22 @@ mod tests {
     fn a_sample_reads_the_crash_report() {
         let spec = CrashSpec::parse("cpu:1,after_ms:3").unwrap();
         let report = serde_json::json!({"crash": {"shootdown_us": 2479,
-            "nmi_latency_us": [1871, null, 2295]}});
+            "nmi_latency_us": [1871, null, 2295], "checkin_us": [2000, null, 2470]}});
         assert_eq!(
             ShootdownSample::from_report(spec, &report).unwrap(),
             ShootdownSample {
                 spec,
                 shootdown_us: 2479,
-                nmi_latency_us: vec![Some(1871), None, Some(2295)]
+                nmi_latency_us: vec![Some(1871), None, Some(2295)],
+                checkin_us: vec![Some(2000), None, Some(2470)],
             }
+        );
+        let older = serde_json::json!({"crash": {"shootdown_us": 1, "nmi_latency_us": []}});
+        assert!(
+            ShootdownSample::from_report(spec, &older)
+                .unwrap()
+                .checkin_us
+                .is_empty()
         );
         assert_eq!(
             ShootdownSample::from_report(spec, &serde_json::json!({})).unwrap_err(),
