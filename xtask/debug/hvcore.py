@@ -46,8 +46,15 @@ STATICS = {
 #: crash::loaded_vmcs: the "none" index and CPU, and the ALLOCATED state.
 NONE_INDEX = 0xFFFF_FFFF
 ENTRY_ALLOCATED = 2
-#: hv crash::records: `loaded_on` and `cleared_by` of no CPU.
-NO_CPU = 0xFFFF_FFFF
+#: hv crash::records (`loaded_on`, `cleared_by`), crash::shootdown's
+#: `coordinator` and smp_boot's `CpuSlot::apic_id` hold the value plus one,
+#: 0 meaning none: so that these statics start all zero.
+NO_CPU = None
+
+
+def plus_one(raw):
+    """The value of a field stored plus one (0: None)."""
+    return None if raw == 0 else (raw - 1) & 0xFFFF_FFFF
 #: smp_boot::bringup::CpuState.
 CPU_STATES = {0: "offline", 1: "starting", 2: "online", 3: "failed"}
 #: crash::shootdown: the bits of a CrashSlot's `status`.

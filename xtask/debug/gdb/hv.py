@@ -168,17 +168,17 @@ class HvCpus(gdb.Command):
         shared = static("shared")
         virt = static("virt_cpus")
         slots = static("coordinator")["slots"]
-        coordinator = scalar(static("coordinator")["coordinator"])
+        coordinator = hvcore.plus_one(scalar(static("coordinator")["coordinator"]))
         threads = threads_by_cpu()
         count = cpu_count()
-        print(f"{count} CPUs; coordinator CPU {coordinator if coordinator != hvcore.NONE_INDEX else 'none'}")
+        print(f"{count} CPUs; coordinator CPU {'none' if coordinator is None else coordinator}")
         for cpu in range(count):
             this = shared[cpu]
             state = hvcore.CPU_STATES.get(scalar(this["slot"]["state"]), "?")
             status = hvcore.names_of(scalar(slots[cpu]["status"]), hvcore.CRASH_STATUS_BITS)
             thread = threads.get(cpu)
             print(
-                f"  CPU {cpu:>3}  APIC {scalar(this['slot']['apic_id']):>3}  {state:<8}"
+                f"  CPU {cpu:>3}  APIC {hvcore.plus_one(scalar(this['slot']['apic_id'])):>3}  {state:<8}"
                 f"  vmx {'on ' if scalar(virt[cpu]['enabled']) else 'off'}"
                 f"  exits {scalar(virt[cpu]['vm_exits']):>7}  nmis {scalar(this['nmis']):>3}"
                 f"  crash {','.join(status) or '-'}"
@@ -212,7 +212,10 @@ def vmcs_records():
         record = records[index]
         vmcs = scalar(record["vmcs"])
         if vmcs:
-            found[vmcs] = (scalar(record["loaded_on"]), scalar(record["cleared_by"]))
+            found[vmcs] = (
+                hvcore.plus_one(scalar(record["loaded_on"])),
+                hvcore.plus_one(scalar(record["cleared_by"])),
+            )
     return found
 
 
@@ -240,14 +243,14 @@ class HvVcpus(gdb.Command):
             shared = vcpu["shared"]
             phys = scalar(shared["context"]["page"])
             loaded, cleared_by = records.get(phys, (hvcore.NO_CPU, hvcore.NO_CPU))
-            where_loaded = "-" if loaded == hvcore.NO_CPU else f"CPU {loaded}"
+            where_loaded = "-" if loaded is None else f"CPU {loaded}"
             listed = on_list.get(phys)
             listed = "on no list" if listed is None else f"on CPU {listed}'s list"
             print(
                 f"  vCPU {index:>3}  VMCS {phys:#x}  loaded {where_loaded:<7}  {listed:<16}"
                 f"  exits {scalar(shared['exits']):>6}"
                 + ("  stopped" if scalar(shared["stopped"]) else "")
-                + (f"  cleared by CPU {cleared_by}" if cleared_by != hvcore.NO_CPU else "")
+                + (f"  cleared by CPU {cleared_by}" if cleared_by is not None else "")
             )
 
 
