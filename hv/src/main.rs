@@ -139,6 +139,7 @@ fn capture_main() -> ! {
     capture::mode::run(
         options.capture_mode.expect("capture mode was asked for"),
         options.capture_sink,
+        options.capture_purgatory,
     )
 }
 

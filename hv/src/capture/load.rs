@@ -10,6 +10,7 @@ use core::fmt::Write;
 
 use hv_abi::bytes::{u16_at, u32_at, u64_at};
 use hv_abi::e820::{E820_RAM, E820_RESERVED};
+use hv_core::cmdline::CaptureCorrupt;
 use hv_core::memmap::RegionKind;
 use kexec_loader::PhysRange;
 use kexec_loader::boot_params::{E820Entry, E820Table, ZeroPageConfig, build_zero_page};
@@ -18,6 +19,7 @@ use kexec_loader::crash_note::desc_len_for;
 use kexec_loader::digest::DigestTable;
 use kexec_loader::elfcore::{MemorySegment, core_header_len};
 use kexec_loader::layout::CaptureLayout;
+use kexec_loader::purgatory::SealedTable;
 
 use crate::boot::info::{BootInfo, Module, Protocol};
 use crate::crash::handover::{self, Kind, MAX_REASON, MAX_SEGMENTS, Plan};
@@ -76,7 +78,7 @@ pub fn load_at_boot(boot: &BootInfo, options: &hv_core::cmdline::Options) {
         return;
     }
     match load(boot, options) {
-        Ok(plan) => {
+        Ok(mut plan) => {
             log::info!(
                 "capture: {} capture kernel loaded; {} segments digested; ELF core header at {}",
                 plan.kind.name(),
@@ -92,10 +94,16 @@ pub fn load_at_boot(boot: &BootInfo, options: &hv_core::cmdline::Options) {
                         .u64(plan.digests.entries().len() as u64)
                 })
             });
-            let plan = handover::install(plan);
-            if corrupt {
-                corrupt_loaded_image(plan);
+            match corrupt {
+                CaptureCorrupt::Nothing => {}
+                CaptureCorrupt::Image => corrupt_loaded_image(&plan),
+                CaptureCorrupt::Table => {
+                    corrupt_loaded_image(&plan);
+                    plan.digests.zero();
+                    log::warn!("capture: test knob: zeroed the hypervisor's digest table");
+                }
             }
+            handover::install(plan);
         }
         Err(error) => {
             log::error!("capture: {error}; crash capture disabled");
@@ -216,14 +224,23 @@ fn load(boot: &BootInfo, options: &hv_core::cmdline::Options) -> Result<Plan, Lo
         return Err(LoadError::UnknownFormat);
     };
     // The purgatory area is the reservation's last 64 KiB, which neither
-    // layout above uses.
-    let purgatory_bytes = purgatory::install(purgatory_area, entry);
+    // layout above uses; it gets its own copy of the digests so far.
+    let purgatory_bytes = purgatory::install(
+        purgatory_area,
+        entry,
+        digests.entries(),
+        purgatory::InstallOptions {
+            exit_emulator: options.finish == hv_core::cmdline::Finish::Exit,
+            self_nmi: options.capture_purgatory_nmi,
+            hv_check: options.capture_hv_check,
+        },
+    )?;
     digests.record(purgatory_area, purgatory_bytes)?;
     Ok(Plan {
         kind,
         elfcorehdr,
         purgatory: purgatory_area,
-        digests,
+        digests: SealedTable::seal(digests),
         segments,
         segment_count,
     })
@@ -468,9 +485,13 @@ fn load_hv(
     add(
         &mut room,
         elfcorehdr.start + elfcorehdr.len,
-        reserved_end,
+        purgatory_area,
         E820_RAM,
     );
+    // The purgatory area stays out of the capture image's allocator: its
+    // IDT is loaded at the image's entry, and capture mode reads the
+    // purgatory's stamps there.
+    add(&mut room, purgatory_area, reserved_end, E820_RESERVED);
     if overflow {
         return Err(LoadError::Elf(
             "the capture image's memory map does not fit its boot data",
@@ -484,8 +505,9 @@ fn load_hv(
     };
     let _ = write!(
         writer,
-        "capture_mode={:#x} capture_sink={} max_cpus=1 log=info{}",
+        "capture_mode={:#x} capture_purgatory={:#x} capture_sink={} max_cpus=1 log=info{}",
         elfcorehdr.start,
+        purgatory_area,
         options.capture_sink.name(),
         if options.finish == hv_core::cmdline::Finish::Exit {
             " finish=exit"

@@ -13,12 +13,12 @@ use crash::cpuset::CpuSet;
 use crash::shootdown::VmxExit;
 use hv_abi::crash_note::{CpuLedger, CrashRecord, VmclearOutcome, VmclearRecord, cpu_flags};
 use kexec_loader::PhysRange;
-use kexec_loader::digest::DigestTable;
 use kexec_loader::elfcore::{CpuState, MemorySegment, Placement, write_core_header};
 use smp_boot::bringup::CpuState as BringupState;
 use smp_boot::madt::MAX_CPUS;
 
 use super::COORDINATOR;
+use super::purgatory::{HvCheck, HvTable};
 use super::records::{MAX_VMCS, Records};
 use crate::console::EmergencyConsole;
 use crate::cpu::{percpu, smp};
@@ -57,8 +57,9 @@ pub struct Plan {
     pub elfcorehdr: PhysRange,
     /// The purgatory's area.
     pub purgatory: u64,
-    /// Every loaded piece's digest.
-    pub digests: DigestTable<16>,
+    /// Every loaded piece's digest, sealed (the purgatory keeps its own
+    /// copy in the reservation).
+    pub digests: HvTable,
     /// The memory the dump describes.
     pub segments: [MemorySegment; MAX_SEGMENTS],
     /// How many of `segments` are valid.
@@ -274,39 +275,50 @@ pub fn hand_over(handover: &Handover<'_>) {
             EmergencyConsole,
             "*** hv: capture: cannot write the ELF core header: {error}; not jumping"
         );
-        report_capture(plan, false, Some(&error));
+        report_capture(plan, Some(false), Some(&error));
         return;
     }
-    // Digested ranges lie in the reservation, which nothing writes.
-    let verdict = plan
-        .digests
-        .verify(|address, len| Some(phys::read(address, len as u64)));
-    if let Err(error) = verdict {
-        let _ = writeln!(
-            EmergencyConsole,
-            "*** hv: capture: {error} (the capture kernel was damaged after boot)"
-        );
-        report_capture(plan, false, Some(&error));
-        return;
-    }
+    // The hypervisor's own check first (a fast refusal, said here); the
+    // purgatory checks again from the reservation, on its own copy.
+    let checked = match super::purgatory::check_before_jump(&plan.digests) {
+        Ok(checked) => checked,
+        Err(error) => {
+            let _ = writeln!(EmergencyConsole, "*** hv: capture: {error}");
+            report_capture(plan, Some(false), Some(&error));
+            return;
+        }
+    };
+    let (said, digest_ok) = match checked {
+        HvCheck::Verified => ("digests verified", Some(true)),
+        HvCheck::Skipped => (
+            "hv's own digest check skipped (capture_hv_check=off), the purgatory checks",
+            None,
+        ),
+    };
     let _ = writeln!(
         EmergencyConsole,
-        "*** hv: capture: {} CPU notes, {} memory ranges; digests verified; jumping to the {} capture kernel",
+        "*** hv: capture: {} CPU notes, {} memory ranges; {said}; jumping to the {} capture kernel",
         cpu_count,
         plan.segment_count,
         plan.kind.name()
     );
-    report_capture(plan, true, None);
+    report_capture(plan, digest_ok, None);
     crate::console::wait_transmitter_empty();
     crate::arch::blobs::jump_to_purgatory(plan.purgatory)
 }
 
-fn report_capture(plan: &Plan, digest_ok: bool, error: Option<&dyn core::fmt::Display>) {
+/// `digest_ok`: the hypervisor's own check's verdict (`None`: skipped);
+/// it jumps unless there is an `error`.
+fn report_capture(plan: &Plan, digest_ok: Option<bool>, error: Option<&dyn core::fmt::Display>) {
     crate::console::report::emergency(|o| {
         o.field("capture").object(|o| {
             o.field("kernel").str(plan.kind.name())?;
-            o.field("digest_ok").bool(digest_ok)?;
-            o.field("jumped").bool(digest_ok)?;
+            o.field("digest_ok")
+                .option(digest_ok, |value, ok| value.bool(ok))?;
+            if digest_ok.is_none() {
+                o.field("hv_check").str("skipped")?;
+            }
+            o.field("jumped").bool(error.is_none())?;
             o.field("handover_us").u64(crate::cpu::time::now_us())?;
             o.field("refused")
                 .option(error, |value, error| value.display(error))
