@@ -7,7 +7,7 @@
 //!
 //! | offset | bytes | what | written by |
 //! |---|---|---|---|
-//! | `0x0000` | up to [`BLOB_MAX`] | the blob: entry at 0, then [`BlobHeader`] fields, code, constants | builder |
+//! | `0x0000` | up to [`BLOB_MAX`] | the blob: entry at 0, then the [`blob_header`] fields, code, constants | builder |
 //! | [`PARAMETERS_OFFSET`] | 256 | the parameters ([`param`]) | builder |
 //! | [`GDT_OFFSET`] | 48 | the GDT ([`selector`]) | builder |
 //! | [`IDT32_OFFSET`] | 256 | 32-bit IDT, 32 gates | builder |
@@ -72,6 +72,15 @@ pub const BOOT_DATA_BYTES: usize = 0x2000;
 pub const STACK_TOP_OFFSET: usize = 0x10000;
 /// Most segments the table holds.
 pub const MAX_SEGMENTS: usize = 16;
+
+// The map holds together: page tables page-aligned, the seal after what
+// it covers and before the scratch fields, a stack of at least 4 KiB.
+const _: () = assert!(PAGE_TABLES_OFFSET.is_multiple_of(4096));
+const _: () = assert!(SEALED_BYTES <= SEAL_OFFSET && DIGESTED_BYTES <= SCRATCH_OFFSET);
+const _: () = assert!(SCRATCH_OFFSET + scratch::END <= BOOT_DATA_OFFSET);
+const _: () = assert!(BOOT_DATA_OFFSET + BOOT_DATA_BYTES + 4096 <= STACK_TOP_OFFSET);
+const _: () = assert!(STACK_TOP_OFFSET as u64 == AREA_BYTES);
+const _: () = assert!(TABLE_OFFSET + table::MAX_BYTES <= IDT64_ENTRY_OFFSET);
 
 /// `parameters.magic`.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"HVPURG01");

@@ -195,11 +195,22 @@ fn a_zeroed_hv_digest_table_is_refused_by_hv_naming_why() {
         "{}",
         explain(&run)
     );
-    assert_eq!(capture["purgatory_refused"], Value::Null, "{}", explain(&run));
+    assert_eq!(
+        capture["purgatory_refused"],
+        Value::Null,
+        "{}",
+        explain(&run)
+    );
     assert_eq!(capture["dump_path"], Value::Null, "{}", explain(&run));
-    assert_eq!(number(&run, "/xtask/exit_status"), 0x25, "{}", explain(&run));
+    assert_eq!(
+        number(&run, "/xtask/exit_status"),
+        0x25,
+        "{}",
+        explain(&run)
+    );
     assert!(
-        run.serial.contains("*** hv: capture: the hypervisor's digest table was damaged"),
+        run.serial
+            .contains("*** hv: capture: the hypervisor's digest table was damaged"),
         "no refusal on hv's console\n{}",
         explain(&run)
     );
@@ -233,7 +244,12 @@ fn a_damaged_capture_kernel_whose_hv_table_was_zeroed_is_refused_by_the_purgator
     assert_eq!(capture["entered"], false, "{}", explain(&run));
     assert_eq!(capture["dump_path"], Value::Null, "{}", explain(&run));
     // The purgatory ended QEMU the way a refusing crash path does.
-    assert_eq!(number(&run, "/xtask/exit_status"), 0x25, "{}", explain(&run));
+    assert_eq!(
+        number(&run, "/xtask/exit_status"),
+        0x25,
+        "{}",
+        explain(&run)
+    );
     let after_jump = run
         .serial
         .split("jumping to the hv capture kernel")

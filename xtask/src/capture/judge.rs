@@ -361,7 +361,9 @@ pub fn capture_problems(report: &Value, words: &[String], collected: &Collected)
         return problems;
     }
     if let Some(reason) = capture["purgatory_refused"].as_str() {
-        problems.push(format!("the purgatory refused the capture kernel: {reason}"));
+        problems.push(format!(
+            "the purgatory refused the capture kernel: {reason}"
+        ));
         return problems;
     }
     if report["crash"].is_null() {
@@ -656,7 +658,9 @@ mod tests {
         );
         assert_eq!(
             capture_problems(&report, &words("crash=cpu:1,after_ms:50"), &none),
-            ["the purgatory refused the capture kernel: segment 0 at 0x10000000 (0x3abcf bytes) changed since it was loaded"]
+            [
+                "the purgatory refused the capture kernel: segment 0 at 0x10000000 (0x3abcf bytes) changed since it was loaded"
+            ]
         );
         // Skipped by hv and not refused by the purgatory: jumped into.
         let mut entered = report.clone();
