@@ -14,8 +14,9 @@
 //!
 //! # The way through, and what an NMI meets on it
 //! The crashed kernel jumps to offset 0 in 64-bit mode, interrupts off,
-//! with its own GDT (selector 0x08 its 64-bit code, the same as ours), CR3,
-//! stack, and the area mapped writable and executable.
+//! with its own GDT (selector 0x08 its 64-bit code, the same as ours), CR3
+//! (4-level paging: our tables are 4-level too), stack, and the area mapped
+//! writable and executable.
 //!
 //! 1. `lidt` of the entry IDT, before anything else: every gate names
 //!    selector 0x08, 64-bit code in both GDTs, and IST 0. An NMI from here
