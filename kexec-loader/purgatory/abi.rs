@@ -10,8 +10,7 @@
 //! | `0x0000` | up to [`BLOB_MAX`] | the blob: entry at 0, then the [`blob_header`] fields, code, constants | builder |
 //! | [`PARAMETERS_OFFSET`] | 256 | the parameters ([`param`]) | builder |
 //! | [`GDT_OFFSET`] | 48 | the GDT ([`selector`]) | builder |
-//! | [`IDT32_OFFSET`] | 256 | 32-bit IDT, 32 gates | builder |
-//! | [`IDT_DUAL_OFFSET`] | 48 | the NMI gate in both formats | builder |
+//! | [`IDT32_OFFSET`] | 256 | 32-bit IDT, 32 gates; its NMI gate also reads as a 64-bit one | builder |
 //! | [`TABLE_OFFSET`] | up to 784 | the digest table ([`table`]) | builder |
 //! | [`IDT64_ENTRY_OFFSET`] | 512 | 64-bit IDT, gates name selector `0x08` | builder |
 //! | [`IDT64_EXIT_OFFSET`] | 512 | 64-bit IDT, gates name selector `0x10` | builder |
@@ -37,10 +36,11 @@ pub const BLOB_MAX: usize = 0x3000;
 pub const PARAMETERS_OFFSET: usize = 0x3000;
 /// The GDT.
 pub const GDT_OFFSET: usize = 0x3100;
-/// The 32-bit IDT (after long mode is left, PVH only).
+/// The 32-bit IDT (PVH only, loaded in compatibility mode and left to the
+/// capture kernel). Vector 2 is there twice: as a 32-bit gate at byte 16
+/// and as a 64-bit gate at byte 32 (in place of the 32-bit gates of
+/// vectors 4 and 5), so it serves on either side of a long-mode switch.
 pub const IDT32_OFFSET: usize = 0x3200;
-/// The IDT that holds an NMI gate valid in both formats.
-pub const IDT_DUAL_OFFSET: usize = 0x3300;
 /// The digest table.
 pub const TABLE_OFFSET: usize = 0x3400;
 /// The 64-bit IDT loaded first, whose gates name the crashed kernel's
@@ -130,12 +130,10 @@ pub mod param {
     pub const IDTR64_ENTRY: usize = 80;
     /// `lidt` operand of the exit IDT (Linux).
     pub const IDTR64_EXIT: usize = 96;
-    /// `lidt` operand of the dual IDT.
-    pub const IDTR_DUAL: usize = 112;
     /// `lidt` operand of the 32-bit IDT.
-    pub const IDTR32: usize = 128;
+    pub const IDTR32: usize = 112;
     /// Bytes of the parameters.
-    pub const END: usize = 144;
+    pub const END: usize = 128;
 }
 
 /// `parameters.mode`: Linux 64-bit boot protocol.

@@ -31,34 +31,40 @@
 //!    own decompressor GDT has 64-bit code at 0x10 too, and 32-bit code
 //!    at 0x08), RSI = zero page, jump.
 //! 6. PVH: compatibility mode (CS = 0x20), CR4 down to PAE alone (CR4.PCIDE
-//!    would make clearing CR0.PG fault), then the dual IDT: its NMI gate is
-//!    valid as a 64-bit gate (vector 2 at byte 32) and as a 32-bit one
-//!    (vector 2 at byte 16), so the `mov cr0` that leaves long mode has no
-//!    window. CR0 = PE | ET (paging off), EFER.LME off, CR4 = 0, the
-//!    32-bit IDT, flat data segments, TR = the 32-bit TSS (base 0, limit
+//!    would make clearing CR0.PG fault), then the 32-bit IDT. Its NMI gate
+//!    reads right in both formats: vector 2 at byte 16 as a 32-bit gate,
+//!    and at byte 32 as a 64-bit gate (where the 32-bit gates of vectors 4
+//!    and 5, `INTO` and `BOUND`, would be), so the `mov cr0` that leaves
+//!    long mode has no window. CR0 = PE | ET (paging off), EFER.LME off,
+//!    CR4 = 0, flat data segments, TR = the 32-bit TSS (base 0, limit
 //!    0x67), EFLAGS = 0x2, EBX = start info, jump.
 //!
 //! # What a capture kernel meets when an NMI comes right after the jump
 //! Linux: the exit IDT stays loaded until Linux's `startup_64` loads its
 //! own GDT and then its boot IDT a few instructions later. An NMI in that
 //! window runs our handler (selector 0x10 is 64-bit code in our GDT and in
-//! Linux's) and returns. After Linux's `lidt`, Linux's early IDT decides.
+//! Linux's decompressor GDT, which keeps 32-bit code at 0x08) and returns.
+//! After Linux's `lidt`, Linux's early IDT decides.
 //!
-//! hv's capture mode (PVH): the 32-bit IDT stays loaded, so an NMI in hv's
-//! 32-bit entry code returns, as long as hv still runs on our GDT. hv's
-//! entry turns paging on (long mode) before its own `lgdt`, and has no IDT
-//! until `hv_main`: from its `mov cr0` to its `lidt`, the 32-bit IDT is
-//! read as a 64-bit one and an NMI triple-faults. Closing that window is
-//! hv's entry code's job (a 64-bit IDT of its own before paging goes on).
+//! hv's capture mode (PVH): the 32-bit IDT stays loaded until hv's own
+//! `lidt` in `hv_main`. In hv's 32-bit entry code an NMI takes the 32-bit
+//! gate (selector 0x20 of our GDT) and returns. Once hv turns paging on
+//! (long mode, still on our GDT, then on hv's boot GDT) the same table is
+//! read as a 64-bit IDT, whose NMI gate names selector 0x08: 64-bit code
+//! in our GDT and in hv's boot GDT, and the handler lies in the area, which
+//! hv's boot page tables map and its memory map keeps reserved. One window
+//! is left: between hv's `lgdt` and its far return to 0x08 (three
+//! instructions), CS still holds our 0x20, which hv's boot GDT lacks; the
+//! handler's `iretq` faults there and the CPU resets.
 //!
-//! Both kernels treat the area as free memory once booted; nothing of it is
-//! used after their own IDT is loaded.
+//! Both kernels treat the area as free memory once they have their own
+//! IDT (Linux) or never touch it (hv, whose memory map reserves it).
 //!
 //! # Test knob
 //! With [`abi::flags::SELF_NMI`] the purgatory sends its own CPU an NMI
 //! through the local APIC at each step (before its stack, after its
-//! tables, before the jump; on the PVH path also in compatibility mode,
-//! with paging off under the dual IDT, and under the 32-bit IDT) and waits
+//! tables, before the jump; on the PVH path also in compatibility mode
+//! under the 64-bit and the 32-bit IDT, with paging off, and after TR) and waits
 //! until each one was counted in the scratch fields.
 #![no_std]
 #![no_main]
@@ -197,7 +203,7 @@ purgatory_entry64:
     mov eax, cr4
     and eax, 1 << 5
     mov cr4, eax
-    lidt [ebx + {params} + {idtr_dual}]
+    lidt [ebx + {params} + {idtr32}]
     SELF_NMI32 {nmi64_count}
     mov eax, {cr0_pvh}
     mov cr0, eax
@@ -208,7 +214,6 @@ purgatory_entry64:
     wrmsr
     xor eax, eax
     mov cr4, eax
-    lidt [ebx + {params} + {idtr32}]
     mov eax, {data}
     mov ds, eax
     mov es, eax
@@ -375,7 +380,6 @@ purgatory_shutdown_text:
     nmi_wait = const NMI_WAIT_LOOPS,
     idtr64_entry = const param::IDTR64_ENTRY,
     idtr64_exit = const param::IDTR64_EXIT,
-    idtr_dual = const param::IDTR_DUAL,
     idtr32 = const param::IDTR32,
     gdtr = const param::GDTR,
     cr3 = const param::CR3,

@@ -297,7 +297,6 @@ pub fn build(
         at(abi::IDT64_EXIT_OFFSET),
         32 * 16,
     );
-    table_pointer(out, abi::param::IDTR_DUAL, at(abi::IDT_DUAL_OFFSET), 3 * 16);
     table_pointer(out, abi::param::IDTR32, at(abi::IDT32_OFFSET), 32 * 8);
 
     for (index, descriptor) in abi::GDT.iter().enumerate() {
@@ -327,11 +326,11 @@ pub fn build(
         let slot = abi::IDT32_OFFSET + vector * 8;
         out[slot..slot + 8].copy_from_slice(&gate32(handler, abi::selector::CODE32));
     }
-    // The dual IDT: vector 2 as a 32-bit gate (bytes 16..24) and as a
-    // 64-bit gate (bytes 32..48); nothing else is present.
-    let dual = abi::IDT_DUAL_OFFSET;
-    out[dual + 16..dual + 24].copy_from_slice(&gate32(handlers.nmi32, abi::selector::CODE32));
-    out[dual + 32..dual + 48].copy_from_slice(&gate64(handlers.nmi64, abi::selector::CODE64_ENTRY));
+    // Vector 2 as a 64-bit gate too, in place of the 32-bit gates of
+    // vectors 4 and 5: the table serves on either side of a long-mode
+    // switch (the purgatory's way out, the capture kernel's way in).
+    let nmi64 = abi::IDT32_OFFSET + 2 * 16;
+    out[nmi64..nmi64 + 16].copy_from_slice(&gate64(handlers.nmi64, abi::selector::CODE64_ENTRY));
 
     let table = abi::TABLE_OFFSET;
     let count = segments.len() as u64;

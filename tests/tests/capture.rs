@@ -264,8 +264,8 @@ fn a_damaged_capture_kernel_whose_hv_table_was_zeroed_is_refused_by_the_purgator
 }
 
 /// NMIs at every step of the purgatory's way (before its stack, after its
-/// tables, in compatibility mode, with paging off under the dual IDT,
-/// under the 32-bit IDT): each is taken and returns, and the capture goes
+/// tables, in compatibility mode under the 64-bit and then the 32-bit IDT,
+/// with paging off, after TR): each is taken and returns, and the capture goes
 /// on. hv's capture mode reads the purgatory's counts in old memory.
 #[test]
 fn stray_nmis_in_the_purgatory_do_not_stop_the_capture() {
