@@ -62,10 +62,12 @@
 //!
 //! # Test knob
 //! With [`abi::flags::SELF_NMI`] the purgatory sends its own CPU an NMI
-//! through the local APIC at each step (before its stack, after its
-//! tables, before the jump; on the PVH path also in compatibility mode
-//! under the 64-bit and the 32-bit IDT, with paging off, and after TR) and waits
-//! until each one was counted in the scratch fields.
+//! through the local APIC at each step and waits until each one was
+//! counted in the scratch fields: before its stack, after its tables, and
+//! on the Linux path before the jump (3 in 64-bit mode); on the PVH path
+//! in compatibility mode under the entry IDT and under the 32-bit IDT (4
+//! in 64-bit mode in all), then with paging off and after TR (2 in
+//! 32-bit mode).
 #![no_std]
 #![no_main]
 
