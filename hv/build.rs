@@ -58,7 +58,14 @@ fn main() {
 /// Compiles, links, checks and cuts the purgatory blob.
 fn build_purgatory(manifest_dir: &Path, out: &Path) {
     let source = manifest_dir.join("../kexec-loader/purgatory");
-    for file in ["main.rs", "abi.rs", "check.rs", "sha256.rs", "link.ld"] {
+    for file in [
+        "main.rs",
+        "abi.rs",
+        "check.rs",
+        "sha256.rs",
+        "xxh64.rs",
+        "link.ld",
+    ] {
         println!("cargo:rerun-if-changed={}", source.join(file).display());
     }
     let elf = out.join("purgatory.elf");

@@ -199,6 +199,7 @@ fn capture_main() -> ! {
     let options = OPTIONS
         .get()
         .expect("options are parsed before the stack switch");
+    capture::words::print(options.capture_words);
     capture::mode::run(
         options.capture_mode.expect("capture mode was asked for"),
         options.capture_sink,

@@ -15,7 +15,7 @@
 //! | [`IDT64_ENTRY_OFFSET`] | 512 | 64-bit IDT, gates name selector `0x08` | builder |
 //! | [`IDT64_EXIT_OFFSET`] | 512 | 64-bit IDT, gates name selector `0x10` | builder |
 //! | [`PAGE_TABLES_OFFSET`] | 6 pages | identity map of the first 4 GiB | builder |
-//! | [`SEAL_OFFSET`] | 32 | SHA-256 of `[0, SEALED_BYTES)` | builder |
+//! | [`SEAL_OFFSET`] | 32 | digest of `[0, SEALED_BYTES)` | builder |
 //! | [`SCRATCH_OFFSET`] | 64 | TSC stamps and NMI counts ([`scratch`]) | the purgatory, at run time |
 //! | [`BOOT_DATA_OFFSET`] | [`BOOT_DATA_BYTES`] | PVH start info, memory map, command line | the kernel's loader (a digested segment) |
 //! | up to [`STACK_TOP_OFFSET`] | | the stack | the purgatory, at run time |
@@ -54,7 +54,7 @@ pub const PAGE_TABLES_OFFSET: usize = 0x5000;
 pub const PAGE_TABLE_PAGES: usize = 6;
 /// End of what the seal covers.
 pub const SEALED_BYTES: usize = PAGE_TABLES_OFFSET + PAGE_TABLE_PAGES * 4096;
-/// The seal: SHA-256 of `[0, SEALED_BYTES)`.
+/// The seal: the digest ([`param::DIGEST`]) of `[0, SEALED_BYTES)`.
 pub const SEAL_OFFSET: usize = SEALED_BYTES;
 /// What a kernel digests of the area before the jump: the sealed bytes
 /// and the seal.
@@ -77,6 +77,7 @@ pub const MAX_SEGMENTS: usize = 24;
 // The map holds together: page tables page-aligned, the seal after what
 // it covers and before the scratch fields, a stack of at least 4 KiB.
 const _: () = assert!(PAGE_TABLES_OFFSET.is_multiple_of(4096));
+const _: () = assert!(PARAMETERS_OFFSET + param::END <= GDT_OFFSET);
 const _: () = assert!(TABLE_OFFSET + table::MAX_BYTES <= IDT64_ENTRY_OFFSET);
 const _: () = assert!(SEALED_BYTES <= SEAL_OFFSET && DIGESTED_BYTES <= SCRATCH_OFFSET);
 const _: () = assert!(SCRATCH_OFFSET + scratch::END <= BOOT_DATA_OFFSET);
@@ -126,6 +127,9 @@ pub mod param {
     pub const CR3: usize = 40;
     /// [`super::flags`].
     pub const FLAGS: usize = 48;
+    /// How segments and the seal are summed: [`super::DIGEST_XXH64`] or
+    /// [`super::DIGEST_SHA256`].
+    pub const DIGEST: usize = 56;
     /// `lgdt` operand (2-byte limit, 8-byte base).
     pub const GDTR: usize = 64;
     /// `lidt` operand of the entry IDT.
@@ -134,9 +138,46 @@ pub mod param {
     pub const IDTR64_EXIT: usize = 96;
     /// `lidt` operand of the 32-bit IDT.
     pub const IDTR32: usize = 112;
+    /// The crash words mailbox ([`super::mailbox`]) the purgatory prints
+    /// when it refuses; 0 for none.
+    pub const MAILBOX: usize = 128;
     /// Bytes of the parameters.
-    pub const END: usize = 128;
+    pub const END: usize = 136;
 }
+
+/// The crash words mailbox: what the crashed kernel said during the crash,
+/// kept in memory instead of printed, so that the way to the capture
+/// kernel does not wait on a 115200-baud UART. The capture kernel prints
+/// it when it starts; the purgatory prints it when it refuses. It lies in
+/// the crash-time part of the reservation (the core header region), never
+/// digested: bytes `[0, 8)` the magic, `[8, 16)` the text's length, then
+/// the text (whole lines, ASCII).
+pub mod mailbox {
+    /// The magic, first.
+    pub const MAGIC: u64 = u64::from_le_bytes(*b"HVWORDS1");
+    /// `u64`: the magic.
+    pub const MAGIC_OFFSET: usize = 0;
+    /// `u64`: bytes of text.
+    pub const LEN_OFFSET: usize = 8;
+    /// The text.
+    pub const TEXT_OFFSET: usize = 16;
+    /// Bytes of the whole mailbox.
+    pub const BYTES: usize = 32 * 1024;
+    /// Most bytes of text.
+    pub const MAX_TEXT: usize = BYTES - TEXT_OFFSET;
+
+    /// Whether `byte` may be printed from the mailbox: what a report or a
+    /// console line holds. The first other byte ends the text.
+    pub const fn printable(byte: u8) -> bool {
+        matches!(byte, b' '..=b'~' | b'\n' | b'\r' | b'\t')
+    }
+}
+
+/// `parameters.digest` (0 is no algorithm: a zeroed field is refused): XXH64, seed 0, little-endian in the digest
+/// field's first 8 bytes, zeros after.
+pub const DIGEST_XXH64: u64 = 1;
+/// `parameters.digest`: SHA-256.
+pub const DIGEST_SHA256: u64 = 2;
 
 /// `parameters.mode`: Linux 64-bit boot protocol.
 pub const MODE_LINUX64: u64 = 0;
@@ -161,7 +202,7 @@ pub mod table {
     pub const COUNT_CHECK: usize = 8;
     /// The first entry.
     pub const ENTRIES: usize = 16;
-    /// Bytes of one entry: start (`u64`), length (`u64`), SHA-256.
+    /// Bytes of one entry: start (`u64`), length (`u64`), digest field.
     pub const ENTRY_BYTES: usize = 48;
     /// Bytes of the table at its largest.
     pub const MAX_BYTES: usize = ENTRIES + super::MAX_SEGMENTS * ENTRY_BYTES;

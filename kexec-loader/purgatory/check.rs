@@ -8,13 +8,26 @@
 //!    code runs at (the IDTs, GDT and page tables hold absolute addresses);
 //! 2. the table's count is not 0, equals the complement of its check word,
 //!    and fits the table;
-//! 3. the seal (SHA-256 of code, parameters, descriptor tables, digest
+//! 3. the parameters name a digest algorithm (XXH64 or SHA-256);
+//! 4. the seal (that digest of code, parameters, descriptor tables, digest
 //!    table and page tables) matches;
-//! 4. every segment's SHA-256 matches its entry.
+//! 5. every segment's digest matches its entry.
 #![deny(unsafe_code)]
 
 use super::abi::{self, param, table};
-use super::sha256;
+use super::{sha256, xxh64};
+
+/// A digest function: bytes in, the 32-byte digest field out.
+type DigestFn = fn(&[u8]) -> [u8; 32];
+
+/// The digest `algorithm` (a [`param::DIGEST`] value) names, if any.
+fn digest_with(algorithm: u64) -> Option<DigestFn> {
+    match algorithm {
+        abi::DIGEST_XXH64 => Some(xxh64::digest),
+        abi::DIGEST_SHA256 => Some(sha256::digest),
+        _ => None,
+    }
+}
 
 /// Physical memory as the purgatory reads it.
 pub trait Memory {
@@ -50,6 +63,11 @@ pub enum Refusal {
     TooManySegments {
         /// The count.
         count: u64,
+    },
+    /// The parameters name no digest algorithm.
+    UnknownDigest {
+        /// The [`param::DIGEST`] value.
+        code: u64,
     },
     /// The sealed part of the area changed.
     SealMismatch,
@@ -114,8 +132,10 @@ pub fn check(area: u64, memory: &impl Memory) -> Result<(), Refusal> {
     if count > abi::MAX_SEGMENTS as u64 {
         return Err(Refusal::TooManySegments { count });
     }
+    let code = parameter(param::DIGEST);
+    let digest = digest_with(code).ok_or(Refusal::UnknownDigest { code })?;
     let (sealed, rest) = bytes.split_at(abi::SEALED_BYTES);
-    if sha256::digest(sealed).as_slice() != rest {
+    if digest(sealed).as_slice() != rest {
         return Err(Refusal::SealMismatch);
     }
     let entries = (0..count).zip(
@@ -130,11 +150,36 @@ pub fn check(area: u64, memory: &impl Memory) -> Result<(), Refusal> {
             .bytes(start, len)
             .filter(|bytes| bytes.len() as u64 == len && len != 0)
             .ok_or(Refusal::SegmentUnreadable { index, start, len })?;
-        if sha256::digest(segment).as_slice() != entry.get(16..).unwrap_or_default() {
+        if digest(segment).as_slice() != entry.get(16..).unwrap_or_default() {
             return Err(Refusal::SegmentChanged { index, start, len });
         }
     }
     Ok(())
+}
+
+/// The crash words waiting in the mailbox at `address` (see
+/// [`abi::mailbox`]): none when there is no mailbox, its magic is gone or
+/// its length is out of bounds; the text stops at the first byte that is
+/// not [`abi::mailbox::printable`].
+pub fn mailbox_text(address: u64, memory: &impl Memory) -> Option<&[u8]> {
+    use abi::mailbox::{LEN_OFFSET, MAGIC, MAGIC_OFFSET, MAX_TEXT, TEXT_OFFSET, printable};
+    if address == 0 {
+        return None;
+    }
+    let header = memory.bytes(address, TEXT_OFFSET as u64)?;
+    if abi::u64_at(header, MAGIC_OFFSET)? != MAGIC {
+        return None;
+    }
+    let len = abi::u64_at(header, LEN_OFFSET)?;
+    if len == 0 || len > MAX_TEXT as u64 {
+        return None;
+    }
+    let text = memory.bytes(address + TEXT_OFFSET as u64, len)?;
+    let end = text
+        .iter()
+        .position(|&byte| !printable(byte))
+        .unwrap_or(text.len());
+    text.get(..end)
 }
 
 /// A line of text in a fixed buffer; what does not fit is cut.
@@ -251,6 +296,11 @@ pub fn describe(refusal: &Refusal, line: &mut Line) {
             line.push(" exceeds its ");
             line.push_decimal(abi::MAX_SEGMENTS as u64);
             line.push(" entries");
+        }
+        Refusal::UnknownDigest { code } => {
+            line.push("the purgatory parameters name no digest algorithm (");
+            line.push_decimal(code);
+            line.push(")");
         }
         Refusal::SealMismatch => line.push(
             "the purgatory area changed since it was built (code, parameters, descriptor tables, digest table or page tables)",

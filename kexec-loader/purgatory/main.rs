@@ -3,7 +3,8 @@
 //! crashed kernel but the jump that reaches it: its own IDTs, GDT, page
 //! tables and stack, and its own copy of the digest table, all inside its
 //! area (`abi.rs` beside this file maps it). It checks the table and every
-//! segment itself (`check.rs`, SHA-256 in `sha256.rs`) and either enters
+//! segment itself (`check.rs`; XXH64 in `xxh64.rs` or SHA-256 in
+//! `sha256.rs`, as its parameters say) and either enters
 //! the capture kernel or refuses, with one line on COM1 and a `@hv`
 //! report line, and stops.
 //!
@@ -74,6 +75,7 @@
 mod abi;
 mod check;
 mod sha256;
+mod xxh64;
 
 use core::arch::{asm, global_asm};
 
@@ -471,9 +473,12 @@ fn parameter(area: u64, field: usize) -> u64 {
         .unwrap_or(0)
 }
 
-/// Writes `line`, ends the emulator when the parameters ask for it, and
-/// halts for good.
+/// Writes the crashed kernel's waiting words (its mailbox) and `line`,
+/// ends the emulator when the parameters ask for it, and halts for good.
 fn stop(area: u64, line: &check::Line) -> ! {
+    if let Some(text) = check::mailbox_text(parameter(area, param::MAILBOX), &IdentityMap) {
+        serial_write(text);
+    }
     serial_write(line.as_bytes());
     if parameter(area, param::FLAGS) & flags::EXIT_EMULATOR != 0 {
         outb(abi::QEMU_EXIT_PORT, abi::QEMU_EXIT_REFUSED);

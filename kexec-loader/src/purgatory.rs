@@ -1,7 +1,8 @@
 //! The purgatory area, built at boot for the crash path: the blob
 //! (`kexec-loader/purgatory/`, built into a flat image by `hv/build.rs`),
 //! its parameters, descriptor tables, identity page tables and its own copy
-//! of the digest table, sealed with SHA-256. The kernel only copies bytes:
+//! of the digest table, sealed with the table's digest algorithm (XXH64 or
+//! SHA-256, [`crate::digest::Algorithm`]). The kernel only copies bytes:
 //! [`build`] lays the whole area out in a buffer.
 //!
 //! At crash time the purgatory checks the seal and every segment itself
@@ -11,7 +12,8 @@
 //! show (a zeroed count no longer verifies vacuously).
 //!
 //! The area's map is [`abi`]; [`check`] and [`sha256`] are the blob's own
-//! check and hash, compiled here too so that the host tests run them.
+//! check and hash (with `crate::digest::xxh64`), compiled here too so that
+//! the host tests run them.
 
 #[path = "../purgatory/abi.rs"]
 pub mod abi;
@@ -19,13 +21,15 @@ pub mod abi;
 pub mod check;
 #[path = "../purgatory/sha256.rs"]
 pub mod sha256;
+// `check` names it beside `sha256`.
+use crate::digest::xxh64;
 
 use core::fmt;
 
 use sha2::{Digest, Sha256};
 
 use crate::PhysRange;
-use crate::digest::{DigestTable, SegmentDigest, Sha256Digest, VerifyError, sha256 as sha2_256};
+use crate::digest::{Algorithm, DigestTable, SegmentDigest, Sha256Digest, VerifyError};
 
 pub use abi::{
     AREA_BYTES, BOOT_DATA_BYTES, BOOT_DATA_OFFSET, BUILT_BYTES, DIGESTED_BYTES, MAX_SEGMENTS,
@@ -57,6 +61,11 @@ pub struct Options {
     pub exit_emulator: bool,
     /// Test knob: NMI itself at every step and wait until each was taken.
     pub self_nmi: bool,
+    /// How the segments were summed; the seal uses it too.
+    pub digest: Algorithm,
+    /// The crash words mailbox ([`abi::mailbox`]) to print on a refusal;
+    /// 0 for none.
+    pub mailbox: u64,
 }
 
 /// Why the area cannot be built.
@@ -92,6 +101,9 @@ pub enum BuildError {
         /// Where it is.
         range: PhysRange,
     },
+    /// The mailbox is not 8-byte aligned, lies beyond 4 GiB or overlaps
+    /// the area's built part or a segment.
+    BadMailbox(u64),
 }
 
 impl fmt::Display for BuildError {
@@ -123,6 +135,11 @@ impl fmt::Display for BuildError {
             Self::SegmentAbove4GiB { index, range } => write!(
                 f,
                 "segment {index} at {range} lies beyond the purgatory's 4 GiB identity map"
+            ),
+            Self::BadMailbox(at) => write!(
+                f,
+                "the crash words mailbox at {at:#x} is misaligned, beyond 4 GiB, or overlaps \
+                 the purgatory or a checked segment"
             ),
         }
     }
@@ -250,6 +267,20 @@ pub fn build(
         }
     }
 
+    if options.mailbox != 0 {
+        let mailbox = PhysRange::new(options.mailbox, abi::mailbox::BYTES as u64);
+        let whole_area = PhysRange::new(area, AREA_BYTES);
+        if !options.mailbox.is_multiple_of(8)
+            || mailbox.end().is_none_or(|end| end > 1 << 32)
+            || mailbox.overlaps(&whole_area)
+            || segments
+                .iter()
+                .any(|segment| segment.range.overlaps(&mailbox))
+        {
+            return Err(BuildError::BadMailbox(options.mailbox));
+        }
+    }
+
     out.fill(0);
     out[..blob.len()].copy_from_slice(blob);
 
@@ -275,6 +306,8 @@ pub fn build(
         (abi::param::ARGUMENT, argument),
         (abi::param::CR3, area + abi::PAGE_TABLES_OFFSET as u64),
         (abi::param::FLAGS, flags),
+        (abi::param::DIGEST, options.digest.code()),
+        (abi::param::MAILBOX, options.mailbox),
     ] {
         put_u64(out, parameters + field, value);
     }
@@ -355,7 +388,7 @@ pub fn build(
         }
     }
 
-    let seal = sha2_256(&out[..abi::SEALED_BYTES]);
+    let seal = options.digest.digest(&out[..abi::SEALED_BYTES]);
     out[abi::SEAL_OFFSET..abi::SEAL_OFFSET + 32].copy_from_slice(&seal);
     Ok(())
 }
@@ -455,6 +488,11 @@ impl<const N: usize> SealedTable<N> {
             count_check: !count,
             seal,
         }
+    }
+
+    /// How its segments were summed.
+    pub fn algorithm(&self) -> Algorithm {
+        self.table.algorithm()
     }
 
     /// The entries as they are, unchecked (for reports).

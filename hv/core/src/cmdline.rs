@@ -53,6 +53,29 @@ impl CaptureSink {
     }
 }
 
+/// `capture_digest=`: how the loaded capture kernel is summed at boot and
+/// checked before the jump (by hv and by the purgatory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CaptureDigest {
+    /// XXH64: fast enough to check a whole image inside the crash path's
+    /// budget; detects stray writes.
+    #[default]
+    Xxh64,
+    /// SHA-256, as Linux's purgatory: about twenty times slower under
+    /// QEMU's TCG.
+    Sha256,
+}
+
+impl CaptureDigest {
+    /// The command-line spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Xxh64 => "xxh64",
+            Self::Sha256 => "sha256",
+        }
+    }
+}
+
 /// `capture_corrupt=` (test knob): what to damage after the capture kernel
 /// was loaded and digested.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -124,6 +147,12 @@ pub struct Options {
     /// `capture_purgatory_nmi=0|1` (test knob): the purgatory sends its CPU
     /// an NMI at each step of its way and waits until each was taken.
     pub capture_purgatory_nmi: bool,
+    /// `capture_digest=xxh64|sha256`: the capture kernel's checksum.
+    pub capture_digest: CaptureDigest,
+    /// `capture_words=ADDR`: the crashed hypervisor's crash words mailbox
+    /// (the loader puts it on the capture image's command line; capture
+    /// mode prints what it holds before anything else).
+    pub capture_words: Option<u64>,
     /// `capture_purgatory=ADDR`: where the crashed hypervisor's purgatory
     /// area is (the loader puts it on the capture image's command line;
     /// capture mode reports the purgatory's TSC stamps from it).
@@ -167,6 +196,8 @@ impl Options {
             capture_corrupt: CaptureCorrupt::Nothing,
             capture_hv_check: true,
             capture_purgatory_nmi: false,
+            capture_digest: CaptureDigest::Xxh64,
+            capture_words: None,
             capture_purgatory: None,
             crash: None,
             crash_timeout_ms: defaults::CRASH_TIMEOUT_MS,
@@ -359,12 +390,27 @@ pub const OPTIONS: &[(&str, Setter)] = &[
         };
         Ok(())
     }),
+    ("capture_digest", |options, value| {
+        options.capture_digest = match value {
+            "xxh64" => CaptureDigest::Xxh64,
+            "sha256" => CaptureDigest::Sha256,
+            _ => return Err("expected xxh64 or sha256"),
+        };
+        Ok(())
+    }),
     ("capture_purgatory_nmi", |options, value| {
         options.capture_purgatory_nmi = match value {
             "1" => true,
             "0" => false,
             _ => return Err("expected 0 or 1"),
         };
+        Ok(())
+    }),
+    ("capture_words", |options, value| {
+        let address = parse_number(value)
+            .filter(|a| *a != 0 && a % 8 == 0)
+            .ok_or("expected the crash words mailbox's 8-byte-aligned address")?;
+        options.capture_words = Some(address);
         Ok(())
     }),
     ("capture_purgatory", |options, value| {
@@ -661,6 +707,21 @@ mod tests {
         assert!(defaults.capture_hv_check);
         assert!(!defaults.capture_purgatory_nmi);
         assert_eq!(defaults.capture_purgatory, None);
+        assert_eq!(defaults.capture_digest, CaptureDigest::Xxh64);
+        assert_eq!(defaults.capture_words, None);
+        let parsed = parse("capture_words=0x1f003000");
+        assert_eq!(parsed.options.capture_words, Some(0x1f00_3000));
+        let parsed = parse("capture_words=0x1f003004 capture_words=0");
+        assert_eq!(parsed.error_count(), 2, "{:?}", messages(&parsed));
+        assert_eq!(defaults.capture_digest.name(), "xxh64");
+        let parsed = parse("capture_digest=sha256");
+        assert!(parsed.is_clean(), "{:?}", messages(&parsed));
+        assert_eq!(parsed.options.capture_digest, CaptureDigest::Sha256);
+        assert_eq!(parsed.options.capture_digest.name(), "sha256");
+        let parsed = parse("capture_digest=md5");
+        assert_eq!(parsed.error_count(), 1);
+        assert!(messages(&parsed)[0].contains("expected xxh64 or sha256"));
+        assert_eq!(parsed.options, Options::default());
         for (word, corrupt) in [
             ("0", CaptureCorrupt::Nothing),
             ("1", CaptureCorrupt::Image),
@@ -966,6 +1027,8 @@ mod tests {
             ("capture_corrupt", "1"),
             ("capture_hv_check", "off"),
             ("capture_purgatory_nmi", "1"),
+            ("capture_digest", "sha256"),
+            ("capture_words", "0x1f003000"),
             ("capture_purgatory", "0x1fff0000"),
             ("capture_sink", "ata"),
             ("crash_timeout_ms", "500"),

@@ -6,16 +6,16 @@
 //! only writes the ELF core header (the one part left out of the digests),
 //! checks the digests and jumps.
 
-use hv_core::cmdline::CaptureCorrupt;
-use hv_core::memmap::MAX_REGIONS;
+use hv_core::cmdline::{CaptureCorrupt, CaptureDigest};
 use kexec_loader::PhysRange;
 use kexec_loader::boot_params::{E820Entry, E820Table, ZeroPageConfig, build_zero_page};
 use kexec_loader::bzimage::BzImage;
 use kexec_loader::crash_note::desc_len_for;
-use kexec_loader::digest::DigestTable;
+use kexec_loader::digest::{Algorithm, DigestTable};
 use kexec_loader::elfcore::{LoadedImage, MemorySegment, core_header_len};
 use kexec_loader::layout::CaptureLayout;
 use kexec_loader::purgatory::SealedTable;
+use kexec_loader::purgatory::abi::mailbox;
 use kexec_loader::pvh::{BootDataConfig, PvhImage, write_boot_data};
 use kexec_loader::segments;
 
@@ -79,9 +79,10 @@ pub fn load_at_boot(boot: &BootInfo, options: &hv_core::cmdline::Options) {
     match load(boot, options) {
         Ok(mut plan) => {
             log::info!(
-                "capture: {} capture kernel loaded; {} segments digested; ELF core header at {}",
+                "capture: {} capture kernel loaded; {} segments digested ({}); ELF core header at {}",
                 plan.kind.name(),
                 plan.digests.entries().len(),
+                plan.digests.algorithm().name(),
                 plan.elfcorehdr
             );
             crate::console::report::line(|o| {
@@ -90,7 +91,9 @@ pub fn load_at_boot(boot: &BootInfo, options: &hv_core::cmdline::Options) {
                     o.field("kernel").str(plan.kind.name())?;
                     o.field("elfcorehdr").u64(plan.elfcorehdr.start)?;
                     o.field("digested_segments")
-                        .u64(plan.digests.entries().len() as u64)
+                        .u64(plan.digests.entries().len() as u64)?;
+                    o.field("digest_algorithm")
+                        .str(plan.digests.algorithm().name())
                 })
             });
             match corrupt {
@@ -104,6 +107,9 @@ pub fn load_at_boot(boot: &BootInfo, options: &hv_core::cmdline::Options) {
             }
             let plan = handover::install(plan);
             protect_reservation(plan);
+            if plan.kind == Kind::Hv {
+                crate::crash::words::arm(plan.mailbox.start);
+            }
         }
         Err(error) => {
             log::error!("capture: {error}; crash capture disabled");
@@ -174,19 +180,15 @@ fn place(range: PhysRange, bytes: &[u8]) {
 }
 
 /// The firmware's memory map, whole, as e820 entries for another kernel
-/// (types it may not know become reserved). The map holds at most
-/// `MAX_REGIONS` regions, so the array always has room.
-fn firmware_map() -> ([E820Entry; MAX_REGIONS], usize) {
-    let mut firmware = [E820Entry::new(0, 0, 0); MAX_REGIONS];
-    let mut count = 0;
-    for (slot, region) in firmware
-        .iter_mut()
-        .zip(FIRMWARE_MAP.get().into_iter().flat_map(|map| map.regions()))
-    {
-        *slot = E820Entry::new(region.start, region.len, region.kind.e820_for_handover());
-        count += 1;
-    }
-    (firmware, count)
+/// (types it may not know become reserved), in boot memory: up to
+/// `MAX_REGIONS` entries are too many for the boot stack.
+fn firmware_map() -> Option<&'static [E820Entry]> {
+    let regions = FIRMWARE_MAP.get().map_or(&[][..], |map| map.regions());
+    let entries = mm::alloc_permanent_slice_with(regions.len(), |index| {
+        let region = regions[index];
+        E820Entry::new(region.start, region.len, region.kind.e820_for_handover())
+    })?;
+    Some(entries)
 }
 
 fn load(boot: &BootInfo, options: &hv_core::cmdline::Options) -> Result<Plan, LoadError> {
@@ -207,28 +209,36 @@ fn load(boot: &BootInfo, options: &hv_core::cmdline::Options) -> Result<Plan, Lo
     let image = module_bytes(kernel);
     let purgatory_area = reservation.start + reservation.len - purgatory::AREA_BYTES;
     let usable = PhysRange::new(reservation.start, reservation.len - purgatory::AREA_BYTES);
-    let (firmware, firmware_count) = firmware_map();
-    let firmware = &firmware[..firmware_count];
-    let mut segments = [MemorySegment {
+    let firmware = firmware_map().ok_or(LoadError::OutOfMemory)?;
+    let segments = mm::alloc_permanent_slice_with(MAX_SEGMENTS, |_| MemorySegment {
         phys: 0,
         virt: 0,
         len: 0,
-    }; MAX_SEGMENTS];
+    })
+    .ok_or(LoadError::OutOfMemory)?;
     // RAM outside the reservation: what the dump describes. A list that
     // does not fit is an error that disables capture, never a shorter dump.
-    let segment_count = segments::ram_outside_reservation(firmware, reservation, &mut segments)
+    let segment_count = segments::ram_outside_reservation(firmware, reservation, segments)
         .map_err(|error| LoadError::DumpMap(error.into()))?;
+    let segments = &segments[..segment_count];
     let cpus = crate::cpu::smp::cpus().len().max(1);
     let desc_len = desc_len_for(MAX_REASON, cpus, cpus, MAX_VMCS).ok_or(LoadError::HeaderSize)?;
     let hv_image = loaded_image();
-    let header_len = core_header_len(cpus, segment_count, desc_len, hv_image.as_ref())
+    let core_len = core_header_len(cpus, segment_count, desc_len, hv_image.as_ref())
         .ok_or(LoadError::HeaderSize)? as u64;
+    // The crash words mailbox follows the header, page aligned, in the
+    // same crash-time region.
+    let header_len = core_len.next_multiple_of(4096) + mailbox::BYTES as u64;
 
     let room = Room {
         firmware,
         usable,
         reservation,
         header_len,
+        digest: match options.capture_digest {
+            CaptureDigest::Xxh64 => Algorithm::Xxh64,
+            CaptureDigest::Sha256 => Algorithm::Sha256,
+        },
     };
     if !handover::alloc_scratch() {
         return Err(LoadError::OutOfMemory);
@@ -246,6 +256,7 @@ fn load(boot: &BootInfo, options: &hv_core::cmdline::Options) -> Result<Plan, Lo
     } else {
         return Err(LoadError::UnknownFormat);
     };
+    let mailbox = mailbox_of(elfcorehdr);
     // The purgatory area is the reservation's last 64 KiB, which neither
     // layout above uses; it gets its own copy of the digests so far.
     let purgatory_bytes = purgatory::install(
@@ -256,6 +267,9 @@ fn load(boot: &BootInfo, options: &hv_core::cmdline::Options) -> Result<Plan, Lo
             exit_emulator: options.finish == hv_core::cmdline::Finish::Exit,
             self_nmi: options.capture_purgatory_nmi,
             hv_check: options.capture_hv_check,
+            digest: room.digest,
+            // Only the hv image prints the mailbox when it starts.
+            mailbox: if kind == Kind::Hv { mailbox.start } else { 0 },
         },
     )
     .map_err(|error| LoadError::Purgatory(error.into()))?;
@@ -265,12 +279,19 @@ fn load(boot: &BootInfo, options: &hv_core::cmdline::Options) -> Result<Plan, Lo
     Ok(Plan {
         kind,
         elfcorehdr,
+        mailbox,
         purgatory: purgatory_area,
         digests: SealedTable::seal(digests),
         segments,
-        segment_count,
         image: hv_image,
     })
+}
+
+/// The crash words mailbox: the last [`mailbox::BYTES`] of the core
+/// header region (`load` sized the region for both).
+fn mailbox_of(elfcorehdr: PhysRange) -> PhysRange {
+    let len = mailbox::BYTES as u64;
+    PhysRange::new(elfcorehdr.start + elfcorehdr.len - len, len)
 }
 
 /// hv's ELF file header and program headers, which `linker.ld` loads at
@@ -301,6 +322,8 @@ struct Room<'a> {
     reservation: PhysRange,
     /// The ELF core header's size, for the worst case.
     header_len: u64,
+    /// How segments are summed (`capture_digest=`).
+    digest: Algorithm,
 }
 
 fn load_linux(
@@ -315,6 +338,7 @@ fn load_linux(
         usable,
         reservation,
         header_len,
+        ..
     } = *room;
     let bz = BzImage::parse(image)?;
     let initrd_bytes = initrd.map(module_bytes);
@@ -356,7 +380,7 @@ fn load_linux(
         build_zero_page(&bz, &config, out)
     })?;
 
-    let mut digests = DigestTable::excluding(layout.elfcorehdr);
+    let mut digests = DigestTable::excluding(layout.elfcorehdr).with_algorithm(room.digest);
     // Inside the reservation, just written.
     let read = |range: PhysRange| phys::read(range.start, range.len);
     digests.record(
@@ -398,10 +422,11 @@ fn load_hv(
         usable,
         reservation,
         header_len,
+        ..
     } = *room;
     let image = PvhImage::parse(image_bytes)?;
     let layout = image.place(usable, header_len)?;
-    let mut digests = DigestTable::excluding(layout.elfcorehdr);
+    let mut digests = DigestTable::excluding(layout.elfcorehdr).with_algorithm(room.digest);
     for segment in image.load_segments() {
         // `place` checked that it lies in the reservation's usable part.
         phys::with_bytes_mut(segment.phys, segment.mem_len, |destination| {
@@ -417,9 +442,10 @@ fn load_hv(
         ""
     };
     let cmdline = format_args!(
-        "capture_mode={:#x} capture_purgatory={purgatory_area:#x} capture_sink={} max_cpus=1 \
-         log=info{finish}",
+        "capture_mode={:#x} capture_purgatory={purgatory_area:#x} capture_words={:#x} \
+         capture_sink={} max_cpus=1 log=info{finish}",
         layout.elfcorehdr.start,
+        mailbox_of(layout.elfcorehdr).start,
         options.capture_sink.name(),
     );
     let boot_data = phys::with_bytes_mut(data, purgatory::BOOT_DATA_BYTES, |out| {

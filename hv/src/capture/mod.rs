@@ -4,3 +4,4 @@
 
 pub mod load;
 pub mod mode;
+pub mod words;

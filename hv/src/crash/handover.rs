@@ -21,8 +21,8 @@ use smp_boot::madt::MAX_CPUS;
 use super::COORDINATOR;
 use super::purgatory::{HvCheck, HvTable};
 use super::records::{MAX_VMCS, Records};
+use super::words::Words;
 use crate::arch::cpu;
-use crate::console::EmergencyConsole;
 use crate::cpu::{percpu, smp};
 use crate::mm::{self, phys};
 
@@ -59,17 +59,20 @@ impl Kind {
 pub struct Plan {
     /// The kernel's kind.
     pub kind: Kind,
-    /// Where the ELF core header goes (left out of the digests).
+    /// The core header region (left out of the digests): the header, then
+    /// the crash words mailbox.
     pub elfcorehdr: PhysRange,
+    /// The region's tail: the crash words mailbox (`crash::words`), which
+    /// the capture image prints; armed only for the hv image.
+    pub mailbox: PhysRange,
     /// The purgatory's area.
     pub purgatory: u64,
     /// Every loaded piece's digest, sealed (the purgatory keeps its own
     /// copy in the reservation).
     pub digests: HvTable,
-    /// The memory the dump describes.
-    pub segments: [MemorySegment; MAX_SEGMENTS],
-    /// How many of `segments` are valid.
-    pub segment_count: usize,
+    /// The memory the dump describes (at most [`MAX_SEGMENTS`], in boot
+    /// memory).
+    pub segments: &'static [MemorySegment],
     /// hv's own image as loaded, for the dump's `NT_AUXV` and `NT_FILE`
     /// notes (drgn matches `-s hv` to the dump through them).
     pub image: Option<LoadedImage<'static>>,
@@ -218,7 +221,7 @@ pub fn hand_over(handover: &Handover<'_>) {
     let attempt = ATTEMPTS.fetch_add(1, Ordering::AcqRel) + 1;
     if attempt > 2 {
         let _ = writeln!(
-            EmergencyConsole,
+            Words,
             "*** hv: capture: refused: the hand-over failed twice; not jumping"
         );
         report_capture(plan, Some(false), Some(&"the hand-over failed twice"));
@@ -229,7 +232,7 @@ pub fn hand_over(handover: &Handover<'_>) {
     let with_ledger = attempt == 1;
     let Some(scratch) = SCRATCH.claim(handover.coordinator as u32) else {
         let _ = writeln!(
-            EmergencyConsole,
+            Words,
             "*** hv: capture: refused: the crash-time buffers are another CPU's; not jumping"
         );
         report_capture(plan, Some(false), Some(&"the crash-time buffers are gone"));
@@ -288,12 +291,13 @@ pub fn hand_over(handover: &Handover<'_>) {
     };
     // The core header region lies in the reservation, left out of every
     // allocator and of the digests; only this CPU writes it now.
-    let written = phys::with_bytes_mut(plan.elfcorehdr.start, plan.elfcorehdr.len, |out| {
+    let header_room = plan.elfcorehdr.len - plan.mailbox.len;
+    let written = phys::with_bytes_mut(plan.elfcorehdr.start, header_room, |out| {
         write_core_header(
             out,
             &scratch.cpus[..cpu_count],
             &record,
-            &plan.segments[..plan.segment_count],
+            plan.segments,
             plan.image.as_ref(),
             placement,
         )
@@ -301,7 +305,7 @@ pub fn hand_over(handover: &Handover<'_>) {
     super::stamp(super::Step::CoreHeader);
     if let Err(error) = written {
         let _ = writeln!(
-            EmergencyConsole,
+            Words,
             "*** hv: capture: cannot write the ELF core header: {error}; not jumping"
         );
         report_capture(plan, Some(false), Some(&error));
@@ -315,7 +319,7 @@ pub fn hand_over(handover: &Handover<'_>) {
     let checked = match checked {
         Ok(checked) => checked,
         Err(error) => {
-            let _ = writeln!(EmergencyConsole, "*** hv: capture: {error}");
+            let _ = writeln!(Words, "*** hv: capture: {error}");
             report_capture(plan, Some(false), Some(&error));
             return;
         }
@@ -328,10 +332,10 @@ pub fn hand_over(handover: &Handover<'_>) {
         ),
     };
     let _ = writeln!(
-        EmergencyConsole,
+        Words,
         "*** hv: capture: {} CPU notes, {} memory ranges; {said}; jumping to the {} capture kernel",
         cpu_count,
-        plan.segment_count,
+        plan.segments.len(),
         plan.kind.name()
     );
     report_capture(plan, digest_ok, None);
@@ -344,7 +348,7 @@ pub fn hand_over(handover: &Handover<'_>) {
 /// it jumps unless there is an `error`.
 fn report_capture(plan: &Plan, digest_ok: Option<bool>, error: Option<&dyn core::fmt::Display>) {
     let now = cpu::rdtsc();
-    crate::console::report::emergency(|o| {
+    super::words::report(|o| {
         o.field("capture").object(|o| {
             o.field("kernel").str(plan.kind.name())?;
             o.field("digest_ok")

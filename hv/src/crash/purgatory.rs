@@ -65,6 +65,11 @@ pub struct InstallOptions {
     pub self_nmi: bool,
     /// `capture_hv_check=off` (test knob) skips [`check_before_jump`].
     pub hv_check: bool,
+    /// How the segments were summed (`capture_digest=`).
+    pub digest: kexec_loader::digest::Algorithm,
+    /// The crash words mailbox the purgatory prints on a refusal (0: the
+    /// words were printed before the jump).
+    pub mailbox: u64,
 }
 
 /// Set once at boot by [`install`] when `capture_hv_check=off`.
@@ -90,6 +95,8 @@ pub fn install(
             Options {
                 exit_emulator: options.exit_emulator,
                 self_nmi: options.self_nmi,
+                digest: options.digest,
+                mailbox: options.mailbox,
             },
         )
     });

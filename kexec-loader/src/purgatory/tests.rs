@@ -1,9 +1,11 @@
-//! The purgatory's SHA-256 against `sha2`, the area's layout byte by byte,
+//! The purgatory's SHA-256 against `sha2` (its XXH64 is checked in
+//! `digest`'s tests), the area's layout byte by byte,
 //! the purgatory's own check (the blob's code, compiled for the host) on
 //! built areas, every refusal, and the kernel's sealed table.
 
-use super::check::{Line, Memory, Refusal, check, refusal_lines};
+use super::check::{Line, Memory, Refusal, check, mailbox_text, refusal_lines};
 use super::*;
+use crate::digest::sha256 as sha2_256;
 
 const MIB: u64 = 1 << 20;
 /// The fake machine's memory: `[BASE, BASE + SIZE)`.
@@ -67,7 +69,15 @@ struct Loaded {
 }
 
 fn segments_of(machine: &Machine, ranges: &[(u64, u64)]) -> Vec<SegmentDigest> {
-    let mut table = DigestTable::<MAX_SEGMENTS>::new();
+    segments_with(machine, ranges, Algorithm::default())
+}
+
+fn segments_with(
+    machine: &Machine,
+    ranges: &[(u64, u64)],
+    algorithm: Algorithm,
+) -> Vec<SegmentDigest> {
+    let mut table = DigestTable::<MAX_SEGMENTS>::new().with_algorithm(algorithm);
     for &(start, len) in ranges {
         table.record(start, machine.slice(start, len)).unwrap();
     }
@@ -84,7 +94,7 @@ fn loaded(entry: Entry, options: Options) -> Loaded {
         (BASE + 3 * MIB, 77),
         (AREA + BOOT_DATA_OFFSET as u64, 300),
     ];
-    let segments = segments_of(&machine, &ranges);
+    let segments = segments_with(&machine, &ranges, options.digest);
     let offset = (AREA - BASE) as usize;
     build(
         &mut machine.bytes[offset..offset + BUILT_BYTES],
@@ -144,8 +154,57 @@ fn the_purgatory_sha256_matches_sha2_at_every_padding_length() {
 #[test]
 fn a_built_area_passes_the_purgatorys_own_check() {
     for entry in [LINUX, PVH] {
-        let loaded = loaded(entry, Options::default());
-        assert_eq!(check(AREA, &loaded.machine), Ok(()), "{entry:?}");
+        for digest in [Algorithm::Xxh64, Algorithm::Sha256] {
+            let options = Options {
+                digest,
+                ..Options::default()
+            };
+            let loaded = loaded(entry, options);
+            assert_eq!(check(AREA, &loaded.machine), Ok(()), "{entry:?} {digest:?}");
+            let code = area_u64(&loaded.machine, abi::PARAMETERS_OFFSET + abi::param::DIGEST);
+            assert_eq!(code, digest.code());
+        }
+    }
+}
+
+#[test]
+fn the_purgatory_sums_with_the_algorithm_its_parameters_name() {
+    // Segments summed with SHA-256 but an area that says XXH64: the seal
+    // holds (it was taken with XXH64) and the first segment is refused.
+    let mut machine = Machine {
+        bytes: (0..SIZE).map(|i| (i * 131 % 253) as u8).collect(),
+    };
+    let segments = segments_with(&machine, &[(BASE, 4096)], Algorithm::Sha256);
+    let offset = (AREA - BASE) as usize;
+    build(
+        &mut machine.bytes[offset..offset + BUILT_BYTES],
+        &fake_blob(),
+        AREA,
+        LINUX,
+        &segments,
+        Options::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        check(AREA, &machine),
+        Err(Refusal::SegmentChanged {
+            index: 0,
+            start: BASE,
+            len: 4096
+        })
+    );
+    // A parameter naming no algorithm (0 included) is refused before the
+    // seal is read.
+    for code in [0u64, 3, u64::MAX] {
+        let mut loaded = loaded(LINUX, Options::default());
+        let at = AREA + (abi::PARAMETERS_OFFSET + abi::param::DIGEST) as u64;
+        for (i, byte) in code.to_le_bytes().into_iter().enumerate() {
+            *loaded.machine.at(at + i as u64) = byte;
+        }
+        assert_eq!(
+            check(AREA, &loaded.machine),
+            Err(Refusal::UnknownDigest { code })
+        );
     }
 }
 
@@ -156,6 +215,8 @@ fn the_parameters_say_where_to_go() {
         Options {
             exit_emulator: true,
             self_nmi: false,
+            digest: Algorithm::Xxh64,
+            mailbox: 0,
         },
     );
     let m = &loaded.machine;
@@ -183,6 +244,8 @@ fn loaded_linux_with_nmi() -> Loaded {
         Options {
             exit_emulator: false,
             self_nmi: true,
+            digest: Algorithm::Sha256,
+            mailbox: 0,
         },
     )
 }
@@ -342,7 +405,7 @@ fn the_table_and_seal_are_where_the_purgatory_reads_them() {
     let sealed = m.slice(AREA, abi::SEALED_BYTES as u64);
     assert_eq!(
         m.slice(AREA + abi::SEAL_OFFSET as u64, 32),
-        sha2_256(sealed)
+        crate::digest::xxh64::digest(sealed)
     );
     assert!(
         m.slice(AREA + abi::SCRATCH_OFFSET as u64, abi::scratch::END as u64)
@@ -532,6 +595,10 @@ fn every_refusal_writes_a_report_line_that_names_it() {
             Refusal::TooManySegments { count: 25 },
             "count 25 exceeds its 24 entries",
         ),
+        (
+            Refusal::UnknownDigest { code: 7 },
+            "name no digest algorithm (7)",
+        ),
         (Refusal::SealMismatch, "changed since it was built"),
         (
             Refusal::SegmentUnreadable {
@@ -652,9 +719,89 @@ fn bad_inputs_are_build_errors() {
             index: 1,
             range: inside.range,
         },
+        BuildError::BadMailbox(3),
     ] {
         assert!(error.to_string().len() > 20, "{error}");
     }
+}
+
+#[test]
+fn a_mailbox_must_lie_apart_and_within_reach() {
+    let machine = Machine {
+        bytes: vec![0; SIZE as usize],
+    };
+    let segments = segments_of(&machine, &[(BASE, 4096)]);
+    let mut out = vec![0u8; BUILT_BYTES];
+    let with_mailbox = |mailbox| Options {
+        mailbox,
+        ..Options::default()
+    };
+    for bad in [
+        BASE + 2 * MIB + 4, // misaligned
+        BASE + 0x800,       // over a segment
+        AREA - 0x1000,      // runs into the area
+        AREA + 0x100,       // inside it
+        (4 << 30) - 0x1000, // past 4 GiB
+    ] {
+        assert_eq!(
+            build(
+                &mut out,
+                &fake_blob(),
+                AREA,
+                LINUX,
+                &segments,
+                with_mailbox(bad)
+            ),
+            Err(BuildError::BadMailbox(bad)),
+            "{bad:#x}"
+        );
+    }
+    let good = BASE + 2 * MIB;
+    build(
+        &mut out,
+        &fake_blob(),
+        AREA,
+        LINUX,
+        &segments,
+        with_mailbox(good),
+    )
+    .unwrap();
+    let at = abi::PARAMETERS_OFFSET + abi::param::MAILBOX;
+    assert_eq!(abi::u64_at(&out, at), Some(good));
+}
+
+#[test]
+fn the_mailbox_text_is_read_only_when_intact() {
+    use abi::mailbox::*;
+    let mailbox = BASE + 2 * MIB;
+    let write = |machine: &mut Machine, magic: u64, len: u64, text: &[u8]| {
+        let offset = (mailbox - BASE) as usize;
+        machine.bytes[offset..offset + 8].copy_from_slice(&magic.to_le_bytes());
+        machine.bytes[offset + 8..offset + 16].copy_from_slice(&len.to_le_bytes());
+        machine.bytes[offset + 16..offset + 16 + text.len()].copy_from_slice(text);
+    };
+    let mut machine = Machine {
+        bytes: vec![0; SIZE as usize],
+    };
+    let text = b"*** hv: shootdown\n@hv {\"crash\":{}}\n";
+    assert_eq!(mailbox_text(mailbox, &machine), None, "no magic");
+    write(&mut machine, MAGIC, text.len() as u64, text);
+    assert_eq!(mailbox_text(mailbox, &machine), Some(&text[..]));
+    assert_eq!(mailbox_text(0, &machine), None, "no mailbox");
+    // A length beyond the box, or none, reads nothing.
+    write(&mut machine, MAGIC, MAX_TEXT as u64 + 1, text);
+    assert_eq!(mailbox_text(mailbox, &machine), None);
+    write(&mut machine, MAGIC, 0, text);
+    assert_eq!(mailbox_text(mailbox, &machine), None);
+    write(&mut machine, MAGIC ^ 1, text.len() as u64, text);
+    assert_eq!(mailbox_text(mailbox, &machine), None);
+    // A byte that is not text ends it.
+    let mut damaged = text.to_vec();
+    damaged[9] = 0x1B;
+    write(&mut machine, MAGIC, damaged.len() as u64, &damaged);
+    assert_eq!(mailbox_text(mailbox, &machine), Some(&text[..9]));
+    // Beyond the machine's memory: nothing.
+    assert_eq!(mailbox_text(BASE + SIZE - 8, &machine), None);
 }
 
 #[test]
