@@ -23,6 +23,8 @@ use crate::cpu::{percpu, smp, time, watchdog};
 static NMIS_SENT: AtomicBool = AtomicBool::new(false);
 static NMIS_OUT_TSC: AtomicU64 = AtomicU64::new(0);
 static SUMMARY_PRINTED: AtomicBool = AtomicBool::new(false);
+/// The TSC just before the first NMI's ICR write.
+static NMIS_SENDING_TSC: AtomicU64 = AtomicU64::new(0);
 /// The NMIs went out as one all-but-self IPI.
 static NMI_BROADCAST: AtomicBool = AtomicBool::new(false);
 
@@ -58,6 +60,9 @@ fn shoot_down(me: usize) -> CpuSet {
     let mut expected = CpuSet::new();
     let first = !NMIS_SENT.swap(true, Ordering::AcqRel);
     let broadcast = first && smp::every_present_cpu_online();
+    if first {
+        NMIS_SENDING_TSC.store(cpu::rdtsc(), Ordering::Relaxed);
+    }
     if broadcast {
         apic::send_nmi_all_but_self();
     }
@@ -347,6 +352,8 @@ fn summarize(
             // calibration, the TSC is the one clock both share.
             o.field("started_tsc").u64(started_tsc)?;
             o.field("entered_tsc").u64(entered_tsc())?;
+            o.field("nmis_sending_tsc")
+                .u64(NMIS_SENDING_TSC.load(Ordering::Relaxed))?;
             o.field("nmis_out_tsc").u64(nmis_out)?;
             o.field("timed_out").bool(rendezvous.timed_out)?;
             o.field("not_online").array(|a| {
