@@ -270,8 +270,12 @@ pub fn linux_capture(writer: DumpWriter) -> Result<LinuxCapture> {
 
 /// Writes through a temporary file and a rename, so that a run starting
 /// at the same time never reads half an initramfs.
+/// The temporary name carries the process and a per-process count: two
+/// threads of one test binary build the same initramfs at once.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let temporary = path.with_extension(format!("tmp{}", std::process::id()));
+    static WRITES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let count = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let temporary = path.with_extension(format!("tmp{}-{count}", std::process::id()));
     fs::write(&temporary, bytes).with_context(|| format!("writing {}", temporary.display()))?;
     fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))
 }
