@@ -199,9 +199,11 @@ fn capture_main() -> ! {
     let options = OPTIONS
         .get()
         .expect("options are parsed before the stack switch");
+    let rsdp = BOOT_INFO.get().and_then(|boot| boot.rsdp);
     capture::mode::run(
         options.capture_mode.expect("capture mode was asked for"),
-        options.capture_sink,
+        options,
+        rsdp,
         ENTRY_TSC.load(Ordering::Relaxed),
     )
 }

@@ -4,3 +4,5 @@
 
 pub mod load;
 pub mod mode;
+pub mod share;
+pub mod wake;

@@ -45,6 +45,7 @@ use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
 use super::stream::{self, StreamSummary};
+use super::wake::{self, ParallelCopy};
 use super::{CaptureKernel, DISK_FILE, DUMP_FILE, KDUMP_DISK_FILE, KDUMP_FILE};
 use crate::dump::DumpInfo;
 use crate::initramfs::{COPIED_MARKER, FAILED_MARKER, INIT_MARKER};
@@ -79,6 +80,9 @@ pub struct Collected {
     pub source: PathBuf,
     /// makedumpfile's outputs, when it filtered the dump.
     pub filtered: Option<Filtered>,
+    /// The Linux capture kernel's copy by one reader per CPU, compared
+    /// with the dump (one CPU's copy), when it made one.
+    pub parallel: Option<Result<ParallelCopy>>,
 }
 
 /// What xtask made of makedumpfile's two flattened streams.
@@ -102,6 +106,7 @@ impl Collected {
             stream: None,
             source: image,
             filtered: None,
+            parallel: None,
         }
     }
 
@@ -135,6 +140,7 @@ impl Collected {
             stream: None,
             source: image,
             filtered: Some(Filtered { elf, kdump }),
+            parallel: None,
         }
     }
 
@@ -150,6 +156,7 @@ impl Collected {
             stream,
             source: stream_file.to_path_buf(),
             filtered: None,
+            parallel: None,
         }
     }
 }
@@ -177,7 +184,9 @@ pub fn extract_disk(image: &Path, out: &Path) -> Result<DumpInfo> {
 }
 
 /// Sets the `capture` object of `outcome`'s report, judges the capture,
-/// and saves the report again. `qemu`: whether the exit status is QEMU's.
+/// and saves the report again. `qemu`: whether the exit status is QEMU's;
+/// `wake_required`: `--wake`, the capture kernel must wake every CPU that
+/// checked in ([`wake`]).
 pub fn conclude(
     outcome: &mut RunOutcome,
     kernel: CaptureKernel,
@@ -185,6 +194,7 @@ pub fn conclude(
     collected: &Collected,
     times: &[Option<Duration>],
     qemu: bool,
+    wake_required: bool,
 ) -> Result<()> {
     let serial = outcome.serial.clone();
     let capture = capture_object(&outcome.report, kernel, &serial, collected, times);
@@ -193,9 +203,14 @@ pub fn conclude(
         report::deep_merge(&mut merged, capture);
         map.insert("capture".to_owned(), merged);
     }
+    let check = wake::check(&outcome.report, kernel, &serial);
+    outcome.report["capture"]["wake_check"] = check;
 
     let mut problems = base_problems(outcome, words, qemu);
     problems.extend(capture_problems(&outcome.report, words, collected));
+    if super::asks_for_crash(words) {
+        problems.extend(wake::problems(&outcome.report, wake_required));
+    }
     outcome.ok = problems.is_empty();
     outcome.reason = (!problems.is_empty()).then(|| problems.join("; "));
     outcome.report["ok"] = json!(outcome.ok);
@@ -328,6 +343,17 @@ fn capture_object(
             Value::Null => hv_said["dump_bytes"].clone(),
             bytes => bytes.clone(),
         };
+    }
+    match &collected.parallel {
+        Some(Ok(copy)) => {
+            object["parallel_copy_identical"] = json!(copy.first_difference.is_none());
+            object["parallel_copy_first_difference"] = json!(copy.first_difference);
+        }
+        Some(Err(error)) => {
+            object["parallel_copy_identical"] = Value::Null;
+            object["parallel_copy_error"] = json!(format!("{error:#}"));
+        }
+        None => {}
     }
     if let Some(summary) = &collected.stream {
         object["stream"] = json!({
@@ -478,6 +504,19 @@ pub fn capture_problems(report: &Value, words: &[String], collected: &Collected)
         ));
     }
     problems.extend(ledger_problems(report, info));
+    match &collected.parallel {
+        Some(Ok(ParallelCopy {
+            first_difference: Some(at),
+            ..
+        })) => problems.push(format!(
+            "the copy of /proc/vmcore by one reader per CPU differs from the one-CPU copy \
+             (the dump) at byte {at:#x}"
+        )),
+        Some(Err(error)) => problems.push(format!(
+            "the copy of /proc/vmcore by one reader per CPU could not be compared: {error:#}"
+        )),
+        _ => {}
+    }
     if let Some(filtered) = &collected.filtered {
         problems.extend(filtered_problems(capture, filtered));
     } else if let Some(bytes) = capture["linux"]["vmcore_bytes"].as_u64()
@@ -606,6 +645,7 @@ mod tests {
             stream: None,
             source: path,
             filtered: None,
+            parallel: None,
         };
         (dir, collected)
     }
@@ -672,6 +712,7 @@ mod tests {
             stream: None,
             source: dir.join("dump.stream"),
             filtered: None,
+            parallel: None,
         };
         let hv = json!({
             "crash": {"cpu_index": 1, "checked_in": 3},
@@ -740,6 +781,7 @@ mod tests {
             stream: None,
             source: PathBuf::new(),
             filtered: None,
+            parallel: None,
         };
         assert_eq!(
             capture_problems(&report, &words("crash=cpu:1,after_ms:5"), &none),
@@ -764,6 +806,7 @@ mod tests {
             stream: None,
             source: PathBuf::new(),
             filtered: None,
+            parallel: None,
         };
         let serial = [
             Some(Duration::from_millis(100)),
@@ -802,6 +845,7 @@ mod tests {
             stream: None,
             source: PathBuf::new(),
             filtered: None,
+            parallel: None,
         };
         // Today's capture mode says `streamed_bytes`; the object xtask
         // merges over it must not blank it out.
