@@ -78,7 +78,7 @@ disk=$(( $(cat /sys/class/block/vda/size) * 512 ))
 
 # One reader on one CPU: the dump xtask keeps.
 start=$(uptime_ms)
-taskset -c 0 dd if=/proc/vmcore of=/dev/vda bs=1M conv=fsync 2>/tmp/dd.log || fail "dd: $(cat /tmp/dd.log)"
+taskset -c 0 dd if=/proc/vmcore of=/dev/vda bs=1M oflag=direct conv=fsync 2>/tmp/dd.log || fail "dd: $(cat /tmp/dd.log)"
 ms=$(( $(uptime_ms) - start ))
 echo "{COPIED_MARKER}$size bytes copied in $ms ms"
 
@@ -93,7 +93,7 @@ if [ "$cpus" -gt 1 ]; then
     pids=""
     for cpu in $(seq 0 $((cpus - 1))); do
         taskset -c $cpu dd if=/proc/vmcore of=/dev/vdb bs=1M skip=$((cpu * share)) \
-            seek=$((cpu * share)) count=$share conv=notrunc,fsync 2>/tmp/dd$cpu.log &
+            seek=$((cpu * share)) count=$share oflag=direct conv=notrunc,fsync 2>/tmp/dd$cpu.log &
         pids="$pids $!"
     done
     for pid in $pids; do
@@ -354,13 +354,13 @@ mod tests {
             "mount -t devtmpfs devtmpfs /dev",
             "insmod /lib/modules/$module.ko",
             "[ -e /proc/vmcore ]",
-            "taskset -c 0 dd if=/proc/vmcore of=/dev/vda bs=1M conv=fsync",
+            "taskset -c 0 dd if=/proc/vmcore of=/dev/vda bs=1M oflag=direct conv=fsync",
             "echo \"capture: init started\"",
             "echo \"capture: CPUs online: $cpus ($(cat /sys/devices/system/cpu/online))\"",
             "echo \"capture: vmcore $size bytes copied in $ms ms\"",
             "if [ \"$cpus\" -gt 1 ]; then",
             "wait_disk vdb",
-            "taskset -c $cpu dd if=/proc/vmcore of=/dev/vdb bs=1M skip=$((cpu * share)) \\\n            seek=$((cpu * share)) count=$share conv=notrunc,fsync",
+            "taskset -c $cpu dd if=/proc/vmcore of=/dev/vdb bs=1M skip=$((cpu * share)) \\\n            seek=$((cpu * share)) count=$share oflag=direct conv=notrunc,fsync",
             "echo \"capture: parallel copy: $size bytes copied by $cpus readers in $pms ms\"",
             r#"echo "@hv {\"capture\":{\"linux\":{\"copied\":true,\"vmcore_bytes\":$size,\"copy_ms\":$ms,\"cpus_online\":$cpus$parallel}}}""#,
             r#"echo '@hv {"capture":{"linux":{"copied":false}}}'"#,

@@ -303,6 +303,7 @@ fn report_wake(wake: &wake::Outcome) {
                 .u64_array(wake.with(Fate::BootCpuLeftAlone, None))?;
             o.field("old_boot_cpu").str(wake.boot_cpu.name())?;
             o.field("wake_us").u64(wake.elapsed_us)?;
+            o.field("woken_us").u64_array(wake.woken_us())?;
             o.field("trampoline_page")
                 .option(wake.trampoline_page, |value, page| value.u64(page))?;
             o.field("low_memory_unchanged")

@@ -90,6 +90,8 @@ pub struct OldCpu {
     pub straggler: bool,
     /// What the capture did with it.
     pub fate: Fate,
+    /// Woken: microseconds from the first INIT to its check-in.
+    pub woken_us: u64,
 }
 
 /// How the old boot CPU was treated.
@@ -198,6 +200,14 @@ impl Outcome {
         self.cpus.iter().flatten()
     }
 
+    /// Microseconds from the first INIT to each woken CPU's check-in, in
+    /// the order of [`Self::with`]`(Fate::Woken, None)`.
+    pub fn woken_us(&self) -> impl Iterator<Item = u64> + '_ {
+        self.cpus()
+            .filter(|cpu| cpu.fate == Fate::Woken)
+            .map(|cpu| cpu.woken_us)
+    }
+
     /// APIC IDs of the CPUs whose fate is `fate`, straggler or not.
     pub fn with(&self, fate: Fate, straggler: Option<bool>) -> impl Iterator<Item = u64> + '_ {
         self.cpus()
@@ -256,6 +266,7 @@ fn old_cpus(dump: &CoreDump<'_>, outcome: &mut Outcome) -> Result<(), &'static s
             } else {
                 Fate::Pending
             },
+            woken_us: 0,
         });
     }
     // A straggler the ledger left out (a second hand-over attempt writes
@@ -268,6 +279,7 @@ fn old_cpus(dump: &CoreDump<'_>, outcome: &mut Outcome) -> Result<(), &'static s
                 checked_in: false,
                 straggler: true,
                 fate: Fate::Pending,
+                woken_us: 0,
             });
         }
     }
@@ -424,19 +436,23 @@ pub fn wake_old_cpus(dump: &CoreDump<'_>, options: &Options) -> Outcome {
             write_cmos(CMOS_SHUTDOWN_STATUS, 0);
         }
     }
+    let started_us = report.started_us;
     let up = |apic_id: u32| {
         smp::cpus()
             .iter()
             .skip(1)
-            .any(|cpu| cpu.slot.apic_id() == apic_id && cpu.slot.state() == CpuState::Online)
+            .find(|cpu| cpu.slot.apic_id() == apic_id && cpu.slot.state() == CpuState::Online)
+            .map(|cpu| cpu.slot.online_at_us().saturating_sub(started_us))
     };
     for cpu in outcome.cpus.iter_mut().flatten() {
         if cpu.fate == Fate::Pending {
-            cpu.fate = if up(cpu.apic_id) {
-                Fate::Woken
-            } else {
-                Fate::Silent
-            };
+            match up(cpu.apic_id) {
+                Some(us) => {
+                    cpu.fate = Fate::Woken;
+                    cpu.woken_us = us;
+                }
+                None => cpu.fate = Fate::Silent,
+            }
         }
     }
     outcome.low_memory_unchanged = Some(low_memory_digest(dump, &outcome.borrowed) == before);

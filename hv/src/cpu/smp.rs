@@ -28,6 +28,9 @@ pub struct BringupReport {
     pub online: usize,
     /// First INIT to the last AP's check-in.
     pub elapsed_us: u64,
+    /// When the first INIT went out (the clock of [`time::now_us`]; 0 when
+    /// none did).
+    pub started_us: u64,
 }
 
 /// Bring-up settings from the command line.
@@ -133,19 +136,20 @@ fn start(apic_ids: &[u32], count: usize, page: Option<u64>, settings: &Settings)
         log::warn!("smp: test knob: the AP with APIC ID {apic_id} will hang before it checks in");
     }
 
-    let report = |online, elapsed_us| BringupReport {
+    let report = |online, elapsed_us, started_us| BringupReport {
         possible,
         attempted: count,
         online,
         elapsed_us,
+        started_us,
     };
     if count == 1 {
         CPU_COUNT.store(1, Ordering::Release);
-        return report(1, 0);
+        return report(1, 0, 0);
     }
     let Some(stack_tops) = prepare_aps(&apic_ids[..count]) else {
         log::error!("smp: out of memory for AP stacks; running on the boot CPU alone");
-        return report(1, 0);
+        return report(1, 0, 0);
     };
     let Some(page) = page.or_else(|| {
         let page = mm::alloc_low_page();
@@ -156,10 +160,10 @@ fn start(apic_ids: &[u32], count: usize, page: Option<u64>, settings: &Settings)
         }
         page
     }) else {
-        return report(1, 0);
+        return report(1, 0, 0);
     };
     if install_trampoline(&apic_ids[..count], stack_tops, page).is_none() {
-        return report(1, 0);
+        return report(1, 0, 0);
     }
     CPU_COUNT.store(count, Ordering::Release);
 
@@ -168,6 +172,7 @@ fn start(apic_ids: &[u32], count: usize, page: Option<u64>, settings: &Settings)
         count - 1
     );
     let aps = &percpu::all_shared()[1..count];
+    let started_us = time::now_us();
     let outcome = start_slots(aps, (page >> 12) as u8, &settings.timing);
     for (index, cpu) in percpu::all_shared()[..count].iter().enumerate() {
         if cpu.slot.state() == CpuState::Failed {
@@ -186,7 +191,7 @@ fn start(apic_ids: &[u32], count: usize, page: Option<u64>, settings: &Settings)
         count,
         outcome.elapsed_us
     );
-    report(outcome.online + 1, outcome.elapsed_us)
+    report(outcome.online + 1, outcome.elapsed_us, started_us)
 }
 
 fn start_slots(aps: &[SharedCpu], page_number: u8, timing: &Config) -> bringup::Outcome {

@@ -424,14 +424,21 @@ pub fn qemu(options: &QemuOptions, capture: &CaptureOptions) -> Result<RunOutcom
 
 /// The Linux capture kernel's second copy, by one reader per CPU, against
 /// the dump, when `/init` says it made one; the disk is deleted when the
-/// copies are the same.
+/// copies are the same, or when it was not used.
 fn parallel_copy(
     outcome: &RunOutcome,
     run_dir: &Path,
     collected: &Collected,
 ) -> Option<Result<wake::ParallelCopy>> {
     let image = run_dir.join(PARALLEL_DISK_FILE);
-    outcome.report["capture"]["linux"]["parallel_readers"].as_u64()?;
+    if outcome.report["capture"]["linux"]["parallel_readers"]
+        .as_u64()
+        .is_none()
+    {
+        // One CPU: the disk was never written.
+        let _ = fs::remove_file(&image);
+        return None;
+    }
     let dump = collected.dump.as_ref().ok()?;
     let result = wake::compare_copies(&dump.path, &image);
     if matches!(&result, Ok(copy) if copy.first_difference.is_none()) {
