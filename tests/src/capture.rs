@@ -340,9 +340,14 @@ pub fn assert_hv_woke_every_cpu(run: &RunOutcome, checked_in: u64, old_boot_cpu:
     let check = &capture["wake_check"];
     assert_eq!(check["woken"], checked_in, "{}", explain(run));
     assert_eq!(check["ok"], true, "{}", explain(run));
-    // The woken CPUs judged the zero pages; the streaming CPU took their
-    // verdicts.
-    assert_eq!(capture["workers"], checked_in + 1, "{}", explain(run));
+    // The woken CPUs judged the zero pages (those that came up before the
+    // chunks ran out); the streaming CPU took their verdicts.
+    let workers = crate::number(run, "/capture/workers");
+    assert!(
+        (2..=checked_in + 1).contains(&workers),
+        "{workers} workers\n{}",
+        explain(run)
+    );
     assert!(
         crate::number(run, "/capture/helper_pages") > 0,
         "{}",

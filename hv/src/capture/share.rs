@@ -148,6 +148,11 @@ pub fn help(_index: usize) {
                 break;
             };
             let (address, len) = segment.step(page - segment.first_page);
+            if address == 0 {
+                // A Rust reference to address 0 is undefined behaviour:
+                // this page is the streaming CPU's.
+                continue;
+            }
             // Old memory, which nobody writes while the capture runs.
             let verdict = if is_zero(phys::read(address, len)) {
                 ZERO
