@@ -97,21 +97,26 @@ pub struct OldCpu {
 /// How the old boot CPU was treated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BootCpuPath {
-    /// The capture image runs on it, or the note does not list it.
-    NotNeeded,
-    /// Through the BIOS's warm-reset vector.
+    /// The capture image runs on it.
+    ThisCpu,
+    /// Sent INIT-SIPI-SIPI, its reset sent through the BIOS's warm-reset
+    /// vector to the trampoline.
     WarmReset,
-    /// Left alone: no legacy BIOS.
+    /// Left alone: no legacy BIOS to send its reset back.
     LeftAlone,
+    /// Not sent anything: waking not asked for, a straggler left alone,
+    /// the wake could not start, or the note does not list it.
+    NotSent,
 }
 
 impl BootCpuPath {
     /// The report's name.
     pub fn name(self) -> &'static str {
         match self {
-            Self::NotNeeded => "not_needed",
+            Self::ThisCpu => "this_cpu",
             Self::WarmReset => "warm_reset",
             Self::LeftAlone => "left_alone",
+            Self::NotSent => "not_sent",
         }
     }
 }
@@ -186,7 +191,7 @@ impl Outcome {
         Self {
             asked,
             cpus: [None; MAX_CPUS],
-            boot_cpu: BootCpuPath::NotNeeded,
+            boot_cpu: BootCpuPath::NotSent,
             trampoline_page: None,
             elapsed_us: 0,
             low_memory_unchanged: None,
@@ -231,6 +236,9 @@ impl Outcome {
     /// Stops before sending anything, for `why`.
     fn give_up(mut self, why: &'static str) -> Self {
         self.error = Some(why);
+        if self.boot_cpu == BootCpuPath::WarmReset {
+            self.boot_cpu = BootCpuPath::NotSent;
+        }
         for cpu in self.cpus.iter_mut().flatten() {
             if cpu.fate == Fate::Pending {
                 cpu.fate = Fate::NotSent;
@@ -371,9 +379,10 @@ pub fn wake_old_cpus(dump: &CoreDump<'_>, options: &Options) -> Outcome {
     }
     let boot_cpu = outcome.cpus().find(|cpu| cpu.cpu_index == 0).copied();
     outcome.boot_cpu = match boot_cpu.map(|cpu| cpu.fate) {
+        Some(Fate::ThisCpu) => BootCpuPath::ThisCpu,
         Some(Fate::Pending) => BootCpuPath::WarmReset,
         Some(Fate::BootCpuLeftAlone) => BootCpuPath::LeftAlone,
-        _ => BootCpuPath::NotNeeded,
+        _ => BootCpuPath::NotSent,
     };
     if outcome.pending().next().is_none() {
         return outcome;
@@ -435,6 +444,10 @@ pub fn wake_old_cpus(dump: &CoreDump<'_>, options: &Options) -> Outcome {
             // No reset read it: leave the next one a normal boot.
             write_cmos(CMOS_SHUTDOWN_STATUS, 0);
         }
+    }
+    if report.started_us == 0 {
+        // No INIT went out (bring-up said why): nobody is silent.
+        return outcome.give_up("no memory for the woken CPUs' stacks, or the trampoline");
     }
     let started_us = report.started_us;
     let up = |apic_id: u32| {

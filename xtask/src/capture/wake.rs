@@ -66,7 +66,7 @@ pub fn check(report: &Value, kernel: CaptureKernel, serial: &str) -> Value {
     };
     let (woken, expected, silent, source) = match kernel {
         CaptureKernel::Hv => {
-            if !capture["woken"].is_array() {
+            if !capture["woken"].is_array() || capture["wake"] == Value::Bool(false) {
                 return Value::Null;
             }
             let stragglers = ids("woken_stragglers");
@@ -127,8 +127,8 @@ pub fn problems(report: &Value, required: bool) -> Vec<String> {
     let check = &capture["wake_check"];
     if check.is_null() {
         problems.push(
-            "--wake: the capture kernel reported no wake (hv: no `woken`; Linux: no \
-             `smp: Brought up` line after the crash)"
+            "--wake: the capture kernel reported no wake (hv: no `woken`, or \
+             `capture_wake=0`; Linux: no `smp: Brought up` line after the crash)"
                 .to_owned(),
         );
         return problems;
@@ -340,6 +340,18 @@ mod tests {
 
     fn check_of(report: &Value) -> Value {
         check(report, CaptureKernel::Hv, "")
+    }
+
+    #[test]
+    fn a_wake_not_asked_for_is_no_check() {
+        let mut report = hv_report(&[], &[], &[]);
+        report["capture"]["wake"] = json!(false);
+        assert!(check_of(&report).is_null());
+        assert_eq!(
+            summary_line(&report).as_deref(),
+            Some("not asked (capture_wake=0)")
+        );
+        assert!(problems(&report, true)[0].contains("capture_wake=0"));
     }
 
     #[test]
