@@ -53,6 +53,45 @@ impl CaptureSink {
     }
 }
 
+/// `capture_digest=`: how the loaded capture kernel is summed at boot and
+/// checked before the jump (by hv and by the purgatory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CaptureDigest {
+    /// XXH64: fast enough to check a whole image inside the crash path's
+    /// budget; detects stray writes.
+    #[default]
+    Xxh64,
+    /// SHA-256, as Linux's purgatory: about twenty times slower under
+    /// QEMU's TCG.
+    Sha256,
+}
+
+impl CaptureDigest {
+    /// The command-line spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Xxh64 => "xxh64",
+            Self::Sha256 => "sha256",
+        }
+    }
+}
+
+/// `capture_corrupt=` (test knob): what to damage after the capture kernel
+/// was loaded and digested.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CaptureCorrupt {
+    /// Nothing (`0`).
+    #[default]
+    Nothing,
+    /// `1` or `image`: flip a byte of the loaded capture kernel; the crash
+    /// path must refuse to jump.
+    Image,
+    /// `table`: flip that byte and zero the hypervisor's own digest table,
+    /// as a stray write would; its check must say so and refuse, and so
+    /// must the purgatory's (with `capture_hv_check=off`).
+    Table,
+}
+
 /// `crashkernel=SIZE[@BASE]`: memory reserved for the capture kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CrashKernelSpec {
@@ -97,9 +136,27 @@ pub struct Options {
     /// `capture_sink=debugcon|ata`: where the hv capture image writes the
     /// dump stream: I/O port 0xE9, or the primary ATA channel's slave disk.
     pub capture_sink: CaptureSink,
-    /// `capture_corrupt=1` (test knob): damage the loaded capture kernel
-    /// after its digest was taken, so the crash path must refuse to jump.
-    pub capture_corrupt: bool,
+    /// `capture_corrupt=0|1|image|table` (test knob): damage the loaded
+    /// capture kernel (and with `table` the hypervisor's digest table) after
+    /// the digests were taken, so the jump must be refused.
+    pub capture_corrupt: CaptureCorrupt,
+    /// `capture_hv_check=on|off` (test knob): `off` skips the hypervisor's
+    /// own check before the jump, so that the purgatory's check, which runs
+    /// from the reservation on its own copy of the digests, stands alone.
+    pub capture_hv_check: bool,
+    /// `capture_purgatory_nmi=0|1` (test knob): the purgatory sends its CPU
+    /// an NMI at each step of its way and waits until each was taken.
+    pub capture_purgatory_nmi: bool,
+    /// `capture_digest=xxh64|sha256`: the capture kernel's checksum.
+    pub capture_digest: CaptureDigest,
+    /// `capture_words=ADDR`: the crashed hypervisor's crash words mailbox
+    /// (the loader puts it on the capture image's command line; capture
+    /// mode prints what it holds before anything else).
+    pub capture_words: Option<u64>,
+    /// `capture_purgatory=ADDR`: where the crashed hypervisor's purgatory
+    /// area is (the loader puts it on the capture image's command line;
+    /// capture mode reports the purgatory's TSC stamps from it).
+    pub capture_purgatory: Option<u64>,
     /// `capture_wake=0|1`: the hv capture image wakes every CPU the crash
     /// note lists that checked in (INIT, then startup IPIs): a CPU still in
     /// VMX root operation blocks INIT and stays silent.
@@ -148,7 +205,12 @@ impl Options {
             guest_crash_call: None,
             capture_mode: None,
             capture_sink: CaptureSink::DebugPort,
-            capture_corrupt: false,
+            capture_corrupt: CaptureCorrupt::Nothing,
+            capture_hv_check: true,
+            capture_purgatory_nmi: false,
+            capture_digest: CaptureDigest::Xxh64,
+            capture_words: None,
+            capture_purgatory: None,
             capture_wake: true,
             wake_stragglers: false,
             wake_timeout_ms: defaults::WAKE_TIMEOUT_MS,
@@ -329,10 +391,49 @@ pub const OPTIONS: &[(&str, Setter)] = &[
     }),
     ("capture_corrupt", |options, value| {
         options.capture_corrupt = match value {
+            "1" | "image" => CaptureCorrupt::Image,
+            "table" => CaptureCorrupt::Table,
+            "0" => CaptureCorrupt::Nothing,
+            _ => return Err("expected 0, 1, image or table"),
+        };
+        Ok(())
+    }),
+    ("capture_hv_check", |options, value| {
+        options.capture_hv_check = match value {
+            "on" => true,
+            "off" => false,
+            _ => return Err("expected on or off"),
+        };
+        Ok(())
+    }),
+    ("capture_digest", |options, value| {
+        options.capture_digest = match value {
+            "xxh64" => CaptureDigest::Xxh64,
+            "sha256" => CaptureDigest::Sha256,
+            _ => return Err("expected xxh64 or sha256"),
+        };
+        Ok(())
+    }),
+    ("capture_purgatory_nmi", |options, value| {
+        options.capture_purgatory_nmi = match value {
             "1" => true,
             "0" => false,
             _ => return Err("expected 0 or 1"),
         };
+        Ok(())
+    }),
+    ("capture_words", |options, value| {
+        let address = parse_number(value)
+            .filter(|a| *a != 0 && a % 8 == 0)
+            .ok_or("expected the crash words mailbox's 8-byte-aligned address")?;
+        options.capture_words = Some(address);
+        Ok(())
+    }),
+    ("capture_purgatory", |options, value| {
+        let address = parse_number(value)
+            .filter(|a| *a != 0 && a % 4096 == 0)
+            .ok_or("expected the purgatory area's page-aligned address")?;
+        options.capture_purgatory = Some(address);
         Ok(())
     }),
     ("capture_wake", |options, value| {
@@ -664,11 +765,64 @@ mod tests {
         assert_eq!(parsed.options.capture_sink, CaptureSink::AtaSlave);
         assert_eq!(Options::default().capture_sink.name(), "debugcon");
         assert_eq!(parsed.options.capture_mode, Some(0x1f00_0000));
-        assert!(parsed.options.capture_corrupt);
+        assert_eq!(parsed.options.capture_corrupt, CaptureCorrupt::Image);
         let parsed =
             parse("capture_mode=0 capture_mode=0x1001 capture_corrupt=yes capture_sink=tape");
         assert_eq!(parsed.error_count(), 4, "{:?}", messages(&parsed));
         assert_eq!(parsed.options, Options::default());
+    }
+
+    #[test]
+    fn capture_test_knobs() {
+        let defaults = Options::default();
+        assert_eq!(defaults.capture_corrupt, CaptureCorrupt::Nothing);
+        assert!(defaults.capture_hv_check);
+        assert!(!defaults.capture_purgatory_nmi);
+        assert_eq!(defaults.capture_purgatory, None);
+        assert_eq!(defaults.capture_digest, CaptureDigest::Xxh64);
+        assert_eq!(defaults.capture_words, None);
+        let parsed = parse("capture_words=0x1f003000");
+        assert_eq!(parsed.options.capture_words, Some(0x1f00_3000));
+        let parsed = parse("capture_words=0x1f003004 capture_words=0");
+        assert_eq!(parsed.error_count(), 2, "{:?}", messages(&parsed));
+        assert_eq!(defaults.capture_digest.name(), "xxh64");
+        let parsed = parse("capture_digest=sha256");
+        assert!(parsed.is_clean(), "{:?}", messages(&parsed));
+        assert_eq!(parsed.options.capture_digest, CaptureDigest::Sha256);
+        assert_eq!(parsed.options.capture_digest.name(), "sha256");
+        let parsed = parse("capture_digest=md5");
+        assert_eq!(parsed.error_count(), 1);
+        assert!(messages(&parsed)[0].contains("expected xxh64 or sha256"));
+        assert_eq!(parsed.options, Options::default());
+        for (word, corrupt) in [
+            ("0", CaptureCorrupt::Nothing),
+            ("1", CaptureCorrupt::Image),
+            ("image", CaptureCorrupt::Image),
+            ("table", CaptureCorrupt::Table),
+        ] {
+            let line = format!("capture_corrupt={word}");
+            let parsed = parse(&line);
+            assert!(parsed.is_clean(), "{:?}", messages(&parsed));
+            assert_eq!(parsed.options.capture_corrupt, corrupt, "{word}");
+        }
+        let parsed = parse(
+            "capture_corrupt=table capture_hv_check=off capture_purgatory_nmi=1 capture_purgatory=0x1fff0000",
+        );
+        assert!(parsed.is_clean(), "{:?}", messages(&parsed));
+        assert_eq!(parsed.options.capture_corrupt, CaptureCorrupt::Table);
+        assert!(!parsed.options.capture_hv_check);
+        assert!(parsed.options.capture_purgatory_nmi);
+        assert_eq!(parsed.options.capture_purgatory, Some(0x1fff_0000));
+        let parsed = parse(
+            "capture_corrupt=tables capture_hv_check=0 capture_purgatory_nmi=yes capture_purgatory=0x1fff0001 capture_purgatory=0",
+        );
+        assert_eq!(parsed.error_count(), 5, "{:?}", messages(&parsed));
+        assert_eq!(parsed.options, Options::default());
+        assert!(
+            messages(&parsed)[0].contains("expected 0, 1, image or table"),
+            "{:?}",
+            messages(&parsed)
+        );
     }
 
     #[test]
@@ -943,6 +1097,11 @@ mod tests {
             ("guest_crash_call", "0"),
             ("capture_mode", "0x1f000000"),
             ("capture_corrupt", "1"),
+            ("capture_hv_check", "off"),
+            ("capture_purgatory_nmi", "1"),
+            ("capture_digest", "sha256"),
+            ("capture_words", "0x1f003000"),
+            ("capture_purgatory", "0x1fff0000"),
             ("capture_sink", "ata"),
             ("crash_timeout_ms", "500"),
             ("crash_hypercall", "allow"),

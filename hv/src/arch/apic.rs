@@ -36,6 +36,8 @@ const ICR_DELIVERY_INIT: u32 = 5 << 8;
 const ICR_DELIVERY_STARTUP: u32 = 6 << 8;
 const ICR_PENDING: u32 = 1 << 12;
 const ICR_LEVEL_ASSERT: u32 = 1 << 14;
+/// Destination shorthand: all excluding self.
+const ICR_ALL_BUT_SELF: u32 = 0b11 << 18;
 const LVT_MASKED: u32 = 1 << 16;
 const LVT_DELIVERY_NMI: u32 = 4 << 8;
 const LVT_ACTIVE_LOW: u32 = 1 << 13;
@@ -227,4 +229,11 @@ pub fn send_fixed(apic_id: u32, vector: u8) {
 /// An NMI to one CPU.
 pub fn send_nmi(apic_id: u32) {
     send(apic_id, ICR_DELIVERY_NMI | ICR_LEVEL_ASSERT);
+}
+
+/// One NMI to every other CPU on the APIC bus, in one ICR write. Only for
+/// when every present CPU runs this kernel: a CPU still waiting for its
+/// SIPI must not get one (Linux's `apic_use_ipi_shorthand`).
+pub fn send_nmi_all_but_self() {
+    send(0, ICR_DELIVERY_NMI | ICR_LEVEL_ASSERT | ICR_ALL_BUT_SELF);
 }

@@ -7,16 +7,19 @@
 //! checks the digests and jumps.
 
 use core::fmt::Write;
-use hv_core::memmap::MAX_REGIONS;
+
+use hv_core::cmdline::{CaptureCorrupt, CaptureDigest};
 use kexec_loader::PhysRange;
 use kexec_loader::boot_params::{E820Entry, E820Table, ZeroPageConfig, build_zero_page};
 
 use kexec_loader::bzimage::BzImage;
 use kexec_loader::cmdline::{CmdlineError, CpuWords};
 use kexec_loader::crash_note::desc_len_for;
-use kexec_loader::digest::DigestTable;
+use kexec_loader::digest::{Algorithm, DigestTable};
 use kexec_loader::elfcore::{LoadedImage, MemorySegment, core_header_len};
 use kexec_loader::layout::CaptureLayout;
+use kexec_loader::purgatory::SealedTable;
+use kexec_loader::purgatory::abi::mailbox;
 use kexec_loader::pvh::{BootDataConfig, PvhImage, write_boot_data};
 use kexec_loader::segments;
 
@@ -82,11 +85,12 @@ pub fn load_at_boot(boot: &BootInfo, options: &hv_core::cmdline::Options) {
         return;
     }
     match load(boot, options) {
-        Ok(plan) => {
+        Ok(mut plan) => {
             log::info!(
-                "capture: {} capture kernel loaded; {} segments digested; ELF core header at {}",
+                "capture: {} capture kernel loaded; {} segments digested ({}); ELF core header at {}",
                 plan.kind.name(),
                 plan.digests.entries().len(),
+                plan.digests.algorithm().name(),
                 plan.elfcorehdr
             );
             crate::console::report::line(|o| {
@@ -95,14 +99,25 @@ pub fn load_at_boot(boot: &BootInfo, options: &hv_core::cmdline::Options) {
                     o.field("kernel").str(plan.kind.name())?;
                     o.field("elfcorehdr").u64(plan.elfcorehdr.start)?;
                     o.field("digested_segments")
-                        .u64(plan.digests.entries().len() as u64)
+                        .u64(plan.digests.entries().len() as u64)?;
+                    o.field("digest_algorithm")
+                        .str(plan.digests.algorithm().name())
                 })
             });
-            let plan = handover::install(plan);
-            if corrupt {
-                corrupt_loaded_image(plan);
+            match corrupt {
+                CaptureCorrupt::Nothing => {}
+                CaptureCorrupt::Image => corrupt_loaded_image(&plan),
+                CaptureCorrupt::Table => {
+                    corrupt_loaded_image(&plan);
+                    plan.digests.zero();
+                    log::warn!("capture: test knob: zeroed the hypervisor's digest table");
+                }
             }
+            let plan = handover::install(plan);
             protect_reservation(plan);
+            if plan.kind == Kind::Hv {
+                crate::crash::words::arm(plan.mailbox.start);
+            }
         }
         Err(error) => {
             log::error!("capture: {error}; crash capture disabled");
@@ -127,10 +142,15 @@ fn protect_reservation(plan: &Plan) {
     };
     let result = mm::protect(start, len, Access::READ_ONLY)
         .and_then(|()| mm::protect(plan.elfcorehdr.start, plan.elfcorehdr.len, Access::DATA))
-        .and_then(|()| mm::protect(plan.purgatory, purgatory::AREA_BYTES, Access::TEXT));
+        // The purgatory runs on hv's page tables until it switches to its
+        // own, and its NMI handler writes its scratch in the area.
+        .and_then(|()| mm::protect(plan.purgatory, purgatory::AREA_BYTES, Access::RWX));
     match result {
         Ok(()) => {
-            log::info!("capture: the reservation is read-only for hv (core header region writable)")
+            log::info!(
+                "capture: the reservation is read-only for hv (core header region and purgatory \
+                 area writable)"
+            )
         }
         Err(error) => log::error!("capture: cannot protect the reservation: {error}"),
     }
@@ -168,19 +188,15 @@ fn place(range: PhysRange, bytes: &[u8]) {
 }
 
 /// The firmware's memory map, whole, as e820 entries for another kernel
-/// (types it may not know become reserved). The map holds at most
-/// `MAX_REGIONS` regions, so the array always has room.
-fn firmware_map() -> ([E820Entry; MAX_REGIONS], usize) {
-    let mut firmware = [E820Entry::new(0, 0, 0); MAX_REGIONS];
-    let mut count = 0;
-    for (slot, region) in firmware
-        .iter_mut()
-        .zip(FIRMWARE_MAP.get().into_iter().flat_map(|map| map.regions()))
-    {
-        *slot = E820Entry::new(region.start, region.len, region.kind.e820_for_handover());
-        count += 1;
-    }
-    (firmware, count)
+/// (types it may not know become reserved), in boot memory: up to
+/// `MAX_REGIONS` entries are too many for the boot stack.
+fn firmware_map() -> Option<&'static [E820Entry]> {
+    let regions = FIRMWARE_MAP.get().map_or(&[][..], |map| map.regions());
+    let entries = mm::alloc_permanent_slice_with(regions.len(), |index| {
+        let region = regions[index];
+        E820Entry::new(region.start, region.len, region.kind.e820_for_handover())
+    })?;
+    Some(entries)
 }
 
 fn load(boot: &BootInfo, options: &hv_core::cmdline::Options) -> Result<Plan, LoadError> {
@@ -201,28 +217,36 @@ fn load(boot: &BootInfo, options: &hv_core::cmdline::Options) -> Result<Plan, Lo
     let image = module_bytes(kernel);
     let purgatory_area = reservation.start + reservation.len - purgatory::AREA_BYTES;
     let usable = PhysRange::new(reservation.start, reservation.len - purgatory::AREA_BYTES);
-    let (firmware, firmware_count) = firmware_map();
-    let firmware = &firmware[..firmware_count];
-    let mut segments = [MemorySegment {
+    let firmware = firmware_map().ok_or(LoadError::OutOfMemory)?;
+    let segments = mm::alloc_permanent_slice_with(MAX_SEGMENTS, |_| MemorySegment {
         phys: 0,
         virt: 0,
         len: 0,
-    }; MAX_SEGMENTS];
+    })
+    .ok_or(LoadError::OutOfMemory)?;
     // RAM outside the reservation: what the dump describes. A list that
     // does not fit is an error that disables capture, never a shorter dump.
-    let segment_count = segments::ram_outside_reservation(firmware, reservation, &mut segments)
+    let segment_count = segments::ram_outside_reservation(firmware, reservation, segments)
         .map_err(|error| LoadError::DumpMap(error.into()))?;
+    let segments = &segments[..segment_count];
     let cpus = crate::cpu::smp::cpus().len().max(1);
     let desc_len = desc_len_for(MAX_REASON, cpus, cpus, MAX_VMCS).ok_or(LoadError::HeaderSize)?;
     let hv_image = loaded_image();
-    let header_len = core_header_len(cpus, segment_count, desc_len, hv_image.as_ref())
+    let core_len = core_header_len(cpus, segment_count, desc_len, hv_image.as_ref())
         .ok_or(LoadError::HeaderSize)? as u64;
+    // The crash words mailbox follows the header, page aligned, in the
+    // same crash-time region.
+    let header_len = core_len.next_multiple_of(4096) + mailbox::BYTES as u64;
 
     let room = Room {
         firmware,
         usable,
         reservation,
         header_len,
+        digest: match options.capture_digest {
+            CaptureDigest::Xxh64 => Algorithm::Xxh64,
+            CaptureDigest::Sha256 => Algorithm::Sha256,
+        },
     };
     if !handover::alloc_scratch() {
         return Err(LoadError::OutOfMemory);
@@ -240,21 +264,42 @@ fn load(boot: &BootInfo, options: &hv_core::cmdline::Options) -> Result<Plan, Lo
     } else {
         return Err(LoadError::UnknownFormat);
     };
+    let mailbox = mailbox_of(elfcorehdr);
     // The purgatory area is the reservation's last 64 KiB, which neither
-    // layout above uses.
-    let purgatory_bytes = purgatory::install(purgatory_area, entry);
+    // layout above uses; it gets its own copy of the digests so far.
+    let purgatory_bytes = purgatory::install(
+        purgatory_area,
+        entry,
+        digests.entries(),
+        purgatory::InstallOptions {
+            exit_emulator: options.finish == hv_core::cmdline::Finish::Exit,
+            self_nmi: options.capture_purgatory_nmi,
+            hv_check: options.capture_hv_check,
+            digest: room.digest,
+            // Only the hv image prints the mailbox when it starts.
+            mailbox: if kind == Kind::Hv { mailbox.start } else { 0 },
+        },
+    )
+    .map_err(|error| LoadError::Purgatory(error.into()))?;
     digests
         .record(purgatory_area, purgatory_bytes)
         .map_err(|error| LoadError::Purgatory(error.into()))?;
     Ok(Plan {
         kind,
         elfcorehdr,
+        mailbox,
         purgatory: purgatory_area,
-        digests,
+        digests: SealedTable::seal(digests),
         segments,
-        segment_count,
         image: hv_image,
     })
+}
+
+/// The crash words mailbox: the last [`mailbox::BYTES`] of the core
+/// header region (`load` sized the region for both).
+fn mailbox_of(elfcorehdr: PhysRange) -> PhysRange {
+    let len = mailbox::BYTES as u64;
+    PhysRange::new(elfcorehdr.start + elfcorehdr.len - len, len)
 }
 
 /// hv's ELF file header and program headers, which `linker.ld` loads at
@@ -333,6 +378,8 @@ struct Room<'a> {
     reservation: PhysRange,
     /// The ELF core header's size, for the worst case.
     header_len: u64,
+    /// How segments are summed (`capture_digest=`).
+    digest: Algorithm,
 }
 
 fn load_linux(
@@ -347,6 +394,7 @@ fn load_linux(
         usable,
         reservation,
         header_len,
+        ..
     } = *room;
     let bz = BzImage::parse(image)?;
     let initrd_bytes = initrd.map(module_bytes);
@@ -410,7 +458,7 @@ fn load_linux(
         build_zero_page(&bz, &config, out)
     })?;
 
-    let mut digests = DigestTable::excluding(layout.elfcorehdr);
+    let mut digests = DigestTable::excluding(layout.elfcorehdr).with_algorithm(room.digest);
     // Inside the reservation, just written.
     let read = |range: PhysRange| phys::read(range.start, range.len);
     digests.record(
@@ -452,10 +500,11 @@ fn load_hv(
         usable,
         reservation,
         header_len,
+        ..
     } = *room;
     let image = PvhImage::parse(image_bytes)?;
     let layout = image.place(usable, header_len)?;
-    let mut digests = DigestTable::excluding(layout.elfcorehdr);
+    let mut digests = DigestTable::excluding(layout.elfcorehdr).with_algorithm(room.digest);
     for segment in image.load_segments() {
         // `place` checked that it lies in the reservation's usable part.
         phys::with_bytes_mut(segment.phys, segment.mem_len, |destination| {
@@ -471,8 +520,10 @@ fn load_hv(
         ""
     };
     let cmdline = format_args!(
-        "capture_mode={:#x} capture_sink={} log=info{finish}{}",
+        "capture_mode={:#x} capture_purgatory={purgatory_area:#x} capture_words={:#x} \
+         capture_sink={} log=info{finish}{}",
         layout.elfcorehdr.start,
+        mailbox_of(layout.elfcorehdr).start,
         options.capture_sink.name(),
         WakeWords(options),
     );
@@ -484,6 +535,12 @@ fn load_hv(
                 firmware,
                 reservation,
                 elfcorehdr: layout.elfcorehdr,
+                // Its IDT is loaded at the capture image's entry, and
+                // capture mode reads the purgatory's stamps there.
+                keep_out: PhysRange::new(
+                    purgatory_area,
+                    (reservation.start + reservation.len).saturating_sub(purgatory_area),
+                ),
                 rsdp: boot.rsdp,
                 cmdline: &cmdline,
             },

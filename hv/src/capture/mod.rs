@@ -6,3 +6,4 @@ pub mod load;
 pub mod mode;
 pub mod share;
 pub mod wake;
+pub mod words;

@@ -1,6 +1,6 @@
 //! Bringing up the application processors.
 
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use smp_boot::bringup::{self, Clock, Config, CpuState, StartupIpi};
 use smp_boot::madt::MAX_CPUS;
@@ -13,6 +13,10 @@ use crate::mm::{self, phys};
 
 /// How many CPUs this run uses (online or failed), boot CPU included.
 static CPU_COUNT: AtomicUsize = AtomicUsize::new(1);
+
+/// Every CPU the MADT enables was started (none left out by `max_cpus` or
+/// by the table's size).
+static EVERY_PRESENT_CPU_STARTED: AtomicBool = AtomicBool::new(false);
 
 /// Test knob: the AP with this APIC ID hangs before it checks in.
 static HANG_APIC_ID: AtomicU64 = AtomicU64::new(u64::MAX);
@@ -77,6 +81,16 @@ pub fn cpus() -> &'static [SharedCpu] {
     &percpu::all_shared()[..CPU_COUNT.load(Ordering::Acquire)]
 }
 
+/// Whether every present CPU runs this kernel: all were started, and each
+/// is online. Then an all-but-self IPI reaches exactly the other online
+/// CPUs.
+pub fn every_present_cpu_online() -> bool {
+    EVERY_PRESENT_CPU_STARTED.load(Ordering::Acquire)
+        && cpus()
+            .iter()
+            .all(|cpu| cpu.slot.state() == CpuState::Online)
+}
+
 /// Starts every AP of `possible` (APIC IDs in MADT order; up to
 /// `max_cpus`), all at once.
 pub fn bring_up(possible: impl Iterator<Item = u32>, settings: &Settings) -> BringupReport {
@@ -85,12 +99,14 @@ pub fn bring_up(possible: impl Iterator<Item = u32>, settings: &Settings) -> Bri
     let mut apic_ids = [0u32; MAX_CPUS];
     apic_ids[0] = own_apic_id;
     let mut count = 1;
-    for apic_id in possible
-        .filter(|&apic_id| apic_id != own_apic_id)
-        .take(MAX_CPUS - 1)
-    {
+    let mut others = possible.filter(|&apic_id| apic_id != own_apic_id);
+    for apic_id in others.by_ref().take(MAX_CPUS - 1) {
         apic_ids[count] = apic_id;
         count += 1;
+    }
+    let left_out = others.count();
+    if left_out > 0 {
+        log::warn!("smp: {left_out} CPUs beyond the {MAX_CPUS} supported are left waiting");
     }
     let limit = settings
         .max_cpus
@@ -98,6 +114,8 @@ pub fn bring_up(possible: impl Iterator<Item = u32>, settings: &Settings) -> Bri
     if limit < count {
         log::info!("smp: max_cpus={limit}: starting {limit} of {count} CPUs");
     }
+    // Before any AP runs: the crash path's all-but-self NMI relies on it.
+    EVERY_PRESENT_CPU_STARTED.store(left_out == 0 && limit == count, Ordering::Release);
     start(&apic_ids[..count], limit, None, settings)
 }
 
@@ -106,6 +124,8 @@ pub fn bring_up(possible: impl Iterator<Item = u32>, settings: &Settings) -> Bri
 /// `page`: a page below 1 MiB that the caller owns for the purpose (hv's
 /// capture mode borrows one of the old kernel's, whose bytes it saved).
 /// Which of them came up is then in [`cpus`] (index 1 on, in this order).
+/// [`every_present_cpu_online`] stays false: the machine may hold CPUs
+/// that were not asked, or did not answer.
 pub fn wake(apic_ids: impl Iterator<Item = u32>, page: u64, settings: &Settings) -> BringupReport {
     let own_apic_id = cpu::apic_id();
     let mut all = [0u32; MAX_CPUS];

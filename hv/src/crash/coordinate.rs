@@ -14,6 +14,7 @@ use smp_boot::bringup::CpuState;
 
 use super::hardware::{Hardware, TscClock};
 use super::records::{LISTS, Records};
+use super::words::Words;
 use super::{COORDINATOR, Reason, TIMEOUT_US, entered_tsc, inject};
 use crate::arch::{apic, cpu};
 use crate::console::EmergencyConsole;
@@ -22,6 +23,10 @@ use crate::cpu::{percpu, smp, time, watchdog};
 static NMIS_SENT: AtomicBool = AtomicBool::new(false);
 static NMIS_OUT_TSC: AtomicU64 = AtomicU64::new(0);
 static SUMMARY_PRINTED: AtomicBool = AtomicBool::new(false);
+/// The TSC just before the first NMI's ICR write.
+static NMIS_SENDING_TSC: AtomicU64 = AtomicU64::new(0);
+/// The NMIs went out as one all-but-self IPI.
+static NMI_BROADCAST: AtomicBool = AtomicBool::new(false);
 
 /// What the shootdown did to a CPU that was not online when the crash
 /// came.
@@ -48,10 +53,19 @@ fn not_online_action(index: usize) -> Option<NotOnline> {
 
 /// Sends the NMIs (once): to every other online CPU, and to every CPU that
 /// was started but never came online, if its IDT is live; INIT to the
-/// others. Returns the CPUs expected to check in.
+/// others. When every present CPU is online, one all-but-self NMI does it
+/// (one ICR write instead of one per CPU: under QEMU each costs about
+/// 100 us). Returns the CPUs expected to check in.
 fn shoot_down(me: usize) -> CpuSet {
     let mut expected = CpuSet::new();
     let first = !NMIS_SENT.swap(true, Ordering::AcqRel);
+    let broadcast = first && smp::every_present_cpu_online();
+    if first {
+        NMIS_SENDING_TSC.store(cpu::rdtsc(), Ordering::Relaxed);
+    }
+    if broadcast {
+        apic::send_nmi_all_but_self();
+    }
     for (index, shared) in smp::cpus().iter().enumerate() {
         if index == me {
             continue;
@@ -71,13 +85,14 @@ fn shoot_down(me: usize) -> CpuSet {
         };
         if nmi {
             let _ = expected.insert(index);
-            if first {
+            if first && !broadcast {
                 apic::send_nmi(shared.slot.apic_id());
             }
         }
     }
     if first {
         NMIS_OUT_TSC.store(cpu::rdtsc(), Ordering::Release);
+        NMI_BROADCAST.store(broadcast, Ordering::Relaxed);
     }
     expected
 }
@@ -90,7 +105,7 @@ fn say_why(me: usize, reason: &Reason<'_>, regs: &CpuRegisters) {
     match reason {
         Reason::Panic(info) => {
             let _ = writeln!(out, "\n*** hv: panic on cpu {me}: {info}");
-            crate::console::report::emergency(|o| {
+            super::words::report(|o| {
                 o.field("panic").object(|o| {
                     o.field("message").display(info.message())?;
                     o.field("cpu").u64(me as u64)
@@ -150,7 +165,7 @@ pub fn coordinate(me: usize, reason: Reason<'_>, regs: &CpuRegisters) -> ! {
             " (never answered the NMI)"
         };
         let _ = writeln!(
-            EmergencyConsole,
+            Words,
             "*** hv: CPU {straggler} (APIC ID {}) did not check in{stuck}",
             percpu::shared(straggler).slot.apic_id()
         );
@@ -159,7 +174,7 @@ pub fn coordinate(me: usize, reason: Reason<'_>, regs: &CpuRegisters) -> ! {
     for cpu in &rendezvous.checked_in {
         if let Some(why) = super::kept_reason(cpu, &mut text) {
             let _ = writeln!(
-                EmergencyConsole,
+                Words,
                 "*** hv: CPU {cpu} crashed too ({why}) while CPU {me} coordinated"
             );
         }
@@ -187,6 +202,8 @@ pub fn coordinate(me: usize, reason: Reason<'_>, regs: &CpuRegisters) -> ! {
         stragglers: &rendezvous.stragglers,
         reason: &reason,
     });
+    // No capture kernel took the words.
+    super::words::flush();
     crate::console::finish::crash_stop()
 }
 
@@ -220,6 +237,7 @@ pub fn resume_after_reentry(me: usize, reason: Reason<'_>, regs: &CpuRegisters) 
         stragglers: &stragglers,
         reason: &reason,
     });
+    super::words::flush();
     crate::console::finish::crash_stop()
 }
 
@@ -267,7 +285,7 @@ fn summarize(
         "VMXOFF executed"
     };
     let _ = writeln!(
-        EmergencyConsole,
+        Words,
         "*** hv: shootdown: {} of {} CPUs checked in in {shootdown_us} us; VMCS loaded {}, cleared {}; {vmx_words} on {vmxoff_executed} of {vmx_was_on} CPUs with VMX on; own VMX exit {:?}",
         rendezvous.checked_in.len(),
         expected.len(),
@@ -277,7 +295,7 @@ fn summarize(
     );
     let nmis_out = NMIS_OUT_TSC.load(Ordering::Acquire);
     let panic_to_nmis_us = time::tsc_to_us(nmis_out.saturating_sub(entered_tsc()));
-    crate::console::report::emergency(|o| {
+    super::words::report(|o| {
         o.field("crash").object(|o| {
             o.field("cpu").u64(u64::from(apic_id))?;
             o.field("cpu_index").u64(me as u64)?;
@@ -321,10 +339,21 @@ fn summarize(
             }))?;
             o.field("shootdown_us").u64(shootdown_us)?;
             o.field("panic_to_nmis_us").u64(panic_to_nmis_us)?;
+            o.field("nmi_broadcast")
+                .bool(NMI_BROADCAST.load(Ordering::Relaxed))?;
+            // Held in the mailbox for the capture image to print, or
+            // printed before the hand-over.
+            o.field("words").str(if super::words::deferred() {
+                "mailbox"
+            } else {
+                "console"
+            })?;
             // Raw TSC: a capture kernel's own clock has another
             // calibration, the TSC is the one clock both share.
             o.field("started_tsc").u64(started_tsc)?;
             o.field("entered_tsc").u64(entered_tsc())?;
+            o.field("nmis_sending_tsc")
+                .u64(NMIS_SENDING_TSC.load(Ordering::Relaxed))?;
             o.field("nmis_out_tsc").u64(nmis_out)?;
             o.field("timed_out").bool(rendezvous.timed_out)?;
             o.field("not_online").array(|a| {
@@ -399,7 +428,7 @@ fn name_uncleared(stragglers: &CpuSet) {
             continue;
         };
         let _ = writeln!(
-            EmergencyConsole,
+            Words,
             "*** hv: VMCS {:#x} (record {record}) loaded on CPU {on} by its record: {fate:?}",
             Records.vmcs(record),
         );

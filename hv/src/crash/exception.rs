@@ -70,11 +70,12 @@ fn fatal_exception(frame: &TrapFrame) -> ! {
 /// Prints a fatal exception on the emergency console and reports it: the
 /// coordinator's words, once its NMIs are out.
 pub fn print(cpu: usize, vector: u64, name: &str, error_code: u64, cr2: u64, regs: &CpuRegisters) {
-    let mut out = EmergencyConsole;
     let _ = writeln!(
-        out,
+        EmergencyConsole,
         "\n*** hv: fatal exception {name} (vector {vector}) on cpu {cpu}"
     );
+    // The details wait with the rest of the crash's words.
+    let mut out = super::words::Words;
     let _ = writeln!(
         out,
         "    error code {error_code:#x}  rip {:#018x}  rsp {:#018x}  cr2 {cr2:#018x}  rflags {:#x}  cs {:#x}  ss {:#x}",
@@ -104,7 +105,7 @@ pub fn print(cpu: usize, vector: u64, name: &str, error_code: u64, cr2: u64, reg
         }
         let _ = writeln!(out);
     }
-    crate::console::report::emergency(|o| {
+    super::words::report(|o| {
         o.field("exception").object(|o| {
             o.field("vector").u64(vector)?;
             o.field("name").str(name)?;
