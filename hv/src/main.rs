@@ -200,9 +200,11 @@ fn capture_main() -> ! {
         .get()
         .expect("options are parsed before the stack switch");
     capture::words::print(options.capture_words);
+    let rsdp = BOOT_INFO.get().and_then(|boot| boot.rsdp);
     capture::mode::run(
         options.capture_mode.expect("capture mode was asked for"),
-        options.capture_sink,
+        options,
+        rsdp,
         ENTRY_TSC.load(Ordering::Relaxed),
         options.capture_purgatory,
     )

@@ -291,3 +291,72 @@ pub fn assert_drgn_reads(run: &RunOutcome, cpus: u32) -> Vec<(u32, String)> {
     );
     lines
 }
+
+/// Asserts that hv's capture mode woke every CPU that checked in (issue
+/// 13), each named by its APIC ID, none silent, the old boot CPU too when
+/// `old_boot_cpu` is `warm_reset` (it is not the coordinator), with the
+/// old RAM below 1 MiB unchanged by the wake, and that the woken CPUs
+/// shared the dump's work. Returns the APIC IDs woken.
+#[track_caller]
+pub fn assert_hv_woke_every_cpu(run: &RunOutcome, checked_in: u64, old_boot_cpu: &str) -> Vec<u64> {
+    let capture = &run.report["capture"];
+    assert_eq!(
+        crate::number(run, "/crash/checked_in"),
+        checked_in,
+        "{}",
+        explain(run)
+    );
+    let woken = crate::numbers(run, "/capture/woken");
+    assert_eq!(woken.len() as u64, checked_in, "{}", explain(run));
+    assert_eq!(capture["silent"], serde_json::json!([]), "{}", explain(run));
+    assert_eq!(
+        capture["wake_error"],
+        serde_json::Value::Null,
+        "{}",
+        explain(run)
+    );
+    assert_eq!(capture["old_boot_cpu"], old_boot_cpu, "{}", explain(run));
+    assert_eq!(capture["low_memory_unchanged"], true, "{}", explain(run));
+    // Every woken CPU is one that checked in: the crash report's APIC IDs
+    // but the coordinator's.
+    // (when hv printed its CPUs before the crash).
+    let coordinator = crate::number(run, "/crash/cpu");
+    if let Some(ids) = run
+        .report
+        .pointer("/cpus/apic_ids")
+        .and_then(|v| v.as_array())
+    {
+        let mut expected: Vec<u64> = ids
+            .iter()
+            .filter_map(|id| id.as_u64())
+            .filter(|&id| id != coordinator)
+            .collect();
+        let mut sorted = woken.clone();
+        sorted.sort_unstable();
+        expected.sort_unstable();
+        assert_eq!(sorted, expected, "{}", explain(run));
+    }
+    assert!(!woken.contains(&coordinator), "{}", explain(run));
+    let check = &capture["wake_check"];
+    assert_eq!(check["woken"], checked_in, "{}", explain(run));
+    assert_eq!(check["ok"], true, "{}", explain(run));
+    // The woken CPUs judged the zero pages (those that came up before the
+    // chunks ran out); the streaming CPU took their verdicts.
+    let workers = crate::number(run, "/capture/workers");
+    assert!(
+        (2..=checked_in + 1).contains(&workers),
+        "{workers} workers\n{}",
+        explain(run)
+    );
+    assert!(
+        crate::number(run, "/capture/helper_pages") > 0,
+        "{}",
+        explain(run)
+    );
+    assert!(
+        crate::number(run, "/capture/taken_pages") > 0,
+        "{}",
+        explain(run)
+    );
+    woken
+}

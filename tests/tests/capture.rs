@@ -11,7 +11,11 @@
 //!   damaged, and with hv's check off the purgatory refuses on its own;
 //! - NMIs all along the purgatory's way: the capture still happens;
 //! - malformed capture kernels: a clear error at boot, capture disabled,
-//!   and hv runs on to `done`.
+//!   and hv runs on to `done`;
+//! - the capture wakes the crashed hypervisor's CPUs (issue 13): hv's
+//!   capture mode in QEMU at 64 and in Bochs at 8, and Linux at 8 (all
+//!   of them, and the same dump with all as with one); in Bochs at 15 a
+//!   straggler still in VMX root stays silent while the 13 others wake.
 
 use std::fs;
 use std::path::PathBuf;
@@ -19,11 +23,11 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tests::capture::{
-    assert_captured, assert_drgn_reads, assert_gdb_reads, capture_bochs, capture_qemu,
-    gdb_hv_commands, hv_capture_elf, listed_vmcs, vmcs_lines,
+    assert_captured, assert_drgn_reads, assert_gdb_reads, assert_hv_woke_every_cpu, capture_bochs,
+    capture_qemu, gdb_hv_commands, hv_capture_elf, listed_vmcs, vmcs_lines,
 };
 use tests::{Boot, RunOutcome, assert_ok, explain, number};
-use xtask::capture::{CaptureKernel, CaptureOptions, LINUX_MEMORY_MIB};
+use xtask::capture::{BochsSink, CaptureKernel, CaptureOptions, LINUX_MEMORY_MIB};
 
 /// The Linux capture kernel and xtask's initramfs alone, with a fake core
 /// header in RAM: what comes back is exactly the "old memory".
@@ -143,9 +147,15 @@ fn hv_capture_mode_dumps_sixty_four_cpus_in_qemu() {
         64,
         xtask::capture::HV_MEMORY_MIB,
         &[],
-        CaptureOptions::new(CaptureKernel::Hv, 64),
+        CaptureOptions {
+            wake_check: true,
+            ..CaptureOptions::new(CaptureKernel::Hv, 64)
+        },
     );
     assert_captured(&run, 64);
+    // The crash on CPU 1: the capture wakes the other 63, the old boot CPU
+    // through the BIOS warm-reset vector.
+    assert_hv_woke_every_cpu(&run, 63, "warm_reset");
     let stream = &run.report["capture"]["stream"];
     assert_eq!(stream["uncovered_bytes"], 0, "{}", explain(&run));
     assert_eq!(
@@ -163,9 +173,14 @@ fn hv_capture_mode_in_bochs_accounts_for_every_loaded_vmcs() {
         "test-capture-bochs-cpus8",
         8,
         &[],
-        CaptureOptions::new(CaptureKernel::Hv, 8),
+        CaptureOptions {
+            wake_check: true,
+            ..CaptureOptions::new(CaptureKernel::Hv, 8)
+        },
     );
     let info = assert_captured(&run, 8);
+    // VMX was on everywhere: each CPU that answers INIT left VMX root.
+    assert_hv_woke_every_cpu(&run, 7, "warm_reset");
     assert_gdb_reads(&run, 8);
     assert_helpers_read_the_lists(&run, &info);
     // Guests were running: the crash found VMCSes loaded, and the dump's
@@ -253,6 +268,177 @@ fn assert_helpers_read_the_lists(run: &RunOutcome, info: &xtask::dump::DumpInfo)
     );
     let drgn = tests::capture::drgn_hv(run, &["vmcs"]);
     assert_eq!(vmcs_lines(&drgn), lists, "drgn's lists are gdb's:\n{drgn}");
+}
+
+/// Issue 13: Linux at 8 CPUs, crashed on the boot CPU, so that the
+/// capture kernel runs there and `disable_cpu_apicid=` excludes nobody:
+/// hv gives it `nr_cpus=8`, all 8 come up (its dmesg and `/init` say so),
+/// and `/proc/vmcore` copied by one reader per CPU is byte for byte the
+/// copy one CPU made (the dump). 512 MiB keep the two copies short.
+#[test]
+fn linux_wakes_every_cpu_and_copies_the_same_dump_with_all() {
+    let run = capture_qemu(
+        "test-capture-linux-wake-smp8",
+        Boot::GrubBios,
+        8,
+        512,
+        &[],
+        CaptureOptions {
+            default_crash: Some("cpu:0,after_ms:50".to_owned()),
+            wake_check: true,
+            ..CaptureOptions::new(CaptureKernel::Linux, 8)
+        },
+    );
+    assert_captured(&run, 8);
+    assert!(
+        run.serial
+            .contains("nr_cpus=8 disable_cpu_apicid=0 elfcorehdr="),
+        "hv did not give Linux its CPUs\n{}",
+        explain(&run)
+    );
+    assert!(
+        xtask::capture::wake::linux_cpus_brought_up(&run.serial) == Some(8),
+        "Linux's dmesg does not say 8 CPUs came up\n{}",
+        explain(&run)
+    );
+    assert_eq!(
+        number(&run, "/capture/linux/cpus_online"),
+        8,
+        "{}",
+        explain(&run)
+    );
+    assert_eq!(
+        number(&run, "/capture/linux/parallel_readers"),
+        8,
+        "{}",
+        explain(&run)
+    );
+    let check = &run.report["capture"]["wake_check"];
+    assert_eq!(
+        (check["woken"].as_u64(), check["expected"].as_u64()),
+        (Some(7), Some(7)),
+        "{}",
+        explain(&run)
+    );
+    assert_eq!(check["source"], "dmesg", "{}", explain(&run));
+    assert_eq!(
+        run.report["capture"]["parallel_copy_identical"],
+        true,
+        "{}",
+        explain(&run)
+    );
+    assert!(
+        number(&run, "/capture/linux/copy_ms") > 0,
+        "{}",
+        explain(&run)
+    );
+    assert!(
+        number(&run, "/capture/linux/parallel_copy_ms") > 0,
+        "{}",
+        explain(&run)
+    );
+}
+
+/// Issue 13, the proof that can fail, at the most CPUs Bochs holds: 15
+/// (the stream on the debug port, since 15 CPUs and the ATA dump disk do
+/// not start together), VMX guests running, CPU 9 made a straggler that
+/// spins in its NMI handler, still in VMX root operation (the dump's
+/// ledger: never checked in, no VMXOFF, VMCSes held). With
+/// `wake_stragglers=1` the capture sends it INIT-SIPI-SIPI too: VMX root
+/// blocks INIT, so it stays silent and is named, while the 13 CPUs that
+/// checked in (and did VMXOFF) all wake. One run for both, as the
+/// straggler spinning on doubles a Bochs run's time (about 3 minutes).
+#[test]
+fn a_straggler_still_in_vmx_root_stays_silent_in_bochs_at_fifteen_cpus() {
+    let run = capture_bochs(
+        "test-capture-bochs-cpus15-straggler",
+        15,
+        &[
+            "crash_timeout_ms=100",
+            "wake_stragglers=1",
+            "wake_timeout_ms=200",
+        ],
+        CaptureOptions {
+            default_crash: Some("cpu:9,after_ms:10,point:nmi_blocked".to_owned()),
+            bochs_sink: BochsSink::Debugcon,
+            wake_check: true,
+            ..CaptureOptions::new(CaptureKernel::Hv, 15)
+        },
+    );
+    let info = assert_captured(&run, 14);
+    let stragglers = tests::numbers(&run, "/crash/stragglers");
+    assert_eq!(stragglers.len(), 1, "{}", explain(&run));
+    let straggler = stragglers[0];
+    // Still in VMX root: the crash could not take it out.
+    let crash = info.crash.as_ref().expect("an HVCRASH note");
+    let ledger = crash
+        .ledger
+        .iter()
+        .find(|cpu| u64::from(cpu.apic_id) == straggler)
+        .unwrap_or_else(|| panic!("no ledger entry for APIC ID {straggler}\n{}", explain(&run)));
+    assert_eq!(ledger.cpu_index, 9, "{}", explain(&run));
+    use kexec_loader::crash_note::cpu_flags::{CHECKED_IN, VMXOFF_DONE};
+    // Never checked in, never did VMXOFF, and held VMCSes: it was (and
+    // is) in VMX operation, spinning in its NMI handler in VMX root.
+    assert_eq!(
+        ledger.flags & (CHECKED_IN | VMXOFF_DONE),
+        0,
+        "{}",
+        explain(&run)
+    );
+    assert!(ledger.vmcs_loaded > 0, "{}", explain(&run));
+    assert_eq!(
+        u64::from(ledger.vmcs_loaded),
+        number(&run, "/crash/vmcs_on_stragglers"),
+        "{}",
+        explain(&run)
+    );
+    // Sent INIT-SIPI-SIPI all the same, it stayed silent and is named.
+    let capture = &run.report["capture"];
+    assert_eq!(
+        tests::numbers(&run, "/capture/silent"),
+        [straggler],
+        "{}",
+        explain(&run)
+    );
+    assert_eq!(
+        tests::numbers(&run, "/capture/silent_stragglers"),
+        [straggler],
+        "{}",
+        explain(&run)
+    );
+    assert_eq!(
+        capture["woken_stragglers"],
+        serde_json::json!([]),
+        "{}",
+        explain(&run)
+    );
+    assert_eq!(
+        capture["stragglers_left_alone"],
+        serde_json::json!([]),
+        "{}",
+        explain(&run)
+    );
+    // Every CPU that checked in woke: VMX on, VMXOFF done.
+    let woken = tests::numbers(&run, "/capture/woken");
+    assert_eq!(woken.len(), 13, "{}", explain(&run));
+    assert!(!woken.contains(&straggler), "{}", explain(&run));
+    for cpu in crash
+        .ledger
+        .iter()
+        .filter(|cpu| cpu.flags & CHECKED_IN != 0)
+    {
+        assert_ne!(cpu.flags & VMXOFF_DONE, 0, "{}", explain(&run));
+        assert!(woken.contains(&u64::from(cpu.apic_id)), "{}", explain(&run));
+    }
+    assert_eq!(capture["wake_check"]["ok"], true, "{}", explain(&run));
+    assert_eq!(capture["low_memory_unchanged"], true, "{}", explain(&run));
+    assert!(
+        run.serial
+            .contains("13 CPUs woken, 1 silent, of 13 that checked in"),
+        "{}",
+        explain(&run)
+    );
 }
 
 #[test]

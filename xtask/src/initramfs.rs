@@ -7,7 +7,10 @@
 //! `/init` mounts proc, sysfs and devtmpfs, `insmod`s the modules in
 //! dependency order, checks that `/proc/vmcore` exists (the kernel was
 //! started with `elfcorehdr=`) and that `/dev/vda` can hold it, copies it
-//! with `dd`, and ends the emulator: it writes to QEMU's `isa-debug-exit`
+//! with `dd` on one CPU, then again with one `dd` per CPU, each pinned
+//! to its CPU and copying its share, onto `/dev/vdb` (when it runs on more
+//! than one: the two times compare one CPU with all, and xtask compares
+//! the two copies), and ends the emulator: it writes to QEMU's `isa-debug-exit`
 //! port through `/dev/port` (0x10 after a copy, QEMU exits with 0x21; 0x11
 //! after a failure, status 0x23) and powers off should that port be
 //! absent. Every step prints a `capture:` line on the console, and the
@@ -31,6 +34,12 @@ pub const INIT_MARKER: &str = "capture: init started";
 /// Starts the line `/init` prints after a complete copy:
 /// `capture: vmcore N bytes copied in M ms`.
 pub const COPIED_MARKER: &str = "capture: vmcore ";
+/// Starts the line `/init` prints with the CPUs it runs on:
+/// `capture: CPUs online: N (0-7)`.
+pub const CPUS_MARKER: &str = "capture: CPUs online: ";
+/// Starts the line `/init` prints after the copy with one reader per CPU:
+/// `capture: parallel copy: N bytes copied by C readers in M ms`.
+pub const PARALLEL_MARKER: &str = "capture: parallel copy: ";
 /// Starts each line `/init` prints after a makedumpfile pass:
 /// `capture: makedumpfile -E -d 1: N bytes (flattened) in M ms`.
 pub const FILTERED_MARKER: &str = "capture: makedumpfile ";
@@ -38,11 +47,12 @@ pub const FILTERED_MARKER: &str = "capture: makedumpfile ";
 pub const FAILED_MARKER: &str = "capture: FAILED: ";
 
 /// The capture kernel's command-line arguments besides what hv appends
-/// (`elfcorehdr=`, `memmap=`): the console on COM1 (the serial log), one
-/// CPU as kdump does (the others are parked by the crash path), devices
-/// reset by their drivers, a reboot (QEMU exits, `-no-reboot`) on panic.
-pub const LINUX_CAPTURE_ARGS: &str =
-    "console=ttyS0,115200 nr_cpus=1 reset_devices panic=-1 printk.time=1";
+/// (`nr_cpus=`, `disable_cpu_apicid=`, `elfcorehdr=`, `memmap=`): the
+/// console on COM1 (the serial log), devices reset by their drivers, a
+/// reboot (QEMU exits, `-no-reboot`) on panic. No `nr_cpus=1`, unlike
+/// kdump: hv's crash path parks every CPU out of VMX, so hv gives the
+/// capture kernel all of them (`nr_cpus=1` here keeps it on one).
+pub const LINUX_CAPTURE_ARGS: &str = "console=ttyS0,115200 reset_devices panic=-1 printk.time=1";
 
 /// Where the module files go inside the initramfs.
 const MODULE_DIR: &str = "lib/modules";
@@ -66,11 +76,35 @@ fn dump_commands(writer: DumpWriter) -> String {
 disk=$(( $(cat /sys/class/block/vda/size) * 512 ))
 [ "$disk" -ge "$size" ] || fail "/dev/vda holds $disk bytes, the dump needs $size"
 
+# One reader on one CPU: the dump xtask keeps.
 start=$(uptime_ms)
-dd if=/proc/vmcore of=/dev/vda bs=1M conv=fsync 2>/tmp/dd.log || fail "dd: $(cat /tmp/dd.log)"
+taskset -c 0 dd if=/proc/vmcore of=/dev/vda bs=1M oflag=direct conv=fsync 2>/tmp/dd.log || fail "dd: $(cat /tmp/dd.log)"
 ms=$(( $(uptime_ms) - start ))
 echo "{COPIED_MARKER}$size bytes copied in $ms ms"
-echo "@hv {{\"capture\":{{\"linux\":{{\"copied\":true,\"vmcore_bytes\":$size,\"copy_ms\":$ms}}}}}}"
+
+# Then one reader per CPU, each pinned to its CPU and copying its share,
+# onto /dev/vdb: xtask compares the two copies byte for byte.
+parallel=""
+if [ "$cpus" -gt 1 ]; then
+    wait_disk vdb
+    blocks=$(( (size + 1048575) / 1048576 ))
+    share=$(( (blocks + cpus - 1) / cpus ))
+    start=$(uptime_ms)
+    pids=""
+    for cpu in $(seq 0 $((cpus - 1))); do
+        taskset -c $cpu dd if=/proc/vmcore of=/dev/vdb bs=1M skip=$((cpu * share)) \
+            seek=$((cpu * share)) count=$share oflag=direct conv=notrunc,fsync 2>/tmp/dd$cpu.log &
+        pids="$pids $!"
+    done
+    for pid in $pids; do
+        wait $pid || fail "a parallel dd failed: $(cat /tmp/dd*.log | tr '\n' ' ')"
+    done
+    sync
+    pms=$(( $(uptime_ms) - start ))
+    echo "{PARALLEL_MARKER}$size bytes copied by $cpus readers in $pms ms"
+    parallel=",\"parallel_readers\":$cpus,\"parallel_copy_ms\":$pms"
+fi
+echo "@hv {{\"capture\":{{\"linux\":{{\"copied\":true,\"vmcore_bytes\":$size,\"copy_ms\":$ms,\"cpus_online\":$cpus$parallel}}}}}}"
 end_run '\020'
 "#
         ),
@@ -165,6 +199,10 @@ wait_disk() {{
         usleep 100000
     done
 }}
+
+# The CPUs this kernel brought up (the crashed hypervisor's, woken).
+cpus=$(nproc)
+echo "{CPUS_MARKER}$cpus ($(cat /sys/devices/system/cpu/online))"
 
 {dump}"#
     )
@@ -320,10 +358,15 @@ mod tests {
             "mount -t devtmpfs devtmpfs /dev",
             "insmod /lib/modules/$module.ko",
             "[ -e /proc/vmcore ]",
-            "dd if=/proc/vmcore of=/dev/vda bs=1M conv=fsync",
+            "taskset -c 0 dd if=/proc/vmcore of=/dev/vda bs=1M oflag=direct conv=fsync",
             "echo \"capture: init started\"",
+            "echo \"capture: CPUs online: $cpus ($(cat /sys/devices/system/cpu/online))\"",
             "echo \"capture: vmcore $size bytes copied in $ms ms\"",
-            r#"echo "@hv {\"capture\":{\"linux\":{\"copied\":true,\"vmcore_bytes\":$size,\"copy_ms\":$ms}}}""#,
+            "if [ \"$cpus\" -gt 1 ]; then",
+            "wait_disk vdb",
+            "taskset -c $cpu dd if=/proc/vmcore of=/dev/vdb bs=1M skip=$((cpu * share)) \\\n            seek=$((cpu * share)) count=$share oflag=direct conv=notrunc,fsync",
+            "echo \"capture: parallel copy: $size bytes copied by $cpus readers in $pms ms\"",
+            r#"echo "@hv {\"capture\":{\"linux\":{\"copied\":true,\"vmcore_bytes\":$size,\"copy_ms\":$ms,\"cpus_online\":$cpus$parallel}}}""#,
             r#"echo '@hv {"capture":{"linux":{"copied":false}}}'"#,
             "end_run '\\020'",
             "end_run '\\021'",
@@ -332,9 +375,12 @@ mod tests {
             assert!(script.contains(needed), "missing {needed:?} in\n{script}");
         }
         // The report lines are JSON once the shell has expanded them.
-        let line = r#"@hv {"capture":{"linux":{"copied":true,"vmcore_bytes":4096,"copy_ms":7}}}"#;
+        let line = r#"@hv {"capture":{"linux":{"copied":true,"vmcore_bytes":4096,"copy_ms":7,"cpus_online":1}}}"#;
         let object = crate::report::parse_line(line).unwrap().unwrap();
         assert_eq!(object["capture"]["linux"]["vmcore_bytes"], 4096);
+        let line = r#"@hv {"capture":{"linux":{"copied":true,"vmcore_bytes":4096,"copy_ms":7,"cpus_online":8,"parallel_readers":8,"parallel_copy_ms":3}}}"#;
+        let object = crate::report::parse_line(line).unwrap().unwrap();
+        assert_eq!(object["capture"]["linux"]["parallel_copy_ms"], 3);
     }
 
     #[test]

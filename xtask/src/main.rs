@@ -127,9 +127,10 @@ struct CaptureArgs {
     /// Use this initramfs for the Linux capture kernel instead of xtask's.
     #[arg(long, value_name = "FILE")]
     capture_initrd: Option<PathBuf>,
-    /// The Linux capture kernel's arguments (hv adds `elfcorehdr=` and
-    /// `memmap=`) [default: console=ttyS0,115200 nr_cpus=1 reset_devices
-    /// panic=-1 printk.time=1].
+    /// The Linux capture kernel's arguments (hv adds `nr_cpus=` its CPU
+    /// count and `disable_cpu_apicid=` its boot CPU's unless given, then
+    /// `elfcorehdr=` and `memmap=`) [default: console=ttyS0,115200
+    /// reset_devices panic=-1 printk.time=1].
     #[arg(long, value_name = "WORDS", allow_hyphen_values = true)]
     capture_args: Option<String>,
     /// With --capture linux: filter /proc/vmcore with Debian's makedumpfile
@@ -138,6 +139,12 @@ struct CaptureArgs {
     /// copying it whole.
     #[arg(long)]
     makedumpfile: bool,
+    /// Fail the run unless the capture kernel wakes every CPU that checked
+    /// in with the crash's coordinator (hv's capture mode: INIT-SIPI-SIPI
+    /// to each, which a CPU still in VMX root blocks; Linux: its dmesg).
+    /// The summary's `wake` line shows the count either way.
+    #[arg(long)]
+    wake: bool,
 }
 
 impl CaptureArgs {
@@ -149,6 +156,7 @@ impl CaptureArgs {
             ("--capture-initrd", self.capture_initrd.is_some()),
             ("--capture-args", self.capture_args.is_some()),
             ("--makedumpfile", self.makedumpfile),
+            ("--wake", self.wake),
         ]
         .into_iter()
         .filter_map(|(name, given)| given.then_some(name))
@@ -165,6 +173,7 @@ impl CaptureArgs {
             options.linux_args = args.clone();
         }
         options.makedumpfile = self.makedumpfile;
+        options.wake_check = self.wake;
         options
     }
 }

@@ -14,3 +14,9 @@ pub const MAX_GUEST_RUN_MS: u64 = 3_600_000;
 pub const WATCHDOG_SECONDS: u64 = 10;
 /// The largest `watchdog=` accepted.
 pub const MAX_WATCHDOG_SECONDS: u64 = 3600;
+/// `wake_timeout_ms=`: how long hv's capture mode waits for the old CPUs
+/// it wakes, by default (as long as bring-up waits at boot: a loaded host
+/// can hold an emulated CPU back for hundreds of milliseconds).
+pub const WAKE_TIMEOUT_MS: u64 = 5000;
+/// The largest `wake_timeout_ms=` accepted.
+pub const MAX_WAKE_TIMEOUT_MS: u64 = 60_000;

@@ -157,6 +157,18 @@ pub struct Options {
     /// area is (the loader puts it on the capture image's command line;
     /// capture mode reports the purgatory's TSC stamps from it).
     pub capture_purgatory: Option<u64>,
+    /// `capture_wake=0|1`: the hv capture image wakes every CPU the crash
+    /// note lists that checked in (INIT, then startup IPIs): a CPU still in
+    /// VMX root operation blocks INIT and stays silent.
+    pub capture_wake: bool,
+    /// `wake_stragglers=0|1`: the capture wakes the crash's stragglers too
+    /// (left alone by default: they may be running anything).
+    pub wake_stragglers: bool,
+    /// `wake_timeout_ms=`: how long the capture waits for the CPUs it wakes.
+    pub wake_timeout_ms: u64,
+    /// `capture_share=0|1`: the woken CPUs share the dump's work (0 keeps
+    /// them idle, to compare).
+    pub capture_share: bool,
     /// `crash=...` (test knob): inject a panic.
     pub crash: Option<CrashSpec>,
     /// `crash_timeout_ms=`: how long the crash rendezvous waits.
@@ -199,6 +211,10 @@ impl Options {
             capture_digest: CaptureDigest::Xxh64,
             capture_words: None,
             capture_purgatory: None,
+            capture_wake: true,
+            wake_stragglers: false,
+            wake_timeout_ms: defaults::WAKE_TIMEOUT_MS,
+            capture_share: true,
             crash: None,
             crash_timeout_ms: defaults::CRASH_TIMEOUT_MS,
             crash_hypercall: false,
@@ -420,6 +436,22 @@ pub const OPTIONS: &[(&str, Setter)] = &[
         options.capture_purgatory = Some(address);
         Ok(())
     }),
+    ("capture_wake", |options, value| {
+        set_flag(&mut options.capture_wake, value)
+    }),
+    ("wake_stragglers", |options, value| {
+        set_flag(&mut options.wake_stragglers, value)
+    }),
+    ("wake_timeout_ms", |options, value| {
+        set_bounded(
+            &mut options.wake_timeout_ms,
+            value,
+            defaults::MAX_WAKE_TIMEOUT_MS,
+        )
+    }),
+    ("capture_share", |options, value| {
+        set_flag(&mut options.capture_share, value)
+    }),
     ("guest_crash_call", |options, value| {
         let mut n = 0;
         set_bounded(&mut n, value, 1023)?;
@@ -517,6 +549,16 @@ fn set_max_cpus(options: &mut Options, value: &str) -> Result<(), &'static str> 
         return Err(EXPECTED);
     }
     options.max_cpus = Some(n);
+    Ok(())
+}
+
+/// `0` or `1`.
+fn set_flag(target: &mut bool, value: &str) -> Result<(), &'static str> {
+    *target = match value {
+        "1" => true,
+        "0" => false,
+        _ => return Err("expected 0 or 1"),
+    };
     Ok(())
 }
 
@@ -637,6 +679,36 @@ mod tests {
         let parsed = parse("vcpus=1025 slice_us=0 guest_misbehave=x");
         assert_eq!(messages(&parsed).len(), 3, "{:?}", messages(&parsed));
         assert_eq!(parsed.options.slice_us, Options::default().slice_us);
+    }
+
+    #[test]
+    fn capture_wake_options_and_their_defaults() {
+        let defaults = Options::default();
+        assert!(defaults.capture_wake && defaults.capture_share);
+        assert!(!defaults.wake_stragglers);
+        assert_eq!(defaults.wake_timeout_ms, defaults::WAKE_TIMEOUT_MS);
+        let parsed = parse("capture_wake=0 wake_stragglers=1 wake_timeout_ms=250 capture_share=0");
+        assert!(parsed.is_clean(), "{:?}", messages(&parsed));
+        let o = parsed.options;
+        assert_eq!(
+            (
+                o.capture_wake,
+                o.wake_stragglers,
+                o.wake_timeout_ms,
+                o.capture_share
+            ),
+            (false, true, 250, false)
+        );
+        let parsed = parse("capture_wake=yes wake_stragglers=2 wake_timeout_ms=60001");
+        assert_eq!(
+            messages(&parsed),
+            [
+                "capture_wake: invalid value 'yes' (expected 0 or 1)",
+                "wake_stragglers: invalid value '2' (expected 0 or 1)",
+                "wake_timeout_ms: invalid value '60001' (number too large)",
+            ]
+        );
+        assert_eq!(parsed.options, Options::default());
     }
 
     #[test]
@@ -1037,6 +1109,10 @@ mod tests {
             ("watchdog", "2"),
             ("hang", "cpu:3,after_ms:100,how:lock"),
             ("stray_write", "reservation"),
+            ("capture_wake", "0"),
+            ("wake_stragglers", "1"),
+            ("wake_timeout_ms", "300"),
+            ("capture_share", "0"),
         ];
         assert_eq!(OPTIONS.len(), examples.len());
         for (key, value) in examples {

@@ -6,10 +6,14 @@
 //! only writes the ELF core header (the one part left out of the digests),
 //! checks the digests and jumps.
 
+use core::fmt::Write;
+
 use hv_core::cmdline::{CaptureCorrupt, CaptureDigest};
 use kexec_loader::PhysRange;
 use kexec_loader::boot_params::{E820Entry, E820Table, ZeroPageConfig, build_zero_page};
+
 use kexec_loader::bzimage::BzImage;
+use kexec_loader::cmdline::{CmdlineError, CpuWords};
 use kexec_loader::crash_note::desc_len_for;
 use kexec_loader::digest::{Algorithm, DigestTable};
 use kexec_loader::elfcore::{LoadedImage, MemorySegment, core_header_len};
@@ -26,8 +30,12 @@ use crate::crash::records::MAX_VMCS;
 use crate::mm::paging::Access;
 use crate::mm::{self, CRASH_RESERVATION, FIRMWARE_MAP, phys};
 
-/// Command line given to a Linux capture kernel whose module line has none.
-const DEFAULT_LINUX_ARGS: &str = "console=ttyS0,115200 nr_cpus=1 reset_devices";
+/// Command line given to a Linux capture kernel whose module line has none
+/// (the CPU words, [`CpuWords`], follow unless the line has its own).
+const DEFAULT_LINUX_ARGS: &str = "console=ttyS0,115200 reset_devices";
+/// Room for the capture arguments with the CPU words (Linux's own
+/// `COMMAND_LINE_SIZE` is 2048).
+const LINUX_ARGS_BYTES: usize = 4096;
 
 /// Why no capture kernel could be loaded.
 #[derive(Debug)]
@@ -312,6 +320,54 @@ fn loaded_image() -> Option<LoadedImage<'static>> {
 
 type Loaded = (PhysRange, Entry, DigestTable<DIGESTS>);
 
+/// The wake options of this command line that differ from the defaults,
+/// passed on to the hv capture image (each after a space).
+struct WakeWords<'a>(&'a hv_core::cmdline::Options);
+
+impl core::fmt::Display for WakeWords<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let (options, defaults) = (self.0, hv_core::cmdline::Options::new());
+        if options.capture_wake != defaults.capture_wake {
+            write!(f, " capture_wake={}", u8::from(options.capture_wake))?;
+        }
+        if options.wake_stragglers != defaults.wake_stragglers {
+            write!(f, " wake_stragglers={}", u8::from(options.wake_stragglers))?;
+        }
+        if options.wake_timeout_ms != defaults.wake_timeout_ms {
+            write!(f, " wake_timeout_ms={}", options.wake_timeout_ms)?;
+        }
+        if options.capture_share != defaults.capture_share {
+            write!(f, " capture_share={}", u8::from(options.capture_share))?;
+        }
+        Ok(())
+    }
+}
+
+/// `core::fmt::Write` into a fixed buffer; fails when it is full.
+struct FixedWriter<'a> {
+    buffer: &'a mut [u8],
+    len: usize,
+}
+
+impl FixedWriter<'_> {
+    fn as_str(&self) -> &str {
+        // Only whole `&str`s were copied in.
+        core::str::from_utf8(&self.buffer[..self.len]).unwrap_or("")
+    }
+}
+
+impl Write for FixedWriter<'_> {
+    fn write_str(&mut self, text: &str) -> core::fmt::Result {
+        let end = self.len.checked_add(text.len()).ok_or(core::fmt::Error)?;
+        self.buffer
+            .get_mut(self.len..end)
+            .ok_or(core::fmt::Error)?
+            .copy_from_slice(text.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
 /// Where a capture kernel goes, and what its maps are made of.
 struct Room<'a> {
     /// The firmware's memory map, whole.
@@ -360,10 +416,32 @@ fn load_linux(
         .strip_prefix("capture")
         .map(str::trim)
         .filter(|args| !args.is_empty());
+    let args = args.unwrap_or(DEFAULT_LINUX_ARGS);
+    // Every CPU this hypervisor runs may come up in the capture kernel:
+    // each one leaves VMX and parks in the crash path.
+    let online = crate::cpu::smp::cpus()
+        .iter()
+        .filter(|cpu| cpu.slot.state() == smp_boot::bringup::CpuState::Online)
+        .count();
+    let boot_cpu = crate::cpu::percpu::shared(0).slot.apic_id();
+    let words = CpuWords::new(args, online as u32, boot_cpu);
+    let mut buffer = [0u8; LINUX_ARGS_BYTES];
+    let mut writer = FixedWriter {
+        buffer: &mut buffer,
+        len: 0,
+    };
+    write!(writer, "{args}{words}").map_err(|_| {
+        kexec_loader::Error::Cmdline(CmdlineError::TooLong {
+            len: LINUX_ARGS_BYTES,
+            max: bz.cmdline_size(),
+        })
+    })?;
+    let args = writer.as_str();
+    log::info!("capture: the Linux capture kernel gets '{args}' (and elfcorehdr=, memmap=)");
     let cmdline_len = phys::with_bytes_mut(layout.cmdline.start, layout.cmdline.len, |out| {
         kexec_loader::cmdline::write_capture_cmdline(
             out,
-            args.unwrap_or(DEFAULT_LINUX_ARGS),
+            args,
             layout.elfcorehdr,
             bz.cmdline_size(),
         )
@@ -443,10 +521,11 @@ fn load_hv(
     };
     let cmdline = format_args!(
         "capture_mode={:#x} capture_purgatory={purgatory_area:#x} capture_words={:#x} \
-         capture_sink={} max_cpus=1 log=info{finish}",
+         capture_sink={} log=info{finish}{}",
         layout.elfcorehdr.start,
         mailbox_of(layout.elfcorehdr).start,
         options.capture_sink.name(),
+        WakeWords(options),
     );
     let boot_data = phys::with_bytes_mut(data, purgatory::BOOT_DATA_BYTES, |out| {
         write_boot_data(

@@ -47,6 +47,7 @@ use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
 use super::stream::{self, StreamSummary};
+use super::wake::{self, ParallelCopy};
 use super::{CaptureKernel, DISK_FILE, DUMP_FILE, KDUMP_DISK_FILE, KDUMP_FILE};
 use crate::dump::DumpInfo;
 use crate::initramfs::{COPIED_MARKER, FAILED_MARKER, INIT_MARKER};
@@ -81,6 +82,9 @@ pub struct Collected {
     pub source: PathBuf,
     /// makedumpfile's outputs, when it filtered the dump.
     pub filtered: Option<Filtered>,
+    /// The Linux capture kernel's copy by one reader per CPU, compared
+    /// with the dump (one CPU's copy), when it made one.
+    pub parallel: Option<Result<ParallelCopy>>,
 }
 
 /// What xtask made of makedumpfile's two flattened streams.
@@ -104,6 +108,7 @@ impl Collected {
             stream: None,
             source: image,
             filtered: None,
+            parallel: None,
         }
     }
 
@@ -137,6 +142,7 @@ impl Collected {
             stream: None,
             source: image,
             filtered: Some(Filtered { elf, kdump }),
+            parallel: None,
         }
     }
 
@@ -152,6 +158,7 @@ impl Collected {
             stream,
             source: stream_file.to_path_buf(),
             filtered: None,
+            parallel: None,
         }
     }
 }
@@ -179,7 +186,9 @@ pub fn extract_disk(image: &Path, out: &Path) -> Result<DumpInfo> {
 }
 
 /// Sets the `capture` object of `outcome`'s report, judges the capture,
-/// and saves the report again. `qemu`: whether the exit status is QEMU's.
+/// and saves the report again. `qemu`: whether the exit status is QEMU's;
+/// `wake_required`: `--wake`, the capture kernel must wake every CPU that
+/// checked in ([`wake`]).
 pub fn conclude(
     outcome: &mut RunOutcome,
     kernel: CaptureKernel,
@@ -187,6 +196,7 @@ pub fn conclude(
     collected: &Collected,
     times: &[Option<Duration>],
     qemu: bool,
+    wake_required: bool,
 ) -> Result<()> {
     let serial = outcome.serial.clone();
     let capture = capture_object(&outcome.report, kernel, &serial, collected, times);
@@ -195,9 +205,14 @@ pub fn conclude(
         report::deep_merge(&mut merged, capture);
         map.insert("capture".to_owned(), merged);
     }
+    let check = wake::check(&outcome.report, kernel, &serial);
+    outcome.report["capture"]["wake_check"] = check;
 
     let mut problems = base_problems(outcome, words, qemu);
     problems.extend(capture_problems(&outcome.report, words, collected));
+    if super::asks_for_crash(words) {
+        problems.extend(wake::problems(&outcome.report, wake_required));
+    }
     outcome.ok = problems.is_empty();
     outcome.reason = (!problems.is_empty()).then(|| problems.join("; "));
     outcome.report["ok"] = json!(outcome.ok);
@@ -333,6 +348,17 @@ fn capture_object(
             Value::Null => hv_said["dump_bytes"].clone(),
             bytes => bytes.clone(),
         };
+    }
+    match &collected.parallel {
+        Some(Ok(copy)) => {
+            object["parallel_copy_identical"] = json!(copy.first_difference.is_none());
+            object["parallel_copy_first_difference"] = json!(copy.first_difference);
+        }
+        Some(Err(error)) => {
+            object["parallel_copy_identical"] = Value::Null;
+            object["parallel_copy_error"] = json!(format!("{error:#}"));
+        }
+        None => {}
     }
     if let Some(summary) = &collected.stream {
         object["stream"] = json!({
@@ -501,6 +527,19 @@ pub fn capture_problems(report: &Value, words: &[String], collected: &Collected)
         ));
     }
     problems.extend(ledger_problems(report, info));
+    match &collected.parallel {
+        Some(Ok(ParallelCopy {
+            first_difference: Some(at),
+            ..
+        })) => problems.push(format!(
+            "the copy of /proc/vmcore by one reader per CPU differs from the one-CPU copy \
+             (the dump) at byte {at:#x}"
+        )),
+        Some(Err(error)) => problems.push(format!(
+            "the copy of /proc/vmcore by one reader per CPU could not be compared: {error:#}"
+        )),
+        _ => {}
+    }
     if let Some(filtered) = &collected.filtered {
         problems.extend(filtered_problems(capture, filtered));
     } else if let Some(bytes) = capture["linux"]["vmcore_bytes"].as_u64()
@@ -629,6 +668,7 @@ mod tests {
             stream: None,
             source: path,
             filtered: None,
+            parallel: None,
         };
         (dir, collected)
     }
@@ -695,6 +735,7 @@ mod tests {
             stream: None,
             source: dir.join("dump.stream"),
             filtered: None,
+            parallel: None,
         };
         let hv = json!({
             "crash": {"cpu_index": 1, "checked_in": 3},
@@ -742,6 +783,7 @@ mod tests {
             stream: None,
             source: PathBuf::from("dump.stream"),
             filtered: None,
+            parallel: None,
         };
         // hv's own check skipped, hv jumped, the purgatory refused.
         let hv = json!({
@@ -804,6 +846,7 @@ mod tests {
             stream: None,
             source: PathBuf::new(),
             filtered: None,
+            parallel: None,
         };
         assert_eq!(
             capture_problems(&report, &words("crash=cpu:1,after_ms:5"), &none),
@@ -828,6 +871,7 @@ mod tests {
             stream: None,
             source: PathBuf::new(),
             filtered: None,
+            parallel: None,
         };
         let serial = [
             Some(Duration::from_millis(100)),
@@ -866,6 +910,7 @@ mod tests {
             stream: None,
             source: PathBuf::new(),
             filtered: None,
+            parallel: None,
         };
         // Today's capture mode says `streamed_bytes`; the object xtask
         // merges over it must not blank it out.

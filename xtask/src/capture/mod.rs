@@ -27,6 +27,7 @@ pub mod judge;
 pub mod selftest;
 pub mod stream;
 mod timing;
+pub mod wake;
 
 use std::ffi::OsString;
 use std::fs;
@@ -52,6 +53,10 @@ pub const DISK_FILE: &str = "vmcore.img";
 pub const KDUMP_DISK_FILE: &str = "vmcore-kdump.img";
 /// The compressed kdump file rearranged from it.
 pub const KDUMP_FILE: &str = "vmcore.kdump";
+/// The second disk of a Linux copy: `/proc/vmcore` copied again by one
+/// reader per CPU, compared with the dump and then deleted (kept when
+/// they differ).
+pub const PARALLEL_DISK_FILE: &str = "vmcore-parallel.img";
 /// What hv's capture mode wrote to the debug port.
 pub const STREAM_FILE: &str = "dump.stream";
 /// QEMU's debug console log (`run/qemu.rs` names it).
@@ -122,6 +127,9 @@ pub struct CaptureOptions {
     /// Linux only: filter with makedumpfile (an ELF dump and a compressed
     /// kdump, zero pages left out) instead of copying `/proc/vmcore`.
     pub makedumpfile: bool,
+    /// `--wake`: the capture kernel must wake every CPU that checked in
+    /// ([`wake`]).
+    pub wake_check: bool,
 }
 
 impl CaptureOptions {
@@ -136,6 +144,7 @@ impl CaptureOptions {
             default_crash: Some(default_crash(cpus)),
             bochs_sink: BochsSink::Ata,
             makedumpfile: false,
+            wake_check: false,
         }
     }
 
@@ -354,6 +363,7 @@ pub fn qemu(options: &QemuOptions, capture: &CaptureOptions) -> Result<RunOutcom
             DISK_FILE,
             KDUMP_FILE,
             KDUMP_DISK_FILE,
+            PARALLEL_DISK_FILE,
             STREAM_FILE,
             DEBUGCON_LOG,
             "serial.log",
@@ -365,10 +375,14 @@ pub fn qemu(options: &QemuOptions, capture: &CaptureOptions) -> Result<RunOutcom
     run.run_name = Some(name);
     run.modules = modules(capture, &words)?;
     if capture.kernel == CaptureKernel::Linux {
-        let mut disks = vec![run_dir.join(DISK_FILE)];
-        if capture.makedumpfile {
-            disks.push(run_dir.join(KDUMP_DISK_FILE));
-        }
+        let disks = [
+            run_dir.join(DISK_FILE),
+            run_dir.join(if capture.makedumpfile {
+                KDUMP_DISK_FILE
+            } else {
+                PARALLEL_DISK_FILE
+            }),
+        ];
         for disk in disks {
             // The dump is at most RAM plus its headers.
             sparse_file(&disk, (u64::from(options.memory_mib) + 64) << 20)?;
@@ -383,7 +397,11 @@ pub fn qemu(options: &QemuOptions, capture: &CaptureOptions) -> Result<RunOutcom
 
     let collected = match capture.kernel {
         CaptureKernel::Linux if capture.makedumpfile => Collected::from_makedumpfile(&run_dir),
-        CaptureKernel::Linux => Collected::from_disk(&run_dir),
+        CaptureKernel::Linux => {
+            let mut collected = Collected::from_disk(&run_dir);
+            collected.parallel = parallel_copy(&outcome, &run_dir, &collected);
+            collected
+        }
         CaptureKernel::Hv => {
             let stream = run_dir.join(STREAM_FILE);
             if run_dir.join(DEBUGCON_LOG).exists() {
@@ -399,8 +417,34 @@ pub fn qemu(options: &QemuOptions, capture: &CaptureOptions) -> Result<RunOutcom
         &collected,
         &times,
         true,
+        capture.wake_check,
     )?;
     Ok(outcome)
+}
+
+/// The Linux capture kernel's second copy, by one reader per CPU, against
+/// the dump, when `/init` says it made one; the disk is deleted when the
+/// copies are the same, or when it was not used.
+fn parallel_copy(
+    outcome: &RunOutcome,
+    run_dir: &Path,
+    collected: &Collected,
+) -> Option<Result<wake::ParallelCopy>> {
+    let image = run_dir.join(PARALLEL_DISK_FILE);
+    if outcome.report["capture"]["linux"]["parallel_readers"]
+        .as_u64()
+        .is_none()
+    {
+        // One CPU: the disk was never written.
+        let _ = fs::remove_file(&image);
+        return None;
+    }
+    let dump = collected.dump.as_ref().ok()?;
+    let result = wake::compare_copies(&dump.path, &image);
+    if matches!(&result, Ok(copy) if copy.first_difference.is_none()) {
+        let _ = fs::remove_file(&image);
+    }
+    Some(result)
 }
 
 /// The QEMU arguments of the dump disk: virtio-blk, raw; zero writes punch
@@ -477,6 +521,7 @@ pub fn bochs(options: &BochsOptions, capture: &CaptureOptions) -> Result<RunOutc
         &collected,
         &times,
         false,
+        capture.wake_check,
     )?;
     Ok(outcome)
 }

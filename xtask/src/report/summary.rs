@@ -69,6 +69,9 @@ pub fn summary_in(report: &Value, cwd: Option<&Path>) -> String {
     let capture = &report["capture"];
     if capture.is_object() {
         line("capture", capture_line(report));
+        if let Some(text) = crate::capture::wake::summary_line(report) {
+            line("wake", text);
+        }
         let dump = path(&capture["dump_path"]);
         match (&dump, capture["dump_error"].as_str()) {
             (Some(dump), _) => line(
