@@ -587,7 +587,13 @@ fn crash_and_capture(
         words: &words,
     })
     .map_err(anyhow::Error::msg)?;
-    words.extend(single_run_crash(crash, cpus, vmx, &words)?);
+    words.extend(single_run_crash(
+        crash,
+        cpus,
+        vmx,
+        plan.capture.is_some(),
+        &words,
+    )?);
     if plan.crash == CrashSource::Default {
         let spec = plan::default_crash(whole_path_by_default, cpus, &words);
         words.push(format!("crash={spec}"));
@@ -605,6 +611,7 @@ fn single_run_crash(
     args: &CrashArgs,
     cpus: u32,
     vmx: bool,
+    capture: bool,
     append: &[String],
 ) -> Result<Vec<String>> {
     check_crash_conflicts(args, append)?;
@@ -613,12 +620,15 @@ fn single_run_crash(
         let spec = match arg {
             CrashArg::Spec(spec) => {
                 check_spec(&spec, cpus, vmx)?;
+                if let Err(note) = spec.check_capture(capture) {
+                    println!("note: {note}; the run fails: the point never fires");
+                }
                 spec
             }
             CrashArg::Random => {
                 let seed = args.seed.unwrap_or_else(crash::fresh_seed);
                 let guest_run_ms = Expectations::from_cmdline(cpus, append).crash.guest_run_ms;
-                let spec = CrashSpec::random(&mut Rng::new(seed), cpus, vmx, guest_run_ms);
+                let spec = CrashSpec::random(&mut Rng::new(seed), cpus, vmx, capture, guest_run_ms);
                 println!("crash: {} (random, seed {seed})", spec.word());
                 spec
             }
@@ -1063,7 +1073,7 @@ mod tests {
             ))
         );
         assert_eq!(args.crash.crash_timeout_ms, Some(500));
-        let words = single_run_crash(&args.crash, 64, false, &[]).unwrap();
+        let words = single_run_crash(&args.crash, 64, false, true, &[]).unwrap();
         assert_eq!(
             words,
             [
@@ -1087,8 +1097,11 @@ mod tests {
             panic!("not bochs")
         };
         assert_eq!(args.crash.crash, Some(CrashArg::Random));
-        let words = single_run_crash(&args.crash, 8, true, &[]).unwrap();
-        assert_eq!(words, single_run_crash(&args.crash, 8, true, &[]).unwrap());
+        let words = single_run_crash(&args.crash, 8, true, false, &[]).unwrap();
+        assert_eq!(
+            words,
+            single_run_crash(&args.crash, 8, true, false, &[]).unwrap()
+        );
         let spec = CrashSpec::parse(words[0].strip_prefix("crash=").unwrap()).unwrap();
         assert!(spec.check(8, true).is_ok(), "{spec}");
 
@@ -1116,21 +1129,31 @@ mod tests {
             crash_timeout_ms: Some(100),
             seed: None,
         };
-        let missing = single_run_crash(&args("cpu:8,after_ms:1"), 8, true, &[]).unwrap_err();
+        let missing = single_run_crash(&args("cpu:8,after_ms:1"), 8, true, true, &[]).unwrap_err();
         assert!(missing.to_string().contains("0 to 7"), "{missing}");
-        let store = single_run_crash(&args("cpu:1,point:list_add6"), 8, true, &[]).unwrap_err();
+        let store =
+            single_run_crash(&args("cpu:1,point:list_add6"), 8, true, true, &[]).unwrap_err();
         assert!(
             store.to_string().contains("list_add0 to list_add4"),
             "{store}"
         );
         // A point that needs VMX still runs without it: hv says it never fired.
-        assert!(single_run_crash(&args("cpu:1,point:list_add0"), 8, false, &[]).is_ok());
-        let both = single_run_crash(&args("cpu:1,after_ms:1"), 8, true, &["crash=cpu:2".into()])
-            .unwrap_err();
+        assert!(single_run_crash(&args("cpu:1,point:list_add0"), 8, false, true, &[]).is_ok());
+        // So does a point of the hand-over without a capture kernel.
+        assert!(single_run_crash(&args("cpu:1,point:handover_panic"), 8, true, false, &[]).is_ok());
+        let both = single_run_crash(
+            &args("cpu:1,after_ms:1"),
+            8,
+            true,
+            true,
+            &["crash=cpu:2".into()],
+        )
+        .unwrap_err();
         assert!(both.to_string().contains("give only one"), "{both}");
         let timeouts = single_run_crash(
             &args("cpu:1,after_ms:1"),
             8,
+            true,
             true,
             &["crash_timeout_ms=5".into()],
         )
