@@ -439,8 +439,14 @@ fn hang_holding_lock(_: usize) {
 #[inline(never)]
 fn hang_waiting_for_lock(_: usize) {
     crate::arch::cpu::disable_interrupts();
-    let _never = HANG_LOCK.lock();
+    // Its own wait loop, not `lock()`: with the holder's body, the two
+    // functions fold into one and a dump's backtrace names the holder.
     loop {
+        if let Some(_never) = HANG_LOCK.try_lock() {
+            loop {
+                core::hint::spin_loop();
+            }
+        }
         core::hint::spin_loop();
     }
 }
