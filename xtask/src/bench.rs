@@ -23,6 +23,7 @@
 //! host.
 
 pub mod crash;
+pub mod linux_crash;
 pub mod plot;
 pub mod shootdown;
 pub mod tsc;

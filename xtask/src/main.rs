@@ -370,6 +370,10 @@ struct BenchCrashArgs {
     /// Seed for the random CPUs and times [default: a fresh one, printed].
     #[arg(long, value_name = "N")]
     seed: Option<u64>,
+    /// Leave out the reference: Linux's crash to purgatory on the same
+    /// QEMU machine (Debian's kernel and kexec-tools, fetched with apt).
+    #[arg(long)]
+    no_linux: bool,
     /// Write the samples and their spreads (JSON) to this file.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
@@ -636,6 +640,7 @@ fn run_task(task: Task) -> Result<ExitCode> {
             options.runs = args.runs;
             options.cpu = args.cpu;
             options.seed = args.seed.unwrap_or_else(crash::fresh_seed);
+            options.linux = !args.no_linux;
             let result = bench::crash::bench_crash(&options)?;
             println!("{}", result.table());
             if let Some(path) = &args.report {

@@ -1209,4 +1209,46 @@ mod tests {
             ["hv rejected command-line words: crash: cpu:N is required"]
         );
     }
+
+    #[test]
+    fn captured_crashes_are_counted_with_their_entries_and_failures_per_point() {
+        let captured = |spec: &str, entered: bool, reason: Option<&str>| {
+            let mut outcome = crash_outcome(spec, crash_line(3, json!([]), 2000, false), reason);
+            outcome.report["capture"] = json!({"loaded": true, "entered": entered,
+                "crash_to_capture_us": 50_000, "attempt": 2});
+            outcome
+        };
+        let runs = [
+            captured("crash=cpu:3,after_ms:5,point:handover_panic", true, None),
+            captured(
+                "crash=cpu:3,after_ms:5,point:nmi_in_purgatory",
+                false,
+                Some("the hv capture kernel was not entered"),
+            ),
+            captured("crash=cpu:3,after_ms:5,point:nmi_in_purgatory", true, None),
+        ];
+        let records = runs
+            .iter()
+            .enumerate()
+            .map(|(index, outcome)| RunRecord::from_outcome(index as u32, 64, outcome, vec![]))
+            .collect();
+        let result = StressResult {
+            title: "stress: c".to_owned(),
+            requested: 3,
+            records,
+        };
+        assert_eq!(result.captures(), (3, 2));
+        let text = result.table();
+        for row in [
+            "captures entered       2 of 3\n",
+            "crash to capture (us)  min 50000  median 50000  max 50000\n",
+            "points                 handover_panic 1, nmi_in_purgatory 2 (1 failed)\n",
+        ] {
+            assert!(text.contains(row), "missing {row:?} in\n{text}");
+        }
+        let json = result.to_json();
+        assert_eq!(json["crash"]["points_failed"]["nmi_in_purgatory"], 1);
+        assert_eq!(json["crash"]["captures"]["entered"], 2);
+        assert_eq!(json["records"][0]["crash"]["handover_attempt"], 2);
+    }
 }

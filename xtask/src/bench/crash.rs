@@ -23,6 +23,12 @@
 //! | purgatory to capture entry | hand-over | the capture image's `capture.entered_tsc` (its first instruction) |
 //! | crash to capture entry | `crash.entered_tsc` | `capture.entered_tsc` |
 //!
+//! The reference, in the same run (alternating with hv's runs): Linux's
+//! crash to its purgatory on the very same QEMU machine
+//! ([`super::linux_crash`]: Debian's kernel crashing with `sysrq c`, a
+//! capture kernel loaded with kexec-tools, timed on the host from the
+//! crash line to the purgatory's first line). `--no-linux` leaves it out.
+//!
 //! Every run is judged like any capture run stopped at the entry: one that
 //! fails cannot be measured and ends the benchmark. It never fails
 //! because of the numbers.
@@ -113,6 +119,8 @@ pub struct CrashBenchOptions {
     pub timeout: Duration,
     /// Whether to show a progress bar.
     pub progress: bool,
+    /// Measure Linux's crash to purgatory beside each hv run.
+    pub linux: bool,
 }
 
 impl CrashBenchOptions {
@@ -128,6 +136,7 @@ impl CrashBenchOptions {
             seed: 0,
             timeout: Duration::from_secs(120),
             progress: true,
+            linux: true,
         }
     }
 
@@ -206,9 +215,22 @@ pub struct CrashBenchResult {
     pub cpu: Option<u32>,
     /// One sample per run.
     pub samples: Vec<CrashSample>,
+    /// Linux's crash to purgatory on the same machine, per run (us).
+    pub linux_us: Vec<f64>,
 }
 
 impl CrashBenchResult {
+    /// The spread of Linux's crash to purgatory.
+    pub fn linux(&self) -> Option<Spread> {
+        Spread::of(&self.linux_us)
+    }
+
+    /// hv's median crash to capture entry over Linux's median crash to
+    /// purgatory.
+    pub fn ratio_of_medians(&self) -> Option<f64> {
+        Some(self.total()?.median / self.linux()?.median)
+    }
+
     /// The spread of step `index` of [`STEPS`] over the runs.
     pub fn step(&self, index: usize) -> Option<Spread> {
         let samples: Vec<f64> = self
@@ -247,9 +269,19 @@ impl CrashBenchResult {
                 .map(|(index, (name, _, _))| row(name, self.step(index))),
         );
         rows.push(row(TOTAL.0, self.total()));
+        if !self.linux_us.is_empty() {
+            rows.push(row("Linux: crash to purgatory", self.linux()));
+        }
+        let ratio = match self.ratio_of_medians() {
+            Some(ratio) => format!(
+                "  ratio of medians (hv crash to capture entry / Linux crash to purgatory): \
+                 {ratio:.2}\n"
+            ),
+            None => String::new(),
+        };
         format!(
             "crash path, first CPU into it to the capture image's first instruction (TSC \
-             stamps): -smp {}, {} MiB, {}, {} runs, crashing CPU {}\n{}",
+             stamps): -smp {}, {} MiB, {}, {} runs, crashing CPU {}\n{}{ratio}",
             self.smp,
             self.memory_mib,
             self.emulator,
@@ -279,6 +311,9 @@ impl CrashBenchResult {
                 .map(|(index, (name, _, _))| (name.to_string(), spread(self.step(index)).unwrap_or(Value::Null)))
                 .collect::<serde_json::Map<String, Value>>(),
             "crash_to_capture_entry_us": spread(self.total()),
+            "linux_crash_to_purgatory_us": spread(self.linux()),
+            "linux_runs_us": self.linux_us,
+            "ratio_of_medians": self.ratio_of_medians(),
             "runs": self.samples.iter().map(|s| json!({
                 "crash": s.spec.to_string(),
                 "tsc_khz": s.tsc_khz,
@@ -305,9 +340,20 @@ pub fn bench_crash(options: &CrashBenchOptions) -> Result<CrashBenchResult> {
         until_entry: true,
         ..CaptureOptions::new(CaptureKernel::Hv, options.smp)
     };
+    let linux = if options.linux {
+        let host = super::tsc::host_tsc(Duration::from_millis(100), 3);
+        Some(
+            super::linux_crash::LinuxReference::prepare(Some(host.khz))
+                .context("preparing the Linux reference (--no-linux measures hv alone)")?,
+        )
+    } else {
+        None
+    };
+    let accel = crate::accel::detect();
     let bar = progress_bar(u64::from(options.runs), options.progress);
     let mut emulator = String::new();
     let mut samples = Vec::new();
+    let mut linux_us = Vec::new();
     for (index, spec) in options.specs().into_iter().enumerate() {
         let round = index + 1;
         bar.set_message(format!("run {round}: {}", spec.word()));
@@ -348,8 +394,21 @@ pub fn bench_crash(options: &CrashBenchOptions) -> Result<CrashBenchResult> {
             ),
         );
         samples.push(sample);
-        bar.inc(1);
         let _ = fs::remove_dir_all(&outcome.run_dir);
+        if let Some(linux) = &linux {
+            bar.set_message(format!("run {round}: Linux"));
+            let name = format!("{BENCH_DIR}/linux-{round:03}");
+            let us =
+                super::linux_crash::run(linux, accel, options.smp, &name, Duration::from_secs(600))
+                    .with_context(|| format!("Linux run {round}"))?;
+            say(
+                &bar,
+                format!("run {round}: Linux crash to purgatory {us:.0} us"),
+            );
+            linux_us.push(us);
+            let _ = fs::remove_dir_all(paths::run_dir(&name));
+        }
+        bar.inc(1);
     }
     bar.finish_and_clear();
     let result = CrashBenchResult {
@@ -359,6 +418,7 @@ pub fn bench_crash(options: &CrashBenchOptions) -> Result<CrashBenchResult> {
         seed: options.seed,
         cpu: options.cpu,
         samples,
+        linux_us,
     };
     fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     let saved = root.join("bench.json");
@@ -424,6 +484,7 @@ mod tests {
             seed: 5,
             cpu: None,
             samples: vec![sample.clone(), sample],
+            linux_us: vec![20_000.0, 22_000.0],
         };
         let text = result.table();
         for line in [
@@ -431,6 +492,8 @@ mod tests {
             "  panic to NMIs out              50      50     50\n",
             "  digest check                20000   20000  20000\n",
             "  crash to capture entry      39060   39060  39060\n",
+            "  Linux: crash to purgatory   20000   21000  22000\n",
+            "ratio of medians (hv crash to capture entry / Linux crash to purgatory): 1.86\n",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

@@ -310,6 +310,9 @@ fn capture_line(report: &Value) -> String {
     let mut line = format!("{kernel}: digests ok, ");
     if capture["entered"] == Value::Bool(true) {
         line.push_str("entered");
+        if capture["attempt"].as_u64() == Some(2) {
+            line.push_str(" (by the second hand-over: the first crashed)");
+        }
         if let Some(us) = capture["crash_to_capture_us"].as_u64() {
             let _ = write!(
                 line,

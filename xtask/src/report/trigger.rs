@@ -268,46 +268,41 @@ pub(crate) fn disturbance_problems(report: &Value, rules: &CrashRules) -> Vec<St
     // The hand-over's report line (the second attempt's, when there were
     // two) exists once hv got that far with a capture kernel loaded.
     let handed_over = loaded && capture["digest_ok"].is_boolean();
-    match point {
+    let missing = match point {
         Point::CoordinatorNmi(CoordinatorStep::AfterCleanup) => {
-            if count(crash, "coordinator_stray_nmis", &mut problems) == 0 {
-                problems.push(
-                    "crash.coordinator_stray_nmis is 0: the stray NMI after the coordinator's \
-                     cleanup never reached it"
-                        .to_owned(),
-                );
-            }
+            (count(crash, "coordinator_stray_nmis", &mut problems) == 0).then(|| {
+                "crash.coordinator_stray_nmis is 0: the stray NMI after the coordinator's \
+                 cleanup never reached it"
+                    .to_owned()
+            })
         }
         Point::CoordinatorNmi(
             step @ (CoordinatorStep::CoreHeader | CoordinatorStep::DigestCheck),
-        ) => {
-            if handed_over && count(capture, "coordinator_stray_nmis", &mut problems) == 0 {
-                problems.push(format!(
+        ) => (handed_over && count(capture, "coordinator_stray_nmis", &mut problems) == 0).then(
+            || {
+                format!(
                     "capture.coordinator_stray_nmis is 0: the stray NMI {} never reached the \
                      coordinator",
                     match step {
                         CoordinatorStep::CoreHeader => "during the core header",
                         _ => "during the digest check",
                     }
-                ));
-            }
-        }
+                )
+            },
+        ),
         Point::CoordinatorNmi(_) => {
-            if handed_over && capture["jumped"] != Value::Bool(true) {
-                problems.push(
-                    "capture.jumped is not true: the coordinator never reached the purgatory"
-                        .to_owned(),
-                );
-            }
+            (handed_over && capture["jumped"] != Value::Bool(true)).then(|| {
+                "capture.jumped is not true: the coordinator never reached the purgatory".to_owned()
+            })
         }
         Point::HandoverPanic => {
-            if handed_over && capture["attempt"].as_u64() != Some(2) {
-                problems.push(format!(
-                    "capture.attempt is {}, expected 2 (the first hand-over panicked; the \
-                     second must jump)",
+            (handed_over && capture["attempt"].as_u64() != Some(2)).then(|| {
+                format!(
+                    "capture.attempt is {}, expected 2 (the first hand-over panicked; the second \
+                 must jump)",
                     capture["attempt"]
-                ));
-            }
+                )
+            })
         }
         Point::ExternalNmi => {
             let nested = count(crash, "nested_nmis", &mut problems);
@@ -315,16 +310,15 @@ pub(crate) fn disturbance_problems(report: &Value, rules: &CrashRules) -> Vec<St
                 .as_u64()
                 .max(capture["coordinator_stray_nmis"].as_u64())
                 .unwrap_or(0);
-            if nested + stray == 0 {
-                problems.push(
-                    "no NMI of the external_nmi point was seen: crash.nested_nmis and the \
-                     coordinator's stray NMIs are 0"
-                        .to_owned(),
-                );
-            }
+            (nested + stray == 0).then(|| {
+                "no NMI of the external_nmi point was seen: crash.nested_nmis and the \
+                 coordinator's stray NMIs are 0"
+                    .to_owned()
+            })
         }
-        _ => {}
-    }
+        _ => None,
+    };
+    problems.extend(missing);
     problems
 }
 
