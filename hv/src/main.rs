@@ -203,6 +203,7 @@ fn capture_main() -> ! {
         options.capture_mode.expect("capture mode was asked for"),
         options.capture_sink,
         ENTRY_TSC.load(Ordering::Relaxed),
+        options.capture_purgatory,
     )
 }
 

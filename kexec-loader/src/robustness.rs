@@ -348,6 +348,7 @@ fn exercise_pvh_image(bytes: &[u8]) {
         firmware: &firmware,
         reservation: reservation(),
         elfcorehdr: layout.elfcorehdr,
+        keep_out: PhysRange::new(0, 0),
         rsdp: None,
         cmdline: &"capture_mode=1",
     };
@@ -426,6 +427,7 @@ fn random_firmware_maps_never_panic_the_pvh_boot_data_or_the_dump_segments() {
             firmware: &firmware,
             reservation,
             elfcorehdr,
+            keep_out: PhysRange::new(0, 0),
             rsdp: Some(0xe_0000),
             cmdline: &"capture_mode=0x40008000",
         };

@@ -7,7 +7,9 @@
 //! - hv's own capture mode in QEMU at 64 CPUs and in Bochs at 8 (with VMX
 //!   guests running, so the VMCLEAR ledger has VMCSes to account for);
 //! - a capture kernel damaged after its digest was taken: the jump is
-//!   refused;
+//!   refused; with hv's digest table zeroed too, hv says its table was
+//!   damaged, and with hv's check off the purgatory refuses on its own;
+//! - NMIs all along the purgatory's way: the capture still happens;
 //! - malformed capture kernels: a clear error at boot, capture disabled,
 //!   and hv runs on to `done`.
 
@@ -282,6 +284,127 @@ fn a_capture_kernel_damaged_after_its_digest_is_not_entered() {
     assert!(
         run.serial.contains("refusing to jump"),
         "no refusal on the console\n{}",
+        explain(&run)
+    );
+}
+
+/// hv's digest table zeroed (as a stray write would) on top of a damaged
+/// capture kernel: hv's own check sees its table is damaged, names why,
+/// and never jumps.
+#[test]
+fn a_zeroed_hv_digest_table_is_refused_by_hv_naming_why() {
+    let run = capture_qemu(
+        "test-capture-zeroed-table",
+        Boot::Direct,
+        2,
+        xtask::capture::HV_MEMORY_MIB,
+        &["capture_corrupt=table"],
+        CaptureOptions::new(CaptureKernel::Hv, 2),
+    );
+    assert_ok(&run);
+    let capture = &run.report["capture"];
+    assert_eq!(capture["digest_ok"], false, "{}", explain(&run));
+    assert_eq!(capture["jumped"], false, "{}", explain(&run));
+    assert_eq!(capture["entered"], false, "{}", explain(&run));
+    let refused = capture["refused"].as_str().unwrap_or_default();
+    assert!(
+        refused.contains("digest table was damaged") && refused.contains("holds no segment"),
+        "{}",
+        explain(&run)
+    );
+    assert_eq!(
+        capture["purgatory_refused"],
+        Value::Null,
+        "{}",
+        explain(&run)
+    );
+    assert_eq!(capture["dump_path"], Value::Null, "{}", explain(&run));
+    assert_eq!(
+        number(&run, "/xtask/exit_status"),
+        0x25,
+        "{}",
+        explain(&run)
+    );
+    assert!(
+        run.serial
+            .contains("*** hv: capture: the hypervisor's digest table was damaged"),
+        "no refusal on hv's console\n{}",
+        explain(&run)
+    );
+}
+
+/// The same damage with hv's own check switched off: hv jumps, and the
+/// purgatory, checking from the reservation on its own copy of the
+/// digests, refuses with its report line; nothing is entered.
+#[test]
+fn a_damaged_capture_kernel_whose_hv_table_was_zeroed_is_refused_by_the_purgatory() {
+    let run = capture_qemu(
+        "test-capture-purgatory-refuses",
+        Boot::Direct,
+        2,
+        xtask::capture::HV_MEMORY_MIB,
+        &["capture_corrupt=table", "capture_hv_check=off"],
+        CaptureOptions::new(CaptureKernel::Hv, 2),
+    );
+    assert_ok(&run);
+    let capture = &run.report["capture"];
+    assert_eq!(capture["hv_check"], "skipped", "{}", explain(&run));
+    assert_eq!(capture["digest_ok"], Value::Null, "{}", explain(&run));
+    assert_eq!(capture["jumped"], true, "{}", explain(&run));
+    // The knob flips a byte in the middle of the first digested segment.
+    let refused = capture["purgatory_refused"].as_str().unwrap_or_default();
+    assert!(
+        refused.starts_with("segment 0 at ") && refused.ends_with("changed since it was loaded"),
+        "{}",
+        explain(&run)
+    );
+    assert_eq!(capture["entered"], false, "{}", explain(&run));
+    assert_eq!(capture["dump_path"], Value::Null, "{}", explain(&run));
+    // The purgatory ended QEMU the way a refusing crash path does.
+    assert_eq!(
+        number(&run, "/xtask/exit_status"),
+        0x25,
+        "{}",
+        explain(&run)
+    );
+    let after_jump = run
+        .serial
+        .split("jumping to the hv capture kernel")
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        after_jump.contains("*** purgatory: segment 0 at ")
+            && !after_jump.contains("capture: hv capture mode"),
+        "no refusal from the purgatory, or the capture kernel ran\n{}",
+        explain(&run)
+    );
+}
+
+/// NMIs at every step of the purgatory's way (before its stack, after its
+/// tables, in compatibility mode under the 64-bit and then the 32-bit IDT,
+/// with paging off, after TR): each is taken and returns, and the capture goes
+/// on. hv's capture mode reads the purgatory's counts in old memory.
+#[test]
+fn stray_nmis_in_the_purgatory_do_not_stop_the_capture() {
+    let run = capture_qemu(
+        "test-capture-purgatory-nmis",
+        Boot::Direct,
+        4,
+        xtask::capture::HV_MEMORY_MIB,
+        &["capture_purgatory_nmi=1"],
+        CaptureOptions::new(CaptureKernel::Hv, 4),
+    );
+    assert_captured(&run, 4);
+    let purgatory = &run.report["capture"]["purgatory"];
+    assert_eq!(purgatory["nmis_64"], 4, "{}", explain(&run));
+    assert_eq!(purgatory["nmis_32"], 2, "{}", explain(&run));
+    let stamp = |key: &str| number(&run, &format!("/capture/purgatory/{key}"));
+    assert!(
+        number(&run, "/crash/started_tsc") < stamp("entry_tsc")
+            && stamp("entry_tsc") < stamp("verified_tsc")
+            && stamp("verified_tsc") <= stamp("jump_tsc")
+            && stamp("jump_tsc") < number(&run, "/capture/entered_tsc"),
+        "the purgatory's TSC stamps are out of order\n{}",
         explain(&run)
     );
 }

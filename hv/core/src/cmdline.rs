@@ -53,6 +53,22 @@ impl CaptureSink {
     }
 }
 
+/// `capture_corrupt=` (test knob): what to damage after the capture kernel
+/// was loaded and digested.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CaptureCorrupt {
+    /// Nothing (`0`).
+    #[default]
+    Nothing,
+    /// `1` or `image`: flip a byte of the loaded capture kernel; the crash
+    /// path must refuse to jump.
+    Image,
+    /// `table`: flip that byte and zero the hypervisor's own digest table,
+    /// as a stray write would; its check must say so and refuse, and so
+    /// must the purgatory's (with `capture_hv_check=off`).
+    Table,
+}
+
 /// `crashkernel=SIZE[@BASE]`: memory reserved for the capture kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CrashKernelSpec {
@@ -97,9 +113,21 @@ pub struct Options {
     /// `capture_sink=debugcon|ata`: where the hv capture image writes the
     /// dump stream: I/O port 0xE9, or the primary ATA channel's slave disk.
     pub capture_sink: CaptureSink,
-    /// `capture_corrupt=1` (test knob): damage the loaded capture kernel
-    /// after its digest was taken, so the crash path must refuse to jump.
-    pub capture_corrupt: bool,
+    /// `capture_corrupt=0|1|image|table` (test knob): damage the loaded
+    /// capture kernel (and with `table` the hypervisor's digest table) after
+    /// the digests were taken, so the jump must be refused.
+    pub capture_corrupt: CaptureCorrupt,
+    /// `capture_hv_check=on|off` (test knob): `off` skips the hypervisor's
+    /// own check before the jump, so that the purgatory's check, which runs
+    /// from the reservation on its own copy of the digests, stands alone.
+    pub capture_hv_check: bool,
+    /// `capture_purgatory_nmi=0|1` (test knob): the purgatory sends its CPU
+    /// an NMI at each step of its way and waits until each was taken.
+    pub capture_purgatory_nmi: bool,
+    /// `capture_purgatory=ADDR`: where the crashed hypervisor's purgatory
+    /// area is (the loader puts it on the capture image's command line;
+    /// capture mode reports the purgatory's TSC stamps from it).
+    pub capture_purgatory: Option<u64>,
     /// `crash=...` (test knob): inject a panic.
     pub crash: Option<CrashSpec>,
     /// `crash_timeout_ms=`: how long the crash rendezvous waits.
@@ -136,7 +164,10 @@ impl Options {
             guest_crash_call: None,
             capture_mode: None,
             capture_sink: CaptureSink::DebugPort,
-            capture_corrupt: false,
+            capture_corrupt: CaptureCorrupt::Nothing,
+            capture_hv_check: true,
+            capture_purgatory_nmi: false,
+            capture_purgatory: None,
             crash: None,
             crash_timeout_ms: defaults::CRASH_TIMEOUT_MS,
             crash_hypercall: false,
@@ -313,10 +344,34 @@ pub const OPTIONS: &[(&str, Setter)] = &[
     }),
     ("capture_corrupt", |options, value| {
         options.capture_corrupt = match value {
+            "1" | "image" => CaptureCorrupt::Image,
+            "table" => CaptureCorrupt::Table,
+            "0" => CaptureCorrupt::Nothing,
+            _ => return Err("expected 0, 1, image or table"),
+        };
+        Ok(())
+    }),
+    ("capture_hv_check", |options, value| {
+        options.capture_hv_check = match value {
+            "on" => true,
+            "off" => false,
+            _ => return Err("expected on or off"),
+        };
+        Ok(())
+    }),
+    ("capture_purgatory_nmi", |options, value| {
+        options.capture_purgatory_nmi = match value {
             "1" => true,
             "0" => false,
             _ => return Err("expected 0 or 1"),
         };
+        Ok(())
+    }),
+    ("capture_purgatory", |options, value| {
+        let address = parse_number(value)
+            .filter(|a| *a != 0 && a % 4096 == 0)
+            .ok_or("expected the purgatory area's page-aligned address")?;
+        options.capture_purgatory = Some(address);
         Ok(())
     }),
     ("guest_crash_call", |options, value| {
@@ -592,11 +647,49 @@ mod tests {
         assert_eq!(parsed.options.capture_sink, CaptureSink::AtaSlave);
         assert_eq!(Options::default().capture_sink.name(), "debugcon");
         assert_eq!(parsed.options.capture_mode, Some(0x1f00_0000));
-        assert!(parsed.options.capture_corrupt);
+        assert_eq!(parsed.options.capture_corrupt, CaptureCorrupt::Image);
         let parsed =
             parse("capture_mode=0 capture_mode=0x1001 capture_corrupt=yes capture_sink=tape");
         assert_eq!(parsed.error_count(), 4, "{:?}", messages(&parsed));
         assert_eq!(parsed.options, Options::default());
+    }
+
+    #[test]
+    fn capture_test_knobs() {
+        let defaults = Options::default();
+        assert_eq!(defaults.capture_corrupt, CaptureCorrupt::Nothing);
+        assert!(defaults.capture_hv_check);
+        assert!(!defaults.capture_purgatory_nmi);
+        assert_eq!(defaults.capture_purgatory, None);
+        for (word, corrupt) in [
+            ("0", CaptureCorrupt::Nothing),
+            ("1", CaptureCorrupt::Image),
+            ("image", CaptureCorrupt::Image),
+            ("table", CaptureCorrupt::Table),
+        ] {
+            let line = format!("capture_corrupt={word}");
+            let parsed = parse(&line);
+            assert!(parsed.is_clean(), "{:?}", messages(&parsed));
+            assert_eq!(parsed.options.capture_corrupt, corrupt, "{word}");
+        }
+        let parsed = parse(
+            "capture_corrupt=table capture_hv_check=off capture_purgatory_nmi=1 capture_purgatory=0x1fff0000",
+        );
+        assert!(parsed.is_clean(), "{:?}", messages(&parsed));
+        assert_eq!(parsed.options.capture_corrupt, CaptureCorrupt::Table);
+        assert!(!parsed.options.capture_hv_check);
+        assert!(parsed.options.capture_purgatory_nmi);
+        assert_eq!(parsed.options.capture_purgatory, Some(0x1fff_0000));
+        let parsed = parse(
+            "capture_corrupt=tables capture_hv_check=0 capture_purgatory_nmi=yes capture_purgatory=0x1fff0001 capture_purgatory=0",
+        );
+        assert_eq!(parsed.error_count(), 5, "{:?}", messages(&parsed));
+        assert_eq!(parsed.options, Options::default());
+        assert!(
+            messages(&parsed)[0].contains("expected 0, 1, image or table"),
+            "{:?}",
+            messages(&parsed)
+        );
     }
 
     #[test]
@@ -871,6 +964,9 @@ mod tests {
             ("guest_crash_call", "0"),
             ("capture_mode", "0x1f000000"),
             ("capture_corrupt", "1"),
+            ("capture_hv_check", "off"),
+            ("capture_purgatory_nmi", "1"),
+            ("capture_purgatory", "0x1fff0000"),
             ("capture_sink", "ata"),
             ("crash_timeout_ms", "500"),
             ("crash_hypercall", "allow"),

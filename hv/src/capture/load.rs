@@ -6,6 +6,7 @@
 //! only writes the ELF core header (the one part left out of the digests),
 //! checks the digests and jumps.
 
+use hv_core::cmdline::CaptureCorrupt;
 use hv_core::memmap::MAX_REGIONS;
 use kexec_loader::PhysRange;
 use kexec_loader::boot_params::{E820Entry, E820Table, ZeroPageConfig, build_zero_page};
@@ -14,6 +15,7 @@ use kexec_loader::crash_note::desc_len_for;
 use kexec_loader::digest::DigestTable;
 use kexec_loader::elfcore::{LoadedImage, MemorySegment, core_header_len};
 use kexec_loader::layout::CaptureLayout;
+use kexec_loader::purgatory::SealedTable;
 use kexec_loader::pvh::{BootDataConfig, PvhImage, write_boot_data};
 use kexec_loader::segments;
 
@@ -75,7 +77,7 @@ pub fn load_at_boot(boot: &BootInfo, options: &hv_core::cmdline::Options) {
         return;
     }
     match load(boot, options) {
-        Ok(plan) => {
+        Ok(mut plan) => {
             log::info!(
                 "capture: {} capture kernel loaded; {} segments digested; ELF core header at {}",
                 plan.kind.name(),
@@ -91,10 +93,16 @@ pub fn load_at_boot(boot: &BootInfo, options: &hv_core::cmdline::Options) {
                         .u64(plan.digests.entries().len() as u64)
                 })
             });
-            let plan = handover::install(plan);
-            if corrupt {
-                corrupt_loaded_image(plan);
+            match corrupt {
+                CaptureCorrupt::Nothing => {}
+                CaptureCorrupt::Image => corrupt_loaded_image(&plan),
+                CaptureCorrupt::Table => {
+                    corrupt_loaded_image(&plan);
+                    plan.digests.zero();
+                    log::warn!("capture: test knob: zeroed the hypervisor's digest table");
+                }
             }
+            let plan = handover::install(plan);
             protect_reservation(plan);
         }
         Err(error) => {
@@ -120,10 +128,15 @@ fn protect_reservation(plan: &Plan) {
     };
     let result = mm::protect(start, len, Access::READ_ONLY)
         .and_then(|()| mm::protect(plan.elfcorehdr.start, plan.elfcorehdr.len, Access::DATA))
-        .and_then(|()| mm::protect(plan.purgatory, purgatory::AREA_BYTES, Access::TEXT));
+        // The purgatory runs on hv's page tables until it switches to its
+        // own, and its NMI handler writes its scratch in the area.
+        .and_then(|()| mm::protect(plan.purgatory, purgatory::AREA_BYTES, Access::RWX));
     match result {
         Ok(()) => {
-            log::info!("capture: the reservation is read-only for hv (core header region writable)")
+            log::info!(
+                "capture: the reservation is read-only for hv (core header region and purgatory \
+                 area writable)"
+            )
         }
         Err(error) => log::error!("capture: cannot protect the reservation: {error}"),
     }
@@ -234,8 +247,18 @@ fn load(boot: &BootInfo, options: &hv_core::cmdline::Options) -> Result<Plan, Lo
         return Err(LoadError::UnknownFormat);
     };
     // The purgatory area is the reservation's last 64 KiB, which neither
-    // layout above uses.
-    let purgatory_bytes = purgatory::install(purgatory_area, entry);
+    // layout above uses; it gets its own copy of the digests so far.
+    let purgatory_bytes = purgatory::install(
+        purgatory_area,
+        entry,
+        digests.entries(),
+        purgatory::InstallOptions {
+            exit_emulator: options.finish == hv_core::cmdline::Finish::Exit,
+            self_nmi: options.capture_purgatory_nmi,
+            hv_check: options.capture_hv_check,
+        },
+    )
+    .map_err(|error| LoadError::Purgatory(error.into()))?;
     digests
         .record(purgatory_area, purgatory_bytes)
         .map_err(|error| LoadError::Purgatory(error.into()))?;
@@ -243,7 +266,7 @@ fn load(boot: &BootInfo, options: &hv_core::cmdline::Options) -> Result<Plan, Lo
         kind,
         elfcorehdr,
         purgatory: purgatory_area,
-        digests,
+        digests: SealedTable::seal(digests),
         segments,
         segment_count,
         image: hv_image,
@@ -394,7 +417,8 @@ fn load_hv(
         ""
     };
     let cmdline = format_args!(
-        "capture_mode={:#x} capture_sink={} max_cpus=1 log=info{finish}",
+        "capture_mode={:#x} capture_purgatory={purgatory_area:#x} capture_sink={} max_cpus=1 \
+         log=info{finish}",
         layout.elfcorehdr.start,
         options.capture_sink.name(),
     );
@@ -406,6 +430,12 @@ fn load_hv(
                 firmware,
                 reservation,
                 elfcorehdr: layout.elfcorehdr,
+                // Its IDT is loaded at the capture image's entry, and
+                // capture mode reads the purgatory's stamps there.
+                keep_out: PhysRange::new(
+                    purgatory_area,
+                    (reservation.start + reservation.len).saturating_sub(purgatory_area),
+                ),
                 rsdp: boot.rsdp,
                 cmdline: &cmdline,
             },

@@ -148,15 +148,37 @@ fn fail(why: &dyn core::fmt::Display) -> ! {
 }
 
 /// Streams the dump described by the core header at `header` and ends.
-/// `entry_tsc` is the TSC at the image's first instruction.
-pub fn run(header: u64, sink: hv_core::cmdline::CaptureSink, entry_tsc: u64) -> ! {
+/// `entry_tsc` is the TSC at the image's first instruction; `purgatory`
+/// the crashed hypervisor's purgatory area, whose TSC stamps and NMI
+/// counts are reported.
+pub fn run(
+    header: u64,
+    sink: hv_core::cmdline::CaptureSink,
+    entry_tsc: u64,
+    purgatory: Option<u64>,
+) -> ! {
     log::info!("capture: hv capture mode, ELF core header at {header:#x}");
+    // The area lies in the reservation, below 4 GiB, and the memory map
+    // keeps it reserved: nothing here wrote it.
+    let stamps = purgatory
+        .filter(|area| *area < READABLE_END)
+        .map(crate::crash::purgatory::stamps);
     crate::console::report::capture_line(|o| {
         o.field("capture").object(|o| {
             o.field("entered").bool(true)?;
             o.field("kernel").str("hv")?;
             o.field("entered_tsc").u64(entry_tsc)?;
-            o.field("streaming_tsc").u64(crate::arch::cpu::rdtsc())
+            o.field("streaming_tsc").u64(crate::arch::cpu::rdtsc())?;
+            if let Some(stamps) = stamps {
+                o.field("purgatory").object(|o| {
+                    o.field("entry_tsc").u64(stamps.entry_tsc)?;
+                    o.field("verified_tsc").u64(stamps.verified_tsc)?;
+                    o.field("jump_tsc").u64(stamps.jump_tsc)?;
+                    o.field("nmis_64").u64(stamps.nmis_64)?;
+                    o.field("nmis_32").u64(stamps.nmis_32)
+                })?;
+            }
+            Ok(())
         })
     });
     // The header region is the reserved map entry that starts at it.

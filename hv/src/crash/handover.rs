@@ -14,12 +14,12 @@ use crash::shootdown::VmxExit;
 use hv_abi::crash_note::{CpuLedger, CrashRecord, VmclearOutcome, VmclearRecord, cpu_flags};
 use hv_core::cmdline::CoordinatorStep;
 use kexec_loader::PhysRange;
-use kexec_loader::digest::DigestTable;
 use kexec_loader::elfcore::{CpuState, LoadedImage, MemorySegment, Placement, write_core_header};
 use smp_boot::bringup::CpuState as BringupState;
 use smp_boot::madt::MAX_CPUS;
 
 use super::COORDINATOR;
+use super::purgatory::{HvCheck, HvTable};
 use super::records::{MAX_VMCS, Records};
 use crate::arch::cpu;
 use crate::console::EmergencyConsole;
@@ -63,8 +63,9 @@ pub struct Plan {
     pub elfcorehdr: PhysRange,
     /// The purgatory's area.
     pub purgatory: u64,
-    /// Every loaded piece's digest.
-    pub digests: DigestTable<DIGESTS>,
+    /// Every loaded piece's digest, sealed (the purgatory keeps its own
+    /// copy in the reservation).
+    pub digests: HvTable,
     /// The memory the dump describes.
     pub segments: [MemorySegment; MAX_SEGMENTS],
     /// How many of `segments` are valid.
@@ -220,7 +221,7 @@ pub fn hand_over(handover: &Handover<'_>) {
             EmergencyConsole,
             "*** hv: capture: refused: the hand-over failed twice; not jumping"
         );
-        report_capture(plan, false, Some(&"the hand-over failed twice"));
+        report_capture(plan, Some(false), Some(&"the hand-over failed twice"));
         return;
     }
     // The second attempt follows a crash inside the first: it leaves out
@@ -231,7 +232,7 @@ pub fn hand_over(handover: &Handover<'_>) {
             EmergencyConsole,
             "*** hv: capture: refused: the crash-time buffers are another CPU's; not jumping"
         );
-        report_capture(plan, false, Some(&"the crash-time buffers are gone"));
+        report_capture(plan, Some(false), Some(&"the crash-time buffers are gone"));
         return;
     };
     // The crashing CPU first: gdb makes the first note its current thread.
@@ -303,43 +304,55 @@ pub fn hand_over(handover: &Handover<'_>) {
             EmergencyConsole,
             "*** hv: capture: cannot write the ELF core header: {error}; not jumping"
         );
-        report_capture(plan, false, Some(&error));
+        report_capture(plan, Some(false), Some(&error));
         return;
     }
     super::inject::coordinator_step(CoordinatorStep::DigestCheck);
-    // Digested ranges lie in the reservation, which nothing writes.
-    let verdict = plan
-        .digests
-        .verify(|address, len| Some(phys::read(address, len as u64)));
+    // The hypervisor's own check first (a fast refusal, said here); the
+    // purgatory checks again from the reservation, on its own copy.
+    let checked = super::purgatory::check_before_jump(&plan.digests);
     super::stamp(super::Step::Digests);
-    if let Err(error) = verdict {
-        let _ = writeln!(
-            EmergencyConsole,
-            "*** hv: capture: {error} (the capture kernel was damaged after boot)"
-        );
-        report_capture(plan, false, Some(&error));
-        return;
-    }
+    let checked = match checked {
+        Ok(checked) => checked,
+        Err(error) => {
+            let _ = writeln!(EmergencyConsole, "*** hv: capture: {error}");
+            report_capture(plan, Some(false), Some(&error));
+            return;
+        }
+    };
+    let (said, digest_ok) = match checked {
+        HvCheck::Verified => ("digests verified", Some(true)),
+        HvCheck::Skipped => (
+            "hv's own digest check skipped (capture_hv_check=off), the purgatory checks",
+            None,
+        ),
+    };
     let _ = writeln!(
         EmergencyConsole,
-        "*** hv: capture: {} CPU notes, {} memory ranges; digests verified; jumping to the {} capture kernel",
+        "*** hv: capture: {} CPU notes, {} memory ranges; {said}; jumping to the {} capture kernel",
         cpu_count,
         plan.segment_count,
         plan.kind.name()
     );
-    report_capture(plan, true, None);
+    report_capture(plan, digest_ok, None);
     crate::console::wait_transmitter_empty();
     super::inject::coordinator_step(CoordinatorStep::Purgatory);
     crate::arch::blobs::jump_to_purgatory(plan.purgatory)
 }
 
-fn report_capture(plan: &Plan, digest_ok: bool, error: Option<&dyn core::fmt::Display>) {
+/// `digest_ok`: the hypervisor's own check's verdict (`None`: skipped);
+/// it jumps unless there is an `error`.
+fn report_capture(plan: &Plan, digest_ok: Option<bool>, error: Option<&dyn core::fmt::Display>) {
     let now = cpu::rdtsc();
     crate::console::report::emergency(|o| {
         o.field("capture").object(|o| {
             o.field("kernel").str(plan.kind.name())?;
-            o.field("digest_ok").bool(digest_ok)?;
-            o.field("jumped").bool(digest_ok)?;
+            o.field("digest_ok")
+                .option(digest_ok, |value, ok| value.bool(ok))?;
+            if digest_ok.is_none() {
+                o.field("hv_check").str("skipped")?;
+            }
+            o.field("jumped").bool(error.is_none())?;
             // A timestamp (microseconds since the TSC's origin), not a
             // duration: kept for compatibility; `handover_tsc` is the raw
             // count, comparable with the other `*_tsc` fields.

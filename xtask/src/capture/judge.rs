@@ -34,8 +34,10 @@
 //! emulator with the success code (QEMU status 0x21), and the dump exists,
 //! parses, is complete, has one `NT_PRSTATUS` per CPU that checked in plus
 //! the coordinator, and its `HVCRASH` note names the coordinator of the
-//! crash report. With `capture_corrupt=1` the jump must be refused
-//! instead: `digest_ok` false, nothing entered, no dump.
+//! crash report. With `capture_corrupt=1|image|table` the jump must be
+//! refused instead: `digest_ok` false, or (with `capture_hv_check=off`)
+//! hv jumps and the purgatory refuses (`purgatory_refused`); nothing
+//! entered, no dump.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -209,7 +211,10 @@ pub fn conclude(
 /// left aside and the capture kernel's checked here.
 fn base_problems(outcome: &RunOutcome, words: &[String], qemu: bool) -> Vec<String> {
     let report = &outcome.report;
-    let jumped = report["capture"]["jumped"] == Value::Bool(true);
+    // A purgatory that refused ended the run the way hv's refusing crash
+    // path does (0x25): judged as if hv had not jumped.
+    let jumped = report["capture"]["jumped"] == Value::Bool(true)
+        && !report["capture"]["purgatory_refused"].is_string();
     if !jumped || !qemu {
         return outcome.reason.iter().cloned().collect();
     }
@@ -424,20 +429,36 @@ pub fn capture_problems(report: &Value, words: &[String], collected: &Collected)
         return problems;
     }
     let kernel = capture["kernel"].as_str().unwrap_or("?");
-    if word(words, "capture_corrupt") == Some("1") {
-        if capture["digest_ok"] != Value::Bool(false) {
+    if let Some(knob) = word(words, "capture_corrupt").filter(|value| *value != "0") {
+        // Damaged on purpose: hv's own check refuses (digest_ok false, no
+        // jump), or, with capture_hv_check=off, the purgatory does.
+        let purgatory_refused = capture["purgatory_refused"].is_string();
+        let hv_refused =
+            capture["digest_ok"] == Value::Bool(false) && capture["jumped"] != Value::Bool(true);
+        if !hv_refused && !purgatory_refused {
             problems.push(format!(
-                "capture_corrupt=1: digest_ok is {}, expected false",
+                "capture_corrupt={knob}: neither hv (digest_ok {}) nor the purgatory refused the damaged capture kernel",
                 capture["digest_ok"]
             ));
         }
-        if capture["jumped"] == Value::Bool(true) || capture["entered"] == Value::Bool(true) {
-            problems
-                .push("capture_corrupt=1: hv jumped into the damaged capture kernel".to_owned());
+        if capture["entered"] == Value::Bool(true)
+            || (capture["jumped"] == Value::Bool(true) && !purgatory_refused)
+        {
+            problems.push(format!(
+                "capture_corrupt={knob}: the damaged capture kernel was jumped into"
+            ));
         }
         if collected.dump.is_ok() {
-            problems.push("capture_corrupt=1: a dump was written all the same".to_owned());
+            problems.push(format!(
+                "capture_corrupt={knob}: a dump was written all the same"
+            ));
         }
+        return problems;
+    }
+    if let Some(reason) = capture["purgatory_refused"].as_str() {
+        problems.push(format!(
+            "the purgatory refused the capture kernel: {reason}"
+        ));
         return problems;
     }
     if report["crash"].is_null() {
@@ -450,6 +471,8 @@ pub fn capture_problems(report: &Value, words: &[String], collected: &Collected)
             "hv refused to jump into the capture kernel: {}",
             capture["refused"].as_str().unwrap_or("digest mismatch")
         )),
+        // capture_hv_check=off: the purgatory's check alone.
+        None if capture["hv_check"] == "skipped" => {}
         None => problems.push("hv reported no capture digest check at the crash".to_owned()),
     }
     if capture["entered"] != Value::Bool(true) {
@@ -754,6 +777,47 @@ mod tests {
         let problems = capture_problems(&good, &asked, &dump);
         assert_eq!(problems.len(), 3, "{problems:?}");
         fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_purgatory_refusal_counts_only_when_asked_for() {
+        let none = Collected {
+            dump: Err(anyhow::anyhow!("no dump stream")),
+            stream: None,
+            source: PathBuf::from("dump.stream"),
+            filtered: None,
+        };
+        // hv's own check skipped, hv jumped, the purgatory refused.
+        let hv = json!({
+            "crash": {"cpu_index": 1, "checked_in": 1},
+            "capture": {"loaded": true, "kernel": "hv", "digest_ok": null, "hv_check": "skipped",
+                        "jumped": true, "refused": null,
+                        "purgatory_refused": "segment 0 at 0x10000000 (0x3abcf bytes) changed since it was loaded"},
+        });
+        let mut report = hv.clone();
+        report::deep_merge(
+            &mut report["capture"],
+            capture_object(&hv, CaptureKernel::Hv, "", &none, &[]),
+        );
+        let asked = words("crash=cpu:1,after_ms:50 capture_corrupt=table capture_hv_check=off");
+        assert_eq!(
+            capture_problems(&report, &asked, &none),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            capture_problems(&report, &words("crash=cpu:1,after_ms:50"), &none),
+            [
+                "the purgatory refused the capture kernel: segment 0 at 0x10000000 (0x3abcf bytes) changed since it was loaded"
+            ]
+        );
+        // Skipped by hv and not refused by the purgatory: jumped into.
+        let mut entered = report.clone();
+        entered["capture"]["purgatory_refused"] = Value::Null;
+        entered["capture"]["entered"] = json!(true);
+        let problems = capture_problems(&entered, &asked, &none);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("neither hv"), "{problems:?}");
+        assert!(problems[1].contains("jumped into"), "{problems:?}");
     }
 
     #[test]

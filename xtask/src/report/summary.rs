@@ -297,17 +297,21 @@ fn capture_line(report: &Value) -> String {
     if !report["crash"].is_object() {
         return format!("{kernel}: loaded at boot; no crash to capture");
     }
-    match capture["digest_ok"].as_bool() {
-        Some(true) => {}
+    let checked = match capture["digest_ok"].as_bool() {
+        Some(true) => "digests ok",
         Some(false) => {
             return format!(
                 "{kernel}: digests MISMATCH, jump refused ({})",
                 capture["refused"].as_str().unwrap_or("no reason given")
             );
         }
+        None if capture["hv_check"] == "skipped" => "hv's check skipped",
         None => return format!("{kernel}: no digest check reported at the crash"),
+    };
+    if let Some(reason) = capture["purgatory_refused"].as_str() {
+        return format!("{kernel}: {checked}, the purgatory REFUSED it ({reason})");
     }
-    let mut line = format!("{kernel}: digests ok, ");
+    let mut line = format!("{kernel}: {checked}, ");
     if capture["entered"] == Value::Bool(true) {
         line.push_str("entered");
         if capture["attempt"].as_u64() == Some(2) {
