@@ -22,11 +22,11 @@ use xtask::stress::{self, CrashPlan, Plain, StressOptions};
 pub use xtask::run::{Boot, RunOutcome};
 pub use xtask::stress::StressResult;
 
-/// Whether hv's purgatory survives an NMI (it loads an IDT of its own):
-/// until that fix lands it does not, and `point:nmi_in_purgatory` kills
-/// the machine (a triple fault). Tests that would fail for that alone
-/// look here; flip it when the fix is in.
-pub const PURGATORY_SURVIVES_NMIS: bool = false;
+/// Whether hv's purgatory survives an NMI (it has an IDT of its own, since
+/// the purgatory rework merged from `hpurg`): before that,
+/// `point:nmi_in_purgatory` killed the machine (a triple fault). Tests
+/// that would fail for that alone look here.
+pub const PURGATORY_SURVIVES_NMIS: bool = true;
 
 /// Time allowed for one QEMU run; generous because tests share two cores.
 const QEMU_TIMEOUT: Duration = Duration::from_secs(180);

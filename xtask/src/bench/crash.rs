@@ -20,7 +20,10 @@
 //! | core header | summary | `capture.header_tsc` |
 //! | digest check | core header | `capture.digests_tsc` |
 //! | hand-over line | digests | `capture.handover_tsc` (the capture report printed) |
-//! | purgatory to capture entry | hand-over | the capture image's `capture.entered_tsc` (its first instruction) |
+//! | to the purgatory | hand-over | `capture.purgatory.entry_tsc` (the purgatory's first stamp) |
+//! | purgatory's checks | purgatory entry | `capture.purgatory.verified_tsc` (its own SHA-256 of every piece) |
+//! | purgatory to its jump | verified | `capture.purgatory.jump_tsc` |
+//! | jump to capture entry | jump | the capture image's `capture.entered_tsc` (its first instruction) |
 //! | crash to capture entry | `crash.entered_tsc` | `capture.entered_tsc` |
 //!
 //! The reference, in the same run (alternating with hv's runs): Linux's
@@ -55,7 +58,7 @@ const MAX_AFTER_MS: u64 = 20;
 
 /// The steps of the way, in order: their names, and the report keys of
 /// the TSC stamps they run between.
-pub const STEPS: [(&str, &str, &str); 8] = [
+pub const STEPS: [(&str, &str, &str); 11] = [
     (
         "panic to NMIs out",
         "/crash/entered_tsc",
@@ -84,8 +87,23 @@ pub const STEPS: [(&str, &str, &str); 8] = [
         "/capture/handover_tsc",
     ),
     (
-        "purgatory to capture entry",
+        "to the purgatory",
         "/capture/handover_tsc",
+        "/capture/purgatory/entry_tsc",
+    ),
+    (
+        "purgatory's checks",
+        "/capture/purgatory/entry_tsc",
+        "/capture/purgatory/verified_tsc",
+    ),
+    (
+        "purgatory to its jump",
+        "/capture/purgatory/verified_tsc",
+        "/capture/purgatory/jump_tsc",
+    ),
+    (
+        "jump to capture entry",
+        "/capture/purgatory/jump_tsc",
         "/capture/entered_tsc",
     ),
 ];
@@ -439,6 +457,8 @@ mod tests {
             "capture": {"rendezvous_tsc": 4_050_000u64, "cleanup_tsc": 4_060_000u64,
                         "summary_tsc": 9_060_000u64, "header_tsc": 10_060_000u64,
                         "digests_tsc": 30_060_000u64, "handover_tsc": 31_060_000u64,
+                        "purgatory": {"entry_tsc": 32_060_000u64, "verified_tsc": 38_060_000u64,
+                                      "jump_tsc": 38_560_000u64},
                         "entered_tsc": 40_060_000u64},
         })
     }
@@ -449,7 +469,15 @@ mod tests {
         let sample = CrashSample::from_report(spec, &report(1_000_000)).unwrap();
         assert_eq!(
             sample.steps_us,
-            [50.0, 3000.0, 10.0, 5000.0, 1000.0, 20000.0, 1000.0, 9000.0]
+            [
+                50.0, 3000.0, 10.0, 5000.0, 1000.0, 20000.0, 1000.0, 1000.0, 6000.0, 500.0, 1500.0
+            ]
+        );
+        let mut old = report(1_000_000);
+        old["capture"]["purgatory"] = Value::Null;
+        assert_eq!(
+            CrashSample::from_report(spec, &old).unwrap_err(),
+            "no capture.purgatory.entry_tsc stamp"
         );
         assert_eq!(sample.total_us, 39060.0);
         // At 2 GHz everything takes half as long.
@@ -489,10 +517,11 @@ mod tests {
         let text = result.table();
         for line in [
             "-smp 64, 512 MiB, qemu-tcg, 2 runs, crashing CPU random (seed 5)\n",
-            "  panic to NMIs out              50      50     50\n",
-            "  digest check                20000   20000  20000\n",
-            "  crash to capture entry      39060   39060  39060\n",
-            "  Linux: crash to purgatory   20000   21000  22000\n",
+            "  panic to NMIs out             50      50     50\n",
+            "  digest check               20000   20000  20000\n",
+            "  purgatory's checks          6000    6000   6000\n",
+            "  crash to capture entry     39060   39060  39060\n",
+            "  Linux: crash to purgatory  20000   21000  22000\n",
             "ratio of medians (hv crash to capture entry / Linux crash to purgatory): 1.86\n",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");

@@ -1017,6 +1017,23 @@ mod tests {
                  loaded none: it never fired"
             )
         );
+        // The purgatory counts the NMI it took.
+        let mut purgatory = jumped(1, 0);
+        purgatory["purgatory"] = json!({"entry_tsc": 1, "nmis_64": 1, "nmis_32": 0});
+        assert_eq!(
+            problems(
+                &captured(crash.clone(), purgatory.clone()),
+                "nmi_in_purgatory"
+            ),
+            None
+        );
+        purgatory["purgatory"]["nmis_64"] = json!(0);
+        assert_eq!(
+            problems(&captured(crash.clone(), purgatory), "nmi_in_purgatory").as_deref(),
+            Some(
+                "capture.purgatory.nmis_64 + nmis_32 is 0: the stray NMI never reached the purgatory"
+            )
+        );
         // The stray NMIs must have landed.
         assert_eq!(
             problems(&captured(crash.clone(), jumped(1, 1)), "nmi_in_header"),

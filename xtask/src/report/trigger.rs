@@ -15,7 +15,8 @@
 //!   the hand-over (`handover_panic`), an NMI on every CPU during the crash
 //!   (`external_nmi`): the crash is the time-based one, and the report must
 //!   show the disturbance landed (the coordinator counted its stray NMI,
-//!   the second hand-over attempt jumped) and was survived. The points of
+//!   the purgatory counted its own, the second hand-over attempt jumped)
+//!   and was survived. The points of
 //!   the hand-over need a capture kernel: without one hv never gets there.
 
 use serde_json::Value;
@@ -291,9 +292,23 @@ pub(crate) fn disturbance_problems(report: &Value, rules: &CrashRules) -> Vec<St
             },
         ),
         Point::CoordinatorNmi(_) => {
-            (handed_over && capture["jumped"] != Value::Bool(true)).then(|| {
-                "capture.jumped is not true: the coordinator never reached the purgatory".to_owned()
-            })
+            let purgatory = &capture["purgatory"];
+            let nmis = purgatory["nmis_64"].as_u64().unwrap_or(0)
+                + purgatory["nmis_32"].as_u64().unwrap_or(0);
+            if handed_over && capture["jumped"] != Value::Bool(true) {
+                Some(
+                    "capture.jumped is not true: the coordinator never reached the purgatory"
+                        .to_owned(),
+                )
+            } else {
+                // The capture image reads the purgatory's count (when it
+                // got that far: else the capture's checks say why).
+                (purgatory.is_object() && nmis == 0).then(|| {
+                    "capture.purgatory.nmis_64 + nmis_32 is 0: the stray NMI never reached \
+                     the purgatory"
+                        .to_owned()
+                })
+            }
         }
         Point::HandoverPanic => {
             (handed_over && capture["attempt"].as_u64() != Some(2)).then(|| {
