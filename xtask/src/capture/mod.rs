@@ -52,6 +52,8 @@ pub const DISK_FILE: &str = "vmcore.img";
 pub const KDUMP_DISK_FILE: &str = "vmcore-kdump.img";
 /// The compressed kdump file rearranged from it.
 pub const KDUMP_FILE: &str = "vmcore.kdump";
+/// The lock Bochs keeps beside [`DISK_FILE`] while it runs.
+const DISK_LOCK_FILE: &str = "vmcore.img.lock";
 /// What hv's capture mode wrote to the debug port.
 pub const STREAM_FILE: &str = "dump.stream";
 /// QEMU's debug console log (`run/qemu.rs` names it).
@@ -498,7 +500,18 @@ pub fn bochs(options: &BochsOptions, capture: &CaptureOptions) -> Result<RunOutc
         .clone()
         .unwrap_or_else(|| format!("bochs-cpus{}-capture-hv", options.cpus));
     let run_dir = paths::run_dir(&name);
-    clean(&run_dir, &[DUMP_FILE, DISK_FILE, STREAM_FILE, "serial.log"])?;
+    // A Bochs killed mid-run (a time limit) leaves its disk's lock file,
+    // and the next run of the same name could not open the disk.
+    clean(
+        &run_dir,
+        &[
+            DUMP_FILE,
+            DISK_FILE,
+            DISK_LOCK_FILE,
+            STREAM_FILE,
+            "serial.log",
+        ],
+    )?;
 
     let mut run = options.clone();
     run.append = words.clone();
