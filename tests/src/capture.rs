@@ -64,6 +64,46 @@ pub fn capture_qemu(
         .unwrap_or_else(|error| panic!("QEMU capture run {name} could not run: {error:#}"))
 }
 
+/// Boots hv in QEMU with hv's capture mode and presses the platform's
+/// NMI button (QMP `inject-nmi`) `after_ms` after hv's boot report (see
+/// `QemuOptions::nmi_button_after_ms`): no crash is injected beside it.
+#[track_caller]
+pub fn capture_qemu_button(name: &str, cpus: u32, append: &[&str], after_ms: u64) -> RunOutcome {
+    let options = QemuOptions {
+        smp: cpus,
+        memory_mib: capture::HV_MEMORY_MIB,
+        append: append.iter().map(|word| word.to_string()).collect(),
+        timeout: QEMU_TIMEOUT,
+        run_name: Some(name.to_owned()),
+        nmi_button_after_ms: Some(after_ms),
+        ..QemuOptions::new(hv_elf())
+    };
+    let capture = CaptureOptions {
+        default_crash: None,
+        ..CaptureOptions::new(capture::CaptureKernel::Hv, cpus)
+    };
+    capture::qemu(&options, &prepared(capture))
+        .unwrap_or_else(|error| panic!("QEMU capture run {name} could not run: {error:#}"))
+}
+
+/// gdb's backtrace of CPU `cpu`'s thread in the run's dump (`thread
+/// apply all bt`, the thread whose LWP is the CPU index plus one).
+#[track_caller]
+pub fn gdb_backtrace_of_cpu(run: &RunOutcome, cpu: u64) -> String {
+    let dump = dump_path(run);
+    let text = gdb(hv_elf(), &dump, &["thread apply all bt"]);
+    let wanted = format!("(LWP {})", cpu + 1);
+    text.split("\nThread ")
+        .find(|block| {
+            block
+                .lines()
+                .next()
+                .is_some_and(|line| line.contains(&wanted))
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no thread for CPU {cpu} (LWP {}) in:\n{text}", cpu + 1))
+}
+
 /// Boots hv in Bochs with its capture mode.
 #[track_caller]
 pub fn capture_bochs(

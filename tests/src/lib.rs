@@ -22,6 +22,12 @@ use xtask::stress::{self, CrashPlan, Plain, StressOptions};
 pub use xtask::run::{Boot, RunOutcome};
 pub use xtask::stress::StressResult;
 
+/// Whether hv's purgatory survives an NMI (it has an IDT of its own, since
+/// the purgatory rework merged from `hpurg`): before that,
+/// `point:nmi_in_purgatory` killed the machine (a triple fault). Tests
+/// that would fail for that alone look here.
+pub const PURGATORY_SURVIVES_NMIS: bool = true;
+
 /// Time allowed for one QEMU run; generous because tests share two cores.
 const QEMU_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -90,8 +96,9 @@ pub fn stress(name: &str, cpus: u32, runs: u32) -> StressResult {
 
 /// Runs `runs` QEMU boots with `cpus` CPUs through xtask's stress loop,
 /// each with a random crash drawn from `seed` (QEMU TCG: the points that
-/// fire without VMX), into `build/<name>/`. The seed is in the result's
-/// title.
+/// fire without VMX, those inside the hand-over included) and captured by
+/// hv's capture mode up to its entry (as `cargo xtask stress --crash
+/// random` does), into `build/<name>/`. The seed is in the result's title.
 #[track_caller]
 pub fn stress_crash(name: &str, cpus: u32, runs: u32, seed: u64) -> StressResult {
     let base = QemuOptions {
@@ -99,9 +106,16 @@ pub fn stress_crash(name: &str, cpus: u32, runs: u32, seed: u64) -> StressResult
         timeout: QEMU_TIMEOUT,
         ..QemuOptions::new(hv_elf())
     };
+    let capture = xtask::capture::CaptureOptions {
+        image: Some(capture::hv_capture_elf().to_path_buf()),
+        default_crash: None,
+        until_entry: true,
+        ..xtask::capture::CaptureOptions::new(xtask::capture::CaptureKernel::Hv, cpus)
+    };
     let options = StressOptions {
         name: name.to_owned(),
         progress: false,
+        capture: Some(capture),
         ..StressOptions::new(base, runs)
     };
     let vmx = xtask::accel::detect() == xtask::accel::Accel::Kvm;
@@ -111,7 +125,8 @@ pub fn stress_crash(name: &str, cpus: u32, runs: u32, seed: u64) -> StressResult
         cpus,
         vmx,
         xtask::crash::DEFAULT_GUEST_RUN_MS,
-    );
+    )
+    .with_capture(true);
     stress::stress(&options, &mut plan)
         .unwrap_or_else(|error| panic!("stress loop {name} could not run: {error:#}"))
 }
@@ -231,7 +246,86 @@ pub fn assert_clean_shootdown(run: &RunOutcome) -> Crash {
         "the coordinator has an NMI latency\n{}",
         why()
     );
+    if run.report["crash"].get("vmxoff_executed").is_some() {
+        assert_vmx_accounting(run);
+    }
     crash
+}
+
+/// The crash report's VMX accounting (issue 9), read key by key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmxAccounting {
+    /// CPUs that executed VMXOFF (a real one, not a #UD outside VMX).
+    pub vmxoff_executed: u64,
+    /// CPUs that had VMX on at the crash.
+    pub vmx_was_on_cpus: u64,
+    /// Per CPU index: the VMCSes its records say it held.
+    pub vmcs_loaded_per_cpu: Vec<u64>,
+    /// Per CPU index: the crash VMCLEARs it executed itself.
+    pub vmclear_credits: Vec<u64>,
+}
+
+/// Asserts the VMX accounting of a crash run: every CPU that had VMX on
+/// executed VMXOFF, no VMCS was cleared by another CPU or lost, and each
+/// CPU that checked in (and the coordinator) executed exactly the crash
+/// VMCLEARs of the VMCSes its records say it held. Without VMX (QEMU
+/// TCG) nothing had it on, nothing executed VMXOFF, and the summary
+/// makes no VMX claim.
+#[track_caller]
+pub fn assert_vmx_accounting(run: &RunOutcome) -> VmxAccounting {
+    let accounting = VmxAccounting {
+        vmxoff_executed: number(run, "/crash/vmxoff_executed"),
+        vmx_was_on_cpus: number(run, "/crash/vmx_was_on_cpus"),
+        vmcs_loaded_per_cpu: numbers(run, "/crash/vmcs_loaded_per_cpu"),
+        vmclear_credits: numbers(run, "/crash/vmclear_credits"),
+    };
+    let why = || format!("{accounting:#?}\n{}", explain(run));
+    assert_eq!(
+        accounting.vmxoff_executed,
+        accounting.vmx_was_on_cpus,
+        "a CPU with VMX on did not execute VMXOFF\n{}",
+        why()
+    );
+    assert_eq!(number(run, "/crash/vmcs_cleared_elsewhere"), 0, "{}", why());
+    assert_eq!(number(run, "/crash/vmcs_lost"), 0, "{}", why());
+    let coordinator = number(run, "/crash/cpu_index") as usize;
+    let seen: Vec<Option<u64>> = field(run, "/crash/checkin_us")
+        .as_array()
+        .map(|list| list.iter().map(Value::as_u64).collect())
+        .unwrap_or_default();
+    for (cpu, (held, cleared)) in accounting
+        .vmcs_loaded_per_cpu
+        .iter()
+        .zip(&accounting.vmclear_credits)
+        .enumerate()
+    {
+        if cpu == coordinator || seen.get(cpu).copied().flatten().is_some() {
+            assert_eq!(
+                held,
+                cleared,
+                "CPU {cpu}: VMCSes held by its records and its own crash VMCLEARs differ\n{}",
+                why()
+            );
+        }
+    }
+    if run.report["emulator"] == "qemu-tcg" {
+        assert_eq!(
+            (accounting.vmxoff_executed, accounting.vmx_was_on_cpus),
+            (0, 0),
+            "QEMU TCG has no VMX\n{}",
+            why()
+        );
+        let summary = run.summary();
+        let line = summary
+            .lines()
+            .find(|line| line.starts_with("  VMCS"))
+            .unwrap_or_else(|| panic!("no VMCS line in the summary:\n{summary}"));
+        assert!(
+            line.ends_with("; no VMX ran") && !line.contains("VMXOFF"),
+            "the summary claims VMX where none ran: {line}"
+        );
+    }
+    accounting
 }
 
 /// Fails the test unless xtask judged the run ok, showing why.

@@ -18,10 +18,15 @@
 //!
 //! It is a benchmark, not a test: it fails only when a run cannot be
 //! measured, never because of the numbers. [`shootdown`] is the crash
-//! path's benchmark.
+//! path's benchmark, [`crash`] the way from a panic to the capture
+//! kernel's entry step by step, [`tsc`] the TSC calibration on a busy
+//! host.
 
+pub mod crash;
+pub mod linux_crash;
 pub mod plot;
 pub mod shootdown;
+pub mod tsc;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -58,46 +58,54 @@ pub struct Kit {
 /// Fetches makedumpfile and its libraries the first time; reuses them
 /// afterwards.
 pub fn kit() -> Result<Kit> {
-    let dir = paths::build_dir().join(PACKAGE);
-    if let Ok(kit) = kept(&dir) {
+    package_kit(PACKAGE, PACKAGE)
+}
+
+/// Fetches the binary `binary` of Debian's package `package` and the
+/// libraries it loads the first time (into `build/<package>/`); reuses
+/// them afterwards. makedumpfile's way, for any dynamic executable (the
+/// Linux reference of `bench crash` takes `kexec` from `kexec-tools`).
+pub fn package_kit(package: &str, binary: &str) -> Result<Kit> {
+    let dir = paths::build_dir().join(package);
+    if let Ok(kit) = kept(&dir, binary) {
         return Ok(kit);
     }
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    eprintln!("capture: fetching {PACKAGE} and the libraries it loads");
+    eprintln!("xtask: fetching {package} and the libraries its {binary} loads");
     let root = dir.join("root");
     if root.exists() {
         fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
     }
-    let result = fetch(&dir, &root);
+    let result = fetch(&dir, &root, package, binary);
     let _ = fs::remove_dir_all(&root);
     result
 }
 
-fn fetch(dir: &Path, root: &Path) -> Result<Kit> {
-    debian::download_and_extract(&[PACKAGE], dir, root)?;
+fn fetch(dir: &Path, root: &Path, package: &str, binary_name: &str) -> Result<Kit> {
+    debian::download_and_extract(&[package], dir, root)?;
     let binary = ["usr/bin", "usr/sbin", "sbin", "bin"]
         .iter()
-        .map(|d| root.join(d).join(PACKAGE))
+        .map(|d| root.join(d).join(binary_name))
         .find(|p| p.is_file())
-        .with_context(|| format!("the {PACKAGE} package holds no {PACKAGE} binary"))?;
+        .with_context(|| format!("the {package} package holds no {binary_name} binary"))?;
     let interpreter = dynamic_info(&fs::read(&binary)?)?
         .interpreter
-        .context("makedumpfile has no PT_INTERP: not a dynamic executable")?;
+        .with_context(|| format!("{binary_name} has no PT_INTERP: not a dynamic executable"))?;
 
     // Walk apt's dependencies until every library is found.
-    let mut fetched: BTreeSet<String> = [PACKAGE.to_owned()].into();
-    let mut queue: VecDeque<String> = debian::depends(PACKAGE)?.into();
+    let mut fetched: BTreeSet<String> = [package.to_owned()].into();
+    let mut queue: VecDeque<String> = debian::depends(package)?.into();
     loop {
         let (found, missing) = resolve(root, &binary)?;
         if missing.is_empty() {
-            return keep(dir, root, &binary, &interpreter, &found);
+            return keep(dir, root, &binary, binary_name, &interpreter, &found);
         }
         let batch: Vec<String> = std::iter::from_fn(|| queue.pop_front())
             .filter(|p| !fetched.contains(p) && !SKIPPED_PACKAGES.contains(&p.as_str()))
             .collect();
         if batch.is_empty() || fetched.len() + batch.len() > MAX_PACKAGES {
             bail!(
-                "{PACKAGE} needs {} that no package among its dependencies ({}) provides",
+                "{binary_name} needs {} that no package among its dependencies ({}) provides",
                 missing.iter().cloned().collect::<Vec<_>>().join(", "),
                 fetched.iter().cloned().collect::<Vec<_>>().join(", ")
             );
@@ -171,6 +179,7 @@ fn keep(
     dir: &Path,
     root: &Path,
     binary: &Path,
+    binary_name: &str,
     interpreter: &str,
     found: &BTreeMap<String, PathBuf>,
 ) -> Result<Kit> {
@@ -184,7 +193,7 @@ fn keep(
     let copy = |from: &Path, to: &Path| {
         fs::copy(from, to).with_context(|| format!("copying {}", from.display()))
     };
-    copy(binary, &dir.join(PACKAGE))?;
+    copy(binary, &dir.join(binary_name))?;
     let loader_name = Path::new(interpreter)
         .file_name()
         .context("PT_INTERP names no file")?;
@@ -196,11 +205,11 @@ fn keep(
         .chain(found.keys().map(|s| format!("{s}\n")))
         .collect();
     fs::write(dir.join(MANIFEST), manifest)?;
-    kept(dir)
+    kept(dir, binary_name)
 }
 
 /// What an earlier fetch kept.
-fn kept(dir: &Path) -> Result<Kit> {
+fn kept(dir: &Path, binary_name: &str) -> Result<Kit> {
     let text = fs::read_to_string(dir.join(MANIFEST))?;
     let mut lines = text.lines();
     let interpreter = lines
@@ -217,7 +226,7 @@ fn kept(dir: &Path) -> Result<Kit> {
         .filter(|l| !l.is_empty())
         .map(|soname| (soname.to_owned(), dir.join("lib").join(soname)))
         .collect();
-    let binary = dir.join(PACKAGE);
+    let binary = dir.join(binary_name);
     if !binary.is_file() || !loader.is_file() || !libraries.iter().all(|(_, p)| p.is_file()) {
         bail!("{} is incomplete", dir.display());
     }

@@ -133,6 +133,12 @@ pub fn alloc_scratch() -> bool {
     true
 }
 
+/// The purgatory's area, once a capture kernel is loaded (the
+/// `nmi_in_purgatory` knob waits for the purgatory's entry stamp there).
+pub fn purgatory_area() -> Option<u64> {
+    PLAN.get().map(|plan| plan.purgatory)
+}
+
 /// Leaves the capture layer's plan for the crash path.
 pub fn install(plan: Plan) -> &'static Plan {
     PLAN.call_once(|| plan)

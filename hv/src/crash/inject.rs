@@ -242,9 +242,7 @@ pub fn nmi_source_duty(me: usize) {
     match point {
         CrashPoint::CoordinatorNmi(step) => {
             if step == CoordinatorStep::Purgatory {
-                // The jump follows the step's mark at once: give it a
-                // moment to be in the purgatory.
-                time::delay_us(20);
+                wait_for_the_purgatory();
             }
             if let Some(coordinator) = super::COORDINATOR.coordinator() {
                 crate::arch::apic::send_nmi(smp::cpus()[coordinator].slot.apic_id());
@@ -260,6 +258,23 @@ pub fn nmi_source_duty(me: usize) {
         }
     }
     crate::arch::apic::disable();
+}
+
+/// `point:nmi_in_purgatory`: waits (bounded) until the purgatory stamped
+/// its entry, so that the NMI lands inside it (it then checks every
+/// digest, for milliseconds) rather than on the way there: a fixed delay
+/// after the step's mark was too short in Bochs, whose CPUs take turns.
+fn wait_for_the_purgatory() {
+    let Some(area) = super::handover::purgatory_area() else {
+        time::delay_us(20);
+        return;
+    };
+    let deadline = time::now_us() + 1_000_000;
+    while super::purgatory::stamps(area).entry_tsc == 0 && time::now_us() < deadline {
+        // Read the stamp afresh each time: the coordinator writes it.
+        core::sync::atomic::fence(Ordering::Acquire);
+        core::hint::spin_loop();
+    }
 }
 
 /// Point-based injection inside the list protocol.
@@ -439,8 +454,14 @@ fn hang_holding_lock(_: usize) {
 #[inline(never)]
 fn hang_waiting_for_lock(_: usize) {
     crate::arch::cpu::disable_interrupts();
-    let _never = HANG_LOCK.lock();
+    // Its own wait loop, not `lock()`: with the holder's body, the two
+    // functions fold into one and a dump's backtrace names the holder.
     loop {
+        if let Some(_never) = HANG_LOCK.try_lock() {
+            loop {
+                core::hint::spin_loop();
+            }
+        }
         core::hint::spin_loop();
     }
 }

@@ -237,7 +237,8 @@ fn base_problems(outcome: &RunOutcome, words: &[String], qemu: bool) -> Vec<Stri
         .as_u64()
         .and_then(|n| u32::try_from(n).ok())
         .unwrap_or(0);
-    let mut expect = Expectations::from_cmdline(cpus, words);
+    let mut expect = Expectations::from_cmdline(cpus, words)
+        .with_nmi_button(report["xtask"]["nmi_button"].is_object());
     if report["emulator"] == "qemu-kvm" {
         expect = expect.with_virt(Backend::Vmx);
     }
@@ -254,7 +255,10 @@ fn base_problems(outcome: &RunOutcome, words: &[String], qemu: bool) -> Vec<Stri
     };
     let verdict = report::judge(report, &expect, end, ExitConvention::Meaningless);
     let mut problems: Vec<String> = verdict.reason.into_iter().collect();
-    if !timed_out && status != Some(QEMU_EXIT_SUCCESS) {
+    // xtask ended QEMU on purpose (at the capture's entry, or once an hv
+    // without finish=exit was done): no exit status to judge.
+    let stopped = report["xtask"]["stopped_by_xtask"].is_string();
+    if !timed_out && !stopped && status != Some(QEMU_EXIT_SUCCESS) {
         problems.push(match status {
             Some(code) => {
                 format!("the capture kernel ended QEMU with status {code:#x}, not its success 0x21")
@@ -295,6 +299,7 @@ fn capture_object(
     };
     let mut object = json!({
         "kernel": kernel.as_str(),
+        "header_cpu_notes": header_cpu_notes(serial),
         "entered": entered,
         "crash_to_capture_us": timing,
         "crash_to_capture_source": timing.map(|_| source),
@@ -397,6 +402,16 @@ fn tsc_timing(report: &Value) -> Option<u64> {
     }
 }
 
+/// The CPU notes hv's capture mode found in the crashed hypervisor's core
+/// header (its `capture: N CPU notes; streaming ...` line), if it said.
+fn header_cpu_notes(serial: &str) -> Option<u64> {
+    serial.lines().find_map(|line| {
+        let line = strip_ansi(line);
+        let (before, _) = line.split_once(crate::run::CAPTURE_HEADER_MARKER)?;
+        before.rsplit(' ').next()?.parse().ok()
+    })
+}
+
 /// Whether a line containing `marker` comes after the crash's first line.
 fn seen_after_crash(serial: &str, marker: &str) -> bool {
     serial
@@ -417,13 +432,19 @@ fn word<'a>(words: &'a [String], key: &str) -> Option<&'a str> {
 /// What is wrong with the capture, given the merged report (with xtask's
 /// `capture` keys set) and the command line.
 pub fn capture_problems(report: &Value, words: &[String], collected: &Collected) -> Vec<String> {
-    if !super::asks_for_crash(words) {
+    let button = report["xtask"]["nmi_button"].is_object();
+    if !super::asks_for_crash(words) && !button {
         // No crash asked for: nothing to capture; the boot-time load is
         // reported and the tests judge it.
         return Vec::new();
     }
     let capture = &report["capture"];
     let mut problems = Vec::new();
+    if capture["loaded"] != Value::Bool(true) && crate::plan::capture_blocker(words).is_some() {
+        // A crash during bring-up comes before hv loads its capture
+        // kernel: nothing to capture, the crash run's checks judge it.
+        return problems;
+    }
     if capture["loaded"] != Value::Bool(true) {
         problems.push(format!(
             "hv did not load the capture kernel: {}",
@@ -488,6 +509,24 @@ pub fn capture_problems(report: &Value, words: &[String], collected: &Collected)
     }
     if capture["linux"]["copied"] == Value::Bool(false) {
         problems.push("the Linux capture kernel failed to copy /proc/vmcore".to_owned());
+    }
+    if report["xtask"]["capture_until_entry"] == Value::Bool(true) {
+        // Ended at the entry: the core header the capture image read
+        // stands for the dump.
+        let wanted = report["crash"]["checked_in"].as_u64().map(|n| n + 1);
+        match (capture["header_cpu_notes"].as_u64(), wanted) {
+            (Some(notes), Some(wanted)) if notes != wanted => problems.push(format!(
+                "the capture image read {notes} CPU notes from the core header, expected \
+                 {wanted} (the CPUs that checked in and the coordinator)"
+            )),
+            (None, _) if capture["entered"] == Value::Bool(true) => problems.push(
+                "the capture image never said it read the core header (`N CPU notes; \
+                 streaming`)"
+                    .to_owned(),
+            ),
+            _ => {}
+        }
+        return problems;
     }
     let info = match &collected.dump {
         Ok(info) => info,
@@ -602,6 +641,11 @@ fn ledger_problems(report: &Value, info: &DumpInfo) -> Vec<String> {
     let Some(crash) = &info.crash else {
         return Vec::new();
     };
+    if crash.ledger.is_empty() && report["capture"]["attempt"].as_u64() == Some(2) {
+        // The second hand-over (after a crash inside the first) leaves
+        // the ledger out, the part most likely to have failed.
+        return Vec::new();
+    }
     let mut problems = Vec::new();
     for cpu in &crash.ledger {
         let checked_in = cpu.flags & kexec_loader::crash_note::cpu_flags::CHECKED_IN != 0

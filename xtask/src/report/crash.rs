@@ -14,12 +14,17 @@
 //!   the coordinator left VMX, `vmcs_cleared + vmcs_on_stragglers ==
 //!   vmcs_loaded`, and `vmcs_loaded > 0` when guests were running;
 //! - `nmi_latency_us` has one entry per CPU started, none for the
-//!   coordinator or for a CPU that could not take the NMI.
+//!   coordinator or for a CPU that could not take the NMI;
+//! - the VMX accounting, where hv reports it (`super::accounting`);
+//! - crashes from the NMI button, the lockup detector and a stray write,
+//!   and the points that disturb a crash, by their own rules
+//!   (`super::trigger`).
 
 use crate::crash::CrashSpecExt;
 use serde_json::Value;
 
 use super::expect::CrashRules;
+use super::trigger;
 
 /// The message prefix of hv's injected panics: `injected crash on CPU N (...)`.
 const INJECTED_PANIC: &str = "injected crash on CPU ";
@@ -29,6 +34,9 @@ const INJECTED_PANIC: &str = "injected crash on CPU ";
 enum Trigger {
     Injected,
     Hypercall(u32),
+    /// The NMI button, the lockup detector, a stray write
+    /// ([`trigger::special`]), judged by `super::trigger`.
+    Special,
 }
 
 /// Whether a reported panic is the injected one: its message names one of
@@ -52,7 +60,7 @@ pub(crate) fn expected_panic(panic: &Value, rules: &CrashRules) -> bool {
 pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> {
     let mut problems = Vec::new();
     let asked = rules.describe();
-    if report["done"] == Value::Bool(true) {
+    if report["done"] == Value::Bool(true) && !rules.done_before_crash() {
         let mut text = format!("hv reported `done`: the crash asked for ({asked}) did not happen");
         if report["crash_injection"]["fired"] == Value::Bool(false) {
             let point = rules
@@ -100,13 +108,16 @@ pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> 
     let apic_id_of = |index: u64| apic_ids.as_ref()?.get(index as usize).copied();
 
     // Which trigger this is, and who may coordinate.
+    let special = trigger::special(reason, rules);
     let trigger = match rules.hypercall_vcpu {
+        _ if special.is_some() => Trigger::Special,
         Some(vcpu) if rules.injected.is_none() || reason.starts_with("crash hypercall") => {
             Trigger::Hypercall(vcpu)
         }
         _ => Trigger::Injected,
     };
     let (coordinators, wanted_reason) = match (trigger, rules.injected) {
+        (Trigger::Special, _) => (None, String::new()),
         (Trigger::Hypercall(vcpu), _) => (None, format!("crash hypercall from vCPU {vcpu}")),
         (Trigger::Injected, Some(spec)) => (
             Some(spec.panickers(rules.cpus)),
@@ -139,6 +150,10 @@ pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> 
     }
     let reason_ok = match trigger {
         Trigger::Hypercall(_) => reason == wanted_reason,
+        // Judged by its own rules below; so is a run that asked for
+        // nothing but special triggers.
+        Trigger::Special => true,
+        Trigger::Injected if rules.injected.is_none() => true,
         // `panic: injected crash on CPU N (...)`: the number must end there.
         Trigger::Injected => reason
             .strip_prefix(&wanted_reason)
@@ -149,7 +164,7 @@ pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> 
             "crash.reason is {}, expected {}",
             show(&crash["reason"]),
             match trigger {
-                Trigger::Hypercall(_) => format!("\"{wanted_reason}\""),
+                Trigger::Hypercall(_) | Trigger::Special => format!("\"{wanted_reason}\""),
                 Trigger::Injected => format!("\"{wanted_reason} (...)\""),
             }
         ));
@@ -326,7 +341,15 @@ pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> 
             show(&crash["nmi_latency_us"])
         )),
     }
+    problems.extend(super::accounting::problems(crash, rules.cpus, cpu_index));
+    problems.extend(trigger::problems(report, rules, special, cpu_index));
+    problems.extend(trigger::disturbance_problems(report, rules));
     problems
+}
+
+/// Whether a reported exception is the one the run asked for.
+pub(crate) fn expected_exception(exception: &Value, rules: &CrashRules) -> bool {
+    trigger::expected_exception(exception, rules)
 }
 
 /// The decimal number a text starts with.
@@ -815,6 +838,249 @@ mod tests {
             reason,
             "timed out after 60 s; no `crash` report \
              (asked for: crash=cpu:0,after_ms:3,point:nmi_blocked)"
+        );
+    }
+
+    /// A QEMU crash report on 8 CPUs (APIC ID == index) coordinated by
+    /// `coordinator` for `reason`, with the boot report before it.
+    fn qemu_crash(coordinator: u64, reason: &str) -> Value {
+        json!({
+            "cpus": cpus_line(8),
+            "virt": {"backend": "none", "reason": "the CPU has no VMX"},
+            "crash": clean_crash(8, coordinator, reason, 0),
+        })
+    }
+
+    #[test]
+    fn a_lockup_names_the_hung_cpu_and_is_noticed_by_another() {
+        let words = ["hang=cpu:3,after_ms:100,how:lock", "watchdog=1"];
+        let mut report = qemu_crash(0, "lockup: CPU 3 (APIC ID 3) has not ticked for 1085 ms");
+        report["crash"]["lockup_cpus"] = json!([3, 4]);
+        assert_eq!(qemu_problems(&report, &words, QEMU_EXIT_CRASH), None);
+        // The waiter may be named instead; only hung CPUs may be.
+        report["crash"]["reason"] = json!("lockup: CPU 4 (APIC ID 4) has not ticked for 1001 ms");
+        assert_eq!(qemu_problems(&report, &words, QEMU_EXIT_CRASH), None);
+        report["crash"]["lockup_cpus"] = json!([4, 6]);
+        assert_eq!(
+            qemu_problems(&report, &words, QEMU_EXIT_CRASH).as_deref(),
+            Some("crash.lockup_cpus names APIC ID 6, which was not hung (hung: [3, 4])")
+        );
+        let mut wrong = qemu_crash(3, "lockup: CPU 5 (APIC ID 5) has not ticked for 900 ms");
+        wrong["crash"]["lockup_cpus"] = json!([5]);
+        assert_eq!(
+            qemu_problems(&wrong, &words, QEMU_EXIT_CRASH).as_deref(),
+            Some(
+                "the lockup names CPU 5, but hang= hangs CPU [3, 4]; the lockup says CPU 5 was \
+                 silent 900 ms, less than watchdog=1 s; crash.lockup_cpus names APIC ID 5, \
+                 which was not hung (hung: [3, 4]); crash.cpu_index is 3, a hung CPU: a CPU \
+                 that noticed the lockup coordinates"
+            )
+        );
+        // A panic instead of the lockup.
+        let panic = qemu_crash(2, &injected(2, "x"));
+        let reason = qemu_problems(&panic, &words, QEMU_EXIT_CRASH).unwrap();
+        assert!(
+            reason.starts_with(
+                "crash.reason is \"panic: injected crash on CPU 2 (x)\", expected \"lockup: CPU N"
+            ),
+            "{reason}"
+        );
+        // Nothing to notice the hang: the run can only time out.
+        let hung = json!({"cpus": cpus_line(8), "virt": {"backend": "none", "reason": "x"}});
+        let reason = judge(
+            &hung,
+            &Expectations::from_cmdline(8, &["hang=cpu:3", "watchdog=0"]),
+            End::TimedOut(std::time::Duration::from_secs(60)),
+            ExitConvention::QemuDebugExit,
+        )
+        .reason
+        .unwrap();
+        assert_eq!(
+            reason,
+            "timed out after 60 s; no `done` report: hang= hangs a CPU and nothing notices \
+             (watchdog=0 and no NMI button)"
+        );
+    }
+
+    #[test]
+    fn the_nmi_button_crashes_on_any_cpu_even_after_done() {
+        let expect = Expectations::from_cmdline(8, &["finish=halt"]).with_nmi_button(true);
+        let judge_button = |report: &Value| {
+            judge(
+                report,
+                &expect,
+                End::Exited(None),
+                ExitConvention::Meaningless,
+            )
+            .reason
+        };
+        let mut report = qemu_crash(5, EXTERNAL_NMI_REASON);
+        report["done"] = json!(true);
+        assert_eq!(judge_button(&report), None);
+        report["crash"]["reason"] = json!("panic: oops");
+        assert_eq!(
+            judge_button(&report).as_deref(),
+            Some("crash.reason is \"panic: oops\", expected \"external NMI\" (the NMI button)")
+        );
+        // With a hang and the watchdog on, either may win.
+        let expect =
+            Expectations::from_cmdline(8, &["hang=cpu:3,after_ms:100"]).with_nmi_button(true);
+        let mut lockup = qemu_crash(0, "lockup: CPU 3 (APIC ID 3) has not ticked for 10021 ms");
+        lockup["crash"]["lockup_cpus"] = json!([3]);
+        for report in [qemu_crash(3, EXTERNAL_NMI_REASON), lockup] {
+            let verdict = judge(
+                &report,
+                &expect,
+                End::Exited(Some(QEMU_EXIT_CRASH)),
+                ExitConvention::QemuDebugExit,
+            );
+            assert_eq!(verdict.reason, None);
+        }
+        // A hung hv never says done.
+        let mut done = qemu_crash(3, EXTERNAL_NMI_REASON);
+        done["done"] = json!(true);
+        let reason = judge(
+            &done,
+            &expect,
+            End::Exited(Some(QEMU_EXIT_CRASH)),
+            ExitConvention::QemuDebugExit,
+        )
+        .reason
+        .unwrap();
+        assert!(reason.starts_with("hv reported `done`"), "{reason}");
+    }
+
+    const EXTERNAL_NMI_REASON: &str = "external NMI";
+
+    #[test]
+    fn a_stray_write_faults_on_the_boot_cpu_inside_the_reservation() {
+        let words = ["stray_write=reservation", "crashkernel=64M@0x10000000"];
+        let mut report = qemu_crash(0, "fatal exception #PF page fault (vector 14)");
+        report["crashkernel"] = json!({"base": 0x1000_0000u64, "size": 0x400_0000u64});
+        report["exception"] = json!({"vector": 14, "name": "#PF page fault", "error_code": 3,
+                                     "rip": 0x20_1000, "cr2": 0x1100_0000u64, "cpu": 0});
+        assert_eq!(qemu_problems(&report, &words, QEMU_EXIT_CRASH), None);
+        report["exception"]["cr2"] = json!(0x2000_0000u64);
+        assert_eq!(
+            qemu_problems(&report, &words, QEMU_EXIT_CRASH).as_deref(),
+            Some(
+                "the page fault's address 0x20000000 is outside the reservation \
+                 [0x10000000, 0x14000000)"
+            )
+        );
+        // Without the knob, the same fault fails the run.
+        report["exception"]["cr2"] = json!(0x1100_0000u64);
+        let reason = qemu_problems(&report, &[], QEMU_EXIT_CRASH).unwrap();
+        assert!(
+            reason.starts_with("fatal exception #PF page fault (vector 14) on cpu 0"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn a_disturbed_crash_must_show_the_disturbance_and_survive_it() {
+        let captured = |crash: Value, capture: Value| {
+            json!({"cpus": cpus_line(8), "virt": {"backend": "none", "reason": "x"},
+                   "crash": crash, "capture": capture})
+        };
+        let crash = clean_crash(8, 2, &injected(2, "after_ms elapsed"), 0);
+        let jumped = |attempt: u64, stray: u64| {
+            json!({"loaded": true, "kernel": "hv", "digest_ok": true, "jumped": true,
+                   "attempt": attempt, "coordinator_stray_nmis": stray})
+        };
+        let problems = |report: &Value, point: &str| {
+            qemu_problems(
+                report,
+                &[&format!("crash=cpu:2,after_ms:5,point:{point}")],
+                QEMU_EXIT_CRASH,
+            )
+        };
+        // handover_panic: the second attempt jumps.
+        assert_eq!(
+            problems(&captured(crash.clone(), jumped(2, 0)), "handover_panic"),
+            None
+        );
+        assert_eq!(
+            problems(&captured(crash.clone(), jumped(1, 0)), "handover_panic").as_deref(),
+            Some(
+                "capture.attempt is 1, expected 2 (the first hand-over panicked; the second \
+                 must jump)"
+            )
+        );
+        // Points of the hand-over without a capture kernel never fire.
+        let none = json!({"cpus": cpus_line(8), "virt": {"backend": "none", "reason": "x"},
+                          "crash": crash.clone()});
+        assert_eq!(
+            problems(&none, "nmi_in_digest").as_deref(),
+            Some(
+                "point:nmi_in_digest strikes inside the hand-over to a capture kernel, and hv \
+                 loaded none: it never fired"
+            )
+        );
+        // The purgatory counts the NMI it took.
+        let mut purgatory = jumped(1, 0);
+        purgatory["purgatory"] = json!({"entry_tsc": 1, "nmis_64": 1, "nmis_32": 0});
+        assert_eq!(
+            problems(
+                &captured(crash.clone(), purgatory.clone()),
+                "nmi_in_purgatory"
+            ),
+            None
+        );
+        purgatory["purgatory"]["nmis_64"] = json!(0);
+        assert_eq!(
+            problems(&captured(crash.clone(), purgatory), "nmi_in_purgatory").as_deref(),
+            Some(
+                "capture.purgatory.nmis_64 + nmis_32 is 0: the stray NMI never reached the purgatory"
+            )
+        );
+        // The stray NMIs must have landed.
+        assert_eq!(
+            problems(&captured(crash.clone(), jumped(1, 1)), "nmi_in_header"),
+            None
+        );
+        assert_eq!(
+            problems(&captured(crash.clone(), jumped(1, 0)), "nmi_in_header").as_deref(),
+            Some(
+                "capture.coordinator_stray_nmis is 0: the stray NMI during the core header \
+                 never reached the coordinator"
+            )
+        );
+        let mut after = crash.clone();
+        after["coordinator_stray_nmis"] = json!(0);
+        assert_eq!(
+            problems(&none_with(&after), "nmi_after_cleanup").as_deref(),
+            Some(
+                "crash.coordinator_stray_nmis is 0: the stray NMI after the coordinator's \
+                 cleanup never reached it"
+            )
+        );
+        after["coordinator_stray_nmis"] = json!(1);
+        assert_eq!(problems(&none_with(&after), "nmi_after_cleanup"), None);
+        let mut everyone = crash.clone();
+        everyone["nested_nmis"] = json!(0);
+        everyone["coordinator_stray_nmis"] = json!(0);
+        assert!(problems(&none_with(&everyone), "external_nmi").is_some());
+        everyone["nested_nmis"] = json!(6);
+        assert_eq!(problems(&none_with(&everyone), "external_nmi"), None);
+    }
+
+    fn none_with(crash: &Value) -> Value {
+        json!({"cpus": cpus_line(8), "virt": {"backend": "none", "reason": "x"}, "crash": crash})
+    }
+
+    #[test]
+    fn the_vmx_accounting_joins_the_verdict() {
+        let words = ["crash=cpu:3,after_ms:20"];
+        let mut crash = clean_crash(8, 3, &injected(3, "after_ms elapsed"), 16);
+        crash["vmxoff_executed"] = json!(7);
+        crash["vmx_was_on_cpus"] = json!(8);
+        assert_eq!(
+            bochs_problems(&json!({"crash": crash}), &words).as_deref(),
+            Some(
+                "crash.vmxoff_executed is 7, but vmx_was_on_cpus is 8: a CPU with VMX on did \
+                 not execute VMXOFF"
+            )
         );
     }
 }

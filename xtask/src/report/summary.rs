@@ -237,20 +237,50 @@ fn shootdown(crash: &Value) -> String {
     )
 }
 
-/// The VMCSes loaded and cleared, and who left VMX.
+/// The VMCSes loaded and cleared, and who left VMX: where hv says how
+/// many CPUs had VMX on (`vmx_was_on_cpus`) and how many executed VMXOFF
+/// (`vmxoff_executed`), those; "no VMX" when none had it on. Older reports
+/// only have `vmxoff_cpus`, which counts CPUs out of VMX however they got
+/// there.
 fn vmcs(crash: &Value) -> String {
-    format!(
-        "{} loaded, {} cleared, {} on stragglers; VMXOFF on {} CPUs, coordinator {}",
+    let counts = format!(
+        "{} loaded, {} cleared, {} on stragglers",
         text(&crash["vmcs_loaded"]),
         text(&crash["vmcs_cleared"]),
         text(&crash["vmcs_on_stragglers"]),
-        text(&crash["vmxoff_cpus"]),
-        match crash["coordinator_vmx_off"].as_bool() {
-            Some(true) => "off",
-            Some(false) => "STILL IN VMX",
-            None => "?",
-        }
-    )
+    );
+    let coordinator_off = crash["coordinator_vmx_off"].as_bool();
+    match (
+        crash["vmxoff_executed"].as_u64(),
+        crash["vmx_was_on_cpus"].as_u64(),
+    ) {
+        (Some(0), Some(0)) => format!(
+            "{counts}; no VMX ran{}",
+            match coordinator_off {
+                Some(false) => ", yet the coordinator is STILL IN VMX",
+                _ => "",
+            }
+        ),
+        (Some(executed), Some(was_on)) => format!(
+            "{counts}; VMXOFF executed on {executed} of {was_on} CPUs with VMX on, coordinator {}",
+            match (crash["coordinator_vmx_exit"].as_str(), coordinator_off) {
+                (_, Some(false)) => "STILL IN VMX",
+                (Some("vmxoff" | "vmxoff_after_ud"), _) => "left VMX",
+                (Some("was_off"), _) => "had no VMX on",
+                (_, Some(true)) => "off",
+                _ => "?",
+            }
+        ),
+        _ => format!(
+            "{counts}; VMXOFF on {} CPUs, coordinator {}",
+            text(&crash["vmxoff_cpus"]),
+            match coordinator_off {
+                Some(true) => "off",
+                Some(false) => "STILL IN VMX",
+                None => "?",
+            }
+        ),
+    }
 }
 
 /// The capture kernel: loaded, digests, entered, how soon after the crash.
@@ -287,6 +317,9 @@ fn capture_line(report: &Value) -> String {
     let mut line = format!("{kernel}: {checked}, ");
     if capture["entered"] == Value::Bool(true) {
         line.push_str("entered");
+        if capture["attempt"].as_u64() == Some(2) {
+            line.push_str(" (by the second hand-over: the first crashed)");
+        }
         if let Some(us) = capture["crash_to_capture_us"].as_u64() {
             let _ = write!(
                 line,
@@ -397,6 +430,50 @@ mod tests {
                 "  gdb       gdb /w/target/x86_64-unknown-none/release/hv /w/build/run/vmcore\n"
             ),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn the_vmcs_line_says_no_vmx_where_none_ran_and_counts_real_vmxoffs() {
+        let vmcs_line = |crash: Value| {
+            let mut report = whole_path();
+            report["crash"] = crash;
+            summary(&report)
+                .lines()
+                .find(|line| line.starts_with("  VMCS"))
+                .unwrap()
+                .to_owned()
+        };
+        let base = json!({"cpu": 1, "cpu_index": 1, "reason": "x", "expected": 3,
+            "checked_in": 3, "stragglers": [], "vmcs_loaded": 0, "vmcs_cleared": 0,
+            "vmcs_on_stragglers": 0, "vmxoff_cpus": 3, "coordinator_vmx_off": true,
+            "shootdown_us": 5827, "timed_out": false});
+        let mut tcg = base.clone();
+        tcg["vmxoff_executed"] = json!(0);
+        tcg["vmx_was_on_cpus"] = json!(0);
+        tcg["coordinator_vmx_exit"] = json!("was_off");
+        assert_eq!(
+            vmcs_line(tcg),
+            "  VMCS      0 loaded, 0 cleared, 0 on stragglers; no VMX ran"
+        );
+        let mut bochs = base.clone();
+        bochs["vmcs_loaded"] = json!(16);
+        bochs["vmcs_cleared"] = json!(16);
+        bochs["vmxoff_executed"] = json!(8);
+        bochs["vmx_was_on_cpus"] = json!(8);
+        bochs["coordinator_vmx_exit"] = json!("vmxoff");
+        assert_eq!(
+            vmcs_line(bochs.clone()),
+            "  VMCS      16 loaded, 16 cleared, 0 on stragglers; VMXOFF executed on 8 of 8 CPUs \
+             with VMX on, coordinator left VMX"
+        );
+        bochs["coordinator_vmx_off"] = json!(false);
+        bochs["coordinator_vmx_exit"] = json!("still_on");
+        assert!(vmcs_line(bochs).ends_with("coordinator STILL IN VMX"));
+        // An older report keeps its old words.
+        assert_eq!(
+            vmcs_line(base),
+            "  VMCS      0 loaded, 0 cleared, 0 on stragglers; VMXOFF on 3 CPUs, coordinator off"
         );
     }
 

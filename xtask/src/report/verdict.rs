@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::crash::{crash_problems, expected_panic};
+use super::crash::{crash_problems, expected_exception, expected_panic};
 use super::expect::{Backend, Expectations};
 
 /// QEMU's exit status when hv wrote its success code (0x10) to
@@ -89,7 +89,11 @@ pub fn judge(
             panic["message"].as_str().unwrap_or("(no message)")
         ));
     }
-    if let Some(exception) = report.get("exception") {
+    if let Some(exception) = report.get("exception")
+        && !crash_rules
+            .as_ref()
+            .is_some_and(|rules| expected_exception(exception, rules))
+    {
         problems.push(format!(
             "fatal exception {} (vector {}) on cpu {} at rip {}",
             exception["name"].as_str().unwrap_or("(unnamed)"),
@@ -108,6 +112,9 @@ pub fn judge(
                          (a triple fault or reset under -no-reboot?)"
                             .to_owned()
                     }
+                    _ if expect.crash.hang_unnoticed() => "no `done` report: hang= hangs a CPU \
+                         and nothing notices (watchdog=0 and no NMI button)"
+                        .to_owned(),
                     _ => "no `done` report".to_owned(),
                 });
             }

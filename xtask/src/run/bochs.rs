@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use super::watch::watch;
+use super::watch::{StopWhen, WatchRules, watch};
 use super::{Boot, Finished, RunOutcome, check_elf, finish, log_file, prepare_run_dir};
 use crate::iso::BootModule;
 use crate::process::KillOnDrop;
@@ -78,6 +78,9 @@ pub struct BochsOptions {
     /// the guest writes to port 0xE9; `None`: with its stderr into
     /// `bochs.out`.
     pub stdout_log: Option<PathBuf>,
+    /// End Bochs at a point of the run (see [`StopWhen`]), before it
+    /// exits by itself.
+    pub stop: StopWhen,
 }
 
 impl BochsOptions {
@@ -94,6 +97,7 @@ impl BochsOptions {
             modules: Vec::new(),
             extra_config: Vec::new(),
             stdout_log: None,
+            stop: StopWhen::Exit,
         }
     }
 
@@ -242,13 +246,23 @@ pub fn bochs(options: &BochsOptions) -> Result<RunOutcome> {
         .spawn()
         .context("could not start bochs")?;
     let mut child = KillOnDrop::new(child);
+    let rules = WatchRules {
+        stop: options.stop,
+        button: None,
+    };
     let watched = watch(
         &mut child,
         &run_dir.join(SERIAL_LOG),
         options.timeout,
         options.echo,
-        false,
+        &rules,
     )?;
+    let mut notes = Vec::new();
+    let mut xtask_keys = serde_json::Map::new();
+    if let Some(why) = watched.stopped_by_xtask {
+        notes.push(format!("Bochs was ended by xtask: {why}"));
+        xtask_keys.insert("stopped_by_xtask".to_owned(), serde_json::json!(why));
+    }
     drop(child);
     let log = fs::read(run_dir.join(BOCHS_LOG))
         .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
@@ -266,9 +280,10 @@ pub fn bochs(options: &BochsOptions) -> Result<RunOutcome> {
         serial_log: &run_dir.join(SERIAL_LOG),
         emulator_log: &run_dir.join(BOCHS_LOG),
         console_log: &run_dir.join(EMULATOR_LOG),
-        notes: Vec::new(),
+        notes,
         emulator_problems: log_problems(&log, 5),
         watched,
+        xtask_keys,
     })
 }
 

@@ -9,6 +9,7 @@
 
 mod bochs;
 mod qemu;
+mod qmp;
 mod watch;
 
 pub use bochs::{
@@ -17,6 +18,7 @@ pub use bochs::{
 };
 pub use qemu::{Firmware, GrubSetup, QemuOptions, find_ovmf, qemu, qemu_needs};
 pub(crate) use qemu::{Media, drive_path, qemu_args};
+pub use watch::{CAPTURE_HEADER_MARKER, StopWhen};
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -116,6 +118,9 @@ struct Finished<'a> {
     /// verdict.
     emulator_problems: Vec<String>,
     watched: Watched,
+    /// More keys for the report's `xtask` object (the NMI button, why
+    /// xtask ended the emulator).
+    xtask_keys: serde_json::Map<String, Value>,
 }
 
 /// Judges a finished run, assembles its report and saves it as
@@ -169,6 +174,10 @@ fn finish(run: Finished<'_>) -> Result<RunOutcome> {
         "notes": run.notes,
         "emulator_problems": run.emulator_problems,
     });
+    let mut xtask = xtask;
+    if let Value::Object(map) = &mut xtask {
+        map.extend(run.xtask_keys);
+    }
     let owned = [
         ("emulator", json!(run.emulator)),
         ("boot", json!(run.boot.as_str())),
@@ -289,7 +298,10 @@ mod tests {
                 elapsed: Duration::from_millis(1234),
                 collector,
                 serial_bytes: 10,
+                stopped_by_xtask: None,
+                pressed: None,
             },
+            xtask_keys: serde_json::Map::new(),
         })
         .unwrap();
 
@@ -355,7 +367,10 @@ mod tests {
                 elapsed: Duration::ZERO,
                 collector: ReportCollector::default(),
                 serial_bytes: 0,
+                stopped_by_xtask: None,
+                pressed: None,
             },
+            xtask_keys: serde_json::Map::new(),
         })
         .unwrap();
         let reason = outcome.reason.unwrap();
