@@ -22,6 +22,12 @@ const REG_ICR_LOW: u32 = 0x300;
 const REG_ICR_HIGH: u32 = 0x310;
 const REG_LVT_LINT0: u32 = 0x350;
 const REG_LVT_LINT1: u32 = 0x360;
+const REG_LVT_TIMER: u32 = 0x320;
+const REG_TIMER_INITIAL: u32 = 0x380;
+const REG_TIMER_CURRENT: u32 = 0x390;
+const REG_TIMER_DIVIDE: u32 = 0x3E0;
+/// Divide configuration: by 1.
+const TIMER_DIVIDE_BY_1: u32 = 0b1011;
 
 /// Vector of spurious interrupts; its handler sends no EOI.
 pub const SPURIOUS_VECTOR: u8 = 0xFF;
@@ -153,4 +159,19 @@ pub fn send_fixed(apic_id: u32, vector: u8) {
 /// An NMI to one CPU.
 pub fn send_nmi(apic_id: u32) {
     send(apic_id, ICR_DELIVERY_NMI | ICR_LEVEL_ASSERT);
+}
+
+/// Starts this CPU's APIC timer in one-shot mode, counting `ticks` (at
+/// the timer's rate, divided by 1) down to an interrupt on `vector`, or
+/// to nothing when `masked` (a calibration). A count of 0 stops it.
+pub fn timer_one_shot(vector: u8, ticks: u32, masked: bool) {
+    write(REG_TIMER_DIVIDE, TIMER_DIVIDE_BY_1);
+    let mask = if masked { LVT_MASKED } else { 0 };
+    write(REG_LVT_TIMER, mask | u32::from(vector));
+    write(REG_TIMER_INITIAL, ticks);
+}
+
+/// This CPU's APIC timer's current count.
+pub fn timer_current() -> u32 {
+    read(REG_TIMER_CURRENT)
 }
