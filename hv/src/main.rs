@@ -26,8 +26,9 @@ use hv_core::cmdline::{self, CrashPoint, Finish};
 use crate::boot::info::BootInfo;
 use crate::cpu::percpu::LocalHalf;
 use crate::cpu::{ipi, percpu, smp, time};
-use crate::virt::Backend;
+use crate::virt::svm::backend::Svm;
 use crate::virt::vmx::backend::Vmx;
+use crate::virt::{Backend, Selected, Unavailable};
 
 entry_point!(crate::hv_main);
 
@@ -128,6 +129,7 @@ extern "C" fn hv_main(entered_by: u32, info: u32, magic: u32) -> ! {
 fn register_trap_handlers() {
     arch::idt::register(2, crash::nmi::on_nmi);
     arch::idt::register(ipi::CALL_FUNCTION_VECTOR, ipi::on_call_function_ipi);
+    arch::idt::register(virt::svm::SLICE_TIMER_VECTOR, virt::svm::on_slice_timer);
     arch::idt::register_exceptions(crash::exception::on_exception);
 }
 
@@ -176,7 +178,16 @@ fn boot_cpu_main() -> ! {
         hang_apic_id: options.ap_hang,
         before_check_in: crash::inject::at_bringup,
     };
-    cpu::idle::set_work(virt::sched::join_run::<Vmx>);
+    // The backend, from CPUID: VMX wherever the CPU has it, else SVM.
+    let selected = virt::select();
+    match selected {
+        Ok(Selected::Vmx) => cpu::idle::set_work(virt::sched::join_run::<Vmx>),
+        Ok(Selected::Svm) => {
+            crash::svm::set_backend_svm();
+            cpu::idle::set_work(virt::sched::join_run::<Svm>);
+        }
+        Err(_) => {}
+    }
     let bringup = smp::bring_up(possible, &settings);
     capture::load::load_at_boot(boot, &options);
     let called = ipi::call_on_all(|_| {}, 0);
@@ -186,7 +197,7 @@ fn boot_cpu_main() -> ! {
     if crash::inject::point() == Some(CrashPoint::BeforeVmx) {
         crash::inject::trigger_now();
     }
-    let virt = run_guests(&options);
+    let virt = run_guests(&options, selected);
 
     let failed = || {
         smp::cpus()
@@ -213,15 +224,13 @@ fn boot_cpu_main() -> ! {
             o.field("nmi_cpus").u64(nmis as u64)
         })?;
         o.field("virt").object(|o| {
-            o.field("backend").str(if virt.error.is_none() {
-                Vmx::NAME
-            } else {
-                "none"
-            })?;
+            o.field("backend").str(virt.backend)?;
             o.field("reason")
                 .option(virt.error, |value, error| value.display(error))?;
             o.field("cpus_in_vmx")
                 .u64(virt::vmx::CPUS_IN_VMX.load(Ordering::Relaxed))?;
+            o.field("cpus_in_svm")
+                .u64(virt::svm::CPUS_IN_SVM.load(Ordering::Relaxed))?;
             o.field("vcpus").u64(virt.run.vcpus as u64)?;
             o.field("vm_exits").u64(virt.run.exits)?;
             o.field("migrations").u64(virt.run.migrations)?;
@@ -233,6 +242,7 @@ fn boot_cpu_main() -> ! {
         })
     });
     if crash::inject::configured() {
+        resume_guests_until_crash(&virt);
         crash::inject::fire_after_boot();
     }
     console::report::line(|o| o.field("done").bool(true));
@@ -242,33 +252,65 @@ fn boot_cpu_main() -> ! {
 
 /// What the guest phase did.
 struct VirtOutcome {
-    error: Option<<Vmx as Backend>::Error>,
+    /// The backend's name in the report ("none" when no guest ran).
+    backend: &'static str,
+    /// The backend that ran the guests.
+    selected: Option<Selected>,
+    /// Why no guest ran.
+    error: Option<Unavailable>,
     run: virt::sched::RunSummary,
 }
 
-/// Enables the backend on every core and runs the guests for a while.
-/// Without VMX (QEMU TCG) this reports why and the hypervisor carries on.
-fn run_guests(options: &cmdline::Options) -> VirtOutcome {
-    if let Err(error) = Vmx::check() {
-        log::warn!("vmx: {error}; no guests will run");
-        // The crash path's VMXOFF must survive a #UD; with no VMX, VMXOFF
-        // is exactly that case: check that the fix-up catches it.
-        let outcome = arch::fixup::vmxoff();
-        log::info!("vmx: VMXOFF outside VMX operation: {outcome:?} (tolerated)");
-        return VirtOutcome {
-            error: Some(error),
-            run: virt::sched::RunSummary::default(),
-        };
+/// Enables the chosen backend on every core and runs the guests for a
+/// while. Without one (a CPU with neither VMX nor SVM) this reports why
+/// and the hypervisor carries on.
+fn run_guests(options: &cmdline::Options, selected: Result<Selected, Unavailable>) -> VirtOutcome {
+    match selected {
+        Ok(Selected::Vmx) => run_with::<Vmx>(
+            options,
+            Selected::Vmx,
+            Unavailable::Vmx(virt::vmx::VmxError::VmxonFailed),
+        ),
+        Ok(Selected::Svm) => run_with::<Svm>(
+            options,
+            Selected::Svm,
+            Unavailable::Svm(virt::svm::SvmError::EnableFailed),
+        ),
+        Err(error) => {
+            log::warn!("virt: {error}; no guests will run");
+            // The crash path's VMXOFF must survive a #UD; with no VMX, VMXOFF
+            // is exactly that case: check that the fix-up catches it.
+            let outcome = arch::fixup::vmxoff();
+            log::info!("vmx: VMXOFF outside VMX operation: {outcome:?} (tolerated)");
+            VirtOutcome {
+                backend: "none",
+                selected: None,
+                error: Some(error),
+                run: virt::sched::RunSummary::default(),
+            }
+        }
     }
-    ipi::call_on_all(virt::enable_here::<Vmx>, 0);
-    let in_vmx = virt::enabled_cpus();
+}
+
+/// [`run_guests`] with backend `B`; `none_enabled` is the reason when no
+/// CPU could enable it.
+fn run_with<B: Backend>(
+    options: &cmdline::Options,
+    selected: Selected,
+    none_enabled: Unavailable,
+) -> VirtOutcome {
+    ipi::call_on_all(virt::enable_here::<B>, 0);
+    let enabled = virt::enabled_cpus();
     log::info!(
-        "vmx: {in_vmx} of {} CPUs in VMX root operation",
+        "{}: enabled on {enabled} of {} CPUs",
+        B::NAME,
         smp::cpus().len()
     );
-    if in_vmx == 0 {
+    if enabled == 0 {
         return VirtOutcome {
-            error: Some(virt::vmx::VmxError::VmxonFailed),
+            backend: "none",
+            selected: None,
+            error: Some(none_enabled),
             run: virt::sched::RunSummary::default(),
         };
     }
@@ -282,15 +324,36 @@ fn run_guests(options: &cmdline::Options) -> VirtOutcome {
         },
         crash_hypercall_allowed: options.crash_hypercall,
     };
-    let run = virt::sched::run_at_boot::<Vmx>(&settings);
+    let run = virt::sched::run_at_boot::<B>(&settings);
     log::info!(
-        "vmx: {} vCPUs, {} VM exits, {} migrations, {} stopped",
+        "{}: {} vCPUs, {} VM exits, {} migrations, {} stopped",
+        B::NAME,
         run.vcpus,
         run.exits,
         run.migrations,
         run.stopped
     );
-    VirtOutcome { error: None, run }
+    VirtOutcome {
+        backend: B::NAME,
+        selected: Some(selected),
+        error: None,
+        run,
+    }
+}
+
+/// After the boot report, with a time-based crash to come: the guests run
+/// again until it does, so that its NMIs find CPUs in guest mode.
+fn resume_guests_until_crash(virt: &VirtOutcome) {
+    if crash::inject::point().is_some() || crash::inject::fired() || !crash::inject::clock_started()
+    {
+        return;
+    }
+    let limit_us = crash::inject::until_due_us().saturating_add(1_000_000);
+    match virt.selected {
+        Some(Selected::Vmx) => virt::sched::run_until_crash::<Vmx>(limit_us),
+        Some(Selected::Svm) => virt::sched::run_until_crash::<Svm>(limit_us),
+        None => {}
+    }
 }
 
 #[panic_handler]

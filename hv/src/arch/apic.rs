@@ -161,17 +161,22 @@ pub fn send_nmi(apic_id: u32) {
     send(apic_id, ICR_DELIVERY_NMI | ICR_LEVEL_ASSERT);
 }
 
-/// Starts this CPU's APIC timer in one-shot mode, counting `ticks` (at
-/// the timer's rate, divided by 1) down to an interrupt on `vector`, or
-/// to nothing when `masked` (a calibration). A count of 0 stops it.
-pub fn timer_one_shot(vector: u8, ticks: u32, masked: bool) {
+/// Sets up this CPU's APIC timer in one-shot mode on `vector` (divided
+/// by 1), stopped; `masked`: it counts but never interrupts (a
+/// calibration).
+pub fn timer_configure(vector: u8, masked: bool) {
+    write(REG_TIMER_INITIAL, 0);
     write(REG_TIMER_DIVIDE, TIMER_DIVIDE_BY_1);
     let mask = if masked { LVT_MASKED } else { 0 };
     write(REG_LVT_TIMER, mask | u32::from(vector));
+}
+
+/// Starts the timer counting `ticks` down to its interrupt; 0 stops it.
+pub fn timer_start(ticks: u32) {
     write(REG_TIMER_INITIAL, ticks);
 }
 
-/// This CPU's APIC timer's current count.
+/// The timer's current count (0: expired or stopped).
 pub fn timer_current() -> u32 {
     read(REG_TIMER_CURRENT)
 }

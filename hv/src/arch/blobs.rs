@@ -117,13 +117,26 @@ guest_image_start:
     mov al, \c
     out dx, al
     .endr
+    /* The hypercall instruction, as guests pick it: VMMCALL on AMD
+       (CPUID vendor "AuthenticAMD" or "HygonGenuine"), VMCALL elsewhere.
+       EBP != 0: VMMCALL. */
+    xor eax, eax
+    cpuid
+    xor ebp, ebp
+    cmp ebx, 0x68747541
+    je 1f
+    cmp ebx, 0x6F677948
+    jne 5f
+1:
+    inc ebp
+5:
     xor esi, esi
 2:
     xor eax, eax
     cpuid
     mov eax, {hypercall_yield}
     mov ebx, esi
-    vmcall
+    call 6f
     inc esi
     cmp edi, {misbehave}
     jne 3f
@@ -134,12 +147,20 @@ guest_image_start:
     cmp esi, 256
     jb 4f
     mov eax, {hypercall_crash}
-    vmcall
+    call 6f
 4:
     test esi, 0x3F
     jnz 2b
     hlt
     jmp 2b
+6:
+    test ebp, ebp
+    jnz 7f
+    vmcall
+    ret
+7:
+    vmmcall
+    ret
     .code64
     .global guest_image_end
 guest_image_end:

@@ -26,6 +26,10 @@ const VM_CR_SVMDIS: u64 = 1 << 4;
 /// VM_HSAVE_PA: where VMRUN saves the host's state.
 pub const MSR_VM_HSAVE_PA: u32 = 0xC001_0117;
 
+/// Offset of the VMCB clean bits (a u32 in the control area): a set bit
+/// lets the next VMRUN of the VMCB on the same CPU reuse cached fields.
+pub const VMCB_CLEAN_BITS: u64 = 0xC0;
+
 /// CPUID 0x8000_0001 ECX: SVM.
 const CPUID_80000001_ECX_SVM: u32 = 1 << 2;
 /// CPUID 0x8000_000A EDX: nested paging.
@@ -129,14 +133,6 @@ pub fn enable(host_save_area: u64) -> Result<(), EnableError> {
         return Err(EnableError::DidNotStick);
     }
     Ok(())
-}
-
-/// CLGI: GIF = 0; interrupts, NMIs, INIT and SMIs are held pending.
-/// Only with EFER.SVME set (else #UD).
-pub fn clgi() {
-    // SAFETY: CLGI only blocks interrupt delivery; callers are SVM code run
-    // after `enable` on this CPU.
-    unsafe { core::arch::asm!("clgi", options(nomem, nostack, preserves_flags)) };
 }
 
 /// STGI: GIF = 1; what was held pending (an NMI that made a guest exit)

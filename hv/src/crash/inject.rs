@@ -109,6 +109,11 @@ pub fn clock_started() -> bool {
     AT_US.load(Ordering::Relaxed) != u64::MAX
 }
 
+/// Microseconds until the `after_ms` time (0 once it has come).
+pub fn until_due_us() -> u64 {
+    AT_US.load(Ordering::Relaxed).saturating_sub(time::now_us())
+}
+
 /// Whether the `after_ms` time has come.
 pub fn due() -> bool {
     time::now_us() >= AT_US.load(Ordering::Relaxed)

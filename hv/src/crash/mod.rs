@@ -45,6 +45,7 @@ pub mod inject;
 pub mod nmi;
 pub mod purgatory;
 pub mod records;
+pub mod svm;
 
 use hardware::Hardware;
 use records::LISTS;

@@ -2,7 +2,7 @@
 //! way in on every CPU but the coordinator, armed by the coordinator word
 //! (no registration at crash time).
 
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use smp_boot::madt::MAX_CPUS;
 
@@ -22,6 +22,29 @@ static NMI_AT_US: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS
 pub fn nmi_at_us(index: usize) -> Option<u64> {
     let at = NMI_AT_US.get(index)?.load(Ordering::Relaxed);
     (at != 0).then_some(at)
+}
+
+/// Per CPU: the NMI being handled now came as a guest's exit (set by the
+/// virtualization layer around the handler, see [`as_guest_exit`]).
+static EXITING_ON_NMI: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+/// Per CPU: the crash NMI came as a guest's exit (the CPU was in guest
+/// mode when it arrived).
+static CRASH_NMI_IN_GUEST: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+
+/// Runs `deliver` (which makes this CPU's NMI handler run: STGI on SVM,
+/// `int 2` on VMX) for an NMI that made the guest on CPU `cpu` exit, so
+/// that the handler can tell. A crash NMI never comes back from it.
+pub fn as_guest_exit(cpu: usize, deliver: fn()) {
+    EXITING_ON_NMI[cpu].store(true, Ordering::Relaxed);
+    deliver();
+    EXITING_ON_NMI[cpu].store(false, Ordering::Relaxed);
+}
+
+/// Whether CPU `index`'s crash NMI came as a guest's exit (`None`: it took
+/// no crash NMI).
+pub fn crash_nmi_in_guest(index: usize) -> Option<bool> {
+    nmi_at_us(index)?;
+    Some(CRASH_NMI_IN_GUEST.get(index)?.load(Ordering::Relaxed))
 }
 
 /// The NMI vector's handler.
@@ -49,6 +72,10 @@ pub fn on_nmi(frame: &mut TrapFrame) {
         // clean up itself after the rendezvous.
         return;
     }
+    CRASH_NMI_IN_GUEST[me as usize].store(
+        EXITING_ON_NMI[me as usize].load(Ordering::Relaxed),
+        Ordering::Relaxed,
+    );
     NMI_AT_US[me as usize].store(time::now_us(), Ordering::Relaxed);
     // Answer the shootdown: no output (every CPU at once would garble the
     // console), clean up, check in, park.

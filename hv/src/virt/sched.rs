@@ -197,6 +197,7 @@ pub fn run_loop<B: Backend>() {
     while running() && time::now_us() < DEADLINE_US.load(Ordering::Relaxed) {
         let next = RUN_QUEUE.lock().pop();
         let Some(index) = next else {
+            inject::check_time();
             cpu::interrupt_window();
             continue;
         };
@@ -309,7 +310,9 @@ fn run_slice<B: Backend>(index: usize) -> bool {
             // A host NMI arrived in the guest: hand it to the hypervisor's
             // own handler, as if it came now.
             Action::HostNmi => {
-                cpu::run_nmi_handler();
+                if !B::NMI_DELIVERED_AFTER_EXIT {
+                    crash_path::nmi::as_guest_exit(cpu, cpu::run_nmi_handler);
+                }
                 false
             }
             Action::HostInterrupts => {
@@ -344,6 +347,10 @@ fn stop<B: Backend>(index: usize, why: Stop) {
     // `detail`: the exit qualification, the instruction error, or the
     // exit reason, whichever the stop has.
     let (kind, gpa, detail) = why.report();
+    let kind = match why {
+        Stop::NestedPageFault { .. } => B::NESTED_PAGE_FAULT,
+        _ => kind,
+    };
     // Keyed by vCPU, so the reports of several stopped guests merge.
     let mut key = [0u8; 8];
     let key = decimal(index, &mut key);
@@ -431,4 +438,31 @@ pub fn run_at_boot<B: Backend>(settings: &Settings) -> RunSummary {
             .sum(),
         migrations: MIGRATIONS.load(Ordering::Relaxed),
     }
+}
+
+/// Runs the guests again on every core with the backend, after the boot
+/// report, until the injected crash comes (it fires on its CPU from the
+/// guest loop) or `limit_us` passes. So the crash's NMIs find CPUs in
+/// guest mode, as a crash in production would.
+pub fn run_until_crash<B: Backend>(limit_us: u64) {
+    if vcpus().is_empty() {
+        return;
+    }
+    for index in 0..crate::cpu::smp::cpus().len() {
+        super::cpu(index).joined.store(false, Ordering::Release);
+    }
+    CORES_DONE.store(0, Ordering::Release);
+    DEADLINE_US.store(time::now_us().saturating_add(limit_us), Ordering::Relaxed);
+    RUNNING.store(true, Ordering::Release);
+    let woken = ipi::call_on_all(|_| {}, 0);
+    cpu::disable_interrupts();
+    let me = percpu::current_cpu_index() as usize;
+    super::cpu(me).joined.store(true, Ordering::Release);
+    run_loop::<B>();
+    let deadline = time::now_us() + 1_000_000 + SLICE_US.load(Ordering::Relaxed);
+    while CORES_DONE.load(Ordering::Acquire) < woken.max(1) && time::now_us() < deadline {
+        core::hint::spin_loop();
+    }
+    RUNNING.store(false, Ordering::Release);
+    cpu::enable_interrupts();
 }
