@@ -181,7 +181,10 @@ fn boot_cpu_main() -> ! {
     // The backend, from CPUID: VMX wherever the CPU has it, else SVM.
     let selected = virt::select();
     match selected {
-        Ok(Selected::Vmx) => cpu::idle::set_work(virt::sched::join_run::<Vmx>),
+        Ok(Selected::Vmx) => {
+            crash::svm::set_backend_vmx();
+            cpu::idle::set_work(virt::sched::join_run::<Vmx>);
+        }
         Ok(Selected::Svm) => {
             crash::svm::set_backend_svm();
             cpu::idle::set_work(virt::sched::join_run::<Svm>);
@@ -323,6 +326,7 @@ fn run_with<B: Backend>(
             crash_caller: options.guest_crash_call,
         },
         crash_hypercall_allowed: options.crash_hypercall,
+        keep_running: crash_after_boot_report(options),
     };
     let run = virt::sched::run_at_boot::<B>(&settings);
     log::info!(
@@ -341,17 +345,34 @@ fn run_with<B: Backend>(
     }
 }
 
-/// After the boot report, with a time-based crash to come: the guests run
-/// again until it does, so that its NMIs find CPUs in guest mode.
+/// Whether a time-based crash is configured for after the guest run:
+/// then the guests go on running after it, until the crash comes, and the
+/// crash waits for the boot report.
+fn crash_after_boot_report(options: &cmdline::Options) -> bool {
+    let after_run = options
+        .crash
+        .as_ref()
+        .is_some_and(|spec| spec.point.is_none() && spec.after_ms >= options.guest_run_ms);
+    if after_run {
+        crash::inject::hold();
+    }
+    after_run
+}
+
+/// After the boot report, with a time-based crash to come: this CPU runs
+/// guests again (the others never stopped) until it does, so that its
+/// NMIs find CPUs in guest mode.
 fn resume_guests_until_crash(virt: &VirtOutcome) {
-    if crash::inject::point().is_some() || crash::inject::fired() || !crash::inject::clock_started()
-    {
+    crash::inject::release();
+    if !virt::sched::running() || crash::inject::fired() || !crash::inject::clock_started() {
         return;
     }
     let limit_us = crash::inject::until_due_us().saturating_add(1_000_000);
+    // Long slices, few migrations: the NMIs find the CPUs running guests.
+    let slice_us = limit_us;
     match virt.selected {
-        Some(Selected::Vmx) => virt::sched::run_until_crash::<Vmx>(limit_us),
-        Some(Selected::Svm) => virt::sched::run_until_crash::<Svm>(limit_us),
+        Some(Selected::Vmx) => virt::sched::run_until_crash::<Vmx>(limit_us, slice_us),
+        Some(Selected::Svm) => virt::sched::run_until_crash::<Svm>(limit_us, slice_us),
         None => {}
     }
 }

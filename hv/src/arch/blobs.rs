@@ -106,6 +106,11 @@ purgatory_end:
     code_bytes = const PURGATORY_CODE_BYTES,
 );
 
+/// Iterations of the test guest's busy loop between two exits: it spends
+/// most of its time in guest mode, so an NMI (a crash shootdown) usually
+/// finds it there.
+const TEST_GUEST_WORK_LOOPS: u32 = 131072;
+
 core::arch::global_asm!(
     r#"
     .section .rodata.guest_image, "a"
@@ -132,6 +137,11 @@ guest_image_start:
 5:
     xor esi, esi
 2:
+    /* Some work in guest mode between exits, as a real guest has. */
+    mov ecx, {work_loops}
+8:
+    dec ecx
+    jnz 8b
     xor eax, eax
     cpuid
     mov eax, {hypercall_yield}
@@ -166,6 +176,7 @@ guest_image_start:
 guest_image_end:
 "#,
     hypercall_yield = const hypercall::YIELD,
+    work_loops = const TEST_GUEST_WORK_LOOPS,
     misbehave = const hypercall::MISBEHAVE,
     call_crash = const hypercall::CALL_CRASH,
     hypercall_crash = const hypercall::CRASH,

@@ -136,10 +136,25 @@ fn is_target() -> bool {
     CPU.load(Ordering::Relaxed) == percpu::current_cpu_index()
 }
 
+/// Holds time-based injection back until [`release`]: the crash is meant
+/// for after the boot report, which must come out first however late it
+/// is (guests keep running meanwhile).
+static HELD: AtomicBool = AtomicBool::new(false);
+
+/// Holds time-based injection back until [`release`].
+pub fn hold() {
+    HELD.store(true, Ordering::Release);
+}
+
+/// Lets time-based injection fire again (the boot report is out).
+pub fn release() {
+    HELD.store(false, Ordering::Release);
+}
+
 /// Time-based injection without a point: called on the target CPU from
 /// the guest loop.
 pub fn check_time() {
-    if point().is_none() && is_target() && due() {
+    if point().is_none() && is_target() && !HELD.load(Ordering::Acquire) && due() {
         fire("after_ms elapsed");
     }
 }
@@ -200,7 +215,12 @@ pub fn trigger_now() {
 /// boot report is out.
 pub fn fire_after_boot() {
     if fired() {
-        return;
+        // Another CPU's injected crash is under way (the guests ran on
+        // after the boot report): its shootdown NMI ends this CPU too,
+        // which must not go on to report `done` meanwhile.
+        loop {
+            core::hint::spin_loop();
+        }
     }
     let point = point();
     if let Some(point) = point.filter(|point| point.needs_vmx()) {

@@ -135,6 +135,14 @@ fn park() -> ! {
 pub fn on_panic(info: &core::panic::PanicInfo<'_>) -> ! {
     let regs = cpu::current_regs();
     crate::console::enter_emergency();
+    // The panic is printed by whoever handles it ([`crash`]): the
+    // coordinator only once its NMIs are out (each byte to the UART is
+    // slow under an emulator, and the other CPUs must be stopped first).
+    crash(Reason::Panic(info), &regs)
+}
+
+/// Prints a panic and its report line (on the emergency console).
+fn print_panic(info: &core::panic::PanicInfo<'_>) {
     let cpu = percpu::current_cpu_index();
     let _ = writeln!(EmergencyConsole, "\n*** hv: panic on cpu {cpu}: {info}");
     crate::console::report::emergency(|o| {
@@ -143,7 +151,6 @@ pub fn on_panic(info: &core::panic::PanicInfo<'_>) -> ! {
             o.field("cpu").u64(u64::from(cpu))
         })
     });
-    crash(Reason::Panic(info), &regs)
 }
 
 /// Enters the crash path. Never returns.
@@ -153,6 +160,9 @@ pub fn crash(reason: Reason<'_>, regs: &CpuRegisters) -> ! {
     match COORDINATOR.enter(me) {
         Role::Coordinator => coordinate::coordinate(me, reason, regs),
         Role::Responder { coordinator } => {
+            if let Reason::Panic(info) = reason {
+                print_panic(info);
+            }
             let _ = writeln!(
                 EmergencyConsole,
                 "\n*** hv: CPU {me} crashed too ({reason}) while CPU {coordinator} coordinates"
@@ -161,6 +171,9 @@ pub fn crash(reason: Reason<'_>, regs: &CpuRegisters) -> ! {
             park()
         }
         Role::ReEntered { .. } => {
+            if let Reason::Panic(info) = reason {
+                print_panic(info);
+            }
             let _ = writeln!(
                 EmergencyConsole,
                 "\n*** hv: CPU {me} crashed again inside the crash path ({reason})"

@@ -11,7 +11,7 @@
 //! reads them back, and is credited to the CPU like a VMCLEAR, so the
 //! ledger says which VMCB (vCPU) was on which CPU.
 
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicU8, Ordering};
 
 use crash::shootdown::Fault;
 use crash::svm::{SvmHardware, SvmLedgers};
@@ -24,16 +24,32 @@ use crate::mm::phys;
 /// CPU from the first instruction.
 pub static LEDGERS: SvmLedgers<MAX_CPUS> = SvmLedgers::new();
 
-static BACKEND_SVM: AtomicBool = AtomicBool::new(false);
+/// Which backend runs the guests, for the crash path's words and its
+/// "clear": none yet (0), VMX (1), SVM (2).
+static BACKEND: AtomicU8 = AtomicU8::new(0);
+
+/// The virtualization layer chose VMX: the lists hold VMCSes.
+pub fn set_backend_vmx() {
+    BACKEND.store(1, Ordering::Release);
+}
 
 /// The virtualization layer chose SVM: the lists hold VMCBs.
 pub fn set_backend_svm() {
-    BACKEND_SVM.store(true, Ordering::Release);
+    BACKEND.store(2, Ordering::Release);
 }
 
 /// Whether the lists hold VMCBs (SVM) rather than VMCSes.
 pub fn backend_is_svm() -> bool {
-    BACKEND_SVM.load(Ordering::Acquire)
+    BACKEND.load(Ordering::Acquire) == 2
+}
+
+/// The backend's name in the crash report: "vmx", "svm", or "none".
+pub fn backend_name() -> &'static str {
+    match BACKEND.load(Ordering::Acquire) {
+        1 => "vmx",
+        2 => "svm",
+        _ => "none",
+    }
 }
 
 /// The crash walk's SVM clear of the VMCB at `vmcb` (a page of the

@@ -38,6 +38,10 @@ pub struct Settings {
     pub knobs: Knobs,
     /// Whether the crash hypercall is honoured.
     pub crash_hypercall_allowed: bool,
+    /// Whether the guests keep running on the other cores once the boot
+    /// CPU leaves the boot run (a time-based crash is to come, see
+    /// [`run_until_crash`]).
+    pub keep_running: bool,
 }
 
 static VCPUS: spin::Once<&'static [Vcpu]> = spin::Once::new();
@@ -48,6 +52,9 @@ static SLICE_US: AtomicU64 = AtomicU64::new(2000);
 static CORES_DONE: AtomicUsize = AtomicUsize::new(0);
 static STOPPED: AtomicUsize = AtomicUsize::new(0);
 static CRASH_HYPERCALL: AtomicBool = AtomicBool::new(false);
+/// Cores take a vCPU already loaded on them first (the run until a
+/// crash, [`run_until_crash`]).
+static AFFINITY: AtomicBool = AtomicBool::new(false);
 /// vCPU loads on a core other than the one that last had it.
 pub static MIGRATIONS: AtomicU64 = AtomicU64::new(0);
 
@@ -71,6 +78,19 @@ impl RunQueue {
             self.slots[(self.head + self.len) % MAX_VCPUS] = index as u16;
             self.len += 1;
         }
+    }
+
+    /// Takes the first queued vCPU for which `wanted` holds, if any.
+    fn take_first(&mut self, wanted: impl Fn(usize) -> bool) -> Option<usize> {
+        let position = (0..self.len)
+            .find(|&offset| wanted(usize::from(self.slots[(self.head + offset) % MAX_VCPUS])))?;
+        let index = self.slots[(self.head + position) % MAX_VCPUS];
+        for offset in position..self.len - 1 {
+            self.slots[(self.head + offset) % MAX_VCPUS] =
+                self.slots[(self.head + offset + 1) % MAX_VCPUS];
+        }
+        self.len -= 1;
+        Some(usize::from(index))
     }
 
     fn pop(&mut self) -> Option<usize> {
@@ -187,15 +207,38 @@ pub fn running() -> bool {
     RUNNING.load(Ordering::Acquire)
 }
 
+/// The vCPU this core runs next: the head of the queue, or with
+/// [`AFFINITY`] the first one already loaded here (else the head).
+fn next_vcpu(cpu: usize) -> Option<usize> {
+    let mut queue = RUN_QUEUE.lock();
+    if AFFINITY.load(Ordering::Relaxed) {
+        let loaded_here = |index: usize| {
+            vcpus()[index]
+                .shared
+                .list_id
+                .is_some_and(|id| LISTS.loaded_on(id) == Ok(Some(cpu)))
+        };
+        if let Some(index) = queue.take_first(loaded_here) {
+            return Some(index);
+        }
+    }
+    queue.pop()
+}
+
 /// Runs guests on this core until the deadline, then checks out.
 pub fn run_loop<B: Backend>() {
+    run_loop_until::<B>(|| DEADLINE_US.load(Ordering::Relaxed));
+    CORES_DONE.fetch_add(1, Ordering::AcqRel);
+}
+
+/// Runs guests on this core while the run is on, until `deadline()`.
+fn run_loop_until<B: Backend>(deadline: impl Fn() -> u64) {
     let cpu = percpu::current_cpu_index() as usize;
     if !super::cpu(cpu).enabled.load(Ordering::Acquire) {
-        CORES_DONE.fetch_add(1, Ordering::AcqRel);
         return;
     }
-    while running() && time::now_us() < DEADLINE_US.load(Ordering::Relaxed) {
-        let next = RUN_QUEUE.lock().pop();
+    while running() && time::now_us() < deadline() {
+        let next = next_vcpu(cpu);
         let Some(index) = next else {
             inject::check_time();
             cpu::interrupt_window();
@@ -207,7 +250,6 @@ pub fn run_loop<B: Backend>() {
         }
         cpu::interrupt_window();
     }
-    CORES_DONE.fetch_add(1, Ordering::AcqRel);
 }
 
 /// The idle work of every CPU: join the guest run once, when it is on.
@@ -412,22 +454,31 @@ pub fn run_at_boot<B: Backend>(settings: &Settings) -> RunSummary {
     );
     SLICE_US.store(settings.slice_us.max(1), Ordering::Relaxed);
     CRASH_HYPERCALL.store(settings.crash_hypercall_allowed, Ordering::Relaxed);
-    inject::start_clock();
-    DEADLINE_US.store(time::now_us() + settings.run_ms * 1000, Ordering::Relaxed);
+    // No deadline until every core is awake: waking them one by one takes
+    // a while under an emulator. The crash knob's clock starts then too.
+    DEADLINE_US.store(u64::MAX, Ordering::Relaxed);
     RUNNING.store(true, Ordering::Release);
     // Wake the idle APs; each joins from its idle loop.
     let woken = ipi::call_on_all(|_| {}, 0);
+    inject::start_clock();
+    let end = time::now_us() + settings.run_ms * 1000;
+    if !settings.keep_running {
+        DEADLINE_US.store(end, Ordering::Relaxed);
+    }
     // This CPU joins with interrupts off, like the others.
     cpu::disable_interrupts();
     let me = percpu::current_cpu_index() as usize;
     super::cpu(me).joined.store(true, Ordering::Release);
-    run_loop::<B>();
-    let online = woken.max(1);
-    let deadline = time::now_us() + 1_000_000 + settings.slice_us;
-    while CORES_DONE.load(Ordering::Acquire) < online && time::now_us() < deadline {
-        core::hint::spin_loop();
+    run_loop_until::<B>(|| end);
+    if !settings.keep_running {
+        CORES_DONE.fetch_add(1, Ordering::AcqRel);
+        let online = woken.max(1);
+        let deadline = time::now_us() + 1_000_000 + settings.slice_us;
+        while CORES_DONE.load(Ordering::Acquire) < online && time::now_us() < deadline {
+            core::hint::spin_loop();
+        }
+        RUNNING.store(false, Ordering::Release);
     }
-    RUNNING.store(false, Ordering::Release);
     cpu::enable_interrupts();
     RunSummary {
         vcpus: created,
@@ -440,29 +491,28 @@ pub fn run_at_boot<B: Backend>(settings: &Settings) -> RunSummary {
     }
 }
 
-/// Runs the guests again on every core with the backend, after the boot
-/// report, until the injected crash comes (it fires on its CPU from the
-/// guest loop) or `limit_us` passes. So the crash's NMIs find CPUs in
-/// guest mode, as a crash in production would.
-pub fn run_until_crash<B: Backend>(limit_us: u64) {
-    if vcpus().is_empty() {
+/// After the boot report of a run with [`Settings::keep_running`] (the
+/// other cores never stopped): this CPU runs guests again, until the
+/// injected crash comes (it fires on its CPU from the guest loop) or
+/// `limit_us` passes; then the run ends on every core. So the crash's
+/// NMIs find CPUs in guest mode, as a crash in production would.
+///
+/// The slices become `slice_us` long, and each core takes a vCPU already
+/// loaded on it first: a migration makes a core wait for another to clear
+/// the vCPU, which under an emulator whose CPUs share a few host cores
+/// takes milliseconds, and with the boot run's short slices and strict
+/// FIFO most CPUs would be waiting for one another, not running a guest,
+/// when the NMI comes.
+pub fn run_until_crash<B: Backend>(limit_us: u64, slice_us: u64) {
+    if vcpus().is_empty() || !running() {
         return;
     }
-    for index in 0..crate::cpu::smp::cpus().len() {
-        super::cpu(index).joined.store(false, Ordering::Release);
-    }
-    CORES_DONE.store(0, Ordering::Release);
-    DEADLINE_US.store(time::now_us().saturating_add(limit_us), Ordering::Relaxed);
-    RUNNING.store(true, Ordering::Release);
-    let woken = ipi::call_on_all(|_| {}, 0);
+    SLICE_US.store(slice_us.max(1), Ordering::Relaxed);
+    AFFINITY.store(true, Ordering::Relaxed);
+    let end = time::now_us().saturating_add(limit_us);
     cpu::disable_interrupts();
-    let me = percpu::current_cpu_index() as usize;
-    super::cpu(me).joined.store(true, Ordering::Release);
-    run_loop::<B>();
-    let deadline = time::now_us() + 1_000_000 + SLICE_US.load(Ordering::Relaxed);
-    while CORES_DONE.load(Ordering::Acquire) < woken.max(1) && time::now_us() < deadline {
-        core::hint::spin_loop();
-    }
+    run_loop_until::<B>(|| end);
+    DEADLINE_US.store(0, Ordering::Relaxed);
     RUNNING.store(false, Ordering::Release);
     cpu::enable_interrupts();
 }

@@ -9,10 +9,11 @@ use super::exit::{self, ExitCode};
 use super::npt::Npt;
 use super::vmcb::{self, GuestStart};
 use super::{
-    ASID_OWNERS, CURRENT, HOST_VMSAVE, SvmError, capabilities, enable_on_this_cpu, next_asid,
+    ASID_OWNERS, CURRENT, HOST_VMSAVE, SvmError, TIMER_UNTIL_US, capabilities, enable_on_this_cpu,
+    next_asid,
 };
 use crate::arch::{self, apic};
-use crate::cpu::percpu;
+use crate::cpu::{percpu, time};
 use crate::mm;
 use crate::virt::{Backend, Context};
 
@@ -145,12 +146,18 @@ impl Backend for Svm {
         );
         vmcb::mark_all_dirty(vmcb);
         vmcb::write_u64(vmcb, vmcb::RAX, registers.rax);
-        let ticks = capabilities.timer_ticks_per_us.saturating_mul(slice_us);
-        apic::timer_start(ticks.clamp(1, u64::from(u32::MAX)) as u32);
+        // The slice timer: armed for `slice_us` unless it still runs from
+        // an earlier entry (no APIC access on most entries: under an
+        // emulator each one is slow, and GIF = 0 holds NMIs meanwhile).
+        let timer_until = &TIMER_UNTIL_US[cpu];
+        if time::now_us() >= timer_until.load(Ordering::Relaxed) {
+            let ticks = capabilities.timer_ticks_per_us.saturating_mul(slice_us);
+            apic::timer_start(ticks.clamp(1, u64::from(u32::MAX)) as u32);
+            timer_until.store(time::now_us().saturating_add(slice_us), Ordering::Relaxed);
+        }
         arch::svm::run(registers, vmcb, HOST_VMSAVE[cpu].load(Ordering::Relaxed));
         // GIF = 0: nothing interrupts until STGI below.
-        let slice_over = apic::timer_current() == 0;
-        apic::timer_start(0);
+        let slice_over = time::now_us() >= timer_until.load(Ordering::Relaxed);
         registers.rax = vmcb::read_u64(vmcb, vmcb::RAX);
         let exit = exit::decode(vmcb, slice_over);
         if exit == Exit::Nmi {

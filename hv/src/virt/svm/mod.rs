@@ -5,12 +5,13 @@
 //! Chosen at run time when the CPU has SVM and no VMX (AMD servers, and
 //! QEMU TCG's `-cpu max`, which emulates SVM with nested paging).
 //!
-//! - **Time slice**: SVM has no preemption timer. Each VMRUN arms the
-//!   local APIC timer (one-shot, [`SLICE_TIMER_VECTOR`]) for the slice; the
-//!   guest runs with the INTR intercept and V_INTR_MASKING, so the timer's
-//!   interrupt makes it exit, and an interrupt exit with the timer expired
-//!   is the end of the slice ([`Exit::Preempted`](hv_core::exits::Exit)).
-//!   The interrupt itself is taken at the next interrupt window.
+//! - **Time slice**: SVM has no preemption timer. A VMRUN arms the local
+//!   APIC timer (one-shot, [`SLICE_TIMER_VECTOR`]) for the slice unless it
+//!   still runs from an earlier entry; the guest runs with the INTR
+//!   intercept and V_INTR_MASKING, so the timer's interrupt makes it
+//!   exit, and an interrupt exit once the timer has expired ends the
+//!   slice ([`Exit::Preempted`](hv_core::exits::Exit)). The interrupt
+//!   itself is taken at the next interrupt window.
 //! - **NMIs**: intercepted. An NMI that arrives in guest mode exits to
 //!   the host and stays pending while GIF = 0; the backend notes that the
 //!   NMI came as an exit (`crash::nmi`), then STGI delivers it to the
@@ -91,6 +92,9 @@ static HOST_VMSAVE: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CP
 static CURRENT: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 /// Per CPU: a page of 512 u64, the VMCB that last ran with each ASID here.
 static ASID_OWNERS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// Per CPU: when its slice timer, armed by an entry, expires (TSC
+/// microseconds).
+static TIMER_UNTIL_US: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 /// The next ASID handed out (round-robin over the usable ones).
 static NEXT_ASID: AtomicU32 = AtomicU32::new(0);
 
