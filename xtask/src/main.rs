@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
-use xtask::accel::{self, Accel};
+use xtask::accel;
 use xtask::bench::{self, BenchOptions};
 use xtask::capture::{self, BochsSink, CaptureKernel, CaptureOptions};
 use xtask::crash::{self, CrashArg, CrashSpec, CrashSpecExt, Rng};
@@ -356,7 +356,7 @@ fn run_task(task: Task) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Task::QemuSmp(args) => {
-            let vmx = accel::detect() == Accel::Kvm;
+            let guests = accel::detect().guest_backend().runs_guests();
             let (plan, append) = crash_and_capture(
                 true,
                 args.no_crash,
@@ -364,7 +364,7 @@ fn run_task(task: Task) -> Result<ExitCode> {
                 &args.capture,
                 &args.run,
                 args.smp,
-                vmx,
+                guests,
             )?;
             let boot = args.boot();
             tools::ensure(&run::qemu_needs(boot))?;
@@ -423,15 +423,15 @@ fn run_task(task: Task) -> Result<ExitCode> {
             append.extend(timeout_word(&args.crash));
             let mut plan: Box<dyn stress::RunPlan> = match args.crash.crash {
                 Some(arg) => {
-                    let vmx = accel::detect() == Accel::Kvm;
+                    let guests = accel::detect().guest_backend().runs_guests();
                     if let CrashArg::Spec(spec) = arg {
-                        check_spec(&spec, args.smp, vmx)?;
+                        check_spec(&spec, args.smp, guests)?;
                     }
                     let guest_run_ms = Expectations::from_cmdline(args.smp, &append)
                         .crash
                         .guest_run_ms;
                     let seed = args.crash.seed.unwrap_or_else(crash::fresh_seed);
-                    Box::new(CrashPlan::new(arg, seed, args.smp, vmx, guest_run_ms))
+                    Box::new(CrashPlan::new(arg, seed, args.smp, guests, guest_run_ms))
                 }
                 None => Box::new(Plain),
             };
@@ -533,7 +533,7 @@ fn crash_and_capture(
     capture: &CaptureArgs,
     run: &RunArgs,
     cpus: u32,
-    vmx: bool,
+    guests: bool,
 ) -> Result<(Plan, Vec<String>)> {
     let mut words = extra_words(run)?;
     let given = capture.given();
@@ -546,7 +546,7 @@ fn crash_and_capture(
         words: &words,
     })
     .map_err(anyhow::Error::msg)?;
-    words.extend(single_run_crash(crash, cpus, vmx, &words)?);
+    words.extend(single_run_crash(crash, cpus, guests, &words)?);
     if plan.crash == CrashSource::Default {
         let spec = plan::default_crash(whole_path_by_default, cpus, &words);
         words.push(format!("crash={spec}"));
@@ -563,7 +563,7 @@ fn crash_and_capture(
 fn single_run_crash(
     args: &CrashArgs,
     cpus: u32,
-    vmx: bool,
+    guests: bool,
     append: &[String],
 ) -> Result<Vec<String>> {
     check_crash_conflicts(args, append)?;
@@ -571,13 +571,13 @@ fn single_run_crash(
     if let Some(arg) = args.crash {
         let spec = match arg {
             CrashArg::Spec(spec) => {
-                check_spec(&spec, cpus, vmx)?;
+                check_spec(&spec, cpus, guests)?;
                 spec
             }
             CrashArg::Random => {
                 let seed = args.seed.unwrap_or_else(crash::fresh_seed);
                 let guest_run_ms = Expectations::from_cmdline(cpus, append).crash.guest_run_ms;
-                let spec = CrashSpec::random(&mut Rng::new(seed), cpus, vmx, guest_run_ms);
+                let spec = CrashSpec::random(&mut Rng::new(seed), cpus, guests, guest_run_ms);
                 println!("crash: {} (random, seed {seed})", spec.word());
                 spec
             }
@@ -595,13 +595,13 @@ fn timeout_word(args: &CrashArgs) -> Option<String> {
 }
 
 /// Refuses a spec that cannot crash this machine (a CPU it does not have,
-/// a list store that does not exist, ...); a point that needs VMX on a
+/// a list store that does not exist, ...); a point that needs guests on a
 /// machine without it only gets a note: hv then reports that it never
 /// fired, and the run fails as it should.
-fn check_spec(spec: &CrashSpec, cpus: u32, vmx: bool) -> Result<()> {
+fn check_spec(spec: &CrashSpec, cpus: u32, guests: bool) -> Result<()> {
     spec.check(cpus, true)
         .map_err(|error| anyhow::anyhow!("--crash: {error}"))?;
-    if let Err(note) = spec.check(cpus, vmx) {
+    if let Err(note) = spec.check(cpus, guests) {
         println!("note: {note}; hv will report that it never fired");
     }
     Ok(())

@@ -67,21 +67,21 @@ pub struct CrashPlan {
     seed: u64,
     rng: Rng,
     cpus: u32,
-    vmx: bool,
+    guests: bool,
     guest_run_ms: u64,
 }
 
 impl CrashPlan {
-    /// Crashes on a machine of `cpus` CPUs, with or without VMX guests
-    /// (which decides the points a random spec may use), whose guests run
-    /// `guest_run_ms` (random crashes come within that time).
-    pub fn new(arg: CrashArg, seed: u64, cpus: u32, vmx: bool, guest_run_ms: u64) -> Self {
+    /// Crashes on a machine of `cpus` CPUs, with or without guests (VMX or
+    /// SVM; which decides the points a random spec may use), whose guests
+    /// run `guest_run_ms` (random crashes come within that time).
+    pub fn new(arg: CrashArg, seed: u64, cpus: u32, guests: bool, guest_run_ms: u64) -> Self {
         Self {
             arg,
             seed,
             rng: Rng::new(seed),
             cpus,
-            vmx,
+            guests,
             guest_run_ms,
         }
     }
@@ -89,7 +89,7 @@ impl CrashPlan {
     /// The spec of the next run.
     pub fn next_spec(&mut self) -> CrashSpec {
         self.arg
-            .pick(&mut self.rng, self.cpus, self.vmx, self.guest_run_ms)
+            .pick(&mut self.rng, self.cpus, self.guests, self.guest_run_ms)
     }
 }
 

@@ -53,6 +53,10 @@ pub struct QemuOptions {
     pub modules: Vec<BootModule>,
     /// More QEMU arguments (disks, ...), after all others.
     pub extra_args: Vec<OsString>,
+    /// The CPU model under TCG instead of `max` (which has SVM with
+    /// nested paging), e.g. `qemu64,-svm` for a CPU with neither VMX nor
+    /// SVM. Then the run expects no particular backend.
+    pub tcg_cpu: Option<String>,
 }
 
 impl QemuOptions {
@@ -69,6 +73,7 @@ impl QemuOptions {
             echo: false,
             modules: Vec::new(),
             extra_args: Vec::new(),
+            tcg_cpu: None,
         }
     }
 
@@ -222,9 +227,12 @@ pub fn qemu(options: &QemuOptions) -> Result<RunOutcome> {
     }
 
     let mut expect = Expectations::from_cmdline(options.smp, &options.append);
-    if accel == Accel::Kvm {
+    match (accel, &options.tcg_cpu) {
         // KVM is chosen only when it offers nested VMX (see `accel`).
-        expect = expect.with_virt(Backend::Vmx);
+        (Accel::Kvm, _) => expect = expect.with_virt(Backend::Vmx),
+        // TCG's `-cpu max` emulates SVM with nested paging.
+        (Accel::Tcg, None) => expect = expect.with_virt(Backend::Svm),
+        (Accel::Tcg, Some(_)) => {}
     }
     finish(Finished {
         emulator: accel.emulator_name(),
@@ -292,6 +300,9 @@ fn media(options: &QemuOptions, cmdline: &str, run_dir: &Path) -> Result<Media> 
 /// Starts QEMU once and watches it to its end.
 fn attempt(options: &QemuOptions, accel: Accel, media: &Media, run_dir: &Path) -> Result<Watched> {
     let mut args = qemu_args(accel, options.smp, options.memory_mib, media, run_dir);
+    if let (Accel::Tcg, Some(model)) = (accel, &options.tcg_cpu) {
+        with_cpu_model(&mut args, model);
+    }
     if let (Media::Kernel { .. }, Some(module)) = (media, options.modules.first()) {
         args.extend(["-initrd".into(), module.file.clone().into_os_string()]);
     }
@@ -318,6 +329,15 @@ fn attempt(options: &QemuOptions, accel: Accel, media: &Media, run_dir: &Path) -
         options.timeout,
         options.echo,
     )
+}
+
+/// Replaces the value of `-cpu` in `args` with `model`.
+fn with_cpu_model(args: &mut [OsString], model: &str) {
+    if let Some(position) = args.iter().position(|arg| arg == "-cpu")
+        && let Some(value) = args.get_mut(position + 1)
+    {
+        *value = model.into();
+    }
 }
 
 /// A KVM start that failed: QEMU ended with neither of hv's exit codes before
