@@ -423,6 +423,18 @@ fn decimal(mut value: usize, buffer: &mut [u8; 8]) -> &str {
     core::str::from_utf8(&buffer[start..]).unwrap_or("?")
 }
 
+/// How long the boot run may go on past `guest_run_ms` for a core that
+/// has not taken a VM exit yet.
+const RUN_UNTIL_EVERY_CORE_EXITED_US: u64 = 5_000_000;
+
+/// Whether every core with the backend enabled has taken a VM exit.
+fn every_core_exited() -> bool {
+    (0..crate::cpu::smp::cpus().len()).all(|index| {
+        let cpu = super::cpu(index);
+        !cpu.enabled.load(Ordering::Acquire) || cpu.vm_exits.load(Ordering::Relaxed) > 0
+    })
+}
+
 /// What the boot-time guest run did.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RunSummary {
@@ -462,15 +474,17 @@ pub fn run_at_boot<B: Backend>(settings: &Settings) -> RunSummary {
     let woken = ipi::call_on_all(|_| {}, 0);
     inject::start_clock();
     let end = time::now_us() + settings.run_ms * 1000;
-    if !settings.keep_running {
-        DEADLINE_US.store(end, Ordering::Relaxed);
-    }
-    // This CPU joins with interrupts off, like the others.
+    // The run also goes on (bounded) until every core has run a guest: an
+    // emulator that shares a few host cores among many CPUs can starve one
+    // of them for the whole run.
+    let latest = end.saturating_add(RUN_UNTIL_EVERY_CORE_EXITED_US);
+    // This CPU joins with interrupts off, like the others; it ends the run.
     cpu::disable_interrupts();
     let me = percpu::current_cpu_index() as usize;
     super::cpu(me).joined.store(true, Ordering::Release);
-    run_loop_until::<B>(|| end);
+    run_loop_until::<B>(|| if every_core_exited() { end } else { latest });
     if !settings.keep_running {
+        DEADLINE_US.store(0, Ordering::Relaxed);
         CORES_DONE.fetch_add(1, Ordering::AcqRel);
         let online = woken.max(1);
         let deadline = time::now_us() + 1_000_000 + settings.slice_us;
