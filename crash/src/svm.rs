@@ -225,10 +225,10 @@ struct SvmSlot {
 ///
 /// A CPU writes only its own slot (Relaxed stores, published by a Release
 /// read-modify-write of its status); readers load the status with Acquire
-/// first. The CPU's check-in with the coordinator comes after [`leave`]
-/// (Self::leave) returns, and is itself a Release read-modify-write that
-/// the coordinator reads with Acquire, so a checked-in CPU's record is
-/// complete.
+/// first. The CPU's check-in with the coordinator comes after
+/// [`leave`](Self::leave) returns, and is itself a Release
+/// read-modify-write that the coordinator reads with Acquire, so a
+/// checked-in CPU's record is complete.
 #[derive(Debug)]
 pub struct SvmLedgers<const CPUS: usize> {
     slots: [SvmSlot; CPUS],

@@ -67,6 +67,9 @@ struct SvmMachine {
 
 type Shared<T> = Rc<RefCell<T>>;
 
+/// Something that happens right after a named step (a nested crash).
+type Interrupt = (&'static str, Box<dyn FnOnce()>);
+
 /// A handle on one fake CPU. The loaded-VMCB bookkeeping (which VMCB is in
 /// use on which CPU, misuse) is the VMX fake's: SVM's "load" and "clear"
 /// have the same rules, only the hardware behind them differs.
@@ -77,7 +80,7 @@ struct FakeSvmCpu {
     svm: Shared<SvmMachine>,
     ledgers: Rc<SvmLedgers<CPUS>>,
     /// Runs once, right after the step of that name (a nested crash).
-    interrupt: Shared<Option<(&'static str, Box<dyn FnOnce()>)>>,
+    interrupt: Shared<Option<Interrupt>>,
 }
 
 impl FakeSvmCpu {
