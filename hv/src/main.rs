@@ -237,6 +237,7 @@ fn boot_cpu_main() -> ! {
             o.field("vcpus").u64(virt.run.vcpus as u64)?;
             o.field("vm_exits").u64(virt.run.exits)?;
             o.field("migrations").u64(virt.run.migrations)?;
+            o.field("preemptions").u64(virt.run.preemptions)?;
             o.field("stopped").u64(virt.run.stopped as u64)?;
             o.field("exits_per_cpu").u64_array(
                 (0..smp::cpus().len())

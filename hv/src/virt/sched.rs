@@ -57,6 +57,9 @@ static CRASH_HYPERCALL: AtomicBool = AtomicBool::new(false);
 static AFFINITY: AtomicBool = AtomicBool::new(false);
 /// vCPU loads on a core other than the one that last had it.
 pub static MIGRATIONS: AtomicU64 = AtomicU64::new(0);
+/// Slices the backend's timer ended (VMX-preemption timer, SVM's APIC
+/// timer).
+static PREEMPTIONS: AtomicU64 = AtomicU64::new(0);
 
 struct RunQueue {
     slots: [u16; MAX_VCPUS],
@@ -323,6 +326,9 @@ fn run_slice<B: Backend>(index: usize) -> bool {
     loop {
         let launched = local.launched;
         let exit = B::enter(&mut local.registers, launched, slice_us);
+        if exit == exits::Exit::Preempted {
+            PREEMPTIONS.fetch_add(1, Ordering::Relaxed);
+        }
         if !matches!(exit, exits::Exit::EntryFailed { .. }) {
             local.launched = true;
             vcpu.shared.exits.fetch_add(1, Ordering::Relaxed);
@@ -446,6 +452,8 @@ pub struct RunSummary {
     pub exits: u64,
     /// Loads on a different core.
     pub migrations: u64,
+    /// Slices the backend's timer ended.
+    pub preemptions: u64,
 }
 
 /// Runs every vCPU across every core with the backend for
@@ -502,6 +510,7 @@ pub fn run_at_boot<B: Backend>(settings: &Settings) -> RunSummary {
             .map(|vcpu| vcpu.shared.exits.load(Ordering::Relaxed))
             .sum(),
         migrations: MIGRATIONS.load(Ordering::Relaxed),
+        preemptions: PREEMPTIONS.load(Ordering::Relaxed),
     }
 }
 
