@@ -3,8 +3,9 @@
 //!
 //! Each run boots hv in QEMU (direct boot) with a time-based crash on one
 //! CPU (`crash=cpu:N,after_ms:T`; by default a random CPU and a random T
-//! from 1 to 20 ms into the guest run, or after the boot report where no
-//! guests run, from a printed seed) and reads its crash report:
+//! from 1 to 20 ms after the guest run, from a printed seed: the guests
+//! keep running, and the crash comes once the boot report is out, where no
+//! guests run too) and reads its crash report:
 //!
 //! - `shootdown_us`: from the first NMI sent to the last CPU checked in;
 //! - `nmi_latency_us`: per CPU index, from the first NMI sent to that CPU
@@ -25,7 +26,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::crash::{CrashSpec, Rng};
+use crate::crash::{CrashSpec, DEFAULT_GUEST_RUN_MS, Rng};
 use crate::paths;
 use crate::run::{self, Boot, QemuOptions};
 use crate::stats::{self, Spread};
@@ -34,7 +35,8 @@ use crate::stress::{progress_bar, say};
 /// The directory of the benchmark's runs under `build/`.
 const BENCH_DIR: &str = "bench-shootdown";
 
-/// Largest random `after_ms`: the crash comes soon after the boot report.
+/// Largest random `after_ms` past the guest run: the crash comes soon
+/// after the boot report.
 const MAX_AFTER_MS: u64 = 20;
 
 /// A shootdown benchmark.
@@ -83,7 +85,7 @@ impl ShootdownOptions {
                     .unwrap_or_else(|| rng.below(u64::from(self.smp)) as u32);
                 CrashSpec {
                     cpu,
-                    after_ms: 1 + rng.below(MAX_AFTER_MS),
+                    after_ms: DEFAULT_GUEST_RUN_MS + 1 + rng.below(MAX_AFTER_MS),
                     point: None,
                 }
             })
@@ -402,7 +404,8 @@ mod tests {
         assert_eq!(specs.len(), 200);
         assert!(specs.iter().all(|spec| spec.point.is_none()
             && spec.cpu < 8
-            && (1..=MAX_AFTER_MS).contains(&spec.after_ms)));
+            && (DEFAULT_GUEST_RUN_MS + 1..=DEFAULT_GUEST_RUN_MS + MAX_AFTER_MS)
+                .contains(&spec.after_ms)));
         let cpus: std::collections::HashSet<u32> = specs.iter().map(|spec| spec.cpu).collect();
         assert_eq!(cpus.len(), 8, "every CPU gets to crash");
         assert_eq!(options.specs(), specs);
