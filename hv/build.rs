@@ -31,4 +31,7 @@ fn main() {
     std::fs::write(&path, script).expect("OUT_DIR is writable");
     println!("cargo:rustc-link-arg-bins=-T{path}");
     println!("cargo:rustc-link-arg-bins=-znoexecstack");
+    // A GNU build ID note (kept and loaded by linker.ld): drgn matches the
+    // ELF given with `-s` to a dump by it, debuginfod finds files by it.
+    println!("cargo:rustc-link-arg-bins=--build-id=sha1");
 }

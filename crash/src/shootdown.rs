@@ -39,7 +39,9 @@ use core::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use crate::cpuset::CpuSet;
 use crate::loaded_vmcs::{VmclearAll, VmcsArena, Vmx, WalkEnd};
 
-const NO_CPU: u32 = u32::MAX;
+/// The coordinator word holds a CPU index plus one; 0 means "no crash
+/// yet", so that a coordinator in a `static` starts all zero (in .bss).
+const NO_CPU: u32 = 0;
 
 /// How many consecutive polls of the rendezvous may read the same time
 /// before the clock is declared stalled and the wait ends. About a million
@@ -394,7 +396,9 @@ impl CrashSlot {
             vmcs_stranded: AtomicU32::new(0),
             walk_end: AtomicU64::new(0),
             vmx_exit: AtomicU8::new(0),
-            observed_after_us: AtomicU64::new(u64::MAX),
+            // Stored plus one, so that the slot starts all zero (a static
+            // of them lands in .bss, not in an image's data).
+            observed_after_us: AtomicU64::new(0),
         }
     }
 
@@ -455,7 +459,7 @@ impl<const CPUS: usize> CrashCoordinator<CPUS> {
     /// for "this NMI is the crash shootdown".
     pub fn coordinator(&self) -> Option<usize> {
         let raw = self.coordinator.load(Ordering::Acquire);
-        (raw != NO_CPU).then_some(raw as usize)
+        raw.checked_sub(1).map(|cpu| cpu as usize)
     }
 
     /// The first step of every CPU entering the crash path (a panic, a fatal
@@ -473,7 +477,7 @@ impl<const CPUS: usize> CrashCoordinator<CPUS> {
             return Role::ReEntered { coordinator };
         }
         // NO_CPU means "no crash yet": no index may be confused with it.
-        let me = cpu.min(NO_CPU as usize - 1) as u32;
+        let me = cpu.min(u32::MAX as usize - 1) as u32 + 1;
         match self
             .coordinator
             .compare_exchange(NO_CPU, me, Ordering::AcqRel, Ordering::Acquire)
@@ -481,10 +485,10 @@ impl<const CPUS: usize> CrashCoordinator<CPUS> {
             Ok(_) => Role::Coordinator,
             // Only for a CPU without a slot: no status bit to tell us.
             Err(winner) if winner == me => Role::ReEntered {
-                coordinator: winner as usize,
+                coordinator: winner as usize - 1,
             },
             Err(winner) => Role::Responder {
-                coordinator: winner as usize,
+                coordinator: winner as usize - 1,
             },
         }
     }
@@ -650,7 +654,8 @@ impl<const CPUS: usize> CrashCoordinator<CPUS> {
                     pending.remove(cpu);
                     let _ = checked_in.insert(cpu);
                     elapsed_us = now.saturating_sub(start);
-                    slot.observed_after_us.store(elapsed_us, Ordering::Relaxed);
+                    slot.observed_after_us
+                        .store(elapsed_us.saturating_add(1), Ordering::Relaxed);
                 }
             }
             if pending.is_empty() {
@@ -680,8 +685,10 @@ impl<const CPUS: usize> CrashCoordinator<CPUS> {
             match give_up(slot) {
                 GiveUp::CheckedInJustNow => {
                     let _ = checked_in.insert(cpu);
-                    slot.observed_after_us
-                        .store(now.saturating_sub(start), Ordering::Relaxed);
+                    slot.observed_after_us.store(
+                        now.saturating_sub(start).saturating_add(1),
+                        Ordering::Relaxed,
+                    );
                 }
                 GiveUp::Straggler { in_handler } => {
                     let _ = stragglers.insert(cpu);
@@ -735,7 +742,7 @@ impl<const CPUS: usize> CrashCoordinator<CPUS> {
             status,
             regs,
             ledger,
-            observed_after_us: (observed != u64::MAX).then_some(observed),
+            observed_after_us: observed.checked_sub(1),
         })
     }
 

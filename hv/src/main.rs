@@ -37,8 +37,13 @@ static BOOT_INFO: spin::Once<BootInfo> = spin::Once::new();
 /// The command-line options in force.
 static OPTIONS: spin::Once<cmdline::Options> = spin::Once::new();
 
+/// The TSC at the image's first Rust instruction: a capture image reports
+/// it as the moment the capture kernel was entered.
+static ENTRY_TSC: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
 /// Called by the boot stub in long mode on the boot stack.
 extern "C" fn hv_main(entered_by: u32, info: u32, magic: u32) -> ! {
+    ENTRY_TSC.store(arch::cpu::rdtsc(), Ordering::Relaxed);
     percpu::init_boot_cpu();
     console::init_serial();
     console::init_logging(log::LevelFilter::Info);
@@ -71,6 +76,13 @@ extern "C" fn hv_main(entered_by: u32, info: u32, magic: u32) -> ! {
     // A capture image's report is about the capture only: its own boot
     // must not overwrite what the crashed hypervisor reported.
     console::report::only_capture_lines(options.capture_mode.is_some());
+    // A capture image logs NMIs whatever `nmi=` says: one of the old
+    // world's may still reach this CPU, and must not stop the capture.
+    crash::nmi::set_external_policy(if options.capture_mode.is_some() {
+        cmdline::ExternalNmi::Log
+    } else {
+        options.nmi
+    });
     console::report::line(|o| {
         o.field("loader").object(|o| {
             o.field("protocol").str(boot.protocol.name())?;
@@ -117,8 +129,26 @@ extern "C" fn hv_main(entered_by: u32, info: u32, magic: u32) -> ! {
             boot.regions().len()
         );
     }
+    if boot.modules_dropped > 0 {
+        log::warn!(
+            "boot: {} modules beyond {} were ignored",
+            boot.modules_dropped,
+            boot::info::MAX_MODULES
+        );
+    }
+    if boot.loader_ranges_dropped > 0 {
+        log::warn!(
+            "boot: {} loader structures could not be kept out of the allocator",
+            boot.loader_ranges_dropped
+        );
+    }
     mm::init(boot.memory_map(), boot.keep_out(), options.crashkernel);
-    let record_tables = |tables| percpu::current().set_tables(tables);
+    let record_tables = |stacks: &mm::CpuStacks| {
+        percpu::current().set_tables(stacks.tables);
+        percpu::shared(0)
+            .crash_stack
+            .store(stacks.crash, Ordering::Relaxed);
+    };
     if options.capture_mode.is_some() {
         mm::switch_to_guarded_stacks(record_tables, capture_main)
     }
@@ -129,8 +159,41 @@ extern "C" fn hv_main(entered_by: u32, info: u32, magic: u32) -> ! {
 fn register_trap_handlers() {
     arch::idt::register(2, crash::nmi::on_nmi);
     arch::idt::register(ipi::CALL_FUNCTION_VECTOR, ipi::on_call_function_ipi);
+    arch::idt::register(cpu::watchdog::TICK_VECTOR, cpu::watchdog::on_tick);
     arch::idt::register(virt::svm::SLICE_TIMER_VECTOR, virt::svm::on_slice_timer);
     arch::idt::register_exceptions(crash::exception::on_exception);
+    cpu::watchdog::set_lockup_handler(crash::on_lockup);
+}
+
+/// Which LINT pins carry the platform's NMI to each CPU, from the MADT's
+/// Local APIC NMI entries; LINT1 on every CPU where the MADT says nothing
+/// (the common wiring, and what virtual-wire mode uses for NMI).
+fn plan_nmi_pins(topology: Option<&smp_boot::madt::Topology>) {
+    let entries = topology.map_or(&[][..], |topology| topology.local_nmis());
+    for (index, shared) in smp::cpus().iter().enumerate() {
+        let uid = topology.and_then(|topology| {
+            topology
+                .processors()
+                .iter()
+                .find(|cpu| cpu.apic_id == shared.slot.apic_id())
+                .map(|cpu| cpu.acpi_uid)
+        });
+        let mut pins = 0u8;
+        for entry in entries {
+            if uid.is_some_and(|uid| entry.covers(uid)) && entry.lint < 2 {
+                pins |= 1 << entry.lint;
+                if entry.active_low() {
+                    pins |= 1 << (entry.lint + 2);
+                }
+            }
+        }
+        if entries.is_empty() {
+            pins = 1 << 1;
+        }
+        percpu::shared(index)
+            .nmi_pins
+            .store(pins, Ordering::Relaxed);
+    }
 }
 
 /// This image is a capture kernel: stream the crashed hypervisor's dump.
@@ -141,6 +204,7 @@ fn capture_main() -> ! {
     capture::mode::run(
         options.capture_mode.expect("capture mode was asked for"),
         options.capture_sink,
+        ENTRY_TSC.load(Ordering::Relaxed),
     )
 }
 
@@ -152,13 +216,23 @@ fn boot_cpu_main() -> ! {
     let options = *OPTIONS
         .get()
         .expect("options are parsed before the stack switch");
-    let topology = boot::acpi::discover(boot);
+    let acpi = boot::acpi::discover(boot);
+    let topology = acpi.topology;
 
-    let tsc_khz = time::calibrate();
-    match tsc_khz {
-        Some(khz) => log::info!("TSC: {} MHz", khz / 1000),
-        None => log::warn!("TSC: the PIT did not answer; assuming 1 GHz"),
+    let tsc = time::calibrate(acpi.rsdp);
+    match &tsc {
+        Ok(tsc) => log::info!(
+            "TSC: {}.{:03} MHz ({}; {} measurements, {} rejected, {} disagreements)",
+            tsc.khz / 1000,
+            tsc.khz % 1000,
+            tsc.source.name(),
+            tsc.attempts,
+            tsc.rejected,
+            tsc.disagreements
+        ),
+        Err(error) => log::warn!("TSC: not calibrated: {error}; assuming 1 GHz"),
     }
+    let tsc_khz = tsc.as_ref().ok().map(|tsc| tsc.khz);
     let apic_mode = arch::apic::choose_mode();
     arch::apic::enable();
     arch::cpu::enable_interrupts();
@@ -176,7 +250,7 @@ fn boot_cpu_main() -> ! {
             timeout_us: options.ap_timeout_ms * 1000,
         },
         hang_apic_id: options.ap_hang,
-        before_check_in: crash::inject::at_bringup,
+        before_check_in: crash::ap_checkpoint,
     };
     // The backend, from CPUID: VMX wherever the CPU has it, else SVM.
     let selected = virt::select();
@@ -192,13 +266,29 @@ fn boot_cpu_main() -> ! {
         Err(_) => {}
     }
     let bringup = smp::bring_up(possible, &settings);
+    // The APs unmask their own pins as they come up; the bring-up table
+    // is known only now, so the boot CPU plans the pins, unmasks its own,
+    // and has the online APs unmask theirs.
+    plan_nmi_pins(topology.as_ref());
+    ipi::call_on_all(percpu::unmask_nmi_pins, 0);
     capture::load::load_at_boot(boot, &options);
-    let called = ipi::call_on_all(|_| {}, 0);
+    // The capture load changed page protections: every CPU drops what it
+    // cached (and this doubles as the call-function self-test).
+    let called = ipi::call_on_all(|_| arch::cpu::flush_tlb(), 0);
     let nmis = ipi::nmi_self_test();
     log::info!("IPIs: call-function ran on {called} CPUs; NMI answered by {nmis} others");
 
     if crash::inject::point() == Some(CrashPoint::BeforeVmx) {
         crash::inject::trigger_now();
+    }
+    let watchdog = cpu::watchdog::start(options.watchdog_seconds);
+    if watchdog {
+        ipi::call_on_all(cpu::watchdog::tick_here, 0);
+        log::info!(
+            "watchdog: every CPU ticks every {} ms; silent for {} s starts the crash path",
+            cpu::watchdog::TICK_MS,
+            options.watchdog_seconds
+        );
     }
     let virt = run_guests(&options, selected);
 
@@ -216,15 +306,57 @@ fn boot_cpu_main() -> ! {
             o.field("attempted").u64(bringup.attempted as u64)?;
             o.field("bsp_apic_id").u64(u64::from(own_apic_id))?;
             o.field("apic_ids")
-                .u64_array(smp::cpus().iter().map(|cpu| u64::from(cpu.slot.apic_id())))
+                .u64_array(smp::cpus().iter().map(|cpu| u64::from(cpu.slot.apic_id())))?;
+            // Per CPU index, when it came online (null: not online), on
+            // the clock of bringup_us: `bench bringup --plot` draws each AP.
+            o.field("online_at_us").array(|a| {
+                smp::cpus().iter().try_for_each(|cpu| {
+                    let online = cpu.slot.state() == smp_boot::bringup::CpuState::Online;
+                    a.item()
+                        .option(online.then(|| cpu.slot.online_at_us()), |v, us| v.u64(us))
+                })
+            })
         })?;
         o.field("bringup_us").u64(bringup.elapsed_us)?;
         o.field("smp").object(|o| {
             o.field("apic_mode").str(apic_mode)?;
             o.field("tsc_khz")
                 .option(tsc_khz, |value, khz| value.u64(khz))?;
+            o.field("tsc_source").str(match &tsc {
+                Ok(tsc) => tsc.source.name(),
+                Err(error) => error.source_name(),
+            })?;
+            o.field("tsc_measured_by").option(
+                tsc.as_ref().ok().and_then(|tsc| tsc.measured_by),
+                |value, timer| value.str(timer.name()),
+            )?;
+            o.field("tsc_confirmed_by").option(
+                tsc.as_ref().ok().and_then(|tsc| tsc.confirmed_by),
+                |value, timer| value.str(timer.name()),
+            )?;
+            o.field("tsc_cpuid_khz").option(
+                tsc.as_ref().ok().and_then(|tsc| tsc.cpuid_khz),
+                |value, khz| value.u64(khz),
+            )?;
+            let (attempts, rejected, disagreements) = match &tsc {
+                Ok(tsc) => (tsc.attempts, tsc.rejected, tsc.disagreements),
+                Err(error) => (error.attempts, error.rejected, error.disagreements),
+            };
+            o.field("tsc_attempts").u64(u64::from(attempts))?;
+            o.field("tsc_rejected").u64(u64::from(rejected))?;
+            o.field("tsc_disagreements").u64(u64::from(disagreements))?;
             o.field("call_function_cpus").u64(called as u64)?;
-            o.field("nmi_cpus").u64(nmis as u64)
+            o.field("nmi_cpus").u64(nmis as u64)?;
+            o.field("nmi_pins")
+                .u64_array((0..smp::cpus().len()).map(|index| {
+                    u64::from(percpu::shared(index).nmi_pins.load(Ordering::Relaxed))
+                }))?;
+            o.field("external_nmis")
+                .u64(u64::from(crash::nmi::external()))?;
+            o.field("watchdog_seconds").option(
+                watchdog.then_some(options.watchdog_seconds),
+                |value, seconds| value.u64(seconds),
+            )
         })?;
         o.field("virt").object(|o| {
             o.field("backend").str(virt.backend)?;
@@ -248,6 +380,15 @@ fn boot_cpu_main() -> ! {
     if crash::inject::configured() {
         resume_guests_until_crash(&virt);
         crash::inject::fire_after_boot();
+    }
+    if options.stray_write {
+        crash::inject::stray_write_into_reservation();
+    }
+    if let Some(hang) = &options.hang {
+        crash::inject::hang_after_boot(hang);
+        // The run ends in the crash path (the lockup detector or the NMI
+        // button), not in `done`.
+        cpu::idle::idle();
     }
     console::report::line(|o| o.field("done").bool(true));
     log::info!("boot self-report complete");
@@ -350,10 +491,10 @@ fn run_with<B: Backend>(
 /// then the guests go on running after it, until the crash comes, and the
 /// crash waits for the boot report.
 fn crash_after_boot_report(options: &cmdline::Options) -> bool {
-    let after_run = options
-        .crash
-        .as_ref()
-        .is_some_and(|spec| spec.point.is_none() && spec.after_ms >= options.guest_run_ms);
+    let after_run = options.crash.as_ref().is_some_and(|spec| {
+        spec.point.is_none_or(|point| point.disturbs_the_crash())
+            && spec.after_ms >= options.guest_run_ms
+    });
     if after_run {
         crash::inject::hold();
     }

@@ -163,3 +163,131 @@ pub fn assert_gdb_reads(run: &RunOutcome, cpus: usize) {
         );
     }
 }
+
+/// `xtask/debug/`: the gdb commands and the drgn module.
+pub fn debug_dir() -> PathBuf {
+    xtask::paths::workspace_root().join("xtask/debug")
+}
+
+/// The dump of a capture run.
+#[track_caller]
+pub fn dump_path(run: &RunOutcome) -> PathBuf {
+    PathBuf::from(
+        run.report["capture"]["dump_path"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no dump_path\n{}", explain(run))),
+    )
+}
+
+/// What `gdb hv DUMP` prints for `commands` after sourcing hv's gdb
+/// commands (`xtask/debug/gdb/hv.py`).
+#[track_caller]
+pub fn gdb_hv_commands(run: &RunOutcome, commands: &[&str]) -> String {
+    let source = format!("source {}", debug_dir().join("gdb/hv.py").display());
+    let mut all = vec![source.as_str()];
+    all.extend_from_slice(commands);
+    let text = gdb(hv_elf(), &dump_path(run), &all);
+    assert!(
+        !text.contains("Python Exception") && !text.contains("Error occurred in Python"),
+        "hv's gdb commands failed:\n{text}"
+    );
+    text
+}
+
+/// What `drgn -c DUMP -s hv xtask/debug/drgn/hv_drgn.py COMMANDS...`
+/// prints (drgn attaches hv's symbols by the build ID the dump's image
+/// notes lead it to). drgn must be installed (`pip install drgn`).
+#[track_caller]
+pub fn drgn_hv(run: &RunOutcome, commands: &[&str]) -> String {
+    let output = Command::new("drgn")
+        .arg("-q")
+        .arg("-c")
+        .arg(dump_path(run))
+        .arg("-s")
+        .arg(hv_elf())
+        .arg(debug_dir().join("drgn/hv_drgn.py"))
+        .args(commands)
+        .output()
+        .unwrap_or_else(|error| panic!("could not run drgn (pip install drgn): {error}"));
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "drgn failed:\n{text}");
+    assert!(
+        !text.contains("no build ID") && !text.contains("could not get debugging information"),
+        "drgn did not attach hv's symbols:\n{text}"
+    );
+    text
+}
+
+/// The loaded-VMCS list lines (`  CPU   n: k loaded...`) of `hv vmcs`
+/// (gdb) or `hv_drgn.py vmcs`, by CPU.
+pub fn vmcs_lines(text: &str) -> Vec<(u32, String)> {
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("  CPU ")?;
+            let (cpu, list) = rest.split_once(':')?;
+            let cpu = cpu.trim().parse().ok()?;
+            list.split_whitespace()
+                .nth(1)
+                .filter(|word| word.trim_end_matches(':') == "loaded")?;
+            Some((cpu, line.to_owned()))
+        })
+        .collect()
+}
+
+/// The physical addresses on one `vmcs_lines` line.
+pub fn listed_vmcs(line: &str) -> Vec<u64> {
+    line.split_whitespace()
+        .filter_map(|word| word.strip_prefix("0x"))
+        .filter_map(|hex| u64::from_str_radix(hex, 16).ok())
+        .collect()
+}
+
+/// Asserts that drgn symbolizes every CPU's stack and that the crashing
+/// CPU's reaches the panic site (the injected crash's `...::inject::fire`,
+/// found by its last path components as hv's modules move, through
+/// `core::panicking::panic_fmt`), and that the drgn module lists every
+/// CPU's loaded VMCSes. Returns the `vmcs` lines.
+#[track_caller]
+pub fn assert_drgn_reads(run: &RunOutcome, cpus: u32) -> Vec<(u32, String)> {
+    let text = drgn_hv(run, &["bt", "vmcs"]);
+    let blocks: Vec<&str> = text.split("\nCPU ").collect();
+    let stacks: Vec<&str> = blocks
+        .into_iter()
+        .map(|block| block.strip_prefix("CPU ").unwrap_or(block))
+        .filter(|block| block.contains("(thread "))
+        .collect();
+    assert_eq!(stacks.len(), cpus as usize, "one stack per CPU:\n{text}");
+    let coordinator = crate::number(run, "/crash/cpu_index");
+    assert!(
+        stacks[0].starts_with(&format!("{coordinator} (thread {})", coordinator + 1)),
+        "the crashed thread comes first, the coordinator's:\n{text}"
+    );
+    for stack in &stacks {
+        let first = stack
+            .lines()
+            .find(|line| line.trim_start().starts_with("#0"))
+            .unwrap_or_else(|| panic!("no frame #0:\n{stack}"));
+        let symbol = first.split(" in ").nth(1).unwrap_or("");
+        assert!(
+            !symbol.is_empty() && !symbol.starts_with("0x") && !symbol.starts_with("??"),
+            "frame #0 is not symbolized: {first}\n{text}"
+        );
+        assert!(first.contains(" at "), "no source line: {first}\n{text}");
+    }
+    let panic_fmt = stacks[0].find("in core::panicking::panic_fmt");
+    let fire = stacks[0].find("::inject::fire at ");
+    assert!(
+        matches!((panic_fmt, fire), (Some(p), Some(f)) if p < f),
+        "the crashed thread's stack does not reach inject::fire through panic_fmt:\n{}",
+        stacks[0]
+    );
+    let lines = vmcs_lines(&text);
+    let listed: Vec<u32> = lines.iter().map(|(cpu, _)| *cpu).collect();
+    assert_eq!(
+        listed,
+        (0..cpus).collect::<Vec<_>>(),
+        "a loaded-VMCS list per CPU:\n{text}"
+    );
+    lines
+}

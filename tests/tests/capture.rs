@@ -2,7 +2,8 @@
 //! kernel loaded and digested at boot, and that kernel gets the dump out
 //! of the machine; gdb then reads the dump with hv's ELF.
 //!
-//! - Linux (Debian's kernel with xtask's initramfs) in QEMU at 8 CPUs;
+//! - Linux (Debian's kernel with xtask's initramfs, filtering with
+//!   makedumpfile) in QEMU at 8 CPUs; gdb and drgn read the dump;
 //! - hv's own capture mode in QEMU at 64 CPUs and in Bochs at 8 (with VMX
 //!   guests running, so the VMCLEAR ledger has VMCSes to account for);
 //! - a capture kernel damaged after its digest was taken: the jump is
@@ -16,7 +17,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tests::capture::{
-    assert_captured, assert_gdb_reads, capture_bochs, capture_qemu, hv_capture_elf,
+    assert_captured, assert_drgn_reads, assert_gdb_reads, capture_bochs, capture_qemu,
+    gdb_hv_commands, hv_capture_elf, listed_vmcs, vmcs_lines,
 };
 use tests::{Boot, RunOutcome, assert_ok, explain, number};
 use xtask::capture::{CaptureKernel, CaptureOptions, LINUX_MEMORY_MIB};
@@ -47,23 +49,66 @@ fn the_linux_capture_kernel_copies_a_fake_vmcore_on_its_own() {
     );
 }
 
+/// Linux with makedumpfile (the raw copy of `/proc/vmcore` is the
+/// self-test's, above, byte for byte): an ELF dump gdb and drgn read, and a
+/// compressed kdump, with their sizes in the report.
 #[test]
-fn linux_captures_a_dump_of_eight_cpus_that_gdb_reads() {
+fn linux_with_makedumpfile_dumps_eight_cpus_for_gdb_and_drgn() {
     let run = capture_qemu(
         "test-capture-linux-smp8",
         Boot::GrubBios,
         8,
         LINUX_MEMORY_MIB,
         &[],
-        CaptureOptions::new(CaptureKernel::Linux, 8),
+        CaptureOptions {
+            makedumpfile: true,
+            ..CaptureOptions::new(CaptureKernel::Linux, 8)
+        },
     );
     let info = assert_captured(&run, 8);
     let capture = &run.report["capture"];
     assert_eq!(capture["kernel"], "linux", "{}", explain(&run));
     assert_eq!(capture["linux"]["copied"], true, "{}", explain(&run));
+    // Filtered: zero pages left out of both files.
     assert_eq!(
-        capture["linux"]["vmcore_bytes"],
+        capture["dump_format"],
+        "elf-makedumpfile",
+        "{}",
+        explain(&run)
+    );
+    assert_eq!(
+        capture["kdump_format"],
+        "kdump-compressed",
+        "{}",
+        explain(&run)
+    );
+    let vmcore = number(&run, "/capture/linux/vmcore_bytes");
+    let kdump = number(&run, "/capture/kdump_bytes");
+    assert!(
+        info.file_bytes < vmcore / 4 && kdump > 0 && kdump < vmcore / 4,
+        "vmcore {vmcore}, ELF {}, kdump {kdump}\n{}",
         info.file_bytes,
+        explain(&run)
+    );
+    assert!(
+        xtask::makedumpfile::is_kdump_compressed(std::path::Path::new(
+            capture["kdump_path"].as_str().unwrap()
+        ))
+        .unwrap(),
+        "{}",
+        explain(&run)
+    );
+    for name in ["elf", "kdump"] {
+        assert_eq!(
+            capture["makedumpfile"][name]["stream_bytes"],
+            capture["linux"]["makedumpfile"][format!("{name}_stream_bytes")],
+            "{}",
+            explain(&run)
+        );
+    }
+    assert_eq!(
+        number(&run, "/capture/linux/makedumpfile/dump_level"),
+        1,
         "{}",
         explain(&run)
     );
@@ -81,6 +126,11 @@ fn linux_captures_a_dump_of_eight_cpus_that_gdb_reads() {
         explain(&run)
     );
     assert_gdb_reads(&run, 8);
+    // drgn attaches hv by its build ID and unwinds every CPU; no VMX under
+    // TCG, so every list is empty.
+    for (cpu, line) in assert_drgn_reads(&run, 8) {
+        assert!(line.ends_with(": 0 loaded"), "CPU {cpu}: {line}");
+    }
 }
 
 #[test]
@@ -115,6 +165,7 @@ fn hv_capture_mode_in_bochs_accounts_for_every_loaded_vmcs() {
     );
     let info = assert_captured(&run, 8);
     assert_gdb_reads(&run, 8);
+    assert_helpers_read_the_lists(&run, &info);
     // Guests were running: the crash found VMCSes loaded, and the dump's
     // ledger shows each one cleared by the CPU that held it.
     let loaded = number(&run, "/crash/vmcs_loaded");
@@ -134,6 +185,72 @@ fn hv_capture_mode_in_bochs_accounts_for_every_loaded_vmcs() {
             explain(&run)
         );
     }
+}
+
+/// hv's gdb commands and drgn module on a dump with VMX guests: every
+/// CPU's loaded-VMCS list (the crash walk VMCLEARs, it does not unlink) is
+/// the set of VMCSes the dump's ledger says that CPU cleared; the vCPUs
+/// each sit on the list of the CPU they are loaded on; drgn's lists are
+/// gdb's.
+#[track_caller]
+fn assert_helpers_read_the_lists(run: &RunOutcome, info: &xtask::dump::DumpInfo) {
+    let text = gdb_hv_commands(run, &["hv vmcs", "hv vcpus", "hv cpus", "hv ledger"]);
+    let lists = vmcs_lines(&text);
+    assert_eq!(lists.len(), 8, "{text}");
+    let crash = info.crash.as_ref().expect("an HVCRASH note");
+    let mut total = 0;
+    for (cpu, line) in &lists {
+        let mut listed = listed_vmcs(line);
+        listed.sort_unstable();
+        let ledger = crash
+            .ledger
+            .iter()
+            .find(|c| c.cpu_index == *cpu)
+            .unwrap_or_else(|| panic!("no ledger for CPU {cpu}"));
+        let mut cleared: Vec<u64> = ledger.vmclears.iter().map(|v| v.vmcs_phys).collect();
+        cleared.sort_unstable();
+        assert_eq!(listed, cleared, "CPU {cpu}: {line}\n{text}");
+        total += listed.len();
+    }
+    assert!(total > 0, "no VMCS on any list:\n{text}");
+    assert_eq!(total as u64, number(run, "/crash/vmcs_loaded"), "{text}");
+    // Each vCPU whose VMCS is on a CPU's list was cleared at the crash by
+    // that very CPU, and its own record, when it still names a CPU, names
+    // the same one.
+    let vcpus: Vec<&str> = text.lines().filter(|l| l.starts_with("  vCPU ")).collect();
+    let word_after = |line: &str, key: &str| -> Option<String> {
+        let rest = line.split(key).nth(1)?;
+        Some(rest.split(|c: char| !c.is_ascii_digit()).next()?.to_owned())
+    };
+    let mut on_lists = 0;
+    for line in &vcpus {
+        let Some(listed) = word_after(line, "on CPU ") else {
+            continue;
+        };
+        on_lists += 1;
+        assert_eq!(
+            word_after(line, "cleared by CPU ").as_deref(),
+            Some(listed.as_str()),
+            "{line}\n{text}"
+        );
+        if let Some(loaded) = word_after(line, "loaded CPU ") {
+            assert_eq!(loaded, listed, "{line}\n{text}");
+        }
+    }
+    assert_eq!(on_lists, total, "every listed VMCS is a vCPU's:\n{text}");
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains(" APIC ") && l.contains(" thread "))
+            .count(),
+        8,
+        "hv cpus: a line per CPU with its thread\n{text}"
+    );
+    assert!(
+        text.contains(&format!("coordinator  CPU {}", crash.coordinator)),
+        "{text}"
+    );
+    let drgn = tests::capture::drgn_hv(run, &["vmcs"]);
+    assert_eq!(vmcs_lines(&drgn), lists, "drgn's lists are gdb's:\n{drgn}");
 }
 
 #[test]

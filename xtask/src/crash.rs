@@ -17,7 +17,7 @@ pub use hv_abi::defaults::{
 };
 pub use hv_abi::knobs::{LIST_ADD_STORES, LIST_REMOVE_STORES};
 
-pub use hv_abi::knobs::{CrashPoint as Point, CrashSpec};
+pub use hv_abi::knobs::{CoordinatorStep, CrashPoint as Point, CrashSpec};
 
 /// What the harness knows of a `crash=` spec beyond hv's parser: whether a
 /// machine can fire it, random draws, who panics and who must straggle.
@@ -72,7 +72,12 @@ impl CrashSpecExt for CrashSpec {
                 "point:bringup needs an AP (cpu:1 or above): the boot CPU is not brought up"
                     .to_owned(),
             ),
-            Point::NmiBlocked | Point::DoublePanic if cpus < 2 => {
+            Point::NmiBlocked
+            | Point::DoublePanic
+            | Point::CoordinatorNmi(_)
+            | Point::ExternalNmi
+                if cpus < 2 =>
+            {
                 Err(format!("point:{point} needs at least 2 CPUs"))
             }
             Point::Bringup if cpus < 2 => Err("point:bringup needs at least 2 CPUs".to_owned()),
@@ -295,7 +300,7 @@ mod tests {
         // hv parses stores up to 7 even though fewer exist.
         assert_eq!(Point::parse("list_add7"), Some(Point::ListAdd(7)));
         assert_eq!(Point::parse("list_add+1"), None);
-        assert_eq!(Point::ALL.len(), 14);
+        assert_eq!(Point::ALL.len(), 20);
         let text = spec(5, 30, Some(Point::VcpuLoad)).word();
         assert_eq!(text, "crash=cpu:5,after_ms:30,point:vcpu_load");
         assert_eq!(
@@ -366,7 +371,13 @@ mod tests {
                 Some(Point::NmiBlocked),
                 Some(Point::DoublePanic),
                 Some(Point::BeforeVmx),
-                Some(Point::Bringup)
+                Some(Point::Bringup),
+                Some(Point::CoordinatorNmi(CoordinatorStep::AfterCleanup)),
+                Some(Point::CoordinatorNmi(CoordinatorStep::CoreHeader)),
+                Some(Point::CoordinatorNmi(CoordinatorStep::DigestCheck)),
+                Some(Point::CoordinatorNmi(CoordinatorStep::Purgatory)),
+                Some(Point::HandoverPanic),
+                Some(Point::ExternalNmi),
             ])
         );
     }

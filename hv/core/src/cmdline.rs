@@ -29,7 +29,9 @@ pub enum Finish {
     Exit,
 }
 
-pub use hv_abi::knobs::{CRASH_POINT_NAMES, CrashPoint, CrashSpec};
+pub use hv_abi::knobs::{
+    CRASH_POINT_NAMES, CoordinatorStep, CrashPoint, CrashSpec, ExternalNmi, HangHow, HangSpec,
+};
 
 /// Where the hv capture image writes the dump stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -104,6 +106,15 @@ pub struct Options {
     pub crash_timeout_ms: u64,
     /// `crash_hypercall=allow|deny`: may a guest crash the hypervisor.
     pub crash_hypercall: bool,
+    /// `nmi=dump|log|ignore`: what an NMI that belongs to nobody does.
+    pub nmi: ExternalNmi,
+    /// `watchdog=SECONDS`: the lockup detector's threshold (0: off).
+    pub watchdog_seconds: u64,
+    /// `hang=cpu:N,after_ms:T[,how:spin|lock]` (test knob): a CPU hangs.
+    pub hang: Option<HangSpec>,
+    /// `stray_write=reservation` (test knob): after the boot report, a
+    /// write into the loaded capture kernel, which must fault at once.
+    pub stray_write: bool,
 }
 
 impl Options {
@@ -129,6 +140,10 @@ impl Options {
             crash: None,
             crash_timeout_ms: defaults::CRASH_TIMEOUT_MS,
             crash_hypercall: false,
+            nmi: ExternalNmi::Dump,
+            watchdog_seconds: defaults::WATCHDOG_SECONDS,
+            hang: None,
+            stray_write: false,
         }
     }
 }
@@ -259,6 +274,28 @@ pub const OPTIONS: &[(&str, Setter)] = &[
         Ok(())
     }),
     ("crash", set_crash),
+    ("nmi", |options, value| {
+        options.nmi = ExternalNmi::parse(value)?;
+        Ok(())
+    }),
+    ("watchdog", |options, value| {
+        set_bounded(
+            &mut options.watchdog_seconds,
+            value,
+            defaults::MAX_WATCHDOG_SECONDS,
+        )
+    }),
+    ("hang", |options, value| {
+        options.hang = Some(HangSpec::parse(value)?);
+        Ok(())
+    }),
+    ("stray_write", |options, value| {
+        options.stray_write = match value {
+            "reservation" => true,
+            _ => return Err("expected reservation"),
+        };
+        Ok(())
+    }),
     ("capture_mode", |options, value| {
         let address = parse_number(value)
             .filter(|a| *a != 0 && a % 8 == 0)
@@ -837,6 +874,10 @@ mod tests {
             ("capture_sink", "ata"),
             ("crash_timeout_ms", "500"),
             ("crash_hypercall", "allow"),
+            ("nmi", "log"),
+            ("watchdog", "2"),
+            ("hang", "cpu:3,after_ms:100,how:lock"),
+            ("stray_write", "reservation"),
         ];
         assert_eq!(OPTIONS.len(), examples.len());
         for (key, value) in examples {

@@ -196,7 +196,7 @@ unsafe extern "C" {
 /// The bytes between two linker symbols of a blob in `.rodata`.
 fn blob(start: *const u8, end: *const u8) -> &'static [u8] {
     let len = end.addr() - start.addr();
-    // SAFETY: the two symbols bound a blob in .rodata, immutable for good.
+    // SAFETY: (1) the two symbols bound a blob in .rodata, immutable for good.
     unsafe { core::slice::from_raw_parts(start, len) }
 }
 
@@ -216,6 +216,6 @@ pub fn test_guest_code() -> &'static [u8] {
 /// The crash layer calls it only after it installed the purgatory there at
 /// boot and verified its digest and every other loaded piece's.
 pub fn jump_to_purgatory(area: u64) -> ! {
-    // SAFETY: as documented above; the purgatory never returns.
+    // SAFETY: (1) as documented above; (2) the purgatory never returns.
     unsafe { core::arch::asm!("cli", "jmp {}", in(reg) area, options(noreturn)) }
 }

@@ -6,7 +6,7 @@
 //!
 //! Nothing here imports another layer of the kernel: handlers above are
 //! *registered* with the IDT ([`idt::register`]), the boot stub calls the
-//! function named by [`boot::entry_point!`], and per-CPU data is reached
+//! function named by [`entry_point!`](crate::entry_point), and per-CPU data is reached
 //! through a header whose layout this layer owns ([`cpu_local`]).
 
 pub mod apic;

@@ -148,13 +148,15 @@ fn fail(why: &dyn core::fmt::Display) -> ! {
 }
 
 /// Streams the dump described by the core header at `header` and ends.
-pub fn run(header: u64, sink: hv_core::cmdline::CaptureSink) -> ! {
+/// `entry_tsc` is the TSC at the image's first instruction.
+pub fn run(header: u64, sink: hv_core::cmdline::CaptureSink, entry_tsc: u64) -> ! {
     log::info!("capture: hv capture mode, ELF core header at {header:#x}");
     crate::console::report::capture_line(|o| {
         o.field("capture").object(|o| {
             o.field("entered").bool(true)?;
             o.field("kernel").str("hv")?;
-            o.field("entered_tsc").u64(crate::arch::cpu::rdtsc())
+            o.field("entered_tsc").u64(entry_tsc)?;
+            o.field("streaming_tsc").u64(crate::arch::cpu::rdtsc())
         })
     });
     // The header region is the reserved map entry that starts at it.

@@ -11,7 +11,7 @@ use super::{EmergencyConsole, LOG_RING, RING_SLOT_BYTES};
 
 static ONLY_CAPTURE: AtomicBool = AtomicBool::new(false);
 
-/// In a capture image, [`line`] prints nothing: only [`capture_line`] does.
+/// In a capture image, [`line()`] prints nothing: only [`capture_line`] does.
 pub fn only_capture_lines(enabled: bool) {
     ONLY_CAPTURE.store(enabled, Ordering::Relaxed);
 }

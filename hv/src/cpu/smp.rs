@@ -134,8 +134,11 @@ pub fn bring_up(possible: impl Iterator<Item = u32>, settings: &Settings) -> Bri
     let outcome = start_slots(aps, (page >> 12) as u8, &settings.timing);
     for (index, cpu) in percpu::all_shared()[..count].iter().enumerate() {
         if cpu.slot.state() == CpuState::Failed {
+            // INIT puts it back to waiting for a SIPI, whatever it was
+            // doing: a late AP must not run on into the kernel.
+            apic::send_init(cpu.slot.apic_id());
             log::error!(
-                "smp: CPU {index} (APIC ID {}) did not check in; excluded",
+                "smp: CPU {index} (APIC ID {}) did not check in; excluded and sent INIT",
                 cpu.slot.apic_id()
             );
         }
@@ -167,6 +170,9 @@ fn prepare_aps(apic_ids: &[u32]) -> Option<u64> {
         let stacks = mm::alloc_cpu_stacks()?;
         let local = mm::alloc_permanent(percpu::new_local(index as u32, apic_id))?;
         local.set_tables(stacks.tables);
+        percpu::shared(index)
+            .crash_stack
+            .store(stacks.crash, Ordering::Relaxed);
         percpu::register(index, local);
         stack_tops[index] = stacks.main;
     }
@@ -215,7 +221,11 @@ extern "C" fn ap_entry(index: u64) -> ! {
         tables.load();
     }
     crate::arch::idt::load();
+    percpu::shared(index)
+        .idt_live
+        .store(true, Ordering::Release);
     apic::enable();
+    percpu::unmask_nmi_pins(index);
     if HANG_APIC_ID.load(Ordering::Relaxed) == u64::from(local.apic_id()) {
         // Test knob: never check in; wait with NMIs open so a crash can
         // still collect this CPU.

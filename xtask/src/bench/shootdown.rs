@@ -105,6 +105,9 @@ pub struct ShootdownSample {
     /// `crash.nmi_in_guest`, per CPU index (empty when hv did not report
     /// it).
     pub nmi_in_guest: Vec<Option<bool>>,
+    /// `crash.checkin_us`, per CPU index (empty when hv does not report
+    /// it).
+    pub checkin_us: Vec<Option<u64>>,
 }
 
 impl ShootdownSample {
@@ -124,11 +127,16 @@ impl ShootdownSample {
             .as_array()
             .map(|entries| entries.iter().map(Value::as_bool).collect())
             .unwrap_or_default();
+        let checkin_us = crash["checkin_us"]
+            .as_array()
+            .map(|cpus| cpus.iter().map(Value::as_u64).collect())
+            .unwrap_or_default();
         Ok(Self {
             spec,
             shootdown_us,
             nmi_latency_us,
             nmi_in_guest,
+            checkin_us,
         })
     }
 
@@ -287,6 +295,7 @@ impl ShootdownResult {
                 "shootdown_us": s.shootdown_us,
                 "nmi_latency_us": s.nmi_latency_us,
                 "nmi_in_guest": s.nmi_in_guest,
+                "checkin_us": s.checkin_us,
             })).collect::<Vec<_>>(),
         })
     }
@@ -391,6 +400,7 @@ mod tests {
                 .enumerate()
                 .map(|(cpu, latency)| latency.map(|_| cpu % 2 == 1))
                 .collect(),
+            checkin_us: Vec::new(),
         }
     }
 
@@ -402,10 +412,12 @@ mod tests {
         options.seed = 77;
         let specs = options.specs();
         assert_eq!(specs.len(), 200);
-        assert!(specs.iter().all(|spec| spec.point.is_none()
-            && spec.cpu < 8
-            && (DEFAULT_GUEST_RUN_MS + 1..=DEFAULT_GUEST_RUN_MS + MAX_AFTER_MS)
-                .contains(&spec.after_ms)));
+        assert!(specs.iter().all(|spec| {
+            spec.point.is_none()
+                && spec.cpu < 8
+                && (DEFAULT_GUEST_RUN_MS + 1..=DEFAULT_GUEST_RUN_MS + MAX_AFTER_MS)
+                    .contains(&spec.after_ms)
+        }));
         let cpus: std::collections::HashSet<u32> = specs.iter().map(|spec| spec.cpu).collect();
         assert_eq!(cpus.len(), 8, "every CPU gets to crash");
         assert_eq!(options.specs(), specs);
@@ -417,7 +429,8 @@ mod tests {
     fn a_sample_reads_the_crash_report() {
         let spec = CrashSpec::parse("cpu:1,after_ms:3").unwrap();
         let report = serde_json::json!({"crash": {"shootdown_us": 2479,
-            "nmi_latency_us": [1871, null, 2295], "nmi_in_guest": [true, null, false]}});
+            "nmi_latency_us": [1871, null, 2295], "checkin_us": [2000, null, 2470],
+            "nmi_in_guest": [true, null, false]}});
         let sample = ShootdownSample::from_report(spec, &report).unwrap();
         assert_eq!(
             sample,
@@ -426,14 +439,17 @@ mod tests {
                 shootdown_us: 2479,
                 nmi_latency_us: vec![Some(1871), None, Some(2295)],
                 nmi_in_guest: vec![Some(true), None, Some(false)],
+                checkin_us: vec![Some(2000), None, Some(2470)],
             }
         );
         assert_eq!(sample.nmi_latency_where(true).collect::<Vec<_>>(), [1871]);
         assert_eq!(sample.nmi_latency_where(false).collect::<Vec<_>>(), [2295]);
-        // An older report without `nmi_in_guest`: no CPU on either side.
+        // An older report without `nmi_in_guest` or `checkin_us`: no CPU
+        // on either side, no check-in times.
         let old = serde_json::json!({"crash": {"shootdown_us": 1, "nmi_latency_us": [5, null]}});
         let old = ShootdownSample::from_report(spec, &old).unwrap();
         assert_eq!(old.nmi_latency_where(true).count(), 0);
+        assert!(old.checkin_us.is_empty());
         assert_eq!(
             ShootdownSample::from_report(spec, &serde_json::json!({})).unwrap_err(),
             "no crash.shootdown_us"

@@ -45,9 +45,10 @@ use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
 use super::stream::{self, StreamSummary};
-use super::{CaptureKernel, DISK_FILE, DUMP_FILE};
+use super::{CaptureKernel, DISK_FILE, DUMP_FILE, KDUMP_DISK_FILE, KDUMP_FILE};
 use crate::dump::DumpInfo;
 use crate::initramfs::{COPIED_MARKER, FAILED_MARKER, INIT_MARKER};
+use crate::makedumpfile::{self, Rearranged};
 use crate::report::{self, Backend, End, ExitConvention, Expectations, QEMU_EXIT_SUCCESS};
 use crate::run::RunOutcome;
 use crate::serial::strip_ansi;
@@ -76,6 +77,18 @@ pub struct Collected {
     pub stream: Option<StreamSummary>,
     /// Where the raw material is: the disk image or the stream.
     pub source: PathBuf,
+    /// makedumpfile's outputs, when it filtered the dump.
+    pub filtered: Option<Filtered>,
+}
+
+/// What xtask made of makedumpfile's two flattened streams.
+#[derive(Debug)]
+pub struct Filtered {
+    /// The ELF stream (`-E`), rearranged into the dump.
+    pub elf: Result<Rearranged>,
+    /// The compressed kdump (`-c`): its stream, rearranged into
+    /// `vmcore.kdump`, and that file's path.
+    pub kdump: Result<(Rearranged, PathBuf)>,
 }
 
 impl Collected {
@@ -88,6 +101,40 @@ impl Collected {
             dump: extract_disk(&image, &out),
             stream: None,
             source: image,
+            filtered: None,
+        }
+    }
+
+    /// makedumpfile's two disks: the flattened ELF dump (the dump) and the
+    /// flattened compressed kdump (`vmcore.kdump`).
+    pub fn from_makedumpfile(run_dir: &Path) -> Self {
+        let image = run_dir.join(DISK_FILE);
+        let out = run_dir.join(DUMP_FILE);
+        let elf = makedumpfile::rearrange(&image, &out)
+            .with_context(|| format!("the makedumpfile -E stream on {}", image.display()));
+        let dump = match &elf {
+            Ok(_) => DumpInfo::read(&out),
+            Err(error) => Err(anyhow::anyhow!("{error:#}")),
+        };
+        let kdump_image = run_dir.join(KDUMP_DISK_FILE);
+        let kdump_out = run_dir.join(KDUMP_FILE);
+        let kdump = makedumpfile::rearrange(&kdump_image, &kdump_out)
+            .with_context(|| format!("the makedumpfile -c stream on {}", kdump_image.display()))
+            .and_then(|done| {
+                if makedumpfile::is_kdump_compressed(&kdump_out)? {
+                    Ok((done, kdump_out))
+                } else {
+                    anyhow::bail!(
+                        "{} does not start with KDUMP's signature",
+                        kdump_out.display()
+                    )
+                }
+            });
+        Self {
+            dump,
+            stream: None,
+            source: image,
+            filtered: Some(Filtered { elf, kdump }),
         }
     }
 
@@ -102,6 +149,7 @@ impl Collected {
             dump,
             stream,
             source: stream_file.to_path_buf(),
+            filtered: None,
         }
     }
 }
@@ -239,6 +287,32 @@ fn capture_object(
         "crash_to_capture_source": timing.map(|_| source),
         "source": collected.source,
     });
+    object["dump_format"] = json!(if collected.filtered.is_some() {
+        "elf-makedumpfile"
+    } else {
+        "elf"
+    });
+    object["kdump_path"] = Value::Null;
+    object["kdump_bytes"] = Value::Null;
+    object["kdump_format"] = Value::Null;
+    if let Some(filtered) = &collected.filtered {
+        if let Ok((_, path)) = &filtered.kdump {
+            object["kdump_path"] = json!(path);
+            object["kdump_bytes"] = json!(fs::metadata(path).map(|m| m.len()).ok());
+            object["kdump_format"] = json!("kdump-compressed");
+        }
+        let stream = |done: Option<&Rearranged>| {
+            json!({
+                "stream_bytes": done.map(|d| d.stream_bytes),
+                "blocks": done.map(|d| d.blocks),
+            })
+        };
+        object["makedumpfile"] = json!({
+            "elf": stream(filtered.elf.as_ref().ok()),
+            "kdump": stream(filtered.kdump.as_ref().ok().map(|(done, _)| done)),
+            "kdump_error": filtered.kdump.as_ref().err().map(|e| format!("{e:#}")),
+        });
+    }
     match &collected.dump {
         Ok(info) => {
             object["dump_path"] = json!(info.path);
@@ -411,7 +485,9 @@ pub fn capture_problems(report: &Value, words: &[String], collected: &Collected)
         ));
     }
     problems.extend(ledger_problems(report, info));
-    if let Some(bytes) = capture["linux"]["vmcore_bytes"].as_u64()
+    if let Some(filtered) = &collected.filtered {
+        problems.extend(filtered_problems(capture, filtered));
+    } else if let Some(bytes) = capture["linux"]["vmcore_bytes"].as_u64()
         && bytes != info.file_bytes
     {
         problems.push(format!(
@@ -433,6 +509,31 @@ pub fn capture_problems(report: &Value, words: &[String], collected: &Collected)
                 "hv streamed a {streamed}-byte dump, the stream's END says {}",
                 summary.total
             ));
+        }
+    }
+    problems
+}
+
+/// Whether makedumpfile's streams came out whole: each as long as the
+/// initramfs' `dd` counted, the kdump one a kdump-compressed file.
+fn filtered_problems(capture: &Value, filtered: &Filtered) -> Vec<String> {
+    let said = &capture["linux"]["makedumpfile"];
+    if said.is_null() {
+        return vec!["the initramfs reported no makedumpfile run".to_owned()];
+    }
+    let mut problems = Vec::new();
+    let kdump = filtered.kdump.as_ref().map(|(done, _)| done);
+    for (name, done) in [("elf", filtered.elf.as_ref()), ("kdump", kdump)] {
+        match (done, said[format!("{name}_stream_bytes")].as_u64()) {
+            (Err(error), _) => problems.push(format!("makedumpfile's {name} stream: {error:#}")),
+            (Ok(done), Some(bytes)) if bytes != done.stream_bytes => problems.push(format!(
+                "makedumpfile's {name} stream: dd wrote {bytes} bytes, xtask read {}",
+                done.stream_bytes
+            )),
+            (Ok(_), Some(_)) => {}
+            (Ok(_), None) => {
+                problems.push(format!("the initramfs reported no {name}_stream_bytes"))
+            }
         }
     }
     problems
@@ -518,6 +619,7 @@ mod tests {
             dump: DumpInfo::read(&path),
             stream: None,
             source: path,
+            filtered: None,
         };
         (dir, collected)
     }
@@ -583,6 +685,7 @@ mod tests {
             dump: Err(anyhow::anyhow!("no dump stream")),
             stream: None,
             source: dir.join("dump.stream"),
+            filtered: None,
         };
         let hv = json!({
             "crash": {"cpu_index": 1, "checked_in": 3},
@@ -657,6 +760,7 @@ mod tests {
             dump: Err(anyhow::anyhow!("none")),
             stream: None,
             source: PathBuf::new(),
+            filtered: None,
         };
         assert_eq!(
             capture_problems(&report, &words("crash=cpu:1,after_ms:5"), &none),
@@ -680,6 +784,7 @@ mod tests {
             dump: Err(anyhow::anyhow!("none")),
             stream: None,
             source: PathBuf::new(),
+            filtered: None,
         };
         let serial = [
             Some(Duration::from_millis(100)),
@@ -717,6 +822,7 @@ mod tests {
             dump: Err(anyhow::anyhow!("none")),
             stream: None,
             source: PathBuf::new(),
+            filtered: None,
         };
         // Today's capture mode says `streamed_bytes`; the object xtask
         // merges over it must not blank it out.

@@ -8,8 +8,13 @@
 //!
 //! - **linux**: Debian's kernel with an initramfs built by xtask
 //!   ([`crate::initramfs`]) copies `/proc/vmcore` to a raw virtio disk; the
-//!   dump is the disk image cut to the length its ELF header gives. GRUB
-//!   only: two modules (kernel and initramfs) do not fit PVH's `-initrd`.
+//!   dump is the disk image cut to the length its ELF header gives. With
+//!   `makedumpfile`, Debian's makedumpfile filters it instead, at dump
+//!   level one, into an ELF dump and a compressed kdump, each flattened
+//!   onto a disk of its own, which xtask rearranges
+//!   ([`crate::makedumpfile`]).
+//!   GRUB only: two modules (kernel and initramfs) do not fit PVH's
+//!   `-initrd`.
 //! - **hv**: hv itself, linked inside the reservation (`HV_LINK_BASE`),
 //!   streams the dump on port 0xE9 (QEMU `-debugcon`) or, in Bochs, to a
 //!   disk on the primary ATA channel's slave; xtask reassembles the stream.
@@ -42,6 +47,11 @@ pub const DUMP_FILE: &str = "vmcore";
 /// The raw disk the Linux capture kernel copies `/proc/vmcore` to, and
 /// the one hv's capture mode streams to in Bochs.
 pub const DISK_FILE: &str = "vmcore.img";
+/// The second disk of a makedumpfile capture: the compressed kdump,
+/// flattened.
+pub const KDUMP_DISK_FILE: &str = "vmcore-kdump.img";
+/// The compressed kdump file rearranged from it.
+pub const KDUMP_FILE: &str = "vmcore.kdump";
 /// What hv's capture mode wrote to the debug port.
 pub const STREAM_FILE: &str = "dump.stream";
 /// QEMU's debug console log (`run/qemu.rs` names it).
@@ -109,6 +119,9 @@ pub struct CaptureOptions {
     pub default_crash: Option<String>,
     /// Where the stream goes in Bochs.
     pub bochs_sink: BochsSink,
+    /// Linux only: filter with makedumpfile (an ELF dump and a compressed
+    /// kdump, zero pages left out) instead of copying `/proc/vmcore`.
+    pub makedumpfile: bool,
 }
 
 impl CaptureOptions {
@@ -122,6 +135,7 @@ impl CaptureOptions {
             linux_args: LINUX_CAPTURE_ARGS.to_owned(),
             default_crash: Some(default_crash(cpus)),
             bochs_sink: BochsSink::Ata,
+            makedumpfile: false,
         }
     }
 
@@ -222,7 +236,12 @@ fn modules(capture: &CaptureOptions, words: &[String]) -> Result<Vec<BootModule>
             let (vmlinuz, initrd) = match (&capture.image, &capture.initrd) {
                 (Some(image), Some(initrd)) => (image.clone(), initrd.clone()),
                 (image, initrd) => {
-                    let built = initramfs::linux_capture()?;
+                    let writer = if capture.makedumpfile {
+                        initramfs::DumpWriter::Makedumpfile
+                    } else {
+                        initramfs::DumpWriter::Copy
+                    };
+                    let built = initramfs::linux_capture(writer)?;
                     (
                         image.clone().unwrap_or(built.kit.vmlinuz),
                         initrd.clone().unwrap_or(built.initramfs),
@@ -305,6 +324,12 @@ fn markers(kernel: CaptureKernel) -> Vec<Marker> {
 /// dump. `options.append` are the user's words; `boot` and memory are
 /// taken as given (see [`LINUX_MEMORY_MIB`] for sensible ones).
 pub fn qemu(options: &QemuOptions, capture: &CaptureOptions) -> Result<RunOutcome> {
+    if capture.makedumpfile && capture.kernel != CaptureKernel::Linux {
+        bail!(
+            "makedumpfile runs in the Linux capture kernel's initramfs: use it with \
+             --capture linux (hv's capture mode writes its own stream)"
+        );
+    }
     if capture.kernel == CaptureKernel::Linux && options.boot == Boot::Direct {
         bail!(
             "--capture linux needs two boot modules (kernel and initramfs), which direct \
@@ -327,6 +352,8 @@ pub fn qemu(options: &QemuOptions, capture: &CaptureOptions) -> Result<RunOutcom
         &[
             DUMP_FILE,
             DISK_FILE,
+            KDUMP_FILE,
+            KDUMP_DISK_FILE,
             STREAM_FILE,
             DEBUGCON_LOG,
             "serial.log",
@@ -338,10 +365,15 @@ pub fn qemu(options: &QemuOptions, capture: &CaptureOptions) -> Result<RunOutcom
     run.run_name = Some(name);
     run.modules = modules(capture, &words)?;
     if capture.kernel == CaptureKernel::Linux {
-        let disk = run_dir.join(DISK_FILE);
-        // The dump is at most RAM plus its headers.
-        sparse_file(&disk, (u64::from(options.memory_mib) + 64) << 20)?;
-        run.extra_args.extend(disk_args(&disk));
+        let mut disks = vec![run_dir.join(DISK_FILE)];
+        if capture.makedumpfile {
+            disks.push(run_dir.join(KDUMP_DISK_FILE));
+        }
+        for disk in disks {
+            // The dump is at most RAM plus its headers.
+            sparse_file(&disk, (u64::from(options.memory_mib) + 64) << 20)?;
+            run.extra_args.extend(disk_args(&disk));
+        }
     }
 
     let clock = SerialClock::start(run_dir.join("serial.log"), markers(capture.kernel));
@@ -350,6 +382,7 @@ pub fn qemu(options: &QemuOptions, capture: &CaptureOptions) -> Result<RunOutcom
     let mut outcome = outcome?;
 
     let collected = match capture.kernel {
+        CaptureKernel::Linux if capture.makedumpfile => Collected::from_makedumpfile(&run_dir),
         CaptureKernel::Linux => Collected::from_disk(&run_dir),
         CaptureKernel::Hv => {
             let stream = run_dir.join(STREAM_FILE);
@@ -387,11 +420,16 @@ fn disk_args(disk: &Path) -> Vec<OsString> {
 /// need a virtio disk Bochs does not have), lets it crash, and collects the
 /// dump.
 pub fn bochs(options: &BochsOptions, capture: &CaptureOptions) -> Result<RunOutcome> {
-    if capture.kernel != CaptureKernel::Hv {
+    if capture.kernel != CaptureKernel::Hv || capture.makedumpfile {
         bail!(
             "Bochs captures with hv's capture mode only (--capture hv): the Linux \
-             capture kernel copies its dump to a virtio disk, which Bochs lacks"
+             capture kernel (and makedumpfile in it) writes to a virtio disk, which \
+             Bochs lacks"
         );
+    }
+    if capture.bochs_sink == BochsSink::Ata {
+        // Refused before anything is built: Bochs would stop at start-up.
+        run::check_cpus_with_disk(options.cpus)?;
     }
     let mut words = capture_words(&options.append, capture);
     if capture.bochs_sink == BochsSink::Ata && !words.iter().any(|w| w.starts_with("capture_sink="))
@@ -594,6 +632,18 @@ mod tests {
         let bytes = bochs_disk_bytes(512);
         assert_eq!(bytes % (16 * 63 * 512), 0);
         assert!(bytes >= 528 << 20);
+    }
+
+    #[test]
+    fn bochs_refuses_fifteen_cpus_with_the_dump_disk_at_once() {
+        let options = BochsOptions {
+            cpus: 15,
+            ..BochsOptions::new("/nonexistent/hv")
+        };
+        let capture = CaptureOptions::new(CaptureKernel::Hv, 15);
+        let error = bochs(&options, &capture).unwrap_err().to_string();
+        assert!(error.contains("too many registered timers"), "{error}");
+        assert!(error.contains("--cpus 14"), "{error}");
     }
 
     #[test]

@@ -11,8 +11,11 @@ mod bochs;
 mod qemu;
 mod watch;
 
-pub use bochs::{BOCHS_MAX_CPUS, BOCHS_NEEDS, BochsOptions, bochs, bochsrc, check_cpus};
-pub use qemu::{Firmware, QemuOptions, find_ovmf, qemu, qemu_needs};
+pub use bochs::{
+    BOCHS_MAX_CPUS, BOCHS_MAX_CPUS_WITH_DISK, BOCHS_NEEDS, BochsOptions, bochs, bochsrc,
+    check_cpus, check_cpus_with_disk,
+};
+pub use qemu::{Firmware, GrubSetup, QemuOptions, find_ovmf, qemu, qemu_needs};
 pub(crate) use qemu::{Media, drive_path, qemu_args};
 
 use std::fs;
@@ -108,6 +111,10 @@ struct Finished<'a> {
     /// What the emulator printed on stdout and stderr.
     console_log: &'a Path,
     notes: Vec<String>,
+    /// What the emulator's log says went wrong (Bochs' `>>PANIC<<` and
+    /// `>>ERROR<<` lines): each one fails the run and is named in its
+    /// verdict.
+    emulator_problems: Vec<String>,
     watched: Watched,
 }
 
@@ -127,6 +134,15 @@ fn finish(run: Finished<'_>) -> Result<RunOutcome> {
             "{}; no serial output at all; the emulator's last words: {said}",
             verdict.reason.unwrap_or_default()
         ));
+    }
+    if !run.emulator_problems.is_empty() {
+        // First: the emulator's own failure explains what follows from it.
+        let said = format!("{} log: {}", run.emulator, run.emulator_problems.join("; "));
+        verdict.ok = false;
+        verdict.reason = Some(match verdict.reason {
+            Some(reason) => format!("{said}; {reason}"),
+            None => said,
+        });
     }
 
     let (exit_status, timed_out) = match run.watched.end {
@@ -151,6 +167,7 @@ fn finish(run: Finished<'_>) -> Result<RunOutcome> {
         "emulator_log": run.emulator_log,
         "emulator_output": run.console_log,
         "notes": run.notes,
+        "emulator_problems": run.emulator_problems,
     });
     let owned = [
         ("emulator", json!(run.emulator)),
@@ -266,6 +283,7 @@ mod tests {
             emulator_log: &dir.join("qemu.log"),
             console_log: &dir.join("qemu.log"),
             notes: vec!["a note".to_owned()],
+            emulator_problems: Vec::new(),
             watched: Watched {
                 end: End::Exited(Some(0x21)),
                 elapsed: Duration::from_millis(1234),
@@ -331,6 +349,7 @@ mod tests {
             emulator_log: &console,
             console_log: &console,
             notes: Vec::new(),
+            emulator_problems: Vec::new(),
             watched: Watched {
                 end: End::Exited(Some(1)),
                 elapsed: Duration::ZERO,

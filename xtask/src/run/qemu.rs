@@ -57,6 +57,23 @@ pub struct QemuOptions {
     /// nested paging), e.g. `qemu64,-svm` for a CPU with neither VMX nor
     /// SVM. Then the run expects no particular backend.
     pub tcg_cpu: Option<String>,
+    /// GRUB boots: this `grub.cfg` and these files instead of the one
+    /// xtask writes (the README's stanza). `append` then holds the hv words
+    /// of its `multiboot2` line, for the expectations; xtask adds none.
+    pub grub_setup: Option<GrubSetup>,
+    /// End QEMU once hv reported `done` (for a command line without
+    /// `finish=exit`, where hv halts and QEMU would run on); its exit
+    /// status then means nothing.
+    pub stop_at_done: bool,
+}
+
+/// A GRUB configuration written elsewhere, and the files it loads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrubSetup {
+    /// The whole `grub.cfg`.
+    pub config: String,
+    /// Files for the ISO: (source, path inside the ISO).
+    pub files: Vec<(PathBuf, String)>,
 }
 
 impl QemuOptions {
@@ -74,6 +91,8 @@ impl QemuOptions {
             modules: Vec::new(),
             extra_args: Vec::new(),
             tcg_cpu: None,
+            grub_setup: None,
+            stop_at_done: false,
         }
     }
 
@@ -206,7 +225,14 @@ pub fn qemu(options: &QemuOptions) -> Result<RunOutcome> {
     }
     check_elf(&options.elf)?;
     tools::ensure(&qemu_needs(options.boot))?;
-    let cmdline = cmdline::kernel_cmdline(&options.append)?;
+    let cmdline = match &options.grub_setup {
+        // The configuration's own words, which xtask does not touch.
+        Some(_) => options.append.join(" "),
+        None => cmdline::kernel_cmdline(&options.append)?,
+    };
+    if options.grub_setup.is_some() && options.boot == Boot::Direct {
+        bail!("a GRUB configuration needs --boot grub-bios or grub-uefi");
+    }
     let name = options
         .run_name
         .clone()
@@ -234,18 +260,27 @@ pub fn qemu(options: &QemuOptions) -> Result<RunOutcome> {
         (Accel::Tcg, None) => expect = expect.with_virt(Backend::Svm),
         (Accel::Tcg, Some(_)) => {}
     }
+    let convention = if options.stop_at_done {
+        notes.push(
+            "QEMU was ended by xtask once hv reported done (no finish=exit: hv halts)".to_owned(),
+        );
+        ExitConvention::Meaningless
+    } else {
+        ExitConvention::QemuDebugExit
+    };
     finish(Finished {
         emulator: accel.emulator_name(),
         boot: options.boot,
         elf: &options.elf,
         expect,
-        convention: ExitConvention::QemuDebugExit,
+        convention,
         cmdline: &cmdline,
         run_dir: &run_dir,
         serial_log: &run_dir.join(SERIAL_LOG),
         emulator_log: &run_dir.join(EMULATOR_LOG),
         console_log: &run_dir.join(EMULATOR_LOG),
         notes,
+        emulator_problems: Vec::new(),
         watched,
     })
 }
@@ -267,16 +302,18 @@ fn media(options: &QemuOptions, cmdline: &str, run_dir: &Path) -> Result<Media> 
             options.modules.len()
         );
     }
+    let make_iso = || match &options.grub_setup {
+        Some(setup) => iso::make_iso_from_config(&setup.files, &setup.config, run_dir),
+        None => iso::make_iso_with_modules(&options.elf, cmdline, &options.modules, run_dir),
+    };
     Ok(match options.boot {
         Boot::Direct => Media::Kernel {
             elf: options.elf.clone(),
             cmdline: cmdline.to_owned(),
         },
-        Boot::GrubBios => Media::BiosCdrom {
-            iso: iso::make_iso_with_modules(&options.elf, cmdline, &options.modules, run_dir)?,
-        },
+        Boot::GrubBios => Media::BiosCdrom { iso: make_iso()? },
         Boot::GrubUefi => {
-            let iso = iso::make_iso_with_modules(&options.elf, cmdline, &options.modules, run_dir)?;
+            let iso = make_iso()?;
             let firmware = find_ovmf(Path::exists).context("no OVMF firmware found")?;
             let vars = match &firmware {
                 Firmware::Pflash { vars_template, .. } => {
@@ -328,6 +365,7 @@ fn attempt(options: &QemuOptions, accel: Accel, media: &Media, run_dir: &Path) -
         &run_dir.join(SERIAL_LOG),
         options.timeout,
         options.echo,
+        options.stop_at_done,
     )
 }
 

@@ -27,12 +27,14 @@ pub(crate) struct Watched {
 
 /// Follows `serial_log` while `child` runs, feeding every line to a report
 /// collector and, with `echo`, to the terminal; kills the child when
-/// `timeout` runs out.
+/// `timeout` runs out, or with `stop_at_done` once hv reported `done` (the
+/// end is then `Exited(None)`).
 pub(crate) fn watch(
     child: &mut KillOnDrop,
     serial_log: &Path,
     timeout: Duration,
     echo: bool,
+    stop_at_done: bool,
 ) -> Result<Watched> {
     let started = Instant::now();
     let mut tail = FileTail::new(serial_log);
@@ -53,6 +55,11 @@ pub(crate) fn watch(
         take(read(&mut tail, serial_log)?, &mut collector);
         if let Some(status) = exited {
             break End::Exited(status.code());
+        }
+        if stop_at_done && collector.report()["done"] == serde_json::Value::Bool(true) {
+            child.kill();
+            take(read(&mut tail, serial_log)?, &mut collector);
+            break End::Exited(None);
         }
         if started.elapsed() >= timeout {
             child.kill();
@@ -114,7 +121,7 @@ mod tests {
             r#"printf 'GRUB\n@hv {"cpus":{"possible":2}}\n' > "$LOG"; sleep 0.1;
                printf '@hv {"done":true}' >> "$LOG"; exit 33"#,
         );
-        let watched = watch(&mut child, &log, Duration::from_secs(20), false).unwrap();
+        let watched = watch(&mut child, &log, Duration::from_secs(20), false, false).unwrap();
         assert_eq!(watched.end, End::Exited(Some(33)));
         assert_eq!(
             watched.collector.report(),
@@ -124,10 +131,24 @@ mod tests {
     }
 
     #[test]
+    fn stops_the_emulator_at_done_when_asked() {
+        let (mut child, log) = fake_emulator(
+            "done",
+            r#"printf '@hv {"done":true}\n' > "$LOG"; exec sleep 30"#,
+        );
+        let started = Instant::now();
+        let watched = watch(&mut child, &log, Duration::from_secs(20), false, true).unwrap();
+        assert_eq!(watched.end, End::Exited(None));
+        assert_eq!(watched.collector.report()["done"], true);
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(child.try_wait().unwrap().is_some(), "the child still runs");
+    }
+
+    #[test]
     fn kills_the_emulator_when_time_runs_out() {
         let (mut child, log) = fake_emulator("timeout", r#"echo started > "$LOG"; exec sleep 30"#);
         let started = Instant::now();
-        let watched = watch(&mut child, &log, Duration::from_millis(300), false).unwrap();
+        let watched = watch(&mut child, &log, Duration::from_millis(300), false, false).unwrap();
         assert_eq!(watched.end, End::TimedOut(Duration::from_millis(300)));
         assert!(started.elapsed() < Duration::from_secs(10));
         assert!(child.try_wait().unwrap().is_some(), "the child still runs");

@@ -13,7 +13,7 @@ use super::{
     next_asid,
 };
 use crate::arch::{self, apic};
-use crate::cpu::{percpu, time};
+use crate::cpu::{percpu, time, watchdog};
 use crate::mm;
 use crate::virt::{Backend, Context};
 
@@ -146,13 +146,20 @@ impl Backend for Svm {
         );
         vmcb::mark_all_dirty(vmcb);
         vmcb::write_u64(vmcb, vmcb::RAX, registers.rax);
-        // The slice timer: armed for `slice_us` unless it still runs from
-        // an earlier entry (no APIC access on most entries: under an
-        // emulator each one is slow, and GIF = 0 holds NMIs meanwhile).
+        // The slice's end: armed for `slice_us` unless an earlier entry's
+        // still runs (no APIC access on most entries: under an emulator
+        // each one is slow, and GIF = 0 holds NMIs meanwhile). The APIC
+        // timer is armed only where the lockup detector does not already
+        // tick on it (module docs).
         let timer_until = &TIMER_UNTIL_US[cpu];
         if time::now_us() >= timer_until.load(Ordering::Relaxed) {
-            let ticks = capabilities.timer_ticks_per_us.saturating_mul(slice_us);
-            apic::timer_start(ticks.clamp(1, u64::from(u32::MAX)) as u32);
+            if watchdog::threshold_us() == 0 {
+                let ticks = capabilities.timer_ticks_per_ms.saturating_mul(slice_us) / 1000;
+                apic::timer_start_one_shot_on(
+                    super::SLICE_TIMER_VECTOR,
+                    ticks.clamp(1, u64::from(u32::MAX)) as u32,
+                );
+            }
             timer_until.store(time::now_us().saturating_add(slice_us), Ordering::Relaxed);
         }
         arch::svm::run(registers, vmcb, HOST_VMSAVE[cpu].load(Ordering::Relaxed));

@@ -5,13 +5,20 @@
 //! Chosen at run time when the CPU has SVM and no VMX (AMD servers, and
 //! QEMU TCG's `-cpu max`, which emulates SVM with nested paging).
 //!
-//! - **Time slice**: SVM has no preemption timer. A VMRUN arms the local
-//!   APIC timer (one-shot, [`SLICE_TIMER_VECTOR`]) for the slice unless it
-//!   still runs from an earlier entry; the guest runs with the INTR
-//!   intercept and V_INTR_MASKING, so the timer's interrupt makes it
-//!   exit, and an interrupt exit once the timer has expired ends the
-//!   slice ([`Exit::Preempted`](hv_core::exits::Exit)). The interrupt
-//!   itself is taken at the next interrupt window.
+//! - **Time slice**: SVM has no preemption timer; a host timer interrupt,
+//!   intercepted, is the slice's end. The guest runs with the INTR
+//!   intercept and V_INTR_MASKING, so a host interrupt makes it exit, and
+//!   an interrupt exit once the slice is over ends the slice
+//!   ([`Exit::Preempted`](hv_core::exits::Exit)); the interrupt itself is
+//!   taken at the next interrupt window. The timer is the local APIC
+//!   timer: with the lockup detector on (`watchdog=`, the default) it is
+//!   already ticking every `cpu::watchdog::TICK_MS` on every CPU, and the
+//!   backend leaves it alone, so a slice ends at the first exit after its
+//!   end and at the latest at the next tick (the run loop also ends it at
+//!   any exit past its end); with the detector off, a VMRUN arms the timer
+//!   one-shot ([`SLICE_TIMER_VECTOR`]) for the slice, unless it still runs
+//!   from an earlier entry. (One APIC timer per CPU: a timer service that
+//!   multiplexes deadlines would give exact slices with the detector on.)
 //! - **NMIs**: intercepted. An NMI that arrives in guest mode exits to
 //!   the host and stays pending while GIF = 0; the backend notes that the
 //!   NMI came as an exit (`crash::nmi`), then STGI delivers it to the
@@ -72,8 +79,8 @@ pub struct Capabilities {
     pub features: svm::Features,
     /// ASIDs the guests use: 1 to `usable_asids`.
     pub usable_asids: u32,
-    /// APIC timer ticks per microsecond (divided by 1).
-    pub timer_ticks_per_us: u64,
+    /// APIC timer ticks per millisecond (divided by 16).
+    pub timer_ticks_per_ms: u64,
     /// The I/O permission map: every port intercepted (three pages).
     pub iopm: u64,
     /// The MSR permission map: every MSR intercepted (two pages).
@@ -101,15 +108,18 @@ static NEXT_ASID: AtomicU32 = AtomicU32::new(0);
 /// The most ASIDs one owner page tracks (index 0 is the host's).
 const MAX_TRACKED_ASIDS: u32 = 511;
 
-/// Measures the local APIC timer against the TSC (masked, on this CPU).
+/// Measures the local APIC timer (divided by 16) against the TSC, masked,
+/// on this CPU (the boot CPU, before the lockup detector starts its own
+/// ticks). Ticks per millisecond.
 fn calibrate_timer() -> u64 {
     const WINDOW_US: u64 = 2_000;
-    apic::timer_configure(SLICE_TIMER_VECTOR, true);
-    apic::timer_start(u32::MAX);
+    apic::timer_start_one_shot(u32::MAX);
+    let began = time::now_us();
     time::delay_us(WINDOW_US);
-    let elapsed = u64::from(u32::MAX - apic::timer_current());
-    apic::timer_start(0);
-    (elapsed / WINDOW_US).max(1)
+    let elapsed_us = time::now_us().saturating_sub(began).max(1);
+    let counted = u64::from(u32::MAX - apic::timer_current());
+    apic::timer_stop();
+    (counted.saturating_mul(1000) / elapsed_us).max(1)
 }
 
 /// A zeroed run of `pages` pages filled with `byte`.
@@ -137,7 +147,7 @@ fn compute_capabilities() -> Result<Capabilities, SvmError> {
     Ok(Capabilities {
         features,
         usable_asids: (features.asids - 1).min(MAX_TRACKED_ASIDS),
-        timer_ticks_per_us: calibrate_timer(),
+        timer_ticks_per_ms: calibrate_timer(),
         iopm,
         msrpm,
     })
@@ -150,8 +160,7 @@ pub fn capabilities() -> Result<Capabilities, SvmError> {
 }
 
 /// Enables SVM on this CPU: its host save area (VM_HSAVE_PA), its VMSAVE
-/// page, its ASID table, EFER.SVME, and the slice timer's LVT. Returns the
-/// host save area.
+/// page, its ASID table, EFER.SVME. Returns the host save area.
 pub fn enable_on_this_cpu() -> Result<u64, SvmError> {
     capabilities()?;
     let cpu = crate::cpu::percpu::current_cpu_index() as usize;
@@ -165,7 +174,6 @@ pub fn enable_on_this_cpu() -> Result<u64, SvmError> {
     })?;
     HOST_VMSAVE[cpu].store(host_vmsave, Ordering::Relaxed);
     ASID_OWNERS[cpu].store(asid_owners, Ordering::Relaxed);
-    apic::timer_configure(SLICE_TIMER_VECTOR, false);
     CPUS_IN_SVM.fetch_add(1, Ordering::Relaxed);
     Ok(host_save)
 }
