@@ -433,6 +433,9 @@ fn decimal(mut value: usize, buffer: &mut [u8; 8]) -> &str {
 /// has not taken a VM exit yet.
 const RUN_UNTIL_EVERY_CORE_EXITED_US: u64 = 5_000_000;
 
+/// How long the end of the boot run waits for every core to leave it.
+const WIND_DOWN_US: u64 = 5_000_000;
+
 /// Whether every core with the backend enabled has taken a VM exit.
 fn every_core_exited() -> bool {
     (0..crate::cpu::smp::cpus().len()).all(|index| {
@@ -494,10 +497,22 @@ pub fn run_at_boot<B: Backend>(settings: &Settings) -> RunSummary {
     if !settings.keep_running {
         DEADLINE_US.store(0, Ordering::Relaxed);
         CORES_DONE.fetch_add(1, Ordering::AcqRel);
+        // Bounded: a core stuck for good must not hang the boot (under an
+        // emulator whose CPUs share a few host cores, the last slices can
+        // take a second or more to wind down).
         let online = woken.max(1);
-        let deadline = time::now_us() + 1_000_000 + settings.slice_us;
+        let deadline = time::now_us() + WIND_DOWN_US + settings.slice_us;
         while CORES_DONE.load(Ordering::Acquire) < online && time::now_us() < deadline {
             core::hint::spin_loop();
+        }
+        let done = CORES_DONE.load(Ordering::Acquire);
+        if done < online {
+            log::warn!(
+                "{}: {} of {online} cores still in the guest run after {} ms",
+                B::NAME,
+                online - done,
+                WIND_DOWN_US / 1000
+            );
         }
         RUNNING.store(false, Ordering::Release);
     }
