@@ -378,7 +378,7 @@ fn boot_cpu_main() -> ! {
         })
     });
     if crash::inject::configured() {
-        resume_guests_until_crash(&virt);
+        resume_guests_until_crash(&virt, &options);
         crash::inject::fire_after_boot();
     }
     if options.stray_write {
@@ -487,34 +487,52 @@ fn run_with<B: Backend>(
     }
 }
 
-/// Whether a time-based crash is configured for after the guest run:
-/// then the guests go on running after it, until the crash comes, and the
-/// crash waits for the boot report.
+/// Whether the guests go on running after the boot run, until the
+/// injected crash comes: for a time-based crash due after the run (which
+/// then waits for the boot report), and for a point of the loaded-context
+/// protocol that the run did not reach (the run's end must not cut it
+/// short).
 fn crash_after_boot_report(options: &cmdline::Options) -> bool {
-    let after_run = options.crash.as_ref().is_some_and(|spec| {
-        spec.point.is_none_or(|point| point.disturbs_the_crash())
-            && spec.after_ms >= options.guest_run_ms
-    });
-    if after_run {
+    let Some(spec) = options.crash.as_ref() else {
+        return false;
+    };
+    let time_after_run = spec.point.is_none_or(|point| point.disturbs_the_crash())
+        && spec.after_ms >= options.guest_run_ms;
+    if time_after_run {
         crash::inject::hold();
     }
-    after_run
+    time_after_run || spec.point.is_some_and(|point| point.needs_vmx())
 }
 
-/// After the boot report, with a time-based crash to come: this CPU runs
-/// guests again (the others never stopped) until it does, so that its
-/// NMIs find CPUs in guest mode.
-fn resume_guests_until_crash(virt: &VirtOutcome) {
+/// How long guests keep running after the boot report for a crash at a
+/// point of the loaded-context protocol that has not fired yet.
+const POINT_WAIT_US: u64 = 2_000_000;
+
+/// After the boot report, with an injected crash to come: this CPU runs
+/// guests again (the others never stopped) until it does. A time-based
+/// crash gets long slices, each core keeping to its own vCPUs, so that
+/// its NMIs find CPUs in guest mode; a point of the list protocol gets
+/// the boot run's short slices and migrations, which make its stores.
+fn resume_guests_until_crash(virt: &VirtOutcome, options: &cmdline::Options) {
     crash::inject::release();
     if !virt::sched::running() || crash::inject::fired() || !crash::inject::clock_started() {
         return;
     }
-    let limit_us = crash::inject::until_due_us().saturating_add(1_000_000);
-    // Long slices, few migrations: the NMIs find the CPUs running guests.
-    let slice_us = limit_us;
+    let point = crash::inject::point().is_some_and(|point| point.needs_vmx());
+    let (limit_us, slice_us, affinity) = if point {
+        let limit = crash::inject::until_due_us().saturating_add(POINT_WAIT_US);
+        (limit, options.slice_us, false)
+    } else {
+        let limit = crash::inject::until_due_us().saturating_add(1_000_000);
+        (limit, limit, true)
+    };
     match virt.selected {
-        Some(Selected::Vmx) => virt::sched::run_until_crash::<Vmx>(limit_us, slice_us),
-        Some(Selected::Svm) => virt::sched::run_until_crash::<Svm>(limit_us, slice_us),
+        Some(Selected::Vmx) => {
+            virt::sched::run_until_crash::<Vmx>(limit_us, slice_us, affinity);
+        }
+        Some(Selected::Svm) => {
+            virt::sched::run_until_crash::<Svm>(limit_us, slice_us, affinity);
+        }
         None => {}
     }
 }
