@@ -162,6 +162,16 @@ pub trait CrashHardware: Vmx {
     /// Software-disables the local APIC, so that the capture kernel starts
     /// with no interrupt from the old world pending on this CPU.
     fn disable_local_apic(&mut self);
+    /// Whether the CPU runs guests with SVM instead (EFER.SVME set): then
+    /// step 2 walks its list too, each entry a VMCB and each "VMCLEAR" the
+    /// SVM clear (see [`crate::svm`]). `false` where there is no SVM.
+    fn svm_enabled(&mut self) -> bool {
+        false
+    }
+    /// Step 3 on SVM: STGI, EFER.SVME off, VM_HSAVE_PA 0, recorded apart
+    /// from the VMX ledger ([`crate::svm::SvmLedgers::leave`]). Nothing
+    /// where there is no SVM.
+    fn leave_svm(&mut self, _cpu: usize) {}
 }
 
 /// Microsecond time for the rendezvous (the TSC, or a fake in tests).
@@ -494,6 +504,8 @@ impl<const CPUS: usize> CrashCoordinator<CPUS> {
     ///    ([`VmcsArena::crash_vmclear_all`]); if clear, VMCLEAR would #UD, so
     ///    only count the entries (Linux skips the same way);
     /// 3. if CR4.VMXE is set, VMXOFF, tolerating #UD, then clear CR4.VMXE;
+    ///    on SVM (EFER.SVME instead of CR4.VMXE, step 2 walking VMCBs),
+    ///    leave SVM ([`CrashHardware::leave_svm`]);
     /// 4. disable the local APIC;
     /// 5. check in.
     ///
@@ -532,9 +544,11 @@ impl<const CPUS: usize> CrashCoordinator<CPUS> {
         };
 
         let vmxe = hw.cr4_vmxe();
+        // A CPU runs guests with VMX or with SVM, never both.
+        let svme = !vmxe && hw.svm_enabled();
         let walk = if done & WALKED != 0 {
             WalkStep::DoneEarlier
-        } else if vmxe {
+        } else if vmxe || svme {
             let walk = lists.crash_vmclear_all(cpu, hw);
             if let Some(slot) = slot {
                 slot.vmcs_visited.store(walk.visited, Ordering::Relaxed);
@@ -567,6 +581,8 @@ impl<const CPUS: usize> CrashCoordinator<CPUS> {
                 vmx
             }
         };
+
+        hw.leave_svm(cpu);
 
         // Harmless to repeat, so not skipped on a re-run.
         hw.disable_local_apic();

@@ -26,8 +26,9 @@ use hv_core::cmdline::{self, CrashPoint, Finish};
 use crate::boot::info::BootInfo;
 use crate::cpu::percpu::LocalHalf;
 use crate::cpu::{ipi, percpu, smp, time};
-use crate::virt::Backend;
+use crate::virt::svm::backend::Svm;
 use crate::virt::vmx::backend::Vmx;
+use crate::virt::{Backend, Selected, Unavailable};
 
 entry_point!(crate::hv_main);
 
@@ -159,6 +160,7 @@ fn register_trap_handlers() {
     arch::idt::register(2, crash::nmi::on_nmi);
     arch::idt::register(ipi::CALL_FUNCTION_VECTOR, ipi::on_call_function_ipi);
     arch::idt::register(cpu::watchdog::TICK_VECTOR, cpu::watchdog::on_tick);
+    arch::idt::register(virt::svm::SLICE_TIMER_VECTOR, virt::svm::on_slice_timer);
     arch::idt::register_exceptions(crash::exception::on_exception);
     cpu::watchdog::set_lockup_handler(crash::on_lockup);
 }
@@ -254,7 +256,19 @@ fn boot_cpu_main() -> ! {
         hang_apic_id: options.ap_hang,
         before_check_in: crash::ap_checkpoint,
     };
-    cpu::idle::set_work(virt::sched::join_run::<Vmx>);
+    // The backend, from CPUID: VMX wherever the CPU has it, else SVM.
+    let selected = virt::select();
+    match selected {
+        Ok(Selected::Vmx) => {
+            crash::svm::set_backend_vmx();
+            cpu::idle::set_work(virt::sched::join_run::<Vmx>);
+        }
+        Ok(Selected::Svm) => {
+            crash::svm::set_backend_svm();
+            cpu::idle::set_work(virt::sched::join_run::<Svm>);
+        }
+        Err(_) => {}
+    }
     let bringup = smp::bring_up(possible, &settings);
     // The APs unmask their own pins as they come up; the bring-up table
     // is known only now, so the boot CPU plans the pins, unmasks its own,
@@ -280,7 +294,7 @@ fn boot_cpu_main() -> ! {
             options.watchdog_seconds
         );
     }
-    let virt = run_guests(&options);
+    let virt = run_guests(&options, selected);
 
     let failed = || {
         smp::cpus()
@@ -349,18 +363,17 @@ fn boot_cpu_main() -> ! {
             )
         })?;
         o.field("virt").object(|o| {
-            o.field("backend").str(if virt.error.is_none() {
-                Vmx::NAME
-            } else {
-                "none"
-            })?;
+            o.field("backend").str(virt.backend)?;
             o.field("reason")
                 .option(virt.error, |value, error| value.display(error))?;
             o.field("cpus_in_vmx")
                 .u64(virt::vmx::CPUS_IN_VMX.load(Ordering::Relaxed))?;
+            o.field("cpus_in_svm")
+                .u64(virt::svm::CPUS_IN_SVM.load(Ordering::Relaxed))?;
             o.field("vcpus").u64(virt.run.vcpus as u64)?;
             o.field("vm_exits").u64(virt.run.exits)?;
             o.field("migrations").u64(virt.run.migrations)?;
+            o.field("preemptions").u64(virt.run.preemptions)?;
             o.field("stopped").u64(virt.run.stopped as u64)?;
             o.field("exits_per_cpu").u64_array(
                 (0..smp::cpus().len())
@@ -369,6 +382,7 @@ fn boot_cpu_main() -> ! {
         })
     });
     if crash::inject::configured() {
+        resume_guests_until_crash(&virt, &options);
         crash::inject::fire_after_boot();
     }
     if options.stray_write {
@@ -387,33 +401,65 @@ fn boot_cpu_main() -> ! {
 
 /// What the guest phase did.
 struct VirtOutcome {
-    error: Option<<Vmx as Backend>::Error>,
+    /// The backend's name in the report ("none" when no guest ran).
+    backend: &'static str,
+    /// The backend that ran the guests.
+    selected: Option<Selected>,
+    /// Why no guest ran.
+    error: Option<Unavailable>,
     run: virt::sched::RunSummary,
 }
 
-/// Enables the backend on every core and runs the guests for a while.
-/// Without VMX (QEMU TCG) this reports why and the hypervisor carries on.
-fn run_guests(options: &cmdline::Options) -> VirtOutcome {
-    if let Err(error) = Vmx::check() {
-        log::warn!("vmx: {error}; no guests will run");
-        // The crash path's VMXOFF must survive a #UD; with no VMX, VMXOFF
-        // is exactly that case: check that the fix-up catches it.
-        let outcome = arch::fixup::vmxoff();
-        log::info!("vmx: VMXOFF outside VMX operation: {outcome:?} (tolerated)");
-        return VirtOutcome {
-            error: Some(error),
-            run: virt::sched::RunSummary::default(),
-        };
+/// Enables the chosen backend on every core and runs the guests for a
+/// while. Without one (a CPU with neither VMX nor SVM) this reports why
+/// and the hypervisor carries on.
+fn run_guests(options: &cmdline::Options, selected: Result<Selected, Unavailable>) -> VirtOutcome {
+    match selected {
+        Ok(Selected::Vmx) => run_with::<Vmx>(
+            options,
+            Selected::Vmx,
+            Unavailable::Vmx(virt::vmx::VmxError::VmxonFailed),
+        ),
+        Ok(Selected::Svm) => run_with::<Svm>(
+            options,
+            Selected::Svm,
+            Unavailable::Svm(virt::svm::SvmError::EnableFailed),
+        ),
+        Err(error) => {
+            log::warn!("virt: {error}; no guests will run");
+            // The crash path's VMXOFF must survive a #UD; with no VMX, VMXOFF
+            // is exactly that case: check that the fix-up catches it.
+            let outcome = arch::fixup::vmxoff();
+            log::info!("vmx: VMXOFF outside VMX operation: {outcome:?} (tolerated)");
+            VirtOutcome {
+                backend: "none",
+                selected: None,
+                error: Some(error),
+                run: virt::sched::RunSummary::default(),
+            }
+        }
     }
-    ipi::call_on_all(virt::enable_here::<Vmx>, 0);
-    let in_vmx = virt::enabled_cpus();
+}
+
+/// [`run_guests`] with backend `B`; `none_enabled` is the reason when no
+/// CPU could enable it.
+fn run_with<B: Backend>(
+    options: &cmdline::Options,
+    selected: Selected,
+    none_enabled: Unavailable,
+) -> VirtOutcome {
+    ipi::call_on_all(virt::enable_here::<B>, 0);
+    let enabled = virt::enabled_cpus();
     log::info!(
-        "vmx: {in_vmx} of {} CPUs in VMX root operation",
+        "{}: enabled on {enabled} of {} CPUs",
+        B::NAME,
         smp::cpus().len()
     );
-    if in_vmx == 0 {
+    if enabled == 0 {
         return VirtOutcome {
-            error: Some(virt::vmx::VmxError::VmxonFailed),
+            backend: "none",
+            selected: None,
+            error: Some(none_enabled),
             run: virt::sched::RunSummary::default(),
         };
     }
@@ -426,16 +472,73 @@ fn run_guests(options: &cmdline::Options) -> VirtOutcome {
             crash_caller: options.guest_crash_call,
         },
         crash_hypercall_allowed: options.crash_hypercall,
+        keep_running: crash_after_boot_report(options),
     };
-    let run = virt::sched::run_at_boot::<Vmx>(&settings);
+    let run = virt::sched::run_at_boot::<B>(&settings);
     log::info!(
-        "vmx: {} vCPUs, {} VM exits, {} migrations, {} stopped",
+        "{}: {} vCPUs, {} VM exits, {} migrations, {} stopped",
+        B::NAME,
         run.vcpus,
         run.exits,
         run.migrations,
         run.stopped
     );
-    VirtOutcome { error: None, run }
+    VirtOutcome {
+        backend: B::NAME,
+        selected: Some(selected),
+        error: None,
+        run,
+    }
+}
+
+/// Whether the guests go on running after the boot run, until the
+/// injected crash comes: for a time-based crash due after the run (which
+/// then waits for the boot report), and for a point of the loaded-context
+/// protocol that the run did not reach (the run's end must not cut it
+/// short).
+fn crash_after_boot_report(options: &cmdline::Options) -> bool {
+    let Some(spec) = options.crash.as_ref() else {
+        return false;
+    };
+    let time_after_run = spec.point.is_none_or(|point| point.disturbs_the_crash())
+        && spec.after_ms >= options.guest_run_ms;
+    if time_after_run {
+        crash::inject::hold();
+    }
+    time_after_run || spec.point.is_some_and(|point| point.needs_vmx())
+}
+
+/// How long guests keep running after the boot report for a crash at a
+/// point of the loaded-context protocol that has not fired yet.
+const POINT_WAIT_US: u64 = 2_000_000;
+
+/// After the boot report, with an injected crash to come: this CPU runs
+/// guests again (the others never stopped) until it does. A time-based
+/// crash gets long slices, each core keeping to its own vCPUs, so that
+/// its NMIs find CPUs in guest mode; a point of the list protocol gets
+/// the boot run's short slices and migrations, which make its stores.
+fn resume_guests_until_crash(virt: &VirtOutcome, options: &cmdline::Options) {
+    crash::inject::release();
+    if !virt::sched::running() || crash::inject::fired() || !crash::inject::clock_started() {
+        return;
+    }
+    let point = crash::inject::point().is_some_and(|point| point.needs_vmx());
+    let (limit_us, slice_us, affinity) = if point {
+        let limit = crash::inject::until_due_us().saturating_add(POINT_WAIT_US);
+        (limit, options.slice_us, false)
+    } else {
+        let limit = crash::inject::until_due_us().saturating_add(1_000_000);
+        (limit, limit, true)
+    };
+    match virt.selected {
+        Some(Selected::Vmx) => {
+            virt::sched::run_until_crash::<Vmx>(limit_us, slice_us, affinity);
+        }
+        Some(Selected::Svm) => {
+            virt::sched::run_until_crash::<Svm>(limit_us, slice_us, affinity);
+        }
+        None => {}
+    }
 }
 
 #[panic_handler]

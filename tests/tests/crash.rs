@@ -1,8 +1,9 @@
 //! The crash path (issue 5): hv crashed on purpose with its `crash=` knob
 //! (and the guest crash hypercall), in Bochs with guests running on 8 and
-//! 15 CPUs, at every class of injection point, and in QEMU at `-smp 64`.
-//! Each run must end with a correct shootdown: every CPU checked in but the
-//! deliberate straggler, every loaded VMCS cleared, every CPU out of VMX.
+//! 15 CPUs, at every class of injection point, and in QEMU at `-smp 64`
+//! (TCG: guests with SVM). Each run must end with a correct shootdown:
+//! every CPU checked in but the deliberate straggler, every loaded VMCS (on
+//! SVM, VMCB) cleared, every CPU out of VMX and SVM.
 //!
 //! xtask's verdict already holds a crash run to these rules (see
 //! `xtask/REPORT.md`, "A crash run"); the tests assert them again, one by
@@ -10,7 +11,7 @@
 
 use tests::{
     Crash, PURGATORY_SURVIVES_NMIS, RunOutcome, assert_clean_shootdown, assert_vmx_accounting,
-    bochs, explain, number, numbers, qemu, stress_crash,
+    bochs, explain, number, numbers, qemu, qemu_with_cpu, stress_crash,
 };
 use xtask::run::Boot;
 
@@ -357,15 +358,38 @@ fn bochs_fifteen_cpus_a_crash_in_the_middle_of_a_list_insertion() {
 
 #[test]
 fn qemu_64_cpus_an_ap_crash_collects_63_of_63() {
+    // After the boot report (so its APIC IDs are known), with the guests
+    // still running.
     let run = qemu(
         "test-crash-qemu-smp64-ap",
         Boot::Direct,
         64,
-        &["crash=cpu:37,after_ms:5"],
+        &["crash=cpu:37,after_ms:150"],
     );
     let crash = assert_clean_shootdown(&run);
     assert_all_checked_in(&run, &crash, 64);
     assert_every_other_cpu_took_the_nmi(&run, &crash, 64);
+    if run.report["emulator"] == "qemu-tcg" {
+        // Guests ran with SVM on every core: every VMCB loaded at the crash
+        // was cleared, and the NMI's arrival, in guest mode or not, is
+        // recorded for every CPU that took it.
+        assert!(crash.svm(), "{}", explain(&run));
+        assert!(crash.vmcb_loaded > 0, "{}", explain(&run));
+        assert_eq!(crash.svm_off_cpus, 63, "{}", explain(&run));
+        assert_eq!(crash.nmi_in_guest.len(), 64, "{}", explain(&run));
+        assert_eq!(
+            crash.nmi_in_guest.iter().flatten().count(),
+            63,
+            "{}",
+            explain(&run)
+        );
+        assert_eq!(
+            crash.nmi_in_guest_cpus() as u64,
+            number(&run, "/crash/nmi_in_guest_cpus"),
+            "{}",
+            explain(&run)
+        );
+    }
     assert_eq!(crash.cpu_index, 37, "{}", explain(&run));
     assert_eq!(
         crash.cpu,
@@ -480,11 +504,44 @@ fn a_short_stress_loop_of_random_crashes_passes() {
 }
 
 #[test]
-fn qemu_a_point_that_needs_vmx_never_fires_without_it_and_the_run_fails() {
+fn qemu_svm_a_crash_in_the_middle_of_a_list_insertion_clears_every_vmcb() {
     let run = qemu(
-        "test-crash-qemu-unfired",
+        "test-crash-qemu-svm-list-add",
         Boot::Direct,
+        8,
+        &["crash=cpu:3,after_ms:3,point:list_add2"],
+    );
+    if run.report["emulator"] != "qemu-tcg" {
+        return;
+    }
+    let crash = assert_clean_shootdown(&run);
+    assert_fired_at(&crash, "add-set-prev");
+    assert!(crash.svm(), "{}", explain(&run));
+    assert!(crash.vmcb_loaded > 0, "{}", explain(&run));
+    assert_eq!(crash.vmcb_cleared, crash.vmcb_loaded, "{}", explain(&run));
+    assert_eq!(
+        (crash.vmcs_loaded, crash.vmcs_cleared),
+        (0, 0),
+        "{}",
+        explain(&run)
+    );
+    assert_eq!(crash.svm_off_cpus, crash.checked_in, "{}", explain(&run));
+    // The words of the summary are SVM's.
+    let summary = xtask::report::summary(&run.report);
+    assert!(summary.contains("  VMCB      "), "{summary}");
+    assert!(
+        !summary.contains("VMCS") && !summary.contains("VMXOFF"),
+        "{summary}"
+    );
+}
+
+#[test]
+fn qemu_a_point_that_needs_guests_never_fires_without_them_and_the_run_fails() {
+    // A CPU model with neither VMX nor SVM: no guest, no list store.
+    let run = qemu_with_cpu(
+        "test-crash-qemu-unfired",
         4,
+        "qemu64,-svm",
         &["crash=cpu:1,after_ms:3,point:list_add0"],
     );
     if run.report["emulator"] != "qemu-tcg" {

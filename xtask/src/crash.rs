@@ -25,14 +25,14 @@ pub trait CrashSpecExt: Sized {
     /// The command-line word: `crash=cpu:N,after_ms:T[,point:NAME]`.
     fn word(&self) -> String;
     /// Whether this spec can crash a machine of `cpus` CPUs, with or
-    /// without VMX guests; the reason when it cannot.
-    fn check(&self, cpus: u32, vmx: bool) -> Result<(), String>;
+    /// without guests (VMX or SVM); the reason when it cannot.
+    fn check(&self, cpus: u32, guests: bool) -> Result<(), String>;
     /// Whether this spec's point can fire in a run with (or without) a
     /// capture kernel loaded; the reason when it cannot.
     fn check_capture(&self, capture: bool) -> Result<(), String>;
     /// A random spec that can crash a machine of `cpus` CPUs, in a run
     /// with or without a capture kernel.
-    fn random(rng: &mut Rng, cpus: u32, vmx: bool, capture: bool, guest_run_ms: u64) -> Self;
+    fn random(rng: &mut Rng, cpus: u32, guests: bool, capture: bool, guest_run_ms: u64) -> Self;
     /// The CPU indexes that panic.
     fn panickers(&self, cpus: u32) -> Vec<u32>;
     /// The CPU indexes that must be named stragglers.
@@ -44,7 +44,7 @@ impl CrashSpecExt for CrashSpec {
         format!("crash={self}")
     }
 
-    fn check(&self, cpus: u32, vmx: bool) -> Result<(), String> {
+    fn check(&self, cpus: u32, guests: bool) -> Result<(), String> {
         if self.cpu >= cpus {
             return Err(format!(
                 "crash=cpu:{} names CPU index {}, but the machine has {cpus} CPU{} (0 to {})",
@@ -68,9 +68,9 @@ impl CrashSpecExt for CrashSpec {
                  (list_remove0 to list_remove{})",
                 LIST_REMOVE_STORES - 1
             )),
-            point if point.needs_vmx() && !vmx => Err(format!(
-                "point:{point} fires only while VMX guests run, and this machine has no VMX \
-                 (QEMU TCG): use Bochs"
+            point if point.needs_vmx() && !guests => Err(format!(
+                "point:{point} fires only while guests run, and this machine runs none \
+                 (a CPU with neither VMX nor SVM)"
             )),
             Point::Bringup if self.cpu == 0 => Err(
                 "point:bringup needs an AP (cpu:1 or above): the boot CPU is not brought up"
@@ -104,8 +104,14 @@ impl CrashSpecExt for CrashSpec {
     /// a point drawn uniformly among the valid ones and "no point"
     /// (time-based), a CPU the point allows, and, where hv uses it, an
     /// `after_ms` from 1 to half of `guest_run_ms`, so that a crash with
-    /// VMX lands inside the guest run.
-    fn random(rng: &mut Rng, cpus: u32, vmx: bool, capture: bool, guest_run_ms: u64) -> CrashSpec {
+    /// guests lands inside the guest run.
+    fn random(
+        rng: &mut Rng,
+        cpus: u32,
+        guests: bool,
+        capture: bool,
+        guest_run_ms: u64,
+    ) -> CrashSpec {
         let mut choices: Vec<Option<Point>> = vec![None];
         choices.extend(
             Point::ALL
@@ -116,7 +122,7 @@ impl CrashSpecExt for CrashSpec {
                         after_ms: 0,
                         point: Some(point),
                     };
-                    probe.check(cpus, vmx).is_ok() && probe.check_capture(capture).is_ok()
+                    probe.check(cpus, guests).is_ok() && probe.check_capture(capture).is_ok()
                 })
                 .map(Some),
         );
@@ -220,13 +226,13 @@ impl CrashArg {
         &self,
         rng: &mut Rng,
         cpus: u32,
-        vmx: bool,
+        guests: bool,
         capture: bool,
         guest_run_ms: u64,
     ) -> CrashSpec {
         match self {
             CrashArg::Spec(spec) => *spec,
-            CrashArg::Random => CrashSpec::random(rng, cpus, vmx, capture, guest_run_ms),
+            CrashArg::Random => CrashSpec::random(rng, cpus, guests, capture, guest_run_ms),
         }
     }
 }
@@ -374,7 +380,7 @@ mod tests {
         let tcg = spec(1, 5, Some(Point::VcpuLoad))
             .check(8, false)
             .unwrap_err();
-        assert!(tcg.contains("no VMX"), "{tcg}");
+        assert!(tcg.contains("runs none"), "{tcg}");
         assert!(spec(1, 5, Some(Point::VcpuLoad)).check(8, true).is_ok());
         assert!(spec(0, 0, Some(Point::Bringup)).check(8, true).is_err());
         assert!(spec(1, 0, Some(Point::Bringup)).check(8, false).is_ok());

@@ -443,11 +443,25 @@ impl DumpInfo {
             let loaded: u64 = crash.ledger.iter().map(|c| u64::from(c.vmcs_loaded)).sum();
             let executed: usize = crash.ledger.iter().map(|c| c.vmclears.len()).sum();
             let cleared: usize = crash.ledger.iter().map(LedgerCpu::cleared).sum();
-            let _ = writeln!(
-                out,
-                "\nVMCLEAR ledger: {} CPUs, {loaded} VMCS loaded at the crash, {executed} VMCLEARs, {cleared} succeeded",
-                crash.ledger.len()
-            );
+            // On SVM the table's entries are VMCBs, each cleared by zeroing
+            // its clean bits.
+            let svm = crash
+                .ledger
+                .iter()
+                .any(|cpu| cpu.flags & cpu_flags::SVM_WAS_ON != 0);
+            let _ = if svm {
+                writeln!(
+                    out,
+                    "\nVMCB ledger: {} CPUs, {loaded} VMCB loaded at the crash, {executed} clears, {cleared} succeeded",
+                    crash.ledger.len()
+                )
+            } else {
+                writeln!(
+                    out,
+                    "\nVMCLEAR ledger: {} CPUs, {loaded} VMCS loaded at the crash, {executed} VMCLEARs, {cleared} succeeded",
+                    crash.ledger.len()
+                )
+            };
             for cpu in &crash.ledger {
                 let clears = cpu
                     .vmclears
@@ -599,6 +613,9 @@ pub fn flag_names(flags: u32) -> Vec<&'static str> {
         (cpu_flags::CHECKED_IN, "checked-in"),
         (cpu_flags::VMX_WAS_ON, "vmx-was-on"),
         (cpu_flags::VMXOFF_DONE, "vmxoff"),
+        (cpu_flags::SVM_WAS_ON, "svm-was-on"),
+        (cpu_flags::SVM_OFF, "svm-off"),
+        (cpu_flags::NMI_IN_GUEST, "nmi-in-guest"),
     ]
     .into_iter()
     .filter(|(bit, _)| flags & bit != 0)

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
-use xtask::accel::{self, Accel};
+use xtask::accel;
 use xtask::bench::{self, BenchOptions};
 use xtask::capture::{self, BochsSink, CaptureKernel, CaptureOptions};
 use xtask::crash::{self, CrashArg, CrashSpec, CrashSpecExt, Rng};
@@ -461,7 +461,7 @@ fn run_task(task: Task) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Task::QemuSmp(args) => {
-            let vmx = accel::detect() == Accel::Kvm;
+            let guests = accel::detect().guest_backend().runs_guests();
             let (plan, append) = crash_and_capture(
                 true,
                 args.no_crash,
@@ -469,7 +469,7 @@ fn run_task(task: Task) -> Result<ExitCode> {
                 &args.capture,
                 &args.run,
                 args.smp,
-                vmx,
+                guests,
                 args.nmi_button_after_ms,
             )?;
             let boot = args.boot();
@@ -535,9 +535,9 @@ fn run_task(task: Task) -> Result<ExitCode> {
             let capture = stress_capture(&args)?;
             let mut plan: Box<dyn stress::RunPlan> = match args.crash.crash {
                 Some(arg) => {
-                    let vmx = accel::detect() == Accel::Kvm;
+                    let guests = accel::detect().guest_backend().runs_guests();
                     if let CrashArg::Spec(spec) = arg {
-                        check_spec(&spec, args.smp, vmx)?;
+                        check_spec(&spec, args.smp, guests)?;
                         spec.check_capture(capture.is_some())
                             .map_err(|error| anyhow::anyhow!("--crash: {error}"))?;
                     }
@@ -546,7 +546,7 @@ fn run_task(task: Task) -> Result<ExitCode> {
                         .guest_run_ms;
                     let seed = args.crash.seed.unwrap_or_else(crash::fresh_seed);
                     Box::new(
-                        CrashPlan::new(arg, seed, args.smp, vmx, guest_run_ms)
+                        CrashPlan::new(arg, seed, args.smp, guests, guest_run_ms)
                             .with_capture(capture.is_some()),
                     )
                 }
@@ -716,7 +716,7 @@ fn crash_and_capture(
     capture: &CaptureArgs,
     run: &RunArgs,
     cpus: u32,
-    vmx: bool,
+    guests: bool,
     nmi_button: Option<u64>,
 ) -> Result<(Plan, Vec<String>)> {
     let mut words = extra_words(run)?;
@@ -735,7 +735,7 @@ fn crash_and_capture(
     words.extend(single_run_crash(
         crash,
         cpus,
-        vmx,
+        guests,
         plan.capture.is_some(),
         &words,
     )?);
@@ -773,7 +773,7 @@ fn check_hang(words: &[String], cpus: u32) -> Result<()> {
 fn single_run_crash(
     args: &CrashArgs,
     cpus: u32,
-    vmx: bool,
+    guests: bool,
     capture: bool,
     append: &[String],
 ) -> Result<Vec<String>> {
@@ -782,7 +782,7 @@ fn single_run_crash(
     if let Some(arg) = args.crash {
         let spec = match arg {
             CrashArg::Spec(spec) => {
-                check_spec(&spec, cpus, vmx)?;
+                check_spec(&spec, cpus, guests)?;
                 if let Err(note) = spec.check_capture(capture) {
                     println!("note: {note}; the run fails: the point never fires");
                 }
@@ -791,7 +791,8 @@ fn single_run_crash(
             CrashArg::Random => {
                 let seed = args.seed.unwrap_or_else(crash::fresh_seed);
                 let guest_run_ms = Expectations::from_cmdline(cpus, append).crash.guest_run_ms;
-                let spec = CrashSpec::random(&mut Rng::new(seed), cpus, vmx, capture, guest_run_ms);
+                let spec =
+                    CrashSpec::random(&mut Rng::new(seed), cpus, guests, capture, guest_run_ms);
                 println!("crash: {} (random, seed {seed})", spec.word());
                 spec
             }
@@ -843,13 +844,13 @@ fn timeout_word(args: &CrashArgs) -> Option<String> {
 }
 
 /// Refuses a spec that cannot crash this machine (a CPU it does not have,
-/// a list store that does not exist, ...); a point that needs VMX on a
+/// a list store that does not exist, ...); a point that needs guests on a
 /// machine without it only gets a note: hv then reports that it never
 /// fired, and the run fails as it should.
-fn check_spec(spec: &CrashSpec, cpus: u32, vmx: bool) -> Result<()> {
+fn check_spec(spec: &CrashSpec, cpus: u32, guests: bool) -> Result<()> {
     spec.check(cpus, true)
         .map_err(|error| anyhow::anyhow!("--crash: {error}"))?;
-    if let Err(note) = spec.check(cpus, vmx) {
+    if let Err(note) = spec.check(cpus, guests) {
         println!("note: {note}; hv will report that it never fired");
     }
     Ok(())

@@ -77,23 +77,24 @@ pub struct CrashPlan {
     seed: u64,
     rng: Rng,
     cpus: u32,
-    vmx: bool,
+    guests: bool,
     capture: bool,
     guest_run_ms: u64,
 }
 
 impl CrashPlan {
-    /// Crashes on a machine of `cpus` CPUs, with or without VMX guests
+    /// Crashes on a machine of `cpus` CPUs, with or without guests (VMX or
+    /// SVM)
     /// (which decides the points a random spec may use), whose guests run
     /// `guest_run_ms` (random crashes come within that time); no capture
     /// kernel (see [`with_capture`](Self::with_capture)).
-    pub fn new(arg: CrashArg, seed: u64, cpus: u32, vmx: bool, guest_run_ms: u64) -> Self {
+    pub fn new(arg: CrashArg, seed: u64, cpus: u32, guests: bool, guest_run_ms: u64) -> Self {
         Self {
             arg,
             seed,
             rng: Rng::new(seed),
             cpus,
-            vmx,
+            guests,
             capture: false,
             guest_run_ms,
         }
@@ -111,7 +112,7 @@ impl CrashPlan {
         self.arg.pick(
             &mut self.rng,
             self.cpus,
-            self.vmx,
+            self.guests,
             self.capture,
             self.guest_run_ms,
         )

@@ -156,6 +156,14 @@ pub fn timer_start_periodic(vector: u8, count: u32) {
     write(REG_TIMER_INITIAL, count);
 }
 
+/// Starts this CPU's APIC timer counting down from `count` once (divide
+/// by 16), then interrupting on `vector`.
+pub fn timer_start_one_shot_on(vector: u8, count: u32) {
+    write(REG_TIMER_DIVIDE, TIMER_DIVIDE_16);
+    write(REG_LVT_TIMER, u32::from(vector));
+    write(REG_TIMER_INITIAL, count);
+}
+
 /// Stops this CPU's APIC timer.
 pub fn timer_stop() {
     write(REG_LVT_TIMER, LVT_MASKED);

@@ -12,6 +12,11 @@ use hv_abi::hypercall;
 /// it out with its tables in the reservation (see `crash::purgatory`).
 static PURGATORY_BLOB: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/purgatory.bin"));
 
+/// Iterations of the test guest's busy loop between two exits: it spends
+/// most of its time in guest mode, so an NMI (a crash shootdown) usually
+/// finds it there.
+const TEST_GUEST_WORK_LOOPS: u32 = 131072;
+
 core::arch::global_asm!(
     r#"
     .section .rodata.guest_image, "a"
@@ -23,13 +28,35 @@ guest_image_start:
     mov al, \c
     out dx, al
     .endr
+    /* The hypercall instruction, as guests pick it: VMMCALL on AMD
+       (CPUID vendor "AuthenticAMD" or "HygonGenuine"), VMCALL elsewhere.
+       EBP != 0: VMMCALL. */
+    xor eax, eax
+    cpuid
+    xor ebp, ebp
+    cmp ebx, 0x68747541
+    je 1f
+    cmp ebx, 0x6F677948
+    jne 5f
+1:
+    inc ebp
+5:
     xor esi, esi
 2:
+    /* Some work in guest mode between exits, as a real guest has (not
+       the crash caller: its 256 iterations must come soon). */
+    cmp edi, {call_crash}
+    je 9f
+    mov ecx, {work_loops}
+8:
+    dec ecx
+    jnz 8b
+9:
     xor eax, eax
     cpuid
     mov eax, {hypercall_yield}
     mov ebx, esi
-    vmcall
+    call 6f
     inc esi
     cmp edi, {misbehave}
     jne 3f
@@ -40,17 +67,26 @@ guest_image_start:
     cmp esi, 256
     jb 4f
     mov eax, {hypercall_crash}
-    vmcall
+    call 6f
 4:
     test esi, 0x3F
     jnz 2b
     hlt
     jmp 2b
+6:
+    test ebp, ebp
+    jnz 7f
+    vmcall
+    ret
+7:
+    vmmcall
+    ret
     .code64
     .global guest_image_end
 guest_image_end:
 "#,
     hypercall_yield = const hypercall::YIELD,
+    work_loops = const TEST_GUEST_WORK_LOOPS,
     misbehave = const hypercall::MISBEHAVE,
     call_crash = const hypercall::CALL_CRASH,
     hypercall_crash = const hypercall::CRASH,

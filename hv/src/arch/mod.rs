@@ -20,4 +20,5 @@ pub mod gdt;
 pub mod idt;
 pub mod pic;
 pub mod port;
+pub mod svm;
 pub mod vmx;

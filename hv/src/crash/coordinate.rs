@@ -14,6 +14,7 @@ use smp_boot::bringup::CpuState;
 
 use super::hardware::{Hardware, TscClock};
 use super::records::{LISTS, Records};
+use super::svm;
 use super::words::Words;
 use super::{COORDINATOR, Reason, TIMEOUT_US, entered_tsc, inject};
 use crate::arch::{apic, cpu};
@@ -258,9 +259,16 @@ fn summarize(
     let mut vmxoff_cpus = 0;
     let mut vmxoff_executed = 0;
     let mut vmx_was_on = 0;
-    let mut vmcs_visited = 0;
+    let mut visited = 0;
+    let mut svm_off_cpus = 0;
+    let mut svm_was_on = 0;
     let reporting = rendezvous.checked_in.iter().chain(core::iter::once(me));
     for cpu in reporting {
+        let svm_exit = svm::LEDGERS.exit(cpu);
+        svm_was_on += u64::from(svm_exit.was_on());
+        if cpu != me {
+            svm_off_cpus += u64::from(svm_exit.is_off());
+        }
         let Some(record) = COORDINATOR.record(cpu) else {
             continue;
         };
@@ -270,29 +278,53 @@ fn summarize(
         // those that executed VMXOFF.
         if cpu != me {
             vmxoff_cpus += u64::from(vmx.is_off());
-            vmcs_visited += record.ledger.walk.map_or(0, |walk| u64::from(walk.visited));
+            visited += record.ledger.walk.map_or(0, |walk| u64::from(walk.visited));
         }
         // A VMXOFF that raised #UD found the CPU outside VMX operation.
         let executed = vmx == VmxExit::Left;
         vmxoff_executed += u64::from(executed);
         vmx_was_on += u64::from(executed || matches!(vmx, VmxExit::StillOn(_)));
     }
+    let own_svm = svm::LEDGERS.exit(me);
+    let on_svm = svm::backend_is_svm();
     let accounting = accounting::account(&Records, &rendezvous.stragglers);
-    name_uncleared(&rendezvous.stragglers);
-    let vmx_words = if vmx_was_on == 0 {
-        "no VMX ran"
+    // The lists hold VMCSes or VMCBs, never both: the other kind counts 0.
+    let (vmcs, vmcb) = if on_svm {
+        (Accounted::none(), Accounted::of(accounting, visited))
     } else {
-        "VMXOFF executed"
+        (Accounted::of(accounting, visited), Accounted::none())
     };
-    let _ = writeln!(
-        Words,
-        "*** hv: shootdown: {} of {} CPUs checked in in {shootdown_us} us; VMCS loaded {}, cleared {}; {vmx_words} on {vmxoff_executed} of {vmx_was_on} CPUs with VMX on; own VMX exit {:?}",
-        rendezvous.checked_in.len(),
-        expected.len(),
-        accounting.loaded,
-        accounting.cleared,
-        own_vmx,
-    );
+    let nmi_in_guest = super::nmi::crash_nmi_in_guest;
+    let nmi_in_guest_cpus = (0..smp::cpus().len())
+        .filter(|&cpu| nmi_in_guest(cpu) == Some(true))
+        .count();
+    name_uncleared(&rendezvous.stragglers, if on_svm { "VMCB" } else { "VMCS" });
+    if on_svm {
+        let _ = writeln!(
+            Words,
+            "*** hv: shootdown: {} of {} CPUs checked in in {shootdown_us} us; VMCB loaded {}, cleared {}; SVM off on {svm_off_cpus} of {} others; own: {own_svm}; NMI in guest mode on {nmi_in_guest_cpus}",
+            rendezvous.checked_in.len(),
+            expected.len(),
+            accounting.loaded,
+            accounting.cleared,
+            rendezvous.checked_in.len(),
+        );
+    } else {
+        let vmx_words = if vmx_was_on == 0 {
+            "no VMX ran"
+        } else {
+            "VMXOFF executed"
+        };
+        let _ = writeln!(
+            Words,
+            "*** hv: shootdown: {} of {} CPUs checked in in {shootdown_us} us; VMCS loaded {}, cleared {}; {vmx_words} on {vmxoff_executed} of {vmx_was_on} CPUs with VMX on; own VMX exit {:?}; NMI in guest mode on {nmi_in_guest_cpus}",
+            rendezvous.checked_in.len(),
+            expected.len(),
+            accounting.loaded,
+            accounting.cleared,
+            own_vmx,
+        );
+    }
     let nmis_out = NMIS_OUT_TSC.load(Ordering::Acquire);
     let panic_to_nmis_us = time::tsc_to_us(nmis_out.saturating_sub(entered_tsc()));
     super::words::report(|o| {
@@ -309,34 +341,66 @@ fn summarize(
                     .iter()
                     .map(|cpu| u64::from(percpu::shared(cpu).slot.apic_id())),
             )?;
-            o.field("vmcs_loaded").u64(accounting.loaded)?;
-            o.field("vmcs_cleared").u64(accounting.cleared)?;
-            o.field("vmcs_visited").u64(vmcs_visited)?;
+            o.field("backend").str(svm::backend_name())?;
+            o.field("vmcs_loaded").u64(vmcs.accounting.loaded)?;
+            o.field("vmcs_cleared").u64(vmcs.accounting.cleared)?;
+            o.field("vmcs_visited").u64(vmcs.visited)?;
             o.field("vmcs_on_stragglers")
-                .u64(accounting.on_stragglers)?;
+                .u64(vmcs.accounting.on_stragglers)?;
             o.field("vmcs_cleared_elsewhere")
-                .u64(accounting.cleared_elsewhere)?;
-            o.field("vmcs_lost").u64(accounting.lost)?;
+                .u64(vmcs.accounting.cleared_elsewhere)?;
+            o.field("vmcs_lost").u64(vmcs.accounting.lost)?;
+            o.field("vmcb_loaded").u64(vmcb.accounting.loaded)?;
+            o.field("vmcb_cleared").u64(vmcb.accounting.cleared)?;
+            o.field("vmcb_visited").u64(vmcb.visited)?;
+            o.field("vmcb_on_stragglers")
+                .u64(vmcb.accounting.on_stragglers)?;
+            o.field("vmcb_cleared_elsewhere")
+                .u64(vmcb.accounting.cleared_elsewhere)?;
+            o.field("vmcb_lost").u64(vmcb.accounting.lost)?;
+            o.field("svm_off_cpus").u64(svm_off_cpus)?;
+            o.field("svm_was_on_cpus").u64(svm_was_on)?;
+            o.field("coordinator_svm_off").bool(own_svm.is_off())?;
+            o.field("nmi_in_guest_cpus").u64(nmi_in_guest_cpus as u64)?;
+            // Per CPU index: whether its crash NMI came as a guest's VM
+            // exit (null: it took none).
+            o.field("nmi_in_guest").array(|a| {
+                (0..smp::cpus().len()).try_for_each(|cpu| {
+                    a.item()
+                        .option(nmi_in_guest(cpu), |value, yes| value.bool(yes))
+                })
+            })?;
             o.field("vmxoff_cpus").u64(vmxoff_cpus)?;
             o.field("vmxoff_executed").u64(vmxoff_executed)?;
             o.field("vmx_was_on_cpus").u64(vmx_was_on)?;
             o.field("coordinator_vmx_off").bool(own_vmx.is_off())?;
             o.field("coordinator_vmx_exit")
                 .str(vmx_exit_name(own_vmx))?;
-            // Per CPU index: the VMCSes its records say it held at the
-            // crash, and the crash VMCLEARs it executed itself.
+            // Per CPU index: the VMCSes (on SVM, VMCBs) its records say it
+            // held at the crash, and the crash VMCLEARs (SVM clears) it
+            // executed itself; the other kind's lists are all zeros.
             let cpus = smp::cpus().len();
-            o.field("vmcs_loaded_per_cpu")
-                .u64_array((0..cpus).map(|cpu| {
-                    (0..Records.count())
-                        .filter(|&record| Records.loaded_on(record) == Some(cpu))
-                        .count() as u64
-                }))?;
-            o.field("vmclear_credits").u64_array((0..cpus).map(|cpu| {
+            let loaded_on = |cpu| {
+                (0..Records.count())
+                    .filter(|&record| Records.loaded_on(record) == Some(cpu))
+                    .count() as u64
+            };
+            let credits = |cpu| {
                 (0..Records.count())
                     .filter(|&record| Records.cleared_by(record) == Some(cpu))
                     .count() as u64
-            }))?;
+            };
+            let kind = |svm_kind: bool, count: &dyn Fn(usize) -> u64, cpu| {
+                if on_svm == svm_kind { count(cpu) } else { 0 }
+            };
+            o.field("vmcs_loaded_per_cpu")
+                .u64_array((0..cpus).map(|cpu| kind(false, &loaded_on, cpu)))?;
+            o.field("vmclear_credits")
+                .u64_array((0..cpus).map(|cpu| kind(false, &credits, cpu)))?;
+            o.field("vmcb_loaded_per_cpu")
+                .u64_array((0..cpus).map(|cpu| kind(true, &loaded_on, cpu)))?;
+            o.field("vmcb_clear_credits")
+                .u64_array((0..cpus).map(|cpu| kind(true, &credits, cpu)))?;
             o.field("shootdown_us").u64(shootdown_us)?;
             o.field("panic_to_nmis_us").u64(panic_to_nmis_us)?;
             o.field("nmi_broadcast")
@@ -417,9 +481,31 @@ fn vmx_exit_name(exit: VmxExit) -> &'static str {
     }
 }
 
-/// Names on the emergency console every VMCS that stayed uncleared though
-/// its CPU checked in, or that another CPU cleared.
-fn name_uncleared(stragglers: &CpuSet) {
+/// What the accounting says of the contexts of one kind (VMCS or VMCB).
+#[derive(Debug, Clone, Copy)]
+struct Accounted {
+    accounting: accounting::Accounting,
+    visited: u64,
+}
+
+impl Accounted {
+    fn of(accounting: accounting::Accounting, visited: u64) -> Self {
+        Self {
+            accounting,
+            visited,
+        }
+    }
+
+    /// Nothing of this kind: the lists held the other.
+    fn none() -> Self {
+        Self::of(accounting::Accounting::default(), 0)
+    }
+}
+
+/// Names on the emergency console every VMCS (on SVM, VMCB: `kind`) that
+/// stayed uncleared though its CPU checked in, or that another CPU
+/// cleared.
+fn name_uncleared(stragglers: &CpuSet, kind: &str) {
     for record in 0..Records.count() {
         let fate = accounting::fate(&Records, record, stragglers);
         let (Some(fate @ (VmcsFate::Lost | VmcsFate::ClearedElsewhere { .. })), Some(on)) =
@@ -429,7 +515,7 @@ fn name_uncleared(stragglers: &CpuSet) {
         };
         let _ = writeln!(
             Words,
-            "*** hv: VMCS {:#x} (record {record}) loaded on CPU {on} by its record: {fate:?}",
+            "*** hv: {kind} {:#x} (record {record}) loaded on CPU {on} by its record: {fate:?}",
             Records.vmcs(record),
         );
     }

@@ -207,6 +207,16 @@ fn fill_ledgers(
         if matches!(vmx, Some(VmxExit::Left | VmxExit::LeftAfterInvalidOpcode)) {
             flags |= cpu_flags::VMXOFF_DONE;
         }
+        let svm = super::svm::LEDGERS.exit(cpu);
+        if svm.was_on() {
+            flags |= cpu_flags::SVM_WAS_ON;
+        }
+        if svm.was_on() && svm.is_off() {
+            flags |= cpu_flags::SVM_OFF;
+        }
+        if super::nmi::crash_nmi_in_guest(cpu) == Some(true) {
+            flags |= cpu_flags::NMI_IN_GUEST;
+        }
         ledgers[count] = CpuLedger {
             cpu_index: cpu as u32,
             apic_id: shared.slot.apic_id(),

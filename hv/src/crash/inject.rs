@@ -124,6 +124,11 @@ pub fn clock_started() -> bool {
     AT_US.load(Ordering::Relaxed) != u64::MAX
 }
 
+/// Microseconds until the `after_ms` time (0 once it has come).
+pub fn until_due_us() -> u64 {
+    AT_US.load(Ordering::Relaxed).saturating_sub(time::now_us())
+}
+
 /// Whether the `after_ms` time has come.
 pub fn due() -> bool {
     time::now_us() >= AT_US.load(Ordering::Relaxed)
@@ -146,15 +151,30 @@ fn is_target() -> bool {
     CPU.load(Ordering::Relaxed) == percpu::current_cpu_index()
 }
 
+/// Holds time-based injection back until [`release`]: the crash is meant
+/// for after the boot report, which must come out first however late it
+/// is (guests keep running meanwhile).
+static HELD: AtomicBool = AtomicBool::new(false);
+
+/// Holds time-based injection back until [`release`].
+pub fn hold() {
+    HELD.store(true, Ordering::Release);
+}
+
+/// Lets time-based injection fire again (the boot report is out).
+pub fn release() {
+    HELD.store(false, Ordering::Release);
+}
+
 /// Whether the crash itself is time-based: no point, or a point that
 /// disturbs a crash rather than causing one.
-fn time_based() -> bool {
+pub fn time_based() -> bool {
     point().is_none_or(|point| point.disturbs_the_crash())
 }
 
 /// Time-based injection: called on the target CPU from the guest loop.
 pub fn check_time() {
-    if time_based() && is_target() && due() {
+    if time_based() && is_target() && !HELD.load(Ordering::Acquire) && due() {
         fire("after_ms elapsed");
     }
 }
@@ -333,14 +353,19 @@ pub fn trigger_now() {
 /// boot report is out.
 pub fn fire_after_boot() {
     if fired() {
-        return;
+        // Another CPU's injected crash is under way (the guests ran on
+        // after the boot report): its shootdown NMI ends this CPU too,
+        // which must not go on to report `done` meanwhile.
+        loop {
+            core::hint::spin_loop();
+        }
     }
     let point = point().filter(|point| !point.disturbs_the_crash());
     if let Some(point) = point.filter(|point| point.needs_vmx()) {
         // Points of the loaded-VMCS list protocol exist only while guests
         // run; the run is over (or never started: no VMX) and it was not hit.
         log::error!(
-            "crash knob: injection point {point:?} was never reached (it needs a VMX guest run)"
+            "crash knob: injection point {point:?} was never reached (it needs a guest run)"
         );
         crate::console::report::line(|o| {
             o.field("crash_injection")

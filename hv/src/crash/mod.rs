@@ -53,6 +53,7 @@ pub mod inject;
 pub mod nmi;
 pub mod purgatory;
 pub mod records;
+pub mod svm;
 pub mod words;
 
 use hardware::Hardware;

@@ -10,7 +10,7 @@
 //!   per `nmi=`, it starts the crash path ("external NMI"), is logged, or
 //!   is ignored.
 
-use core::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 use hv_core::cmdline::ExternalNmi;
 use smp_boot::madt::MAX_CPUS;
@@ -51,6 +51,29 @@ pub fn set_external_policy(policy: ExternalNmi) {
 pub fn nmi_at_us(index: usize) -> Option<u64> {
     let at = NMI_AT_US.get(index)?.load(Ordering::Relaxed);
     (at != 0).then_some(at)
+}
+
+/// Per CPU: the NMI being handled now came as a guest's exit (set by the
+/// virtualization layer around the handler, see [`as_guest_exit`]).
+static EXITING_ON_NMI: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+/// Per CPU: the crash NMI came as a guest's exit (the CPU was in guest
+/// mode when it arrived).
+static CRASH_NMI_IN_GUEST: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+
+/// Runs `deliver` (which makes this CPU's NMI handler run: STGI on SVM,
+/// `int 2` on VMX) for an NMI that made the guest on CPU `cpu` exit, so
+/// that the handler can tell. A crash NMI never comes back from it.
+pub fn as_guest_exit(cpu: usize, deliver: fn()) {
+    EXITING_ON_NMI[cpu].store(true, Ordering::Relaxed);
+    deliver();
+    EXITING_ON_NMI[cpu].store(false, Ordering::Relaxed);
+}
+
+/// Whether CPU `index`'s crash NMI came as a guest's exit (`None`: it took
+/// no crash NMI).
+pub fn crash_nmi_in_guest(index: usize) -> Option<bool> {
+    nmi_at_us(index)?;
+    Some(CRASH_NMI_IN_GUEST.get(index)?.load(Ordering::Relaxed))
 }
 
 /// Stray NMIs the coordinator returned from.
@@ -94,6 +117,10 @@ pub fn on_nmi(frame: &mut TrapFrame) {
             NESTED.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        CRASH_NMI_IN_GUEST[index].store(
+            EXITING_ON_NMI[index].load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
         NMI_AT_US[index].store(time::now_us(), Ordering::Relaxed);
         enter_on_crash_stack(
             index,

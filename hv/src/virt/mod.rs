@@ -1,7 +1,8 @@
 //! Virtualization: guests on every core, behind one [`Backend`] trait.
 //!
-//! - [`vmx`]: the VMX backend (VMCS, EPT); the SVM backend will sit beside
-//!   it behind the same trait.
+//! - [`vmx`]: the VMX backend (VMCS, EPT).
+//! - [`svm`]: the SVM backend (VMCB, nested paging, ASIDs), chosen at run
+//!   time where the CPU has SVM and no VMX ([`select`]).
 //! - [`vcpu`]: the vCPUs and their contexts.
 //! - [`sched`]: the run queue that moves vCPUs between cores every slice,
 //!   with the loaded-VMCS list protocol (`crash::records`) on every move.
@@ -16,6 +17,7 @@ use hv_core::exits::{Exit, GuestRegisters};
 use smp_boot::madt::MAX_CPUS;
 
 pub mod sched;
+pub mod svm;
 pub mod test_guest;
 pub mod vcpu;
 pub mod vmx;
@@ -36,6 +38,13 @@ pub struct Context {
 pub trait Backend {
     /// The name in reports (`virt.backend`): "vmx", "svm".
     const NAME: &'static str;
+    /// Whether a host NMI that made a guest exit is still pending after
+    /// the exit and reaches the host's handler by itself once the backend
+    /// unblocks it (SVM: at STGI, inside [`enter`](Self::enter)); else
+    /// the exit swallowed it and the scheduler runs the handler (VMX).
+    const NMI_DELIVERED_AFTER_EXIT: bool = false;
+    /// The report's word for a guest stopped by a nested page fault.
+    const NESTED_PAGE_FAULT: &'static str = "ept_violation";
     /// Why guests cannot run.
     type Error: core::fmt::Display + core::fmt::Debug + Copy;
     /// The instructions that make a context current on a CPU and clear it
@@ -63,12 +72,65 @@ pub trait Backend {
     fn guest_rip() -> u64;
 }
 
+/// The backend that runs guests on this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selected {
+    /// VMX (Intel, Bochs, nested KVM on Intel).
+    Vmx,
+    /// SVM (AMD, QEMU TCG's `-cpu max`).
+    Svm,
+}
+
+/// Why no backend runs guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// Neither backend can run on this CPU.
+    Neither {
+        /// Why not VMX.
+        vmx: vmx::VmxError,
+        /// Why not SVM.
+        svm: svm::SvmError,
+    },
+    /// VMX was chosen but no CPU entered VMX root operation.
+    Vmx(vmx::VmxError),
+    /// SVM was chosen but no CPU enabled it.
+    Svm(svm::SvmError),
+}
+
+impl core::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Neither {
+                vmx: vmx::VmxError::NotSupported,
+                svm: svm::SvmError::NotSupported,
+            } => write!(f, "the CPU has neither VMX nor SVM"),
+            Self::Neither { vmx, svm } => write!(f, "vmx: {vmx}; svm: {svm}"),
+            Self::Vmx(error) => write!(f, "vmx: {error}"),
+            Self::Svm(error) => write!(f, "svm: {error}"),
+        }
+    }
+}
+
+/// Chooses the backend from what the CPU offers: VMX wherever it has it,
+/// else SVM, else none (then the hypervisor runs without guests).
+pub fn select() -> Result<Selected, Unavailable> {
+    use vmx::backend::Vmx;
+    match <Vmx as Backend>::check() {
+        Ok(()) => Ok(Selected::Vmx),
+        Err(vmx) => match <svm::backend::Svm as Backend>::check() {
+            Ok(()) => Ok(Selected::Svm),
+            Err(svm) => Err(Unavailable::Neither { vmx, svm }),
+        },
+    }
+}
+
 /// What the virtualization layer keeps per CPU.
 #[derive(Debug)]
 pub struct VirtCpu {
-    /// Whether the backend is enabled on this CPU (VMX root operation).
+    /// Whether the backend is enabled on this CPU (VMX root operation,
+    /// EFER.SVME).
     pub enabled: AtomicBool,
-    /// The backend's per-CPU region (VMXON region).
+    /// The backend's per-CPU region (VMXON region, SVM host save area).
     pub region: AtomicU64,
     /// VM exits this CPU handled.
     pub vm_exits: AtomicU64,

@@ -38,6 +38,10 @@ pub struct Settings {
     pub knobs: Knobs,
     /// Whether the crash hypercall is honoured.
     pub crash_hypercall_allowed: bool,
+    /// Whether the guests keep running on the other cores once the boot
+    /// CPU leaves the boot run (an injected crash is to come, see
+    /// [`run_until_crash`]).
+    pub keep_running: bool,
 }
 
 static VCPUS: spin::Once<&'static [Vcpu]> = spin::Once::new();
@@ -48,8 +52,14 @@ static SLICE_US: AtomicU64 = AtomicU64::new(2000);
 static CORES_DONE: AtomicUsize = AtomicUsize::new(0);
 static STOPPED: AtomicUsize = AtomicUsize::new(0);
 static CRASH_HYPERCALL: AtomicBool = AtomicBool::new(false);
+/// Cores take a vCPU already loaded on them first (the run until a
+/// crash, [`run_until_crash`]).
+static AFFINITY: AtomicBool = AtomicBool::new(false);
 /// vCPU loads on a core other than the one that last had it.
 pub static MIGRATIONS: AtomicU64 = AtomicU64::new(0);
+/// Slices the backend's timer ended (VMX-preemption timer, SVM's APIC
+/// timer).
+static PREEMPTIONS: AtomicU64 = AtomicU64::new(0);
 
 struct RunQueue {
     slots: [u16; MAX_VCPUS],
@@ -71,6 +81,19 @@ impl RunQueue {
             self.slots[(self.head + self.len) % MAX_VCPUS] = index as u16;
             self.len += 1;
         }
+    }
+
+    /// Takes the first queued vCPU for which `wanted` holds, if any.
+    fn take_first(&mut self, wanted: impl Fn(usize) -> bool) -> Option<usize> {
+        let position = (0..self.len)
+            .find(|&offset| wanted(usize::from(self.slots[(self.head + offset) % MAX_VCPUS])))?;
+        let index = self.slots[(self.head + position) % MAX_VCPUS];
+        for offset in position..self.len - 1 {
+            self.slots[(self.head + offset) % MAX_VCPUS] =
+                self.slots[(self.head + offset + 1) % MAX_VCPUS];
+        }
+        self.len -= 1;
+        Some(usize::from(index))
     }
 
     fn pop(&mut self) -> Option<usize> {
@@ -187,16 +210,40 @@ pub fn running() -> bool {
     RUNNING.load(Ordering::Acquire)
 }
 
+/// The vCPU this core runs next: the head of the queue, or with
+/// [`AFFINITY`] the first one already loaded here (else the head).
+fn next_vcpu(cpu: usize) -> Option<usize> {
+    let mut queue = RUN_QUEUE.lock();
+    if AFFINITY.load(Ordering::Relaxed) {
+        let loaded_here = |index: usize| {
+            vcpus()[index]
+                .shared
+                .list_id
+                .is_some_and(|id| LISTS.loaded_on(id) == Ok(Some(cpu)))
+        };
+        if let Some(index) = queue.take_first(loaded_here) {
+            return Some(index);
+        }
+    }
+    queue.pop()
+}
+
 /// Runs guests on this core until the deadline, then checks out.
 pub fn run_loop<B: Backend>() {
+    run_loop_until::<B>(|| DEADLINE_US.load(Ordering::Relaxed));
+    CORES_DONE.fetch_add(1, Ordering::AcqRel);
+}
+
+/// Runs guests on this core while the run is on, until `deadline()`.
+fn run_loop_until<B: Backend>(deadline: impl Fn() -> u64) {
     let cpu = percpu::current_cpu_index() as usize;
     if !super::cpu(cpu).enabled.load(Ordering::Acquire) {
-        CORES_DONE.fetch_add(1, Ordering::AcqRel);
         return;
     }
-    while running() && time::now_us() < DEADLINE_US.load(Ordering::Relaxed) {
-        let next = RUN_QUEUE.lock().pop();
+    while running() && time::now_us() < deadline() {
+        let next = next_vcpu(cpu);
         let Some(index) = next else {
+            inject::check_time();
             cpu::interrupt_window();
             continue;
         };
@@ -206,7 +253,6 @@ pub fn run_loop<B: Backend>() {
         }
         cpu::interrupt_window();
     }
-    CORES_DONE.fetch_add(1, Ordering::AcqRel);
 }
 
 /// The idle work of every CPU: join the guest run once, when it is on.
@@ -280,6 +326,9 @@ fn run_slice<B: Backend>(index: usize) -> bool {
     loop {
         let launched = local.launched;
         let exit = B::enter(&mut local.registers, launched, slice_us);
+        if exit == exits::Exit::Preempted {
+            PREEMPTIONS.fetch_add(1, Ordering::Relaxed);
+        }
         if !matches!(exit, exits::Exit::EntryFailed { .. }) {
             local.launched = true;
             vcpu.shared.exits.fetch_add(1, Ordering::Relaxed);
@@ -309,7 +358,9 @@ fn run_slice<B: Backend>(index: usize) -> bool {
             // A host NMI arrived in the guest: hand it to the hypervisor's
             // own handler, as if it came now.
             Action::HostNmi => {
-                cpu::run_nmi_handler();
+                if !B::NMI_DELIVERED_AFTER_EXIT {
+                    crash_path::nmi::as_guest_exit(cpu, cpu::run_nmi_handler);
+                }
                 false
             }
             Action::HostInterrupts => {
@@ -344,6 +395,10 @@ fn stop<B: Backend>(index: usize, why: Stop) {
     // `detail`: the exit qualification, the instruction error, or the
     // exit reason, whichever the stop has.
     let (kind, gpa, detail) = why.report();
+    let kind = match why {
+        Stop::NestedPageFault { .. } => B::NESTED_PAGE_FAULT,
+        _ => kind,
+    };
     // Keyed by vCPU, so the reports of several stopped guests merge.
     let mut key = [0u8; 8];
     let key = decimal(index, &mut key);
@@ -374,6 +429,21 @@ fn decimal(mut value: usize, buffer: &mut [u8; 8]) -> &str {
     core::str::from_utf8(&buffer[start..]).unwrap_or("?")
 }
 
+/// How long the boot run may go on past `guest_run_ms` for a core that
+/// has not taken a VM exit yet.
+const RUN_UNTIL_EVERY_CORE_EXITED_US: u64 = 5_000_000;
+
+/// How long the end of the boot run waits for every core to leave it.
+const WIND_DOWN_US: u64 = 5_000_000;
+
+/// Whether every core with the backend enabled has taken a VM exit.
+fn every_core_exited() -> bool {
+    (0..crate::cpu::smp::cpus().len()).all(|index| {
+        let cpu = super::cpu(index);
+        !cpu.enabled.load(Ordering::Acquire) || cpu.vm_exits.load(Ordering::Relaxed) > 0
+    })
+}
+
 /// What the boot-time guest run did.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RunSummary {
@@ -385,6 +455,8 @@ pub struct RunSummary {
     pub exits: u64,
     /// Loads on a different core.
     pub migrations: u64,
+    /// Slices the backend's timer ended.
+    pub preemptions: u64,
 }
 
 /// Runs every vCPU across every core with the backend for
@@ -405,22 +477,45 @@ pub fn run_at_boot<B: Backend>(settings: &Settings) -> RunSummary {
     );
     SLICE_US.store(settings.slice_us.max(1), Ordering::Relaxed);
     CRASH_HYPERCALL.store(settings.crash_hypercall_allowed, Ordering::Relaxed);
-    inject::start_clock();
-    DEADLINE_US.store(time::now_us() + settings.run_ms * 1000, Ordering::Relaxed);
+    // No deadline until every core is awake: waking them one by one takes
+    // a while under an emulator. The crash knob's clock starts then too.
+    DEADLINE_US.store(u64::MAX, Ordering::Relaxed);
     RUNNING.store(true, Ordering::Release);
     // Wake the idle APs; each joins from its idle loop.
     let woken = ipi::call_on_all(|_| {}, 0);
-    // This CPU joins with interrupts off, like the others.
+    inject::start_clock();
+    let end = time::now_us() + settings.run_ms * 1000;
+    // The run also goes on (bounded) until every core has run a guest: an
+    // emulator that shares a few host cores among many CPUs can starve one
+    // of them for the whole run.
+    let latest = end.saturating_add(RUN_UNTIL_EVERY_CORE_EXITED_US);
+    // This CPU joins with interrupts off, like the others; it ends the run.
     cpu::disable_interrupts();
     let me = percpu::current_cpu_index() as usize;
     super::cpu(me).joined.store(true, Ordering::Release);
-    run_loop::<B>();
-    let online = woken.max(1);
-    let deadline = time::now_us() + 1_000_000 + settings.slice_us;
-    while CORES_DONE.load(Ordering::Acquire) < online && time::now_us() < deadline {
-        core::hint::spin_loop();
+    run_loop_until::<B>(|| if every_core_exited() { end } else { latest });
+    if !settings.keep_running {
+        DEADLINE_US.store(0, Ordering::Relaxed);
+        CORES_DONE.fetch_add(1, Ordering::AcqRel);
+        // Bounded: a core stuck for good must not hang the boot (under an
+        // emulator whose CPUs share a few host cores, the last slices can
+        // take a second or more to wind down).
+        let online = woken.max(1);
+        let deadline = time::now_us() + WIND_DOWN_US + settings.slice_us;
+        while CORES_DONE.load(Ordering::Acquire) < online && time::now_us() < deadline {
+            core::hint::spin_loop();
+        }
+        let done = CORES_DONE.load(Ordering::Acquire);
+        if done < online {
+            log::warn!(
+                "{}: {} of {online} cores still in the guest run after {} ms",
+                B::NAME,
+                online - done,
+                WIND_DOWN_US / 1000
+            );
+        }
+        RUNNING.store(false, Ordering::Release);
     }
-    RUNNING.store(false, Ordering::Release);
     cpu::enable_interrupts();
     RunSummary {
         vcpus: created,
@@ -430,5 +525,33 @@ pub fn run_at_boot<B: Backend>(settings: &Settings) -> RunSummary {
             .map(|vcpu| vcpu.shared.exits.load(Ordering::Relaxed))
             .sum(),
         migrations: MIGRATIONS.load(Ordering::Relaxed),
+        preemptions: PREEMPTIONS.load(Ordering::Relaxed),
     }
+}
+
+/// After the boot report of a run with [`Settings::keep_running`] (the
+/// other cores never stopped): this CPU runs guests again, until the
+/// injected crash comes (it fires on its CPU from the guest loop) or
+/// `limit_us` passes; then the run ends on every core. So the crash's
+/// NMIs find CPUs in guest mode, as a crash in production would.
+///
+/// The slices become `slice_us` long, and with `affinity` each core takes
+/// a vCPU already loaded on it first: a migration makes a core wait for
+/// another to clear the vCPU, which under an emulator whose CPUs share a
+/// few host cores takes milliseconds, and with the boot run's short slices
+/// and strict FIFO most CPUs would be waiting for one another, not running
+/// a guest, when the NMI comes. (A crash at a point of the list protocol
+/// needs the migrations instead: no affinity, short slices.)
+pub fn run_until_crash<B: Backend>(limit_us: u64, slice_us: u64, affinity: bool) {
+    if vcpus().is_empty() || !running() {
+        return;
+    }
+    SLICE_US.store(slice_us.max(1), Ordering::Relaxed);
+    AFFINITY.store(affinity, Ordering::Relaxed);
+    let end = time::now_us().saturating_add(limit_us);
+    cpu::disable_interrupts();
+    run_loop_until::<B>(|| end);
+    DEADLINE_US.store(0, Ordering::Relaxed);
+    RUNNING.store(false, Ordering::Release);
+    cpu::enable_interrupts();
 }

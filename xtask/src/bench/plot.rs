@@ -313,6 +313,7 @@ mod tests {
                 spec: CrashSpec::parse("cpu:0,after_ms:5").unwrap(),
                 shootdown_us: total,
                 nmi_latency_us: latency,
+                nmi_in_guest: Vec::new(),
                 checkin_us: checkin,
             };
         ShootdownResult {

@@ -239,7 +239,14 @@ fn base_problems(outcome: &RunOutcome, words: &[String], qemu: bool) -> Vec<Stri
         .unwrap_or(0);
     let mut expect = Expectations::from_cmdline(cpus, words)
         .with_nmi_button(report["xtask"]["nmi_button"].is_object());
-    if report["emulator"] == "qemu-kvm" {
+    // The backend the first judgement expected (KVM: VMX; TCG's `-cpu
+    // max`: SVM).
+    if let Some(backend) = report["xtask"]["expected"]["virt_backend"]
+        .as_str()
+        .and_then(Backend::parse)
+    {
+        expect = expect.with_virt(backend);
+    } else if report["emulator"] == "qemu-kvm" {
         expect = expect.with_virt(Backend::Vmx);
     }
     let timed_out = report["xtask"]["timed_out"] == Value::Bool(true);
@@ -633,10 +640,11 @@ fn filtered_problems(capture: &Value, filtered: &Filtered) -> Vec<String> {
     problems
 }
 
-/// Whether the dump's VMCLEAR ledger accounts for every VMCS loaded at
-/// the crash: each CPU that checked in cleared, successfully, as many as
-/// were loaded on it, and the ledger's total is the crash report's
-/// `vmcs_loaded` less those held by stragglers (which nobody could clear).
+/// Whether the dump's VMCLEAR ledger accounts for every VMCS (on SVM,
+/// VMCB) loaded at the crash: each CPU that checked in cleared,
+/// successfully, as many as were loaded on it, and the ledger's total is
+/// the crash report's `vmcs_loaded` (`vmcb_loaded`) less those held by
+/// stragglers (which nobody could clear).
 fn ledger_problems(report: &Value, info: &DumpInfo) -> Vec<String> {
     let Some(crash) = &info.crash else {
         return Vec::new();
@@ -646,13 +654,19 @@ fn ledger_problems(report: &Value, info: &DumpInfo) -> Vec<String> {
         // the ledger out, the part most likely to have failed.
         return Vec::new();
     }
+    let svm = report["crash"]["backend"] == "svm";
+    let (ledger, kind, prefix) = if svm {
+        ("VMCB ledger", "VMCB", "vmcb")
+    } else {
+        ("VMCLEAR ledger", "VMCS", "vmcs")
+    };
     let mut problems = Vec::new();
     for cpu in &crash.ledger {
         let checked_in = cpu.flags & kexec_loader::crash_note::cpu_flags::CHECKED_IN != 0
             || cpu.flags & kexec_loader::crash_note::cpu_flags::COORDINATOR != 0;
         if checked_in && cpu.cleared() != cpu.vmcs_loaded as usize {
             problems.push(format!(
-                "the dump's VMCLEAR ledger: CPU {} had {} VMCS loaded and cleared {}",
+                "the dump's {ledger}: CPU {} had {} {kind} loaded and cleared {}",
                 cpu.cpu_index,
                 cpu.vmcs_loaded,
                 cpu.cleared()
@@ -666,12 +680,12 @@ fn ledger_problems(report: &Value, info: &DumpInfo) -> Vec<String> {
         .map(|cpu| u64::from(cpu.vmcs_loaded))
         .sum();
     if let (Some(loaded), Some(on_stragglers)) = (
-        report["crash"]["vmcs_loaded"].as_u64(),
-        report["crash"]["vmcs_on_stragglers"].as_u64(),
+        report["crash"][format!("{prefix}_loaded")].as_u64(),
+        report["crash"][format!("{prefix}_on_stragglers")].as_u64(),
     ) && ledger_loaded != loaded.saturating_sub(on_stragglers)
     {
         problems.push(format!(
-            "the dump's VMCLEAR ledger counts {ledger_loaded} VMCS loaded on the CPUs that \
+            "the dump's {ledger} counts {ledger_loaded} {kind} loaded on the CPUs that \
              checked in, the crash report {loaded} less {on_stragglers} on stragglers"
         ));
     }
@@ -878,6 +892,13 @@ mod tests {
         assert!(
             problems[1].contains("the crash report 5 less 1"),
             "{problems:?}"
+        );
+        // On SVM the same ledger holds VMCBs, held to the vmcb_* counts.
+        let report = json!({"crash": {"backend": "svm", "vmcs_loaded": 0,
+            "vmcb_loaded": 2, "vmcb_on_stragglers": 0}});
+        assert_eq!(
+            ledger_problems(&report, info),
+            ["the dump's VMCB ledger: CPU 0 had 2 VMCB loaded and cleared 1"]
         );
         fs::remove_dir_all(dir).unwrap();
     }

@@ -12,7 +12,11 @@
 //!   there are any, and then only after `crash_timeout_ms`;
 //! - `checked_in == expected - stragglers`, `vmxoff_cpus == checked_in`,
 //!   the coordinator left VMX, `vmcs_cleared + vmcs_on_stragglers ==
-//!   vmcs_loaded`, and `vmcs_loaded > 0` when guests were running;
+//!   vmcs_loaded`, and `vmcs_loaded > 0` when guests were running; on SVM
+//!   (`backend: "svm"`) the same of the `vmcb_*` counts, and
+//!   `svm_off_cpus == checked_in` with the coordinator out of SVM too;
+//! - `nmi_in_guest`, when reported, has one entry per CPU started, and
+//!   `nmi_in_guest_cpus` counts its `true`s;
 //! - `nmi_latency_us` has one entry per CPU started, none for the
 //!   coordinator or for a CPU that could not take the NMI;
 //! - the VMX accounting, where hv reports it (`super::accounting`);
@@ -23,7 +27,7 @@
 use crate::crash::CrashSpecExt;
 use serde_json::Value;
 
-use super::expect::CrashRules;
+use super::expect::{Backend, CrashRules};
 use super::trigger;
 
 /// The message prefix of hv's injected panics: `injected crash on CPU N (...)`.
@@ -94,14 +98,24 @@ pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> 
         }
         value
     };
+    // Which contexts the lists held: VMCBs on SVM (hv says so in the crash
+    // line; older reports have no `backend` there and only VMCSes).
+    let svm = crash["backend"].as_str() == Some("svm")
+        || (crash["backend"].is_null() && rules.backend == Some(Backend::Svm));
+    let (kind, prefix) = if svm {
+        ("VMCB", "vmcb")
+    } else {
+        ("VMCS", "vmcs")
+    };
     let cpu = field("cpu");
     let cpu_index = field("cpu_index");
     let expected = field("expected");
     let checked_in = field("checked_in");
-    let loaded = field("vmcs_loaded");
-    let cleared = field("vmcs_cleared");
-    let on_stragglers = field("vmcs_on_stragglers");
+    let loaded = field(&format!("{prefix}_loaded"));
+    let cleared = field(&format!("{prefix}_cleared"));
+    let on_stragglers = field(&format!("{prefix}_on_stragglers"));
     let vmxoff = field("vmxoff_cpus");
+    let svm_off = if svm { field("svm_off_cpus") } else { None };
     let shootdown_us = field("shootdown_us");
     let reason = crash["reason"].as_str().unwrap_or_default();
     let apic_ids = numbers(&report["cpus"]["apic_ids"]);
@@ -273,22 +287,47 @@ pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> 
         && cleared + on_stragglers != loaded
     {
         problems.push(format!(
-            "crash.vmcs_cleared ({cleared}) + vmcs_on_stragglers ({on_stragglers}) is {}, \
-             but vmcs_loaded is {loaded}: a loaded VMCS was not cleared",
+            "crash.{prefix}_cleared ({cleared}) + {prefix}_on_stragglers ({on_stragglers}) is {}, \
+             but {prefix}_loaded is {loaded}: a loaded {kind} was not cleared",
             cleared + on_stragglers
         ));
     }
-    if rules.vmcs_loaded && loaded == Some(0) {
-        problems
-            .push("crash.vmcs_loaded is 0, but guests were running when the crash came".to_owned());
+    if rules.contexts_loaded && loaded == Some(0) {
+        problems.push(format!(
+            "crash.{prefix}_loaded is 0, but guests were running when the crash came"
+        ));
     }
     if rules.before_vmx()
         && let Some(loaded) = loaded.filter(|&n| n > 0)
     {
         problems.push(format!(
-            "crash.vmcs_loaded is {loaded}, but the crash came before VMX was enabled"
+            "crash.{prefix}_loaded is {loaded}, but the crash came before {} was enabled",
+            if svm { "SVM" } else { "VMX" }
         ));
     }
+    if svm {
+        // No VMCS on SVM: a VMCS count there is a mistake.
+        for key in ["vmcs_loaded", "vmcs_cleared"] {
+            if let Some(n) = crash[key].as_u64().filter(|&n| n > 0) {
+                problems.push(format!("crash.{key} is {n} on SVM, where there is no VMCS"));
+            }
+        }
+        if let (Some(off), Some(checked_in)) = (svm_off, checked_in)
+            && off != checked_in
+        {
+            problems.push(format!(
+                "crash.svm_off_cpus is {off}, expected {checked_in} (every CPU that checked in, \
+                 EFER.SVME read back clear)"
+            ));
+        }
+        if crash["coordinator_svm_off"] != Value::Bool(true) {
+            problems.push(format!(
+                "crash.coordinator_svm_off is {}, expected true",
+                show(&crash["coordinator_svm_off"])
+            ));
+        }
+    }
+    problems.extend(nmi_in_guest_problems(crash, rules, cpu_index));
     if let (Some(vmxoff), Some(checked_in)) = (vmxoff, checked_in)
         && vmxoff != checked_in
     {
@@ -350,6 +389,64 @@ pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> 
 /// Whether a reported exception is the one the run asked for.
 pub(crate) fn expected_exception(exception: &Value, rules: &CrashRules) -> bool {
     trigger::expected_exception(exception, rules)
+}
+
+/// What is wrong with `nmi_in_guest` (per CPU: its crash NMI came as a
+/// guest's exit; null when it took none) and its count, when reported.
+fn nmi_in_guest_problems(
+    crash: &Value,
+    rules: &CrashRules,
+    coordinator: Option<u64>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let Some(entries) = crash["nmi_in_guest"].as_array() else {
+        if !crash["nmi_in_guest"].is_null() {
+            problems.push(format!(
+                "crash.nmi_in_guest is {}, expected a list",
+                show(&crash["nmi_in_guest"])
+            ));
+        }
+        return problems;
+    };
+    if entries.len() != rules.cpus as usize {
+        problems.push(format!(
+            "crash.nmi_in_guest has {} entries, expected {} (one per CPU started)",
+            entries.len(),
+            rules.cpus
+        ));
+    }
+    if entries
+        .iter()
+        .any(|entry| !entry.is_null() && !entry.is_boolean())
+    {
+        problems
+            .push("crash.nmi_in_guest holds something other than true, false and null".to_owned());
+    }
+    if let Some(index) = coordinator
+        && entries
+            .get(index as usize)
+            .is_some_and(|entry| !entry.is_null())
+    {
+        problems.push(format!(
+            "crash.nmi_in_guest[{index}] is {}, but that CPU is the coordinator: expected null",
+            entries[index as usize]
+        ));
+    }
+    let counted = entries
+        .iter()
+        .filter(|entry| entry.as_bool() == Some(true))
+        .count() as u64;
+    match crash["nmi_in_guest_cpus"].as_u64() {
+        Some(n) if n != counted => problems.push(format!(
+            "crash.nmi_in_guest_cpus is {n}, but nmi_in_guest has {counted} true entries"
+        )),
+        None => problems.push(format!(
+            "crash.nmi_in_guest_cpus is {}, expected a number",
+            show(&crash["nmi_in_guest_cpus"])
+        )),
+        _ => {}
+    }
+    problems
 }
 
 /// The decimal number a text starts with.
@@ -727,6 +824,114 @@ mod tests {
         );
     }
 
+    /// The `crash` line of a clean shootdown on SVM (QEMU TCG `-cpu max`):
+    /// VMCBs instead of VMCSes, every CPU out of SVM, `in_guest` CPUs
+    /// found in guest mode.
+    fn clean_svm_crash(cpus: u64, coordinator: u64, loaded: u64, in_guest: &[u64]) -> Value {
+        let mut crash = clean_crash(
+            cpus,
+            coordinator,
+            &injected(coordinator, "after_ms elapsed"),
+            0,
+        );
+        let nmi_in_guest: Vec<Value> = (0..cpus)
+            .map(|i| {
+                if i == coordinator {
+                    Value::Null
+                } else {
+                    json!(in_guest.contains(&i))
+                }
+            })
+            .collect();
+        for (key, value) in [
+            ("backend", json!("svm")),
+            ("vmcb_loaded", json!(loaded)),
+            ("vmcb_cleared", json!(loaded)),
+            ("vmcb_visited", json!(loaded)),
+            ("vmcb_on_stragglers", json!(0)),
+            ("svm_off_cpus", json!(cpus - 1)),
+            ("coordinator_svm_off", json!(true)),
+            ("nmi_in_guest_cpus", json!(in_guest.len())),
+            ("nmi_in_guest", json!(nmi_in_guest)),
+        ] {
+            crash[key] = value;
+        }
+        crash
+    }
+
+    fn tcg_problems(report: &Value, words: &[&str]) -> Option<String> {
+        judge(
+            report,
+            &Expectations::from_cmdline(8, words).with_virt(Backend::Svm),
+            End::Exited(Some(QEMU_EXIT_CRASH)),
+            ExitConvention::QemuDebugExit,
+        )
+        .reason
+    }
+
+    #[test]
+    fn on_svm_the_vmcbs_are_accounted_and_every_cpu_is_out_of_svm() {
+        let words = ["crash=cpu:1,after_ms:200"];
+        let report = json!({"crash": clean_svm_crash(8, 1, 16, &[2, 5])});
+        assert_eq!(tcg_problems(&report, &words), None);
+
+        let mut lost = report.clone();
+        lost["crash"]["vmcb_cleared"] = json!(15);
+        assert_eq!(
+            tcg_problems(&lost, &words).as_deref(),
+            Some(
+                "crash.vmcb_cleared (15) + vmcb_on_stragglers (0) is 15, but vmcb_loaded is 16: \
+                 a loaded VMCB was not cleared"
+            )
+        );
+        let mut none = report.clone();
+        none["crash"]["vmcb_loaded"] = json!(0);
+        none["crash"]["vmcb_cleared"] = json!(0);
+        assert_eq!(
+            tcg_problems(&none, &words).as_deref(),
+            Some("crash.vmcb_loaded is 0, but guests were running when the crash came")
+        );
+        let mut still_on = report.clone();
+        still_on["crash"]["svm_off_cpus"] = json!(6);
+        still_on["crash"]["coordinator_svm_off"] = json!(false);
+        assert_eq!(
+            tcg_problems(&still_on, &words).as_deref(),
+            Some(
+                "crash.svm_off_cpus is 6, expected 7 (every CPU that checked in, EFER.SVME read \
+                 back clear); crash.coordinator_svm_off is false, expected true"
+            )
+        );
+        let mut vmcs = report.clone();
+        vmcs["crash"]["vmcs_loaded"] = json!(3);
+        assert_eq!(
+            tcg_problems(&vmcs, &words).as_deref(),
+            Some("crash.vmcs_loaded is 3 on SVM, where there is no VMCS")
+        );
+    }
+
+    #[test]
+    fn the_cpus_found_in_guest_mode_are_listed_per_cpu_and_counted() {
+        let words = ["crash=cpu:1,after_ms:200"];
+        let mut miscounted = json!({"crash": clean_svm_crash(8, 1, 16, &[2, 5])});
+        miscounted["crash"]["nmi_in_guest_cpus"] = json!(3);
+        assert_eq!(
+            tcg_problems(&miscounted, &words).as_deref(),
+            Some("crash.nmi_in_guest_cpus is 3, but nmi_in_guest has 2 true entries")
+        );
+        let mut short = json!({"crash": clean_svm_crash(8, 1, 16, &[])});
+        short["crash"]["nmi_in_guest"] = json!([false, null]);
+        assert_eq!(
+            tcg_problems(&short, &words).as_deref(),
+            Some("crash.nmi_in_guest has 2 entries, expected 8 (one per CPU started)")
+        );
+        let mut coordinator = json!({"crash": clean_svm_crash(8, 1, 16, &[])});
+        coordinator["crash"]["nmi_in_guest"][1] = json!(false);
+        assert_eq!(
+            tcg_problems(&coordinator, &words).as_deref(),
+            Some("crash.nmi_in_guest[1] is false, but that CPU is the coordinator: expected null")
+        );
+    }
+
     #[test]
     fn vmcs_loaded_must_be_positive_only_when_guests_ran() {
         let during = ["crash=cpu:3,after_ms:20"];
@@ -735,10 +940,15 @@ mod tests {
             bochs_problems(&report, &during).as_deref(),
             Some("crash.vmcs_loaded is 0, but guests were running when the crash came")
         );
-        // After the guest run, before VMX, and in QEMU TCG: none required.
-        assert_eq!(bochs_problems(&report, &["crash=cpu:3,after_ms:150"]), None);
+        // After the guest run too: the guests run on until the crash.
         assert_eq!(
-            bochs_problems(&report, &["crash=cpu:3,after_ms:20", "guest_run_ms=10"]),
+            bochs_problems(&report, &["crash=cpu:3,after_ms:150"]).as_deref(),
+            Some("crash.vmcs_loaded is 0, but guests were running when the crash came")
+        );
+        // Before VMX, and where no platform is known to run guests: none
+        // required.
+        assert_eq!(
+            qemu_problems(&report, &["crash=cpu:3,after_ms:20"], QEMU_EXIT_CRASH),
             None
         );
         let before = json!({"crash": clean_crash(8, 3, &injected(3, "after_ms elapsed"), 0)});

@@ -22,7 +22,9 @@ use hv_abi::knobs::{ExternalNmi, HangHow, HangSpec};
 pub enum Backend {
     /// VMX root operation with guests.
     Vmx,
-    /// No virtualisation (no VMX on the CPU).
+    /// SVM with guests (AMD, QEMU TCG's `-cpu max`).
+    Svm,
+    /// No virtualisation (neither VMX nor SVM on the CPU).
     None,
 }
 
@@ -31,7 +33,39 @@ impl Backend {
     pub fn as_str(self) -> &'static str {
         match self {
             Backend::Vmx => "vmx",
+            Backend::Svm => "svm",
             Backend::None => "none",
+        }
+    }
+
+    /// The backend named `name` in a report.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "vmx" => Some(Backend::Vmx),
+            "svm" => Some(Backend::Svm),
+            "none" => Some(Backend::None),
+            _ => None,
+        }
+    }
+
+    /// Whether guests run with it.
+    pub fn runs_guests(self) -> bool {
+        self != Backend::None
+    }
+
+    /// What its guests' hardware contexts are called: "VMCS", "VMCB".
+    pub fn context(self) -> &'static str {
+        match self {
+            Backend::Svm => "VMCB",
+            _ => "VMCS",
+        }
+    }
+
+    /// The report's word for a guest stopped by a nested page fault.
+    pub fn nested_page_fault(self) -> &'static str {
+        match self {
+            Backend::Svm => "nested_page_fault",
+            _ => "ept_violation",
         }
     }
 }
@@ -49,10 +83,11 @@ pub struct Expectations {
     /// other CPU that was started must come online.
     pub failed: Vec<u32>,
     /// The backend hv must report, when the platform decides it (Bochs'
-    /// CPU model has VMX); `None` accepts either.
+    /// CPU model has VMX, QEMU TCG's `-cpu max` SVM); `None` accepts any.
     pub virt: Option<Backend>,
-    /// vCPUs that must be stopped for an EPT violation when guests run
-    /// (`guest_misbehave=`); no other guest may be stopped.
+    /// vCPUs that must be stopped for a nested page fault (EPT violation,
+    /// NPF) when guests run (`guest_misbehave=`); no other guest may be
+    /// stopped.
     pub stopped_vcpus: Vec<u32>,
     /// The crash the command line asks for, if any.
     pub crash: CrashKnobs,
@@ -65,7 +100,7 @@ pub struct CrashKnobs {
     /// `crash=`: the injected crash.
     pub injected: Option<CrashSpec>,
     /// `guest_crash_call=N` with `crash_hypercall=allow`: vCPU N's guest
-    /// makes the crash hypercall (only where guests run, with VMX).
+    /// makes the crash hypercall (only where guests run).
     pub hypercall_vcpu: Option<u32>,
     /// `crash_timeout_ms=`: how long the rendezvous waits for stragglers.
     pub timeout_ms: u64,
@@ -132,13 +167,14 @@ impl CrashKnobs {
         self.hang.is_some() && self.watchdog_seconds == 0 && !self.button_crashes()
     }
 
-    /// Whether an injected crash fires while VMX guests run (given guests
-    /// run at all): a point of the loaded-VMCS protocol, or a time-based
-    /// crash due before the guest run ends. Then VMCSes are loaded when it
+    /// Whether an injected crash fires while guests run (given guests run
+    /// at all): a point of the loaded-context protocol, or a time-based
+    /// crash (due during the guest run, or after it: then hv keeps the
+    /// guests running until it comes). Then contexts are loaded when it
     /// happens.
     pub fn injected_during_guest_run(&self) -> bool {
         self.injected.is_some_and(|spec| match spec.point {
-            None => spec.after_ms < self.guest_run_ms,
+            None => true,
             Some(point) => point.needs_vmx(),
         })
     }
@@ -247,21 +283,23 @@ impl Expectations {
         self.attempted().saturating_sub(failed)
     }
 
-    /// Whether guests run with VMX, as far as the platform tells before
-    /// the run (Bochs, nested KVM); `None` when only hv's report can tell.
-    pub fn vmx_known(&self) -> Option<bool> {
-        self.virt.map(|backend| backend == Backend::Vmx)
+    /// Whether guests run, as far as the platform tells before the run
+    /// (Bochs, nested KVM: VMX; QEMU TCG `-cpu max`: SVM); `None` when
+    /// only hv's report can tell.
+    pub fn guests_known(&self) -> Option<bool> {
+        self.virt.map(Backend::runs_guests)
     }
 
-    /// The crash hv must go through, given what it reported about VMX
+    /// The crash hv must go through, given the backend it reported
     /// (`virt.backend`, when the platform did not decide it): the injected
     /// crash, or the crash hypercall where guests run. `None`: the run must
     /// end with `done`.
     pub fn crash_rules(&self, reported_backend: Option<&str>) -> Option<CrashRules> {
-        let vmx = self
-            .vmx_known()
-            .unwrap_or(reported_backend == Some(Backend::Vmx.as_str()));
-        let hypercall_vcpu = self.crash.hypercall_vcpu.filter(|_| vmx);
+        let backend = self
+            .virt
+            .or_else(|| reported_backend.and_then(Backend::parse));
+        let guests = backend.is_some_and(Backend::runs_guests);
+        let hypercall_vcpu = self.crash.hypercall_vcpu.filter(|_| guests);
         let knobs = &self.crash;
         if knobs.injected.is_none()
             && hypercall_vcpu.is_none()
@@ -277,9 +315,10 @@ impl Expectations {
             cpus: self.attempted(),
             online: self.online(),
             timeout_ms: knobs.timeout_ms,
-            // VMCSes are loaded when the crash comes during the guest run,
-            // on a platform known to run guests.
-            vmcs_loaded: self.vmx_known() == Some(true)
+            backend,
+            // Contexts are loaded when the crash comes during the guest
+            // run, on a platform known to run guests.
+            contexts_loaded: self.guests_known() == Some(true)
                 && (hypercall_vcpu.is_some() || knobs.injected_during_guest_run()),
             hung: knobs
                 .hang
@@ -306,15 +345,16 @@ impl Expectations {
         });
         if self.crash.any() {
             let injected = self.crash.injected;
+            let loaded = self.guests_known() == Some(true)
+                && (self.crash.hypercall_vcpu.is_some() || self.crash.injected_during_guest_run());
             value["crash"] = json!({
                 "spec": injected.map(|spec| spec.to_string()),
                 "panickers": injected.map(|spec| spec.panickers(self.attempted())),
                 "stragglers": injected.map(|spec| spec.stragglers()).unwrap_or_default(),
                 "hypercall_vcpu": self.crash.hypercall_vcpu,
                 "timeout_ms": self.crash.timeout_ms,
-                "vmcs_loaded": self.vmx_known() == Some(true)
-                    && (self.crash.hypercall_vcpu.is_some()
-                        || self.crash.injected_during_guest_run()),
+                "vmcs_loaded": loaded && self.virt == Some(Backend::Vmx),
+                "vmcb_loaded": loaded && self.virt == Some(Backend::Svm),
             });
             let knobs = &self.crash;
             if let Some(hang) = knobs.hang {
@@ -370,8 +410,11 @@ pub struct CrashRules {
     pub online: u32,
     /// `crash_timeout_ms`.
     pub timeout_ms: u64,
-    /// Whether `vmcs_loaded` must be above 0: guests were running.
-    pub vmcs_loaded: bool,
+    /// The backend, as the platform decided or hv reported it.
+    pub backend: Option<Backend>,
+    /// Whether the loaded contexts (`vmcs_loaded`, or `vmcb_loaded` on
+    /// SVM) must be above 0: guests were running.
+    pub contexts_loaded: bool,
     /// `hang=`, if given.
     pub hang: Option<HangSpec>,
     /// The CPU indexes `hang=` hangs (see [`hung_cpus`]).
@@ -418,8 +461,8 @@ impl CrashRules {
         self.external_nmi && self.hang.is_none() && self.injected.is_none()
     }
 
-    /// Whether the injected crash comes before VMX is enabled anywhere
-    /// (`before_vmx`, `bringup`): then no VMCS can be loaded.
+    /// Whether the injected crash comes before the backend is enabled
+    /// anywhere (`before_vmx`, `bringup`): then no context can be loaded.
     pub fn before_vmx(&self) -> bool {
         self.hypercall_vcpu.is_none()
             && self
@@ -529,9 +572,20 @@ mod tests {
         assert_eq!((expect.attempted(), expect.online()), (8, 8));
         let rules = expect.crash_rules(None).unwrap();
         assert_eq!((rules.cpus, rules.online, rules.timeout_ms), (8, 8, 500));
-        assert!(!rules.vmcs_loaded, "no platform known to run guests");
-        let bochs = expect.with_virt(Backend::Vmx).crash_rules(None).unwrap();
-        assert!(bochs.vmcs_loaded);
+        assert!(!rules.contexts_loaded, "no platform known to run guests");
+        let bochs = expect
+            .clone()
+            .with_virt(Backend::Vmx)
+            .crash_rules(None)
+            .unwrap();
+        assert!(bochs.contexts_loaded);
+        let tcg = expect
+            .clone()
+            .with_virt(Backend::Svm)
+            .crash_rules(None)
+            .unwrap();
+        assert!(tcg.contexts_loaded);
+        assert_eq!(tcg.backend, Some(Backend::Svm));
         assert_eq!(bochs.describe(), "crash=cpu:3,after_ms:20,point:list_add0");
     }
 
@@ -556,7 +610,7 @@ mod tests {
     }
 
     #[test]
-    fn the_hypercall_needs_both_words_and_vmx() {
+    fn the_hypercall_needs_both_words_and_guests() {
         let words = ["guest_crash_call=5", "crash_hypercall=allow"];
         let expect = Expectations::from_cmdline(8, &words);
         assert_eq!(expect.crash.hypercall_vcpu, Some(5));
@@ -574,23 +628,28 @@ mod tests {
             ],
         );
         assert_eq!(denied.crash.hypercall_vcpu, None);
+        assert_eq!(
+            expect.crash_rules(Some("svm")).unwrap().hypercall_vcpu,
+            Some(5)
+        );
         let bochs = expect.with_virt(Backend::Vmx);
         assert!(
             bochs
                 .crash_rules(Some("none"))
-                .is_some_and(|rules| rules.vmcs_loaded)
+                .is_some_and(|rules| rules.contexts_loaded)
         );
     }
 
     #[test]
-    fn a_time_based_crash_lands_in_the_guest_run_only_before_it_ends() {
+    fn a_time_based_crash_lands_while_guests_run_before_or_after_the_boot_report() {
         let during = |words: &[&str]| {
             Expectations::from_cmdline(8, words)
                 .crash
                 .injected_during_guest_run()
         };
         assert!(during(&["crash=cpu:1,after_ms:99"]));
-        assert!(!during(&["crash=cpu:1,after_ms:100"]));
+        // After the boot run the guests keep running until the crash.
+        assert!(during(&["crash=cpu:1,after_ms:100"]));
         assert!(during(&["crash=cpu:1,after_ms:150", "guest_run_ms=200"]));
         assert!(during(&["crash=cpu:1,after_ms:500,point:vcpu_load"]));
         assert!(!during(&["crash=cpu:1,after_ms:5,point:nmi_blocked"]));
@@ -607,8 +666,15 @@ mod tests {
             json!({
                 "spec": "cpu:0,after_ms:3,point:nmi_blocked", "panickers": [1],
                 "stragglers": [0], "hypercall_vcpu": null, "timeout_ms": 1000,
-                "vmcs_loaded": false,
+                "vmcs_loaded": false, "vmcb_loaded": false,
             })
+        );
+        let tcg = Expectations::from_cmdline(8, &["crash=cpu:1,after_ms:200"])
+            .with_virt(Backend::Svm)
+            .to_json();
+        assert_eq!(
+            (&tcg["crash"]["vmcs_loaded"], &tcg["crash"]["vmcb_loaded"]),
+            (&json!(false), &json!(true))
         );
         assert!(Expectations::all_cpus(2).to_json().get("crash").is_none());
     }

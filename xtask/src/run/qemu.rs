@@ -53,6 +53,10 @@ pub struct QemuOptions {
     pub modules: Vec<BootModule>,
     /// More QEMU arguments (disks, ...), after all others.
     pub extra_args: Vec<OsString>,
+    /// The CPU model under TCG instead of `max` (which has SVM with
+    /// nested paging), e.g. `qemu64,-svm` for a CPU with neither VMX nor
+    /// SVM. Then the run expects no particular backend.
+    pub tcg_cpu: Option<String>,
     /// GRUB boots: this `grub.cfg` and these files instead of the one
     /// xtask writes (the README's stanza). `append` then holds the hv words
     /// of its `multiboot2` line, for the expectations; xtask adds none.
@@ -96,6 +100,7 @@ impl QemuOptions {
             echo: false,
             modules: Vec::new(),
             extra_args: Vec::new(),
+            tcg_cpu: None,
             grub_setup: None,
             stop_at_done: false,
             stop: StopWhen::Exit,
@@ -303,9 +308,12 @@ pub fn qemu(options: &QemuOptions) -> Result<RunOutcome> {
 
     let mut expect = Expectations::from_cmdline(options.smp, &words)
         .with_nmi_button(options.nmi_button_after_ms.is_some());
-    if accel == Accel::Kvm {
+    match (accel, &options.tcg_cpu) {
         // KVM is chosen only when it offers nested VMX (see `accel`).
-        expect = expect.with_virt(Backend::Vmx);
+        (Accel::Kvm, _) => expect = expect.with_virt(Backend::Vmx),
+        // TCG's `-cpu max` emulates SVM with nested paging.
+        (Accel::Tcg, None) => expect = expect.with_virt(Backend::Svm),
+        (Accel::Tcg, Some(_)) => {}
     }
     let mut xtask_keys = serde_json::Map::new();
     if let Some(ms) = options.nmi_button_after_ms {
@@ -412,6 +420,9 @@ fn attempt(
     rules: &WatchRules,
 ) -> Result<Watched> {
     let mut args = qemu_args(accel, options.smp, options.memory_mib, media, run_dir);
+    if let (Accel::Tcg, Some(model)) = (accel, &options.tcg_cpu) {
+        with_cpu_model(&mut args, model);
+    }
     if let (Media::Kernel { .. }, Some(module)) = (media, options.modules.first()) {
         args.extend(["-initrd".into(), module.file.clone().into_os_string()]);
     }
@@ -443,6 +454,15 @@ fn attempt(
         options.echo,
         rules,
     )
+}
+
+/// Replaces the value of `-cpu` in `args` with `model`.
+fn with_cpu_model(args: &mut [OsString], model: &str) {
+    if let Some(position) = args.iter().position(|arg| arg == "-cpu")
+        && let Some(value) = args.get_mut(position + 1)
+    {
+        *value = model.into();
+    }
 }
 
 /// A KVM start that failed: QEMU ended with neither of hv's exit codes before
