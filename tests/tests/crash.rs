@@ -24,6 +24,17 @@ const BOCHS_CPUS: u64 = 8;
 /// crash for the test's own checks.
 #[track_caller]
 fn bochs_crash(name: &str, words: &[&str], coordinators: &[u64], guests_running: bool) -> Crash {
+    bochs_crash_run(name, words, coordinators, guests_running).1
+}
+
+/// [`bochs_crash`], with the run for further checks.
+#[track_caller]
+fn bochs_crash_run(
+    name: &str,
+    words: &[&str],
+    coordinators: &[u64],
+    guests_running: bool,
+) -> (RunOutcome, Crash) {
     let run = bochs(name, BOCHS_CPUS as u32, words);
     let crash = assert_clean_shootdown(&run);
     assert_all_checked_in(&run, &crash, BOCHS_CPUS);
@@ -59,7 +70,7 @@ fn bochs_crash(name: &str, words: &[&str], coordinators: &[u64], guests_running:
         );
         assert_eq!(crash.vmcs_cleared, crash.vmcs_loaded, "{}", explain(&run));
     }
-    crash
+    (run, crash)
 }
 
 /// Every CPU of a `cpus`-CPU machine but the coordinator was expected and
@@ -165,13 +176,21 @@ fn bochs_the_boot_cpu_crashing_in_the_middle_of_a_list_removal() {
 
 #[test]
 fn bochs_a_crash_between_vmclear_and_unlink() {
-    let crash = bochs_crash(
+    let (run, crash) = bochs_crash_run(
         "test-crash-bochs-vmclear-unlink",
         &["crash=cpu:7,after_ms:30,point:vmclear_unlink"],
         &[7],
         true,
     );
     assert_fired_at(&crash, "unload-vmclear");
+    // The VMCS CPU 7 had just VMCLEARed was still on its list (VMCLEAR
+    // comes before the unlink): its own crash walk cleared it again.
+    assert_eq!(
+        numbers(&run, "/crash/vmclear_repeats")[7],
+        1,
+        "{}",
+        explain(&run)
+    );
 }
 
 #[test]

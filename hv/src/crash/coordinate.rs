@@ -390,6 +390,13 @@ fn summarize(
                     .filter(|&record| Records.cleared_by(record) == Some(cpu))
                     .count() as u64
             };
+            // Of those, the VMCSes whose own unload had cleared them
+            // already (the crash came between VMCLEAR and unlink).
+            let repeats = |cpu| {
+                (0..Records.count())
+                    .filter(|&record| super::records::repeated_by(record) == Some(cpu))
+                    .count() as u64
+            };
             let kind = |svm_kind: bool, count: &dyn Fn(usize) -> u64, cpu| {
                 if on_svm == svm_kind { count(cpu) } else { 0 }
             };
@@ -397,10 +404,14 @@ fn summarize(
                 .u64_array((0..cpus).map(|cpu| kind(false, &loaded_on, cpu)))?;
             o.field("vmclear_credits")
                 .u64_array((0..cpus).map(|cpu| kind(false, &credits, cpu)))?;
+            o.field("vmclear_repeats")
+                .u64_array((0..cpus).map(|cpu| kind(false, &repeats, cpu)))?;
             o.field("vmcb_loaded_per_cpu")
                 .u64_array((0..cpus).map(|cpu| kind(true, &loaded_on, cpu)))?;
             o.field("vmcb_clear_credits")
                 .u64_array((0..cpus).map(|cpu| kind(true, &credits, cpu)))?;
+            o.field("vmcb_clear_repeats")
+                .u64_array((0..cpus).map(|cpu| kind(true, &repeats, cpu)))?;
             o.field("shootdown_us").u64(shootdown_us)?;
             o.field("panic_to_nmis_us").u64(panic_to_nmis_us)?;
             o.field("nmi_broadcast")

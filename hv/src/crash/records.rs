@@ -8,7 +8,11 @@
 //! - `loaded_on`: the CPU whose VMCS cache may hold it, set by the store
 //!   hook ([`track`]) right after its list entry is published (before VMPTRLD), and
 //!   cleared right after VMCLEAR (before the unlink);
-//! - `cleared_by`: the CPU that executed its crash-time VMCLEAR.
+//! - `cleared_by`: the CPU that executed its crash-time VMCLEAR;
+//! - `repeated_by`: the same CPU, when `loaded_on` already said no CPU
+//!   held it: its own unload had VMCLEARed it and the crash came before
+//!   the unlink (VMCLEAR comes first), so the walk cleared it again, as it
+//!   must (the walk never skips an entry; a second VMCLEAR is harmless).
 //!
 //! Both exist for every possible VMCS from the first instruction, before
 //! VMX is on: the crash path never finds a missing record. Written by the
@@ -39,6 +43,7 @@ struct Record {
     vmcs: AtomicU64,
     loaded_on: AtomicU32,
     cleared_by: AtomicU32,
+    repeated_by: AtomicU32,
 }
 
 static RECORDS: [Record; MAX_VMCS] = [const {
@@ -46,6 +51,7 @@ static RECORDS: [Record; MAX_VMCS] = [const {
         vmcs: AtomicU64::new(0),
         loaded_on: AtomicU32::new(NO_CPU),
         cleared_by: AtomicU32::new(NO_CPU),
+        repeated_by: AtomicU32::new(NO_CPU),
     }
 }; MAX_VMCS];
 
@@ -78,15 +84,25 @@ pub fn track(id: VmcsId, point: StorePoint) {
 }
 
 /// Crash path: credits the VMCLEAR of the VMCS at `vmcs` to `cpu`, the
-/// CPU that executed it. A linear scan; no lock.
+/// CPU that executed it, and notes a repeat (module docs). A linear scan;
+/// no lock.
 pub fn note_crash_vmclear(vmcs: u64, cpu: usize) {
     let in_use = IN_USE.load(Ordering::Acquire);
     if let Some(record) = RECORDS[..in_use]
         .iter()
         .find(|record| record.vmcs.load(Ordering::Acquire) == vmcs)
     {
+        if record.loaded_on.load(Ordering::Acquire) == NO_CPU {
+            record.repeated_by.store(cpu as u32 + 1, Ordering::Release);
+        }
         record.cleared_by.store(cpu as u32 + 1, Ordering::Release);
     }
+}
+
+/// The CPU whose crash VMCLEAR of `record` repeated the VMCLEAR of its
+/// own unload (module docs), if one did.
+pub fn repeated_by(record: usize) -> Option<usize> {
+    cpu(RECORDS[record].repeated_by.load(Ordering::Acquire))
 }
 
 /// The records, for `crash::accounting`.

@@ -8,9 +8,13 @@
 //!   cleared by a CPU other than the one its record says held it, none
 //!   stayed uncleared on a CPU that checked in;
 //! - per CPU index, for the coordinator and every CPU seen checked in
-//!   (`checkin_us` not null): `vmclear_credits[i] == vmcs_loaded_per_cpu[i]`,
-//!   the crash VMCLEARs that CPU executed itself match the VMCSes its
-//!   records say it held.
+//!   (`checkin_us` not null):
+//!   `vmclear_credits[i] == vmcs_loaded_per_cpu[i] + vmclear_repeats[i]`,
+//!   the crash VMCLEARs that CPU executed itself
+//!   match the VMCSes its records say it held, plus those its own unload
+//!   had cleared already but not yet unlinked (VMCLEAR comes before the
+//!   unlink, and the walk skips nothing); `vmclear_repeats` absent (older
+//!   hv) counts as zeros.
 //!
 //! Reports without these fields (older hv) are judged as before.
 
@@ -54,6 +58,14 @@ pub(crate) fn problems(crash: &Value, cpus: u32, coordinator: Option<u64>) -> Ve
             return problems;
         }
     }
+    let repeats = list("vmclear_repeats").unwrap_or_else(|| vec![Some(0); cpus as usize]);
+    if repeats.len() != cpus as usize || repeats.iter().any(Option::is_none) {
+        problems.push(format!(
+            "crash.vmclear_repeats has {} entries, expected {cpus} numbers (one per CPU started)",
+            repeats.len()
+        ));
+        return problems;
+    }
     let seen = list("checkin_us");
     let checked_in = |index: usize| {
         coordinator == Some(index as u64)
@@ -62,13 +74,16 @@ pub(crate) fn problems(crash: &Value, cpus: u32, coordinator: Option<u64>) -> Ve
                 .is_some_and(|seen| seen.get(index).copied().flatten().is_some())
     };
     for index in (0..cpus as usize).filter(|&index| checked_in(index)) {
-        let (held, cleared) = (loaded[index], credits[index]);
-        if held != cleared {
+        let (held, cleared, repeated) = (
+            loaded[index].unwrap_or(0),
+            credits[index].unwrap_or(0),
+            repeats[index].unwrap_or(0),
+        );
+        if held + repeated != cleared {
             problems.push(format!(
-                "CPU {index} held {} VMCS by its records and executed {} crash VMCLEARs \
-                 (crash.vmcs_loaded_per_cpu, vmclear_credits)",
-                held.unwrap_or(0),
-                cleared.unwrap_or(0)
+                "CPU {index} held {held} VMCS by its records, and executed {cleared} crash \
+                 VMCLEARs of which {repeated} repeated an unload's (crash.vmcs_loaded_per_cpu, \
+                 vmclear_credits, vmclear_repeats)"
             ));
         }
     }
@@ -111,8 +126,9 @@ mod tests {
                 "crash.vmxoff_executed is 7, but vmx_was_on_cpus is 8: a CPU with VMX on did \
                  not execute VMXOFF",
                 "crash.vmcs_lost is 1, expected 0",
-                "CPU 5 held 2 VMCS by its records and executed 1 crash VMCLEARs \
-                 (crash.vmcs_loaded_per_cpu, vmclear_credits)",
+                "CPU 5 held 2 VMCS by its records, and executed 1 crash VMCLEARs of which 0 \
+                 repeated an unload's (crash.vmcs_loaded_per_cpu, vmclear_credits, \
+                 vmclear_repeats)",
             ]
         );
         // The coordinator's own credits count; a straggler's do not.
@@ -123,6 +139,13 @@ mod tests {
             problems(&crash, 8, Some(3)).is_empty(),
             "CPU 2 never checked in"
         );
+        // A crash between an unload's VMCLEAR and its unlink: the walk
+        // clears that VMCS again, and says so.
+        let mut between = bochs_crash();
+        between["vmclear_credits"][7] = json!(3);
+        assert_eq!(problems(&between, 8, Some(7)).len(), 1);
+        between["vmclear_repeats"] = json!([0, 0, 0, 0, 0, 0, 0, 1]);
+        assert!(problems(&between, 8, Some(7)).is_empty());
         let mut short = bochs_crash();
         short["vmclear_credits"] = json!([2, 2]);
         assert_eq!(
