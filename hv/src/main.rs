@@ -128,6 +128,7 @@ extern "C" fn hv_main(entered_by: u32, info: u32, magic: u32) -> ! {
 fn register_trap_handlers() {
     arch::idt::register(2, crash::nmi::on_nmi);
     arch::idt::register(ipi::CALL_FUNCTION_VECTOR, ipi::on_call_function_ipi);
+    arch::idt::register(virt::sched::KICK_VECTOR, virt::sched::on_kick);
     arch::idt::register_exceptions(crash::exception::on_exception);
 }
 
@@ -186,7 +187,7 @@ fn boot_cpu_main() -> ! {
     if crash::inject::point() == Some(CrashPoint::BeforeVmx) {
         crash::inject::trigger_now();
     }
-    let virt = run_guests(&options);
+    let virt = run_guests(&options, boot);
 
     let failed = || {
         smp::cpus()
@@ -226,6 +227,10 @@ fn boot_cpu_main() -> ! {
             o.field("vm_exits").u64(virt.run.exits)?;
             o.field("migrations").u64(virt.run.migrations)?;
             o.field("stopped").u64(virt.run.stopped as u64)?;
+            o.field("platform_guests")
+                .u64(virt.run.platform_guests as u64)?;
+            o.field("kicks")
+                .u64(virt::sched::KICKS.load(Ordering::Relaxed))?;
             o.field("exits_per_cpu").u64_array(
                 (0..smp::cpus().len())
                     .map(|index| virt::cpu(index).vm_exits.load(Ordering::Relaxed)),
@@ -246,9 +251,11 @@ struct VirtOutcome {
     run: virt::sched::RunSummary,
 }
 
-/// Enables the backend on every core and runs the guests for a while.
-/// Without VMX (QEMU TCG) this reports why and the hypervisor carries on.
-fn run_guests(options: &cmdline::Options) -> VirtOutcome {
+/// Enables the backend on every core and runs the guests: the guest
+/// modules until they all stopped, or the in-tree guest for a while when
+/// there are none. Without VMX (QEMU TCG) this reports why and the
+/// hypervisor carries on.
+fn run_guests(options: &cmdline::Options, boot: &BootInfo) -> VirtOutcome {
     if let Err(error) = Vmx::check() {
         log::warn!("vmx: {error}; no guests will run");
         // The crash path's VMXOFF must survive a #UD; with no VMX, VMXOFF
@@ -282,7 +289,28 @@ fn run_guests(options: &cmdline::Options) -> VirtOutcome {
         },
         crash_hypercall_allowed: options.crash_hypercall,
     };
-    let run = virt::sched::run_at_boot::<Vmx>(&settings);
+    let guests = if virt::guest::any_guest_module(boot.modules()) {
+        let mut modules = [None; boot::info::MAX_MODULES];
+        for (slot, module) in modules.iter_mut().zip(boot.modules()) {
+            *slot = Some(module);
+        }
+        let count = boot.modules().count();
+        let modules: [&boot::info::Module; boot::info::MAX_MODULES] =
+            core::array::from_fn(|i| modules[i].unwrap_or(&EMPTY_MODULE));
+        let created = virt::guest::create_all::<Vmx>(&modules[..count], options);
+        log::info!(
+            "guests: {} of {} guest modules created, {} vCPUs",
+            created.guests,
+            created.modules,
+            created.vcpus
+        );
+        virt::sched::Guests::Platform {
+            vcpus: created.vcpus,
+        }
+    } else {
+        virt::sched::Guests::TestGuest
+    };
+    let run = virt::sched::run_at_boot::<Vmx>(&settings, guests);
     log::info!(
         "vmx: {} vCPUs, {} VM exits, {} migrations, {} stopped",
         run.vcpus,
@@ -292,6 +320,13 @@ fn run_guests(options: &cmdline::Options) -> VirtOutcome {
     );
     VirtOutcome { error: None, run }
 }
+
+/// Fills the module array past the real ones.
+static EMPTY_MODULE: boot::info::Module = boot::info::Module {
+    start: 0,
+    len: 0,
+    cmdline: "",
+};
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {

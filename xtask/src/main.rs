@@ -226,6 +226,14 @@ struct BochsArgs {
     /// ata0-slave, or port 0xE9 (Bochs' stdout).
     #[arg(long, value_enum, default_value_t = BochsSink::Ata, requires = "capture")]
     capture_sink: BochsSink,
+    /// A guest kernel (multiboot1) and its settings, as one string: the
+    /// file, then the words of its `guest` module line (`smp=2 mem=64M
+    /// name=N NR_CPUS=2 -- args`, see hv_core::guest_spec). Repeatable.
+    #[arg(long, value_name = "'FILE [WORDS]'")]
+    guest: Vec<String>,
+    /// Machine memory in MiB [default: 256].
+    #[arg(long, value_name = "MiB")]
+    memory: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -400,6 +408,12 @@ fn run_task(task: Task) -> Result<ExitCode> {
             options.cpus = args.cpus;
             options.append = append;
             options.echo = true;
+            if let Some(memory) = args.memory {
+                options.memory_mib = memory;
+            }
+            for guest in &args.guest {
+                options.modules.push(xtask::kvm_unit_tests::guest_module(guest)?);
+            }
             if let Some(secs) = args.run.timeout {
                 options.timeout = Duration::from_secs(secs);
             }

@@ -97,7 +97,14 @@ impl Backend for Vmx {
             vmcs::set_preemption_timer(ticks.clamp(1, u64::from(u32::MAX)) as u32);
         }
         match arch::vmx::run(registers, launched) {
-            Ok(()) => super::exit::decode(),
+            Ok(()) => {
+                let exit = super::exit::decode();
+                // A failed entry delivered nothing to re-inject.
+                if !matches!(exit, Exit::InvalidGuestState { .. }) {
+                    super::platform::reinject();
+                }
+                exit
+            }
             Err(_) => Exit::EntryFailed {
                 error: vmcs::instruction_error(),
             },
