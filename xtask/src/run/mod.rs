@@ -11,7 +11,10 @@ mod bochs;
 mod qemu;
 mod watch;
 
-pub use bochs::{BOCHS_MAX_CPUS, BOCHS_NEEDS, BochsOptions, bochs, bochsrc, check_cpus};
+pub use bochs::{
+    BOCHS_MAX_CPUS, BOCHS_NEEDS, BochsOptions, CPU_MODEL, bochs, bochsrc, bochsrc_with_model,
+    check_cpus,
+};
 pub use qemu::{Firmware, QemuOptions, find_ovmf, qemu, qemu_needs};
 pub(crate) use qemu::{Media, drive_path, qemu_args};
 
@@ -23,6 +26,16 @@ use serde_json::{Value, json};
 
 use crate::report::{self, End, ExitConvention, Expectations, MalformedLine};
 use watch::Watched;
+
+/// Called with every serial line as it arrives (progress, timing).
+#[derive(Clone)]
+pub struct LineHook(pub std::sync::Arc<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for LineHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LineHook")
+    }
+}
 
 /// How the emulator boots hv.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

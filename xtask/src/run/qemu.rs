@@ -317,6 +317,7 @@ fn attempt(options: &QemuOptions, accel: Accel, media: &Media, run_dir: &Path) -
         &run_dir.join(SERIAL_LOG),
         options.timeout,
         options.echo,
+        None,
     )
 }
 

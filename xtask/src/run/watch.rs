@@ -33,6 +33,7 @@ pub(crate) fn watch(
     serial_log: &Path,
     timeout: Duration,
     echo: bool,
+    on_line: Option<&super::LineHook>,
 ) -> Result<Watched> {
     let started = Instant::now();
     let mut tail = FileTail::new(serial_log);
@@ -43,6 +44,9 @@ pub(crate) fn watch(
         serial_bytes += bytes.len();
         for line in lines.push(&bytes) {
             consume(collector, &line, echo);
+            if let Some(hook) = on_line {
+                (hook.0)(&line);
+            }
         }
     };
 
@@ -63,6 +67,9 @@ pub(crate) fn watch(
     };
     if let Some(last) = lines.finish() {
         consume(&mut collector, &last, echo);
+        if let Some(hook) = on_line {
+            (hook.0)(&last);
+        }
     }
     Ok(Watched {
         end,
@@ -114,7 +121,7 @@ mod tests {
             r#"printf 'GRUB\n@hv {"cpus":{"possible":2}}\n' > "$LOG"; sleep 0.1;
                printf '@hv {"done":true}' >> "$LOG"; exit 33"#,
         );
-        let watched = watch(&mut child, &log, Duration::from_secs(20), false).unwrap();
+        let watched = watch(&mut child, &log, Duration::from_secs(20), false, None).unwrap();
         assert_eq!(watched.end, End::Exited(Some(33)));
         assert_eq!(
             watched.collector.report(),
@@ -127,7 +134,7 @@ mod tests {
     fn kills_the_emulator_when_time_runs_out() {
         let (mut child, log) = fake_emulator("timeout", r#"echo started > "$LOG"; exec sleep 30"#);
         let started = Instant::now();
-        let watched = watch(&mut child, &log, Duration::from_millis(300), false).unwrap();
+        let watched = watch(&mut child, &log, Duration::from_millis(300), false, None).unwrap();
         assert_eq!(watched.end, End::TimedOut(Duration::from_millis(300)));
         assert!(started.elapsed() < Duration::from_secs(10));
         assert!(child.try_wait().unwrap().is_some(), "the child still runs");
