@@ -9,6 +9,7 @@
 //! running them could wait for its build lock.
 
 pub mod capture;
+pub mod guests;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -871,6 +871,23 @@ pub enum Guests {
     },
 }
 
+/// Reports each platform guest's contexts (VMCS addresses, vCPU order),
+/// which the crash dump's VMCLEAR ledger names.
+fn report_vmcses(created: usize) {
+    for (g, info) in guest::infos().iter().enumerate() {
+        let end = (info.first_vcpu + info.vcpus).min(created);
+        let pages = vcpus()[info.first_vcpu.min(end)..end]
+            .iter()
+            .map(|vcpu| vcpu.shared.context.page);
+        let mut key = [0u8; 8];
+        let key = decimal(g, &mut key);
+        crate::console::report::line(|o| {
+            o.field("guests")
+                .object(|o| o.field(key).object(|o| o.field("vmcs").u64_array(pages)))
+        });
+    }
+}
+
 /// Runs every vCPU across every core with the backend: the in-tree guest
 /// for `settings.run_ms`, platform guests until they all stopped.
 pub fn run_at_boot<B: PlatformBackend>(settings: &Settings, guests: Guests) -> RunSummary {
@@ -911,6 +928,7 @@ pub fn run_at_boot<B: PlatformBackend>(settings: &Settings, guests: Guests) -> R
                 guest::infos().len(),
                 settings.slice_us
             );
+            report_vmcses(created);
             LIVE_VCPUS.store(created, Ordering::Release);
             PLATFORM_GUESTS.store(true, Ordering::Release);
             (created, guest::infos().len())
