@@ -62,7 +62,8 @@ fn run() -> &'static RunOutcome {
             modules,
             ..BochsOptions::new(hv_elf())
         };
-        run::bochs(&options).unwrap_or_else(|error| panic!("Bochs run {DIR} could not run: {error:#}"))
+        run::bochs(&options)
+            .unwrap_or_else(|error| panic!("Bochs run {DIR} could not run: {error:#}"))
     })
 }
 
@@ -84,7 +85,12 @@ fn assert_others_finished(run: &RunOutcome) {
         assert_eq!(good["state"], "stopped", "{name}\n{}", explain(run));
         assert_eq!(good["reason"], "exit", "{name}\n{}", explain(run));
         assert_eq!(good["verdict"], "pass", "{name}\n{}", explain(run));
-        assert_eq!(good["output_lines"], 1, "{name} printed its line\n{}", explain(run));
+        assert_eq!(
+            good["output_lines"],
+            1,
+            "{name} printed its line\n{}",
+            explain(run)
+        );
     }
 }
 
@@ -95,7 +101,11 @@ fn assert_refused(name: &str, because: &str) {
     assert_eq!(refused["state"], "refused", "{}", explain(run));
     assert_eq!(refused["reason"], "load_error", "{}", explain(run));
     let detail = refused["detail"].as_str().unwrap_or("");
-    assert!(detail.contains(because), "{name}: {detail}\n{}", explain(run));
+    assert!(
+        detail.contains(because),
+        "{name}: {detail}\n{}",
+        explain(run)
+    );
     assert_others_finished(run);
 }
 

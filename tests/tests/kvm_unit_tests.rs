@@ -41,14 +41,21 @@ fn the_ci_subset_passes_as_under_qemu_tcg() {
     for result in &outcome.results {
         assert_eq!(result.qemu_tcg, "PASS", "{table}");
         assert_eq!(result.hv, Verdict::Pass, "{}\n{table}", result.name);
-        assert!(result.seconds > 0.0, "{}: no time measured\n{table}", result.name);
+        assert!(
+            result.seconds > 0.0,
+            "{}: no time measured\n{table}",
+            result.name
+        );
     }
     for boot in &outcome.boots {
         assert_eq!(boot["ok"], true, "{boot}\n{table}");
     }
     // The report names every entry with both results.
     let report = outcome.report();
-    assert_eq!(report["kvm_unit_tests"].as_array().map(Vec::len), Some(CI_SUBSET.len()));
+    assert_eq!(
+        report["kvm_unit_tests"].as_array().map(Vec::len),
+        Some(CI_SUBSET.len())
+    );
     assert_eq!(report["kvm_unit_tests"][0]["hv"], "PASS");
     assert_eq!(report["kvm_unit_tests"][0]["qemu_tcg"], "PASS");
 }
@@ -132,7 +139,10 @@ fn a_crash_while_multi_vcpu_guests_run_clears_every_vmcs() {
             .into_iter()
             .map(|vmcs| {
                 cleared_on(vmcs).unwrap_or_else(|| {
-                    panic!("VMCS {vmcs:#x} of {guest} not in the ledger\n{}", explain(&run))
+                    panic!(
+                        "VMCS {vmcs:#x} of {guest} not in the ledger\n{}",
+                        explain(&run)
+                    )
                 })
             })
             .collect();
@@ -140,5 +150,9 @@ fn a_crash_while_multi_vcpu_guests_run_clears_every_vmcs() {
             spread += 1;
         }
     }
-    assert!(spread > 0, "no guest had VMCSes on two cores\n{}", explain(&run));
+    assert!(
+        spread > 0,
+        "no guest had VMCSes on two cores\n{}",
+        explain(&run)
+    );
 }

@@ -385,11 +385,7 @@ pub fn judge_guest(guest: &Value) -> (Verdict, String) {
         (Some("exit"), Some("skip")) => (Verdict::Skip, format!("the guest skipped: {summary}")),
         (Some("exit"), _) => {
             let failure = text("first_failure");
-            let why = if failure.is_empty() {
-                summary
-            } else {
-                failure
-            };
+            let why = if failure.is_empty() { summary } else { failure };
             (
                 Verdict::Fail,
                 format!("{} ({why})", text("detail")).trim().to_owned(),
@@ -475,7 +471,8 @@ impl Outcome {
 
     /// The JSON report: `kvm_unit_tests`, the boots and the counts.
     pub fn report(&self) -> Value {
-        let count = |pred: &dyn Fn(&EntryResult) -> bool| self.results.iter().filter(|r| pred(r)).count();
+        let count =
+            |pred: &dyn Fn(&EntryResult) -> bool| self.results.iter().filter(|r| pred(r)).count();
         json!({
             "kvm_unit_tests": self.results_json(),
             "kvm_unit_tests_summary": {
@@ -514,7 +511,11 @@ pub fn select(entries: &[CfgEntry], options: &Options) -> Result<Vec<CfgEntry>> 
 fn batches(runs: &[(String, GuestPlan)], per_boot: usize) -> Vec<Vec<(String, GuestPlan)>> {
     let mut batches = Vec::new();
     for long in [false, true] {
-        let class: Vec<_> = runs.iter().filter(|(_, p)| p.long == long).cloned().collect();
+        let class: Vec<_> = runs
+            .iter()
+            .filter(|(_, p)| p.long == long)
+            .cloned()
+            .collect();
         for chunk in class.chunks(per_boot.max(1)) {
             batches.push(chunk.to_vec());
         }
@@ -596,7 +597,10 @@ pub fn run(options: &Options) -> Result<Outcome> {
             });
         }
         let outcome = run::bochs(&bochs);
-        let seen = seen.lock().map(|mut s| std::mem::take(&mut *s)).unwrap_or_default();
+        let seen = seen
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default();
         let (run_ok, run_reason, run_dir) = match &outcome {
             Ok(run) => (run.ok, run.reason.clone(), Some(run.run_dir.clone())),
             Err(error) => (false, Some(format!("{error:#}")), None),
@@ -654,19 +658,16 @@ fn watch_line(line: &str, seen: &Mutex<Seen>, bar: &indicatif::ProgressBar, prog
     };
     for guest in guests.values() {
         let name = guest["name"].as_str().unwrap_or("").to_owned();
-        match guest["state"].as_str() {
-            Some("stopped" | "refused") => {
-                if seen.stopped.contains_key(&name) {
-                    continue;
-                }
-                let (verdict, reason) = judge_guest(guest);
-                seen.stopped.insert(name.clone(), (Instant::now(), guest.clone()));
-                bar.inc(1);
-                if progress {
-                    crate::stress::say(bar, format!("{name:<28} {}  {reason}", verdict.as_str()));
-                }
-            }
-            _ => {}
+        let finished = matches!(guest["state"].as_str(), Some("stopped" | "refused"));
+        if !finished || seen.stopped.contains_key(&name) {
+            continue;
+        }
+        let (verdict, reason) = judge_guest(guest);
+        seen.stopped
+            .insert(name.clone(), (Instant::now(), guest.clone()));
+        bar.inc(1);
+        if progress {
+            crate::stress::say(bar, format!("{name:<28} {}  {reason}", verdict.as_str()));
         }
     }
 }
@@ -680,7 +681,11 @@ fn entry_result(
 ) -> EntryResult {
     let guest = run
         .and_then(|run| run.report["guests"].as_object())
-        .and_then(|guests| guests.values().find(|g| g["name"] == name && g["state"] != "created"))
+        .and_then(|guests| {
+            guests
+                .values()
+                .find(|g| g["name"] == name && g["state"] != "created")
+        })
         .or_else(|| seen.stopped.get(name).map(|(_, g)| g));
     let (hv, mut reason) = match guest {
         Some(guest) => judge_guest(guest),
@@ -694,7 +699,11 @@ fn entry_result(
         ),
     };
     if !plan.ignored.is_empty() && hv != Verdict::Skip {
-        let _ = write!(reason, "; hv did not apply qemu_params {}", plan.ignored.join(" "));
+        let _ = write!(
+            reason,
+            "; hv did not apply qemu_params {}",
+            plan.ignored.join(" ")
+        );
     }
     let seconds = match (seen.started, seen.stopped.get(name)) {
         (Some(started), Some((stopped, _))) => stopped.duration_since(started).as_secs_f64(),
@@ -712,7 +721,12 @@ fn entry_result(
 
 /// The results as a table: entry, QEMU TCG, hv, seconds, reason.
 pub fn table(results: &[EntryResult]) -> String {
-    let width = results.iter().map(|r| r.name.len()).max().unwrap_or(5).max(5);
+    let width = results
+        .iter()
+        .map(|r| r.name.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
     let mut text = format!(
         "{:<width$}  {:<8}  {:<4}  {:>7}  reason\n",
         "entry", "QEMU TCG", "hv", "seconds"
@@ -812,7 +826,15 @@ qemu_params = -m 2g
         let names: Vec<_> = entries.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(
             names,
-            ["x2apic", "xapic", "vmexit_cpuid", "cmpxchg8b", "vmx", "pmu", "sieve"]
+            [
+                "x2apic",
+                "xapic",
+                "vmexit_cpuid",
+                "cmpxchg8b",
+                "vmx",
+                "pmu",
+                "sieve"
+            ]
         );
         assert_eq!(entries[0].smp.as_deref(), Some("2"));
         assert_eq!(entries[0].timeout, Some(30));
@@ -825,7 +847,13 @@ qemu_params = -m 2g
     fn entries_map_to_guests_or_to_skips_with_reasons() {
         let suite = std::env::temp_dir().join(format!("kut-plan-{}", std::process::id()));
         std::fs::create_dir_all(suite.join("x86")).unwrap();
-        for file in ["apic.flat", "vmexit.flat", "vmx.flat", "pmu.flat", "sieve.flat"] {
+        for file in [
+            "apic.flat",
+            "vmexit.flat",
+            "vmx.flat",
+            "pmu.flat",
+            "sieve.flat",
+        ] {
             std::fs::write(suite.join("x86").join(file), b"x").unwrap();
         }
         let entries = parse_cfg(CFG);
@@ -833,7 +861,10 @@ qemu_params = -m 2g
         let Plan::Run(x2apic) = &plans[0] else {
             panic!("{:?}", plans[0])
         };
-        assert_eq!((x2apic.vcpus, x2apic.x2apic, x2apic.mem_mib), (2, true, 128));
+        assert_eq!(
+            (x2apic.vcpus, x2apic.x2apic, x2apic.mem_mib),
+            (2, true, 128)
+        );
         assert!(x2apic.ignored.is_empty(), "{:?}", x2apic.ignored);
         let Plan::Run(xapic) = &plans[1] else {
             panic!()
@@ -878,11 +909,17 @@ qemu_params = -m 2g
     #[test]
     fn guests_are_judged_from_their_report() {
         let pass = json!({"state": "stopped", "reason": "exit", "verdict": "pass", "summary": "SUMMARY: 1 tests"});
-        assert_eq!(judge_guest(&pass), (Verdict::Pass, "SUMMARY: 1 tests".to_owned()));
+        assert_eq!(
+            judge_guest(&pass),
+            (Verdict::Pass, "SUMMARY: 1 tests".to_owned())
+        );
         let skip = json!({"state": "stopped", "reason": "exit", "verdict": "skip", "summary": "SUMMARY: 1 tests, 1 skipped"});
         assert_eq!(judge_guest(&skip).0, Verdict::Skip);
         let fail = json!({"state": "stopped", "reason": "exit", "verdict": "fail", "detail": "status 3", "first_failure": "FAIL: x"});
-        assert_eq!(judge_guest(&fail), (Verdict::Fail, "status 3 (FAIL: x)".to_owned()));
+        assert_eq!(
+            judge_guest(&fail),
+            (Verdict::Fail, "status 3 (FAIL: x)".to_owned())
+        );
         let fault = json!({"state": "stopped", "reason": "triple_fault", "detail": "vCPU 0"});
         assert_eq!(
             judge_guest(&fault),
@@ -896,7 +933,11 @@ qemu_params = -m 2g
         let entries = parse_cfg("[smptest]\nfile=a\n[vmx]\nfile=b\n[realmode]\nfile=c\n");
         let mut options = Options::new("/hv");
         let names = |o: &Options| -> Vec<String> {
-            select(&entries, o).unwrap().into_iter().map(|e| e.name).collect()
+            select(&entries, o)
+                .unwrap()
+                .into_iter()
+                .map(|e| e.name)
+                .collect()
         };
         assert_eq!(names(&options), ["smptest", "realmode"]);
         options.all = true;

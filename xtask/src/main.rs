@@ -447,7 +447,9 @@ fn run_task(task: Task) -> Result<ExitCode> {
                 options.memory_mib = memory;
             }
             for guest in &args.guest {
-                options.modules.push(xtask::kvm_unit_tests::guest_module(guest)?);
+                options
+                    .modules
+                    .push(xtask::kvm_unit_tests::guest_module(guest)?);
             }
             if let Some(secs) = args.run.timeout {
                 options.timeout = Duration::from_secs(secs);

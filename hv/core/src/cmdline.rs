@@ -843,7 +843,12 @@ mod tests {
         assert!(parsed.is_clean());
         assert_eq!(parsed.options.guest_mem, 128 << 20);
         assert_eq!(parsed.options.guest_timeout_ms, 5000);
-        for bad in ["guest_mem=4G", "guest_mem=100", "guest_mem=0", "guest_timeout_ms=0"] {
+        for bad in [
+            "guest_mem=4G",
+            "guest_mem=100",
+            "guest_mem=0",
+            "guest_timeout_ms=0",
+        ] {
             assert_eq!(parse(bad).error_count(), 1, "{bad}");
         }
         assert_eq!(Options::new().guest_mem, DEFAULT_GUEST_MEM);

@@ -38,9 +38,9 @@ pub const MAX_NAME: usize = 32;
 
 /// What a boot module is to the guest loader.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ModuleRole<'a> {
-    /// A guest kernel, with its settings (or why they are wrong).
-    Guest(Result<GuestSpec<'a>, GuestSpecError<'a>>),
+pub enum ModuleRole {
+    /// A guest kernel ([`parse`] reads its settings).
+    Guest,
     /// The environment file of the guest module before it.
     GuestEnv,
     /// Something else (a capture kernel, its initrd, ...).
@@ -91,10 +91,10 @@ impl fmt::Display for GuestSpecError<'_> {
 }
 
 /// What a module command line says the module is.
-pub fn module_role(cmdline: &str) -> ModuleRole<'_> {
+pub fn module_role(cmdline: &str) -> ModuleRole {
     let mut words = cmdline.split_ascii_whitespace();
     match words.next() {
-        Some("guest") => ModuleRole::Guest(parse(cmdline)),
+        Some("guest") => ModuleRole::Guest,
         Some("guest-env") => ModuleRole::GuestEnv,
         _ => ModuleRole::Other,
     }
@@ -119,9 +119,9 @@ fn is_env_key(key: &str) -> bool {
             .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
 }
 
-/// Parses a `guest ...` module command line (the first word must be
-/// `guest`).
-fn parse(cmdline: &str) -> Result<GuestSpec<'_>, GuestSpecError<'_>> {
+/// Parses a `guest ...` module command line (its first word, `guest`, is
+/// skipped).
+pub fn parse(cmdline: &str) -> Result<GuestSpec<'_>, GuestSpecError<'_>> {
     let (settings, args) = match cmdline.split_once(" -- ") {
         Some((settings, args)) => (settings, args.trim()),
         None => match cmdline.strip_suffix(" --") {
@@ -142,9 +142,7 @@ fn parse(cmdline: &str) -> Result<GuestSpec<'_>, GuestSpecError<'_>> {
     };
     for word in settings.split_ascii_whitespace().skip(1) {
         let error = |reason| GuestSpecError { word, reason };
-        let (key, value) = word
-            .split_once('=')
-            .ok_or(error("expected key=value"))?;
+        let (key, value) = word.split_once('=').ok_or(error("expected key=value"))?;
         if is_env_key(key) {
             let slot = spec
                 .env
@@ -210,22 +208,17 @@ mod tests {
     use super::*;
 
     fn spec(line: &str) -> GuestSpec<'_> {
-        match module_role(line) {
-            ModuleRole::Guest(Ok(spec)) => spec,
-            other => panic!("{line}: {other:?}"),
-        }
+        assert_eq!(module_role(line), ModuleRole::Guest);
+        parse(line).unwrap_or_else(|e| panic!("{line}: {e}"))
     }
 
     fn error(line: &str) -> GuestSpecError<'_> {
-        match module_role(line) {
-            ModuleRole::Guest(Err(error)) => error,
-            other => panic!("{line}: {other:?}"),
-        }
+        parse(line).expect_err(line)
     }
 
     #[test]
     fn roles_come_from_the_first_word() {
-        assert!(matches!(module_role("guest"), ModuleRole::Guest(Ok(_))));
+        assert_eq!(module_role("guest"), ModuleRole::Guest);
         assert_eq!(module_role("guest-env"), ModuleRole::GuestEnv);
         assert_eq!(module_role("capture console=ttyS0"), ModuleRole::Other);
         assert_eq!(module_role(""), ModuleRole::Other);
@@ -278,8 +271,9 @@ mod tests {
         ] {
             assert_eq!(error(line).word, word, "{line}");
         }
-        let many: std::string::String =
-            (0..=MAX_ENV_WORDS).map(|i| std::format!(" K{i}=1")).collect();
+        let many: std::string::String = (0..=MAX_ENV_WORDS)
+            .map(|i| std::format!(" K{i}=1"))
+            .collect();
         let line = std::format!("guest{many}");
         assert_eq!(error(&line).reason, "too many environment words");
         assert!(

@@ -18,7 +18,9 @@ pub fn write_cr2(value: u64) {
     // SAFETY: CR2 only reports page-fault addresses; the kernel never
     // reads it outside its page-fault report, which a guest's value
     // cannot mislead before a new fault overwrites it.
-    unsafe { core::arch::asm!("mov cr2, {}", in(reg) value, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("mov cr2, {}", in(reg) value, options(nomem, nostack, preserves_flags))
+    };
 }
 
 /// This CPU's IA32_EFER.

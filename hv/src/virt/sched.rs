@@ -333,8 +333,9 @@ fn send_kick(cpu: usize) {
 /// Wakes one idle core (not this one), if any is idle.
 fn wake_idle_core() {
     let me = percpu::current_cpu_index() as usize;
-    for cpu in 0..smp::cpus().len() {
-        if cpu != me && IDLE[cpu].swap(false, Ordering::AcqRel) {
+    let online = smp::cpus().len();
+    for (cpu, idle) in IDLE.iter().enumerate().take(online) {
+        if cpu != me && idle.swap(false, Ordering::AcqRel) {
             send_kick(cpu);
             return;
         }
@@ -361,7 +362,8 @@ fn idle_wait() {
         cpu::disable_interrupts();
     } else {
         // No alarm clock: look again soon.
-        while cpu::rdtsc() < wake.min(now + time::us_to_tsc(100)) && IDLE[me].load(Ordering::Acquire)
+        while cpu::rdtsc() < wake.min(now + time::us_to_tsc(100))
+            && IDLE[me].load(Ordering::Acquire)
         {
             core::hint::spin_loop();
         }
@@ -429,15 +431,14 @@ pub fn kick(index: usize) {
     };
     let shared = &vcpu.shared;
     match shared.sched.load(Ordering::Acquire) {
-        PARKED => {
+        PARKED
             if shared
                 .sched
                 .compare_exchange(PARKED, QUEUED, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                RUN_QUEUE.lock().push(index);
-                wake_idle_core();
-            }
+                .is_ok() =>
+        {
+            RUN_QUEUE.lock().push(index);
+            wake_idle_core();
         }
         ON_CORE => {
             let cpu = shared.on_cpu.load(Ordering::Acquire);
@@ -498,14 +499,13 @@ pub fn stop_guest(index: usize, why: Option<KernelStop>) {
     for global in info.first_vcpu..info.first_vcpu + info.vcpus {
         let shared = &vcpus()[global].shared;
         match shared.sched.load(Ordering::Acquire) {
-            PARKED => {
+            PARKED
                 if shared
                     .sched
                     .compare_exchange(PARKED, DONE, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    retire(global);
-                }
+                    .is_ok() =>
+            {
+                retire(global);
             }
             ON_CORE => {
                 let cpu = shared.on_cpu.load(Ordering::Acquire);

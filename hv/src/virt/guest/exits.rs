@@ -6,7 +6,9 @@
 //! vCPUs its [`Effects`] name are kicked before the lock is let go (see
 //! `virt::sched` for why that order matters).
 
-use hv_core::exits::{CrAccess, CrAccessKind, Exit, GuestRegisters, IoAccess, StringIoAccess, Stop};
+use hv_core::exits::{
+    CrAccess, CrAccessKind, Exit, GuestRegisters, IoAccess, Stop, StringIoAccess,
+};
 use hv_devices::cpuid::{self, CpuidPolicy};
 use hv_devices::decode::{self, CodeSize};
 use hv_devices::guest_paging::{self, PagingState};
@@ -191,7 +193,11 @@ pub fn handle<B: PlatformBackend>(exit: Exit, ctx: &mut ExitContext<'_>) -> Outc
         Exit::Io(access) => {
             let stop = port_io::<B>(p, g, n, access, ctx.registers);
             B::complete_instruction();
-            if stop { Outcome::Stopped } else { Outcome::Resume }
+            if stop {
+                Outcome::Stopped
+            } else {
+                Outcome::Resume
+            }
         }
         Exit::StringIo(access) => string_io::<B>(p, ctx, access),
         Exit::NestedPageFault { gpa, detail } => {
@@ -255,7 +261,11 @@ pub fn handle<B: PlatformBackend>(exit: Exit, ctx: &mut ExitContext<'_>) -> Outc
                     }
                     let stop = apply(g, effects);
                     B::complete_instruction();
-                    if stop { Outcome::Stopped } else { Outcome::Resume }
+                    if stop {
+                        Outcome::Stopped
+                    } else {
+                        Outcome::Resume
+                    }
                 }
                 Err(fault) => inject_fault::<B>(fault),
             }
@@ -352,13 +362,24 @@ fn string_io<B: PlatformBackend>(
         let value = p.io_in(n, access.io.port, access.io.size);
         element.copy_from_slice(&value.to_le_bytes());
         if ram.write(gpa, &element[..size]).is_err() {
-            return Outcome::KernelStop(KernelStop::OutsideRam { gpa, rip: state.rip });
+            return Outcome::KernelStop(KernelStop::OutsideRam {
+                gpa,
+                rip: state.rip,
+            });
         }
     } else {
         if ram.read(gpa, &mut element[..size]).is_err() {
-            return Outcome::KernelStop(KernelStop::OutsideRam { gpa, rip: state.rip });
+            return Outcome::KernelStop(KernelStop::OutsideRam {
+                gpa,
+                rip: state.rip,
+            });
         }
-        let effects = p.io_out(n, access.io.port, access.io.size, u32::from_le_bytes(element));
+        let effects = p.io_out(
+            n,
+            access.io.port,
+            access.io.size,
+            u32::from_le_bytes(element),
+        );
         stop = apply(g, effects);
     }
     let step = if state.rflags & (1 << 10) != 0 {
@@ -383,7 +404,11 @@ fn string_io<B: PlatformBackend>(
     if done {
         B::complete_instruction();
     }
-    if stop { Outcome::Stopped } else { Outcome::Resume }
+    if stop {
+        Outcome::Stopped
+    } else {
+        Outcome::Resume
+    }
 }
 
 /// An access to the APIC window: the instruction is fetched and decoded,
@@ -446,7 +471,13 @@ fn control_register<B: PlatformBackend>(
     let n = ctx.platform.number;
     let long_mode = B::state().cs_long;
     let r = &mut *ctx.registers;
-    let operand = |value: u64| if long_mode { value } else { value & 0xFFFF_FFFF };
+    let operand = |value: u64| {
+        if long_mode {
+            value
+        } else {
+            value & 0xFFFF_FFFF
+        }
+    };
     let result: Result<Option<NeedPdptes>, Fault> = match (access.cr, access.kind) {
         (8, CrAccessKind::Read { gpr: reg }) => {
             set_gpr::<B>(r, reg, p.read_cr8(n));

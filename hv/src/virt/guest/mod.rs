@@ -245,7 +245,7 @@ pub struct Created {
 pub fn any_guest_module<'a>(modules: impl Iterator<Item = &'a Module>) -> bool {
     modules
         .into_iter()
-        .any(|m| matches!(guest_spec::module_role(m.cmdline), ModuleRole::Guest(_)))
+        .any(|m| guest_spec::module_role(m.cmdline) == ModuleRole::Guest)
 }
 
 /// Creates every guest the boot modules define, in module order; a guest
@@ -260,9 +260,10 @@ pub fn create_all<B: PlatformBackend>(modules: &[&Module], options: &Options) ->
     };
     let mut next_vcpu = 0;
     for (position, module) in modules.iter().enumerate() {
-        let ModuleRole::Guest(spec) = guest_spec::module_role(module.cmdline) else {
+        if guest_spec::module_role(module.cmdline) != ModuleRole::Guest {
             continue;
-        };
+        }
+        let spec = guest_spec::parse(module.cmdline);
         let number = created.modules;
         created.modules += 1;
         let env = modules
@@ -346,6 +347,8 @@ fn refuse(number: usize, name: &Name, why: core::fmt::Arguments<'_>) {
 
 /// Creates guest `slot` from its module, or says why not (nothing of it
 /// is left behind but memory already taken, which stays unused).
+// The message is the error: built once per refused guest, at boot.
+#[allow(clippy::result_large_err)]
 fn create<B: PlatformBackend>(
     slot: usize,
     name: Name,
@@ -520,7 +523,12 @@ fn stop_words(index: usize) -> (&'static str, Option<u32>, Option<Verdict>, Line
     match reason {
         Some(StopReason::Exit(exit)) => {
             let _ = write!(detail, "status {}", exit.qemu_status());
-            ("exit", Some(exit.value), Some(exit.kvm_unit_tests_verdict()), detail)
+            (
+                "exit",
+                Some(exit.value),
+                Some(exit.kvm_unit_tests_verdict()),
+                detail,
+            )
         }
         Some(StopReason::TripleFault { vcpu }) => {
             let _ = write!(detail, "vCPU {vcpu}");
@@ -575,13 +583,14 @@ fn report_stop(index: usize) {
     let info = info(index);
     let shared = &SHARED[index];
     let (reason, exit_code, verdict, detail) = stop_words(index);
-    let (lines, summary, first_failure) = PLATFORMS[index].lock().as_ref().map_or(
-        (0, None, None),
-        |p| {
-            let sink = p.sink();
-            (sink.lines, Some(sink.summary), Some(sink.first_failure))
-        },
-    );
+    let (lines, summary, first_failure) =
+        PLATFORMS[index]
+            .lock()
+            .as_ref()
+            .map_or((0, None, None), |p| {
+                let sink = p.sink();
+                (sink.lines, Some(sink.summary), Some(sink.first_failure))
+            });
     let ticks = shared
         .stopped_at
         .load(Ordering::Acquire)
@@ -614,16 +623,15 @@ fn report_stop(index: usize) {
                 o.field("exits").u64(shared.exits.load(Ordering::Relaxed))?;
                 o.field("cores")
                     .u64_array((0..64).filter(|cpu| cores & (1 << cpu) != 0))?;
-                o.field("most_cores_at_once").u64(u64::from(
-                    shared.most_cores_at_once.load(Ordering::Relaxed),
-                ))?;
+                o.field("most_cores_at_once")
+                    .u64(u64::from(shared.most_cores_at_once.load(Ordering::Relaxed)))?;
                 o.field("output_lines").u64(lines)?;
                 o.field("summary")
                     .option(summary.as_ref().and_then(|l| l.text()), |v, s| v.str(s))?;
-                o.field("first_failure").option(
-                    first_failure.as_ref().and_then(|l| l.text()),
-                    |v, s| v.str(s),
-                )
+                o.field("first_failure")
+                    .option(first_failure.as_ref().and_then(|l| l.text()), |v, s| {
+                        v.str(s)
+                    })
             })
         })
     });

@@ -236,8 +236,12 @@ fn platform_controls(
         (SecondaryControls::ENABLE_EPT | SecondaryControls::UNRESTRICTED_GUEST).bits();
     let secondary_wanted = secondary_required
         | (SecondaryControls::ENABLE_RDTSCP | SecondaryControls::ENABLE_INVPCID).bits();
-    let secondary = adjust(IA32_VMX_PROCBASED_CTLS2, secondary_wanted, secondary_required)
-        .ok_or("EPT with unrestricted guests")?;
+    let secondary = adjust(
+        IA32_VMX_PROCBASED_CTLS2,
+        secondary_wanted,
+        secondary_required,
+    )
+    .ok_or("EPT with unrestricted guests")?;
     let exit = (ExitControls::HOST_ADDRESS_SPACE_SIZE
         | ExitControls::SAVE_IA32_EFER
         | ExitControls::LOAD_IA32_EFER

@@ -134,10 +134,7 @@ fn guest_cr4() -> u64 {
     (read(guest::CR4) & !CR4_HOST_OWNED) | (read(control::CR4_READ_SHADOW) & CR4_HOST_OWNED)
 }
 
-fn write_segment(
-    (selector, base, limit, rights): (u32, u32, u32, u32),
-    segment: &SegmentState,
-) {
+fn write_segment((selector, base, limit, rights): (u32, u32, u32, u32), segment: &SegmentState) {
     write(selector, u64::from(segment.selector));
     write(base, segment.base);
     write(limit, u64::from(segment.limit));
@@ -388,8 +385,7 @@ impl PlatformBackend for Vmx {
             blocked_by_sti: blocking & BLOCKING_BY_STI != 0,
             blocked_by_mov_ss: blocking & BLOCKING_BY_MOV_SS != 0,
             blocked_by_nmi: blocking & BLOCKING_BY_NMI != 0,
-            event_pending: read(control::VMENTRY_INTERRUPTION_INFO_FIELD) & INTERRUPTION_VALID
-                != 0,
+            event_pending: read(control::VMENTRY_INTERRUPTION_INFO_FIELD) & INTERRUPTION_VALID != 0,
         }
     }
 
@@ -476,9 +472,7 @@ impl PlatformBackend for Vmx {
                     (value & !EFER_LMA) | (old & EFER_LMA),
                 );
             }
-            M::FsBase | M::GsBase | M::KernelGsBase | M::Lstar | M::Cstar
-                if !canonical(value) =>
-            {
+            M::FsBase | M::GsBase | M::KernelGsBase | M::Lstar | M::Cstar if !canonical(value) => {
                 return Err(Fault::GP);
             }
             M::FsBase => write(guest::FS_BASE, value),
@@ -549,7 +543,10 @@ impl PlatformBackend for Vmx {
         write(control::VMENTRY_CONTROLS, entry);
         write(control::CR0_READ_SHADOW, value & CR0_HOST_OWNED);
         // The CPU keeps NE and runs write-back whatever the guest asked.
-        write(guest::CR0, ((value | CR0_NE | CR0_ET) & !(CR0_CD | CR0_NW)) & 0xFFFF_FFFF);
+        write(
+            guest::CR0,
+            ((value | CR0_NE | CR0_ET) & !(CR0_CD | CR0_NW)) & 0xFFFF_FFFF,
+        );
         let pae_paging = value & CR0_PG != 0 && cr4 & CR4_PAE != 0 && efer & EFER_LMA == 0;
         Ok((paging_on && pae_paging).then_some(NeedPdptes))
     }
