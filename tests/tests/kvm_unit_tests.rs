@@ -85,7 +85,7 @@ fn a_crash_while_multi_vcpu_guests_run_clears_every_vmcs() {
         .iter()
         .map(|(name, args)| BootModule {
             file: vmexit.clone(),
-            cmdline: format!("guest name={name} smp=2 mem=16M -- {args}"),
+            cmdline: format!("guest name={name} smp=2 mem=32M -- {args}"),
         })
         .collect();
     // A random CPU, a random moment between 0.5 and 5 s into the guests'

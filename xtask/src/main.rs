@@ -68,7 +68,7 @@ struct KvmUnitTestsArgs {
     #[arg(long, default_value_t = 4, value_parser = parse_bochs_cpus)]
     cpus: u32,
     /// Most entries per Bochs boot.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=16))]
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=16))]
     per_boot: u64,
     /// The suite's directory (unittests.cfg, qemu-tcg-results.txt, x86/)
     /// [default: ../shared/guests/kvm-unit-tests, or $KVM_UNIT_TESTS_DIR].

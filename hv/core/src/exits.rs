@@ -148,6 +148,10 @@ pub enum Exit {
     UndefinedInstruction,
     /// INVD or WBINVD: nothing to do for a guest with coherent memory.
     CacheFlush,
+    /// The guest raised #UD, which the backend intercepts (to emulate an
+    /// instruction this CPU lacks in the guest's mode: SYSCALL from
+    /// compatibility mode on Intel); otherwise it is delivered.
+    InvalidOpcode,
 }
 
 impl Exit {
@@ -175,6 +179,7 @@ impl Exit {
             Self::StringIo(_) => "string_io",
             Self::UndefinedInstruction => "undefined_instruction",
             Self::CacheFlush => "cache_flush",
+            Self::InvalidOpcode => "invalid_opcode",
         }
     }
 }
@@ -332,7 +337,8 @@ pub fn dispatch(exit: Exit, guest: &mut impl Guest, host: &mut impl Host) -> Act
         | Exit::Xsetbv
         | Exit::StringIo(_)
         | Exit::UndefinedInstruction
-        | Exit::CacheFlush => Action::Stop(Stop::UnexpectedExit(exit.name())),
+        | Exit::CacheFlush
+        | Exit::InvalidOpcode => Action::Stop(Stop::UnexpectedExit(exit.name())),
     }
 }
 

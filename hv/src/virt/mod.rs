@@ -16,7 +16,7 @@
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use hv_core::exits::{Exit, GuestRegisters};
-use hv_devices::cpu_state::{MultibootEntryState, SipiStartState};
+use hv_devices::cpu_state::{MultibootEntryState, SegmentState, SipiStartState};
 use hv_devices::cpuid::GuestFeatures;
 use hv_devices::msr::GuestStateMsr;
 use hv_devices::platform::InterruptState;
@@ -205,6 +205,11 @@ pub trait PlatformBackend: Backend {
     fn write_cr3(value: u64) -> Result<Option<NeedPdptes>, Fault>;
     /// Loads the PAE page-directory pointers for the next entry.
     fn set_pdptes(pdptes: [u64; 4]);
+    /// Sets RFLAGS.
+    fn set_rflags(rflags: u64);
+    /// Loads CS and SS (selector and hidden state), as a far transfer
+    /// the glue emulates does (CPL follows SS.DPL).
+    fn set_code_and_stack(cs: &SegmentState, ss: &SegmentState);
 }
 
 /// What the virtualization layer keeps per CPU.

@@ -404,7 +404,13 @@ pub fn bochs(options: &BochsOptions, capture: &CaptureOptions) -> Result<RunOutc
         .clone()
         .unwrap_or_else(|| format!("bochs-cpus{}-capture-hv", options.cpus));
     let run_dir = paths::run_dir(&name);
-    clean(&run_dir, &[DUMP_FILE, DISK_FILE, STREAM_FILE, "serial.log"])?;
+    // Bochs leaves `vmcore.img.lock` behind when it is killed, and then
+    // refuses the disk in every later run.
+    let lock = format!("{DISK_FILE}.lock");
+    clean(
+        &run_dir,
+        &[DUMP_FILE, DISK_FILE, &lock, STREAM_FILE, "serial.log"],
+    )?;
 
     let mut run = options.clone();
     run.append = words.clone();

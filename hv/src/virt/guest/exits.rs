@@ -9,11 +9,12 @@
 use hv_core::exits::{
     CrAccess, CrAccessKind, Exit, GuestRegisters, IoAccess, Stop, StringIoAccess,
 };
+use hv_devices::cpu_state::SegmentState;
 use hv_devices::cpuid::{self, CpuidPolicy};
 use hv_devices::decode::{self, CodeSize};
 use hv_devices::guest_paging::{self, PagingState};
 use hv_devices::memory::GuestMemory;
-use hv_devices::msr::MsrClass;
+use hv_devices::msr::{GuestStateMsr, MsrClass};
 use hv_devices::platform::Effects;
 
 use super::glue::{GuestRam, NativeCpuid};
@@ -285,6 +286,13 @@ pub fn handle<B: PlatformBackend>(exit: Exit, ctx: &mut ExitContext<'_>) -> Outc
                 Err(_) => inject_fault::<B>(Fault::GP),
             }
         }
+        Exit::InvalidOpcode => {
+            if emulate_compat_syscall::<B>(ctx) {
+                Outcome::Resume
+            } else {
+                inject_fault::<B>(Fault::UD)
+            }
+        }
         Exit::EntryFailed { error } => {
             Outcome::KernelStop(KernelStop::Backend(Stop::EntryFailed { error }))
         }
@@ -526,4 +534,58 @@ fn load_pdptes<B: PlatformBackend>(guest: usize) {
         }
     }
     B::set_pdptes(pdptes);
+}
+
+/// SYSCALL executed in compatibility mode, which Intel CPUs refuse with
+/// #UD and AMD's (and KVM's emulator) run: RCX and R11 take the return
+/// RIP and RFLAGS, RFLAGS is masked by IA32_FMASK, CS and SS come from
+/// IA32_STAR as flat 64-bit ring-0 segments, RIP from IA32_CSTAR. `false`
+/// when the #UD was anything else (it is then delivered).
+fn emulate_compat_syscall<B: PlatformBackend>(ctx: &mut ExitContext<'_>) -> bool {
+    const EFER_SCE: u64 = 1 << 0;
+    const EFER_LMA: u64 = 1 << 10;
+    const RFLAGS_RF: u64 = 1 << 16;
+    let state = B::state();
+    let compatibility = state.efer & EFER_LMA != 0 && !state.cs_long;
+    if !compatibility || state.efer & EFER_SCE == 0 {
+        return false;
+    }
+    let ram = super::info(ctx.platform.guest).ram;
+    let mut bytes = [0u8; 15];
+    let linear = state.cs_base.wrapping_add(state.rip);
+    let fetched = guest_paging::fetch_instruction(&ram, paging(&state), linear, &mut bytes);
+    if !matches!(fetched, Ok(n) if n >= 2) || bytes[..2] != [0x0F, 0x05] {
+        return false;
+    }
+    let aux = ctx.platform.aux;
+    let star = B::read_msr(aux, GuestStateMsr::Star);
+    let target = B::read_msr(aux, GuestStateMsr::Cstar);
+    let mask = B::read_msr(aux, GuestStateMsr::Fmask);
+    ctx.registers.rcx = state.rip.wrapping_add(2) & 0xFFFF_FFFF;
+    ctx.registers.r11 = state.rflags & !RFLAGS_RF;
+    B::set_rflags((state.rflags & !mask & !RFLAGS_RF) | 2);
+    let selector = ((star >> 32) as u16) & 0xFFFC;
+    let flat = SegmentState {
+        selector,
+        base: 0,
+        limit: 0xFFFF_FFFF,
+        kind: 0xB,
+        code_or_data: true,
+        dpl: 0,
+        present: true,
+        long: true,
+        default_32: false,
+        granular: true,
+    };
+    let stack = SegmentState {
+        selector: selector.wrapping_add(8),
+        kind: 0x3,
+        long: false,
+        default_32: true,
+        ..flat
+    };
+    B::set_code_and_stack(&flat, &stack);
+    B::set_rip(target);
+    B::clear_interrupt_shadow();
+    true
 }

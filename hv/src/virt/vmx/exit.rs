@@ -94,6 +94,10 @@ impl ExitReason {
 const ENTRY_FAILURE: u64 = 1 << 31;
 /// Interruption type NMI in the exit interruption information.
 const INTERRUPTION_TYPE_NMI: u64 = 2;
+/// Interruption type hardware exception.
+const INTERRUPTION_TYPE_HARDWARE_EXCEPTION: u64 = 3;
+/// #UD.
+const INVALID_OPCODE: u8 = 6;
 
 /// Decodes the exit that just happened on the current VMCS.
 pub fn decode() -> Exit {
@@ -114,6 +118,10 @@ pub fn decode() -> Exit {
             let info = vmcs::read(ro::VMEXIT_INTERRUPTION_INFO);
             if (info >> 8) & 7 == INTERRUPTION_TYPE_NMI {
                 Exit::Nmi
+            } else if (info >> 8) & 7 == INTERRUPTION_TYPE_HARDWARE_EXCEPTION
+                && info & 0xFF == u64::from(INVALID_OPCODE)
+            {
+                Exit::InvalidOpcode
             } else {
                 Exit::Unhandled {
                     reason: u64::from(basic),

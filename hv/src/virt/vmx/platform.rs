@@ -290,7 +290,8 @@ impl PlatformBackend for Vmx {
         );
         write(control::VMEXIT_CONTROLS, u64::from(controls.exit));
         write(control::VMENTRY_CONTROLS, u64::from(controls.entry));
-        write(control::EXCEPTION_BITMAP, 0);
+        // #UD: SYSCALL from compatibility mode is emulated (Intel lacks it).
+        write(control::EXCEPTION_BITMAP, 1 << 6);
         write(control::PAGE_FAULT_ERR_CODE_MASK, 0);
         write(control::PAGE_FAULT_ERR_CODE_MATCH, 0);
         write(control::CR3_TARGET_COUNT, 0);
@@ -574,6 +575,15 @@ impl PlatformBackend for Vmx {
         // CR3 accesses do not exit (EPT); kept for backends where they do.
         write(guest::CR3, value);
         Ok(None)
+    }
+
+    fn set_rflags(rflags: u64) {
+        write(guest::RFLAGS, rflags);
+    }
+
+    fn set_code_and_stack(cs: &SegmentState, ss: &SegmentState) {
+        write_segment(CS, cs);
+        write_segment(DATA_SEGMENTS[0], ss);
     }
 
     fn set_pdptes(pdptes: [u64; 4]) {
