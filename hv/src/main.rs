@@ -255,7 +255,7 @@ struct VirtOutcome {
 /// modules until they all stopped, or the in-tree guest for a while when
 /// there are none. Without VMX (QEMU TCG) this reports why and the
 /// hypervisor carries on.
-fn run_guests(options: &cmdline::Options, boot: &BootInfo) -> VirtOutcome {
+fn run_guests(options: &cmdline::Options, boot: &'static BootInfo) -> VirtOutcome {
     if let Err(error) = Vmx::check() {
         log::warn!("vmx: {error}; no guests will run");
         // The crash path's VMXOFF must survive a #UD; with no VMX, VMXOFF
@@ -290,14 +290,7 @@ fn run_guests(options: &cmdline::Options, boot: &BootInfo) -> VirtOutcome {
         crash_hypercall_allowed: options.crash_hypercall,
     };
     let guests = if virt::guest::any_guest_module(boot.modules()) {
-        let mut modules = [None; boot::info::MAX_MODULES];
-        for (slot, module) in modules.iter_mut().zip(boot.modules()) {
-            *slot = Some(module);
-        }
-        let count = boot.modules().count();
-        let modules: [&boot::info::Module; boot::info::MAX_MODULES] =
-            core::array::from_fn(|i| modules[i].unwrap_or(&EMPTY_MODULE));
-        let created = virt::guest::create_all::<Vmx>(&modules[..count], options);
+        let created = virt::guest::create_all::<Vmx>(boot.modules(), options);
         log::info!(
             "guests: {} of {} guest modules created, {} vCPUs",
             created.guests,
@@ -320,13 +313,6 @@ fn run_guests(options: &cmdline::Options, boot: &BootInfo) -> VirtOutcome {
     );
     VirtOutcome { error: None, run }
 }
-
-/// Fills the module array past the real ones.
-static EMPTY_MODULE: boot::info::Module = boot::info::Module {
-    start: 0,
-    len: 0,
-    cmdline: "",
-};
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {

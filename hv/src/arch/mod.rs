@@ -22,5 +22,6 @@ pub mod guest_switch;
 pub mod idt;
 pub mod pic;
 pub mod port;
+pub mod stack;
 pub mod vmx;
 pub mod xsave;

@@ -131,6 +131,15 @@ pub(super) fn switch_to_stack(top: u64, next: fn() -> !) -> ! {
     unsafe { crate::arch::cpu::switch_stack(top, next) }
 }
 
+/// Calls `function` on the stack whose top is `top`, and returns.
+///
+/// `mm` calls this only with the top of a fresh guarded stack.
+pub(super) fn call_on_stack(top: u64, function: extern "C" fn()) {
+    // SAFETY: the top of a fresh, mapped, 16-byte aligned stack nothing
+    // else uses (caller), which the call leaves before it returns.
+    unsafe { crate::arch::stack::call_on_stack(top, function) }
+}
+
 /// Moves `value` into fresh frames at `frame` (owned, zeroed, page-aligned
 /// and large enough), for good.
 pub(super) fn place<T>(frame: u64, value: T) -> &'static mut T {

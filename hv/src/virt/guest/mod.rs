@@ -248,9 +248,67 @@ pub fn any_guest_module<'a>(modules: impl Iterator<Item = &'a Module>) -> bool {
         .any(|m| guest_spec::module_role(m.cmdline) == ModuleRole::Guest)
 }
 
+/// Most boot modules [`create_all`] looks at.
+pub const MAX_MODULES: usize = crate::boot::info::MAX_MODULES;
+
+/// What [`create_all`] hands its worker on the other stack, and gets back.
+struct Job {
+    modules: [Option<&'static Module>; MAX_MODULES],
+    options: Options,
+    created: Option<Created>,
+}
+
+static JOB: Mutex<Option<Job>> = Mutex::new(None);
+
+/// The stack guests are created on: a platform is built on the stack
+/// before it moves into place, more than a CPU's main stack holds beside
+/// the boot's own frames.
+const CREATION_STACK_PAGES: u64 = 64;
+
 /// Creates every guest the boot modules define, in module order; a guest
-/// that cannot be created is reported with the reason and skipped.
-pub fn create_all<B: PlatformBackend>(modules: &[&Module], options: &Options) -> Created {
+/// that cannot be created is reported with the reason and skipped. Runs
+/// on a stack of its own ([`CREATION_STACK_PAGES`]).
+pub fn create_all<B: PlatformBackend>(
+    modules: impl Iterator<Item = &'static Module>,
+    options: &Options,
+) -> Created {
+    let mut job = Job {
+        modules: [None; MAX_MODULES],
+        options: *options,
+        created: None,
+    };
+    for (slot, module) in job.modules.iter_mut().zip(modules) {
+        *slot = Some(module);
+    }
+    *JOB.lock() = Some(job);
+    if !mm::call_on_new_stack(CREATION_STACK_PAGES, create_all_job::<B>) {
+        log::error!("guests: out of memory for the stack they are created on");
+    }
+    JOB.lock()
+        .take()
+        .and_then(|job| job.created)
+        .unwrap_or_default()
+}
+
+extern "C" fn create_all_job<B: PlatformBackend>() {
+    let Some(mut job) = JOB.lock().take() else {
+        return;
+    };
+    let count = job.modules.iter().flatten().count();
+    let modules: [&Module; MAX_MODULES] =
+        core::array::from_fn(|i| job.modules[i].unwrap_or(&NO_MODULE));
+    job.created = Some(create_from::<B>(&modules[..count], &job.options));
+    *JOB.lock() = Some(job);
+}
+
+/// Fills the module array past the real ones.
+static NO_MODULE: Module = Module {
+    start: 0,
+    len: 0,
+    cmdline: "",
+};
+
+fn create_from<B: PlatformBackend>(modules: &[&Module], options: &Options) -> Created {
     let mut created = Created::default();
     // Filled in place: a guest's settings are too many to keep a table
     // of them on the stack.
