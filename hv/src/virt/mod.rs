@@ -185,6 +185,10 @@ pub trait PlatformBackend: Backend {
     fn interrupt_state() -> InterruptState;
     /// Injects `event` at the next entry.
     fn inject(event: Injection);
+    /// Clears the vCPU's NMI blocking: the glue knows no NMI reached it
+    /// since it was last unblocked, whatever the CPU reports (Bochs 2.7
+    /// carries virtual-NMI blocking from one VMCS to the next on a CPU).
+    fn clear_nmi_blocking();
     /// Asks for an exit as soon as the guest can take an interrupt
     /// (`interrupt`) or an NMI (`nmi`), or stops asking.
     fn set_windows(interrupt: bool, nmi: bool);

@@ -647,6 +647,34 @@ fn run_test_slice<B: PlatformBackend>(index: usize, local: &mut VcpuLocal) -> Sl
     }
 }
 
+/// Every state component hv offers guests and the CPU has: XSAVE and
+/// XRSTOR switch all of them whatever the guest's XCR0, since some live
+/// outside it (PKRU, which WRPKRU reaches with CR4.PKE alone).
+fn switched_components() -> u64 {
+    static FULL: spin::Once<u64> = spin::Once::new();
+    *FULL.call_once(|| {
+        hv_devices::cpuid::CpuidPolicy::new(hv_devices::cpuid::GuestFeatures::new(1))
+            .supported_xcr0(&NativeCpuid)
+            .max(1)
+    })
+}
+
+/// Puts a vCPU's extended state (saved by [`save_extended_state`]) on
+/// this core, then its XCR0.
+fn restore_extended_state(area: u64, xcr0: u64) {
+    let has_xsave = xsave::has_xsave();
+    xsave::xsetbv_if_supported(switched_components());
+    xsave::restore(area, has_xsave);
+    xsave::xsetbv_if_supported(xcr0);
+}
+
+/// Saves the extended state of the vCPU leaving this core.
+fn save_extended_state(area: u64) {
+    let has_xsave = xsave::has_xsave();
+    xsave::xsetbv_if_supported(switched_components());
+    xsave::save(area, has_xsave);
+}
+
 /// What the entry decision of a platform vCPU found.
 enum Entry {
     /// Enter, with the preemption timer at this TSC.
@@ -699,11 +727,14 @@ fn prepare_entry<B: PlatformBackend>(
         };
         local.xcr0 = 1;
         local.cr2 = 0;
-        xsave::xsetbv_if_supported(1);
+        local.nmi_may_block = false;
         mm::phys::with_bytes_mut(platform.xsave_area, xsave::AREA_BYTES, xsave::init_area);
-        xsave::restore(platform.xsave_area, xsave::has_xsave());
+        restore_extended_state(platform.xsave_area, 1);
     }
     let decision = p.next_event(n, B::interrupt_state());
+    if decision.inject == Some(Event::Nmi) {
+        local.nmi_may_block = true;
+    }
     if let Some(event) = decision.inject {
         B::inject(match event {
             Event::Nmi => Injection::Nmi,
@@ -734,9 +765,7 @@ fn run_platform_slice<B: PlatformBackend>(
 ) -> SliceEnd {
     let vcpu = &vcpus()[index];
     let cpu = percpu::current_cpu_index() as usize;
-    let has_xsave = xsave::has_xsave();
-    xsave::xsetbv_if_supported(local.xcr0);
-    xsave::restore(platform.xsave_area, has_xsave);
+    restore_extended_state(platform.xsave_area, local.xcr0);
     crate::arch::guest_switch::write_cr2(local.cr2);
     let tsc_per_us = time::us_to_tsc(1).max(1);
     let slice_end = cpu::rdtsc() + time::us_to_tsc(SLICE_US.load(Ordering::Relaxed));
@@ -754,6 +783,16 @@ fn run_platform_slice<B: PlatformBackend>(
             local.launched = true;
             vcpu.shared.exits.fetch_add(1, Ordering::Relaxed);
             super::cpu(cpu).vm_exits.fetch_add(1, Ordering::Relaxed);
+        }
+        // NMI blocking is the vCPU's own only if an NMI reached it since
+        // it was last seen unblocked; otherwise the CPU carried it over
+        // from another VMCS (Bochs 2.7): forget it.
+        if B::interrupt_state().blocked_by_nmi {
+            if !local.nmi_may_block {
+                B::clear_nmi_blocking();
+            }
+        } else {
+            local.nmi_may_block = false;
         }
         let flood = guest::count_exit(platform.guest);
         let outcome = super::guest::exits::handle::<B>(
@@ -794,7 +833,7 @@ fn run_platform_slice<B: PlatformBackend>(
         }
     };
     local.cr2 = crate::arch::guest_switch::read_cr2();
-    xsave::save(platform.xsave_area, has_xsave);
+    save_extended_state(platform.xsave_area);
     if matches!(end, SliceEnd::Done) {
         retire(index);
     }

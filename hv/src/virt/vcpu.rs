@@ -83,6 +83,9 @@ pub struct VcpuLocal {
     pub xcr0: u64,
     /// Platform vCPUs: the guest's CR2.
     pub cr2: u64,
+    /// Platform vCPUs: an NMI was injected and the vCPU has not been seen
+    /// unblocked since, so NMI blocking the CPU reports may be its own.
+    pub nmi_may_block: bool,
 }
 
 /// One virtual CPU.
@@ -104,6 +107,7 @@ impl VcpuLocal {
             console_len: 0,
             xcr0: 1,
             cr2: 0,
+            nmi_may_block: false,
         }
     }
 }

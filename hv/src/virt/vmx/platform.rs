@@ -221,6 +221,13 @@ pub fn reinject() {
     if info & INTERRUPTION_VALID == 0 {
         return;
     }
+    if (info >> 8) & 7 == 2 {
+        // An NMI whose delivery did not finish blocks nothing yet, and VM
+        // entry refuses to inject one while blocking is set (which Bochs
+        // leaves set when delivery is interrupted).
+        let blocking = read(guest::INTERRUPTIBILITY_STATE);
+        write(guest::INTERRUPTIBILITY_STATE, blocking & !BLOCKING_BY_NMI);
+    }
     // Bit 12 is undefined in the IDT-vectoring information.
     write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info & !(1 << 12));
     if info & INTERRUPTION_ERROR_CODE != 0 {
@@ -409,6 +416,13 @@ impl PlatformBackend for Vmx {
             write(control::VMENTRY_EXCEPTION_ERR_CODE, u64::from(code));
         }
         write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info);
+    }
+
+    fn clear_nmi_blocking() {
+        let blocking = read(guest::INTERRUPTIBILITY_STATE);
+        if blocking & BLOCKING_BY_NMI != 0 {
+            write(guest::INTERRUPTIBILITY_STATE, blocking & !BLOCKING_BY_NMI);
+        }
     }
 
     fn set_windows(interrupt: bool, nmi: bool) {
