@@ -74,7 +74,7 @@ struct KvmUnitTestsArgs {
     /// [default: ../shared/guests/kvm-unit-tests, or $KVM_UNIT_TESTS_DIR].
     #[arg(long, value_name = "DIR")]
     suite: Option<PathBuf>,
-    /// The Bochs CPU model [default: corei7_haswell_4770].
+    /// The Bochs CPU model [default: tigerlake].
     #[arg(long, value_name = "MODEL")]
     cpu_model: Option<String>,
     /// Write the JSON report (`kvm_unit_tests`: one object per entry).
