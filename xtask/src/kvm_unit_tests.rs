@@ -325,6 +325,11 @@ pub fn plan(entry: &CfgEntry, suite: &Path, cpus: u32) -> Plan {
             other => ignored.push(other.to_owned()),
         }
     }
+    if mem_mib > GUEST_MEMORY_MIB {
+        return Plan::Skip(format!(
+            "needs {mem_mib} MiB of RAM; a Bochs boot holds {GUEST_MEMORY_MIB} MiB of guests"
+        ));
+    }
     let long = entry.name.starts_with("vmexit") || entry.name == "sieve";
     // Bochs' CPU is a 10 MHz one: a TSC-bound loop of 2^31 cycles takes
     // 215 s of its time, and long entries share cores; give them twenty
@@ -514,18 +519,33 @@ pub fn select(entries: &[CfgEntry], options: &Options) -> Result<Vec<CfgEntry>> 
         .collect())
 }
 
+/// Bochs 2.7 runs with at most 2048 MiB of memory.
+pub const BOCHS_MAX_MEMORY_MIB: u32 = 2048;
+/// What hv itself needs of a boot's memory beside its guests.
+const HV_MEMORY_MIB: u32 = 192;
+/// Guest memory one boot can hold.
+const GUEST_MEMORY_MIB: u32 = BOCHS_MAX_MEMORY_MIB - HV_MEMORY_MIB;
+
 /// Groups the entries that run into boots: short ones together, long
-/// ones (TSC-bound loops) apart, at most `per_boot` each.
+/// ones (TSC-bound loops) apart, at most `per_boot` each and no more
+/// guest memory than a Bochs boot holds.
 fn batches(runs: &[(String, GuestPlan)], per_boot: usize) -> Vec<Vec<(String, GuestPlan)>> {
     let mut batches = Vec::new();
     for long in [false, true] {
-        let class: Vec<_> = runs
-            .iter()
-            .filter(|(_, p)| p.long == long)
-            .cloned()
-            .collect();
-        for chunk in class.chunks(per_boot.max(1)) {
-            batches.push(chunk.to_vec());
+        let mut batch: Vec<(String, GuestPlan)> = Vec::new();
+        let mut memory = 0;
+        for run in runs.iter().filter(|(_, p)| p.long == long) {
+            if !batch.is_empty()
+                && (batch.len() == per_boot.max(1) || memory + run.1.mem_mib > GUEST_MEMORY_MIB)
+            {
+                batches.push(std::mem::take(&mut batch));
+                memory = 0;
+            }
+            memory += run.1.mem_mib;
+            batch.push(run.clone());
+        }
+        if !batch.is_empty() {
+            batches.push(batch);
         }
     }
     batches
@@ -537,6 +557,42 @@ struct Seen {
     /// When hv had created every guest and began to run them.
     started: Option<Instant>,
     stopped: BTreeMap<String, (Instant, Value)>,
+}
+
+/// What [`run`] would do: each selected entry's plan, and the boots.
+pub fn describe(options: &Options) -> Result<String> {
+    let cfg_path = options.suite.join("unittests.cfg");
+    let cfg = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("reading {}", cfg_path.display()))?;
+    let mut text = String::new();
+    let mut runs = Vec::new();
+    for entry in select(&parse_cfg(&cfg), options)? {
+        match plan(&entry, &options.suite, options.cpus) {
+            Plan::Skip(reason) => {
+                let _ = writeln!(text, "{:<28} SKIP  {reason}", entry.name);
+            }
+            Plan::Run(plan) => {
+                let _ = writeln!(
+                    text,
+                    "{:<28} RUN   {}",
+                    entry.name,
+                    module_line(&entry.name, &plan)
+                );
+                runs.push((entry.name, plan));
+            }
+        }
+    }
+    for (number, batch) in batches(&runs, options.per_boot).iter().enumerate() {
+        let names: Vec<&str> = batch.iter().map(|(n, _)| n.as_str()).collect();
+        let memory: u32 = batch.iter().map(|(_, p)| p.mem_mib).sum();
+        let _ = writeln!(
+            text,
+            "boot {number}: {} MiB of guests: {}",
+            memory,
+            names.join(" ")
+        );
+    }
+    Ok(text)
 }
 
 /// Runs the selected entries and returns every one's result.
@@ -593,7 +649,7 @@ pub fn run(options: &Options) -> Result<Outcome> {
         };
         let mut bochs = BochsOptions::new(&options.elf);
         bochs.cpus = options.cpus;
-        bochs.memory_mib = batch.iter().map(|(_, p)| p.mem_mib).sum::<u32>() + 192;
+        bochs.memory_mib = batch.iter().map(|(_, p)| p.mem_mib).sum::<u32>() + HV_MEMORY_MIB;
         bochs.timeout = options.boot_timeout;
         bochs.run_name = Some(format!("{}-{number}", options.run_name));
         bochs.cpu_model = Some(
@@ -830,6 +886,10 @@ groups = pmu
 
 [sieve]
 file = sieve.flat
+qemu_params = -m 1g
+
+[huge]
+file = sieve.flat
 qemu_params = -m 2g
 "#;
 
@@ -846,7 +906,8 @@ qemu_params = -m 2g
                 "cmpxchg8b",
                 "vmx",
                 "pmu",
-                "sieve"
+                "sieve",
+                "huge"
             ]
         );
         assert_eq!(entries[0].smp.as_deref(), Some("2"));
@@ -901,7 +962,8 @@ qemu_params = -m 2g
         let Plan::Run(sieve) = &plans[6] else {
             panic!()
         };
-        assert_eq!(sieve.mem_mib, 2048);
+        assert_eq!(sieve.mem_mib, 1024);
+        assert!(matches!(&plans[7], Plan::Skip(r) if r.starts_with("needs 2048 MiB")));
         std::fs::remove_dir_all(&suite).unwrap();
     }
 
@@ -976,11 +1038,24 @@ qemu_params = -m 2g
         let runs: Vec<_> = (0..5)
             .map(|i| (format!("e{i}"), plan(i % 2 == 1)))
             .collect();
-        let batches = batches(&runs, 2);
-        let names: Vec<Vec<&str>> = batches
-            .iter()
-            .map(|b| b.iter().map(|(n, _)| n.as_str()).collect())
+        let names = |batches: Vec<Vec<(String, GuestPlan)>>| -> Vec<Vec<String>> {
+            batches
+                .iter()
+                .map(|b| b.iter().map(|(n, _)| n.clone()).collect())
+                .collect()
+        };
+        assert_eq!(
+            names(batches(&runs, 2)),
+            [vec!["e0", "e2"], vec!["e4"], vec!["e1", "e3"]]
+        );
+        // Memory splits boots too: 1856 MiB of guests at most.
+        let big: Vec<_> = (0..3)
+            .map(|i| {
+                let mut p = plan(false);
+                p.mem_mib = 900;
+                (format!("b{i}"), p)
+            })
             .collect();
-        assert_eq!(names, [vec!["e0", "e2"], vec!["e4"], vec!["e1", "e3"]]);
+        assert_eq!(names(batches(&big, 16)), [vec!["b0", "b1"], vec!["b2"]]);
     }
 }

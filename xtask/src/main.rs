@@ -86,6 +86,9 @@ struct KvmUnitTestsArgs {
     /// Boot this ELF instead of building hv.
     #[arg(long, value_name = "FILE")]
     elf: Option<PathBuf>,
+    /// Only print what would run: each entry's plan and the boots.
+    #[arg(long)]
+    list: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -468,10 +471,10 @@ fn run_task(task: Task) -> Result<ExitCode> {
             conclude(&outcome, &args.run)
         }
         Task::KvmUnitTests(args) => {
-            tools::ensure(&run::BOCHS_NEEDS)?;
-            let elf = match &args.elf {
-                Some(elf) => elf.clone(),
-                None => kernel::build(None)?,
+            let elf = match (&args.elf, args.list) {
+                (Some(elf), _) => elf.clone(),
+                (None, true) => PathBuf::from("hv"),
+                (None, false) => kernel::build(None)?,
             };
             let mut options = kvm_unit_tests::Options::new(elf);
             if let Some(suite) = &args.suite {
@@ -486,6 +489,11 @@ fn run_task(task: Task) -> Result<ExitCode> {
             if let Some(secs) = args.timeout {
                 options.boot_timeout = Duration::from_secs(secs);
             }
+            if args.list {
+                print!("{}", kvm_unit_tests::describe(&options)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            tools::ensure(&run::BOCHS_NEEDS)?;
             if accel::detect() == Accel::Kvm {
                 println!(
                     "note: this host offers nested VMX, but the qemu-kvm column is not implemented; Bochs only"
