@@ -75,6 +75,7 @@ const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 const EFER_NXE: u64 = 1 << 11;
 const RFLAGS_IF: u64 = 1 << 9;
+const RFLAGS_RF: u64 = 1 << 16;
 
 const BLOCKING_BY_STI: u64 = 1 << 0;
 const BLOCKING_BY_MOV_SS: u64 = 1 << 1;
@@ -402,6 +403,11 @@ impl PlatformBackend for Vmx {
             Injection::Nmi => (TYPE_NMI | 2, None),
             Injection::Interrupt(vector) => (TYPE_EXTERNAL | u64::from(vector), None),
             Injection::Exception { vector, error_code } => {
+                // A fault's handler sees RFLAGS.RF set, as when the CPU
+                // raises it itself: VM entry pushes the guest's RF.
+                if !matches!(vector, 1 | 3 | 4) {
+                    write(guest::RFLAGS, read(guest::RFLAGS) | RFLAGS_RF);
+                }
                 // Real mode pushes no error code (and VM entry refuses one).
                 let protected = guest_cr0() & CR0_PE != 0;
                 (
