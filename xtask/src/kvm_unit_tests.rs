@@ -8,7 +8,7 @@
 //!   arguments) or a skip with the reason: features hv does not offer to
 //!   guests (nested VMX/SVM, Hyper-V and KVM paravirtual interfaces, the
 //!   PMU, an IOMMU) are never run, so never pass;
-//! - [`run`] boots hv in Bochs with several entries per boot, follows each
+//! - [`run()`] boots hv in Bochs with several entries per boot, follows each
 //!   guest's report line as it comes, and [`table`] shows the outcome.
 
 use std::collections::BTreeMap;
@@ -559,7 +559,7 @@ struct Seen {
     stopped: BTreeMap<String, (Instant, Value)>,
 }
 
-/// What [`run`] would do: each selected entry's plan, and the boots.
+/// What [`run()`] would do: each selected entry's plan, and the boots.
 pub fn describe(options: &Options) -> Result<String> {
     let cfg_path = options.suite.join("unittests.cfg");
     let cfg = std::fs::read_to_string(&cfg_path)

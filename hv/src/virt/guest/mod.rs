@@ -11,7 +11,7 @@
 //!   created), its shared counters ([`GuestShared`]) and its platform
 //!   behind a lock its vCPUs share ([`platform`]);
 //! - [`exits`]: what each VM exit of a platform vCPU does;
-//! - stopping ([`stop`]) and the report lines.
+//! - stopping ([`stop_by_kernel`], [`mark_stopped`]) and the report lines.
 //!
 //! The vCPUs themselves are scheduled by `virt::sched` like every other.
 
