@@ -216,6 +216,10 @@ pub struct GuestPlan {
     pub mem_mib: u32,
     /// Whether CPUID offers x2APIC.
     pub x2apic: bool,
+    /// Whether CPUID offers PCIDs.
+    pub pcid: bool,
+    /// Whether CPUID offers INVPCID.
+    pub invpcid: bool,
     /// Its arguments.
     pub args: String,
     /// What of `qemu_params` hv does not reproduce (for the reason column).
@@ -295,6 +299,7 @@ pub fn plan(entry: &CfgEntry, suite: &Path, cpus: u32) -> Plan {
     };
     let mut mem_mib = DEFAULT_MEM_MIB;
     let mut x2apic = true;
+    let (mut pcid, mut invpcid) = (true, true);
     let mut ignored = Vec::new();
     let mut words = entry.qemu_params.split_whitespace();
     while let Some(word) = words.next() {
@@ -314,7 +319,9 @@ pub fn plan(entry: &CfgEntry, suite: &Path, cpus: u32) -> Plan {
                 for flag in words.next().unwrap_or("").split(',').skip(1) {
                     match flag {
                         "-x2apic" => x2apic = false,
-                        "+x2apic" | "+tsc-deadline" => {}
+                        "-pcid" => pcid = false,
+                        "-invpcid" => invpcid = false,
+                        "+x2apic" | "+tsc-deadline" | "+pcid" | "+invpcid" => {}
                         other => ignored.push(format!("-cpu ...,{other}")),
                     }
                 }
@@ -340,6 +347,8 @@ pub fn plan(entry: &CfgEntry, suite: &Path, cpus: u32) -> Plan {
         vcpus,
         mem_mib,
         x2apic,
+        pcid,
+        invpcid,
         args: entry.test_args.clone(),
         ignored,
         long,
@@ -355,6 +364,12 @@ pub fn module_line(name: &str, plan: &GuestPlan) -> String {
     );
     if !plan.x2apic {
         line.push_str(" x2apic=off");
+    }
+    if !plan.pcid {
+        line.push_str(" pcid=off");
+    }
+    if !plan.invpcid {
+        line.push_str(" invpcid=off");
     }
     if !plan.args.is_empty() {
         let _ = write!(line, " -- {}", plan.args);
@@ -959,6 +974,15 @@ qemu_params = -m 2g
         assert!(matches!(&plans[3], Plan::Skip(r) if r.contains("i386")));
         assert!(matches!(&plans[4], Plan::Skip(r) if r.starts_with("unsupported: nested")));
         assert!(matches!(&plans[5], Plan::Skip(r) if r.starts_with("unsupported: no PMU")));
+        let pcid = parse_cfg("[p]\nfile = apic.flat\nqemu_params = -cpu qemu64,-pcid,+invpcid\n");
+        let Plan::Run(p) = plan(&pcid[0], &suite, 4) else {
+            panic!()
+        };
+        assert_eq!(
+            module_line("p", &p),
+            "guest name=p smp=1 mem=128M timeout_ms=120000 pcid=off"
+        );
+        assert!(p.ignored.is_empty(), "{:?}", p.ignored);
         let Plan::Run(sieve) = &plans[6] else {
             panic!()
         };
@@ -1030,6 +1054,8 @@ qemu_params = -m 2g
             vcpus: 1,
             mem_mib: 32,
             x2apic: true,
+            pcid: true,
+            invpcid: true,
             args: String::new(),
             ignored: Vec::new(),
             long,

@@ -13,7 +13,8 @@
 //!   file name);
 //! - `smp=` its vCPU count (1 to [`MAX_VCPUS`], default 1);
 //! - `mem=` its RAM (`K`, `M`, `G` suffixes; default: hv's `guest_mem=`);
-//! - `x2apic=on|off` whether CPUID offers x2APIC (default on);
+//! - `x2apic=on|off`, `pcid=on|off`, `invpcid=on|off` whether CPUID
+//!   offers x2APIC, PCIDs, INVPCID (default on, where the CPU has them);
 //! - `timeout_ms=` how long it may run before hv stops it (default: hv's
 //!   `guest_timeout_ms=`);
 //! - `max_exits=` how many VM exits it may take before hv stops it as an
@@ -58,6 +59,10 @@ pub struct GuestSpec<'a> {
     pub mem_bytes: Option<u64>,
     /// Whether CPUID offers x2APIC.
     pub x2apic: bool,
+    /// Whether CPUID offers PCIDs.
+    pub pcid: bool,
+    /// Whether CPUID offers INVPCID.
+    pub invpcid: bool,
     /// Time limit in milliseconds (`timeout_ms=`), if given.
     pub timeout_ms: Option<u64>,
     /// VM-exit limit (`max_exits=`), if given.
@@ -134,6 +139,8 @@ pub fn parse(cmdline: &str) -> Result<GuestSpec<'_>, GuestSpecError<'_>> {
         vcpus: 1,
         mem_bytes: None,
         x2apic: true,
+        pcid: true,
+        invpcid: true,
         timeout_ms: None,
         max_exits: None,
         env: [""; MAX_ENV_WORDS],
@@ -176,11 +183,16 @@ pub fn parse(cmdline: &str) -> Result<GuestSpec<'_>, GuestSpecError<'_>> {
                     .ok_or(error("mem is a whole number of 4 KiB pages (K, M, G)"))?;
                 spec.mem_bytes = Some(bytes);
             }
-            "x2apic" => {
-                spec.x2apic = match value {
+            "x2apic" | "pcid" | "invpcid" => {
+                let on = match value {
                     "on" | "1" => true,
                     "off" | "0" => false,
                     _ => return Err(error("expected on or off")),
+                };
+                match key {
+                    "x2apic" => spec.x2apic = on,
+                    "pcid" => spec.pcid = on,
+                    _ => spec.invpcid = on,
                 }
             }
             "timeout_ms" => {
@@ -229,12 +241,13 @@ mod tests {
     fn a_full_line_gives_every_setting() {
         let s = spec(
             "guest name=xapic smp=2 mem=64M x2apic=off timeout_ms=9000 max_exits=1000 \
-             TEST_DEVICE=0 NR_CPUS=2 -- -x2apic  more args",
+             pcid=off invpcid=on TEST_DEVICE=0 NR_CPUS=2 -- -x2apic  more args",
         );
         assert_eq!(s.name, Some("xapic"));
         assert_eq!(s.vcpus, 2);
         assert_eq!(s.mem_bytes, Some(64 << 20));
         assert!(!s.x2apic);
+        assert!(!s.pcid && s.invpcid);
         assert_eq!(s.timeout_ms, Some(9000));
         assert_eq!(s.max_exits, Some(1000));
         assert_eq!(s.env(), ["TEST_DEVICE=0", "NR_CPUS=2"]);

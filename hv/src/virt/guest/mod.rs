@@ -491,9 +491,14 @@ fn create<B: PlatformBackend>(
     features.x2apic = spec.x2apic;
     let extended = raw_cpuid::CpuId::new().get_extended_processor_and_feature_identifiers();
     features.rdtscp = extended.is_some_and(|f| f.has_rdtscp());
-    features.invpcid = raw_cpuid::CpuId::new()
-        .get_extended_feature_info()
-        .is_some_and(|f| f.has_invpcid());
+    features.invpcid = spec.invpcid
+        && raw_cpuid::CpuId::new()
+            .get_extended_feature_info()
+            .is_some_and(|f| f.has_invpcid());
+    features.pcid = spec.pcid
+        && raw_cpuid::CpuId::new()
+            .get_feature_info()
+            .is_some_and(|f| f.has_pcid());
     let tsc_hz = time::us_to_tsc(1_000_000);
     let mut config = PlatformConfig::new(vcpus, ram_bytes, tsc_hz);
     config.features = features;

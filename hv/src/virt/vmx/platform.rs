@@ -10,7 +10,8 @@
 //!   exit, so long mode is entered and left here ([`Vmx::write_cr0`]), the
 //!   CPU always has NE and never CD/NW (write-back guests), and the guest
 //!   reads back what it wrote.
-//! - CR4: the guest owns everything but VMXE and SMXE (no nesting).
+//! - CR4: the guest owns everything but VMXE and SMXE (no nesting), and
+//!   PCIDE when its CPUID offers no PCIDs; setting any of them is #GP.
 //! - Events: an event whose delivery an exit interrupted (IDT-vectoring
 //!   information) is re-injected at the next entry by [`reinject`], which
 //!   the backend's `enter` calls after every exit.
@@ -132,7 +133,8 @@ fn guest_cr0() -> u64 {
 }
 
 fn guest_cr4() -> u64 {
-    (read(guest::CR4) & !CR4_HOST_OWNED) | (read(control::CR4_READ_SHADOW) & CR4_HOST_OWNED)
+    let mask = read(control::CR4_GUEST_HOST_MASK);
+    (read(guest::CR4) & !mask) | (read(control::CR4_READ_SHADOW) & mask)
 }
 
 fn write_segment((selector, base, limit, rights): (u32, u32, u32, u32), segment: &SegmentState) {
@@ -317,7 +319,12 @@ impl PlatformBackend for Vmx {
         write(control::VMEXIT_MSR_LOAD_COUNT, 0);
         write(control::TSC_OFFSET_FULL, 0);
         write(control::CR0_GUEST_HOST_MASK, CR0_HOST_OWNED);
-        write(control::CR4_GUEST_HOST_MASK, CR4_HOST_OWNED);
+        let cr4_host_owned = if features.pcid {
+            CR4_HOST_OWNED
+        } else {
+            CR4_HOST_OWNED | CR4_PCIDE
+        };
+        write(control::CR4_GUEST_HOST_MASK, cr4_host_owned);
         write(guest::IA32_PAT_FULL, 0x0007_0406_0007_0406);
         write(guest::IA32_DEBUGCTL_FULL, 0);
         write(guest::IA32_SYSENTER_CS, 0);
@@ -573,12 +580,14 @@ impl PlatformBackend for Vmx {
     }
 
     fn write_cr4(value: u64) -> Result<Option<NeedPdptes>, Fault> {
-        // Only writes that set VMXE or SMXE exit: hv offers neither.
-        if value & CR4_HOST_OWNED != 0 {
+        // Only writes that set a bit hv owns exit, and hv offers none of
+        // them (VMXE, SMXE, PCIDE without PCIDs).
+        let mask = read(control::CR4_GUEST_HOST_MASK);
+        if value & mask != 0 {
             return Err(Fault::GP);
         }
         write(guest::CR4, value | CR4_VMXE);
-        write(control::CR4_READ_SHADOW, value & CR4_HOST_OWNED);
+        write(control::CR4_READ_SHADOW, 0);
         Ok(None)
     }
 
