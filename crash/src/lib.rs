@@ -11,6 +11,8 @@
 //!   stores, and the crash walk that VMCLEARs them.
 //! - [`shootdown`]: the coordinator election, each CPU's crash handler, and
 //!   the timed rendezvous that names the CPUs that did not answer.
+//! - [`svm`]: the same crash path on SVM: the VMCBs on the same lists, and
+//!   how a CPU leaves SVM (STGI, EFER.SVME off, VM_HSAVE_PA 0).
 //! - [`cpuset`]: the fixed-size CPU bitmap both use.
 //!
 //! # How the kernel uses it
@@ -61,6 +63,7 @@ pub mod accounting;
 pub mod cpuset;
 pub mod loaded_vmcs;
 pub mod shootdown;
+pub mod svm;
 
 #[cfg(test)]
 mod fake;

@@ -39,7 +39,9 @@ use core::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use crate::cpuset::CpuSet;
 use crate::loaded_vmcs::{VmclearAll, VmcsArena, Vmx, WalkEnd};
 
-const NO_CPU: u32 = u32::MAX;
+/// The coordinator word holds a CPU index plus one; 0 means "no crash
+/// yet", so that a coordinator in a `static` starts all zero (in .bss).
+const NO_CPU: u32 = 0;
 
 /// How many consecutive polls of the rendezvous may read the same time
 /// before the clock is declared stalled and the wait ends. About a million
@@ -160,6 +162,16 @@ pub trait CrashHardware: Vmx {
     /// Software-disables the local APIC, so that the capture kernel starts
     /// with no interrupt from the old world pending on this CPU.
     fn disable_local_apic(&mut self);
+    /// Whether the CPU runs guests with SVM instead (EFER.SVME set): then
+    /// step 2 walks its list too, each entry a VMCB and each "VMCLEAR" the
+    /// SVM clear (see [`crate::svm`]). `false` where there is no SVM.
+    fn svm_enabled(&mut self) -> bool {
+        false
+    }
+    /// Step 3 on SVM: STGI, EFER.SVME off, VM_HSAVE_PA 0, recorded apart
+    /// from the VMX ledger ([`crate::svm::SvmLedgers::leave`]). Nothing
+    /// where there is no SVM.
+    fn leave_svm(&mut self, _cpu: usize) {}
 }
 
 /// Microsecond time for the rendezvous (the TSC, or a fake in tests).
@@ -384,7 +396,9 @@ impl CrashSlot {
             vmcs_stranded: AtomicU32::new(0),
             walk_end: AtomicU64::new(0),
             vmx_exit: AtomicU8::new(0),
-            observed_after_us: AtomicU64::new(u64::MAX),
+            // Stored plus one, so that the slot starts all zero (a static
+            // of them lands in .bss, not in an image's data).
+            observed_after_us: AtomicU64::new(0),
         }
     }
 
@@ -445,7 +459,7 @@ impl<const CPUS: usize> CrashCoordinator<CPUS> {
     /// for "this NMI is the crash shootdown".
     pub fn coordinator(&self) -> Option<usize> {
         let raw = self.coordinator.load(Ordering::Acquire);
-        (raw != NO_CPU).then_some(raw as usize)
+        raw.checked_sub(1).map(|cpu| cpu as usize)
     }
 
     /// The first step of every CPU entering the crash path (a panic, a fatal
@@ -463,7 +477,7 @@ impl<const CPUS: usize> CrashCoordinator<CPUS> {
             return Role::ReEntered { coordinator };
         }
         // NO_CPU means "no crash yet": no index may be confused with it.
-        let me = cpu.min(NO_CPU as usize - 1) as u32;
+        let me = cpu.min(u32::MAX as usize - 1) as u32 + 1;
         match self
             .coordinator
             .compare_exchange(NO_CPU, me, Ordering::AcqRel, Ordering::Acquire)
@@ -471,10 +485,10 @@ impl<const CPUS: usize> CrashCoordinator<CPUS> {
             Ok(_) => Role::Coordinator,
             // Only for a CPU without a slot: no status bit to tell us.
             Err(winner) if winner == me => Role::ReEntered {
-                coordinator: winner as usize,
+                coordinator: winner as usize - 1,
             },
             Err(winner) => Role::Responder {
-                coordinator: winner as usize,
+                coordinator: winner as usize - 1,
             },
         }
     }
@@ -490,6 +504,8 @@ impl<const CPUS: usize> CrashCoordinator<CPUS> {
     ///    ([`VmcsArena::crash_vmclear_all`]); if clear, VMCLEAR would #UD, so
     ///    only count the entries (Linux skips the same way);
     /// 3. if CR4.VMXE is set, VMXOFF, tolerating #UD, then clear CR4.VMXE;
+    ///    on SVM (EFER.SVME instead of CR4.VMXE, step 2 walking VMCBs),
+    ///    leave SVM ([`CrashHardware::leave_svm`]);
     /// 4. disable the local APIC;
     /// 5. check in.
     ///
@@ -528,9 +544,11 @@ impl<const CPUS: usize> CrashCoordinator<CPUS> {
         };
 
         let vmxe = hw.cr4_vmxe();
+        // A CPU runs guests with VMX or with SVM, never both.
+        let svme = !vmxe && hw.svm_enabled();
         let walk = if done & WALKED != 0 {
             WalkStep::DoneEarlier
-        } else if vmxe {
+        } else if vmxe || svme {
             let walk = lists.crash_vmclear_all(cpu, hw);
             if let Some(slot) = slot {
                 slot.vmcs_visited.store(walk.visited, Ordering::Relaxed);
@@ -563,6 +581,8 @@ impl<const CPUS: usize> CrashCoordinator<CPUS> {
                 vmx
             }
         };
+
+        hw.leave_svm(cpu);
 
         // Harmless to repeat, so not skipped on a re-run.
         hw.disable_local_apic();
@@ -634,7 +654,8 @@ impl<const CPUS: usize> CrashCoordinator<CPUS> {
                     pending.remove(cpu);
                     let _ = checked_in.insert(cpu);
                     elapsed_us = now.saturating_sub(start);
-                    slot.observed_after_us.store(elapsed_us, Ordering::Relaxed);
+                    slot.observed_after_us
+                        .store(elapsed_us.saturating_add(1), Ordering::Relaxed);
                 }
             }
             if pending.is_empty() {
@@ -664,8 +685,10 @@ impl<const CPUS: usize> CrashCoordinator<CPUS> {
             match give_up(slot) {
                 GiveUp::CheckedInJustNow => {
                     let _ = checked_in.insert(cpu);
-                    slot.observed_after_us
-                        .store(now.saturating_sub(start), Ordering::Relaxed);
+                    slot.observed_after_us.store(
+                        now.saturating_sub(start).saturating_add(1),
+                        Ordering::Relaxed,
+                    );
                 }
                 GiveUp::Straggler { in_handler } => {
                     let _ = stragglers.insert(cpu);
@@ -719,7 +742,7 @@ impl<const CPUS: usize> CrashCoordinator<CPUS> {
             status,
             regs,
             ledger,
-            observed_after_us: (observed != u64::MAX).then_some(observed),
+            observed_after_us: observed.checked_sub(1),
         })
     }
 

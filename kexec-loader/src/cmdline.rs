@@ -73,6 +73,51 @@ impl fmt::Display for CmdlineError {
     }
 }
 
+/// The CPU words an x86 capture kernel gets, as kexec-tools gives them,
+/// where the user's arguments do not set them: `nr_cpus=` the CPUs that
+/// may come up (every CPU the crashed hypervisor ran: they all left VMX
+/// and parked, so the capture kernel may start them again), and
+/// `disable_cpu_apicid=` the old boot CPU's APIC ID, because an INIT to a
+/// boot CPU sends it to the firmware's reset vector, which on some
+/// platforms resets the machine. Linux ignores the latter when it runs on
+/// that very CPU. Written as words, each after a space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuWords {
+    /// `nr_cpus=`, unless the user set it (or `maxcpus=`).
+    pub nr_cpus: Option<u32>,
+    /// `disable_cpu_apicid=`, unless the user set it.
+    pub disable_cpu_apicid: Option<u32>,
+}
+
+impl CpuWords {
+    /// The words to add to `user_args` for a machine of `cpus` CPUs whose
+    /// boot CPU has APIC ID `boot_cpu_apic_id`.
+    pub fn new(user_args: &str, cpus: u32, boot_cpu_apic_id: u32) -> Self {
+        let has = |key: &str| {
+            user_args.split_ascii_whitespace().any(|word| {
+                word.strip_prefix(key)
+                    .is_some_and(|rest| rest.starts_with('='))
+            })
+        };
+        Self {
+            nr_cpus: (!has("nr_cpus") && !has("maxcpus")).then_some(cpus.max(1)),
+            disable_cpu_apicid: (!has("disable_cpu_apicid")).then_some(boot_cpu_apic_id),
+        }
+    }
+}
+
+impl fmt::Display for CpuWords {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(cpus) = self.nr_cpus {
+            write!(f, " nr_cpus={cpus}")?;
+        }
+        if let Some(apic_id) = self.disable_cpu_apicid {
+            write!(f, " disable_cpu_apicid={apic_id}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Counts what would be written.
 struct Counter(usize);
 
@@ -156,6 +201,22 @@ pub fn write_capture_cmdline(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn cpu_words_are_added_unless_the_user_gave_them() {
+        let words = |user: &str| std::format!("{}", CpuWords::new(user, 8, 3));
+        assert_eq!(words("console=ttyS0"), " nr_cpus=8 disable_cpu_apicid=3");
+        assert_eq!(words(""), " nr_cpus=8 disable_cpu_apicid=3");
+        assert_eq!(words("a nr_cpus=1 b"), " disable_cpu_apicid=3");
+        assert_eq!(words("maxcpus=2"), " disable_cpu_apicid=3");
+        assert_eq!(words("disable_cpu_apicid=0 nr_cpus=1"), "");
+        // Only whole keys count.
+        assert_eq!(
+            words("my_nr_cpus=4 nr_cpus_x=2"),
+            " nr_cpus=8 disable_cpu_apicid=3"
+        );
+        assert_eq!(CpuWords::new("", 0, 0).nr_cpus, Some(1));
+    }
     use super::*;
 
     const HDR: PhysRange = PhysRange::new(0x4040_0000, 0x3000);

@@ -5,8 +5,10 @@
 //! `Elf64_Ehdr` (64 bytes), then the program headers (56 bytes each: one
 //! `PT_NOTE`, then one `PT_LOAD` per memory segment), then the notes (each
 //! 4-byte aligned: one `NT_PRSTATUS` named "CORE" per CPU, in the order
-//! given, then the hypervisor's [`crate::crash_note`]), then an empty note
-//! header (12 zero bytes) that ends the list.
+//! given; when the hypervisor's [`LoadedImage`] is given, an `NT_AUXV` and
+//! an `NT_FILE` note named "CORE" that tell drgn where hv's ELF headers are
+//! in memory ([`image`]); then the hypervisor's [`crate::crash_note`]), then
+//! an empty note header (12 zero bytes) that ends the list.
 //!
 //! # Two placements of the same header
 //! - [`Placement::OldMemory`]: the header as the crash path leaves it in
@@ -37,6 +39,11 @@ use core::ops::Range;
 use crate::bytes::{self, OutOfBounds, align_up, align_up_usize, u16_at, u32_at, u64_at};
 use crate::crash_note::{CRASH_NOTE_NAME, CrashNote, CrashNoteError, CrashRecord, NT_HV_CRASH};
 
+pub mod image;
+pub use image::{
+    AUXV_DESC_LEN, FileMapping, ImageError, ImageNotes, LoadedImage, NT_AUXV, NT_FILE, NtFile,
+};
+
 /// Size of `Elf64_Ehdr`.
 pub const EHDR_LEN: usize = 64;
 /// Size of `Elf64_Phdr`.
@@ -53,6 +60,13 @@ pub const ELFCLASS64: u8 = 2;
 pub const ELFDATA2LSB: u8 = 1;
 /// `EV_CURRENT`.
 pub const EV_CURRENT: u8 = 1;
+/// `e_ident[EI_OSABI]` of the core: `ELFOSABI_GNU` (also called
+/// `ELFOSABI_LINUX`). Linux writes `ELFOSABI_NONE` in its own cores, and
+/// lldb then refuses them ("Unsupported OS") unless a note names Linux;
+/// with this one it opens hv's dumps as the Linux-layout cores they are.
+/// Nobody else reads the byte: Linux's `/proc/vmcore`, gdb, drgn and
+/// makedumpfile take the core as before.
+pub const ELFOSABI_GNU: u8 = 3;
 /// Program header type: loadable segment.
 pub const PT_LOAD: u32 = 1;
 /// Program header type: notes.
@@ -155,6 +169,8 @@ pub enum ElfCoreError {
     DuplicateCpu(u32),
     /// The crash note could not be written or read.
     CrashNote(CrashNoteError),
+    /// An `NT_FILE` or `NT_AUXV` note is malformed.
+    Image(ImageError),
     /// The header's size overflows.
     TooLarge,
     /// The input ends before `needed` bytes.
@@ -204,6 +220,12 @@ impl From<CrashNoteError> for ElfCoreError {
     }
 }
 
+impl From<ImageError> for ElfCoreError {
+    fn from(e: ImageError) -> Self {
+        Self::Image(e)
+    }
+}
+
 impl fmt::Display for ElfCoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
@@ -229,6 +251,7 @@ impl fmt::Display for ElfCoreError {
             }
             Self::DuplicateCpu(cpu) => write!(f, "CPU {cpu} has two NT_PRSTATUS notes"),
             Self::CrashNote(e) => write!(f, "crash note: {e}"),
+            Self::Image(e) => write!(f, "image notes: {e}"),
             Self::TooLarge => write!(f, "the core header is too large"),
             Self::Truncated { needed, len } => {
                 write!(f, "truncated: {len} bytes, {needed} needed")
@@ -274,20 +297,27 @@ pub fn note_len(name_len: usize, desc_len: usize) -> Option<usize> {
 }
 
 /// Bytes [`write_core_header`] needs for `cpu_count` CPUs, `segment_count`
-/// segments and a crash note descriptor of `crash_desc_len` bytes
-/// ([`crate::crash_note::desc_len_for`]): size the core-header region at
-/// boot with the worst case.
+/// segments, a crash note descriptor of `crash_desc_len` bytes
+/// ([`crate::crash_note::desc_len_for`]) and the image's notes, if any:
+/// size the core-header region at boot with the worst case.
 pub fn core_header_len(
     cpu_count: usize,
     segment_count: usize,
     crash_desc_len: usize,
+    image: Option<&LoadedImage<'_>>,
 ) -> Option<usize> {
     let phdrs = segment_count.checked_add(1)?.checked_mul(PHDR_LEN)?;
     let cpu_notes = note_len(CORE_NOTE_NAME.len(), PRSTATUS_LEN)?.checked_mul(cpu_count)?;
     let crash_note = note_len(CRASH_NOTE_NAME.len(), crash_desc_len)?;
+    let image_notes = match image {
+        Some(image) => note_len(CORE_NOTE_NAME.len(), AUXV_DESC_LEN)?
+            .checked_add(note_len(CORE_NOTE_NAME.len(), image.nt_file_desc_len())?)?,
+        None => 0,
+    };
     EHDR_LEN
         .checked_add(phdrs)?
         .checked_add(cpu_notes)?
+        .checked_add(image_notes)?
         .checked_add(crash_note)?
         .checked_add(NHDR_LEN)
 }
@@ -385,6 +415,7 @@ fn put_ehdr(out: &mut [u8], phnum: u16) -> Result<(), OutOfBounds> {
     ident[4] = ELFCLASS64;
     ident[5] = ELFDATA2LSB;
     ident[6] = EV_CURRENT;
+    ident[7] = ELFOSABI_GNU;
     bytes::put(out, 0, &ident)?;
     bytes::put_u16(out, 16, ET_CORE)?;
     bytes::put_u16(out, 18, EM_X86_64)?;
@@ -408,20 +439,23 @@ fn file_data_offset(header_len: usize) -> Result<u64, ElfCoreError> {
 }
 
 /// Writes the core header for `cpus` (gdb's first thread is the first CPU:
-/// put the one that crashed first), the `crash` record and `segments`
-/// (sorted by physical address, disjoint) into `out`. Nothing is written
+/// put the one that crashed first), the `crash` record, `segments` (sorted
+/// by physical address, disjoint) and the hypervisor's loaded `image` (its
+/// `NT_AUXV` and `NT_FILE` notes, for drgn) into `out`. Nothing is written
 /// unless everything fits and is valid.
 pub fn write_core_header(
     out: &mut [u8],
     cpus: &[CpuState],
     crash: &CrashRecord<'_>,
     segments: &[MemorySegment],
+    image: Option<&LoadedImage<'_>>,
     placement: Placement,
 ) -> Result<CoreHeaderLayout, ElfCoreError> {
     use ElfCoreError as E;
     validate_inputs(cpus, segments)?;
     let crash_desc_len = crash.desc_len()?;
-    let len = core_header_len(cpus.len(), segments.len(), crash_desc_len).ok_or(E::TooLarge)?;
+    let len =
+        core_header_len(cpus.len(), segments.len(), crash_desc_len, image).ok_or(E::TooLarge)?;
     let out_len = out.len();
     let out = out.get_mut(..len).ok_or(E::BufferTooSmall {
         needed: len,
@@ -453,6 +487,26 @@ pub fn write_core_header(
                 }
                 Ok(())
             },
+        )?;
+    }
+    if let Some(image) = image {
+        at = put_note(
+            out,
+            at,
+            CORE_NOTE_NAME,
+            NT_AUXV,
+            AUXV_DESC_LEN,
+            too_small,
+            |desc| image.write_auxv(desc).map_err(too_small),
+        )?;
+        at = put_note(
+            out,
+            at,
+            CORE_NOTE_NAME,
+            NT_FILE,
+            image.nt_file_desc_len(),
+            too_small,
+            |desc| image.write_nt_file(desc).map_err(too_small),
         )?;
     }
     at = put_note(
@@ -744,6 +798,12 @@ impl<'a> CoreDump<'a> {
             if note.name == CRASH_NOTE_NAME.as_bytes() && note.n_type == NT_HV_CRASH {
                 CrashNote::parse(note.desc)?;
             }
+            if note.name == CORE_NOTE_NAME.as_bytes() && note.n_type == NT_FILE {
+                NtFile::parse(note.desc)?;
+            }
+            if note.name == CORE_NOTE_NAME.as_bytes() && note.n_type == NT_AUXV {
+                image::read_auxv(note.desc)?;
+            }
             at = next;
         }
         Ok(Self {
@@ -811,6 +871,23 @@ impl<'a> CoreDump<'a> {
                     regs: CpuRegisters::from_array(regs),
                 }
             })
+    }
+
+    /// The image the dump describes (its `NT_AUXV` and `NT_FILE` notes,
+    /// validated by `parse`), if it has both.
+    pub fn image_notes(&self) -> Option<ImageNotes<'a>> {
+        let core_note = |n_type: u32| {
+            self.notes()
+                .find(move |n| n.name == CORE_NOTE_NAME.as_bytes() && n.n_type == n_type)
+        };
+        let (phdr_addr, phnum, entry) = image::read_auxv(core_note(NT_AUXV)?.desc).ok()?;
+        let files = NtFile::parse(core_note(NT_FILE)?.desc).ok()?;
+        Some(ImageNotes {
+            phdr_addr,
+            phnum,
+            entry,
+            files,
+        })
     }
 
     /// The hypervisor's crash note, if there is one (validated by `parse`).

@@ -56,7 +56,7 @@ fn load(image_bytes: &[u8], initrd: &[u8]) -> Result<Loaded, Error> {
     let image = BzImage::parse(image_bytes)?;
     let crash_desc = crash_note::desc_len_for(MAX_REASON, MAX_CPUS, MAX_CPUS, MAX_VMCLEARS)
         .expect("small limits");
-    let header_len = elfcore::core_header_len(MAX_CPUS, MAX_SEGMENTS, crash_desc).unwrap();
+    let header_len = elfcore::core_header_len(MAX_CPUS, MAX_SEGMENTS, crash_desc, None).unwrap();
     let layout = CaptureLayout::plan(RESERVATION, &image, initrd.len() as u64, header_len as u64)?;
     let mut memory = Reservation::new();
     memory
@@ -137,6 +137,7 @@ fn crash(loaded: &mut Loaded) -> Result<u64, Error> {
         &cpus,
         &record,
         &segments,
+        None,
         Placement::OldMemory { header_phys },
     )?;
     loaded

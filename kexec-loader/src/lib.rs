@@ -12,6 +12,8 @@
 //! - [`elfcore`]: writes and reads the ELF core header (`/proc/vmcore` and
 //!   `gdb` read it), with [`crash_note`] for the hypervisor's private note;
 //! - [`digest`]: SHA-256 of every loaded segment, verified before the jump;
+//! - [`purgatory`]: the purgatory area (blob, tables, its own digest
+//!   table, seal), and the kernel's own sealed copy of the table;
 //! - [`pvh`]: the other capture kernel, hv itself in capture mode: its ELF
 //!   image, its placement and its PVH start info and memory map;
 //! - [`segments`]: the RAM a dump describes, as the core header's segments.
@@ -48,6 +50,7 @@ pub use hv_abi::crash_note;
 pub mod digest;
 pub mod elfcore;
 pub mod layout;
+pub mod purgatory;
 pub mod pvh;
 pub mod segments;
 
@@ -142,6 +145,8 @@ pub enum Error {
     Verify(digest::VerifyError),
     /// The hv capture image or its PVH boot data was rejected.
     Pvh(pvh::PvhLoadError),
+    /// The purgatory area could not be built.
+    Purgatory(purgatory::BuildError),
     /// The dump's segment list could not be built.
     Segments(segments::SegmentsError),
 }
@@ -158,6 +163,7 @@ impl fmt::Display for Error {
             Self::Digest(e) => write!(f, "segment digest: {e}"),
             Self::Verify(e) => write!(f, "purgatory check: {e}"),
             Self::Pvh(e) => write!(f, "hv capture image: {e}"),
+            Self::Purgatory(e) => write!(f, "purgatory: {e}"),
             Self::Segments(e) => write!(f, "dump segments: {e}"),
         }
     }
@@ -183,6 +189,7 @@ impl_from!(
     Digest(digest::DigestError),
     Verify(digest::VerifyError),
     Pvh(pvh::PvhLoadError),
+    Purgatory(purgatory::BuildError),
     Segments(segments::SegmentsError),
 );
 

@@ -173,6 +173,14 @@ pub enum PvhLoadError {
         /// The reservation.
         reservation: PhysRange,
     },
+    /// The keep-out range is not inside the reservation, or overlaps the
+    /// core header region.
+    BadKeepOut {
+        /// The range.
+        keep_out: PhysRange,
+        /// The reservation.
+        reservation: PhysRange,
+    },
     /// The reservation is not all RAM in the firmware map.
     ReservationNotRam(BootParamsError),
     /// The boot data's physical address is not 8-byte aligned.
@@ -309,6 +317,14 @@ impl fmt::Display for PvhLoadError {
                 f,
                 "the ELF core header region {elfcorehdr} is empty, not page-aligned or outside \
                  the reservation {reservation}"
+            ),
+            Self::BadKeepOut {
+                keep_out,
+                reservation,
+            } => write!(
+                f,
+                "the keep-out range {keep_out} is outside the reservation {reservation} or \
+                 overlaps the ELF core header region"
             ),
             Self::ReservationNotRam(error) => write!(f, "{error}"),
             Self::BootDataMisaligned(addr) => {
@@ -697,6 +713,10 @@ pub struct BootDataConfig<'a> {
     pub reservation: PhysRange,
     /// The core header region ([`PvhLayout::elfcorehdr`]).
     pub elfcorehdr: PhysRange,
+    /// A part of the reservation the capture image must not allocate from
+    /// (the purgatory area, whose IDT it still runs on at entry): marked
+    /// reserved in its map. Empty for none.
+    pub keep_out: PhysRange,
     /// The ACPI RSDP, if known.
     pub rsdp: Option<u64>,
     /// The capture image's command line, formatted straight into the
@@ -710,6 +730,7 @@ impl fmt::Debug for BootDataConfig<'_> {
             .field("firmware", &self.firmware)
             .field("reservation", &self.reservation)
             .field("elfcorehdr", &self.elfcorehdr)
+            .field("keep_out", &self.keep_out)
             .field("rsdp", &self.rsdp)
             .field("cmdline", &format_args!("{}", self.cmdline))
             .finish()
@@ -737,6 +758,7 @@ fn for_each_memmap_entry(
     firmware: &[E820Entry],
     reservation: PhysRange,
     elfcorehdr: PhysRange,
+    keep_out: PhysRange,
     mut emit: impl FnMut(MemmapEntry),
 ) {
     let mut add = |addr: u64, end: u64, kind: u32| {
@@ -748,9 +770,10 @@ fn for_each_memmap_entry(
             });
         }
     };
-    // Both ends checked by the caller.
+    // All ends checked by the caller.
     let reservation_end = reservation.start + reservation.len;
     let header_end = elfcorehdr.start + elfcorehdr.len;
+    let keep_end = keep_out.start + keep_out.len;
     for entry in firmware {
         let end = entry.addr.saturating_add(entry.size);
         let kind = if entry.kind == E820_RAM {
@@ -761,9 +784,20 @@ fn for_each_memmap_entry(
         add(entry.addr, end.min(reservation.start), kind);
         add(entry.addr.max(reservation_end), end, kind);
     }
-    add(reservation.start, elfcorehdr.start, E820_RAM);
+    // RAM in the reservation, less the keep-out range (which the caller
+    // checked does not overlap the header).
+    let mut add_ram = |start: u64, end: u64| {
+        if keep_out.len == 0 || keep_end <= start || keep_out.start >= end {
+            add(start, end, E820_RAM);
+        } else {
+            add(start, keep_out.start.max(start), E820_RAM);
+            add(keep_out.start.max(start), keep_end.min(end), E820_RESERVED);
+            add(keep_end.min(end), end, E820_RAM);
+        }
+    };
+    add_ram(reservation.start, elfcorehdr.start);
+    add_ram(header_end, reservation_end);
     add(elfcorehdr.start, header_end, E820_RESERVED);
-    add(header_end, reservation_end, E820_RAM);
 }
 
 /// Counts what would be written.
@@ -791,6 +825,7 @@ pub fn write_boot_data(
         firmware,
         reservation,
         elfcorehdr,
+        keep_out,
         ..
     } = *config;
     let reservation_end = match reservation.end() {
@@ -800,6 +835,12 @@ pub fn write_boot_data(
     if elfcorehdr.len == 0 || !elfcorehdr.is_page_aligned() || !reservation.contains(&elfcorehdr) {
         return Err(E::BadCoreHeaderRange {
             elfcorehdr,
+            reservation,
+        });
+    }
+    if keep_out.len > 0 && (!reservation.contains(&keep_out) || keep_out.overlaps(&elfcorehdr)) {
+        return Err(E::BadKeepOut {
+            keep_out,
             reservation,
         });
     }
@@ -815,7 +856,7 @@ pub fn write_boot_data(
         .ok_or(E::BootDataOutOfReach(out_phys))?;
 
     let mut needed = 0usize;
-    for_each_memmap_entry(firmware, reservation, elfcorehdr, |_| needed += 1);
+    for_each_memmap_entry(firmware, reservation, elfcorehdr, keep_out, |_| needed += 1);
     let capacity = out.len().saturating_sub(START_INFO_LEN) / MEMMAP_ENTRY_LEN;
     let entries = u32::try_from(needed)
         .ok()
@@ -840,7 +881,7 @@ pub fn write_boot_data(
     // Everything fits: write.
     let memmap = &mut out[memmap_offset..cmdline_offset];
     let mut written = 0;
-    for_each_memmap_entry(firmware, reservation, elfcorehdr, |entry| {
+    for_each_memmap_entry(firmware, reservation, elfcorehdr, keep_out, |entry| {
         if let Some(slot) = memmap.get_mut(written..written + MEMMAP_ENTRY_LEN) {
             // The slot is MEMMAP_ENTRY_LEN bytes: cannot fail.
             let _ = entry.encode(slot);
@@ -1489,6 +1530,7 @@ pub(crate) mod tests {
             firmware,
             reservation: reservation(),
             elfcorehdr: PhysRange::new(GIB + 0x8000, 0x3000),
+            keep_out: PhysRange::new(GIB + 256 * MIB - 0x1_0000, 0x1_0000),
             rsdp: Some(0xf_5a40),
             cmdline,
         }
@@ -1525,7 +1567,8 @@ pub(crate) mod tests {
                 e(0x10_0000, GIB - 0x10_0000, 2),
                 e(GIB, 0x8000, 1),
                 e(GIB + 0x8000, 0x3000, 2),
-                e(GIB + 0xb000, 256 * MIB - 0xb000, 1),
+                e(GIB + 0xb000, 256 * MIB - 0xb000 - 0x1_0000, 1),
+                e(GIB + 256 * MIB - 0x1_0000, 0x1_0000, 2),
                 e(GIB + 256 * MIB, 2 * GIB - 256 * MIB - 2 * MIB, 2),
                 e(3 * GIB - 2 * MIB, MIB, 3),
                 e(3 * GIB - MIB, MIB, 4),
@@ -1556,7 +1599,8 @@ pub(crate) mod tests {
                 (0x10_0000, GIB - 0x10_0000, 2),
                 (GIB, 0x8000, 1),
                 (GIB + 0x8000, 0x3000, 2),
-                (GIB + 0xb000, 256 * MIB - 0xb000, 1),
+                (GIB + 0xb000, 256 * MIB - 0xb000 - 0x1_0000, 1),
+                (GIB + 256 * MIB - 0x1_0000, 0x1_0000, 2),
                 (GIB + 256 * MIB, GIB - 256 * MIB + 0x10_0000, 2),
                 (3 * GIB, MIB, 2),
                 (3 * GIB + 2 * MIB, MIB, 5),
@@ -1581,7 +1625,7 @@ pub(crate) mod tests {
         assert_eq!(
             error,
             PvhLoadError::TooManyMemmapEntries {
-                needed: 412,
+                needed: 413,
                 capacity: (0x2000 - 56) / 24
             }
         );
@@ -1590,7 +1634,7 @@ pub(crate) mod tests {
         let mut big = vec![0u8; 0x3000];
         write_boot_data(&mut big, DATA, &config(&firmware, &"x")).unwrap();
         let (_, map, _) = decode_back(&big, DATA);
-        assert_eq!(map.len(), 412);
+        assert_eq!(map.len(), 413);
         assert!(map.windows(2).all(|w| w[0].addr <= w[1].addr), "sorted");
         assert_eq!(map.last().unwrap().addr, 16 * GIB + 399 * 0x10_0000);
     }
@@ -1598,7 +1642,7 @@ pub(crate) mod tests {
     #[test]
     fn a_command_line_that_does_not_fit_or_holds_a_nul_is_refused() {
         let firmware = firmware_map();
-        let used = 56 + 12 * 24;
+        let used = 56 + 13 * 24;
         let mut out = vec![0u8; used + 8];
         // 7 bytes and the NUL fit exactly.
         let data = write_boot_data(&mut out, DATA, &config(&firmware, &"1234567")).unwrap();
@@ -1649,11 +1693,26 @@ pub(crate) mod tests {
                 }
             );
         }
+        for keep_out in [
+            PhysRange::new(GIB - 0x1000, 0x2000),
+            PhysRange::new(GIB + 0x9000, 0x1000),
+            PhysRange::new(GIB + 256 * MIB, 0x1000),
+        ] {
+            let cfg = BootDataConfig { keep_out, ..cfg };
+            assert_eq!(
+                write_boot_data(&mut out, DATA, &cfg).unwrap_err(),
+                E::BadKeepOut {
+                    keep_out,
+                    reservation: reservation()
+                }
+            );
+        }
         // A reservation over the ACPI tables, or over a hole.
         let over_acpi = PhysRange::new(3 * GIB - 4 * MIB, 4 * MIB);
         let cfg = BootDataConfig {
             reservation: over_acpi,
             elfcorehdr: PhysRange::new(3 * GIB - 4 * MIB, 0x1000),
+            keep_out: PhysRange::new(0, 0),
             ..cfg
         };
         assert!(matches!(
@@ -1727,6 +1786,10 @@ pub(crate) mod tests {
             E::BadReservation(r),
             E::BadCoreHeaderRange {
                 elfcorehdr: r,
+                reservation: r,
+            },
+            E::BadKeepOut {
+                keep_out: r,
                 reservation: r,
             },
             E::ReservationNotRam(BootParamsError::ReservationNotRam {

@@ -154,6 +154,11 @@ fn exercise_dump(dump: &CoreDump<'_>) {
     for segment in dump.load_segments() {
         let _ = dump.segment_data(&segment);
     }
+    if let Some(image) = dump.image_notes() {
+        for (mapping, name) in image.files.entries() {
+            let _ = (mapping.start, mapping.end, mapping.file_offset, name.len());
+        }
+    }
     let mut out = vec![0u8; 64 * 1024];
     if let Ok(layout) = dump.write_file_header(&mut out) {
         // What we write, we must read back.
@@ -192,6 +197,64 @@ fn mutated_old_memory_headers_never_panic_the_reader() {
             accepted += 1;
             exercise_dump(&dump);
         }
+    }
+    assert!(accepted > ITERATIONS / 20, "only {accepted} mutants parsed");
+}
+
+#[test]
+fn mutated_dumps_with_image_notes_never_panic_the_reader() {
+    let (valid, layout) = elfcore::tests::loaded_image::write_with_image(Placement::File);
+    let dump = CoreDump::parse(&valid).unwrap();
+    assert!(dump.image_notes().is_some());
+    exercise_dump(&dump);
+    let mut rng = XorShift::new(0x6e74_6669_6c65);
+    let mut accepted = 0;
+    // The image notes sit between the CPU notes and the crash note.
+    let image_notes = layout.notes.start + 3 * (12 + 8 + 336)..layout.notes.end;
+    for _ in 0..ITERATIONS {
+        let input = mutate(&mut rng, &valid, image_notes.clone());
+        if let Ok(dump) = CoreDump::parse(&input) {
+            accepted += 1;
+            exercise_dump(&dump);
+        }
+    }
+    assert!(accepted > ITERATIONS / 20, "only {accepted} mutants parsed");
+}
+
+#[test]
+fn mutated_image_headers_never_panic_and_keep_their_invariants() {
+    use crate::elfcore::image::{MAPPING_PAGE, MAX_IMAGE_MAPPINGS};
+    use crate::elfcore::tests::loaded_image::{LOAD_ADDR, image_bytes};
+    use crate::elfcore::{LoadedImage, core_header_len, write_core_header};
+    let valid = image_bytes();
+    let mut rng = XorShift::new(0x6876_6864_7273);
+    let mut accepted = 0;
+    for _ in 0..ITERATIONS {
+        let input = mutate(&mut rng, &valid, 0..valid.len());
+        let Ok(image) = LoadedImage::from_loaded_headers("hv", LOAD_ADDR, &input) else {
+            continue;
+        };
+        accepted += 1;
+        assert!(image.mappings().len() <= MAX_IMAGE_MAPPINGS);
+        for mapping in image.mappings() {
+            assert!(mapping.start < mapping.end);
+            assert_eq!(mapping.start % MAPPING_PAGE, 0);
+            assert_eq!(mapping.end % MAPPING_PAGE, 0);
+            assert_eq!(mapping.file_offset % MAPPING_PAGE, 0);
+        }
+        // Whatever parsed must write a core that reads back.
+        let len = core_header_len(0, 0, 0, Some(&image)).unwrap();
+        elfcore::tests::with_crash_record(|record| {
+            let len = len + record.desc_len().unwrap();
+            let mut out = vec![0u8; len];
+            let layout =
+                write_core_header(&mut out, &[], record, &[], Some(&image), Placement::File)
+                    .unwrap();
+            let dump = CoreDump::parse(&out[..layout.len]).unwrap();
+            let notes = dump.image_notes().unwrap();
+            assert_eq!(notes.phdr_addr, image.phdr_addr());
+            assert_eq!(notes.files.entries().count(), image.mappings().len());
+        });
     }
     assert!(accepted > ITERATIONS / 20, "only {accepted} mutants parsed");
 }
@@ -285,6 +348,7 @@ fn exercise_pvh_image(bytes: &[u8]) {
         firmware: &firmware,
         reservation: reservation(),
         elfcorehdr: layout.elfcorehdr,
+        keep_out: PhysRange::new(0, 0),
         rsdp: None,
         cmdline: &"capture_mode=1",
     };
@@ -363,6 +427,7 @@ fn random_firmware_maps_never_panic_the_pvh_boot_data_or_the_dump_segments() {
             firmware: &firmware,
             reservation,
             elfcorehdr,
+            keep_out: PhysRange::new(0, 0),
             rsdp: Some(0xe_0000),
             cmdline: &"capture_mode=0x40008000",
         };

@@ -47,7 +47,9 @@ impl CpuSlot {
     /// An offline slot, usable in a `static` array.
     pub const fn new() -> Self {
         Self {
-            apic_id: AtomicU32::new(u32::MAX),
+            // The APIC ID plus one (0: not assigned yet), so that a static
+            // array of slots starts all zero and lands in .bss.
+            apic_id: AtomicU32::new(0),
             state: AtomicU8::new(CpuState::Offline as u8),
             online_at_us: AtomicU64::new(0),
         }
@@ -55,12 +57,13 @@ impl CpuSlot {
 
     /// Gives the slot its CPU. Done at boot, before any AP runs.
     pub fn assign(&self, apic_id: u32) {
-        self.apic_id.store(apic_id, Ordering::Relaxed);
+        self.apic_id
+            .store(apic_id.wrapping_add(1), Ordering::Relaxed);
     }
 
     /// The APIC ID of the slot's CPU.
     pub fn apic_id(&self) -> u32 {
-        self.apic_id.load(Ordering::Relaxed)
+        self.apic_id.load(Ordering::Relaxed).wrapping_sub(1)
     }
 
     /// The slot's current state.

@@ -166,6 +166,41 @@ impl InterruptOverride {
     }
 }
 
+/// A Local APIC NMI (type 4) or Local x2APIC NMI (type 0xA) entry: which
+/// LINT pin of which processors the platform's NMI (the front-panel
+/// button, a BMC's "diag" NMI) is wired to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalNmi {
+    /// The processors' ACPI UID; `None` means all processors (UID 0xFF in
+    /// a type 4 entry, 0xFFFFFFFF in a type 0xA one).
+    pub acpi_uid: Option<u32>,
+    /// The LINT pin: 0 or 1.
+    pub lint: u8,
+    /// MPS INTI flags: polarity in bits 0-1, trigger mode in bits 2-3.
+    pub flags: u16,
+}
+
+impl LocalNmi {
+    /// Whether the entry covers the processor with this ACPI UID.
+    pub fn covers(&self, acpi_uid: u32) -> bool {
+        self.acpi_uid.is_none_or(|uid| uid == acpi_uid)
+    }
+
+    /// Polarity bits say active low (`0b11`).
+    pub fn active_low(&self) -> bool {
+        self.flags & 0b11 == 0b11
+    }
+
+    /// Trigger-mode bits say level-triggered (`0b11`).
+    pub fn level_triggered(&self) -> bool {
+        (self.flags >> 2) & 0b11 == 0b11
+    }
+}
+
+/// Local NMI entries kept; more are counted in
+/// [`Topology::dropped_local_nmis`].
+pub const MAX_LOCAL_NMIS: usize = 16;
+
 /// What the MADT says about CPUs and interrupt controllers.
 #[derive(Clone)]
 pub struct Topology {
@@ -175,6 +210,10 @@ pub struct Topology {
     ioapic_count: usize,
     overrides: [InterruptOverride; MAX_OVERRIDES],
     override_count: usize,
+    local_nmis: [LocalNmi; MAX_LOCAL_NMIS],
+    local_nmi_count: usize,
+    /// Local NMI entries beyond [`MAX_LOCAL_NMIS`], not kept.
+    pub dropped_local_nmis: u32,
     /// Physical address of the local APIC registers (after any override entry).
     pub local_apic_address: u64,
     /// PCAT_COMPAT: dual 8259 PICs are present (and must be masked).
@@ -197,6 +236,7 @@ impl fmt::Debug for Topology {
             .field("processors", &self.processors())
             .field("ioapics", &self.ioapics())
             .field("overrides", &self.overrides())
+            .field("local_nmis", &self.local_nmis())
             .field("local_apic_address", &self.local_apic_address)
             .field("legacy_pics", &self.legacy_pics)
             .field("duplicates", &self.duplicates)
@@ -240,6 +280,13 @@ impl Topology {
                 flags: 0,
             }; MAX_OVERRIDES],
             override_count: 0,
+            local_nmis: [LocalNmi {
+                acpi_uid: None,
+                lint: 0,
+                flags: 0,
+            }; MAX_LOCAL_NMIS],
+            local_nmi_count: 0,
+            dropped_local_nmis: 0,
             local_apic_address: 0,
             legacy_pics: false,
             duplicates: 0,
@@ -332,6 +379,21 @@ impl Topology {
         }
     }
 
+    fn add_local_nmi(&mut self, entry: LocalNmi) {
+        match self.local_nmis.get_mut(self.local_nmi_count) {
+            Some(slot) => {
+                *slot = entry;
+                self.local_nmi_count += 1;
+            }
+            None => self.dropped_local_nmis += 1,
+        }
+    }
+
+    /// The Local (x2)APIC NMI entries, in MADT order.
+    pub fn local_nmis(&self) -> &[LocalNmi] {
+        &self.local_nmis[..self.local_nmi_count]
+    }
+
     fn add_override(&mut self, entry: InterruptOverride) {
         match self.overrides.get_mut(self.override_count) {
             Some(slot) => {
@@ -416,6 +478,16 @@ pub unsafe fn discover<H: AcpiHandler>(handler: H, rsdp_addr: u64) -> Result<Top
             MadtEntry::LocalApicAddressOverride(e) => {
                 topology.local_apic_address = e.local_apic_address;
             }
+            MadtEntry::LocalApicNmi(e) => topology.add_local_nmi(LocalNmi {
+                acpi_uid: (e.processor_id != 0xFF).then_some(u32::from(e.processor_id)),
+                lint: e.nmi_line,
+                flags: e.flags,
+            }),
+            MadtEntry::X2ApicNmi(e) => topology.add_local_nmi(LocalNmi {
+                acpi_uid: (e.processor_uid != u32::MAX).then_some(e.processor_uid),
+                lint: e.nmi_line,
+                flags: e.flags,
+            }),
             _ => {}
         }
     }

@@ -222,9 +222,25 @@ mod blob {
         mov cr4, eax
         mov eax, [ebx + {params} + {cr3}]
         mov cr3, eax
+        /* EFER.NXE too where the CPU has NX (CPUID 0x80000001 EDX bit 20):
+           the kernel's tables mark data no-execute. CPUID clobbers EBX. */
+        mov edi, ebx
+        xor esi, esi
+        mov eax, 0x80000000
+        cpuid
+        cmp eax, 0x80000001
+        jb 2f
+        mov eax, 0x80000001
+        cpuid
+        bt edx, 20
+        jnc 2f
+        mov esi, 1 << 11
+    2:
+        mov ebx, edi
         mov ecx, 0xC0000080
         rdmsr
         or eax, 1 << 8
+        or eax, esi
         wrmsr
         mov eax, cr0
         or eax, (1 << 31) | (1 << 16) | 1

@@ -23,6 +23,12 @@ use xtask::stress::{self, CrashPlan, Plain, StressOptions};
 pub use xtask::run::{Boot, RunOutcome};
 pub use xtask::stress::StressResult;
 
+/// Whether hv's purgatory survives an NMI (it has an IDT of its own, since
+/// the purgatory rework merged from `hpurg`): before that,
+/// `point:nmi_in_purgatory` killed the machine (a triple fault). Tests
+/// that would fail for that alone look here.
+pub const PURGATORY_SURVIVES_NMIS: bool = true;
+
 /// Time allowed for one QEMU run; generous because tests share two cores.
 const QEMU_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -53,6 +59,22 @@ pub fn qemu(name: &str, boot: Boot, cpus: u32, append: &[&str]) -> RunOutcome {
         append: append.iter().map(|word| word.to_string()).collect(),
         timeout: QEMU_TIMEOUT,
         run_name: Some(name.to_owned()),
+        ..QemuOptions::new(hv_elf())
+    };
+    run::qemu(&options).unwrap_or_else(|error| panic!("QEMU run {name} could not run: {error:#}"))
+}
+
+/// Boots hv in QEMU under TCG with the CPU model `cpu_model` instead of
+/// `max` (e.g. `qemu64,-svm`: neither VMX nor SVM); see [`qemu`].
+#[track_caller]
+pub fn qemu_with_cpu(name: &str, cpus: u32, cpu_model: &str, append: &[&str]) -> RunOutcome {
+    let options = QemuOptions {
+        smp: cpus,
+        boot: Boot::Direct,
+        append: append.iter().map(|word| word.to_string()).collect(),
+        timeout: QEMU_TIMEOUT,
+        run_name: Some(name.to_owned()),
+        tcg_cpu: Some(cpu_model.to_owned()),
         ..QemuOptions::new(hv_elf())
     };
     run::qemu(&options).unwrap_or_else(|error| panic!("QEMU run {name} could not run: {error:#}"))
@@ -90,9 +112,11 @@ pub fn stress(name: &str, cpus: u32, runs: u32) -> StressResult {
 }
 
 /// Runs `runs` QEMU boots with `cpus` CPUs through xtask's stress loop,
-/// each with a random crash drawn from `seed` (QEMU TCG: the points that
-/// fire without VMX), into `build/<name>/`. The seed is in the result's
-/// title.
+/// each with a random crash drawn from `seed` (guests run: under KVM with
+/// VMX, under TCG with SVM, so every point can fire, those inside the
+/// hand-over included) and captured by hv's capture mode up to its entry
+/// (as `cargo xtask stress --crash random` does), into `build/<name>/`.
+/// The seed is in the result's title.
 #[track_caller]
 pub fn stress_crash(name: &str, cpus: u32, runs: u32, seed: u64) -> StressResult {
     let base = QemuOptions {
@@ -100,19 +124,27 @@ pub fn stress_crash(name: &str, cpus: u32, runs: u32, seed: u64) -> StressResult
         timeout: QEMU_TIMEOUT,
         ..QemuOptions::new(hv_elf())
     };
+    let capture = xtask::capture::CaptureOptions {
+        image: Some(capture::hv_capture_elf().to_path_buf()),
+        default_crash: None,
+        until_entry: true,
+        ..xtask::capture::CaptureOptions::new(xtask::capture::CaptureKernel::Hv, cpus)
+    };
     let options = StressOptions {
         name: name.to_owned(),
         progress: false,
+        capture: Some(capture),
         ..StressOptions::new(base, runs)
     };
-    let vmx = xtask::accel::detect() == xtask::accel::Accel::Kvm;
+    let guests = xtask::accel::detect().guest_backend().runs_guests();
     let mut plan = CrashPlan::new(
         CrashArg::Random,
         seed,
         cpus,
-        vmx,
+        guests,
         xtask::crash::DEFAULT_GUEST_RUN_MS,
-    );
+    )
+    .with_capture(true);
     stress::stress(&options, &mut plan)
         .unwrap_or_else(|error| panic!("stress loop {name} could not run: {error:#}"))
 }
@@ -132,6 +164,8 @@ pub struct Crash {
     pub checked_in: u64,
     /// APIC IDs of those that did not.
     pub stragglers: Vec<u64>,
+    /// The backend: "vmx", "svm", "none" (older reports: "").
+    pub backend: String,
     /// VMCSes loaded when the crash came (counted from the vCPUs).
     pub vmcs_loaded: u64,
     /// VMCSes the crash path cleared.
@@ -142,6 +176,18 @@ pub struct Crash {
     pub vmxoff_cpus: u64,
     /// Whether the coordinator left VMX.
     pub coordinator_vmx_off: bool,
+    /// On SVM: VMCBs loaded when the crash came.
+    pub vmcb_loaded: u64,
+    /// On SVM: VMCBs the crash path cleared.
+    pub vmcb_cleared: u64,
+    /// On SVM: loaded VMCBs held by stragglers.
+    pub vmcb_on_stragglers: u64,
+    /// CPUs that checked in out of SVM (EFER.SVME read back clear).
+    pub svm_off_cpus: u64,
+    /// Whether the coordinator left SVM.
+    pub coordinator_svm_off: bool,
+    /// Per CPU index: whether its crash NMI came as a guest's exit.
+    pub nmi_in_guest: Vec<Option<bool>>,
     /// First NMI sent to last check-in.
     pub shootdown_us: u64,
     /// Whether the rendezvous gave up waiting.
@@ -165,6 +211,13 @@ pub fn crash(outcome: &RunOutcome) -> Crash {
         .iter()
         .map(Value::as_u64)
         .collect();
+    let optional = |pointer: &str| outcome.report.pointer(pointer).and_then(Value::as_u64);
+    let nmi_in_guest = outcome
+        .report
+        .pointer("/crash/nmi_in_guest")
+        .and_then(Value::as_array)
+        .map(|entries| entries.iter().map(Value::as_bool).collect())
+        .unwrap_or_default();
     Crash {
         cpu: number(outcome, "/crash/cpu"),
         cpu_index: number(outcome, "/crash/cpu_index"),
@@ -172,21 +225,80 @@ pub fn crash(outcome: &RunOutcome) -> Crash {
         expected: number(outcome, "/crash/expected"),
         checked_in: number(outcome, "/crash/checked_in"),
         stragglers: numbers(outcome, "/crash/stragglers"),
+        backend: outcome
+            .report
+            .pointer("/crash/backend")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
         vmcs_loaded: number(outcome, "/crash/vmcs_loaded"),
         vmcs_cleared: number(outcome, "/crash/vmcs_cleared"),
         vmcs_on_stragglers: number(outcome, "/crash/vmcs_on_stragglers"),
         vmxoff_cpus: number(outcome, "/crash/vmxoff_cpus"),
         coordinator_vmx_off: flag("/crash/coordinator_vmx_off"),
+        vmcb_loaded: optional("/crash/vmcb_loaded").unwrap_or(0),
+        vmcb_cleared: optional("/crash/vmcb_cleared").unwrap_or(0),
+        vmcb_on_stragglers: optional("/crash/vmcb_on_stragglers").unwrap_or(0),
+        svm_off_cpus: optional("/crash/svm_off_cpus").unwrap_or(0),
+        coordinator_svm_off: outcome
+            .report
+            .pointer("/crash/coordinator_svm_off")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        nmi_in_guest,
         shootdown_us: number(outcome, "/crash/shootdown_us"),
         timed_out: flag("/crash/timed_out"),
         nmi_latency_us: latency,
     }
 }
 
+impl Crash {
+    /// Whether the guests ran with SVM (the lists held VMCBs).
+    pub fn svm(&self) -> bool {
+        self.backend == "svm"
+    }
+
+    /// Contexts (VMCSes, or VMCBs on SVM) loaded when the crash came.
+    pub fn loaded(&self) -> u64 {
+        if self.svm() {
+            self.vmcb_loaded
+        } else {
+            self.vmcs_loaded
+        }
+    }
+
+    /// Contexts the crash path cleared.
+    pub fn cleared(&self) -> u64 {
+        if self.svm() {
+            self.vmcb_cleared
+        } else {
+            self.vmcs_cleared
+        }
+    }
+
+    /// Loaded contexts held by stragglers.
+    pub fn on_stragglers(&self) -> u64 {
+        if self.svm() {
+            self.vmcb_on_stragglers
+        } else {
+            self.vmcs_on_stragglers
+        }
+    }
+
+    /// CPUs whose crash NMI came as a guest's exit.
+    pub fn nmi_in_guest_cpus(&self) -> usize {
+        self.nmi_in_guest
+            .iter()
+            .filter(|entry| **entry == Some(true))
+            .count()
+    }
+}
+
 /// The invariants of a correct shootdown, whatever the trigger: every CPU
-/// expected checked in but the stragglers, each left VMX, the coordinator
-/// too, and every loaded VMCS was cleared or is held by a straggler. Also
-/// that xtask judged the run ok and that hv never said `done`.
+/// expected checked in but the stragglers, each left VMX (and SVM, on SVM),
+/// the coordinator too, and every loaded VMCS (VMCB) was cleared or is held
+/// by a straggler. Also that xtask judged the run ok and that hv never said
+/// `done`.
 #[track_caller]
 pub fn assert_clean_shootdown(run: &RunOutcome) -> Crash {
     assert_ok(run);
@@ -204,11 +316,25 @@ pub fn assert_clean_shootdown(run: &RunOutcome) -> Crash {
         why()
     );
     assert_eq!(
-        crash.vmcs_cleared + crash.vmcs_on_stragglers,
-        crash.vmcs_loaded,
-        "a loaded VMCS was not cleared\n{}",
+        crash.cleared() + crash.on_stragglers(),
+        crash.loaded(),
+        "a loaded VMCS or VMCB was not cleared\n{}",
         why()
     );
+    if crash.svm() {
+        assert_eq!(crash.vmcs_loaded, 0, "a VMCS on SVM\n{}", why());
+        assert_eq!(
+            crash.svm_off_cpus,
+            crash.checked_in,
+            "svm_off_cpus != checked_in\n{}",
+            why()
+        );
+        assert!(
+            crash.coordinator_svm_off,
+            "coordinator still in SVM\n{}",
+            why()
+        );
+    }
     assert_eq!(
         crash.vmxoff_cpus,
         crash.checked_in,
@@ -232,7 +358,86 @@ pub fn assert_clean_shootdown(run: &RunOutcome) -> Crash {
         "the coordinator has an NMI latency\n{}",
         why()
     );
+    if run.report["crash"].get("vmxoff_executed").is_some() {
+        assert_vmx_accounting(run);
+    }
     crash
+}
+
+/// The crash report's VMX accounting (issue 9), read key by key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmxAccounting {
+    /// CPUs that executed VMXOFF (a real one, not a #UD outside VMX).
+    pub vmxoff_executed: u64,
+    /// CPUs that had VMX on at the crash.
+    pub vmx_was_on_cpus: u64,
+    /// Per CPU index: the VMCSes its records say it held.
+    pub vmcs_loaded_per_cpu: Vec<u64>,
+    /// Per CPU index: the crash VMCLEARs it executed itself.
+    pub vmclear_credits: Vec<u64>,
+}
+
+/// Asserts the VMX accounting of a crash run: every CPU that had VMX on
+/// executed VMXOFF, no VMCS was cleared by another CPU or lost, and each
+/// CPU that checked in (and the coordinator) executed exactly the crash
+/// VMCLEARs of the VMCSes its records say it held. Without VMX (QEMU
+/// TCG) nothing had it on, nothing executed VMXOFF, and the summary
+/// makes no VMX claim.
+#[track_caller]
+pub fn assert_vmx_accounting(run: &RunOutcome) -> VmxAccounting {
+    let accounting = VmxAccounting {
+        vmxoff_executed: number(run, "/crash/vmxoff_executed"),
+        vmx_was_on_cpus: number(run, "/crash/vmx_was_on_cpus"),
+        vmcs_loaded_per_cpu: numbers(run, "/crash/vmcs_loaded_per_cpu"),
+        vmclear_credits: numbers(run, "/crash/vmclear_credits"),
+    };
+    let why = || format!("{accounting:#?}\n{}", explain(run));
+    assert_eq!(
+        accounting.vmxoff_executed,
+        accounting.vmx_was_on_cpus,
+        "a CPU with VMX on did not execute VMXOFF\n{}",
+        why()
+    );
+    assert_eq!(number(run, "/crash/vmcs_cleared_elsewhere"), 0, "{}", why());
+    assert_eq!(number(run, "/crash/vmcs_lost"), 0, "{}", why());
+    let coordinator = number(run, "/crash/cpu_index") as usize;
+    let seen: Vec<Option<u64>> = field(run, "/crash/checkin_us")
+        .as_array()
+        .map(|list| list.iter().map(Value::as_u64).collect())
+        .unwrap_or_default();
+    for (cpu, (held, cleared)) in accounting
+        .vmcs_loaded_per_cpu
+        .iter()
+        .zip(&accounting.vmclear_credits)
+        .enumerate()
+    {
+        if cpu == coordinator || seen.get(cpu).copied().flatten().is_some() {
+            assert_eq!(
+                held,
+                cleared,
+                "CPU {cpu}: VMCSes held by its records and its own crash VMCLEARs differ\n{}",
+                why()
+            );
+        }
+    }
+    if run.report["emulator"] == "qemu-tcg" {
+        assert_eq!(
+            (accounting.vmxoff_executed, accounting.vmx_was_on_cpus),
+            (0, 0),
+            "QEMU TCG has no VMX\n{}",
+            why()
+        );
+        let summary = run.summary();
+        let line = summary
+            .lines()
+            .find(|line| line.starts_with("  VMCS"))
+            .unwrap_or_else(|| panic!("no VMCS line in the summary:\n{summary}"));
+        assert!(
+            line.ends_with("; no VMX ran") && !line.contains("VMXOFF"),
+            "the summary claims VMX where none ran: {line}"
+        );
+    }
+    accounting
 }
 
 /// Fails the test unless xtask judged the run ok, showing why.

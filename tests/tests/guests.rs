@@ -1,6 +1,8 @@
 //! Bad guests (issue 11): each is refused or stopped with its reason, and
 //! hv and the other guests run on. One Bochs boot carries them all, between
-//! two well-behaved guests that must finish.
+//! two well-behaved guests that must finish. And under SVM (QEMU TCG),
+//! which has no platform glue yet, a guest module is refused with that
+//! reason while the in-tree guest runs.
 
 use std::sync::OnceLock;
 
@@ -156,5 +158,51 @@ fn a_guest_that_reads_outside_its_memory_is_stopped() {
         detail.starts_with("gpa 0x40000000 at rip 0x100000"),
         "{detail}\n{}",
         explain(run())
+    );
+}
+
+/// Under QEMU TCG hv runs guests with SVM, which has no platform glue yet:
+/// a guest module is refused with that reason (never dropped in silence),
+/// the boot report counts it, and the in-tree guest runs instead.
+#[test]
+fn under_svm_a_guest_module_is_refused_and_the_in_tree_guest_runs() {
+    let name = "test-guests-svm-refused";
+    let ok = guests::multiboot_elf(guests::PRINTS_OK_AND_EXITS, LOAD_ADDRESS);
+    let options = xtask::run::QemuOptions {
+        smp: 2,
+        boot: xtask::run::Boot::GrubBios,
+        timeout: std::time::Duration::from_secs(120),
+        run_name: Some(name.to_owned()),
+        modules: vec![BootModule {
+            file: guests::write_image(name, "good", &ok),
+            cmdline: "guest name=good mem=8M".to_owned(),
+        }],
+        ..xtask::run::QemuOptions::new(hv_elf())
+    };
+    let run = run::qemu(&options)
+        .unwrap_or_else(|error| panic!("QEMU run {name} could not run: {error:#}"));
+    assert_ok(&run);
+    let virt = &run.report["virt"];
+    assert_eq!(virt["backend"], "svm", "{}", explain(&run));
+    let refused = guest(&run, "good");
+    assert_eq!(refused["state"], "refused", "{}", explain(&run));
+    assert_eq!(
+        refused["reason"],
+        "backend_unsupported",
+        "{}",
+        explain(&run)
+    );
+    let detail = refused["detail"].as_str().unwrap_or("");
+    assert!(
+        detail.contains("platform guests need VMX"),
+        "{detail}\n{}",
+        explain(&run)
+    );
+    assert_eq!(virt["guest_modules_not_run"], 1, "{}", explain(&run));
+    assert_eq!(virt["platform_guests"], 0, "{}", explain(&run));
+    assert!(
+        virt["vcpus"].as_u64().unwrap_or(0) > 0 && virt["vm_exits"].as_u64().unwrap_or(0) > 0,
+        "the in-tree guest ran\n{}",
+        explain(&run)
     );
 }

@@ -1,10 +1,13 @@
 //! Parallel SMP bring-up in QEMU (TCG): every CPU at `-smp 64`, the knobs
-//! that limit or break bring-up, the report of a machine without VMX, and a
-//! short stress loop.
+//! that limit or break bring-up, guests on every core with SVM (TCG's
+//! `-cpu max`), the report of a CPU with neither VMX nor SVM, and a short
+//! stress loop.
 
 use std::sync::OnceLock;
 
-use tests::{Boot, RunOutcome, assert_ok, explain, number, numbers, qemu, stress, string};
+use tests::{
+    Boot, RunOutcome, assert_ok, explain, number, numbers, qemu, qemu_with_cpu, stress, string,
+};
 
 /// The direct `-smp 64` boot, shared by the tests that read its report.
 fn direct_smp64() -> &'static RunOutcome {
@@ -96,27 +99,59 @@ fn max_cpus_starts_only_that_many() {
 }
 
 #[test]
-fn without_vmx_there_is_no_backend_a_reason_and_still_a_good_run() {
+fn qemu_tcg_runs_guests_with_svm_on_every_core_with_migrations() {
     let run = direct_smp64();
     assert_ok(run);
     if string(run, "/emulator") != "qemu-tcg" {
         // Under nested KVM the machine has VMX; the Bochs tests cover it.
         return;
     }
-    assert_eq!(string(run, "/virt/backend"), "none", "{}", explain(run));
+    assert_eq!(string(run, "/virt/backend"), "svm", "{}", explain(run));
+    assert!(run.report["virt"]["reason"].is_null(), "{}", explain(run));
+    assert_eq!(number(run, "/virt/cpus_in_svm"), 64, "{}", explain(run));
+    assert_eq!(number(run, "/virt/cpus_in_vmx"), 0, "{}", explain(run));
+    assert!(number(run, "/virt/vcpus") >= 64, "{}", explain(run));
+    assert!(number(run, "/virt/migrations") > 0, "{}", explain(run));
+    assert_eq!(number(run, "/virt/stopped"), 0, "{}", explain(run));
+    let exits = numbers(run, "/virt/exits_per_cpu");
+    assert_eq!(exits.len(), 64, "{}", explain(run));
     assert!(
-        !string(run, "/virt/reason").is_empty(),
-        "an empty reason\n{}",
+        exits.iter().all(|&n| n > 0),
+        "a core ran no guest: {exits:?}\n{}",
         explain(run)
     );
-    assert_eq!(number(run, "/virt/cpus_in_vmx"), 0, "{}", explain(run));
-    assert_eq!(number(run, "/virt/vcpus"), 0, "{}", explain(run));
-    assert_eq!(number(run, "/virt/vm_exits"), 0, "{}", explain(run));
+    assert_eq!(
+        exits.iter().sum::<u64>(),
+        number(run, "/virt/vm_exits"),
+        "{}",
+        explain(run)
+    );
+}
+
+#[test]
+fn a_cpu_with_neither_vmx_nor_svm_runs_no_guests_and_says_so() {
+    let run = qemu_with_cpu("test-qemu-no-virt", 8, "qemu64,-svm", &[]);
+    assert_ok(&run);
+    if string(&run, "/emulator") != "qemu-tcg" {
+        return;
+    }
+    assert_eq!(number(&run, "/cpus/online"), 8, "{}", explain(&run));
+    assert_eq!(string(&run, "/virt/backend"), "none", "{}", explain(&run));
+    assert_eq!(
+        string(&run, "/virt/reason"),
+        "the CPU has neither VMX nor SVM",
+        "{}",
+        explain(&run)
+    );
+    assert_eq!(number(&run, "/virt/cpus_in_vmx"), 0, "{}", explain(&run));
+    assert_eq!(number(&run, "/virt/cpus_in_svm"), 0, "{}", explain(&run));
+    assert_eq!(number(&run, "/virt/vcpus"), 0, "{}", explain(&run));
+    assert_eq!(number(&run, "/virt/vm_exits"), 0, "{}", explain(&run));
     let stopped = &run.report["guests_stopped"];
     assert!(
         stopped.is_null() || stopped.as_object().is_some_and(|map| map.is_empty()),
         "guests stopped without guests\n{}",
-        explain(run)
+        explain(&run)
     );
 }
 

@@ -1,11 +1,12 @@
 //! Choosing QEMU's accelerator.
 //!
-//! hv needs VMX. Under KVM the guest gets VMX only through nested
-//! virtualisation, so KVM is used only when the host really offers it: a
-//! `vmx` flag in `/proc/cpuinfo` and `kvm_intel` loaded with `nested`
-//! enabled. A bare `/dev/kvm` proves nothing (some hosts expose a
+//! hv runs guests with VMX or SVM. Under KVM the guest gets VMX only
+//! through nested virtualisation, so KVM is used only when the host really
+//! offers it: a `vmx` flag in `/proc/cpuinfo` and `kvm_intel` loaded with
+//! `nested` enabled. A bare `/dev/kvm` proves nothing (some hosts expose a
 //! paravirtual KVM that runs no ordinary guest). Everything else runs under
-//! TCG, and a KVM start that fails falls back to TCG (see [`crate::run`]).
+//! TCG, whose `-cpu max` emulates SVM with nested paging, and a KVM start
+//! that fails falls back to TCG (see [`crate::run`]).
 
 use std::fs;
 use std::path::Path;
@@ -25,6 +26,15 @@ impl Accel {
         match self {
             Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
             Accel::Tcg => ["-accel", "tcg", "-cpu", "max"],
+        }
+    }
+
+    /// The backend hv picks under this accelerator's CPU model: nested
+    /// KVM gives VMX; TCG's `-cpu max` emulates SVM.
+    pub fn guest_backend(self) -> crate::report::Backend {
+        match self {
+            Accel::Kvm => crate::report::Backend::Vmx,
+            Accel::Tcg => crate::report::Backend::Svm,
         }
     }
 

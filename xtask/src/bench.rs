@@ -18,9 +18,15 @@
 //!
 //! It is a benchmark, not a test: it fails only when a run cannot be
 //! measured, never because of the numbers. [`shootdown`] is the crash
-//! path's benchmark.
+//! path's benchmark, [`crash`] the way from a panic to the capture
+//! kernel's entry step by step, [`tsc`] the TSC calibration on a busy
+//! host.
 
+pub mod crash;
+pub mod linux_crash;
+pub mod plot;
 pub mod shootdown;
+pub mod tsc;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -265,8 +271,13 @@ pub struct BenchResult {
     pub emulator: String,
     /// The Linux kernel image.
     pub linux: PathBuf,
+    /// The words added to Linux's command line (`--linux-append`).
+    pub linux_append: Vec<String>,
     /// hv's `bringup_us`, one per run.
     pub hv_us: Vec<u64>,
+    /// hv's per-AP bring-up, one per run: by CPU index, from the first
+    /// INIT to that AP online ([`plot::ap_times`]).
+    pub hv_ap_us: Vec<Vec<Option<u64>>>,
     /// Linux's bring-up in µs, one per run.
     pub linux_us: Vec<u64>,
 }
@@ -332,7 +343,9 @@ impl BenchResult {
             "memory_mib": self.memory_mib,
             "emulator": self.emulator,
             "linux_image": self.linux,
+            "linux_append": self.linux_append,
             "hv_us": self.hv_us,
+            "hv_ap_us": self.hv_ap_us,
             "linux_us": self.linux_us,
             "hv": spread(&self.hv_us),
             "linux": spread(&self.linux_us),
@@ -370,14 +383,17 @@ pub fn bench_bringup(options: &BenchOptions) -> Result<BenchResult> {
         memory_mib: options.memory_mib,
         emulator: accel.emulator_name().to_owned(),
         linux: linux.clone(),
+        linux_append: options.linux_append.clone(),
         hv_us: Vec::new(),
+        hv_ap_us: Vec::new(),
         linux_us: Vec::new(),
     };
     for round in 1..=options.runs {
         bar.set_message(format!("hv, round {round}"));
-        let us = hv_run(options, round)?;
+        let (us, aps) = hv_run(options, round)?;
         say(&bar, format!("round {round}: hv {us} us"));
         result.hv_us.push(us);
+        result.hv_ap_us.push(aps);
         bar.inc(1);
 
         bar.set_message(format!("Linux, round {round}"));
@@ -400,8 +416,9 @@ pub fn bench_bringup(options: &BenchOptions) -> Result<BenchResult> {
     Ok(result)
 }
 
-/// One hv boot; its `bringup_us`.
-fn hv_run(options: &BenchOptions, round: u32) -> Result<u64> {
+/// One hv boot; its `bringup_us`, and each AP's time (empty when hv does
+/// not report `cpus.online_at_us`).
+fn hv_run(options: &BenchOptions, round: u32) -> Result<(u64, Vec<Option<u64>>)> {
     let run_options = QemuOptions {
         smp: options.smp,
         memory_mib: options.memory_mib,
@@ -418,9 +435,14 @@ fn hv_run(options: &BenchOptions, round: u32) -> Result<u64> {
             outcome.run_dir.display()
         );
     }
-    outcome.report["bringup_us"]
+    let bringup_us = outcome.report["bringup_us"]
         .as_u64()
-        .with_context(|| format!("hv run {round} reported no bringup_us"))
+        .with_context(|| format!("hv run {round} reported no bringup_us"))?;
+    let online_at: Vec<Option<u64>> = outcome.report["cpus"]["online_at_us"]
+        .as_array()
+        .map(|cpus| cpus.iter().map(Value::as_u64).collect())
+        .unwrap_or_default();
+    Ok((bringup_us, plot::ap_times(&online_at, bringup_us)))
 }
 
 /// One Linux boot, followed until its SMP bring-up is over.
@@ -581,7 +603,9 @@ mod tests {
             memory_mib: 512,
             emulator: "qemu-tcg".to_owned(),
             linux: "/b/vmlinuz".into(),
+            linux_append: Vec::new(),
             hv_us: vec![5000, 4000, 6000],
+            hv_ap_us: Vec::new(),
             linux_us: vec![6_000_000, 8_000_000, 7_000_000],
         };
         let ratio = result.ratio_of_medians().unwrap();

@@ -1,5 +1,8 @@
 //! `cargo xtask test`: everything CI runs, in order.
 //!
+//! 0. Lints: `cargo fmt --check`, clippy with `-D warnings` for the host
+//!    crates and for hv on `x86_64-unknown-none`, rustdoc with warnings
+//!    denied. A warning fails the run.
 //! 1. `cargo test` at the workspace root: the host unit tests of the default
 //!    members (the logic crates and xtask itself).
 //! 2. The emulators and image tools, installed if missing (as root).
@@ -21,6 +24,9 @@ use crate::{capture, kernel};
 /// Runs the whole test suite; `harness_args` go to the integration tests'
 /// harness (e.g. a test name filter or `--nocapture`).
 pub fn run_all(harness_args: &[OsString]) -> Result<()> {
+    step("lints: rustfmt, clippy, rustdoc");
+    lints()?;
+
     step("host unit tests");
     cargo(&["test", "--no-fail-fast"], &[], &[])?;
 
@@ -44,6 +50,65 @@ pub fn run_all(harness_args: &[OsString]) -> Result<()> {
         &["test", "--no-fail-fast", "--package", "tests"],
         &env,
         harness_args,
+    )
+}
+
+/// Every lint CI holds the tree to: a difference or a warning fails.
+pub fn lints() -> Result<()> {
+    crate::toolchain::ensure()?;
+    cargo(&["fmt", "--all", "--check"], &[], &[])?;
+    cargo(
+        &[
+            "clippy",
+            "--workspace",
+            "--exclude",
+            kernel::PACKAGE,
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+        &[],
+    )?;
+    cargo(
+        &[
+            "clippy",
+            "--package",
+            kernel::PACKAGE,
+            "--release",
+            "--target",
+            kernel::TARGET,
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+        &[],
+    )?;
+    let deny = [("RUSTDOCFLAGS", OsString::from("-D warnings"))];
+    cargo(
+        &[
+            "doc",
+            "--workspace",
+            "--exclude",
+            kernel::PACKAGE,
+            "--no-deps",
+        ],
+        &deny,
+        &[],
+    )?;
+    cargo(
+        &[
+            "doc",
+            "--package",
+            kernel::PACKAGE,
+            "--target",
+            kernel::TARGET,
+            "--no-deps",
+        ],
+        &deny,
+        &[],
     )
 }
 

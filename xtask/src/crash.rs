@@ -17,7 +17,7 @@ pub use hv_abi::defaults::{
 };
 pub use hv_abi::knobs::{LIST_ADD_STORES, LIST_REMOVE_STORES};
 
-pub use hv_abi::knobs::{CrashPoint as Point, CrashSpec};
+pub use hv_abi::knobs::{CoordinatorStep, CrashPoint as Point, CrashSpec};
 
 /// What the harness knows of a `crash=` spec beyond hv's parser: whether a
 /// machine can fire it, random draws, who panics and who must straggle.
@@ -25,10 +25,14 @@ pub trait CrashSpecExt: Sized {
     /// The command-line word: `crash=cpu:N,after_ms:T[,point:NAME]`.
     fn word(&self) -> String;
     /// Whether this spec can crash a machine of `cpus` CPUs, with or
-    /// without VMX guests; the reason when it cannot.
-    fn check(&self, cpus: u32, vmx: bool) -> Result<(), String>;
-    /// A random spec that can crash a machine of `cpus` CPUs.
-    fn random(rng: &mut Rng, cpus: u32, vmx: bool, guest_run_ms: u64) -> Self;
+    /// without guests (VMX or SVM); the reason when it cannot.
+    fn check(&self, cpus: u32, guests: bool) -> Result<(), String>;
+    /// Whether this spec's point can fire in a run with (or without) a
+    /// capture kernel loaded; the reason when it cannot.
+    fn check_capture(&self, capture: bool) -> Result<(), String>;
+    /// A random spec that can crash a machine of `cpus` CPUs, in a run
+    /// with or without a capture kernel.
+    fn random(rng: &mut Rng, cpus: u32, guests: bool, capture: bool, guest_run_ms: u64) -> Self;
     /// The CPU indexes that panic.
     fn panickers(&self, cpus: u32) -> Vec<u32>;
     /// The CPU indexes that must be named stragglers.
@@ -40,7 +44,7 @@ impl CrashSpecExt for CrashSpec {
         format!("crash={self}")
     }
 
-    fn check(&self, cpus: u32, vmx: bool) -> Result<(), String> {
+    fn check(&self, cpus: u32, guests: bool) -> Result<(), String> {
         if self.cpu >= cpus {
             return Err(format!(
                 "crash=cpu:{} names CPU index {}, but the machine has {cpus} CPU{} (0 to {})",
@@ -64,15 +68,20 @@ impl CrashSpecExt for CrashSpec {
                  (list_remove0 to list_remove{})",
                 LIST_REMOVE_STORES - 1
             )),
-            point if point.needs_vmx() && !vmx => Err(format!(
-                "point:{point} fires only while VMX guests run, and this machine has no VMX \
-                 (QEMU TCG): use Bochs"
+            point if point.needs_vmx() && !guests => Err(format!(
+                "point:{point} fires only while guests run, and this machine runs none \
+                 (a CPU with neither VMX nor SVM)"
             )),
             Point::Bringup if self.cpu == 0 => Err(
                 "point:bringup needs an AP (cpu:1 or above): the boot CPU is not brought up"
                     .to_owned(),
             ),
-            Point::NmiBlocked | Point::DoublePanic if cpus < 2 => {
+            Point::NmiBlocked
+            | Point::DoublePanic
+            | Point::CoordinatorNmi(_)
+            | Point::ExternalNmi
+                if cpus < 2 =>
+            {
                 Err(format!("point:{point} needs at least 2 CPUs"))
             }
             Point::Bringup if cpus < 2 => Err("point:bringup needs at least 2 CPUs".to_owned()),
@@ -80,12 +89,29 @@ impl CrashSpecExt for CrashSpec {
         }
     }
 
+    fn check_capture(&self, capture: bool) -> Result<(), String> {
+        match self.point {
+            Some(point) if needs_capture(point) && !capture => Err(format!(
+                "point:{point} strikes inside the hand-over to a capture kernel, and this run \
+                 loads none (without one hv never gets there): add --capture hv"
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// A random spec that can crash a machine of `cpus` CPUs (see
-    /// [`check`](Self::check)): a point drawn uniformly among the valid ones
-    /// and "no point" (time-based), a CPU the point allows, and, where hv
-    /// uses it, an `after_ms` from 1 to half of `guest_run_ms`, so that a
-    /// crash with VMX lands inside the guest run.
-    fn random(rng: &mut Rng, cpus: u32, vmx: bool, guest_run_ms: u64) -> CrashSpec {
+    /// [`check`](Self::check) and [`check_capture`](Self::check_capture)):
+    /// a point drawn uniformly among the valid ones and "no point"
+    /// (time-based), a CPU the point allows, and, where hv uses it, an
+    /// `after_ms` from 1 to half of `guest_run_ms`, so that a crash with
+    /// guests lands inside the guest run.
+    fn random(
+        rng: &mut Rng,
+        cpus: u32,
+        guests: bool,
+        capture: bool,
+        guest_run_ms: u64,
+    ) -> CrashSpec {
         let mut choices: Vec<Option<Point>> = vec![None];
         choices.extend(
             Point::ALL
@@ -96,7 +122,7 @@ impl CrashSpecExt for CrashSpec {
                         after_ms: 0,
                         point: Some(point),
                     };
-                    probe.check(cpus, vmx).is_ok()
+                    probe.check(cpus, guests).is_ok() && probe.check_capture(capture).is_ok()
                 })
                 .map(Some),
         );
@@ -146,6 +172,30 @@ impl CrashSpecExt for CrashSpec {
     }
 }
 
+/// Whether `point` strikes inside hv's hand-over to a capture kernel (a
+/// stray NMI on the coordinator while it writes the core header, checks
+/// the digests or runs the purgatory; a panic inside the hand-over): hv
+/// gets there only with a capture kernel loaded. The other points that
+/// disturb a crash (`nmi_after_cleanup`, `external_nmi`) strike before the
+/// hand-over and need none.
+pub fn needs_capture(point: Point) -> bool {
+    matches!(
+        point,
+        Point::CoordinatorNmi(
+            CoordinatorStep::CoreHeader | CoordinatorStep::DigestCheck | CoordinatorStep::Purgatory
+        ) | Point::HandoverPanic
+    )
+}
+
+/// The points that disturb a crash already under way (the crash itself is
+/// time-based): stray NMIs on the coordinator, a panic inside the
+/// hand-over, an NMI on every CPU during the crash.
+pub fn disturbing_points() -> impl Iterator<Item = Point> {
+    Point::ALL
+        .into_iter()
+        .filter(|point| point.disturbs_the_crash())
+}
+
 /// What `--crash` asks for: a given spec, or a random one per run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CrashArg {
@@ -170,11 +220,19 @@ impl CrashArg {
             .map_err(|error| format!("`{text}`: {error}"))
     }
 
-    /// The spec of one run: the given one, or a fresh random one.
-    pub fn pick(&self, rng: &mut Rng, cpus: u32, vmx: bool, guest_run_ms: u64) -> CrashSpec {
+    /// The spec of one run: the given one, or a fresh random one (for a
+    /// run with or without a capture kernel).
+    pub fn pick(
+        &self,
+        rng: &mut Rng,
+        cpus: u32,
+        guests: bool,
+        capture: bool,
+        guest_run_ms: u64,
+    ) -> CrashSpec {
         match self {
             CrashArg::Spec(spec) => *spec,
-            CrashArg::Random => CrashSpec::random(rng, cpus, vmx, guest_run_ms),
+            CrashArg::Random => CrashSpec::random(rng, cpus, guests, capture, guest_run_ms),
         }
     }
 }
@@ -295,7 +353,7 @@ mod tests {
         // hv parses stores up to 7 even though fewer exist.
         assert_eq!(Point::parse("list_add7"), Some(Point::ListAdd(7)));
         assert_eq!(Point::parse("list_add+1"), None);
-        assert_eq!(Point::ALL.len(), 14);
+        assert_eq!(Point::ALL.len(), 20);
         let text = spec(5, 30, Some(Point::VcpuLoad)).word();
         assert_eq!(text, "crash=cpu:5,after_ms:30,point:vcpu_load");
         assert_eq!(
@@ -322,7 +380,7 @@ mod tests {
         let tcg = spec(1, 5, Some(Point::VcpuLoad))
             .check(8, false)
             .unwrap_err();
-        assert!(tcg.contains("no VMX"), "{tcg}");
+        assert!(tcg.contains("runs none"), "{tcg}");
         assert!(spec(1, 5, Some(Point::VcpuLoad)).check(8, true).is_ok());
         assert!(spec(0, 0, Some(Point::Bringup)).check(8, true).is_err());
         assert!(spec(1, 0, Some(Point::Bringup)).check(8, false).is_ok());
@@ -333,12 +391,21 @@ mod tests {
 
     #[test]
     fn random_specs_are_valid_and_cover_every_point_of_the_platform() {
-        for (cpus, vmx) in [(64, false), (8, true), (15, true), (2, false), (1, true)] {
+        for (cpus, vmx, capture) in [
+            (64, false, true),
+            (64, false, false),
+            (8, true, true),
+            (8, true, false),
+            (15, true, true),
+            (2, false, true),
+            (1, true, true),
+        ] {
             let mut rng = Rng::new(42);
             let mut seen = HashSet::new();
-            for _ in 0..2000 {
-                let spec = CrashSpec::random(&mut rng, cpus, vmx, 100);
+            for _ in 0..4000 {
+                let spec = CrashSpec::random(&mut rng, cpus, vmx, capture, 100);
                 assert!(spec.check(cpus, vmx).is_ok(), "{spec} on {cpus} CPUs");
+                assert!(spec.check_capture(capture).is_ok(), "{spec}");
                 match spec.point {
                     Some(point) if point.ignores_after_ms() => assert_eq!(spec.after_ms, 0),
                     _ => assert!((1..=50).contains(&spec.after_ms), "{spec}"),
@@ -349,15 +416,17 @@ mod tests {
                 .chain(Point::ALL.into_iter().map(Some))
                 .filter(|point| {
                     let cpu = u32::from(*point == Some(Point::Bringup));
-                    spec(cpu, 1, *point).check(cpus, vmx).is_ok()
+                    let probe = spec(cpu, 1, *point);
+                    probe.check(cpus, vmx).is_ok() && probe.check_capture(capture).is_ok()
                 })
                 .collect();
-            assert_eq!(seen, expected, "{cpus} CPUs, vmx {vmx}");
+            assert_eq!(seen, expected, "{cpus} CPUs, vmx {vmx}, capture {capture}");
         }
-        // Without VMX: no point of the list protocol, and what is left.
+        // Without VMX: no point of the list protocol, and what is left;
+        // with a capture kernel every point that disturbs the crash.
         let mut rng = Rng::new(7);
-        let points: HashSet<Option<Point>> = (0..500)
-            .map(|_| CrashSpec::random(&mut rng, 64, false, 100).point)
+        let points: HashSet<Option<Point>> = (0..1000)
+            .map(|_| CrashSpec::random(&mut rng, 64, false, true, 100).point)
             .collect();
         assert_eq!(
             points,
@@ -366,9 +435,72 @@ mod tests {
                 Some(Point::NmiBlocked),
                 Some(Point::DoublePanic),
                 Some(Point::BeforeVmx),
-                Some(Point::Bringup)
+                Some(Point::Bringup),
+                Some(Point::CoordinatorNmi(CoordinatorStep::AfterCleanup)),
+                Some(Point::CoordinatorNmi(CoordinatorStep::CoreHeader)),
+                Some(Point::CoordinatorNmi(CoordinatorStep::DigestCheck)),
+                Some(Point::CoordinatorNmi(CoordinatorStep::Purgatory)),
+                Some(Point::HandoverPanic),
+                Some(Point::ExternalNmi),
             ])
         );
+        // Without one, only those that strike before the hand-over.
+        let points: HashSet<Option<Point>> = (0..1000)
+            .map(|_| CrashSpec::random(&mut rng, 64, false, false, 100).point)
+            .filter(|point| point.is_some_and(Point::disturbs_the_crash))
+            .collect();
+        assert_eq!(
+            points,
+            HashSet::from([
+                Some(Point::CoordinatorNmi(CoordinatorStep::AfterCleanup)),
+                Some(Point::ExternalNmi),
+            ])
+        );
+    }
+
+    #[test]
+    fn points_inside_the_hand_over_need_a_capture_kernel() {
+        let needing: Vec<String> = Point::ALL
+            .into_iter()
+            .filter(|&point| needs_capture(point))
+            .map(|point| point.to_string())
+            .collect();
+        assert_eq!(
+            needing,
+            [
+                "nmi_in_header",
+                "nmi_in_digest",
+                "nmi_in_purgatory",
+                "handover_panic"
+            ]
+        );
+        let disturbing: Vec<String> = disturbing_points().map(|p| p.to_string()).collect();
+        assert_eq!(
+            disturbing,
+            [
+                "nmi_after_cleanup",
+                "nmi_in_header",
+                "nmi_in_digest",
+                "nmi_in_purgatory",
+                "handover_panic",
+                "external_nmi"
+            ]
+        );
+        let error = spec(3, 5, Some(Point::HandoverPanic))
+            .check_capture(false)
+            .unwrap_err();
+        assert!(error.contains("--capture hv"), "{error}");
+        assert!(
+            spec(3, 5, Some(Point::HandoverPanic))
+                .check_capture(true)
+                .is_ok()
+        );
+        assert!(
+            spec(3, 5, Some(Point::ExternalNmi))
+                .check_capture(false)
+                .is_ok()
+        );
+        assert!(spec(3, 5, None).check_capture(false).is_ok());
     }
 
     #[test]
@@ -376,7 +508,7 @@ mod tests {
         let mut rng = Rng::new(1);
         let mut cpus_seen = HashSet::new();
         for _ in 0..5000 {
-            let spec = CrashSpec::random(&mut rng, 8, true, 100);
+            let spec = CrashSpec::random(&mut rng, 8, true, true, 100);
             cpus_seen.insert(spec.cpu);
             if spec.point == Some(Point::Bringup) {
                 assert!(spec.cpu >= 1, "{spec}");
@@ -390,7 +522,7 @@ mod tests {
         let draw = |seed| {
             let mut rng = Rng::new(seed);
             (0..20)
-                .map(|_| CrashSpec::random(&mut rng, 64, false, 100))
+                .map(|_| CrashSpec::random(&mut rng, 64, false, true, 100))
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(99), draw(99));
@@ -436,7 +568,7 @@ mod tests {
         );
         let mut rng = Rng::new(5);
         assert_eq!(
-            CrashArg::Spec(spec(1, 2, None)).pick(&mut rng, 4, false, 100),
+            CrashArg::Spec(spec(1, 2, None)).pick(&mut rng, 4, false, true, 100),
             spec(1, 2, None)
         );
     }

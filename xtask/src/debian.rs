@@ -173,6 +173,80 @@ fn unpack(package: &str, dir: &Path) -> Result<PathBuf> {
     Ok(root)
 }
 
+/// Downloads `packages` into `dir` (one `apt-get download`, updating the
+/// package lists once if a fresh machine has none) and unpacks each into
+/// `root`, which may already hold others; the `.deb` files are removed.
+pub(crate) fn download_and_extract(packages: &[&str], dir: &Path, root: &Path) -> Result<()> {
+    let download = || {
+        Command::new("apt-get")
+            .arg("download")
+            .args(packages)
+            .current_dir(dir)
+            .output()
+            .context("could not run apt-get download")
+    };
+    let mut output = download()?;
+    if !output.status.success() {
+        apt_update()?;
+        output = download()?;
+    }
+    if !output.status.success() {
+        bail!(
+            "apt-get download {} failed ({}):\n{}",
+            packages.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let debs: Vec<PathBuf> = fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|e| e == "deb"))
+        .collect();
+    let mut result = Ok(());
+    for deb in &debs {
+        let status = Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(deb)
+            .arg(root)
+            .status()
+            .context("could not run dpkg-deb");
+        if result.is_ok() && !status?.success() {
+            result = Err(anyhow::anyhow!("dpkg-deb -x {} failed", deb.display()));
+        }
+    }
+    for deb in &debs {
+        let _ = fs::remove_file(deb);
+    }
+    result
+}
+
+/// The packages `package` depends on (`Depends:` and its alternatives, as
+/// `apt-cache depends` lists them; virtual packages left out).
+pub(crate) fn depends(package: &str) -> Result<Vec<String>> {
+    let output = Command::new("apt-cache")
+        .args(["depends", package])
+        .stderr(Stdio::null())
+        .output()
+        .context("could not run apt-cache")?;
+    Ok(parse_depends(&String::from_utf8_lossy(&output.stdout)))
+}
+
+/// The `Depends:` names of `apt-cache depends` output.
+pub(crate) fn parse_depends(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|line| {
+            line.trim_start()
+                .trim_start_matches('|')
+                .strip_prefix("Depends:")
+        })
+        .map(str::trim)
+        .filter(|name| !name.starts_with('<'))
+        .map(|name| name.split(':').next().unwrap_or(name).to_owned())
+        .collect()
+}
+
 /// The first entry of `dir` whose file name satisfies `wanted`.
 fn find_in(dir: &Path, wanted: impl Fn(&str) -> bool) -> Option<PathBuf> {
     let mut found: Vec<PathBuf> = fs::read_dir(dir)
@@ -391,6 +465,13 @@ pub(crate) mod tests {
         section(1, 1, modinfo_at, modinfo.len() as u64); // PROGBITS
         section(10, 3, shstrtab_at, shstrtab.len() as u64); // STRTAB
         elf
+    }
+
+    #[test]
+    fn apt_cache_depends_lines_give_package_names() {
+        let text = "makedumpfile\n  Depends: <perl:any>\n    perl\n  Depends: libc6\n \
+                    |Depends: libdw1\n  Depends: liblzo2-2:any\n  Recommends: crash\n";
+        assert_eq!(parse_depends(text), ["libc6", "libdw1", "liblzo2-2"]);
     }
 
     #[test]

@@ -103,10 +103,32 @@ pub struct DumpInfo {
     pub crash: Option<CrashInfo>,
     /// The memory: `PT_LOAD` program headers.
     pub segments: Vec<ProgramHeader>,
-    /// Notes that are neither `NT_PRSTATUS` nor `HVCRASH` (a Linux
-    /// `/proc/vmcore` may add its own).
+    /// Notes that are neither `NT_PRSTATUS`, `HVCRASH`, nor the image's
+    /// `NT_AUXV` and `NT_FILE` (a Linux `/proc/vmcore` may add its own).
     pub other_notes: Vec<OtherNote>,
+    /// hv's image, as its `NT_AUXV` and `NT_FILE` notes describe it.
+    pub image: Option<ImageInfo>,
 }
+
+/// The hypervisor image a dump names (`NT_AUXV`, `NT_FILE`), and its GNU
+/// build ID, read from the dump's memory where the image's program headers
+/// say its note is (as drgn reads it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// The file name in `NT_FILE`.
+    pub name: String,
+    /// `AT_PHDR`.
+    pub phdr_addr: u64,
+    /// `AT_PHNUM`.
+    pub phnum: u64,
+    /// The mapped ranges: (start, end, file offset).
+    pub mappings: Vec<(u64, u64, u64)>,
+    /// The build ID in hex, when the dump's memory holds it.
+    pub build_id: Option<String>,
+}
+
+/// A GNU build ID note's type.
+const NT_GNU_BUILD_ID: u32 = 3;
 
 impl DumpInfo {
     /// Reads the headers and notes of the dump at `path`.
@@ -118,7 +140,14 @@ impl DumpInfo {
         for _ in 0..3 {
             let header = read_prefix(&mut file, want)?;
             match CoreDump::parse(&header) {
-                Ok(core) => return Self::from_core(&core, path, file_bytes),
+                Ok(core) => {
+                    let mut info = Self::from_core(&core, path, file_bytes)?;
+                    let build_id = info.read_build_id(&mut file);
+                    if let Some(image) = &mut info.image {
+                        image.build_id = build_id;
+                    }
+                    return Ok(info);
+                }
                 Err(ElfCoreError::Truncated { needed, .. }) if (needed as u64) > want => {
                     want = needed as u64;
                 }
@@ -163,14 +192,33 @@ impl DumpInfo {
                 })
                 .collect(),
         });
+        let image = core.image_notes().map(|notes| {
+            let entries: Vec<_> = notes.files.entries().collect();
+            ImageInfo {
+                name: entries
+                    .first()
+                    .map(|(_, name)| String::from_utf8_lossy(name).into_owned())
+                    .unwrap_or_default(),
+                phdr_addr: notes.phdr_addr,
+                phnum: notes.phnum,
+                mappings: entries
+                    .iter()
+                    .map(|(m, _)| (m.start, m.end, m.file_offset))
+                    .collect(),
+                build_id: None,
+            }
+        });
         let other_notes = core
             .notes()
             .filter(|note| {
-                let prstatus =
-                    note.name == b"CORE" && note.n_type == kexec_loader::elfcore::NT_PRSTATUS;
+                let core_note = |n_type| note.name == b"CORE" && note.n_type == n_type;
                 let crash = note.name == kexec_loader::crash_note::CRASH_NOTE_NAME.as_bytes()
                     && note.n_type == kexec_loader::crash_note::NT_HV_CRASH;
-                !prstatus && !crash
+                let known = core_note(kexec_loader::elfcore::NT_PRSTATUS)
+                    || (image.is_some()
+                        && (core_note(kexec_loader::elfcore::NT_AUXV)
+                            || core_note(kexec_loader::elfcore::NT_FILE)));
+                !known && !crash
             })
             .map(|note| OtherNote {
                 name: String::from_utf8_lossy(note.name).into_owned(),
@@ -196,6 +244,45 @@ impl DumpInfo {
             crash,
             segments: core.load_segments().collect(),
             other_notes,
+            image,
+        })
+    }
+
+    /// `len` bytes of the crashed machine's memory at virtual `address`,
+    /// when one `PT_LOAD`'s file bytes hold them all.
+    fn read_memory(&self, file: &mut File, address: u64, len: u64) -> Option<Vec<u8>> {
+        let segment = self.segments.iter().find(|s| {
+            address >= s.p_vaddr
+                && address
+                    .checked_add(len)
+                    .is_some_and(|end| end <= s.p_vaddr.saturating_add(s.p_filesz))
+        })?;
+        let offset = segment.p_offset.checked_add(address - segment.p_vaddr)?;
+        file.seek(SeekFrom::Start(offset)).ok()?;
+        let mut bytes = vec![0; usize::try_from(len).ok()?];
+        file.read_exact(&mut bytes).ok()?;
+        Some(bytes)
+    }
+
+    /// The image's GNU build ID, from its program headers and notes in the
+    /// dump's memory.
+    fn read_build_id(&self, file: &mut File) -> Option<String> {
+        let image = self.image.as_ref()?;
+        let count = image.phnum.min(64);
+        let table = self.read_memory(file, image.phdr_addr, count * PHDR_LEN as u64)?;
+        (0..count as usize).find_map(|i| {
+            let field = |at: usize| {
+                table
+                    .get(i * PHDR_LEN + at..i * PHDR_LEN + at + 8)
+                    .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+            };
+            let p_type = field(0)? as u32;
+            let (vaddr, filesz) = (field(16)?, field(32)?);
+            if p_type != PT_NOTE || filesz > 4096 {
+                return None;
+            }
+            let notes = self.read_memory(file, vaddr, filesz)?;
+            gnu_build_id(&notes)
         })
     }
 
@@ -263,6 +350,15 @@ impl DumpInfo {
             "other_notes": self.other_notes.iter().map(|n| json!({
                 "name": n.name, "type": n.n_type, "len": n.len,
             })).collect::<Vec<_>>(),
+            "image": self.image.as_ref().map(|image| json!({
+                "name": image.name,
+                "phdr_addr": image.phdr_addr,
+                "phnum": image.phnum,
+                "mappings": image.mappings.iter().map(|(start, end, offset)| json!({
+                    "start": start, "end": end, "file_offset": offset,
+                })).collect::<Vec<_>>(),
+                "build_id": image.build_id,
+            })),
             "problems": self.problems(),
         })
     }
@@ -347,11 +443,25 @@ impl DumpInfo {
             let loaded: u64 = crash.ledger.iter().map(|c| u64::from(c.vmcs_loaded)).sum();
             let executed: usize = crash.ledger.iter().map(|c| c.vmclears.len()).sum();
             let cleared: usize = crash.ledger.iter().map(LedgerCpu::cleared).sum();
-            let _ = writeln!(
-                out,
-                "\nVMCLEAR ledger: {} CPUs, {loaded} VMCS loaded at the crash, {executed} VMCLEARs, {cleared} succeeded",
-                crash.ledger.len()
-            );
+            // On SVM the table's entries are VMCBs, each cleared by zeroing
+            // its clean bits.
+            let svm = crash
+                .ledger
+                .iter()
+                .any(|cpu| cpu.flags & cpu_flags::SVM_WAS_ON != 0);
+            let _ = if svm {
+                writeln!(
+                    out,
+                    "\nVMCB ledger: {} CPUs, {loaded} VMCB loaded at the crash, {executed} clears, {cleared} succeeded",
+                    crash.ledger.len()
+                )
+            } else {
+                writeln!(
+                    out,
+                    "\nVMCLEAR ledger: {} CPUs, {loaded} VMCS loaded at the crash, {executed} VMCLEARs, {cleared} succeeded",
+                    crash.ledger.len()
+                )
+            };
             for cpu in &crash.ledger {
                 let clears = cpu
                     .vmclears
@@ -401,6 +511,40 @@ impl DumpInfo {
                 note.name, note.n_type, note.len
             );
         }
+        match &self.image {
+            Some(image) => {
+                let _ = writeln!(
+                    out,
+                    "image: {} (NT_FILE), program headers at {:#x} (NT_AUXV), build ID {}",
+                    image.name,
+                    image.phdr_addr,
+                    image
+                        .build_id
+                        .as_deref()
+                        .unwrap_or("not in the dump's memory")
+                );
+                if let (Some(dump), Some(elf)) = (
+                    image.build_id.as_deref(),
+                    symbols.and_then(|s| s.build_id.as_deref()),
+                ) {
+                    let _ = writeln!(
+                        out,
+                        "  {}",
+                        if dump == elf {
+                            "the --elf file has this build ID: its symbols are this hv's".to_owned()
+                        } else {
+                            format!(
+                                "!! the --elf file's build ID is {elf}: a different build, its \
+                                 symbols do not fit this dump"
+                            )
+                        }
+                    );
+                }
+            }
+            None => {
+                out.push_str("image: no NT_AUXV/NT_FILE notes (drgn cannot attach hv's symbols)\n")
+            }
+        }
         out
     }
 
@@ -412,6 +556,30 @@ impl DumpInfo {
             .iter()
             .find(|l| l.cpu_index == index)
     }
+}
+
+/// The GNU build ID among `notes` (4-byte aligned), in hex.
+pub fn gnu_build_id(notes: &[u8]) -> Option<String> {
+    let mut at = 0usize;
+    let word = |at: usize| {
+        notes
+            .get(at..at + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap_or_default()) as usize)
+    };
+    while at + 12 <= notes.len() {
+        let (namesz, descsz, n_type) = (word(at)?, word(at + 4)?, word(at + 8)? as u32);
+        let name_at = at + 12;
+        let desc_at = name_at.checked_add(namesz.checked_add(3)? & !3)?;
+        let end = desc_at.checked_add(descsz.checked_add(3)? & !3)?;
+        if notes.get(name_at..name_at + namesz) == Some(b"GNU\0".as_slice())
+            && n_type == NT_GNU_BUILD_ID
+        {
+            let id = notes.get(desc_at..desc_at.checked_add(descsz)?)?;
+            return Some(id.iter().map(|b| format!("{b:02x}")).collect());
+        }
+        at = end;
+    }
+    None
 }
 
 /// Reads the first `len` bytes of `file`.
@@ -445,6 +613,9 @@ pub fn flag_names(flags: u32) -> Vec<&'static str> {
         (cpu_flags::CHECKED_IN, "checked-in"),
         (cpu_flags::VMX_WAS_ON, "vmx-was-on"),
         (cpu_flags::VMXOFF_DONE, "vmxoff"),
+        (cpu_flags::SVM_WAS_ON, "svm-was-on"),
+        (cpu_flags::SVM_OFF, "svm-off"),
+        (cpu_flags::NMI_IN_GUEST, "nmi-in-guest"),
     ]
     .into_iter()
     .filter(|(bit, _)| flags & bit != 0)
@@ -498,6 +669,8 @@ fn human_bytes(bytes: u64) -> String {
 pub struct Symbols {
     /// `(start, size, demangled name)`, sorted by start.
     entries: Vec<(u64, u64, String)>,
+    /// The ELF's GNU build ID in hex.
+    pub build_id: Option<String>,
 }
 
 impl Symbols {
@@ -523,7 +696,12 @@ impl Symbols {
         }
         entries.sort();
         entries.dedup_by_key(|e| e.0);
-        Ok(Self { entries })
+        let build_id = file
+            .build_id()
+            .ok()
+            .flatten()
+            .map(|id| id.iter().map(|b| format!("{b:02x}")).collect());
+        Ok(Self { entries, build_id })
     }
 
     /// `name+0xoffset` of the function holding `address`.
@@ -625,7 +803,8 @@ pub(crate) mod tests {
         ];
         let mut header = vec![0u8; 64 << 10];
         let layout =
-            write_core_header(&mut header, &cpus, &crash, &segments, Placement::File).unwrap();
+            write_core_header(&mut header, &cpus, &crash, &segments, None, Placement::File)
+                .unwrap();
         let mut file = header[..layout.len].to_vec();
         file.resize(layout.data_offset as usize, 0);
         for segment in &segments {
@@ -668,6 +847,164 @@ pub(crate) mod tests {
         assert_eq!(info.segments.len(), 2);
         assert_eq!(info.memory_bytes(), 0x5000);
         assert!(info.other_notes.is_empty());
+    }
+
+    /// A dump whose memory holds an image's headers and build-ID note at
+    /// 0x200000, as hv's linker script loads them, with the image notes.
+    fn dump_with_image() -> Vec<u8> {
+        use kexec_loader::elfcore::LoadedImage;
+        const BASE: u64 = 0x20_0000;
+        let mut memory = vec![0u8; 0x2000];
+        memory[..4].copy_from_slice(b"\x7fELF");
+        memory[4] = 2;
+        memory[5] = 1;
+        memory[6] = 1;
+        memory[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        memory[18..20].copy_from_slice(&62u16.to_le_bytes());
+        memory[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        memory[54..56].copy_from_slice(&56u16.to_le_bytes());
+        memory[56..58].copy_from_slice(&2u16.to_le_bytes());
+        let phdr = |memory: &mut Vec<u8>, i: usize, p_type: u32, offset: u64, size: u64| {
+            let at = 64 + i * 56;
+            memory[at..at + 4].copy_from_slice(&p_type.to_le_bytes());
+            for (field, value) in [
+                (8, offset),
+                (16, BASE + offset),
+                (24, BASE + offset),
+                (32, size),
+                (40, size),
+            ] {
+                memory[at + field..at + field + 8].copy_from_slice(&value.to_le_bytes());
+            }
+        };
+        phdr(&mut memory, 0, PT_LOAD, 0, 0x2000);
+        phdr(&mut memory, 1, PT_NOTE, 0x1000, 36);
+        let note = &mut memory[0x1000..0x1024];
+        note[..4].copy_from_slice(&4u32.to_le_bytes());
+        note[4..8].copy_from_slice(&20u32.to_le_bytes());
+        note[8..12].copy_from_slice(&3u32.to_le_bytes());
+        note[12..16].copy_from_slice(b"GNU\0");
+        for (i, byte) in note[16..36].iter_mut().enumerate() {
+            *byte = 0xa0 + i as u8;
+        }
+        let image = LoadedImage::from_loaded_headers("hv", BASE, &memory[..0x1000]).unwrap();
+        let crash = CrashRecord {
+            reason: "x",
+            coordinator: 0,
+            stragglers: &[],
+            cpus: &[],
+        };
+        let cpus = [CpuState {
+            cpu_index: 0,
+            regs: CpuRegisters::default(),
+        }];
+        let segments = [MemorySegment {
+            phys: BASE,
+            virt: BASE,
+            len: 0x2000,
+        }];
+        let mut header = vec![0u8; 16 << 10];
+        let layout = write_core_header(
+            &mut header,
+            &cpus,
+            &crash,
+            &segments,
+            Some(&image),
+            Placement::File,
+        )
+        .unwrap();
+        let mut file = header[..layout.len].to_vec();
+        file.resize(layout.data_offset as usize, 0);
+        file.extend_from_slice(&memory);
+        file
+    }
+
+    #[test]
+    fn the_image_and_its_build_id_are_read_from_the_dump() {
+        let path = std::env::temp_dir().join(format!("xtask-dump-image-{}", std::process::id()));
+        std::fs::write(&path, dump_with_image()).unwrap();
+        let info = DumpInfo::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let image = info.image.as_ref().expect("image notes");
+        assert_eq!(image.name, "hv");
+        assert_eq!(image.phdr_addr, 0x20_0040);
+        assert_eq!(image.mappings, [(0x20_0000, 0x20_2000, 0)]);
+        let expected: String = (0..20).map(|i| format!("{:02x}", 0xa0 + i)).collect();
+        assert_eq!(image.build_id.as_deref(), Some(expected.as_str()));
+        assert!(info.other_notes.is_empty(), "{:?}", info.other_notes);
+        let text = info.render(false, None);
+        assert!(text.contains(&format!("build ID {expected}")), "{text}");
+        // Without the notes: said so.
+        let (plain, _) = sample_file("no-image");
+        let text = DumpInfo::read(&plain).unwrap().render(false, None);
+        std::fs::remove_file(&plain).unwrap();
+        assert!(text.contains("image: no NT_AUXV/NT_FILE notes"), "{text}");
+    }
+
+    #[test]
+    fn gnu_build_ids_are_found_among_notes() {
+        let mut notes = Vec::new();
+        for (name, n_type, desc) in [
+            (b"Xen\0", 18u32, vec![1u8; 8]),
+            (b"GNU\0", 3, vec![0xab, 0xcd]),
+        ] {
+            notes.extend_from_slice(&4u32.to_le_bytes());
+            notes.extend_from_slice(&(desc.len() as u32).to_le_bytes());
+            notes.extend_from_slice(&n_type.to_le_bytes());
+            notes.extend_from_slice(name);
+            notes.extend_from_slice(&desc);
+            notes.resize(notes.len().next_multiple_of(4), 0);
+        }
+        assert_eq!(gnu_build_id(&notes).as_deref(), Some("abcd"));
+        assert_eq!(gnu_build_id(&notes[..20]), None);
+        assert_eq!(gnu_build_id(&[0xff; 40]), None);
+    }
+
+    /// The Python helpers of `xtask/debug/` (the gdb commands and the drgn
+    /// module) decode the crash note themselves: they must read what
+    /// kexec-loader wrote as this crate reads it. Skipped (with a message)
+    /// where python3 is not installed.
+    #[test]
+    fn the_debugger_helpers_read_the_crash_note_as_xtask_does() {
+        let (path, _) = sample_file("python");
+        let script = crate::paths::workspace_root().join("xtask/debug/hvcore.py");
+        let Ok(output) = std::process::Command::new("python3")
+            .arg(&script)
+            .arg(&path)
+            .output()
+        else {
+            eprintln!("python3 not installed: debugger helper test skipped");
+            std::fs::remove_file(&path).unwrap();
+            return;
+        };
+        std::fs::remove_file(&path).unwrap();
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        for needed in [
+            "crash        panic: injected crash",
+            "coordinator  CPU 2",
+            "stragglers   APIC IDs 9",
+            "VMCLEAR ledger: 3 CPUs, 2 VMCS loaded at the crash, 2 VMCLEARs, 1 succeeded",
+            "CPU   2 (APIC   2) coordinator,checked-in",
+        ] {
+            assert!(text.contains(needed), "missing {needed:?} in\n{text}");
+        }
+        // The ledger lines are the ones `cargo xtask dump` prints.
+        let (path, _) = sample_file("python-compare");
+        let ours = DumpInfo::read(&path).unwrap().render(false, None);
+        std::fs::remove_file(&path).unwrap();
+        let ledger = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter(|l| l.starts_with("  CPU ") && l.contains(" loaded "))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(ledger(&text), ledger(&ours), "{text}\n{ours}");
+        assert_eq!(ledger(&ours).len(), 3);
     }
 
     #[test]
@@ -753,7 +1090,8 @@ pub(crate) mod tests {
         }];
         let mut header = vec![0u8; 1 << 20];
         let layout =
-            write_core_header(&mut header, &cpus, &crash, &segments, Placement::File).unwrap();
+            write_core_header(&mut header, &cpus, &crash, &segments, None, Placement::File)
+                .unwrap();
         assert!(layout.len as u64 > FIRST_READ);
         let mut file = header[..layout.len].to_vec();
         file.resize(layout.data_offset as usize + 4096, 0);

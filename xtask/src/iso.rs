@@ -92,12 +92,50 @@ pub fn make_iso_with_modules(
         grub_cfg_with_modules(cmdline, &lines),
     )
     .context("writing grub.cfg")?;
+    mkrescue(&tree, run_dir)
+}
 
+/// A GRUB ISO with exactly `grub_cfg` as its `boot/grub/grub.cfg` and
+/// `files` (source, path inside the ISO) beside it: for a configuration
+/// written elsewhere, such as the README's stanza.
+pub fn make_iso_from_config(
+    files: &[(PathBuf, String)],
+    grub_cfg: &str,
+    run_dir: &Path,
+) -> Result<PathBuf> {
+    let tree = run_dir.join("iso");
+    if tree.exists() {
+        fs::remove_dir_all(&tree).with_context(|| format!("removing {}", tree.display()))?;
+    }
+    let grub_dir = tree.join("boot/grub");
+    fs::create_dir_all(&grub_dir).with_context(|| format!("creating {}", grub_dir.display()))?;
+    for (source, inside) in files {
+        let inside = inside.trim_start_matches('/');
+        if inside.is_empty()
+            || inside
+                .split('/')
+                .any(|part| part == ".." || part.is_empty())
+        {
+            bail!("`{inside}` is not a plain path inside the ISO");
+        }
+        let destination = tree.join(inside);
+        if let Some(parent) = destination.parent() {
+            fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        fs::copy(source, &destination)
+            .with_context(|| format!("copying {} into the ISO tree", source.display()))?;
+    }
+    fs::write(grub_dir.join("grub.cfg"), grub_cfg).context("writing grub.cfg")?;
+    mkrescue(&tree, run_dir)
+}
+
+/// `grub-mkrescue` of `tree` into `<run_dir>/hv.iso`.
+fn mkrescue(tree: &Path, run_dir: &Path) -> Result<PathBuf> {
     let iso = run_dir.join("hv.iso");
     let output = Command::new("grub-mkrescue")
         .arg("-o")
         .arg(&iso)
-        .arg(&tree)
+        .arg(tree)
         .output()
         .context("could not run grub-mkrescue")?;
     if !output.status.success() {

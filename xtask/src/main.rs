@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
-use xtask::accel::{self, Accel};
+use xtask::accel;
 use xtask::bench::{self, BenchOptions};
 use xtask::capture::{self, BochsSink, CaptureKernel, CaptureOptions};
 use xtask::crash::{self, CrashArg, CrashSpec, CrashSpecExt, Rng};
@@ -46,8 +46,12 @@ enum Task {
     /// Benchmarks (not tests: they fail only when they cannot measure).
     #[command(subcommand)]
     Bench(Bench),
-    /// Run everything CI runs: host unit tests, then the emulator tests.
+    /// Run everything CI runs: lints, host unit tests, then the emulator
+    /// tests.
     Test(TestArgs),
+    /// The lints CI runs: rustfmt, clippy (host crates and hv) and
+    /// rustdoc, warnings denied.
+    Lint,
     /// Show what a crash dump holds: CPUs and their registers, crash
     /// reason, coordinator, stragglers, VMCLEAR ledger, memory ranges.
     Dump(DumpArgs),
@@ -97,6 +101,12 @@ enum Bench {
     Bringup(BenchBringupArgs),
     /// Crash shootdown latency and per-CPU NMI latency in QEMU.
     Shootdown(BenchShootdownArgs),
+    /// The way from a panic to the capture kernel's first instruction,
+    /// step by step (TSC stamps), in QEMU with hv's capture mode.
+    Crash(BenchCrashArgs),
+    /// hv's TSC calibration on a busy host: N boots with spinning threads
+    /// beside QEMU, each boot's rate against the host's (within 2%).
+    Tsc(BenchTscArgs),
 }
 
 /// Options every emulator run has.
@@ -109,7 +119,8 @@ struct RunArgs {
     #[arg(long, value_name = "WORDS", allow_hyphen_values = true)]
     append: Option<String>,
     /// Kill the emulator and fail after this many seconds [default: 60 for
-    /// QEMU, 300 for QEMU with a capture, 120 for Bochs].
+    /// QEMU, 300 for QEMU with a capture, 120 for Bochs, 600 for Bochs with
+    /// a capture].
     #[arg(long, value_name = "SECS")]
     timeout: Option<u64>,
     /// Boot this ELF instead of building hv.
@@ -160,11 +171,24 @@ struct CaptureArgs {
     /// Use this initramfs for the Linux capture kernel instead of xtask's.
     #[arg(long, value_name = "FILE")]
     capture_initrd: Option<PathBuf>,
-    /// The Linux capture kernel's arguments (hv adds `elfcorehdr=` and
-    /// `memmap=`) [default: console=ttyS0,115200 nr_cpus=1 reset_devices
-    /// panic=-1 printk.time=1].
+    /// The Linux capture kernel's arguments (hv adds `nr_cpus=` its CPU
+    /// count and `disable_cpu_apicid=` its boot CPU's unless given, then
+    /// `elfcorehdr=` and `memmap=`) [default: console=ttyS0,115200
+    /// reset_devices panic=-1 printk.time=1].
     #[arg(long, value_name = "WORDS", allow_hyphen_values = true)]
     capture_args: Option<String>,
+    /// With --capture linux: filter /proc/vmcore with Debian's makedumpfile
+    /// (dump level 1, zero pages left out) into an ELF dump (`vmcore`, for
+    /// gdb and drgn) and a compressed kdump (`vmcore.kdump`) instead of
+    /// copying it whole.
+    #[arg(long)]
+    makedumpfile: bool,
+    /// Fail the run unless the capture kernel wakes every CPU that checked
+    /// in with the crash's coordinator (hv's capture mode: INIT-SIPI-SIPI
+    /// to each, which a CPU still in VMX root blocks; Linux: its dmesg).
+    /// The summary's `wake` line shows the count either way.
+    #[arg(long)]
+    wake: bool,
 }
 
 impl CaptureArgs {
@@ -175,6 +199,8 @@ impl CaptureArgs {
             ("--capture-kernel", self.capture_kernel.is_some()),
             ("--capture-initrd", self.capture_initrd.is_some()),
             ("--capture-args", self.capture_args.is_some()),
+            ("--makedumpfile", self.makedumpfile),
+            ("--wake", self.wake),
         ]
         .into_iter()
         .filter_map(|(name, given)| given.then_some(name))
@@ -190,6 +216,8 @@ impl CaptureArgs {
         if let Some(args) = &self.capture_args {
             options.linux_args = args.clone();
         }
+        options.makedumpfile = self.makedumpfile;
+        options.wake_check = self.wake;
         options
     }
 }
@@ -207,8 +235,16 @@ struct QemuArgs {
     memory: Option<u32>,
     /// Boot and self-report only, as before the whole path was the default:
     /// no crash, and so no capture.
-    #[arg(long, conflicts_with_all = ["crash", "crash_timeout_ms", "seed"])]
+    #[arg(long, conflicts_with_all = ["crash", "crash_timeout_ms", "seed", "nmi_button_after_ms"])]
     no_crash: bool,
+    /// Press the platform's NMI button (QMP `inject-nmi`) this many ms
+    /// after hv's boot report: hv (`nmi=dump`, its default) starts its
+    /// crash path with reason `external NMI`, and the run is judged by that
+    /// crash. Without a `hang=` word xtask adds `finish=halt`, so that hv
+    /// stays up after `done`, and ends QEMU itself once the crash path and
+    /// its capture are over.
+    #[arg(long, value_name = "MS", conflicts_with = "crash")]
+    nmi_button_after_ms: Option<u64>,
     #[command(flatten)]
     run: RunArgs,
     #[command(flatten)]
@@ -216,6 +252,11 @@ struct QemuArgs {
     #[command(flatten)]
     capture: CaptureArgs,
 }
+
+/// How long a Bochs run with a capture may take by default: the stream of
+/// a 448 MiB dump takes 75 to 100 s on an ATA disk at 8 CPUs, and about
+/// 4 minutes on port 0xE9 at 15 CPUs, on 2 shared cores.
+const BOCHS_CAPTURE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// How long a QEMU run with a capture may take by default: the capture
 /// kernel boots and the dump crosses the debug port or a virtio disk
@@ -298,6 +339,16 @@ struct StressArgs {
     /// `--crash` applies to every run (`random`: a new spec per run).
     #[command(flatten)]
     crash: CrashArgs,
+    /// Capture every crash with hv's capture mode, or not [default: hv
+    /// with --crash, none without]. Each run ends once the capture image
+    /// entered and read the core header (see --whole-dump).
+    #[arg(long, value_enum, value_name = "KERNEL")]
+    capture: Option<CaptureFlag>,
+    /// With a capture: wait for the whole dump in every run (20 to 50 s a
+    /// run at -smp 64 under TCG) and check it, instead of ending at the
+    /// capture image's entry.
+    #[arg(long)]
+    whole_dump: bool,
 }
 
 #[derive(Debug, Args)]
@@ -314,6 +365,10 @@ struct BenchBringupArgs {
     /// Boot this Linux bzImage instead of fetching Debian's.
     #[arg(long, value_name = "FILE")]
     linux: Option<PathBuf>,
+    /// Draw each AP's bring-up time in hv, and both kernels' whole
+    /// bring-up, as SVG into this file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
     /// Extra words for Linux's command line (e.g. `lpj=...`).
     #[arg(long, value_name = "WORDS", allow_hyphen_values = true)]
     linux_append: Option<String>,
@@ -343,7 +398,57 @@ struct BenchShootdownArgs {
     /// Seed for the random CPUs and times [default: a fresh one, printed].
     #[arg(long, value_name = "N")]
     seed: Option<u64>,
+    /// Draw each CPU's NMI latency and check-in time, and the whole
+    /// shootdown, as SVG into this file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
     /// Write the samples and their spreads (JSON) to this file.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// Boot this hv ELF instead of building hv.
+    #[arg(long, value_name = "FILE")]
+    elf: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct BenchCrashArgs {
+    /// Number of virtual CPUs.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    smp: u32,
+    /// Number of crash runs.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    /// The CPU index that panics in every run [default: a random one per
+    /// run].
+    #[arg(long, value_name = "N")]
+    cpu: Option<u32>,
+    /// Seed for the random CPUs and times [default: a fresh one, printed].
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
+    /// Leave out the reference: Linux's crash to purgatory on the same
+    /// QEMU machine (Debian's kernel and kexec-tools, fetched with apt).
+    #[arg(long)]
+    no_linux: bool,
+    /// Write the samples and their spreads (JSON) to this file.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// Boot this hv ELF instead of building hv.
+    #[arg(long, value_name = "FILE")]
+    elf: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct BenchTscArgs {
+    /// Number of boots.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    /// Number of virtual CPUs.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    smp: u32,
+    /// Spinning threads beside QEMU [default: one per host CPU].
+    #[arg(long, value_name = "N")]
+    busy: Option<usize>,
+    /// Write the boots and the host's rate (JSON) to this file.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
     /// Boot this hv ELF instead of building hv.
@@ -402,7 +507,7 @@ fn run_task(task: Task) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Task::QemuSmp(args) => {
-            let vmx = accel::detect() == Accel::Kvm;
+            let guests = accel::detect().guest_backend().runs_guests();
             let (plan, append) = crash_and_capture(
                 true,
                 args.no_crash,
@@ -410,7 +515,8 @@ fn run_task(task: Task) -> Result<ExitCode> {
                 &args.capture,
                 &args.run,
                 args.smp,
-                vmx,
+                guests,
+                args.nmi_button_after_ms,
             )?;
             let boot = args.boot();
             tools::ensure(&run::qemu_needs(boot))?;
@@ -420,6 +526,7 @@ fn run_task(task: Task) -> Result<ExitCode> {
             options.memory_mib = args.memory(plan.capture);
             options.append = append;
             options.echo = true;
+            options.nmi_button_after_ms = args.nmi_button_after_ms;
             if let Some(timeout) = args.timeout(plan.capture.is_some()) {
                 options.timeout = timeout;
             }
@@ -440,6 +547,7 @@ fn run_task(task: Task) -> Result<ExitCode> {
                 &args.run,
                 args.cpus,
                 true,
+                None,
             )?;
             tools::ensure(&run::BOCHS_NEEDS)?;
             let mut options = BochsOptions::new(elf(&args.run)?);
@@ -459,6 +567,9 @@ fn run_task(task: Task) -> Result<ExitCode> {
             }
             let mut outcome = match plan.capture {
                 Some(kernel) => {
+                    if args.run.timeout.is_none() {
+                        options.timeout = BOCHS_CAPTURE_TIMEOUT;
+                    }
                     let mut capture = args.capture.options(kernel, args.cpus);
                     capture.bochs_sink = args.capture_sink;
                     // The default reservation (256 to 320 MiB) must lie in RAM.
@@ -494,7 +605,7 @@ fn run_task(task: Task) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             tools::ensure(&run::BOCHS_NEEDS)?;
-            if accel::detect() == Accel::Kvm {
+            if accel::detect() == accel::Accel::Kvm {
                 println!(
                     "note: this host offers nested VMX, but the qemu-kvm column is not implemented; Bochs only"
                 );
@@ -528,17 +639,23 @@ fn run_task(task: Task) -> Result<ExitCode> {
             let mut append = extra_words(&args.run)?;
             check_crash_conflicts(&args.crash, &append)?;
             append.extend(timeout_word(&args.crash));
+            let capture = stress_capture(&args)?;
             let mut plan: Box<dyn stress::RunPlan> = match args.crash.crash {
                 Some(arg) => {
-                    let vmx = accel::detect() == Accel::Kvm;
+                    let guests = accel::detect().guest_backend().runs_guests();
                     if let CrashArg::Spec(spec) = arg {
-                        check_spec(&spec, args.smp, vmx)?;
+                        check_spec(&spec, args.smp, guests)?;
+                        spec.check_capture(capture.is_some())
+                            .map_err(|error| anyhow::anyhow!("--crash: {error}"))?;
                     }
                     let guest_run_ms = Expectations::from_cmdline(args.smp, &append)
                         .crash
                         .guest_run_ms;
                     let seed = args.crash.seed.unwrap_or_else(crash::fresh_seed);
-                    Box::new(CrashPlan::new(arg, seed, args.smp, vmx, guest_run_ms))
+                    Box::new(
+                        CrashPlan::new(arg, seed, args.smp, guests, guest_run_ms)
+                            .with_capture(capture.is_some()),
+                    )
                 }
                 None => Box::new(Plain),
             };
@@ -552,6 +669,7 @@ fn run_task(task: Task) -> Result<ExitCode> {
             }
             let mut options = StressOptions::new(base, args.runs);
             options.keep_going = args.keep_going;
+            options.capture = capture;
             let result = stress::stress(&options, plan.as_mut())?;
             println!("{}", result.table());
             if let Some(path) = &args.run.report {
@@ -578,6 +696,10 @@ fn run_task(task: Task) -> Result<ExitCode> {
             println!("{}", result.table());
             if let Some(path) = &args.report {
                 write_json(path, &result.to_json())?;
+            }
+            if let Some(path) = &args.plot {
+                bench::plot::write_svg(&bench::plot::bringup_figure(&result), path)?;
+                println!("plot written to {}", path.display());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -606,10 +728,70 @@ fn run_task(task: Task) -> Result<ExitCode> {
             if let Some(path) = &args.report {
                 write_json(path, &result.to_json())?;
             }
+            if let Some(path) = &args.plot {
+                bench::plot::write_svg(&bench::plot::shootdown_figure(&result), path)?;
+                println!("plot written to {}", path.display());
+            }
             Ok(ExitCode::SUCCESS)
+        }
+        Task::Bench(Bench::Crash(args)) => {
+            if let Some(cpu) = args.cpu
+                && cpu >= args.smp
+            {
+                anyhow::bail!(
+                    "--cpu {cpu}: the machine has {} CPUs (0 to {})",
+                    args.smp,
+                    args.smp - 1
+                );
+            }
+            let elf = match &args.elf {
+                Some(path) => path.clone(),
+                None => kernel::build(None)?,
+            };
+            let (_, base) = capture::parse_crashkernel(capture::HV_CRASHKERNEL)?;
+            let image =
+                kernel::build_capture(base.expect("the default hv reservation has a base"))?;
+            let mut options = bench::crash::CrashBenchOptions::new(elf, image);
+            options.smp = args.smp;
+            options.runs = args.runs;
+            options.cpu = args.cpu;
+            options.seed = args.seed.unwrap_or_else(crash::fresh_seed);
+            options.linux = !args.no_linux;
+            let result = bench::crash::bench_crash(&options)?;
+            println!("{}", result.table());
+            if let Some(path) = &args.report {
+                write_json(path, &result.to_json())?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Task::Bench(Bench::Tsc(args)) => {
+            let elf = match &args.elf {
+                Some(path) => path.clone(),
+                None => kernel::build(None)?,
+            };
+            let mut options = bench::tsc::TscOptions::new(elf);
+            options.runs = args.runs;
+            options.smp = args.smp;
+            if let Some(busy) = args.busy {
+                options.busy_threads = busy;
+            }
+            let result = bench::tsc::bench_tsc(&options)?;
+            print!("{}", result.table());
+            if let Some(path) = &args.report {
+                write_json(path, &result.to_json())?;
+            }
+            Ok(if result.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Task::Test(args) => {
             ci::run_all(&args.harness_args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Task::Lint => {
+            ci::lints()?;
             Ok(ExitCode::SUCCESS)
         }
         Task::Dump(args) => {
@@ -633,6 +815,7 @@ fn run_task(task: Task) -> Result<ExitCode> {
 /// ([`plan::resolve`]), and its hv words: the user's, the crash's (given,
 /// drawn, or the default) and `crash_timeout_ms=`. Prints what the run
 /// will do.
+#[allow(clippy::too_many_arguments)]
 fn crash_and_capture(
     whole_path_by_default: bool,
     no_crash: bool,
@@ -640,9 +823,11 @@ fn crash_and_capture(
     capture: &CaptureArgs,
     run: &RunArgs,
     cpus: u32,
-    vmx: bool,
+    guests: bool,
+    nmi_button: Option<u64>,
 ) -> Result<(Plan, Vec<String>)> {
     let mut words = extra_words(run)?;
+    check_hang(&words, cpus)?;
     let given = capture.given();
     let plan = plan::resolve(&plan::Flags {
         whole_path_by_default,
@@ -651,9 +836,16 @@ fn crash_and_capture(
         capture: capture.capture,
         capture_options: &given,
         words: &words,
+        nmi_button: nmi_button.is_some(),
     })
     .map_err(anyhow::Error::msg)?;
-    words.extend(single_run_crash(crash, cpus, vmx, &words)?);
+    words.extend(single_run_crash(
+        crash,
+        cpus,
+        guests,
+        plan.capture.is_some(),
+        &words,
+    )?);
     if plan.crash == CrashSource::Default {
         let spec = plan::default_crash(whole_path_by_default, cpus, &words);
         words.push(format!("crash={spec}"));
@@ -661,8 +853,26 @@ fn crash_and_capture(
     let plan = plan
         .settle(&words, crash.crash == Some(CrashArg::Random))
         .map_err(anyhow::Error::msg)?;
-    println!("{}", plan.describe(&words, cpus));
+    println!("{}", plan.describe(&words, cpus, nmi_button));
     Ok((plan, words))
+}
+
+/// Refuses a `hang=` that hangs nothing (a CPU the machine does not have:
+/// hv would only say so, and the run could never end).
+fn check_hang(words: &[String], cpus: u32) -> Result<()> {
+    let Some(value) = words.iter().rev().find_map(|w| w.strip_prefix("hang=")) else {
+        return Ok(());
+    };
+    let hang = hv_abi::knobs::HangSpec::parse(value)
+        .map_err(|error| anyhow::anyhow!("hang={value}: {error}"))?;
+    if hang.cpu >= cpus {
+        anyhow::bail!(
+            "hang={value} names CPU index {}, but the machine has {cpus} CPUs (0 to {})",
+            hang.cpu,
+            cpus - 1
+        );
+    }
+    Ok(())
 }
 
 /// The crash words of one run (`qemu-smp`, `bochs`): `crash=` with the
@@ -670,7 +880,8 @@ fn crash_and_capture(
 fn single_run_crash(
     args: &CrashArgs,
     cpus: u32,
-    vmx: bool,
+    guests: bool,
+    capture: bool,
     append: &[String],
 ) -> Result<Vec<String>> {
     check_crash_conflicts(args, append)?;
@@ -678,13 +889,17 @@ fn single_run_crash(
     if let Some(arg) = args.crash {
         let spec = match arg {
             CrashArg::Spec(spec) => {
-                check_spec(&spec, cpus, vmx)?;
+                check_spec(&spec, cpus, guests)?;
+                if let Err(note) = spec.check_capture(capture) {
+                    println!("note: {note}; the run fails: the point never fires");
+                }
                 spec
             }
             CrashArg::Random => {
                 let seed = args.seed.unwrap_or_else(crash::fresh_seed);
                 let guest_run_ms = Expectations::from_cmdline(cpus, append).crash.guest_run_ms;
-                let spec = CrashSpec::random(&mut Rng::new(seed), cpus, vmx, guest_run_ms);
+                let spec =
+                    CrashSpec::random(&mut Rng::new(seed), cpus, guests, capture, guest_run_ms);
                 println!("crash: {} (random, seed {seed})", spec.word());
                 spec
             }
@@ -695,6 +910,40 @@ fn single_run_crash(
     Ok(words)
 }
 
+/// The capture of a stress loop: hv's capture mode (built once here) for a
+/// crash loop unless `--capture none`, ending each run at the capture
+/// image's entry unless `--whole-dump`.
+fn stress_capture(args: &StressArgs) -> Result<Option<CaptureOptions>> {
+    let kernel = match (args.capture, args.crash.crash) {
+        (Some(CaptureFlag::Linux), _) => anyhow::bail!(
+            "stress captures with hv's capture mode (--capture hv): the Linux capture kernel \
+             needs GRUB and takes seconds a run"
+        ),
+        (Some(CaptureFlag::Hv), _) | (None, Some(_)) => CaptureKernel::Hv,
+        (Some(CaptureFlag::None), _) | (None, None) => {
+            if args.whole_dump {
+                anyhow::bail!("--whole-dump needs a capture (--capture hv)");
+            }
+            return Ok(None);
+        }
+    };
+    if args.memory < capture::HV_MEMORY_MIB {
+        anyhow::bail!(
+            "hv's capture mode needs its reservation ({}) inside RAM: --memory {} or more",
+            capture::HV_CRASHKERNEL,
+            capture::HV_MEMORY_MIB
+        );
+    }
+    let mut options = CaptureOptions::new(kernel, args.smp);
+    options.default_crash = None;
+    options.until_entry = !args.whole_dump;
+    let (_, base) = capture::parse_crashkernel(capture::HV_CRASHKERNEL)?;
+    options.image = Some(kernel::build_capture(
+        base.expect("the default hv reservation has a base"),
+    )?);
+    Ok(Some(options))
+}
+
 /// `crash_timeout_ms=` when `--crash-timeout-ms` is given.
 fn timeout_word(args: &CrashArgs) -> Option<String> {
     args.crash_timeout_ms
@@ -702,13 +951,13 @@ fn timeout_word(args: &CrashArgs) -> Option<String> {
 }
 
 /// Refuses a spec that cannot crash this machine (a CPU it does not have,
-/// a list store that does not exist, ...); a point that needs VMX on a
+/// a list store that does not exist, ...); a point that needs guests on a
 /// machine without it only gets a note: hv then reports that it never
 /// fired, and the run fails as it should.
-fn check_spec(spec: &CrashSpec, cpus: u32, vmx: bool) -> Result<()> {
+fn check_spec(spec: &CrashSpec, cpus: u32, guests: bool) -> Result<()> {
     spec.check(cpus, true)
         .map_err(|error| anyhow::anyhow!("--crash: {error}"))?;
-    if let Err(note) = spec.check(cpus, vmx) {
+    if let Err(note) = spec.check(cpus, guests) {
         println!("note: {note}; hv will report that it never fired");
     }
     Ok(())
@@ -802,6 +1051,7 @@ mod tests {
             &args.run,
             args.smp,
             false,
+            args.nmi_button_after_ms,
         )
     }
 
@@ -1000,9 +1250,17 @@ mod tests {
             panic!("not bochs")
         };
         assert_eq!(args.capture_sink, BochsSink::Debugcon);
-        let (plan, words) =
-            crash_and_capture(false, false, &args.crash, &args.capture, &args.run, 8, true)
-                .unwrap();
+        let (plan, words) = crash_and_capture(
+            false,
+            false,
+            &args.crash,
+            &args.capture,
+            &args.run,
+            8,
+            true,
+            None,
+        )
+        .unwrap();
         assert_eq!(plan.capture, Some(CaptureKernel::Hv));
         assert_eq!(words, ["crash=cpu:1,after_ms:50"]);
     }
@@ -1013,17 +1271,34 @@ mod tests {
         let Task::Bochs(args) = cli.command else {
             panic!("not bochs")
         };
-        let (plan, words) =
-            crash_and_capture(false, false, &args.crash, &args.capture, &args.run, 8, true)
-                .unwrap();
+        let (plan, words) = crash_and_capture(
+            false,
+            false,
+            &args.crash,
+            &args.capture,
+            &args.run,
+            8,
+            true,
+            None,
+        )
+        .unwrap();
         assert_eq!((plan.crash, plan.capture), (CrashSource::None, None));
         assert!(words.is_empty());
         let cli = Cli::try_parse_from(["cargo xtask", "bochs", "--crashkernel", "64M"]).unwrap();
         let Task::Bochs(args) = cli.command else {
             panic!("not bochs")
         };
-        let error = crash_and_capture(false, false, &args.crash, &args.capture, &args.run, 8, true)
-            .unwrap_err();
+        let error = crash_and_capture(
+            false,
+            false,
+            &args.crash,
+            &args.capture,
+            &args.run,
+            8,
+            true,
+            None,
+        )
+        .unwrap_err();
         assert!(error.to_string().contains("add --capture hv"), "{error}");
     }
 
@@ -1129,7 +1404,7 @@ mod tests {
             ))
         );
         assert_eq!(args.crash.crash_timeout_ms, Some(500));
-        let words = single_run_crash(&args.crash, 64, false, &[]).unwrap();
+        let words = single_run_crash(&args.crash, 64, false, true, &[]).unwrap();
         assert_eq!(
             words,
             [
@@ -1153,8 +1428,11 @@ mod tests {
             panic!("not bochs")
         };
         assert_eq!(args.crash.crash, Some(CrashArg::Random));
-        let words = single_run_crash(&args.crash, 8, true, &[]).unwrap();
-        assert_eq!(words, single_run_crash(&args.crash, 8, true, &[]).unwrap());
+        let words = single_run_crash(&args.crash, 8, true, false, &[]).unwrap();
+        assert_eq!(
+            words,
+            single_run_crash(&args.crash, 8, true, false, &[]).unwrap()
+        );
         let spec = CrashSpec::parse(words[0].strip_prefix("crash=").unwrap()).unwrap();
         assert!(spec.check(8, true).is_ok(), "{spec}");
 
@@ -1182,21 +1460,31 @@ mod tests {
             crash_timeout_ms: Some(100),
             seed: None,
         };
-        let missing = single_run_crash(&args("cpu:8,after_ms:1"), 8, true, &[]).unwrap_err();
+        let missing = single_run_crash(&args("cpu:8,after_ms:1"), 8, true, true, &[]).unwrap_err();
         assert!(missing.to_string().contains("0 to 7"), "{missing}");
-        let store = single_run_crash(&args("cpu:1,point:list_add6"), 8, true, &[]).unwrap_err();
+        let store =
+            single_run_crash(&args("cpu:1,point:list_add6"), 8, true, true, &[]).unwrap_err();
         assert!(
             store.to_string().contains("list_add0 to list_add4"),
             "{store}"
         );
         // A point that needs VMX still runs without it: hv says it never fired.
-        assert!(single_run_crash(&args("cpu:1,point:list_add0"), 8, false, &[]).is_ok());
-        let both = single_run_crash(&args("cpu:1,after_ms:1"), 8, true, &["crash=cpu:2".into()])
-            .unwrap_err();
+        assert!(single_run_crash(&args("cpu:1,point:list_add0"), 8, false, true, &[]).is_ok());
+        // So does a point of the hand-over without a capture kernel.
+        assert!(single_run_crash(&args("cpu:1,point:handover_panic"), 8, true, false, &[]).is_ok());
+        let both = single_run_crash(
+            &args("cpu:1,after_ms:1"),
+            8,
+            true,
+            true,
+            &["crash=cpu:2".into()],
+        )
+        .unwrap_err();
         assert!(both.to_string().contains("give only one"), "{both}");
         let timeouts = single_run_crash(
             &args("cpu:1,after_ms:1"),
             8,
+            true,
             true,
             &["crash_timeout_ms=5".into()],
         )

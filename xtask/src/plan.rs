@@ -98,6 +98,8 @@ pub struct Flags<'a> {
     pub capture_options: &'a [&'static str],
     /// The user's hv words (`--append`).
     pub words: &'a [String],
+    /// `--nmi-button-after-ms`: the NMI button starts the crash.
+    pub nmi_button: bool,
 }
 
 /// Where the run's crash comes from.
@@ -139,7 +141,7 @@ pub struct Plan {
 /// Decides the run's crash and capture from its flags; the error says
 /// which flags contradict each other.
 pub fn resolve(flags: &Flags<'_>) -> Result<Plan, String> {
-    let words_crash = capture::asks_for_crash(flags.words);
+    let words_crash = capture::asks_for_crash(flags.words) || flags.nmi_button;
     let capture_asked = flags.capture.and_then(CaptureFlag::kernel);
     if flags.no_crash {
         if let Some(kernel) = capture_asked {
@@ -151,8 +153,9 @@ pub fn resolve(flags: &Flags<'_>) -> Result<Plan, String> {
         }
         if words_crash {
             return Err(
-                "--no-crash and a crash word in --append (`crash=`, or `crash_hypercall=allow` \
-                 with `guest_crash_call=`): give only one"
+                "--no-crash and a crash word in --append (`crash=`, `hang=`, \
+                 `stray_write=reservation`, or `crash_hypercall=allow` with \
+                 `guest_crash_call=`) or the NMI button: give only one"
                     .to_owned(),
             );
         }
@@ -240,17 +243,27 @@ impl Plan {
         Ok(self)
     }
 
-    /// The line printed before the run: what it will do.
-    pub fn describe(&self, words: &[String], cpus: u32) -> String {
+    /// The line printed before the run: what it will do (`nmi_button`:
+    /// the NMI button's delay after the boot report, if it is pressed).
+    pub fn describe(&self, words: &[String], cpus: u32, nmi_button: Option<u64>) -> String {
         let crash = match self.crash {
             CrashSource::None => "no crash (boot and self-report only)".to_owned(),
             CrashSource::Default | CrashSource::Asked => {
-                let word = words
+                let last = |key: &str| words.iter().rev().find(|word| word.starts_with(key));
+                let mut triggers: Vec<String> = ["crash=", "hang=", "stray_write="]
                     .iter()
-                    .rev()
-                    .find(|word| word.starts_with("crash="))
-                    .cloned()
-                    .unwrap_or_else(|| "a guest's crash hypercall".to_owned());
+                    .filter_map(|key| last(key).cloned())
+                    .collect();
+                if let Some(ms) = nmi_button {
+                    triggers.push(format!(
+                        "the NMI button (QMP inject-nmi) {ms} ms after the boot report"
+                    ));
+                }
+                let word = if triggers.is_empty() {
+                    "a guest's crash hypercall".to_owned()
+                } else {
+                    triggers.join(", ")
+                };
                 match self.crash {
                     CrashSource::Default if !self.whole_path => {
                         format!("{word} (a capture run's default)")
@@ -299,6 +312,7 @@ mod tests {
             capture: None,
             capture_options: &[],
             words,
+            nmi_button: false,
         }
     }
 
@@ -554,13 +568,13 @@ mod tests {
         let default = words("crash=cpu:1,after_ms:200");
         let plan = resolve(&qemu(&[])).unwrap();
         assert_eq!(
-            plan.describe(&default, 4),
+            plan.describe(&default, 4, None),
             "run: crash=cpu:1,after_ms:200 (the default: an AP panics after the boot report; \
              --no-crash for boot only); captured by hv's capture mode (built from this repository)"
         );
         let single = words("crash=cpu:0,after_ms:200");
         assert!(
-            plan.describe(&single, 1)
+            plan.describe(&single, 1, None)
                 .contains("(the default, after the boot report; one CPU, so the boot CPU panics;")
         );
         let plan = resolve(&Flags {
@@ -569,7 +583,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(
-            plan.describe(&[], 4),
+            plan.describe(&[], 4, None),
             "run: no crash (boot and self-report only)"
         );
         let plan = resolve(&Flags {
@@ -579,7 +593,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(
-            plan.describe(&words("crash=cpu:5,after_ms:3"), 8),
+            plan.describe(&words("crash=cpu:5,after_ms:3"), 8, None),
             "run: crash=cpu:5,after_ms:3; no capture (a plain crash)"
         );
         let plan = resolve(&Flags {
@@ -588,7 +602,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(
-            plan.describe(&words("crash=cpu:1,after_ms:50"), 8),
+            plan.describe(&words("crash=cpu:1,after_ms:50"), 8, None),
             "run: crash=cpu:1,after_ms:50 (a capture run's default); captured by hv's capture \
              mode (built from this repository)"
         );
@@ -599,8 +613,45 @@ mod tests {
         })
         .unwrap();
         assert_eq!(
-            plan.describe(&hypercall, 8),
+            plan.describe(&hypercall, 8, None),
             "run: a guest's crash hypercall; captured by Debian's Linux with xtask's initramfs"
+        );
+    }
+
+    #[test]
+    fn a_hang_a_stray_write_or_the_nmi_button_replace_the_default_crash() {
+        for text in ["hang=cpu:3,after_ms:100", "stray_write=reservation"] {
+            let hang = words(text);
+            let plan = resolve(&qemu(&hang)).unwrap();
+            assert_eq!(plan.crash, CrashSource::Asked, "{text}");
+            assert_eq!(plan.capture, Some(CaptureKernel::Hv), "{text}");
+            assert!(
+                plan.describe(&hang, 8, None)
+                    .starts_with(&format!("run: {text};"))
+            );
+        }
+        let plan = resolve(&Flags {
+            nmi_button: true,
+            ..qemu(&[])
+        })
+        .unwrap();
+        assert_eq!(
+            (plan.crash, plan.capture),
+            (CrashSource::Asked, Some(CaptureKernel::Hv))
+        );
+        let hang = words("hang=cpu:3,after_ms:100 watchdog=0");
+        assert_eq!(
+            plan.describe(&hang, 8, Some(1000)),
+            "run: hang=cpu:3,after_ms:100, the NMI button (QMP inject-nmi) 1000 ms after the boot \
+             report; captured by hv's capture mode (built from this repository)"
+        );
+        assert!(
+            resolve(&Flags {
+                nmi_button: true,
+                no_crash: true,
+                ..qemu(&[])
+            })
+            .is_err()
         );
     }
 }

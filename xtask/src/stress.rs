@@ -14,6 +14,15 @@
 //! verdict judge the run by its crash report (see `report::crash`), and
 //! checks that hv took the word. The table then also counts the crash runs,
 //! the stragglers named and the shootdown times.
+//!
+//! A loop may capture each crash ([`StressOptions::capture`]): every run
+//! then goes through `capture::qemu`, usually ending at the capture
+//! kernel's entry (`until_entry`), and the capture's checks join the
+//! verdict; the table adds the captures entered and the time from the
+//! crash to the capture kernel. That is what lets a random plan draw the
+//! points inside the hand-over (`nmi_in_header`, `nmi_in_digest`,
+//! `nmi_in_purgatory`, `handover_panic`), which without a capture kernel
+//! hv never reaches.
 
 use crate::crash::CrashSpecExt;
 use std::fs;
@@ -24,6 +33,7 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Value, json};
 
+use crate::capture::{self, CaptureOptions};
 use crate::crash::{CrashArg, CrashSpec, Point, Rng};
 use crate::paths;
 use crate::run::{QemuOptions, RunOutcome};
@@ -67,29 +77,45 @@ pub struct CrashPlan {
     seed: u64,
     rng: Rng,
     cpus: u32,
-    vmx: bool,
+    guests: bool,
+    capture: bool,
     guest_run_ms: u64,
 }
 
 impl CrashPlan {
-    /// Crashes on a machine of `cpus` CPUs, with or without VMX guests
+    /// Crashes on a machine of `cpus` CPUs, with or without guests (VMX or
+    /// SVM)
     /// (which decides the points a random spec may use), whose guests run
-    /// `guest_run_ms` (random crashes come within that time).
-    pub fn new(arg: CrashArg, seed: u64, cpus: u32, vmx: bool, guest_run_ms: u64) -> Self {
+    /// `guest_run_ms` (random crashes come within that time); no capture
+    /// kernel (see [`with_capture`](Self::with_capture)).
+    pub fn new(arg: CrashArg, seed: u64, cpus: u32, guests: bool, guest_run_ms: u64) -> Self {
         Self {
             arg,
             seed,
             rng: Rng::new(seed),
             cpus,
-            vmx,
+            guests,
+            capture: false,
             guest_run_ms,
         }
     }
 
+    /// The same plan for runs with a capture kernel loaded (random specs
+    /// may then strike inside the hand-over).
+    pub fn with_capture(mut self, capture: bool) -> Self {
+        self.capture = capture;
+        self
+    }
+
     /// The spec of the next run.
     pub fn next_spec(&mut self) -> CrashSpec {
-        self.arg
-            .pick(&mut self.rng, self.cpus, self.vmx, self.guest_run_ms)
+        self.arg.pick(
+            &mut self.rng,
+            self.cpus,
+            self.guests,
+            self.capture,
+            self.guest_run_ms,
+        )
     }
 }
 
@@ -144,6 +170,12 @@ pub struct CrashRecord {
     pub shootdown_us: Option<u64>,
     /// `crash.timed_out`.
     pub timed_out: bool,
+    /// `capture.entered`, for a run with a capture kernel loaded.
+    pub capture_entered: Option<bool>,
+    /// `capture.crash_to_capture_us`.
+    pub crash_to_capture_us: Option<u64>,
+    /// `capture.attempt`: the hand-over attempt that jumped.
+    pub handover_attempt: Option<u64>,
 }
 
 impl CrashRecord {
@@ -168,6 +200,10 @@ impl CrashRecord {
                 .unwrap_or_default(),
             shootdown_us: crash["shootdown_us"].as_u64(),
             timed_out: crash["timed_out"] == Value::Bool(true),
+            capture_entered: (report["capture"]["loaded"] == Value::Bool(true))
+                .then(|| report["capture"]["entered"] == Value::Bool(true)),
+            crash_to_capture_us: report["capture"]["crash_to_capture_us"].as_u64(),
+            handover_attempt: report["capture"]["attempt"].as_u64(),
         })
     }
 
@@ -194,6 +230,9 @@ impl CrashRecord {
             "stragglers": self.stragglers,
             "shootdown_us": self.shootdown_us,
             "timed_out": self.timed_out,
+            "capture_entered": self.capture_entered,
+            "crash_to_capture_us": self.crash_to_capture_us,
+            "handover_attempt": self.handover_attempt,
         })
     }
 }
@@ -212,6 +251,10 @@ pub struct StressOptions {
     pub name: String,
     /// Whether to draw a progress bar (on stderr, when it is a terminal).
     pub progress: bool,
+    /// Capture every crash with this capture kernel (its `default_crash`
+    /// is ignored: the plan gives each run its crash); `None`: plain
+    /// crashes, ended by hv's crash path.
+    pub capture: Option<CaptureOptions>,
 }
 
 impl StressOptions {
@@ -225,6 +268,7 @@ impl StressOptions {
             keep_going: false,
             name,
             progress: true,
+            capture: None,
         }
     }
 }
@@ -397,16 +441,50 @@ impl StressResult {
 
     /// How many crash runs used each point (`time` for none), by name.
     pub fn points(&self) -> Vec<(String, usize)> {
-        let mut counts: Vec<(String, usize)> = Vec::new();
-        for crash in self.crashes() {
+        self.points_with_failures()
+            .into_iter()
+            .map(|(name, count, _)| (name, count))
+            .collect()
+    }
+
+    /// How many crash runs used each point, and how many of those failed.
+    pub fn points_with_failures(&self) -> Vec<(String, usize, usize)> {
+        let mut counts: Vec<(String, usize, usize)> = Vec::new();
+        for record in &self.records {
+            let Some(crash) = &record.crash else { continue };
             let name = crash.point_name();
-            match counts.iter_mut().find(|(known, _)| *known == name) {
-                Some((_, count)) => *count += 1,
-                None => counts.push((name, 1)),
+            let failed = usize::from(!record.ok);
+            match counts.iter_mut().find(|(known, _, _)| *known == name) {
+                Some((_, count, failures)) => {
+                    *count += 1;
+                    *failures += failed;
+                }
+                None => counts.push((name, 1, failed)),
             }
         }
         counts.sort();
         counts
+    }
+
+    /// Crash runs with a capture kernel loaded, and how many of them
+    /// entered it.
+    pub fn captures(&self) -> (usize, usize) {
+        let loaded: Vec<bool> = self.crashes().filter_map(|c| c.capture_entered).collect();
+        (
+            loaded.len(),
+            loaded.iter().filter(|&&entered| entered).count(),
+        )
+    }
+
+    /// Min / median / max of `crash_to_capture_us` over the runs that
+    /// entered their capture kernel.
+    pub fn crash_to_capture(&self) -> Option<Spread> {
+        let samples: Vec<u64> = self
+            .crashes()
+            .filter(|crash| crash.capture_entered == Some(true))
+            .filter_map(|crash| crash.crash_to_capture_us)
+            .collect();
+        Spread::of_u64(&samples)
     }
 
     /// The closing table.
@@ -462,11 +540,25 @@ impl StressResult {
                     spread_text(Some(spread), ""),
                 ]);
             }
+            let (loaded, entered) = self.captures();
+            if loaded > 0 {
+                rows.push(vec![
+                    "captures entered".to_owned(),
+                    format!("{entered} of {loaded}"),
+                ]);
+                rows.push(vec![
+                    "crash to capture (us)".to_owned(),
+                    spread_text(self.crash_to_capture(), "none measured"),
+                ]);
+            }
             rows.push(vec![
                 "points".to_owned(),
-                self.points()
+                self.points_with_failures()
                     .iter()
-                    .map(|(name, count)| format!("{name} {count}"))
+                    .map(|(name, count, failed)| match failed {
+                        0 => format!("{name} {count}"),
+                        failed => format!("{name} {count} ({failed} failed)"),
+                    })
                     .collect::<Vec<_>>()
                     .join(", "),
             ]);
@@ -523,6 +615,14 @@ impl StressResult {
                         .into_iter()
                         .map(|(name, count)| (name, json!(count)))
                         .collect::<serde_json::Map<String, Value>>(),
+                    "points_failed": self
+                        .points_with_failures()
+                        .into_iter()
+                        .filter(|(_, _, failed)| *failed > 0)
+                        .map(|(name, _, failed)| (name, json!(failed)))
+                        .collect::<serde_json::Map<String, Value>>(),
+                    "captures": {"loaded": self.captures().0, "entered": self.captures().1},
+                    "crash_to_capture_us": spread_json(self.crash_to_capture()),
                 })
             }),
             "records": self.records.iter().map(RunRecord::to_json).collect::<Vec<_>>(),
@@ -562,9 +662,19 @@ fn left_table(rows: &[Vec<String>]) -> String {
         .collect()
 }
 
-/// Runs the stress loop with real QEMU runs.
+/// Runs the stress loop with real QEMU runs (each with the loop's capture
+/// kernel, if it has one).
 pub fn stress(options: &StressOptions, plan: &mut dyn RunPlan) -> Result<StressResult> {
-    stress_with(options, plan, crate::run::qemu)
+    match &options.capture {
+        Some(capture) => {
+            let capture = CaptureOptions {
+                default_crash: None,
+                ..capture.clone()
+            };
+            stress_with(options, plan, |run| capture::qemu(run, &capture))
+        }
+        None => stress_with(options, plan, crate::run::qemu),
+    }
 }
 
 /// The stress loop over any way of making a run (QEMU, or a fake in tests).
@@ -575,7 +685,7 @@ pub fn stress_with(
 ) -> Result<StressResult> {
     let base = &options.base;
     let title = format!(
-        "stress: hv on QEMU, -smp {}, {} MiB, boot {}{}{}",
+        "stress: hv on QEMU, -smp {}, {} MiB, boot {}{}{}{}",
         base.smp,
         base.memory_mib,
         base.boot.as_str(),
@@ -586,7 +696,13 @@ pub fn stress_with(
         },
         plan.describe()
             .map(|text| format!(", {text}"))
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        match &options.capture {
+            Some(capture) if capture.until_entry =>
+                format!(", captured by {} up to its entry", capture.kernel.as_str()),
+            Some(capture) => format!(", captured by {}", capture.kernel.as_str()),
+            None => String::new(),
+        }
     );
     // Failed runs of an earlier loop must not be mistaken for this one's.
     let root = paths::run_dir(&options.name);
@@ -1023,7 +1139,7 @@ mod tests {
             "  stragglers seen  2 in 2 runs (1 run(s) where none was asked for)\n",
             "  shootdown (us)   min 2000  median 5000  max 9000\n",
             "  timed out (us)   min 500100  median 500150  max 500200\n",
-            "  points           bringup 1, nmi_blocked 1, time 3\n",
+            "  points           bringup 1, nmi_blocked 1, time 3 (1 failed)\n",
             "    run 4 (crash=cpu:6,after_ms:5): crash.stragglers is [7], expected []\n",
         ] {
             assert!(text.contains(row), "missing {row:?} in\n{text}");
@@ -1093,5 +1209,47 @@ mod tests {
             plan.check(0, &outcome),
             ["hv rejected command-line words: crash: cpu:N is required"]
         );
+    }
+
+    #[test]
+    fn captured_crashes_are_counted_with_their_entries_and_failures_per_point() {
+        let captured = |spec: &str, entered: bool, reason: Option<&str>| {
+            let mut outcome = crash_outcome(spec, crash_line(3, json!([]), 2000, false), reason);
+            outcome.report["capture"] = json!({"loaded": true, "entered": entered,
+                "crash_to_capture_us": 50_000, "attempt": 2});
+            outcome
+        };
+        let runs = [
+            captured("crash=cpu:3,after_ms:5,point:handover_panic", true, None),
+            captured(
+                "crash=cpu:3,after_ms:5,point:nmi_in_purgatory",
+                false,
+                Some("the hv capture kernel was not entered"),
+            ),
+            captured("crash=cpu:3,after_ms:5,point:nmi_in_purgatory", true, None),
+        ];
+        let records = runs
+            .iter()
+            .enumerate()
+            .map(|(index, outcome)| RunRecord::from_outcome(index as u32, 64, outcome, vec![]))
+            .collect();
+        let result = StressResult {
+            title: "stress: c".to_owned(),
+            requested: 3,
+            records,
+        };
+        assert_eq!(result.captures(), (3, 2));
+        let text = result.table();
+        for row in [
+            "captures entered       2 of 3\n",
+            "crash to capture (us)  min 50000  median 50000  max 50000\n",
+            "points                 handover_panic 1, nmi_in_purgatory 2 (1 failed)\n",
+        ] {
+            assert!(text.contains(row), "missing {row:?} in\n{text}");
+        }
+        let json = result.to_json();
+        assert_eq!(json["crash"]["points_failed"]["nmi_in_purgatory"], 1);
+        assert_eq!(json["crash"]["captures"]["entered"], 2);
+        assert_eq!(json["records"][0]["crash"]["handover_attempt"], 2);
     }
 }

@@ -63,6 +63,14 @@ pub mod cpu_flags {
     pub const VMXOFF_DONE: u32 = 1 << 2;
     /// This CPU ran the shootdown.
     pub const COORDINATOR: u32 = 1 << 3;
+    /// The CPU was in SVM (EFER.SVME set) when the crash began; its
+    /// entries in the VMCLEAR table are then VMCBs, each "VMCLEAR" the
+    /// SVM clear (clean bits zeroed).
+    pub const SVM_WAS_ON: u32 = 1 << 4;
+    /// The CPU left SVM: EFER.SVME and VM_HSAVE_PA read back clear.
+    pub const SVM_OFF: u32 = 1 << 5;
+    /// Its crash NMI came as a guest's exit (it was in guest mode).
+    pub const NMI_IN_GUEST: u32 = 1 << 6;
 }
 
 /// How one VMCLEAR ended.

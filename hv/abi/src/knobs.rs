@@ -22,14 +22,56 @@ pub enum CrashPoint {
     BeforeVmx,
     /// During AP bring-up.
     Bringup,
+    /// A stray NMI reaches the coordinator at a step of its own work
+    /// (another CPU sends it).
+    CoordinatorNmi(CoordinatorStep),
+    /// The coordinator panics inside the hand-over (once; the second
+    /// attempt must capture).
+    HandoverPanic,
+    /// An NMI reaches every CPU while the crash is under way, as the NMI
+    /// button does.
+    ExternalNmi,
+}
+
+/// A step of the coordinator's own work, where `CoordinatorNmi` strikes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CoordinatorStep {
+    /// Right after its own cleanup (its VMCLEARs and VMXOFF).
+    AfterCleanup,
+    /// While it writes the ELF core header.
+    CoreHeader,
+    /// While it checks the digests.
+    DigestCheck,
+    /// In the purgatory, after the jump.
+    Purgatory,
+}
+
+impl CoordinatorStep {
+    /// Every step.
+    pub const ALL: [CoordinatorStep; 4] = [
+        Self::AfterCleanup,
+        Self::CoreHeader,
+        Self::DigestCheck,
+        Self::Purgatory,
+    ];
+
+    /// The point name's suffix.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::AfterCleanup => "after_cleanup",
+            Self::CoreHeader => "in_header",
+            Self::DigestCheck => "in_digest",
+            Self::Purgatory => "in_purgatory",
+        }
+    }
 }
 
 /// The injection point names `crash=...,point:NAME` accepts (`N` a store
 /// number from 0 to 7).
-pub const CRASH_POINT_NAMES: &str = "list_addN, list_removeN, vmclear_unlink, vcpu_load, nmi_blocked, double_panic, before_vmx, bringup";
+pub const CRASH_POINT_NAMES: &str = "list_addN, list_removeN, vmclear_unlink, vcpu_load, nmi_blocked, double_panic, before_vmx, bringup, nmi_after_cleanup, nmi_in_header, nmi_in_digest, nmi_in_purgatory, handover_panic, external_nmi";
 
 /// The message for an unknown point name.
-const UNKNOWN_POINT: &str = "point: unknown injection point (known: list_add0..list_add4, list_remove0..list_remove2, vmclear_unlink, vcpu_load, nmi_blocked, double_panic, before_vmx, bringup)";
+const UNKNOWN_POINT: &str = "point: unknown injection point (known: list_add0..list_add4, list_remove0..list_remove2, vmclear_unlink, vcpu_load, nmi_blocked, double_panic, before_vmx, bringup, nmi_after_cleanup, nmi_in_header, nmi_in_digest, nmi_in_purgatory, handover_panic, external_nmi)";
 
 /// The form of the `crash=` value.
 const CRASH_FORM: &str = "expected cpu:N,after_ms:T[,point:NAME]";
@@ -45,7 +87,7 @@ pub const MAX_AFTER_MS: u64 = 3_600_000;
 impl CrashPoint {
     /// Every point that can fire: the stores the list protocol really
     /// makes, then the others.
-    pub const ALL: [CrashPoint; 14] = [
+    pub const ALL: [CrashPoint; 20] = [
         Self::ListAdd(0),
         Self::ListAdd(1),
         Self::ListAdd(2),
@@ -60,7 +102,22 @@ impl CrashPoint {
         Self::DoublePanic,
         Self::BeforeVmx,
         Self::Bringup,
+        Self::CoordinatorNmi(CoordinatorStep::AfterCleanup),
+        Self::CoordinatorNmi(CoordinatorStep::CoreHeader),
+        Self::CoordinatorNmi(CoordinatorStep::DigestCheck),
+        Self::CoordinatorNmi(CoordinatorStep::Purgatory),
+        Self::HandoverPanic,
+        Self::ExternalNmi,
     ];
+
+    /// Whether the point disturbs a crash already under way (the crash
+    /// itself comes from `cpu:N,after_ms:T`), rather than causing one.
+    pub const fn disturbs_the_crash(self) -> bool {
+        matches!(
+            self,
+            Self::CoordinatorNmi(_) | Self::HandoverPanic | Self::ExternalNmi
+        )
+    }
 
     /// Whether the point sits in the loaded-VMCS protocol, which only runs
     /// while VMX guests run: without VMX it never fires.
@@ -98,7 +155,15 @@ impl CrashPoint {
             "double_panic" => Self::DoublePanic,
             "before_vmx" => Self::BeforeVmx,
             "bringup" => Self::Bringup,
-            _ => return None,
+            "handover_panic" => Self::HandoverPanic,
+            "external_nmi" => Self::ExternalNmi,
+            _ => {
+                let step = text.strip_prefix("nmi_")?;
+                return CoordinatorStep::ALL
+                    .into_iter()
+                    .find(|candidate| candidate.name() == step)
+                    .map(Self::CoordinatorNmi);
+            }
         })
     }
 }
@@ -114,6 +179,9 @@ impl fmt::Display for CrashPoint {
             Self::DoublePanic => f.write_str("double_panic"),
             Self::BeforeVmx => f.write_str("before_vmx"),
             Self::Bringup => f.write_str("bringup"),
+            Self::CoordinatorNmi(step) => write!(f, "nmi_{}", step.name()),
+            Self::HandoverPanic => f.write_str("handover_panic"),
+            Self::ExternalNmi => f.write_str("external_nmi"),
         }
     }
 }
@@ -174,6 +242,102 @@ impl fmt::Display for CrashSpec {
     }
 }
 
+/// How a CPU hangs (`hang=...,how:`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HangHow {
+    /// Spins with interrupts off.
+    Spin,
+    /// Holds a lock with interrupts off while the next CPU waits for it,
+    /// also with interrupts off: two CPUs hang.
+    Lock,
+}
+
+/// `hang=cpu:N,after_ms:T[,how:spin|lock]` (test knob): CPU N hangs T ms
+/// after the boot report, for the lockup detector or the NMI button to
+/// find.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HangSpec {
+    /// CPU index that hangs.
+    pub cpu: u32,
+    /// Milliseconds after the boot report.
+    pub after_ms: u64,
+    /// How.
+    pub how: HangHow,
+}
+
+const HANG_FORM: &str = "expected cpu:N,after_ms:T[,how:spin|lock]";
+
+impl HangSpec {
+    /// Parses the value of `hang=`.
+    pub fn parse(value: &str) -> Result<Self, &'static str> {
+        let mut cpu = None;
+        let mut after_ms = 0;
+        let mut how = HangHow::Spin;
+        for part in value.split(',') {
+            let (key, item) = part.split_once(':').ok_or(HANG_FORM)?;
+            match key {
+                "cpu" => {
+                    cpu = Some(
+                        u32::try_from(parse_number(item).ok_or("cpu: expected a CPU index")?)
+                            .map_err(|_| "cpu: too large")?,
+                    )
+                }
+                "after_ms" => {
+                    after_ms = parse_number(item)
+                        .filter(|ms| *ms <= MAX_AFTER_MS)
+                        .ok_or("after_ms: expected milliseconds")?;
+                }
+                "how" => {
+                    how = match item {
+                        "spin" => HangHow::Spin,
+                        "lock" => HangHow::Lock,
+                        _ => return Err("how: expected spin or lock"),
+                    }
+                }
+                _ => return Err(HANG_FORM),
+            }
+        }
+        let cpu = cpu.ok_or("cpu:N is required")?;
+        Ok(Self { cpu, after_ms, how })
+    }
+}
+
+impl fmt::Display for HangSpec {
+    /// The value of `hang=`, as [`HangSpec::parse`] reads it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let how = match self.how {
+            HangHow::Spin => "spin",
+            HangHow::Lock => "lock",
+        };
+        write!(f, "cpu:{},after_ms:{},how:{how}", self.cpu, self.after_ms)
+    }
+}
+
+/// What an NMI that belongs to nobody does (`nmi=`): not the shootdown,
+/// not a self-test, so an operator's NMI button or a platform's watchdog.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum ExternalNmi {
+    /// Start the crash path: a dump of the machine as it was.
+    #[default]
+    Dump,
+    /// Print it and go on.
+    Log,
+    /// Go on silently.
+    Ignore,
+}
+
+impl ExternalNmi {
+    /// Parses the value of `nmi=`.
+    pub fn parse(value: &str) -> Result<Self, &'static str> {
+        match value {
+            "dump" => Ok(Self::Dump),
+            "log" => Ok(Self::Log),
+            "ignore" => Ok(Self::Ignore),
+            _ => Err("expected one of dump, log, ignore"),
+        }
+    }
+}
+
 /// A decimal or `0x` hexadecimal number, without sign or spaces.
 pub fn parse_number(text: &str) -> Option<u64> {
     let (digits, radix) = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
@@ -202,6 +366,35 @@ mod tests {
         assert_eq!(CrashPoint::parse("list_add8"), None);
         assert_eq!(CrashPoint::parse("bringup"), Some(CrashPoint::Bringup));
         assert_eq!(CrashPoint::parse("nowhere"), None);
+        assert_eq!(
+            CrashPoint::parse("nmi_in_digest"),
+            Some(CrashPoint::CoordinatorNmi(CoordinatorStep::DigestCheck))
+        );
+        assert_eq!(CrashPoint::parse("nmi_nowhere"), None);
+    }
+
+    #[test]
+    fn hang_specs_parse_and_print() {
+        let spec = HangSpec::parse("cpu:3,after_ms:100,how:lock").unwrap();
+        assert_eq!(
+            spec,
+            HangSpec {
+                cpu: 3,
+                after_ms: 100,
+                how: HangHow::Lock
+            }
+        );
+        assert_eq!(HangSpec::parse("cpu:1").unwrap().how, HangHow::Spin);
+        assert!(HangSpec::parse("cpu:1,how:sleep").is_err());
+        assert!(HangSpec::parse("after_ms:1").is_err());
+        let mut text = [0u8; 64];
+        let mut writer = crate::bytes::SliceWriter::new(&mut text);
+        core::fmt::Write::write_fmt(&mut writer, format_args!("{spec}")).unwrap();
+        let len = text.iter().position(|&b| b == 0).unwrap();
+        let printed = core::str::from_utf8(&text[..len]).unwrap();
+        assert_eq!(HangSpec::parse(printed), Ok(spec));
+        assert_eq!(ExternalNmi::parse("log"), Ok(ExternalNmi::Log));
+        assert!(ExternalNmi::parse("panic").is_err());
     }
 
     #[test]

@@ -36,7 +36,9 @@ pub enum Finish {
     Exit,
 }
 
-pub use hv_abi::knobs::{CRASH_POINT_NAMES, CrashPoint, CrashSpec};
+pub use hv_abi::knobs::{
+    CRASH_POINT_NAMES, CoordinatorStep, CrashPoint, CrashSpec, ExternalNmi, HangHow, HangSpec,
+};
 
 /// Where the hv capture image writes the dump stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -56,6 +58,45 @@ impl CaptureSink {
             Self::AtaSlave => "ata",
         }
     }
+}
+
+/// `capture_digest=`: how the loaded capture kernel is summed at boot and
+/// checked before the jump (by hv and by the purgatory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CaptureDigest {
+    /// XXH64: fast enough to check a whole image inside the crash path's
+    /// budget; detects stray writes.
+    #[default]
+    Xxh64,
+    /// SHA-256, as Linux's purgatory: about twenty times slower under
+    /// QEMU's TCG.
+    Sha256,
+}
+
+impl CaptureDigest {
+    /// The command-line spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Xxh64 => "xxh64",
+            Self::Sha256 => "sha256",
+        }
+    }
+}
+
+/// `capture_corrupt=` (test knob): what to damage after the capture kernel
+/// was loaded and digested.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CaptureCorrupt {
+    /// Nothing (`0`).
+    #[default]
+    Nothing,
+    /// `1` or `image`: flip a byte of the loaded capture kernel; the crash
+    /// path must refuse to jump.
+    Image,
+    /// `table`: flip that byte and zero the hypervisor's own digest table,
+    /// as a stray write would; its check must say so and refuse, and so
+    /// must the purgatory's (with `capture_hv_check=off`).
+    Table,
 }
 
 /// `crashkernel=SIZE[@BASE]`: memory reserved for the capture kernel.
@@ -102,9 +143,39 @@ pub struct Options {
     /// `capture_sink=debugcon|ata`: where the hv capture image writes the
     /// dump stream: I/O port 0xE9, or the primary ATA channel's slave disk.
     pub capture_sink: CaptureSink,
-    /// `capture_corrupt=1` (test knob): damage the loaded capture kernel
-    /// after its digest was taken, so the crash path must refuse to jump.
-    pub capture_corrupt: bool,
+    /// `capture_corrupt=0|1|image|table` (test knob): damage the loaded
+    /// capture kernel (and with `table` the hypervisor's digest table) after
+    /// the digests were taken, so the jump must be refused.
+    pub capture_corrupt: CaptureCorrupt,
+    /// `capture_hv_check=on|off` (test knob): `off` skips the hypervisor's
+    /// own check before the jump, so that the purgatory's check, which runs
+    /// from the reservation on its own copy of the digests, stands alone.
+    pub capture_hv_check: bool,
+    /// `capture_purgatory_nmi=0|1` (test knob): the purgatory sends its CPU
+    /// an NMI at each step of its way and waits until each was taken.
+    pub capture_purgatory_nmi: bool,
+    /// `capture_digest=xxh64|sha256`: the capture kernel's checksum.
+    pub capture_digest: CaptureDigest,
+    /// `capture_words=ADDR`: the crashed hypervisor's crash words mailbox
+    /// (the loader puts it on the capture image's command line; capture
+    /// mode prints what it holds before anything else).
+    pub capture_words: Option<u64>,
+    /// `capture_purgatory=ADDR`: where the crashed hypervisor's purgatory
+    /// area is (the loader puts it on the capture image's command line;
+    /// capture mode reports the purgatory's TSC stamps from it).
+    pub capture_purgatory: Option<u64>,
+    /// `capture_wake=0|1`: the hv capture image wakes every CPU the crash
+    /// note lists that checked in (INIT, then startup IPIs): a CPU still in
+    /// VMX root operation blocks INIT and stays silent.
+    pub capture_wake: bool,
+    /// `wake_stragglers=0|1`: the capture wakes the crash's stragglers too
+    /// (left alone by default: they may be running anything).
+    pub wake_stragglers: bool,
+    /// `wake_timeout_ms=`: how long the capture waits for the CPUs it wakes.
+    pub wake_timeout_ms: u64,
+    /// `capture_share=0|1`: the woken CPUs share the dump's work (0 keeps
+    /// them idle, to compare).
+    pub capture_share: bool,
     /// `crash=...` (test knob): inject a panic.
     pub crash: Option<CrashSpec>,
     /// `crash_timeout_ms=`: how long the crash rendezvous waits.
@@ -116,6 +187,15 @@ pub struct Options {
     /// `guest_timeout_ms=`: how long a guest module that gives no
     /// `timeout_ms=` may run before hv stops it.
     pub guest_timeout_ms: u64,
+    /// `nmi=dump|log|ignore`: what an NMI that belongs to nobody does.
+    pub nmi: ExternalNmi,
+    /// `watchdog=SECONDS`: the lockup detector's threshold (0: off).
+    pub watchdog_seconds: u64,
+    /// `hang=cpu:N,after_ms:T[,how:spin|lock]` (test knob): a CPU hangs.
+    pub hang: Option<HangSpec>,
+    /// `stray_write=reservation` (test knob): after the boot report, a
+    /// write into the loaded capture kernel, which must fault at once.
+    pub stray_write: bool,
 }
 
 impl Options {
@@ -137,12 +217,25 @@ impl Options {
             guest_crash_call: None,
             capture_mode: None,
             capture_sink: CaptureSink::DebugPort,
-            capture_corrupt: false,
+            capture_corrupt: CaptureCorrupt::Nothing,
+            capture_hv_check: true,
+            capture_purgatory_nmi: false,
+            capture_digest: CaptureDigest::Xxh64,
+            capture_words: None,
+            capture_purgatory: None,
+            capture_wake: true,
+            wake_stragglers: false,
+            wake_timeout_ms: defaults::WAKE_TIMEOUT_MS,
+            capture_share: true,
             crash: None,
             crash_timeout_ms: defaults::CRASH_TIMEOUT_MS,
             crash_hypercall: false,
             guest_mem: DEFAULT_GUEST_MEM,
             guest_timeout_ms: DEFAULT_GUEST_TIMEOUT_MS,
+            nmi: ExternalNmi::Dump,
+            watchdog_seconds: defaults::WATCHDOG_SECONDS,
+            hang: None,
+            stray_write: false,
         }
     }
 }
@@ -273,6 +366,28 @@ pub const OPTIONS: &[(&str, Setter)] = &[
         Ok(())
     }),
     ("crash", set_crash),
+    ("nmi", |options, value| {
+        options.nmi = ExternalNmi::parse(value)?;
+        Ok(())
+    }),
+    ("watchdog", |options, value| {
+        set_bounded(
+            &mut options.watchdog_seconds,
+            value,
+            defaults::MAX_WATCHDOG_SECONDS,
+        )
+    }),
+    ("hang", |options, value| {
+        options.hang = Some(HangSpec::parse(value)?);
+        Ok(())
+    }),
+    ("stray_write", |options, value| {
+        options.stray_write = match value {
+            "reservation" => true,
+            _ => return Err("expected reservation"),
+        };
+        Ok(())
+    }),
     ("capture_mode", |options, value| {
         let address = parse_number(value)
             .filter(|a| *a != 0 && a % 8 == 0)
@@ -290,11 +405,66 @@ pub const OPTIONS: &[(&str, Setter)] = &[
     }),
     ("capture_corrupt", |options, value| {
         options.capture_corrupt = match value {
+            "1" | "image" => CaptureCorrupt::Image,
+            "table" => CaptureCorrupt::Table,
+            "0" => CaptureCorrupt::Nothing,
+            _ => return Err("expected 0, 1, image or table"),
+        };
+        Ok(())
+    }),
+    ("capture_hv_check", |options, value| {
+        options.capture_hv_check = match value {
+            "on" => true,
+            "off" => false,
+            _ => return Err("expected on or off"),
+        };
+        Ok(())
+    }),
+    ("capture_digest", |options, value| {
+        options.capture_digest = match value {
+            "xxh64" => CaptureDigest::Xxh64,
+            "sha256" => CaptureDigest::Sha256,
+            _ => return Err("expected xxh64 or sha256"),
+        };
+        Ok(())
+    }),
+    ("capture_purgatory_nmi", |options, value| {
+        options.capture_purgatory_nmi = match value {
             "1" => true,
             "0" => false,
             _ => return Err("expected 0 or 1"),
         };
         Ok(())
+    }),
+    ("capture_words", |options, value| {
+        let address = parse_number(value)
+            .filter(|a| *a != 0 && a % 8 == 0)
+            .ok_or("expected the crash words mailbox's 8-byte-aligned address")?;
+        options.capture_words = Some(address);
+        Ok(())
+    }),
+    ("capture_purgatory", |options, value| {
+        let address = parse_number(value)
+            .filter(|a| *a != 0 && a % 4096 == 0)
+            .ok_or("expected the purgatory area's page-aligned address")?;
+        options.capture_purgatory = Some(address);
+        Ok(())
+    }),
+    ("capture_wake", |options, value| {
+        set_flag(&mut options.capture_wake, value)
+    }),
+    ("wake_stragglers", |options, value| {
+        set_flag(&mut options.wake_stragglers, value)
+    }),
+    ("wake_timeout_ms", |options, value| {
+        set_bounded(
+            &mut options.wake_timeout_ms,
+            value,
+            defaults::MAX_WAKE_TIMEOUT_MS,
+        )
+    }),
+    ("capture_share", |options, value| {
+        set_flag(&mut options.capture_share, value)
     }),
     ("guest_crash_call", |options, value| {
         let mut n = 0;
@@ -410,6 +580,16 @@ fn set_max_cpus(options: &mut Options, value: &str) -> Result<(), &'static str> 
         return Err(EXPECTED);
     }
     options.max_cpus = Some(n);
+    Ok(())
+}
+
+/// `0` or `1`.
+fn set_flag(target: &mut bool, value: &str) -> Result<(), &'static str> {
+    *target = match value {
+        "1" => true,
+        "0" => false,
+        _ => return Err("expected 0 or 1"),
+    };
     Ok(())
 }
 
@@ -533,6 +713,36 @@ mod tests {
     }
 
     #[test]
+    fn capture_wake_options_and_their_defaults() {
+        let defaults = Options::default();
+        assert!(defaults.capture_wake && defaults.capture_share);
+        assert!(!defaults.wake_stragglers);
+        assert_eq!(defaults.wake_timeout_ms, defaults::WAKE_TIMEOUT_MS);
+        let parsed = parse("capture_wake=0 wake_stragglers=1 wake_timeout_ms=250 capture_share=0");
+        assert!(parsed.is_clean(), "{:?}", messages(&parsed));
+        let o = parsed.options;
+        assert_eq!(
+            (
+                o.capture_wake,
+                o.wake_stragglers,
+                o.wake_timeout_ms,
+                o.capture_share
+            ),
+            (false, true, 250, false)
+        );
+        let parsed = parse("capture_wake=yes wake_stragglers=2 wake_timeout_ms=60001");
+        assert_eq!(
+            messages(&parsed),
+            [
+                "capture_wake: invalid value 'yes' (expected 0 or 1)",
+                "wake_stragglers: invalid value '2' (expected 0 or 1)",
+                "wake_timeout_ms: invalid value '60001' (number too large)",
+            ]
+        );
+        assert_eq!(parsed.options, Options::default());
+    }
+
+    #[test]
     fn crash_knob_with_and_without_a_point() {
         let parsed = parse("crash=cpu:3,after_ms:20 crash_timeout_ms=250 crash_hypercall=allow");
         assert!(parsed.is_clean(), "{:?}", messages(&parsed));
@@ -586,11 +796,64 @@ mod tests {
         assert_eq!(parsed.options.capture_sink, CaptureSink::AtaSlave);
         assert_eq!(Options::default().capture_sink.name(), "debugcon");
         assert_eq!(parsed.options.capture_mode, Some(0x1f00_0000));
-        assert!(parsed.options.capture_corrupt);
+        assert_eq!(parsed.options.capture_corrupt, CaptureCorrupt::Image);
         let parsed =
             parse("capture_mode=0 capture_mode=0x1001 capture_corrupt=yes capture_sink=tape");
         assert_eq!(parsed.error_count(), 4, "{:?}", messages(&parsed));
         assert_eq!(parsed.options, Options::default());
+    }
+
+    #[test]
+    fn capture_test_knobs() {
+        let defaults = Options::default();
+        assert_eq!(defaults.capture_corrupt, CaptureCorrupt::Nothing);
+        assert!(defaults.capture_hv_check);
+        assert!(!defaults.capture_purgatory_nmi);
+        assert_eq!(defaults.capture_purgatory, None);
+        assert_eq!(defaults.capture_digest, CaptureDigest::Xxh64);
+        assert_eq!(defaults.capture_words, None);
+        let parsed = parse("capture_words=0x1f003000");
+        assert_eq!(parsed.options.capture_words, Some(0x1f00_3000));
+        let parsed = parse("capture_words=0x1f003004 capture_words=0");
+        assert_eq!(parsed.error_count(), 2, "{:?}", messages(&parsed));
+        assert_eq!(defaults.capture_digest.name(), "xxh64");
+        let parsed = parse("capture_digest=sha256");
+        assert!(parsed.is_clean(), "{:?}", messages(&parsed));
+        assert_eq!(parsed.options.capture_digest, CaptureDigest::Sha256);
+        assert_eq!(parsed.options.capture_digest.name(), "sha256");
+        let parsed = parse("capture_digest=md5");
+        assert_eq!(parsed.error_count(), 1);
+        assert!(messages(&parsed)[0].contains("expected xxh64 or sha256"));
+        assert_eq!(parsed.options, Options::default());
+        for (word, corrupt) in [
+            ("0", CaptureCorrupt::Nothing),
+            ("1", CaptureCorrupt::Image),
+            ("image", CaptureCorrupt::Image),
+            ("table", CaptureCorrupt::Table),
+        ] {
+            let line = format!("capture_corrupt={word}");
+            let parsed = parse(&line);
+            assert!(parsed.is_clean(), "{:?}", messages(&parsed));
+            assert_eq!(parsed.options.capture_corrupt, corrupt, "{word}");
+        }
+        let parsed = parse(
+            "capture_corrupt=table capture_hv_check=off capture_purgatory_nmi=1 capture_purgatory=0x1fff0000",
+        );
+        assert!(parsed.is_clean(), "{:?}", messages(&parsed));
+        assert_eq!(parsed.options.capture_corrupt, CaptureCorrupt::Table);
+        assert!(!parsed.options.capture_hv_check);
+        assert!(parsed.options.capture_purgatory_nmi);
+        assert_eq!(parsed.options.capture_purgatory, Some(0x1fff_0000));
+        let parsed = parse(
+            "capture_corrupt=tables capture_hv_check=0 capture_purgatory_nmi=yes capture_purgatory=0x1fff0001 capture_purgatory=0",
+        );
+        assert_eq!(parsed.error_count(), 5, "{:?}", messages(&parsed));
+        assert_eq!(parsed.options, Options::default());
+        assert!(
+            messages(&parsed)[0].contains("expected 0, 1, image or table"),
+            "{:?}",
+            messages(&parsed)
+        );
     }
 
     #[test]
@@ -882,11 +1145,24 @@ mod tests {
             ("guest_crash_call", "0"),
             ("capture_mode", "0x1f000000"),
             ("capture_corrupt", "1"),
+            ("capture_hv_check", "off"),
+            ("capture_purgatory_nmi", "1"),
+            ("capture_digest", "sha256"),
+            ("capture_words", "0x1f003000"),
+            ("capture_purgatory", "0x1fff0000"),
             ("capture_sink", "ata"),
             ("crash_timeout_ms", "500"),
             ("crash_hypercall", "allow"),
             ("guest_mem", "32M"),
             ("guest_timeout_ms", "90000"),
+            ("nmi", "log"),
+            ("watchdog", "2"),
+            ("hang", "cpu:3,after_ms:100,how:lock"),
+            ("stray_write", "reservation"),
+            ("capture_wake", "0"),
+            ("wake_stragglers", "1"),
+            ("wake_timeout_ms", "300"),
+            ("capture_share", "0"),
         ];
         assert_eq!(OPTIONS.len(), examples.len());
         for (key, value) in examples {

@@ -23,11 +23,23 @@ impl AtomicCallFn {
         self.bits.store(function as usize, order);
     }
 
+    /// Stores `function` if the slot holds nothing; returns whether it
+    /// now holds `function` (stored here, or already there).
+    pub fn store_if_empty(&self, function: fn(usize)) -> bool {
+        match self
+            .bits
+            .compare_exchange(0, function as usize, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => true,
+            Err(bits) => bits == function as usize,
+        }
+    }
+
     /// The stored function, if any.
     pub fn load(&self, order: Ordering) -> Option<fn(usize)> {
         let bits = self.bits.load(order);
-        // SAFETY: non-zero bits were stored by `store` from a `fn(usize)`
-        // (function pointers are never null).
+        // SAFETY: (1) non-zero bits were stored by `store` from a `fn(usize)` (function pointers
+        // are never null).
         (bits != 0).then(|| unsafe { core::mem::transmute::<usize, fn(usize)>(bits) })
     }
 }

@@ -226,6 +226,28 @@ macro_rules! entry_point {
 unsafe extern "C" {
     static __image_start: u8;
     static __image_end: u8;
+    static __text_end: u8;
+    static __rodata_end: u8;
+}
+
+/// Where the image's parts lie, as (start, length), page-aligned.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageLayout {
+    /// Code.
+    pub text: (u64, u64),
+    /// Read-only data (with the exception tables, unwind tables, notes).
+    pub rodata: (u64, u64),
+}
+
+/// The image's parts, from the linker script.
+pub fn image_layout() -> ImageLayout {
+    let start = (&raw const __image_start).addr() as u64;
+    let text_end = (&raw const __text_end).addr() as u64;
+    let rodata_end = (&raw const __rodata_end).addr() as u64;
+    ImageLayout {
+        text: (start, text_end - start),
+        rodata: (text_end, rodata_end - text_end),
+    }
 }
 
 /// The image's physical range (start, length), from the linker script.

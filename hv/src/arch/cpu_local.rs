@@ -77,8 +77,8 @@ impl<T> CpuLocalArea<T> {
 pub fn install<T: Sync>(area: &'static CpuLocalArea<T>) {
     let pointer = core::ptr::from_ref(&area.header).cast_mut();
     area.header.this.store(pointer, Ordering::Release);
-    // SAFETY: GS_BASE exists on every x86_64 CPU and the kernel uses no
-    // other GS base; the area lives for good.
+    // SAFETY: (1) GS_BASE exists on every x86_64 CPU and the kernel uses no other GS base; (2) the
+    // area lives for good.
     unsafe { super::cpu::wrmsr(GS_BASE_MSR, pointer as u64) };
 }
 
@@ -86,7 +86,7 @@ pub fn install<T: Sync>(area: &'static CpuLocalArea<T>) {
 /// `CpuLocalArea<T>` type on every CPU, and calls this with that `T`.
 pub fn current<T: Sync>() -> &'static CpuLocalArea<T> {
     let area: *const CpuLocalHeader;
-    // SAFETY: reads GS:[0], the self pointer of the installed header.
+    // SAFETY: (1) reads GS:[0], the self pointer of the installed header.
     unsafe {
         core::arch::asm!(
             "mov {}, gs:[{}]",
@@ -105,7 +105,7 @@ pub fn current<T: Sync>() -> &'static CpuLocalArea<T> {
 /// The dense index of the CPU this runs on.
 pub fn current_index() -> u32 {
     let index: u32;
-    // SAFETY: reads GS:[8], the index field of the installed header.
+    // SAFETY: (1) reads GS:[8], the index field of the installed header.
     unsafe {
         core::arch::asm!(
             "mov {:e}, gs:[{}]",

@@ -27,8 +27,8 @@ fn table() -> &'static [FixupEntry] {
     let start = &raw const __fixup_start;
     let end = &raw const __fixup_end;
     let len = (end.addr() - start.addr()) / core::mem::size_of::<FixupEntry>();
-    // SAFETY: the linker script bounds the `.hv_fixup` input sections with
-    // these two symbols; every entry is two 8-byte-aligned quads.
+    // SAFETY: (1) the linker script bounds the `.hv_fixup` input sections with these two symbols;
+    // (2) every entry is two 8-byte-aligned quads.
     unsafe { core::slice::from_raw_parts(start, len) }
 }
 

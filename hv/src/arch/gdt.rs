@@ -44,8 +44,8 @@ pub struct DescriptorTables {
     tss: UnsafeCell<TaskStateSegment>,
 }
 
-// SAFETY: the cells are written only by `load`, on the one CPU that owns
-// the tables, before that CPU uses them; other CPUs only read addresses.
+// SAFETY: (1) the cells are written only by `load`, on the one CPU that owns the tables, before
+// that CPU uses them; (2) other CPUs only read addresses.
 unsafe impl Sync for DescriptorTables {}
 
 impl DescriptorTables {
@@ -94,8 +94,8 @@ impl DescriptorTables {
             | (0x89 << 40)
             | (((limit >> 16) & 0xF) << 48)
             | (((base >> 24) & 0xFF) << 56);
-        // SAFETY: only this CPU touches its tables, and it does not use
-        // them yet (the old GDT is still loaded).
+        // SAFETY: (1) only this CPU touches its tables, and it does not use them yet (the old GDT
+        // is still loaded).
         unsafe {
             let gdt = &mut *self.gdt.get();
             gdt[3] = low;

@@ -143,7 +143,7 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
         unhandled(frame);
         return;
     }
-    // SAFETY: non-zero slots hold a `Handler` stored by `register`.
+    // SAFETY: (1) non-zero slots hold a `Handler` stored by `register`.
     let handler = unsafe { core::mem::transmute::<usize, Handler>(handler) };
     handler(frame);
 }
@@ -228,8 +228,8 @@ pub fn load() {
         limit: (core::mem::size_of_val(idt) - 1) as u16,
         base: idt.as_ptr() as u64,
     };
-    // SAFETY: the IDT is a 'static that never changes after it is built, and
-    // every gate points at a stub in `trap_stubs`.
+    // SAFETY: (1) the IDT is a 'static that never changes after it is built, and every gate points
+    // at a stub in `trap_stubs`.
     unsafe {
         core::arch::asm!("lidt [{}]", in(reg) &raw const pointer, options(readonly, nostack, preserves_flags))
     };

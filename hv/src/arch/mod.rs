@@ -6,7 +6,7 @@
 //!
 //! Nothing here imports another layer of the kernel: handlers above are
 //! *registered* with the IDT ([`idt::register`]), the boot stub calls the
-//! function named by [`boot::entry_point!`], and per-CPU data is reached
+//! function named by [`entry_point!`](crate::entry_point), and per-CPU data is reached
 //! through a header whose layout this layer owns ([`cpu_local`]).
 
 pub mod apic;
@@ -23,5 +23,6 @@ pub mod idt;
 pub mod pic;
 pub mod port;
 pub mod stack;
+pub mod svm;
 pub mod vmx;
 pub mod xsave;

@@ -6,8 +6,8 @@
 /// module only write to devices the hypervisor owns (COM1, the debug port,
 /// the emulator exit ports).
 pub fn outb(port: u16, value: u8) {
-    // SAFETY: `out` touches no memory; which device sits behind `port` is the
-    // caller's concern (see above).
+    // SAFETY: (1) `out` touches no memory; (2) which device sits behind `port` is the caller's
+    // concern (see above).
     unsafe {
         core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
     };
@@ -16,7 +16,7 @@ pub fn outb(port: u16, value: u8) {
 /// Reads a byte from an I/O port.
 pub fn inb(port: u16) -> u8 {
     let value: u8;
-    // SAFETY: `in` touches no memory.
+    // SAFETY: (1) `in` touches no memory.
     unsafe {
         core::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
     };
@@ -26,8 +26,8 @@ pub fn inb(port: u16) -> u8 {
 /// Writes a block of bytes to one I/O port (`rep outsb`): the capture
 /// stream's bulk path.
 pub fn outsb(port: u16, bytes: &[u8]) {
-    // SAFETY: `rep outsb` only reads `bytes` (RSI, RCX bytes) and writes the
-    // port; the direction flag is clear in Rust code.
+    // SAFETY: (1) `rep outsb` only reads `bytes` (RSI, RCX bytes) and writes the port; (2) the
+    // direction flag is clear in Rust code.
     unsafe {
         core::arch::asm!(
             "rep outsb",
@@ -41,8 +41,8 @@ pub fn outsb(port: u16, bytes: &[u8]) {
 
 /// Writes `words` to one I/O port (`rep outsw`): ATA PIO data.
 pub fn outsw(port: u16, words: &[u16]) {
-    // SAFETY: `rep outsw` only reads `words` and writes the port; the
-    // direction flag is clear in Rust code.
+    // SAFETY: (1) `rep outsw` only reads `words` and writes the port; (2) the direction flag is
+    // clear in Rust code.
     unsafe {
         core::arch::asm!(
             "rep outsw",
@@ -52,4 +52,14 @@ pub fn outsw(port: u16, words: &[u16]) {
             options(nostack, preserves_flags, readonly)
         )
     };
+}
+
+/// Reads a 32-bit value from an I/O port (the ACPI PM timer).
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: (1) `in` touches no memory.
+    unsafe {
+        core::arch::asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
+    };
+    value
 }

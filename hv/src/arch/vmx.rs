@@ -35,9 +35,9 @@ pub fn capability(msr: u32) -> Option<u64> {
     if !CAPABILITY_MSRS.contains(&msr) || !cpu_has_vmx() {
         return None;
     }
-    // SAFETY: the VMX capability MSRs exist once CPUID reports VMX. (Some
-    // in the range depend on others' bits; callers read only those the
-    // basic and control MSRs announce, as the SDM says.)
+    // SAFETY: (1) the VMX capability MSRs exist once CPUID reports VMX. (Some in the range depend
+    // on others' bits; callers read only those the basic and control MSRs announce, as the SDM
+    // says.)
     Some(unsafe { rdmsr(msr) })
 }
 
@@ -61,8 +61,8 @@ pub fn vmxon(region: u64) -> Result<(), VmxonError> {
     if !cpu_has_vmx() {
         return Err(VmxonError::NotSupported);
     }
-    // SAFETY: IA32_FEATURE_CONTROL exists with VMX; writing it while
-    // unlocked only turns VMX on (and locks it).
+    // SAFETY: (1) IA32_FEATURE_CONTROL exists with VMX; (2) writing it while unlocked only turns
+    // VMX on (and locks it).
     unsafe {
         let control = rdmsr(IA32_FEATURE_CONTROL);
         if control & FEATURE_CONTROL_LOCKED != 0 {
@@ -85,32 +85,30 @@ pub fn vmxon(region: u64) -> Result<(), VmxonError> {
             ((cr4() | CR4_VMXE) | rdmsr(IA32_VMX_CR4_FIXED0)) & rdmsr(IA32_VMX_CR4_FIXED1);
         write_cr0_cr4(cr0_value, cr4_value);
     }
-    // SAFETY: CR4.VMXE is set and `region` is a VMXON region of ours
-    // holding the revision identifier (module docs).
+    // SAFETY: (1) CR4.VMXE is set and `region` is a VMXON region of ours holding the revision
+    // identifier (module docs).
     unsafe { x86::bits64::vmx::vmxon(region) }.map_err(|_| VmxonError::Failed)
 }
 
 /// VMCLEAR (normal path): the VMCS at `vmcs` becomes inactive, written
 /// back to memory and cleared on this CPU. `false` on VMfail.
 pub fn vmclear(vmcs: u64) -> bool {
-    // SAFETY: `vmcs` is a VMCS region of ours (module docs); VMCLEAR only
-    // writes it.
+    // SAFETY: (1) `vmcs` is a VMCS region of ours (module docs); (2) VMCLEAR only writes it.
     unsafe { x86::bits64::vmx::vmclear(vmcs) }.is_ok()
 }
 
 /// VMPTRLD: the VMCS at `vmcs` becomes current on this CPU. `false` on
 /// VMfail (the VM-instruction error field says why).
 pub fn vmptrld(vmcs: u64) -> bool {
-    // SAFETY: `vmcs` is a VMCS region of ours holding the revision
-    // identifier, and the loaded-VMCS protocol guarantees no other CPU has
-    // it active.
+    // SAFETY: (1) `vmcs` is a VMCS region of ours holding the revision identifier, and the loaded-
+    // VMCS protocol guarantees no other CPU has it active.
     unsafe { x86::bits64::vmx::vmptrld(vmcs) }.is_ok()
 }
 
 /// VMREAD from the current VMCS; `None` on VMfail (no current VMCS, or a
 /// field the CPU does not support).
 pub fn vmread(field: u32) -> Option<u64> {
-    // SAFETY: VMREAD only reads the current VMCS into a register.
+    // SAFETY: (1) VMREAD only reads the current VMCS into a register.
     unsafe { x86::bits64::vmx::vmread(field) }.ok()
 }
 
@@ -120,7 +118,7 @@ pub fn vmread(field: u32) -> Option<u64> {
 /// I/O and MSR bitmaps) are the virtualization layer's to fill with
 /// addresses of its own structures.
 pub fn vmwrite(field: u32, value: u64) -> bool {
-    // SAFETY: VMWRITE only writes the current VMCS.
+    // SAFETY: (1) VMWRITE only writes the current VMCS.
     unsafe { x86::bits64::vmx::vmwrite(field, value) }.is_ok()
 }
 

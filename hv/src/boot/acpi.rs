@@ -5,10 +5,28 @@ use smp_boot::madt::{self, Topology};
 use super::info::BootInfo;
 use crate::mm::phys;
 
-/// Finds every processor, I/O APIC and interrupt override. `None` (logged
-/// and reported) when the tables cannot be read: the caller then runs on
-/// the boot CPU alone.
-pub fn discover(boot: &BootInfo) -> Option<Topology> {
+/// What the ACPI tables told.
+#[derive(Debug)]
+pub struct Acpi {
+    /// Every processor, I/O APIC and interrupt override; `None` (logged and
+    /// reported) when the tables cannot be read: the kernel then runs on
+    /// the boot CPU alone.
+    pub topology: Option<Topology>,
+    /// The RSDP, when the MADT reader accepted it and its root table.
+    pub rsdp: Option<u64>,
+}
+
+/// Reads the ACPI tables.
+pub fn discover(boot: &BootInfo) -> Acpi {
+    let topology = read_madt(boot);
+    let rsdp = topology
+        .as_ref()
+        .and(boot.rsdp.or_else(phys::find_rsdp_in_bios));
+    Acpi { topology, rsdp }
+}
+
+/// Finds every processor, I/O APIC and interrupt override.
+fn read_madt(boot: &BootInfo) -> Option<Topology> {
     let rsdp = boot.rsdp.or_else(phys::find_rsdp_in_bios);
     let report = |topology: Option<&Topology>, error: Option<&madt::MadtError>| {
         crate::console::report::line(|o| {

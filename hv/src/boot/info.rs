@@ -4,8 +4,6 @@
 //! multiboot2 information structure. Both are reduced to one [`BootInfo`]:
 //! loader name, command line, memory map, modules and the ACPI RSDP.
 
-use hv_abi::bytes::{u32_at, u64_at};
-
 use crate::arch::boot::{ENTERED_BY_MULTIBOOT2, ENTERED_BY_PVH};
 use crate::mm::phys;
 
@@ -75,6 +73,11 @@ pub struct BootInfo {
     pub regions_dropped: usize,
     /// Boot modules.
     pub modules: [Option<Module>; MAX_MODULES],
+    /// Boot modules that did not fit (ignored; reported at boot).
+    pub modules_dropped: usize,
+    /// Loader structures that did not fit [`BootInfo::loader_ranges`]: the
+    /// allocator may hand out their memory (reported at boot).
+    pub loader_ranges_dropped: usize,
     /// Memory the loader's structures occupy (start, length), kept out of
     /// the frame allocator so the strings above stay valid.
     pub loader_ranges: [(u64, u64); MAX_LOADER_RANGES],
@@ -90,8 +93,8 @@ pub enum BootInfoError {
     BadMultiboot2Magic(u32),
     /// The multiboot2 structure failed validation.
     BadMultiboot2Info,
-    /// The PVH start info had the wrong magic.
-    BadPvhMagic(u32),
+    /// The PVH start info could not be read.
+    Pvh(hv_abi::pvh::PvhError),
     /// The entry stub passed a protocol this code does not know.
     UnknownProtocol(u32),
 }
@@ -104,9 +107,7 @@ impl core::fmt::Display for BootInfoError {
                 "multiboot2 entry with EAX={magic:#x}, expected 0x36d76289"
             ),
             Self::BadMultiboot2Info => write!(f, "multiboot2 information structure is malformed"),
-            Self::BadPvhMagic(magic) => {
-                write!(f, "PVH start info magic {magic:#x}, expected 0x336ec578")
-            }
+            Self::Pvh(error) => write!(f, "PVH start info: {error}"),
             Self::UnknownProtocol(kind) => write!(f, "unknown boot protocol {kind}"),
         }
     }
@@ -123,6 +124,8 @@ impl BootInfo {
             region_count: 0,
             regions_dropped: 0,
             modules: [None; MAX_MODULES],
+            modules_dropped: 0,
+            loader_ranges_dropped: 0,
             loader_ranges: [(0, 0); MAX_LOADER_RANGES],
         }
     }
@@ -137,14 +140,19 @@ impl BootInfo {
     }
 
     fn add_module(&mut self, module: Module) {
-        if let Some(slot) = self.modules.iter_mut().find(|slot| slot.is_none()) {
-            *slot = Some(module);
+        match self.modules.iter_mut().find(|slot| slot.is_none()) {
+            Some(slot) => *slot = Some(module),
+            None => self.modules_dropped += 1,
         }
     }
 
     fn add_loader_range(&mut self, start: u64, len: u64) {
-        if let Some(slot) = self.loader_ranges.iter_mut().find(|slot| slot.1 == 0) {
-            *slot = (start, len);
+        if len == 0 {
+            return;
+        }
+        match self.loader_ranges.iter_mut().find(|slot| slot.1 == 0) {
+            Some(slot) => *slot = (start, len),
+            None => self.loader_ranges_dropped += 1,
         }
     }
 
@@ -193,64 +201,53 @@ pub fn parse(entered_by: u32, info: u32, magic: u32) -> Result<BootInfo, BootInf
 /// Longest command line read from loader memory.
 const MAX_CMDLINE: usize = 4096;
 
-/// A NUL-terminated string in loader memory, if it is valid UTF-8.
-fn c_string(address: u64) -> &'static str {
-    core::str::from_utf8(phys::c_string(address, MAX_CMDLINE)).unwrap_or("")
+/// What the PVH reader may read: loader structures lie in the first 4 GiB
+/// (all the boot page tables map), and no table is larger than this.
+const PVH_READABLE_END: u64 = 4 << 30;
+const PVH_LARGEST_READ: usize = 1 << 20;
+
+/// Loader memory at `paddr`, for the PVH decoder: refused outside what
+/// the boot page tables map, or when absurdly large.
+fn pvh_read(paddr: u64, len: usize) -> Option<&'static [u8]> {
+    let end = paddr.checked_add(len as u64)?;
+    (len <= PVH_LARGEST_READ && end <= PVH_READABLE_END).then(|| phys::read(paddr, len as u64))
 }
 
-/// `hvm_start_info.magic`.
-pub const PVH_MAGIC: u32 = 0x336e_c578;
-/// Bytes of `hvm_start_info` (version 1).
-const START_INFO_LEN: u64 = 56;
-/// Bytes of an `hvm_modlist_entry`.
-const MODLIST_ENTRY_LEN: u64 = 32;
-/// Bytes of an `hvm_memmap_table_entry`.
-const MEMMAP_ENTRY_LEN: u64 = 24;
-
 fn parse_pvh(address: u64) -> Result<BootInfo, BootInfoError> {
-    let info = phys::read(address, START_INFO_LEN);
-    let field32 = |offset| u32_at(info, offset).unwrap_or(0);
-    let field64 = |offset| u64_at(info, offset).unwrap_or(0);
-    let magic = field32(0);
-    if magic != PVH_MAGIC {
-        return Err(BootInfoError::BadPvhMagic(magic));
-    }
-    let (version, nr_modules, modlist) = (field32(4), field32(12), field64(16));
-    let (cmdline, rsdp, memmap, memmap_entries) =
-        (field64(24), field64(32), field64(40), field32(48));
+    let info = hv_abi::pvh::decode(address, pvh_read).map_err(BootInfoError::Pvh)?;
+    let start_info = info.start_info;
     let mut boot = BootInfo::empty(Protocol::Pvh);
     boot.loader_name = Some("PVH (QEMU -kernel)");
-    boot.add_loader_range(address, START_INFO_LEN);
-    boot.cmdline = c_string(cmdline);
-    boot.add_loader_range(cmdline, boot.cmdline.len() as u64 + 1);
-    boot.rsdp = (rsdp != 0).then_some(rsdp);
-    if version >= 1 && memmap != 0 {
-        // A map far beyond what is kept is not read at all: count it.
-        let entries = u64::from(memmap_entries).min(MAX_RAW_REGIONS as u64 * 4);
-        boot.regions_dropped += (u64::from(memmap_entries) - entries) as usize;
-        let table = phys::read(memmap, entries * MEMMAP_ENTRY_LEN);
-        boot.add_loader_range(memmap, table.len() as u64);
-        for entry in table.chunks_exact(MEMMAP_ENTRY_LEN as usize) {
-            boot.add_region(RawRegion {
-                start: u64_at(entry, 0).unwrap_or(0),
-                len: u64_at(entry, 8).unwrap_or(0),
-                e820_type: u32_at(entry, 16).unwrap_or(0),
-            });
-        }
+    boot.add_loader_range(
+        address,
+        hv_abi::pvh::StartInfo::len_for_version(start_info.version) as u64,
+    );
+    let string = |paddr: u64| {
+        hv_abi::pvh::read_c_string(paddr, MAX_CMDLINE, pvh_read)
+            .ok()
+            .and_then(|bytes| core::str::from_utf8(bytes).ok())
+            .unwrap_or("")
+    };
+    boot.cmdline = string(start_info.cmdline_paddr);
+    boot.add_loader_range(start_info.cmdline_paddr, boot.cmdline.len() as u64 + 1);
+    boot.rsdp = (start_info.rsdp_paddr != 0).then_some(start_info.rsdp_paddr);
+    boot.add_loader_range(info.memmap.paddr(), info.memmap.bytes().len() as u64);
+    for entry in info.memmap.iter() {
+        boot.add_region(RawRegion {
+            start: entry.addr,
+            len: entry.size,
+            e820_type: entry.kind,
+        });
     }
-    if modlist != 0 {
-        let count = u64::from(nr_modules).min(MAX_MODULES as u64);
-        let table = phys::read(modlist, count * MODLIST_ENTRY_LEN);
-        boot.add_loader_range(modlist, table.len() as u64);
-        for entry in table.chunks_exact(MODLIST_ENTRY_LEN as usize) {
-            let cmdline = c_string(u64_at(entry, 16).unwrap_or(0));
-            boot.add_loader_range(u64_at(entry, 16).unwrap_or(0), cmdline.len() as u64 + 1);
-            boot.add_module(Module {
-                start: u64_at(entry, 0).unwrap_or(0),
-                len: u64_at(entry, 8).unwrap_or(0),
-                cmdline,
-            });
-        }
+    boot.add_loader_range(info.modules.paddr(), info.modules.bytes().len() as u64);
+    for module in info.modules.iter() {
+        let cmdline = string(module.cmdline_paddr);
+        boot.add_loader_range(module.cmdline_paddr, cmdline.len() as u64 + 1);
+        boot.add_module(Module {
+            start: module.paddr,
+            len: module.size,
+            cmdline,
+        });
     }
     Ok(boot)
 }

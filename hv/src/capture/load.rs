@@ -8,25 +8,34 @@
 
 use core::fmt::Write;
 
-use hv_abi::bytes::{u16_at, u32_at, u64_at};
-use hv_abi::e820::{E820_RAM, E820_RESERVED};
-use hv_core::memmap::RegionKind;
+use hv_core::cmdline::{CaptureCorrupt, CaptureDigest};
 use kexec_loader::PhysRange;
 use kexec_loader::boot_params::{E820Entry, E820Table, ZeroPageConfig, build_zero_page};
+
 use kexec_loader::bzimage::BzImage;
+use kexec_loader::cmdline::{CmdlineError, CpuWords};
 use kexec_loader::crash_note::desc_len_for;
-use kexec_loader::digest::DigestTable;
-use kexec_loader::elfcore::{MemorySegment, core_header_len};
+use kexec_loader::digest::{Algorithm, DigestTable};
+use kexec_loader::elfcore::{LoadedImage, MemorySegment, core_header_len};
 use kexec_loader::layout::CaptureLayout;
+use kexec_loader::purgatory::SealedTable;
+use kexec_loader::purgatory::abi::mailbox;
+use kexec_loader::pvh::{BootDataConfig, PvhImage, write_boot_data};
+use kexec_loader::segments;
 
 use crate::boot::info::{BootInfo, Module, Protocol};
-use crate::crash::handover::{self, Kind, MAX_REASON, MAX_SEGMENTS, Plan};
+use crate::crash::handover::{self, DIGESTS, Kind, MAX_REASON, MAX_SEGMENTS, Plan};
 use crate::crash::purgatory::{self, Entry};
 use crate::crash::records::MAX_VMCS;
-use crate::mm::{CRASH_RESERVATION, FIRMWARE_MAP, phys};
+use crate::mm::paging::Access;
+use crate::mm::{self, CRASH_RESERVATION, FIRMWARE_MAP, phys};
 
-/// Command line given to a Linux capture kernel whose module line has none.
-const DEFAULT_LINUX_ARGS: &str = "console=ttyS0,115200 nr_cpus=1 reset_devices";
+/// Command line given to a Linux capture kernel whose module line has none
+/// (the CPU words, [`CpuWords`], follow unless the line has its own).
+const DEFAULT_LINUX_ARGS: &str = "console=ttyS0,115200 reset_devices";
+/// Room for the capture arguments with the CPU words (Linux's own
+/// `COMMAND_LINE_SIZE` is 2048).
+const LINUX_ARGS_BYTES: usize = 4096;
 
 /// Why no capture kernel could be loaded.
 #[derive(Debug)]
@@ -35,7 +44,10 @@ enum LoadError {
     NoModule,
     UnknownFormat,
     Linux(kexec_loader::Error),
-    Elf(&'static str),
+    Elf(kexec_loader::Error),
+    DumpMap(kexec_loader::Error),
+    Purgatory(kexec_loader::Error),
+    HeaderSize,
     OutOfMemory,
 }
 
@@ -50,15 +62,12 @@ impl core::fmt::Display for LoadError {
                 f.write_str("the capture module is neither a bzImage nor an ELF image")
             }
             Self::Linux(error) => write!(f, "bzImage rejected: {error}"),
-            Self::Elf(reason) => write!(f, "capture ELF rejected: {reason}"),
+            Self::Elf(error) => write!(f, "capture ELF rejected: {error}"),
+            Self::DumpMap(error) => write!(f, "the dump's memory ranges: {error}"),
+            Self::Purgatory(error) => write!(f, "the purgatory: {error}"),
+            Self::HeaderSize => f.write_str("the ELF core header's size overflows"),
             Self::OutOfMemory => f.write_str("no memory for the crash-time buffers"),
         }
-    }
-}
-
-impl<E: Into<kexec_loader::Error>> From<E> for LoadError {
-    fn from(error: E) -> Self {
-        Self::Linux(error.into())
     }
 }
 
@@ -76,11 +85,12 @@ pub fn load_at_boot(boot: &BootInfo, options: &hv_core::cmdline::Options) {
         return;
     }
     match load(boot, options) {
-        Ok(plan) => {
+        Ok(mut plan) => {
             log::info!(
-                "capture: {} capture kernel loaded; {} segments digested; ELF core header at {}",
+                "capture: {} capture kernel loaded; {} segments digested ({}); ELF core header at {}",
                 plan.kind.name(),
                 plan.digests.entries().len(),
+                plan.digests.algorithm().name(),
                 plan.elfcorehdr
             );
             crate::console::report::line(|o| {
@@ -89,12 +99,24 @@ pub fn load_at_boot(boot: &BootInfo, options: &hv_core::cmdline::Options) {
                     o.field("kernel").str(plan.kind.name())?;
                     o.field("elfcorehdr").u64(plan.elfcorehdr.start)?;
                     o.field("digested_segments")
-                        .u64(plan.digests.entries().len() as u64)
+                        .u64(plan.digests.entries().len() as u64)?;
+                    o.field("digest_algorithm")
+                        .str(plan.digests.algorithm().name())
                 })
             });
+            match corrupt {
+                CaptureCorrupt::Nothing => {}
+                CaptureCorrupt::Image => corrupt_loaded_image(&plan),
+                CaptureCorrupt::Table => {
+                    corrupt_loaded_image(&plan);
+                    plan.digests.zero();
+                    log::warn!("capture: test knob: zeroed the hypervisor's digest table");
+                }
+            }
             let plan = handover::install(plan);
-            if corrupt {
-                corrupt_loaded_image(plan);
+            protect_reservation(plan);
+            if plan.kind == Kind::Hv {
+                crate::crash::words::arm(plan.mailbox.start);
             }
         }
         Err(error) => {
@@ -106,6 +128,31 @@ pub fn load_at_boot(boot: &BootInfo, options: &hv_core::cmdline::Options) {
                 })
             });
         }
+    }
+}
+
+/// Makes the reservation read-only in the kernel's tables, but for the
+/// ELF core header's region (written at crash time) and the purgatory
+/// (executed by the jump until it loads its own tables): a stray write
+/// into the loaded capture kernel faults at once instead of damaging it.
+/// The caller drops the other CPUs' cached translations.
+fn protect_reservation(plan: &Plan) {
+    let Some(&(start, len)) = CRASH_RESERVATION.get() else {
+        return;
+    };
+    let result = mm::protect(start, len, Access::READ_ONLY)
+        .and_then(|()| mm::protect(plan.elfcorehdr.start, plan.elfcorehdr.len, Access::DATA))
+        // The purgatory runs on hv's page tables until it switches to its
+        // own, and its NMI handler writes its scratch in the area.
+        .and_then(|()| mm::protect(plan.purgatory, purgatory::AREA_BYTES, Access::RWX));
+    match result {
+        Ok(()) => {
+            log::info!(
+                "capture: the reservation is read-only for hv (core header region and purgatory \
+                 area writable)"
+            )
+        }
+        Err(error) => log::error!("capture: cannot protect the reservation: {error}"),
     }
 }
 
@@ -140,32 +187,16 @@ fn place(range: PhysRange, bytes: &[u8]) {
     );
 }
 
-/// RAM outside the reservation, in the firmware map's order (sorted,
-/// disjoint): what the dump describes.
-fn dump_segments(reservation: PhysRange) -> ([MemorySegment; MAX_SEGMENTS], usize) {
-    let mut segments = [MemorySegment {
-        phys: 0,
-        virt: 0,
-        len: 0,
-    }; MAX_SEGMENTS];
-    let mut count = 0;
-    let mut push = |start: u64, end: u64| {
-        if end > start && count < MAX_SEGMENTS {
-            // Identity-mapped: the hypervisor's virtual address is physical.
-            segments[count] = MemorySegment {
-                phys: start,
-                virt: start,
-                len: end - start,
-            };
-            count += 1;
-        }
-    };
-    let reserved_end = reservation.start + reservation.len;
-    for region in FIRMWARE_MAP.get().into_iter().flat_map(|map| map.usable()) {
-        push(region.start, region.end().min(reservation.start));
-        push(region.start.max(reserved_end), region.end());
-    }
-    (segments, count)
+/// The firmware's memory map, whole, as e820 entries for another kernel
+/// (types it may not know become reserved), in boot memory: up to
+/// `MAX_REGIONS` entries are too many for the boot stack.
+fn firmware_map() -> Option<&'static [E820Entry]> {
+    let regions = FIRMWARE_MAP.get().map_or(&[][..], |map| map.regions());
+    let entries = mm::alloc_permanent_slice_with(regions.len(), |index| {
+        let region = regions[index];
+        E820Entry::new(region.start, region.len, region.kind.e820_for_handover())
+    })?;
+    Some(entries)
 }
 
 fn load(boot: &BootInfo, options: &hv_core::cmdline::Options) -> Result<Plan, LoadError> {
@@ -186,12 +217,37 @@ fn load(boot: &BootInfo, options: &hv_core::cmdline::Options) -> Result<Plan, Lo
     let image = module_bytes(kernel);
     let purgatory_area = reservation.start + reservation.len - purgatory::AREA_BYTES;
     let usable = PhysRange::new(reservation.start, reservation.len - purgatory::AREA_BYTES);
-    let (segments, segment_count) = dump_segments(reservation);
+    let firmware = firmware_map().ok_or(LoadError::OutOfMemory)?;
+    let segments = mm::alloc_permanent_slice_with(MAX_SEGMENTS, |_| MemorySegment {
+        phys: 0,
+        virt: 0,
+        len: 0,
+    })
+    .ok_or(LoadError::OutOfMemory)?;
+    // RAM outside the reservation: what the dump describes. A list that
+    // does not fit is an error that disables capture, never a shorter dump.
+    let segment_count = segments::ram_outside_reservation(firmware, reservation, segments)
+        .map_err(|error| LoadError::DumpMap(error.into()))?;
+    let segments = &segments[..segment_count];
     let cpus = crate::cpu::smp::cpus().len().max(1);
-    let desc_len = desc_len_for(MAX_REASON, cpus, cpus, MAX_VMCS).ok_or(LoadError::OutOfMemory)?;
-    let header_len =
-        core_header_len(cpus, segment_count, desc_len).ok_or(LoadError::OutOfMemory)? as u64;
+    let desc_len = desc_len_for(MAX_REASON, cpus, cpus, MAX_VMCS).ok_or(LoadError::HeaderSize)?;
+    let hv_image = loaded_image();
+    let core_len = core_header_len(cpus, segment_count, desc_len, hv_image.as_ref())
+        .ok_or(LoadError::HeaderSize)? as u64;
+    // The crash words mailbox follows the header, page aligned, in the
+    // same crash-time region.
+    let header_len = core_len.next_multiple_of(4096) + mailbox::BYTES as u64;
 
+    let room = Room {
+        firmware,
+        usable,
+        reservation,
+        header_len,
+        digest: match options.capture_digest {
+            CaptureDigest::Xxh64 => Algorithm::Xxh64,
+            CaptureDigest::Sha256 => Algorithm::Sha256,
+        },
+    };
     if !handover::alloc_scratch() {
         return Err(LoadError::OutOfMemory);
     }
@@ -199,47 +255,147 @@ fn load(boot: &BootInfo, options: &hv_core::cmdline::Options) -> Result<Plan, Lo
     let is_elf = image.get(..4) == Some(b"\x7fELF");
     let (kind, elfcorehdr, entry, mut digests) = if is_bzimage {
         let (elfcorehdr, entry, digests) =
-            load_linux(boot, kernel, image, initrd, usable, reservation, header_len)?;
+            load_linux(boot, kernel, image, initrd, &room).map_err(LoadError::Linux)?;
         (Kind::Linux, elfcorehdr, entry, digests)
     } else if is_elf {
-        let (elfcorehdr, entry, digests) = load_hv(
-            boot,
-            image,
-            usable,
-            reservation,
-            purgatory_area,
-            header_len,
-            options,
-        )?;
+        let (elfcorehdr, entry, digests) =
+            load_hv(boot, image, &room, purgatory_area, options).map_err(LoadError::Elf)?;
         (Kind::Hv, elfcorehdr, entry, digests)
     } else {
         return Err(LoadError::UnknownFormat);
     };
+    let mailbox = mailbox_of(elfcorehdr);
     // The purgatory area is the reservation's last 64 KiB, which neither
-    // layout above uses.
-    let purgatory_bytes = purgatory::install(purgatory_area, entry);
-    digests.record(purgatory_area, purgatory_bytes)?;
+    // layout above uses; it gets its own copy of the digests so far.
+    let purgatory_bytes = purgatory::install(
+        purgatory_area,
+        entry,
+        digests.entries(),
+        purgatory::InstallOptions {
+            exit_emulator: options.finish == hv_core::cmdline::Finish::Exit,
+            self_nmi: options.capture_purgatory_nmi,
+            hv_check: options.capture_hv_check,
+            digest: room.digest,
+            // Only the hv image prints the mailbox when it starts.
+            mailbox: if kind == Kind::Hv { mailbox.start } else { 0 },
+        },
+    )
+    .map_err(|error| LoadError::Purgatory(error.into()))?;
+    digests
+        .record(purgatory_area, purgatory_bytes)
+        .map_err(|error| LoadError::Purgatory(error.into()))?;
     Ok(Plan {
         kind,
         elfcorehdr,
+        mailbox,
         purgatory: purgatory_area,
-        digests,
+        digests: SealedTable::seal(digests),
         segments,
-        segment_count,
+        image: hv_image,
     })
 }
 
-type Loaded = (PhysRange, Entry, DigestTable<16>);
+/// The crash words mailbox: the last [`mailbox::BYTES`] of the core
+/// header region (`load` sized the region for both).
+fn mailbox_of(elfcorehdr: PhysRange) -> PhysRange {
+    let len = mailbox::BYTES as u64;
+    PhysRange::new(elfcorehdr.start + elfcorehdr.len - len, len)
+}
+
+/// hv's ELF file header and program headers, which `linker.ld` loads at
+/// the image's start (`FILEHDR PHDRS`), as a [`LoadedImage`]. `None`, with
+/// a warning, when a loader left them out: the dump then lacks only what
+/// drgn needs to attach `hv`'s symbols.
+fn loaded_image() -> Option<LoadedImage<'static>> {
+    let (start, _) = crate::arch::boot::image_range();
+    // The image's first page (`.text` starts on the next): the kernel's
+    // own image, which nobody writes while it runs.
+    let headers = phys::read(start, 4096);
+    LoadedImage::from_loaded_headers("hv", start, headers)
+        .inspect_err(|error| {
+            log::warn!("capture: {error}; the dump will not name hv's image for drgn")
+        })
+        .ok()
+}
+
+type Loaded = (PhysRange, Entry, DigestTable<DIGESTS>);
+
+/// The wake options of this command line that differ from the defaults,
+/// passed on to the hv capture image (each after a space).
+struct WakeWords<'a>(&'a hv_core::cmdline::Options);
+
+impl core::fmt::Display for WakeWords<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let (options, defaults) = (self.0, hv_core::cmdline::Options::new());
+        if options.capture_wake != defaults.capture_wake {
+            write!(f, " capture_wake={}", u8::from(options.capture_wake))?;
+        }
+        if options.wake_stragglers != defaults.wake_stragglers {
+            write!(f, " wake_stragglers={}", u8::from(options.wake_stragglers))?;
+        }
+        if options.wake_timeout_ms != defaults.wake_timeout_ms {
+            write!(f, " wake_timeout_ms={}", options.wake_timeout_ms)?;
+        }
+        if options.capture_share != defaults.capture_share {
+            write!(f, " capture_share={}", u8::from(options.capture_share))?;
+        }
+        Ok(())
+    }
+}
+
+/// `core::fmt::Write` into a fixed buffer; fails when it is full.
+struct FixedWriter<'a> {
+    buffer: &'a mut [u8],
+    len: usize,
+}
+
+impl FixedWriter<'_> {
+    fn as_str(&self) -> &str {
+        // Only whole `&str`s were copied in.
+        core::str::from_utf8(&self.buffer[..self.len]).unwrap_or("")
+    }
+}
+
+impl Write for FixedWriter<'_> {
+    fn write_str(&mut self, text: &str) -> core::fmt::Result {
+        let end = self.len.checked_add(text.len()).ok_or(core::fmt::Error)?;
+        self.buffer
+            .get_mut(self.len..end)
+            .ok_or(core::fmt::Error)?
+            .copy_from_slice(text.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// Where a capture kernel goes, and what its maps are made of.
+struct Room<'a> {
+    /// The firmware's memory map, whole.
+    firmware: &'a [E820Entry],
+    /// The reservation's part for the kernel (the purgatory's left out).
+    usable: PhysRange,
+    /// The whole reservation.
+    reservation: PhysRange,
+    /// The ELF core header's size, for the worst case.
+    header_len: u64,
+    /// How segments are summed (`capture_digest=`).
+    digest: Algorithm,
+}
 
 fn load_linux(
     boot: &BootInfo,
     kernel: &Module,
     image: &'static [u8],
     initrd: Option<&Module>,
-    usable: PhysRange,
-    reservation: PhysRange,
-    header_len: u64,
-) -> Result<Loaded, LoadError> {
+    room: &Room<'_>,
+) -> Result<Loaded, kexec_loader::Error> {
+    let Room {
+        firmware,
+        usable,
+        reservation,
+        header_len,
+        ..
+    } = *room;
     let bz = BzImage::parse(image)?;
     let initrd_bytes = initrd.map(module_bytes);
     let layout = CaptureLayout::plan(
@@ -260,35 +416,37 @@ fn load_linux(
         .strip_prefix("capture")
         .map(str::trim)
         .filter(|args| !args.is_empty());
+    let args = args.unwrap_or(DEFAULT_LINUX_ARGS);
+    // Every CPU this hypervisor runs may come up in the capture kernel:
+    // each one leaves VMX and parks in the crash path.
+    let online = crate::cpu::smp::cpus()
+        .iter()
+        .filter(|cpu| cpu.slot.state() == smp_boot::bringup::CpuState::Online)
+        .count();
+    let boot_cpu = crate::cpu::percpu::shared(0).slot.apic_id();
+    let words = CpuWords::new(args, online as u32, boot_cpu);
+    let mut buffer = [0u8; LINUX_ARGS_BYTES];
+    let mut writer = FixedWriter {
+        buffer: &mut buffer,
+        len: 0,
+    };
+    write!(writer, "{args}{words}").map_err(|_| {
+        kexec_loader::Error::Cmdline(CmdlineError::TooLong {
+            len: LINUX_ARGS_BYTES,
+            max: bz.cmdline_size(),
+        })
+    })?;
+    let args = writer.as_str();
+    log::info!("capture: the Linux capture kernel gets '{args}' (and elfcorehdr=, memmap=)");
     let cmdline_len = phys::with_bytes_mut(layout.cmdline.start, layout.cmdline.len, |out| {
         kexec_loader::cmdline::write_capture_cmdline(
             out,
-            args.unwrap_or(DEFAULT_LINUX_ARGS),
+            args,
             layout.elfcorehdr,
             bz.cmdline_size(),
         )
     })?;
-    let mut firmware = [E820Entry {
-        addr: 0,
-        size: 0,
-        kind: 0,
-    }; 128];
-    let mut count = 0;
-    for region in FIRMWARE_MAP
-        .get()
-        .into_iter()
-        .flat_map(|map| map.regions())
-        .take(firmware.len())
-    {
-        let kind = region.kind.e820_for_handover();
-        firmware[count] = E820Entry {
-            addr: region.start,
-            size: region.len,
-            kind,
-        };
-        count += 1;
-    }
-    let e820 = E820Table::for_capture(&firmware[..count], reservation, layout.elfcorehdr)?;
+    let e820 = E820Table::for_capture(firmware, reservation, layout.elfcorehdr)?;
     let config = ZeroPageConfig {
         cmdline_addr: layout.cmdline.start,
         cmdline_len,
@@ -300,7 +458,7 @@ fn load_linux(
         build_zero_page(&bz, &config, out)
     })?;
 
-    let mut digests = DigestTable::excluding(layout.elfcorehdr);
+    let mut digests = DigestTable::excluding(layout.elfcorehdr).with_algorithm(room.digest);
     // Inside the reservation, just written.
     let read = |range: PhysRange| phys::read(range.start, range.len);
     digests.record(
@@ -329,208 +487,72 @@ fn load_linux(
 }
 
 /// Loads the hv image (built with `HV_LINK_BASE` inside the reservation)
-/// and the PVH start info it boots from.
+/// and the PVH start info it boots from (`kexec_loader::pvh`).
 fn load_hv(
     boot: &BootInfo,
-    image: &'static [u8],
-    usable: PhysRange,
-    reservation: PhysRange,
+    image_bytes: &'static [u8],
+    room: &Room<'_>,
     purgatory_area: u64,
-    header_len: u64,
     options: &hv_core::cmdline::Options,
-) -> Result<Loaded, LoadError> {
-    const PT_LOAD: u32 = 1;
-    const PT_NOTE: u32 = 4;
-    const ELF_BAD: &str = "truncated or malformed ELF64 header";
-    if image.get(4) != Some(&2) || image.get(5) != Some(&1) || u16_at(image, 18) != Some(62) {
-        return Err(LoadError::Elf("not a little-endian x86_64 ELF64 image"));
+) -> Result<Loaded, kexec_loader::Error> {
+    let Room {
+        firmware,
+        usable,
+        reservation,
+        header_len,
+        ..
+    } = *room;
+    let image = PvhImage::parse(image_bytes)?;
+    let layout = image.place(usable, header_len)?;
+    let mut digests = DigestTable::excluding(layout.elfcorehdr).with_algorithm(room.digest);
+    for segment in image.load_segments() {
+        // `place` checked that it lies in the reservation's usable part.
+        phys::with_bytes_mut(segment.phys, segment.mem_len, |destination| {
+            image.write_segment(segment, destination)
+        })?;
+        digests.record(segment.phys, phys::read(segment.phys, segment.mem_len))?;
     }
-    let phoff = u64_at(image, 32).ok_or(LoadError::Elf(ELF_BAD))? as usize;
-    let phentsize = u16_at(image, 54).ok_or(LoadError::Elf(ELF_BAD))? as usize;
-    let phnum = u16_at(image, 56).ok_or(LoadError::Elf(ELF_BAD))? as usize;
-    if phentsize != 56 || phnum == 0 || phnum > 64 {
-        return Err(LoadError::Elf("unexpected program header table"));
-    }
-    let mut loaded_end = usable.start;
-    let mut pvh_entry = None;
-    let mut loads = [(0u64, 0usize, 0usize, 0u64); 8];
-    let mut load_count = 0;
-    for index in 0..phnum {
-        let at = phoff
-            .checked_add(index * phentsize)
-            .ok_or(LoadError::Elf(ELF_BAD))?;
-        let kind = u32_at(image, at).ok_or(LoadError::Elf(ELF_BAD))?;
-        let offset = u64_at(image, at + 8).ok_or(LoadError::Elf(ELF_BAD))? as usize;
-        let paddr = u64_at(image, at + 24).ok_or(LoadError::Elf(ELF_BAD))?;
-        let filesz = u64_at(image, at + 32).ok_or(LoadError::Elf(ELF_BAD))? as usize;
-        let memsz = u64_at(image, at + 40).ok_or(LoadError::Elf(ELF_BAD))?;
-        let file = offset
-            .checked_add(filesz)
-            .filter(|end| *end <= image.len())
-            .ok_or(LoadError::Elf("a segment runs past the end of the file"))?;
-        match kind {
-            PT_LOAD => {
-                let end = paddr
-                    .checked_add(memsz)
-                    .ok_or(LoadError::Elf("a segment wraps"))?;
-                if memsz < filesz as u64 || paddr < usable.start || end > usable.start + usable.len
-                {
-                    return Err(LoadError::Elf(
-                        "a segment lies outside the reservation (wrong HV_LINK_BASE or crashkernel=)",
-                    ));
-                }
-                if load_count == loads.len() {
-                    return Err(LoadError::Elf("too many loadable segments"));
-                }
-                loads[load_count] = (paddr, offset, file, memsz);
-                load_count += 1;
-                loaded_end = loaded_end.max(end);
-            }
-            PT_NOTE => {
-                // XEN_ELFNOTE_PHYS32_ENTRY: name "Xen", type 18, an 8-byte entry.
-                let note = &image[offset..file];
-                if u32_at(note, 0) == Some(4)
-                    && u32_at(note, 8) == Some(18)
-                    && note.get(12..16) == Some(b"Xen\0")
-                {
-                    pvh_entry = u64_at(note, 16).and_then(|entry| u32::try_from(entry).ok());
-                }
-            }
-            _ => {}
-        }
-    }
-    let entry = pvh_entry.ok_or(LoadError::Elf("no PVH entry note"))?;
-    let elfcorehdr_start = loaded_end.div_ceil(4096) * 4096;
-    let elfcorehdr = PhysRange::new(elfcorehdr_start, header_len.div_ceil(4096) * 4096);
-    if elfcorehdr_start + elfcorehdr.len > usable.start + usable.len {
-        return Err(LoadError::Elf(
-            "the reservation is too small for the image and the core header",
-        ));
-    }
-    let mut digests = DigestTable::excluding(elfcorehdr);
-    for &(paddr, offset, file_end, memsz) in &loads[..load_count] {
-        // Checked above to lie inside the reservation's usable part.
-        place(PhysRange::new(paddr, memsz), &image[offset..file_end]);
-        digests.record(paddr, phys::read(paddr, memsz))?;
-    }
-
     // Start info, memory map and command line in the purgatory's data room.
     let data = purgatory_area + purgatory::BOOT_DATA_OFFSET;
-    let mut room = [0u8; purgatory::BOOT_DATA_BYTES as usize];
-    const START_INFO_LEN: usize = 56;
-    const MEMMAP_ENTRY_LEN: usize = 24;
-    let memmap_at = START_INFO_LEN;
-    let mut entries = 0usize;
-    let mut overflow = false;
-    let mut add = |room: &mut [u8], addr: u64, end: u64, kind: u32| {
-        if end <= addr {
-            return;
-        }
-        let at = memmap_at + entries * MEMMAP_ENTRY_LEN;
-        let Some(entry) = room.get_mut(at..at + MEMMAP_ENTRY_LEN) else {
-            overflow = true;
-            return;
-        };
-        entry[0..8].copy_from_slice(&addr.to_le_bytes());
-        entry[8..16].copy_from_slice(&(end - addr).to_le_bytes());
-        entry[16..20].copy_from_slice(&kind.to_le_bytes());
-        entries += 1;
+    let finish = if options.finish == hv_core::cmdline::Finish::Exit {
+        " finish=exit"
+    } else {
+        ""
     };
-    let reserved_end = reservation.start + reservation.len;
-    for region in FIRMWARE_MAP.get().into_iter().flat_map(|map| map.regions()) {
-        // Old memory is reserved to the capture image: it reads it, never
-        // allocates from it. Only the reservation is its RAM.
-        let kind = if region.kind == RegionKind::Usable {
-            E820_RESERVED
-        } else {
-            E820_RESERVED.max(region.kind.e820_for_handover())
-        };
-        add(
-            &mut room,
-            region.start,
-            region.end().min(reservation.start),
-            kind,
-        );
-        add(
-            &mut room,
-            region.start.max(reserved_end),
-            region.end(),
-            kind,
-        );
-    }
-    add(&mut room, reservation.start, elfcorehdr.start, E820_RAM);
-    add(
-        &mut room,
-        elfcorehdr.start,
-        elfcorehdr.start + elfcorehdr.len,
-        E820_RESERVED,
-    );
-    add(
-        &mut room,
-        elfcorehdr.start + elfcorehdr.len,
-        reserved_end,
-        E820_RAM,
-    );
-    if overflow {
-        return Err(LoadError::Elf(
-            "the capture image's memory map does not fit its boot data",
-        ));
-    }
-    let cmdline_at = memmap_at + entries * MEMMAP_ENTRY_LEN;
-    let mut cmdline = [0u8; 160];
-    let mut writer = FixedWriter {
-        buffer: &mut cmdline,
-        len: 0,
-    };
-    let _ = write!(
-        writer,
-        "capture_mode={:#x} capture_sink={} max_cpus=1 log=info{}",
-        elfcorehdr.start,
+    let cmdline = format_args!(
+        "capture_mode={:#x} capture_purgatory={purgatory_area:#x} capture_words={:#x} \
+         capture_sink={} log=info{finish}{}",
+        layout.elfcorehdr.start,
+        mailbox_of(layout.elfcorehdr).start,
         options.capture_sink.name(),
-        if options.finish == hv_core::cmdline::Finish::Exit {
-            " finish=exit"
-        } else {
-            ""
-        }
+        WakeWords(options),
     );
-    let cmdline_len = writer.len + 1;
-    let Some(cmdline_room) = room.get_mut(cmdline_at..cmdline_at + cmdline_len) else {
-        return Err(LoadError::Elf("the capture image's boot data do not fit"));
-    };
-    cmdline_room.copy_from_slice(&cmdline[..cmdline_len]);
-    // hvm_start_info, version 1.
-    let fields: [(usize, u64, usize); 7] = [
-        (0, u64::from(crate::boot::info::PVH_MAGIC), 4),
-        (4, 1, 4),
-        (24, data + cmdline_at as u64, 8),
-        (32, boot.rsdp.unwrap_or(0), 8),
-        (40, data + memmap_at as u64, 8),
-        (48, entries as u64, 4),
-        (52, 0, 4),
-    ];
-    for (offset, value, len) in fields {
-        room[offset..offset + len].copy_from_slice(&value.to_le_bytes()[..len]);
-    }
-    let data_len = cmdline_at + cmdline_len;
-    // The purgatory's data room is inside the reservation, sized for these.
-    phys::write(data, &room[..data_len]);
-    digests.record(data, phys::read(data, data_len as u64))?;
-    let start_info =
-        u32::try_from(data).map_err(|_| LoadError::Elf("the reservation must lie below 4 GiB"))?;
-    Ok((elfcorehdr, Entry::Pvh32 { entry, start_info }, digests))
-}
-
-/// `core::fmt::Write` into a fixed buffer, cutting what does not fit.
-struct FixedWriter<'a> {
-    buffer: &'a mut [u8],
-    len: usize,
-}
-
-impl Write for FixedWriter<'_> {
-    fn write_str(&mut self, text: &str) -> core::fmt::Result {
-        let take = text.len().min(self.buffer.len() - self.len);
-        self.buffer[self.len..self.len + take].copy_from_slice(&text.as_bytes()[..take]);
-        self.len += take;
-        Ok(())
-    }
+    let boot_data = phys::with_bytes_mut(data, purgatory::BOOT_DATA_BYTES, |out| {
+        write_boot_data(
+            out,
+            data,
+            &BootDataConfig {
+                firmware,
+                reservation,
+                elfcorehdr: layout.elfcorehdr,
+                // Its IDT is loaded at the capture image's entry, and
+                // capture mode reads the purgatory's stamps there.
+                keep_out: PhysRange::new(
+                    purgatory_area,
+                    (reservation.start + reservation.len).saturating_sub(purgatory_area),
+                ),
+                rsdp: boot.rsdp,
+                cmdline: &cmdline,
+            },
+        )
+    })?;
+    digests.record(data, phys::read(data, boot_data.len as u64))?;
+    Ok((
+        layout.elfcorehdr,
+        Entry::Pvh32 {
+            entry: layout.entry,
+            start_info: boot_data.start_info,
+        },
+        digests,
+    ))
 }

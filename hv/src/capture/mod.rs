@@ -4,3 +4,6 @@
 
 pub mod load;
 pub mod mode;
+pub mod share;
+pub mod wake;
+pub mod words;

@@ -10,8 +10,13 @@ use core::fmt::Write;
 use hv_abi::dump_stream::{self, Encoder};
 use kexec_loader::elfcore::CoreDump;
 
+use hv_core::cmdline::Options;
+
+use super::{share, wake};
+use crate::arch::apic;
 use crate::arch::port::{outb, outsb};
 use crate::console::EmergencyConsole;
+use crate::cpu::time;
 use crate::mm::{self, phys};
 
 const DEBUG_PORT: u16 = 0xE9;
@@ -148,13 +153,38 @@ fn fail(why: &dyn core::fmt::Display) -> ! {
 }
 
 /// Streams the dump described by the core header at `header` and ends.
-pub fn run(header: u64, sink: hv_core::cmdline::CaptureSink) -> ! {
+/// `entry_tsc` is the TSC at the image's first instruction; `rsdp` the
+/// ACPI tables' root (for the clock); `purgatory` the crashed hypervisor's
+/// purgatory area, whose TSC stamps and NMI counts are reported.
+pub fn run(
+    header: u64,
+    options: &Options,
+    rsdp: Option<u64>,
+    entry_tsc: u64,
+    purgatory: Option<u64>,
+) -> ! {
     log::info!("capture: hv capture mode, ELF core header at {header:#x}");
+    // The area lies in the reservation, below 4 GiB, and the memory map
+    // keeps it reserved: nothing here wrote it.
+    let stamps = purgatory
+        .filter(|area| *area < READABLE_END)
+        .map(crate::crash::purgatory::stamps);
     crate::console::report::capture_line(|o| {
         o.field("capture").object(|o| {
             o.field("entered").bool(true)?;
             o.field("kernel").str("hv")?;
-            o.field("entered_tsc").u64(crate::arch::cpu::rdtsc())
+            o.field("entered_tsc").u64(entry_tsc)?;
+            o.field("streaming_tsc").u64(crate::arch::cpu::rdtsc())?;
+            if let Some(stamps) = stamps {
+                o.field("purgatory").object(|o| {
+                    o.field("entry_tsc").u64(stamps.entry_tsc)?;
+                    o.field("verified_tsc").u64(stamps.verified_tsc)?;
+                    o.field("jump_tsc").u64(stamps.jump_tsc)?;
+                    o.field("nmis_64").u64(stamps.nmis_64)?;
+                    o.field("nmis_32").u64(stamps.nmis_32)
+                })?;
+            }
+            Ok(())
         })
     });
     // The header region is the reserved map entry that starts at it.
@@ -183,11 +213,26 @@ pub fn run(header: u64, sink: hv_core::cmdline::CaptureSink) -> ! {
     };
     let header = phys::read(buffer, layout.len as u64);
     let cpu_notes = dump.cpus().count();
+
+    // The clock (the wake's bounded wait, the throughput) and the local
+    // APIC (its IPIs).
+    if let Err(error) = time::calibrate(rsdp) {
+        log::warn!("capture: TSC not calibrated: {error}; assuming 1 GHz");
+    }
+    apic::choose_mode();
+    apic::enable();
+    let sharing = options.capture_wake && options.capture_share && share::prepare(&dump);
+    if sharing {
+        crate::cpu::idle::set_work(share::help);
+    }
+    let wake = wake::wake_old_cpus(&dump, options);
+    report_wake(&wake);
+
     log::info!(
         "capture: {cpu_notes} CPU notes; streaming the dump to {}",
-        sink.name()
+        options.capture_sink.name()
     );
-    let sink = match sink {
+    let sink = match options.capture_sink {
         hv_core::cmdline::CaptureSink::DebugPort => Sink::DebugPort,
         hv_core::cmdline::CaptureSink::AtaSlave => Sink::Ata(Ata {
             sector: [0; 256],
@@ -195,27 +240,98 @@ pub fn run(header: u64, sink: hv_core::cmdline::CaptureSink) -> ! {
             lba: 0,
         }),
     };
+    let borrowed = wake.borrowed;
+    // A borrowed page's bytes come from its copy: the dump is what the
+    // old kernel left, whatever the wake wrote there.
+    let read = |address: u64, len: u64| match borrowed.copy_of(address) {
+        Some(copy) => phys::read(copy + address % PAGE, len),
+        None => old_memory(address, len),
+    };
+    let mut streamer = share::Streamer::new(borrowed);
+    let started_us = time::now_us();
     let mut stream = Encoder::start(sink, header);
     let mut offset = layout.data_offset;
-    for segment in dump.load_segments() {
+    for (index, segment) in dump.load_segments().enumerate() {
         let (start, len) = (segment.p_offset, segment.p_memsz);
         if start.checked_add(len).is_none_or(|end| end > READABLE_END) {
             fail(&"old memory above 4 GiB is not captured by this image");
         }
-        stream.segment(offset, start, len, old_memory);
+        stream.segment_classified(offset, start, len, read, |address, bytes| {
+            streamer.is_zero(index, address, bytes)
+        });
         offset += len;
     }
     let (mut sink, stats) = stream.finish(offset);
     sink.finish();
+    let stream_us = time::now_us().saturating_sub(started_us).max(1);
     let data_pages = stats.data_pages;
-    log::info!("capture: dump of {offset} bytes streamed ({data_pages} non-zero pages)");
+    let (helper_pages, helpers) = share::helpers();
+    let mb_per_s = offset as f64 / stream_us as f64;
+    log::info!(
+        "capture: dump of {offset} bytes streamed ({data_pages} non-zero pages) in {stream_us} us \
+         ({mb_per_s:.1} MB/s; {} CPUs: {helper_pages} pages judged by {helpers} helpers, {} by this CPU)",
+        1 + helpers,
+        streamer.scanned
+    );
     crate::console::report::capture_line(|o| {
         o.field("capture").object(|o| {
             o.field("streamed").bool(true)?;
             o.field("cpu_notes").u64(cpu_notes as u64)?;
             o.field("streamed_bytes").u64(offset)?;
-            o.field("data_pages").u64(data_pages)
+            o.field("data_pages").u64(data_pages)?;
+            o.field("stream_us").u64(stream_us)?;
+            o.field("stream_mb_per_s").f64(mb_per_s)?;
+            o.field("share").bool(sharing)?;
+            o.field("workers").u64(1 + u64::from(helpers))?;
+            o.field("helper_pages").u64(helper_pages)?;
+            o.field("streamer_pages").u64(streamer.scanned)?;
+            o.field("taken_pages").u64(streamer.taken)?;
+            o.field("tsc_khz").u64(time::tsc_khz())
         })
     });
     crate::console::finish::success_stop()
+}
+
+/// The wake's report line.
+fn report_wake(wake: &wake::Outcome) {
+    use wake::Fate;
+    let woken = wake.with(Fate::Woken, None).count();
+    let silent = wake.with(Fate::Silent, None).count();
+    log::info!(
+        "capture: {woken} CPUs woken, {silent} silent, of {} that checked in (old boot CPU: {}){}",
+        wake.checked_in_others(),
+        wake.boot_cpu.name(),
+        wake.error.map_or("", |_| "; could not wake")
+    );
+    if let Some(error) = wake.error {
+        log::warn!("capture: {error}");
+    }
+    crate::console::report::capture_line(|o| {
+        o.field("capture").object(|o| {
+            o.field("wake").bool(wake.asked)?;
+            o.field("wake_checked_in")
+                .u64(wake.checked_in_others() as u64)?;
+            o.field("woken").u64_array(wake.with(Fate::Woken, None))?;
+            o.field("silent").u64_array(wake.with(Fate::Silent, None))?;
+            o.field("woken_stragglers")
+                .u64_array(wake.with(Fate::Woken, Some(true)))?;
+            o.field("silent_stragglers")
+                .u64_array(wake.with(Fate::Silent, Some(true)))?;
+            o.field("stragglers_left_alone")
+                .u64_array(wake.with(Fate::StragglerLeftAlone, None))?;
+            o.field("not_sent")
+                .u64_array(wake.with(Fate::NotSent, None))?;
+            o.field("boot_cpu_left_alone")
+                .u64_array(wake.with(Fate::BootCpuLeftAlone, None))?;
+            o.field("old_boot_cpu").str(wake.boot_cpu.name())?;
+            o.field("wake_us").u64(wake.elapsed_us)?;
+            o.field("woken_us").u64_array(wake.woken_us())?;
+            o.field("trampoline_page")
+                .option(wake.trampoline_page, |value, page| value.u64(page))?;
+            o.field("low_memory_unchanged")
+                .option(wake.low_memory_unchanged, |value, same| value.bool(same))?;
+            o.field("wake_error")
+                .option(wake.error, |value, error| value.str(error))
+        })
+    });
 }

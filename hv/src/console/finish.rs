@@ -31,7 +31,11 @@ fn stop(qemu_code: u8) -> ! {
             outb(BOCHS_SHUTDOWN_PORT, byte);
         }
     }
-    crate::arch::cpu::halt_forever()
+    // Staying up: interrupts stay open, so that IPIs, the lockup detector's
+    // ticks and NMIs are still served.
+    loop {
+        crate::arch::cpu::wait_for_interrupt();
+    }
 }
 
 /// The run did what it was asked.

@@ -7,11 +7,11 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use hv_core::json::{self, Object};
 use hv_core::logring::Reservation;
 
-use super::{EmergencyConsole, LOG_RING, RING_SLOT_BYTES};
+use super::{LOG_RING, RING_SLOT_BYTES};
 
 static ONLY_CAPTURE: AtomicBool = AtomicBool::new(false);
 
-/// In a capture image, [`line`] prints nothing: only [`capture_line`] does.
+/// In a capture image, [`line()`] prints nothing: only [`capture_line`] does.
 pub fn only_capture_lines(enabled: bool) {
     ONLY_CAPTURE.store(enabled, Ordering::Relaxed);
 }
@@ -37,13 +37,4 @@ where
         reservation.publish();
     }
     super::drain();
-}
-
-/// Prints one report line straight to the UART, taking no lock: for fatal
-/// paths that cannot trust the ring.
-pub fn emergency<F>(fields: F)
-where
-    F: FnOnce(&mut Object<'_, EmergencyConsole>) -> fmt::Result,
-{
-    let _ = json::report_line(&mut EmergencyConsole, fields);
 }

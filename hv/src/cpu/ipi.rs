@@ -1,7 +1,7 @@
 //! IPIs between CPUs: call-function requests (run a function on another
 //! CPU, like Linux's `smp_call_function_single`) and NMIs.
 
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::Ordering;
 
 use smp_boot::bringup::CpuState;
 use smp_boot::madt::MAX_CPUS;
@@ -21,6 +21,13 @@ pub fn nmi_self_test() -> usize {
     let own = percpu::current_cpu_index() as usize;
     let before: [u32; MAX_CPUS] =
         core::array::from_fn(|index| percpu::shared(index).nmis.load(Ordering::Relaxed));
+    // Announced first, so that the handler counts them instead of taking
+    // them for an NMI from outside.
+    for (index, cpu) in cpus().iter().enumerate() {
+        if index != own && cpu.slot.state() == CpuState::Online {
+            cpu.nmis_expected.fetch_add(1, Ordering::AcqRel);
+        }
+    }
     send_nmi_to_online_others();
     let others = || {
         cpus()
@@ -57,36 +64,38 @@ pub fn send_nmi_to_online_others() -> usize {
     sent
 }
 
-/// A pending call-function request of one target CPU.
-///
-/// The sender owns the slot from winning `busy` until it releases it; the
-/// target reads `function`/`argument` after an acquire load of `requested`
-/// and publishes completion with a release store of `completed`.
-#[derive(Debug)]
-pub struct CallSlot {
-    busy: AtomicBool,
-    function: AtomicCallFn,
-    argument: AtomicUsize,
-    requested: AtomicU64,
-    completed: AtomicU64,
+/// The functions calls have carried, so that a slot can carry a small
+/// number (the protocol's opaque `usize`) instead of a pointer: the target
+/// turns it back into a function by looking it up here, never by a cast.
+static FUNCTIONS: [AtomicCallFn; 32] = [const { AtomicCallFn::new() }; 32];
+
+/// The number of `function` in [`FUNCTIONS`], registering it if new.
+fn function_number(function: fn(usize)) -> Option<usize> {
+    FUNCTIONS
+        .iter()
+        .position(|slot| slot.store_if_empty(function))
 }
 
-impl CallSlot {
-    /// An idle slot.
-    pub const fn new() -> Self {
-        Self {
-            busy: AtomicBool::new(false),
-            function: AtomicCallFn::new(),
-            argument: AtomicUsize::new(0),
-            requested: AtomicU64::new(0),
-            completed: AtomicU64::new(0),
-        }
+/// The IPI of a call to one CPU, fenced as the protocol needs.
+struct CallFunctionIpi {
+    apic_id: u32,
+}
+
+impl smp_boot::call::CallIpi for CallFunctionIpi {
+    fn fence(&mut self) {
+        apic::fence_before_ipi();
+    }
+
+    fn send(&mut self) {
+        apic::send_fixed(self.apic_id, CALL_FUNCTION_VECTOR);
     }
 }
 
 /// Runs `function(argument)` on CPU `index` and waits for it to finish,
 /// like Linux's `smp_call_function_single(..., wait = 1)`. Returns `false`
-/// if that CPU is not online.
+/// if that CPU is not online. Interrupts stay open while it claims the
+/// slot and while it waits: the target may be waiting for this CPU at the
+/// same moment (`smp_boot::call`, "Deadlock").
 pub fn call_on(index: usize, function: fn(usize), argument: usize) -> bool {
     let Some(target) = cpus().get(index) else {
         return false;
@@ -98,52 +107,40 @@ pub fn call_on(index: usize, function: fn(usize), argument: usize) -> bool {
         function(argument);
         return true;
     }
-    let call = &target.call;
-    while call
-        .busy
-        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
-        core::hint::spin_loop();
-    }
-    call.function.store(function, Ordering::Relaxed);
-    call.argument.store(argument, Ordering::Relaxed);
-    let ticket = call.requested.load(Ordering::Relaxed) + 1;
-    call.requested.store(ticket, Ordering::Release);
-    apic::send_fixed(target.slot.apic_id(), CALL_FUNCTION_VECTOR);
-    // Interrupts stay open while waiting: the target may be waiting for
-    // this CPU at the same moment.
+    let Some(number) = function_number(function) else {
+        log::error!("ipi: more distinct call functions than the registry holds");
+        return false;
+    };
     let interrupts_were_on = cpu::interrupts_enabled();
     cpu::enable_interrupts();
-    while call.completed.load(Ordering::Acquire) < ticket {
-        core::hint::spin_loop();
-    }
+    let mut ipi = CallFunctionIpi {
+        apic_id: target.slot.apic_id(),
+    };
+    target
+        .call
+        .claim(core::hint::spin_loop)
+        .post(number, argument, &mut ipi)
+        .wait(core::hint::spin_loop);
     if !interrupts_were_on {
         cpu::disable_interrupts();
     }
-    call.busy.store(false, Ordering::Release);
     true
 }
 
 /// Asks CPU `index` to run `function(argument)` and does not wait for it
-/// (the crash injection: the target never finishes).
+/// (the crash injection: the target never finishes). `false` when its
+/// slot is taken.
 pub fn send_call(index: usize, function: fn(usize), argument: usize) -> bool {
     let Some(target) = cpus().get(index) else {
         return false;
     };
-    let call = &target.call;
-    if call
-        .busy
-        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
+    let (Some(number), Some(claim)) = (function_number(function), target.call.try_claim()) else {
         return false;
-    }
-    call.function.store(function, Ordering::Relaxed);
-    call.argument.store(argument, Ordering::Relaxed);
-    let ticket = call.requested.load(Ordering::Relaxed) + 1;
-    call.requested.store(ticket, Ordering::Release);
-    apic::send_fixed(target.slot.apic_id(), CALL_FUNCTION_VECTOR);
+    };
+    let mut ipi = CallFunctionIpi {
+        apic_id: target.slot.apic_id(),
+    };
+    claim.post(number, argument, &mut ipi).abandon();
     true
 }
 
@@ -158,16 +155,13 @@ pub fn call_on_all(function: fn(usize), argument: usize) -> usize {
 /// The call-function IPI handler (registered for [`CALL_FUNCTION_VECTOR`]).
 pub fn on_call_function_ipi(_: &mut crate::arch::idt::TrapFrame) {
     let call = &percpu::shared(percpu::current_cpu_index() as usize).call;
-    let ticket = call.requested.load(Ordering::Acquire);
-    if ticket > call.completed.load(Ordering::Relaxed) {
-        // `call_on` stored the function and argument before the release
-        // store of `requested` that the acquire above read.
-        let function = call.function.load(Ordering::Relaxed);
-        let argument = call.argument.load(Ordering::Relaxed);
-        if let Some(function) = function {
+    call.serve(|number, argument| {
+        if let Some(function) = FUNCTIONS
+            .get(number)
+            .and_then(|slot| slot.load(Ordering::Acquire))
+        {
             function(argument);
         }
-        call.completed.store(ticket, Ordering::Release);
-    }
+    });
     apic::end_of_interrupt();
 }

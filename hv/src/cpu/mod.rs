@@ -6,3 +6,4 @@ pub mod ipi;
 pub mod percpu;
 pub mod smp;
 pub mod time;
+pub mod watchdog;

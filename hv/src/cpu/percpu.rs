@@ -11,7 +11,7 @@
 //! Other layers keep their own per-CPU data the same way: a static array
 //! indexed by the dense CPU index (see `virt` and `crash`).
 
-use core::sync::atomic::AtomicU32;
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64};
 
 use smp_boot::bringup::CpuSlot;
 use smp_boot::madt::MAX_CPUS;
@@ -76,18 +76,36 @@ pub struct SharedCpu {
     /// Bring-up state and APIC ID.
     pub slot: CpuSlot,
     /// Requests of the call-function IPI.
-    pub call: super::ipi::CallSlot,
+    pub call: smp_boot::call::CallSlot,
     /// NMIs this CPU has taken that were nobody's crash (the boot-time NMI
     /// test counts them).
     pub nmis: AtomicU32,
+    /// NMIs other CPUs announced before sending (self-tests): an NMI with
+    /// none announced and no crash under way came from outside.
+    pub nmis_expected: AtomicU32,
+    /// Of those, taken.
+    pub nmis_expected_taken: AtomicU32,
+    /// Set once this CPU's IDT is loaded: an NMI then finds its handler.
+    pub idt_live: AtomicBool,
+    /// Top of this CPU's crash stack (0: none): the crash path runs there,
+    /// off the NMI stack that a nested NMI would overwrite.
+    pub crash_stack: AtomicU64,
+    /// Which LINT pins carry the platform's NMI here: bit 0 LINT0, bit 1
+    /// LINT1; bits 2 and 3: that pin is active low.
+    pub nmi_pins: AtomicU8,
 }
 
 impl SharedCpu {
     const fn new() -> Self {
         Self {
             slot: CpuSlot::new(),
-            call: super::ipi::CallSlot::new(),
+            call: smp_boot::call::CallSlot::new(),
             nmis: AtomicU32::new(0),
+            nmis_expected: AtomicU32::new(0),
+            nmis_expected_taken: AtomicU32::new(0),
+            idt_live: AtomicBool::new(false),
+            crash_stack: AtomicU64::new(0),
+            nmi_pins: AtomicU8::new(0),
         }
     }
 }
@@ -133,4 +151,21 @@ pub fn current() -> &'static PerCpu {
 /// The dense index of the CPU this runs on.
 pub fn current_cpu_index() -> u32 {
     cpu_local::current_index()
+}
+
+/// Unmasks the calling CPU's NMI pins as its [`SharedCpu::nmi_pins`] says
+/// (the argument is ignored: it fits the call-function IPI).
+pub fn unmask_nmi_pins(_: usize) {
+    let index = current_cpu_index() as usize;
+    let pins = shared(index)
+        .nmi_pins
+        .load(core::sync::atomic::Ordering::Relaxed);
+    for lint in 0..2u8 {
+        if pins & (1 << lint) != 0 {
+            crate::arch::apic::unmask_nmi_pin(crate::arch::apic::NmiPin {
+                lint,
+                active_low: pins & (1 << (lint + 2)) != 0,
+            });
+        }
+    }
 }

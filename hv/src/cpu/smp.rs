@@ -1,6 +1,6 @@
 //! Bringing up the application processors.
 
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use smp_boot::bringup::{self, Clock, Config, CpuState, StartupIpi};
 use smp_boot::madt::MAX_CPUS;
@@ -13,6 +13,10 @@ use crate::mm::{self, phys};
 
 /// How many CPUs this run uses (online or failed), boot CPU included.
 static CPU_COUNT: AtomicUsize = AtomicUsize::new(1);
+
+/// Every CPU the MADT enables was started (none left out by `max_cpus` or
+/// by the table's size).
+static EVERY_PRESENT_CPU_STARTED: AtomicBool = AtomicBool::new(false);
 
 /// Test knob: the AP with this APIC ID hangs before it checks in.
 static HANG_APIC_ID: AtomicU64 = AtomicU64::new(u64::MAX);
@@ -28,6 +32,9 @@ pub struct BringupReport {
     pub online: usize,
     /// First INIT to the last AP's check-in.
     pub elapsed_us: u64,
+    /// When the first INIT went out (the clock of [`time::now_us`]; 0 when
+    /// none did).
+    pub started_us: u64,
 }
 
 /// Bring-up settings from the command line.
@@ -74,6 +81,16 @@ pub fn cpus() -> &'static [SharedCpu] {
     &percpu::all_shared()[..CPU_COUNT.load(Ordering::Acquire)]
 }
 
+/// Whether every present CPU runs this kernel: all were started, and each
+/// is online. Then an all-but-self IPI reaches exactly the other online
+/// CPUs.
+pub fn every_present_cpu_online() -> bool {
+    EVERY_PRESENT_CPU_STARTED.load(Ordering::Acquire)
+        && cpus()
+            .iter()
+            .all(|cpu| cpu.slot.state() == CpuState::Online)
+}
+
 /// Starts every AP of `possible` (APIC IDs in MADT order; up to
 /// `max_cpus`), all at once.
 pub fn bring_up(possible: impl Iterator<Item = u32>, settings: &Settings) -> BringupReport {
@@ -82,48 +99,92 @@ pub fn bring_up(possible: impl Iterator<Item = u32>, settings: &Settings) -> Bri
     let mut apic_ids = [0u32; MAX_CPUS];
     apic_ids[0] = own_apic_id;
     let mut count = 1;
-    for apic_id in possible
-        .filter(|&apic_id| apic_id != own_apic_id)
-        .take(MAX_CPUS - 1)
-    {
+    let mut others = possible.filter(|&apic_id| apic_id != own_apic_id);
+    for apic_id in others.by_ref().take(MAX_CPUS - 1) {
         apic_ids[count] = apic_id;
         count += 1;
     }
-    let possible = count;
+    let left_out = others.count();
+    if left_out > 0 {
+        log::warn!("smp: {left_out} CPUs beyond the {MAX_CPUS} supported are left waiting");
+    }
     let limit = settings
         .max_cpus
         .map_or(count, |max| (max as usize).clamp(1, count));
     if limit < count {
         log::info!("smp: max_cpus={limit}: starting {limit} of {count} CPUs");
     }
-    for (index, &apic_id) in apic_ids[..possible].iter().enumerate() {
+    // Before any AP runs: the crash path's all-but-self NMI relies on it.
+    EVERY_PRESENT_CPU_STARTED.store(left_out == 0 && limit == count, Ordering::Release);
+    start(&apic_ids[..count], limit, None, settings)
+}
+
+/// Starts the CPUs with these APIC IDs (the calling CPU's own is left
+/// out) as this kernel's APs, all at once, through a trampoline written to
+/// `page`: a page below 1 MiB that the caller owns for the purpose (hv's
+/// capture mode borrows one of the old kernel's, whose bytes it saved).
+/// Which of them came up is then in [`cpus`] (index 1 on, in this order).
+/// [`every_present_cpu_online`] stays false: the machine may hold CPUs
+/// that were not asked, or did not answer.
+pub fn wake(apic_ids: impl Iterator<Item = u32>, page: u64, settings: &Settings) -> BringupReport {
+    let own_apic_id = cpu::apic_id();
+    let mut all = [0u32; MAX_CPUS];
+    all[0] = own_apic_id;
+    let mut count = 1;
+    for apic_id in apic_ids
+        .filter(|&apic_id| apic_id != own_apic_id)
+        .take(MAX_CPUS - 1)
+    {
+        all[count] = apic_id;
+        count += 1;
+    }
+    start(&all[..count], count, Some(page), settings)
+}
+
+/// Starts `apic_ids[1..count]` (index 0 is the calling CPU); the rest of
+/// `apic_ids` get slots but stay offline. The trampoline goes to `page`,
+/// or to a free low page of the allocator's.
+fn start(apic_ids: &[u32], count: usize, page: Option<u64>, settings: &Settings) -> BringupReport {
+    let possible = apic_ids.len();
+    for (index, &apic_id) in apic_ids.iter().enumerate() {
         percpu::shared(index).slot.assign(apic_id);
     }
     percpu::shared(0).slot.mark_boot_cpu_online(time::now_us());
-    let count = limit;
     BEFORE_CHECK_IN.store(settings.before_check_in, Ordering::Relaxed);
     if let Some(apic_id) = settings.hang_apic_id {
         HANG_APIC_ID.store(u64::from(apic_id), Ordering::Relaxed);
         log::warn!("smp: test knob: the AP with APIC ID {apic_id} will hang before it checks in");
     }
 
-    let report = |online, elapsed_us| BringupReport {
+    let report = |online, elapsed_us, started_us| BringupReport {
         possible,
         attempted: count,
         online,
         elapsed_us,
+        started_us,
     };
     if count == 1 {
         CPU_COUNT.store(1, Ordering::Release);
-        return report(1, 0);
+        return report(1, 0, 0);
     }
     let Some(stack_tops) = prepare_aps(&apic_ids[..count]) else {
         log::error!("smp: out of memory for AP stacks; running on the boot CPU alone");
-        return report(1, 0);
+        return report(1, 0, 0);
     };
-    let Some(page) = install_trampoline(&apic_ids[..count], stack_tops) else {
-        return report(1, 0);
+    let Some(page) = page.or_else(|| {
+        let page = mm::alloc_low_page();
+        if page.is_none() {
+            log::error!(
+                "smp: no free page below 1 MiB for the AP trampoline; running on the boot CPU alone"
+            );
+        }
+        page
+    }) else {
+        return report(1, 0, 0);
     };
+    if install_trampoline(&apic_ids[..count], stack_tops, page).is_none() {
+        return report(1, 0, 0);
+    }
     CPU_COUNT.store(count, Ordering::Release);
 
     log::info!(
@@ -131,11 +192,15 @@ pub fn bring_up(possible: impl Iterator<Item = u32>, settings: &Settings) -> Bri
         count - 1
     );
     let aps = &percpu::all_shared()[1..count];
+    let started_us = time::now_us();
     let outcome = start_slots(aps, (page >> 12) as u8, &settings.timing);
     for (index, cpu) in percpu::all_shared()[..count].iter().enumerate() {
         if cpu.slot.state() == CpuState::Failed {
+            // INIT puts it back to waiting for a SIPI, whatever it was
+            // doing: a late AP must not run on into the kernel.
+            apic::send_init(cpu.slot.apic_id());
             log::error!(
-                "smp: CPU {index} (APIC ID {}) did not check in; excluded",
+                "smp: CPU {index} (APIC ID {}) did not check in; excluded and sent INIT",
                 cpu.slot.apic_id()
             );
         }
@@ -146,7 +211,7 @@ pub fn bring_up(possible: impl Iterator<Item = u32>, settings: &Settings) -> Bri
         count,
         outcome.elapsed_us
     );
-    report(outcome.online + 1, outcome.elapsed_us)
+    report(outcome.online + 1, outcome.elapsed_us, started_us)
 }
 
 fn start_slots(aps: &[SharedCpu], page_number: u8, timing: &Config) -> bringup::Outcome {
@@ -167,37 +232,38 @@ fn prepare_aps(apic_ids: &[u32]) -> Option<u64> {
         let stacks = mm::alloc_cpu_stacks()?;
         let local = mm::alloc_permanent(percpu::new_local(index as u32, apic_id))?;
         local.set_tables(stacks.tables);
+        percpu::shared(index)
+            .crash_stack
+            .store(stacks.crash, Ordering::Relaxed);
         percpu::register(index, local);
         stack_tops[index] = stacks.main;
     }
     Some(stack_tops.as_ptr() as u64)
 }
 
-/// Copies the trampoline below 1 MiB with its parameters.
-fn install_trampoline(apic_ids: &[u32], stack_tops: u64) -> Option<u64> {
+/// Copies the trampoline with its parameters to `page` (below 1 MiB).
+fn install_trampoline(apic_ids: &[u32], stack_tops: u64, page: u64) -> Option<u64> {
     let ids = mm::alloc_permanent_slice::<u32>(apic_ids.len())?;
     ids.copy_from_slice(apic_ids);
-    let Some(page) = mm::alloc_low_page() else {
-        log::error!(
-            "smp: no free page below 1 MiB for the AP trampoline; running on the boot CPU alone"
-        );
-        return None;
-    };
     let entry = ap_entry as *const () as u64;
-    let Some(parameters) = trampoline::parameters(
-        page as u32,
-        cpu::cr3(),
-        ids.as_ptr() as u64,
-        stack_tops,
-        apic_ids.len() as u32,
-        entry,
-    ) else {
+    let parameters = u32::try_from(page).ok().and_then(|page| {
+        trampoline::parameters(
+            page,
+            cpu::cr3(),
+            ids.as_ptr() as u64,
+            stack_tops,
+            apic_ids.len() as u32,
+            entry,
+        )
+    });
+    let Some(parameters) = parameters else {
         log::error!(
-            "smp: page tables above 4 GiB cannot be reached from the trampoline; running on the boot CPU alone"
+            "smp: the trampoline page {page:#x} or the page tables lie out of the trampoline's reach; running on the boot CPU alone"
         );
         return None;
     };
-    // The page is ours (fresh from the allocator) and no AP runs yet.
+    // The page is the caller's (fresh from the allocator, or borrowed and
+    // saved by the capture), and no AP runs yet.
     phys::with_bytes_mut(page, 4096, |destination| {
         trampoline::write_blob(destination, &parameters)
     })
@@ -215,7 +281,11 @@ extern "C" fn ap_entry(index: u64) -> ! {
         tables.load();
     }
     crate::arch::idt::load();
+    percpu::shared(index)
+        .idt_live
+        .store(true, Ordering::Release);
     apic::enable();
+    percpu::unmask_nmi_pins(index);
     if HANG_APIC_ID.load(Ordering::Relaxed) == u64::from(local.apic_id()) {
         // Test knob: never check in; wait with NMIs open so a crash can
         // still collect this CPU.

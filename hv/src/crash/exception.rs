@@ -6,6 +6,8 @@
 
 use core::fmt::Write;
 
+use crash::shootdown::CpuRegisters;
+
 use crate::arch::idt::TrapFrame;
 use crate::console::EmergencyConsole;
 
@@ -50,37 +52,51 @@ pub fn on_exception(frame: &mut TrapFrame) {
 }
 
 fn fatal_exception(frame: &TrapFrame) -> ! {
-    crate::console::enter_emergency();
+    super::note_entry();
     let cr2 = crate::arch::cpu::cr2();
-    let cpu = crate::cpu::percpu::current_cpu_index();
     let name = EXCEPTION_NAMES[(frame.vector & 31) as usize];
-    let mut out = EmergencyConsole;
+    let regs = super::regs_from_frame(frame);
+    super::crash(
+        super::Reason::Exception {
+            vector: frame.vector,
+            name,
+            error_code: frame.error_code,
+            cr2,
+        },
+        &regs,
+    )
+}
+
+/// Prints a fatal exception on the emergency console and reports it: the
+/// coordinator's words, once its NMIs are out.
+pub fn print(cpu: usize, vector: u64, name: &str, error_code: u64, cr2: u64, regs: &CpuRegisters) {
     let _ = writeln!(
-        out,
-        "\n*** hv: fatal exception {name} (vector {}) on cpu {cpu}",
-        frame.vector
+        EmergencyConsole,
+        "\n*** hv: fatal exception {name} (vector {vector}) on cpu {cpu}"
     );
+    // The details wait with the rest of the crash's words.
+    let mut out = super::words::Words;
     let _ = writeln!(
         out,
-        "    error code {:#x}  rip {:#018x}  rsp {:#018x}  cr2 {:#018x}  rflags {:#x}  cs {:#x}  ss {:#x}",
-        frame.error_code, frame.rip, frame.rsp, cr2, frame.rflags, frame.cs, frame.ss
+        "    error code {error_code:#x}  rip {:#018x}  rsp {:#018x}  cr2 {cr2:#018x}  rflags {:#x}  cs {:#x}  ss {:#x}",
+        regs.rip, regs.rsp, regs.eflags, regs.cs, regs.ss
     );
     let registers = [
-        ("rax", frame.rax),
-        ("rbx", frame.rbx),
-        ("rcx", frame.rcx),
-        ("rdx", frame.rdx),
-        ("rsi", frame.rsi),
-        ("rdi", frame.rdi),
-        ("rbp", frame.rbp),
-        ("r8", frame.r8),
-        ("r9", frame.r9),
-        ("r10", frame.r10),
-        ("r11", frame.r11),
-        ("r12", frame.r12),
-        ("r13", frame.r13),
-        ("r14", frame.r14),
-        ("r15", frame.r15),
+        ("rax", regs.rax),
+        ("rbx", regs.rbx),
+        ("rcx", regs.rcx),
+        ("rdx", regs.rdx),
+        ("rsi", regs.rsi),
+        ("rdi", regs.rdi),
+        ("rbp", regs.rbp),
+        ("r8", regs.r8),
+        ("r9", regs.r9),
+        ("r10", regs.r10),
+        ("r11", regs.r11),
+        ("r12", regs.r12),
+        ("r13", regs.r13),
+        ("r14", regs.r14),
+        ("r15", regs.r15),
     ];
     for row in registers.chunks(4) {
         let _ = write!(out, "   ");
@@ -89,23 +105,15 @@ fn fatal_exception(frame: &TrapFrame) -> ! {
         }
         let _ = writeln!(out);
     }
-    crate::console::report::emergency(|o| {
+    super::words::report(|o| {
         o.field("exception").object(|o| {
-            o.field("vector").u64(frame.vector)?;
+            o.field("vector").u64(vector)?;
             o.field("name").str(name)?;
-            o.field("error_code").u64(frame.error_code)?;
-            o.field("rip").u64(frame.rip)?;
-            o.field("rsp").u64(frame.rsp)?;
+            o.field("error_code").u64(error_code)?;
+            o.field("rip").u64(regs.rip)?;
+            o.field("rsp").u64(regs.rsp)?;
             o.field("cr2").u64(cr2)?;
-            o.field("cpu").u64(u64::from(cpu))
+            o.field("cpu").u64(cpu as u64)
         })
     });
-    let regs = super::regs_from_frame(frame);
-    super::crash(
-        super::Reason::Exception {
-            vector: frame.vector,
-            name,
-        },
-        &regs,
-    )
 }

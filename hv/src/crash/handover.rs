@@ -7,25 +7,31 @@
 //! not match), having said why.
 
 use core::fmt::Write;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicU32, Ordering};
 
 use crash::cpuset::CpuSet;
 use crash::shootdown::VmxExit;
 use hv_abi::crash_note::{CpuLedger, CrashRecord, VmclearOutcome, VmclearRecord, cpu_flags};
+use hv_core::cmdline::CoordinatorStep;
 use kexec_loader::PhysRange;
-use kexec_loader::digest::DigestTable;
-use kexec_loader::elfcore::{CpuState, MemorySegment, Placement, write_core_header};
+use kexec_loader::elfcore::{CpuState, LoadedImage, MemorySegment, Placement, write_core_header};
 use smp_boot::bringup::CpuState as BringupState;
 use smp_boot::madt::MAX_CPUS;
 
 use super::COORDINATOR;
+use super::purgatory::{HvCheck, HvTable};
 use super::records::{MAX_VMCS, Records};
-use crate::console::EmergencyConsole;
+use super::words::Words;
+use crate::arch::cpu;
 use crate::cpu::{percpu, smp};
 use crate::mm::{self, phys};
 
-/// Memory ranges a dump can describe.
-pub const MAX_SEGMENTS: usize = 64;
+/// Memory ranges a dump can describe: the firmware map's regions, one of
+/// which the reservation may split in two.
+pub const MAX_SEGMENTS: usize = hv_core::memmap::MAX_REGIONS + 1;
+/// Digested pieces at most: the capture image's segments, its boot data,
+/// the purgatory.
+pub const DIGESTS: usize = kexec_loader::pvh::MAX_LOAD_SEGMENTS + 2;
 /// Longest crash reason kept in the dump.
 pub const MAX_REASON: usize = 256;
 
@@ -53,16 +59,23 @@ impl Kind {
 pub struct Plan {
     /// The kernel's kind.
     pub kind: Kind,
-    /// Where the ELF core header goes (left out of the digests).
+    /// The core header region (left out of the digests): the header, then
+    /// the crash words mailbox.
     pub elfcorehdr: PhysRange,
+    /// The region's tail: the crash words mailbox (`crash::words`), which
+    /// the capture image prints; armed only for the hv image.
+    pub mailbox: PhysRange,
     /// The purgatory's area.
     pub purgatory: u64,
-    /// Every loaded piece's digest.
-    pub digests: DigestTable<16>,
-    /// The memory the dump describes.
-    pub segments: [MemorySegment; MAX_SEGMENTS],
-    /// How many of `segments` are valid.
-    pub segment_count: usize,
+    /// Every loaded piece's digest, sealed (the purgatory keeps its own
+    /// copy in the reservation).
+    pub digests: HvTable,
+    /// The memory the dump describes (at most [`MAX_SEGMENTS`], in boot
+    /// memory).
+    pub segments: &'static [MemorySegment],
+    /// hv's own image as loaded, for the dump's `NT_AUXV` and `NT_FILE`
+    /// notes (drgn matches `-s hv` to the dump through them).
+    pub image: Option<LoadedImage<'static>>,
 }
 
 /// Buffers the crash path fills to write the core header (it allocates
@@ -77,8 +90,10 @@ struct Scratch {
 }
 
 static PLAN: spin::Once<Plan> = spin::Once::new();
-static SCRATCH: phys::TakeOnce<Scratch> = phys::TakeOnce::new();
-static HANDED_OVER: AtomicBool = AtomicBool::new(false);
+static SCRATCH: phys::ClaimOnce<Scratch> = phys::ClaimOnce::new();
+/// Hand-over attempts begun: a second one follows a crash inside the
+/// first, and writes a smaller header; there is no third.
+static ATTEMPTS: AtomicU32 = AtomicU32::new(0);
 
 /// Allocates the crash-time buffers, element by element (they are far too
 /// large for a stack). `false` when memory ran out.
@@ -116,6 +131,12 @@ pub fn alloc_scratch() -> bool {
     };
     SCRATCH.put(scratch);
     true
+}
+
+/// The purgatory's area, once a capture kernel is loaded (the
+/// `nmi_in_purgatory` knob waits for the purgatory's entry stamp there).
+pub fn purgatory_area() -> Option<u64> {
+    PLAN.get().map(|plan| plan.purgatory)
 }
 
 /// Leaves the capture layer's plan for the crash path.
@@ -186,6 +207,16 @@ fn fill_ledgers(
         if matches!(vmx, Some(VmxExit::Left | VmxExit::LeftAfterInvalidOpcode)) {
             flags |= cpu_flags::VMXOFF_DONE;
         }
+        let svm = super::svm::LEDGERS.exit(cpu);
+        if svm.was_on() {
+            flags |= cpu_flags::SVM_WAS_ON;
+        }
+        if svm.was_on() && svm.is_off() {
+            flags |= cpu_flags::SVM_OFF;
+        }
+        if super::nmi::crash_nmi_in_guest(cpu) == Some(true) {
+            flags |= cpu_flags::NMI_IN_GUEST;
+        }
         ledgers[count] = CpuLedger {
             cpu_index: cpu as u32,
             apic_id: shared.slot.apic_id(),
@@ -200,17 +231,27 @@ fn fill_ledgers(
 
 /// Writes the ELF core header, checks the digests and jumps to the
 /// capture kernel. Returns only when there is no capture kernel, or when
-/// the jump is refused.
+/// the jump is refused (having said why).
 pub fn hand_over(handover: &Handover<'_>) {
     let Some(plan) = PLAN.get() else { return };
-    if HANDED_OVER.swap(true, Ordering::AcqRel) {
+    let attempt = ATTEMPTS.fetch_add(1, Ordering::AcqRel) + 1;
+    if attempt > 2 {
+        let _ = writeln!(
+            Words,
+            "*** hv: capture: refused: the hand-over failed twice; not jumping"
+        );
+        report_capture(plan, Some(false), Some(&"the hand-over failed twice"));
         return;
     }
-    let Some(scratch) = SCRATCH.take() else {
+    // The second attempt follows a crash inside the first: it leaves out
+    // the ledger, the part most likely to have failed.
+    let with_ledger = attempt == 1;
+    let Some(scratch) = SCRATCH.claim(handover.coordinator as u32) else {
         let _ = writeln!(
-            EmergencyConsole,
-            "*** hv: capture: the crash-time buffers are gone; not jumping"
+            Words,
+            "*** hv: capture: refused: the crash-time buffers are another CPU's; not jumping"
         );
+        report_capture(plan, Some(false), Some(&"the crash-time buffers are gone"));
         return;
     };
     // The crashing CPU first: gdb makes the first note its current thread.
@@ -235,13 +276,19 @@ pub fn hand_over(handover: &Handover<'_>) {
         scratch.stragglers[straggler_count] = percpu::shared(cpu).slot.apic_id();
         straggler_count += 1;
     }
-    let vmclears = core::mem::take(&mut scratch.vmclears);
-    let ledger_count = fill_ledgers(
-        scratch.ledgers,
-        vmclears,
-        handover.coordinator,
-        handover.checked_in,
-    );
+    super::inject::coordinator_step(CoordinatorStep::CoreHeader);
+    super::inject::at_handover(attempt);
+    let ledger_count = if with_ledger {
+        let vmclears = core::mem::take(&mut scratch.vmclears);
+        fill_ledgers(
+            scratch.ledgers,
+            vmclears,
+            handover.coordinator,
+            handover.checked_in,
+        )
+    } else {
+        0
+    };
     let mut writer = FixedWriter {
         buffer: &mut scratch.reason,
         len: 0,
@@ -260,54 +307,92 @@ pub fn hand_over(handover: &Handover<'_>) {
     };
     // The core header region lies in the reservation, left out of every
     // allocator and of the digests; only this CPU writes it now.
-    let written = phys::with_bytes_mut(plan.elfcorehdr.start, plan.elfcorehdr.len, |out| {
+    let header_room = plan.elfcorehdr.len - plan.mailbox.len;
+    let written = phys::with_bytes_mut(plan.elfcorehdr.start, header_room, |out| {
         write_core_header(
             out,
             &scratch.cpus[..cpu_count],
             &record,
-            &plan.segments[..plan.segment_count],
+            plan.segments,
+            plan.image.as_ref(),
             placement,
         )
     });
+    super::stamp(super::Step::CoreHeader);
     if let Err(error) = written {
         let _ = writeln!(
-            EmergencyConsole,
+            Words,
             "*** hv: capture: cannot write the ELF core header: {error}; not jumping"
         );
-        report_capture(plan, false, Some(&error));
+        report_capture(plan, Some(false), Some(&error));
         return;
     }
-    // Digested ranges lie in the reservation, which nothing writes.
-    let verdict = plan
-        .digests
-        .verify(|address, len| Some(phys::read(address, len as u64)));
-    if let Err(error) = verdict {
-        let _ = writeln!(
-            EmergencyConsole,
-            "*** hv: capture: {error} (the capture kernel was damaged after boot)"
-        );
-        report_capture(plan, false, Some(&error));
-        return;
-    }
+    super::inject::coordinator_step(CoordinatorStep::DigestCheck);
+    // The hypervisor's own check first (a fast refusal, said here); the
+    // purgatory checks again from the reservation, on its own copy.
+    let checked = super::purgatory::check_before_jump(&plan.digests);
+    super::stamp(super::Step::Digests);
+    let checked = match checked {
+        Ok(checked) => checked,
+        Err(error) => {
+            let _ = writeln!(Words, "*** hv: capture: {error}");
+            report_capture(plan, Some(false), Some(&error));
+            return;
+        }
+    };
+    let (said, digest_ok) = match checked {
+        HvCheck::Verified => ("digests verified", Some(true)),
+        HvCheck::Skipped => (
+            "hv's own digest check skipped (capture_hv_check=off), the purgatory checks",
+            None,
+        ),
+    };
     let _ = writeln!(
-        EmergencyConsole,
-        "*** hv: capture: {} CPU notes, {} memory ranges; digests verified; jumping to the {} capture kernel",
+        Words,
+        "*** hv: capture: {} CPU notes, {} memory ranges; {said}; jumping to the {} capture kernel",
         cpu_count,
-        plan.segment_count,
+        plan.segments.len(),
         plan.kind.name()
     );
-    report_capture(plan, true, None);
+    report_capture(plan, digest_ok, None);
     crate::console::wait_transmitter_empty();
+    super::inject::coordinator_step(CoordinatorStep::Purgatory);
     crate::arch::blobs::jump_to_purgatory(plan.purgatory)
 }
 
-fn report_capture(plan: &Plan, digest_ok: bool, error: Option<&dyn core::fmt::Display>) {
-    crate::console::report::emergency(|o| {
+/// `digest_ok`: the hypervisor's own check's verdict (`None`: skipped);
+/// it jumps unless there is an `error`.
+fn report_capture(plan: &Plan, digest_ok: Option<bool>, error: Option<&dyn core::fmt::Display>) {
+    let now = cpu::rdtsc();
+    super::words::report(|o| {
         o.field("capture").object(|o| {
             o.field("kernel").str(plan.kind.name())?;
-            o.field("digest_ok").bool(digest_ok)?;
-            o.field("jumped").bool(digest_ok)?;
-            o.field("handover_us").u64(crate::cpu::time::now_us())?;
+            o.field("digest_ok")
+                .option(digest_ok, |value, ok| value.bool(ok))?;
+            if digest_ok.is_none() {
+                o.field("hv_check").str("skipped")?;
+            }
+            o.field("jumped").bool(error.is_none())?;
+            // A timestamp (microseconds since the TSC's origin), not a
+            // duration: kept for compatibility; `handover_tsc` is the raw
+            // count, comparable with the other `*_tsc` fields.
+            o.field("handover_us")
+                .u64(crate::cpu::time::tsc_to_us(now))?;
+            o.field("handover_tsc").u64(now)?;
+            o.field("rendezvous_tsc")
+                .u64(super::stamped(super::Step::Rendezvous))?;
+            o.field("cleanup_tsc")
+                .u64(super::stamped(super::Step::Cleanup))?;
+            o.field("summary_tsc")
+                .u64(super::stamped(super::Step::Summary))?;
+            o.field("header_tsc")
+                .u64(super::stamped(super::Step::CoreHeader))?;
+            o.field("digests_tsc")
+                .u64(super::stamped(super::Step::Digests))?;
+            o.field("attempt")
+                .u64(u64::from(ATTEMPTS.load(Ordering::Relaxed)))?;
+            o.field("coordinator_stray_nmis")
+                .u64(u64::from(super::nmi::stray_on_coordinator()))?;
             o.field("refused")
                 .option(error, |value, error| value.display(error))
         })

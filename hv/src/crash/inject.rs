@@ -5,7 +5,9 @@
 use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 use crash::loaded_vmcs::StorePoint;
-use hv_core::cmdline::{CrashPoint, CrashSpec};
+use hv_core::cmdline::{CoordinatorStep, CrashPoint, CrashSpec};
+
+use smp_boot::bringup::CpuState;
 
 use crate::cpu::{ipi, percpu, smp, time};
 
@@ -29,6 +31,14 @@ fn encode(point: CrashPoint) -> u8 {
         CrashPoint::DoublePanic => 0x23,
         CrashPoint::BeforeVmx => 0x24,
         CrashPoint::Bringup => 0x25,
+        CrashPoint::HandoverPanic => 0x26,
+        CrashPoint::ExternalNmi => 0x27,
+        CrashPoint::CoordinatorNmi(step) => {
+            0x30 + CoordinatorStep::ALL
+                .iter()
+                .position(|candidate| *candidate == step)
+                .unwrap_or(0) as u8
+        }
     }
 }
 
@@ -42,6 +52,11 @@ fn decode(raw: u8) -> Option<CrashPoint> {
         0x23 => CrashPoint::DoublePanic,
         0x24 => CrashPoint::BeforeVmx,
         0x25 => CrashPoint::Bringup,
+        0x26 => CrashPoint::HandoverPanic,
+        0x27 => CrashPoint::ExternalNmi,
+        0x30..=0x3F => {
+            CrashPoint::CoordinatorNmi(*CoordinatorStep::ALL.get(usize::from(raw - 0x30))?)
+        }
         _ => return None,
     })
 }
@@ -109,6 +124,11 @@ pub fn clock_started() -> bool {
     AT_US.load(Ordering::Relaxed) != u64::MAX
 }
 
+/// Microseconds until the `after_ms` time (0 once it has come).
+pub fn until_due_us() -> u64 {
+    AT_US.load(Ordering::Relaxed).saturating_sub(time::now_us())
+}
+
 /// Whether the `after_ms` time has come.
 pub fn due() -> bool {
     time::now_us() >= AT_US.load(Ordering::Relaxed)
@@ -131,11 +151,149 @@ fn is_target() -> bool {
     CPU.load(Ordering::Relaxed) == percpu::current_cpu_index()
 }
 
-/// Time-based injection without a point: called on the target CPU from
-/// the guest loop.
+/// Holds time-based injection back until [`release`]: the crash is meant
+/// for after the boot report, which must come out first however late it
+/// is (guests keep running meanwhile).
+static HELD: AtomicBool = AtomicBool::new(false);
+
+/// Holds time-based injection back until [`release`].
+pub fn hold() {
+    HELD.store(true, Ordering::Release);
+}
+
+/// Lets time-based injection fire again (the boot report is out).
+pub fn release() {
+    HELD.store(false, Ordering::Release);
+}
+
+/// Whether the crash itself is time-based: no point, or a point that
+/// disturbs a crash rather than causing one.
+pub fn time_based() -> bool {
+    point().is_none_or(|point| point.disturbs_the_crash())
+}
+
+/// Time-based injection: called on the target CPU from the guest loop.
 pub fn check_time() {
-    if point().is_none() && is_target() && due() {
+    if time_based() && is_target() && !HELD.load(Ordering::Acquire) && due() {
         fire("after_ms elapsed");
+    }
+}
+
+/// The coordinator's progress, for the points that disturb it: 0 none, 1
+/// the NMIs are out, then `2 + ` a [`CoordinatorStep`]'s place in
+/// [`CoordinatorStep::ALL`].
+static STEP: AtomicU8 = AtomicU8::new(0);
+const STEP_NMIS_OUT: u8 = 1;
+
+fn step_code(step: CoordinatorStep) -> u8 {
+    2 + CoordinatorStep::ALL
+        .iter()
+        .position(|candidate| *candidate == step)
+        .unwrap_or(0) as u8
+}
+
+/// The CPU that sends the disturbing NMIs of `nmi_*` and `external_nmi`:
+/// the highest online CPU other than the knob's target (which crashes).
+fn nmi_source() -> Option<usize> {
+    let point = point()?;
+    if !matches!(
+        point,
+        CrashPoint::CoordinatorNmi(_) | CrashPoint::ExternalNmi
+    ) {
+        return None;
+    }
+    let target = target_cpu()?;
+    (0..smp::cpus().len())
+        .rev()
+        .find(|&cpu| cpu != target && smp::cpus()[cpu].slot.state() == CpuState::Online)
+}
+
+/// The coordinator: its NMIs are out.
+pub fn nmi_source_release() {
+    STEP.store(STEP_NMIS_OUT, Ordering::Release);
+}
+
+/// The coordinator reached `step`. For `point:nmi_<step>` it waits
+/// (bounded) until the source's NMI reached it, so that the NMI lands
+/// inside the step; the purgatory's NMI cannot be waited for.
+pub fn coordinator_step(step: CoordinatorStep) {
+    STEP.store(step_code(step), Ordering::Release);
+    if point() != Some(CrashPoint::CoordinatorNmi(step)) || step == CoordinatorStep::Purgatory {
+        return;
+    }
+    if nmi_source().is_none() {
+        return;
+    }
+    let before = super::nmi::stray_on_coordinator();
+    let deadline = time::now_us() + 500_000;
+    while super::nmi::stray_on_coordinator() == before && time::now_us() < deadline {
+        core::hint::spin_loop();
+    }
+}
+
+/// `point:handover_panic`: the first hand-over attempt panics.
+pub fn at_handover(attempt: u32) {
+    if point() == Some(CrashPoint::HandoverPanic) && attempt == 1 {
+        FIRED.store(true, Ordering::Relaxed);
+        panic!("injected panic inside the hand-over");
+    }
+}
+
+/// A checked-in CPU's last duty before it parks: if it is the knob's NMI
+/// source, it sends the disturbing NMIs, then parks like the others.
+pub fn nmi_source_duty(me: usize) {
+    let Some(point) = point() else { return };
+    if nmi_source() != Some(me) {
+        return;
+    }
+    let wanted = match point {
+        CrashPoint::CoordinatorNmi(step) => step_code(step),
+        _ => STEP_NMIS_OUT,
+    };
+    let deadline = time::now_us() + 3_000_000;
+    while STEP.load(Ordering::Acquire) < wanted && time::now_us() < deadline {
+        core::hint::spin_loop();
+    }
+    if STEP.load(Ordering::Acquire) < wanted {
+        return;
+    }
+    // Its own cleanup disabled its local APIC: sending needs it again.
+    crate::arch::apic::software_enable();
+    match point {
+        CrashPoint::CoordinatorNmi(step) => {
+            if step == CoordinatorStep::Purgatory {
+                wait_for_the_purgatory();
+            }
+            if let Some(coordinator) = super::COORDINATOR.coordinator() {
+                crate::arch::apic::send_nmi(smp::cpus()[coordinator].slot.apic_id());
+            }
+        }
+        _ => {
+            // As the NMI button does: every CPU, whatever it is doing.
+            for (cpu, shared) in smp::cpus().iter().enumerate() {
+                if cpu != me && shared.slot.state() == CpuState::Online {
+                    crate::arch::apic::send_nmi(shared.slot.apic_id());
+                }
+            }
+        }
+    }
+    crate::arch::apic::disable();
+}
+
+/// `point:nmi_in_purgatory`: waits (bounded) until the purgatory stamped
+/// its entry, so that the NMI lands inside it (it then checks every
+/// digest, for milliseconds) rather than on the way there: a fixed delay
+/// after the step's mark was too short in Bochs, whose CPUs take turns.
+fn wait_for_the_purgatory() {
+    let Some(area) = super::handover::purgatory_area() else {
+        time::delay_us(20);
+        return;
+    };
+    let deadline = time::now_us() + 1_000_000;
+    while super::purgatory::stamps(area).entry_tsc == 0 && time::now_us() < deadline {
+        // Read the stamp afresh each time: the coordinator writes it.
+        core::sync::atomic::fence(Ordering::Acquire);
+        core::hint::spin_loop();
     }
 }
 
@@ -195,14 +353,19 @@ pub fn trigger_now() {
 /// boot report is out.
 pub fn fire_after_boot() {
     if fired() {
-        return;
+        // Another CPU's injected crash is under way (the guests ran on
+        // after the boot report): its shootdown NMI ends this CPU too,
+        // which must not go on to report `done` meanwhile.
+        loop {
+            core::hint::spin_loop();
+        }
     }
-    let point = point();
+    let point = point().filter(|point| !point.disturbs_the_crash());
     if let Some(point) = point.filter(|point| point.needs_vmx()) {
         // Points of the loaded-VMCS list protocol exist only while guests
         // run; the run is over (or never started: no VMX) and it was not hit.
         log::error!(
-            "crash knob: injection point {point:?} was never reached (it needs a VMX guest run)"
+            "crash knob: injection point {point:?} was never reached (it needs a guest run)"
         );
         crate::console::report::line(|o| {
             o.field("crash_injection")
@@ -255,4 +418,89 @@ pub fn fire_after_boot() {
         }
         _ => trigger_now(),
     }
+}
+
+/// `hang=...`: the chosen CPU hangs, after the boot report: with
+/// interrupts off, spinning; or holding a lock the next CPU waits for,
+/// both with interrupts off.
+pub fn hang_after_boot(spec: &hv_core::cmdline::HangSpec) {
+    time::delay_us(spec.after_ms.saturating_mul(1000));
+    let cpus = smp::cpus().len();
+    let target = spec.cpu as usize;
+    if target >= cpus {
+        log::error!("hang knob: CPU {target} does not exist; nothing hangs");
+        return;
+    }
+    log::warn!("hang knob: CPU {target} hangs now ({:?})", spec.how);
+    match spec.how {
+        hv_core::cmdline::HangHow::Spin => {
+            send_or_run(target, hang_spinning);
+        }
+        hv_core::cmdline::HangHow::Lock => {
+            send_or_run(target, hang_holding_lock);
+            time::delay_us(10_000);
+            let waiter = (target + 1) % cpus;
+            if waiter != target {
+                send_or_run(waiter, hang_waiting_for_lock);
+            }
+        }
+    }
+}
+
+/// Runs `function` on CPU `cpu` without waiting, or here if it is this one.
+fn send_or_run(cpu: usize, function: fn(usize)) {
+    if cpu == percpu::current_cpu_index() as usize {
+        function(0);
+    } else if !ipi::send_call(cpu, function, 0) {
+        log::error!("hang knob: CPU {cpu} did not take the request");
+    }
+}
+
+/// The lock of `hang=...,how:lock`.
+static HANG_LOCK: spin::Mutex<()> = spin::Mutex::new(());
+
+#[inline(never)]
+fn hang_spinning(_: usize) {
+    crate::arch::cpu::disable_interrupts();
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+#[inline(never)]
+fn hang_holding_lock(_: usize) {
+    crate::arch::cpu::disable_interrupts();
+    let _held = HANG_LOCK.lock();
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+#[inline(never)]
+fn hang_waiting_for_lock(_: usize) {
+    crate::arch::cpu::disable_interrupts();
+    // Its own wait loop, not `lock()`: with the holder's body, the two
+    // functions fold into one and a dump's backtrace names the holder.
+    loop {
+        if let Some(_never) = HANG_LOCK.try_lock() {
+            loop {
+                core::hint::spin_loop();
+            }
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// `stray_write=reservation`: after the boot report, a write into the
+/// loaded capture kernel, which the page tables make read-only: it must
+/// fault at once (and the crash it starts must still capture).
+pub fn stray_write_into_reservation() {
+    let Some(&(start, len)) = crate::mm::CRASH_RESERVATION.get() else {
+        log::error!("stray write knob: no reservation; nothing written");
+        return;
+    };
+    let address = start + len / 4;
+    log::warn!("stray write knob: writing into the reservation at {address:#x}");
+    crate::mm::phys::write(address, &[0xA5]);
+    log::error!("stray write knob: the write at {address:#x} did not fault");
 }

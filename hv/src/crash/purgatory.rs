@@ -1,125 +1,161 @@
-//! The purgatory's installation: at boot, its code (assembled in
-//! `arch::blobs`), parameters, own GDT, own identity page tables (first
-//! 4 GiB) and own stack go into the last [`AREA_BYTES`] of the crash
-//! reservation, all digested with the capture kernel, so the jump depends
-//! on nothing of the crashed hypervisor's state but the instruction that
-//! reaches it.
+//! The purgatory's installation and the hypervisor's own check before the
+//! jump.
 //!
-//! Two ways out:
+//! At boot the capture layer hands [`install`] the digests of every loaded
+//! segment; the area (the last [`AREA_BYTES`] of the reservation) is laid
+//! out by `kexec_loader::purgatory::build`: the blob (`arch::blobs`), its
+//! parameters, GDT, IDTs, identity page tables (first 4 GiB), its own copy
+//! of the digest table and a seal over all of it. The hypervisor copies
+//! those bytes and digests the area's fixed part with everything else.
+//!
+//! At crash time [`check_before_jump`] checks the hypervisor's sealed copy
+//! of the table (a zeroed or damaged table is refused, not trusted) and
+//! every segment: a fast refusal, said on the hypervisor's console. Then
+//! the purgatory checks again, from the reservation, on its own copy: that
+//! is the check a stray write into the hypervisor cannot fool.
+//!
+//! Two ways out of the purgatory ([`Entry`]):
 //! - Linux 64-bit boot protocol: CS = 0x10, DS/ES/SS = 0x18, RSI = the
 //!   zero page, jump to `startup_64`, paging on with an identity map.
-//! - PVH (the hv image in capture mode): down to compatibility mode, paging
-//!   off, EFER.LME off, then the 32-bit PVH entry with EBX = start info.
+//! - PVH (the hv image in capture mode): down to 32-bit protected mode
+//!   with the PVH ABI's register state (CR0 = PE | ET, CR4 = 0, EFER.LME
+//!   off, TR a 32-bit TSS, EFLAGS.IF clear), EBX = start info.
+//!
+//! The purgatory stamps the TSC at its entry and before its jump in its
+//! scratch fields; hv's capture mode reads them in old memory ([`stamps`])
+//! and reports the time spent in the purgatory.
 
-use crate::arch::blobs::{
-    MODE_LINUX64, MODE_PVH32, PURGATORY_AREA_BYTES, PURGATORY_CODE_BYTES, PurgatoryParameters,
-    purgatory_code,
-};
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use kexec_loader::digest::SegmentDigest;
+use kexec_loader::purgatory::{self as area, BuildError, CheckError, Options, SealedTable};
+
+use crate::arch::blobs::purgatory_blob;
 use crate::mm::phys;
 
+pub use kexec_loader::purgatory::Entry;
+
 /// Bytes the purgatory takes at the end of the reservation.
-pub const AREA_BYTES: u64 = PURGATORY_AREA_BYTES;
-const PAGE: u64 = 4096;
-/// Page tables: PML4, PDPT, 4 page directories.
-const TABLES_OFFSET: u64 = PAGE;
-const TABLE_PAGES: u64 = 6;
-/// Room for the PVH start info, its memory map and command line.
-pub const BOOT_DATA_OFFSET: u64 = TABLES_OFFSET + TABLE_PAGES * PAGE;
+pub const AREA_BYTES: u64 = area::AREA_BYTES;
+/// Room for the PVH start info, its memory map and command line, inside
+/// the area (the loader writes and digests it as a segment of its own).
+pub const BOOT_DATA_OFFSET: u64 = area::BOOT_DATA_OFFSET as u64;
 /// Bytes of that room.
-pub const BOOT_DATA_BYTES: u64 = 2 * PAGE;
+pub const BOOT_DATA_BYTES: u64 = area::BOOT_DATA_BYTES as u64;
 
-/// How the purgatory enters the capture kernel.
+/// The hypervisor's own copy of the digest table.
+pub type HvTable = SealedTable<{ super::handover::DIGESTS }>;
+
+// The purgatory checks every segment digested before it.
+const _: () = assert!(super::handover::DIGESTS - 1 <= kexec_loader::purgatory::MAX_SEGMENTS);
+
+// The purgatory's entry IDT names the hypervisor's code selector, so that
+// it is valid under either GDT from the purgatory's first instruction.
+const _: () = assert!(
+    crate::arch::gdt::KERNEL_CODE_SELECTOR == area::abi::selector::CODE64_ENTRY,
+    "the purgatory's entry IDT must name the hypervisor's code selector"
+);
+
+/// What the purgatory is told besides where to go.
+#[derive(Debug, Clone, Copy)]
+pub struct InstallOptions {
+    /// A refusal ends the emulator (`finish=exit`).
+    pub exit_emulator: bool,
+    /// Test knob `capture_purgatory_nmi=1`.
+    pub self_nmi: bool,
+    /// `capture_hv_check=off` (test knob) skips [`check_before_jump`].
+    pub hv_check: bool,
+    /// How the segments were summed (`capture_digest=`).
+    pub digest: kexec_loader::digest::Algorithm,
+    /// The crash words mailbox the purgatory prints on a refusal (0: the
+    /// words were printed before the jump).
+    pub mailbox: u64,
+}
+
+/// Set once at boot by [`install`] when `capture_hv_check=off`.
+static HV_CHECK_SKIPPED: AtomicBool = AtomicBool::new(false);
+
+/// Lays the purgatory out at `area` (the reservation's last
+/// [`AREA_BYTES`], memory the kernel owns, below 4 GiB) to check
+/// `segments` and then enter the capture kernel through `entry`. Returns
+/// the bytes the hypervisor digests of it.
+pub fn install(
+    area: u64,
+    entry: Entry,
+    segments: &[SegmentDigest],
+    options: InstallOptions,
+) -> Result<&'static [u8], BuildError> {
+    let built = phys::with_bytes_mut(area, area::BUILT_BYTES as u64, |out| {
+        area::build(
+            out,
+            purgatory_blob(),
+            area,
+            entry,
+            segments,
+            Options {
+                exit_emulator: options.exit_emulator,
+                self_nmi: options.self_nmi,
+                digest: options.digest,
+                mailbox: options.mailbox,
+            },
+        )
+    });
+    built?;
+    HV_CHECK_SKIPPED.store(!options.hv_check, Ordering::Relaxed);
+    Ok(phys::read(area, area::DIGESTED_BYTES as u64))
+}
+
+/// What the hypervisor's check before the jump found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Entry {
-    /// Linux 64-bit boot protocol: `entry` in long mode, RSI = zero page.
-    Linux64 {
-        /// `startup_64`.
-        entry: u64,
-        /// The zero page.
-        zero_page: u64,
-    },
-    /// PVH: `entry` in 32-bit protected mode, EBX = `hvm_start_info`.
-    Pvh32 {
-        /// The 32-bit PVH entry.
-        entry: u32,
-        /// The start info.
-        start_info: u32,
-    },
+pub enum HvCheck {
+    /// Its table is intact and every segment matches.
+    Verified,
+    /// Skipped (`capture_hv_check=off`): only the purgatory checks.
+    Skipped,
 }
 
-/// The parameters as the purgatory's code reads them.
-fn parameters(area: u64, entry: Entry) -> PurgatoryParameters {
-    let (mode, entry_address, argument) = match entry {
-        Entry::Linux64 { entry, zero_page } => (MODE_LINUX64, entry, zero_page),
-        Entry::Pvh32 { entry, start_info } => (MODE_PVH32, u64::from(entry), u64::from(start_info)),
-    };
-    let gdt_address = area + PURGATORY_CODE_BYTES as u64;
-    PurgatoryParameters {
-        gdt: [
-            0,
-            0x00CF_9A00_0000_FFFF,
-            0x00AF_9A00_0000_FFFF,
-            0x00CF_9200_0000_FFFF,
-        ],
-        gdtr: [
-            31,
-            gdt_address as u16,
-            (gdt_address >> 16) as u16,
-            (gdt_address >> 32) as u16,
-            (gdt_address >> 48) as u16,
-        ],
-        mode,
-        cr3: area + TABLES_OFFSET,
-        entry: entry_address,
-        argument,
+/// The hypervisor's own check of its sealed table and every segment.
+pub fn check_before_jump(table: &HvTable) -> Result<HvCheck, CheckError> {
+    if HV_CHECK_SKIPPED.load(Ordering::Relaxed) {
+        return Ok(HvCheck::Skipped);
     }
+    // Digested ranges lie in the reservation, which nothing writes.
+    table
+        .verify(|address, len| Some(phys::read(address, len as u64)))
+        .map(|()| HvCheck::Verified)
 }
 
-/// Writes the purgatory (code, parameters, page tables) into `area`, the
-/// last [`AREA_BYTES`] of the reservation (memory the kernel owns, below
-/// 4 GiB). Returns the bytes to digest: code, parameters and page tables.
-pub fn install(area: u64, entry: Entry) -> &'static [u8] {
-    let digested = TABLES_OFFSET + TABLE_PAGES * PAGE;
-    phys::fill(area, digested, 0);
-    phys::write(area, purgatory_code());
-    let parameters = parameters(area, entry);
-    let mut bytes = [0u8; core::mem::size_of::<PurgatoryParameters>()];
-    let mut at = 0;
-    let mut put = |value: &[u8]| {
-        bytes[at..at + value.len()].copy_from_slice(value);
-        at += value.len();
-    };
-    // `#[repr(C)]` order: gdt, gdtr (10 bytes, then padding to 8), mode,
-    // cr3, entry, argument.
-    for descriptor in parameters.gdt {
-        put(&descriptor.to_le_bytes());
-    }
-    for half in parameters.gdtr {
-        put(&half.to_le_bytes());
-    }
-    put(&[0; 6]);
-    for word in [
-        parameters.mode,
-        parameters.cr3,
-        parameters.entry,
-        parameters.argument,
-    ] {
-        put(&word.to_le_bytes());
-    }
-    debug_assert_eq!(at, bytes.len());
-    phys::write(area + PURGATORY_CODE_BYTES as u64, &bytes);
-    let pml4 = area + TABLES_OFFSET;
-    let pdpt = pml4 + PAGE;
-    phys::write(pml4, &(pdpt | 3).to_le_bytes());
-    for directory in 0..4u64 {
-        let pd = area + TABLES_OFFSET + (2 + directory) * PAGE;
-        phys::write(pdpt + directory * 8, &(pd | 3).to_le_bytes());
-        for slot in 0..512u64 {
-            let address = (directory * 512 + slot) << 21;
-            phys::write(pd + slot * 8, &(address | 0x83).to_le_bytes());
-        }
-    }
-    phys::read(area, digested)
+/// What the purgatory left in its scratch fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamps {
+    /// TSC at its entry.
+    pub entry_tsc: u64,
+    /// TSC once every check had passed.
+    pub verified_tsc: u64,
+    /// TSC just before the jump into the capture kernel.
+    pub jump_tsc: u64,
+    /// NMIs it took in 64-bit mode.
+    pub nmis_64: u64,
+    /// NMIs it took in 32-bit protected mode.
+    pub nmis_32: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<PurgatoryParameters>() == 4 * 8 + 16 + 4 * 8);
+/// The crashed hypervisor's purgatory stamps, read in old memory at
+/// `area` (hv's capture mode, which never writes there: the area lies in
+/// its reservation, the memory map gives it as RAM, and this is read
+/// before anything is allocated beyond the image).
+pub fn stamps(area_address: u64) -> Stamps {
+    let scratch = phys::read(
+        area_address + area::abi::SCRATCH_OFFSET as u64,
+        area::abi::scratch::END as u64,
+    );
+    let field = |offset| area::abi::u64_at(scratch, offset).unwrap_or(0);
+    use area::abi::scratch::*;
+    Stamps {
+        entry_tsc: field(ENTRY_TSC),
+        verified_tsc: field(VERIFIED_TSC),
+        jump_tsc: field(JUMP_TSC),
+        nmis_64: field(NMI64_COUNT),
+        nmis_32: field(NMI32_COUNT),
+    }
+}

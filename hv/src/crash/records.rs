@@ -30,7 +30,9 @@ pub const MAX_VMCS: usize = 1024;
 /// the first instruction, before VMX is on.
 pub static LISTS: VmcsArena<MAX_VMCS, MAX_CPUS> = VmcsArena::new();
 
-const NO_CPU: u32 = u32::MAX;
+/// `loaded_on` and `cleared_by` hold a CPU index plus one; 0 is "none",
+/// so the records start all zero (in .bss, not in the image's data).
+const NO_CPU: u32 = 0;
 
 #[derive(Debug)]
 struct Record {
@@ -65,7 +67,7 @@ pub fn track(id: VmcsId, point: StorePoint) {
     match point {
         StorePoint::AddPublish => record
             .loaded_on
-            .store(percpu::current_cpu_index(), Ordering::Release),
+            .store(percpu::current_cpu_index() + 1, Ordering::Release),
         // After VMCLEAR, and after a failed VMPTRLD's unlink (which skips
         // the VMCLEAR point): nothing of it is cached here.
         StorePoint::UnloadVmclear | StorePoint::RemoveReleaseCpu => {
@@ -83,7 +85,7 @@ pub fn note_crash_vmclear(vmcs: u64, cpu: usize) {
         .iter()
         .find(|record| record.vmcs.load(Ordering::Acquire) == vmcs)
     {
-        record.cleared_by.store(cpu as u32, Ordering::Release);
+        record.cleared_by.store(cpu as u32 + 1, Ordering::Release);
     }
 }
 
@@ -92,7 +94,7 @@ pub fn note_crash_vmclear(vmcs: u64, cpu: usize) {
 pub struct Records;
 
 fn cpu(value: u32) -> Option<usize> {
-    (value != NO_CPU).then_some(value as usize)
+    value.checked_sub(1).map(|cpu| cpu as usize)
 }
 
 impl VmcsRecords for Records {

@@ -12,7 +12,7 @@ use crate::arch::gdt::DescriptorTables;
 pub mod paging;
 pub mod phys;
 
-use paging::AddressSpace;
+use paging::{Access, AddressSpace, PagingError, Tables};
 
 const PAGE: u64 = 4096;
 /// Real-mode IVT and BIOS data area: never handed out. The rest of low
@@ -24,6 +24,8 @@ const FOUR_GIB: u64 = 4 << 30;
 
 /// Pages of a CPU's main stack.
 pub const MAIN_STACK_PAGES: u64 = 16;
+/// Pages of each CPU's crash stack.
+pub const CRASH_STACK_PAGES: u64 = 8;
 /// Pages of each interrupt stack (NMI, #DF, #MC).
 pub const INTERRUPT_STACK_PAGES: u64 = 4;
 
@@ -51,44 +53,6 @@ fn zero_frames(start: u64, pages: u64) {
 pub static FIRMWARE_MAP: spin::Once<MemoryMap> = spin::Once::new();
 /// The crash-kernel reservation (start, length), out of every allocator.
 pub static CRASH_RESERVATION: spin::Once<(u64, u64)> = spin::Once::new();
-
-/// A Linux capture kernel decompresses at or above its preferred address
-/// (16 MiB on Debian) and the reservation starts on 16 MiB boundaries.
-const RESERVATION_ALIGN: u64 = 16 << 20;
-
-/// Takes `spec` out of the usable map: at its base when given, else as
-/// high as it fits below 4 GiB (the purgatory and a 32-bit capture entry
-/// need it there). The map only holds memory nothing else uses yet.
-fn reserve_crash_memory(
-    map: &mut MemoryMap,
-    spec: CrashKernelSpec,
-) -> Result<(u64, u64), &'static str> {
-    let size = spec.size;
-    let base = match spec.base {
-        Some(base) => {
-            let end = base.checked_add(size).ok_or("base + size overflows")?;
-            if !map
-                .usable()
-                .any(|region| region.start <= base && end <= region.end())
-            {
-                return Err("the requested range is not free usable RAM");
-            }
-            base
-        }
-        None => map
-            .usable()
-            .filter_map(|region| {
-                let end = region.end().min(FOUR_GIB);
-                let base = end.checked_sub(size)? & !(RESERVATION_ALIGN - 1);
-                (base >= region.start.max(RESERVATION_ALIGN)).then_some(base)
-            })
-            .max()
-            .ok_or("no free RAM below 4 GiB holds the reservation")?,
-    };
-    map.exclude(base, size)
-        .map_err(|_| "the memory map is full")?;
-    Ok((base, size))
-}
 
 /// The frame allocator, once the memory map is known.
 pub static FRAMES: Mutex<Option<FrameAllocator>> = Mutex::new(None);
@@ -126,7 +90,8 @@ pub fn init(
             crate::console::finish::fail_stop();
         }
     }
-    let reservation = crashkernel.map(|spec| reserve_crash_memory(&mut map, spec));
+    let reservation = crashkernel
+        .map(|spec| hv_core::crashkernel::reserve(&mut map, spec).map_err(|error| error.message()));
     match reservation {
         Some(Ok(range)) => {
             log::info!(
@@ -187,18 +152,63 @@ pub fn init(
             region.start < end && start < region.end() && region.kind != RegionKind::Bad
         })
     };
-    let space = match AddressSpace::identity(mapped_end, &mut frames, is_ram) {
+    let no_execute = crate::arch::cpu::enable_no_execute();
+    let space = match build_kernel_space(&mut frames, mapped_end, no_execute, is_ram) {
         Ok(space) => space,
         Err(error) => {
             log::error!("page tables: {error}");
             crate::console::finish::fail_stop();
         }
     };
-    // The new tables identity-map all RAM and the first 4 GiB, a superset
-    // of the boot tables, with the same translations.
-    space.activate();
+    paging::activate(&space);
     *KERNEL_SPACE.lock() = Some(space);
     *FRAMES.lock() = Some(frames);
+}
+
+/// The kernel's tables: everything identity-mapped no-execute, RAM
+/// cached, holes uncached; the image's text read-only and executable, its
+/// read-only data read-only; the first 2 MiB executable (the AP
+/// trampoline runs there).
+fn build_kernel_space(
+    frames: &mut FrameAllocator,
+    mapped_end: u64,
+    no_execute: bool,
+    is_ram: impl Fn(u64, u64) -> bool,
+) -> Result<AddressSpace, PagingError> {
+    let mut tables = Tables { frames };
+    let mut space = AddressSpace::identity(&mut tables, mapped_end, no_execute, |start, end| {
+        Some(if is_ram(start, end) {
+            Access::DATA
+        } else {
+            Access::DEVICE
+        })
+    })?;
+    space.protect(&mut tables, 0, LOW_EXECUTABLE_END, Access::RWX)?;
+    let image = crate::arch::boot::image_layout();
+    space.protect(&mut tables, image.text.0, image.text.1, Access::TEXT)?;
+    space.protect(
+        &mut tables,
+        image.rodata.0,
+        image.rodata.1,
+        Access::READ_ONLY,
+    )?;
+    Ok(space)
+}
+
+/// Low memory that stays executable: the AP trampoline's page lies in it.
+const LOW_EXECUTABLE_END: u64 = 2 << 20;
+
+/// Gives `[start, start + len)` the access `access` in the kernel's tables
+/// and drops this CPU's old translations. Other CPUs that may have cached
+/// them must drop theirs too ([`crate::arch::cpu::flush_tlb`] on each).
+pub fn protect(start: u64, len: u64, access: Access) -> Result<(), PagingError> {
+    let mut frames = FRAMES.lock();
+    let frames = frames.as_mut().ok_or(PagingError::OutOfFrames)?;
+    let mut space = KERNEL_SPACE.lock();
+    let space = space.as_mut().ok_or(PagingError::OutOfFrames)?;
+    space.protect(&mut Tables { frames }, start, len, access)?;
+    crate::arch::cpu::flush_tlb();
+    Ok(())
 }
 
 /// Allocates `pages` of stack with an unmapped guard page below them and
@@ -209,7 +219,10 @@ pub fn alloc_guarded_stack(pages: u64) -> Option<u64> {
     let base = frames.alloc(pages + 1, 1)?;
     zero_frames(base + PAGE, pages);
     let mut space = KERNEL_SPACE.lock();
-    space.as_mut()?.unmap_page(base, frames).ok()?;
+    space
+        .as_mut()?
+        .unmap(&mut Tables { frames }, base, PAGE)
+        .ok()?;
     crate::arch::cpu::flush_page(base);
     Some(base + (pages + 1) * PAGE)
 }
@@ -272,6 +285,8 @@ pub fn alloc_permanent<T>(value: T) -> Option<&'static mut T> {
 pub struct CpuStacks {
     /// Top of the main stack.
     pub main: u64,
+    /// Top of the crash stack: the crash path's, off the NMI stack.
+    pub crash: u64,
     /// The GDT and TSS whose IST slots point at the interrupt stacks.
     pub tables: &'static DescriptorTables,
 }
@@ -282,23 +297,25 @@ pub fn alloc_cpu_stacks() -> Option<CpuStacks> {
     let nmi = alloc_guarded_stack(INTERRUPT_STACK_PAGES)?;
     let double_fault = alloc_guarded_stack(INTERRUPT_STACK_PAGES)?;
     let machine_check = alloc_guarded_stack(INTERRUPT_STACK_PAGES)?;
+    let crash = alloc_guarded_stack(CRASH_STACK_PAGES)?;
     let tables = alloc_permanent(DescriptorTables::new(nmi, double_fault, machine_check))?;
-    Some(CpuStacks { main, tables })
+    Some(CpuStacks {
+        main,
+        crash,
+        tables,
+    })
 }
 
 /// Gives the boot CPU guarded main and interrupt stacks and its own GDT and
 /// TSS (recorded with `record_tables`), then continues in `next` on the new
 /// stack.
-pub fn switch_to_guarded_stacks(
-    record_tables: impl FnOnce(&'static DescriptorTables),
-    next: fn() -> !,
-) -> ! {
+pub fn switch_to_guarded_stacks(record_tables: impl FnOnce(&CpuStacks), next: fn() -> !) -> ! {
     let Some(stacks) = alloc_cpu_stacks() else {
         log::error!("out of memory for the boot CPU's stacks and GDT");
         crate::console::finish::fail_stop();
     };
     stacks.tables.load();
-    record_tables(stacks.tables);
+    record_tables(&stacks);
     log::debug!("boot CPU on its guarded stack at {:#x}", stacks.main);
     phys::switch_to_stack(stacks.main, next)
 }

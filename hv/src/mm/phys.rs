@@ -7,12 +7,12 @@
 //!
 //! - **Memory the kernel owns** (frames from the frame allocator, the
 //!   crash reservation, the stacks): written only by the code that
-//!   allocated it, through [`write`], [`fill`], [`with_bytes_mut`] or the
+//!   allocated it, through [`write()`], [`fill`], [`with_bytes_mut`] or the
 //!   typed placements [`place`] and [`place_slice_with`].
 //! - **Memory nobody writes while the kernel runs** (the loader's
 //!   structures and boot modules, kept out of the allocator; firmware
 //!   tables; the old kernel's memory in capture mode; the kernel's own
-//!   image): read through [`read`] and [`c_string`].
+//!   image): read through [`read`].
 //! - **Page tables** of the kernel's address space: read and written only
 //!   by `mm::paging`, through [`table_entry`] and [`set_table_entry`].
 //! - **Guest RAM** (frames the kernel gave a running guest, whose vCPUs
@@ -37,25 +37,6 @@ pub fn read(start: u64, len: u64) -> &'static [u8] {
     unsafe { core::slice::from_raw_parts(start as *const u8, len as usize) }
 }
 
-/// The NUL-terminated string at `address`, at most `max` bytes, without
-/// its NUL (empty for address 0 or when no NUL comes within `max`).
-pub fn c_string(address: u64, max: usize) -> &'static [u8] {
-    if address == 0 {
-        return &[];
-    }
-    let mut len = 0;
-    while len < max {
-        // SAFETY: (1) identity-mapped loader memory (module docs); (2)
-        // read byte by byte, never past the NUL or `max`.
-        let byte = unsafe { core::ptr::read((address + len as u64) as *const u8) };
-        if byte == 0 {
-            return read(address, len as u64);
-        }
-        len += 1;
-    }
-    &[]
-}
-
 /// Copies `bytes` to `start`, in memory the kernel owns.
 pub fn write(start: u64, bytes: &[u8]) {
     // SAFETY: (1) identity-mapped memory the caller owns (module docs);
@@ -66,7 +47,7 @@ pub fn write(start: u64, bytes: &[u8]) {
 
 /// Sets `len` bytes at `start` to `byte`, in memory the kernel owns.
 pub fn fill(start: u64, len: u64, byte: u8) {
-    // SAFETY: identity-mapped memory the caller owns (module docs).
+    // SAFETY: (1) identity-mapped memory the caller owns (module docs).
     unsafe { core::ptr::write_bytes(start as *mut u8, byte, len as usize) };
 }
 
@@ -92,24 +73,81 @@ pub fn read_guest(start: u64, buffer: &mut [u8]) {
 /// Copies `bytes` into guest RAM at `start` (module docs: guest RAM).
 pub fn write_guest(start: u64, bytes: &[u8]) {
     for (offset, byte) in bytes.iter().enumerate() {
-        // SAFETY: as in `read_guest`; the guest owns the contents, so a
-        // racing write of its own only decides which value stays.
+        // SAFETY: (1) identity-mapped RAM the kernel allocated to a guest
+        // (caller); (2) the guest owns the contents, so a racing write of
+        // its own only decides which value stays.
         unsafe { core::ptr::write_volatile((start + offset as u64) as *mut u8, *byte) };
     }
+}
+
+/// Reads a 64-bit device register (memory-mapped I/O below 4 GiB, which
+/// the kernel maps uncached where it is not RAM).
+pub fn mmio_read_u64(address: u64) -> u64 {
+    // SAFETY: (1) mapped and uncached (above); (2) the caller names a
+    // device register, 8-byte aligned, whose read changes no memory Rust
+    // knows about; (3) volatile, so it happens each time, in order.
+    unsafe { core::ptr::read_volatile(address as *const u64) }
+}
+
+/// Writes a 64-bit device register (as [`mmio_read_u64`]), for a device
+/// the kernel alone programs.
+pub fn mmio_write_u64(address: u64, value: u64) {
+    // SAFETY: (1) mapped and uncached below 4 GiB; (2) the caller names a
+    // device register, 8-byte aligned, of a device the kernel alone
+    // programs; (3) volatile, so the write happens once, in order.
+    unsafe { core::ptr::write_volatile(address as *mut u64, value) };
+}
+
+/// The ACPI tables' timers: the PM timer's block from the FADT and the
+/// HPET's register base from the HPET table, read through the `acpi`
+/// crate (which checks each table's signature and checksum) from the
+/// checked bytes by `hv_core::tsc`'s host-tested readers. `rsdp` is an
+/// RSDP the MADT reader accepted.
+pub fn acpi_timers(rsdp: u64) -> (Option<hv_core::tsc::PmTimerBlock>, Option<u64>) {
+    let Ok(rsdp) = usize::try_from(rsdp) else {
+        return (None, None);
+    };
+    // SAFETY: (1) the handler maps what the crate asks for through the
+    // identity map, and nothing writes the tables (module docs); (2) the
+    // RSDP and its root table were checked by the MADT reader, whose
+    // lengths the crate trusts.
+    let Ok(tables) = (unsafe { ::acpi::AcpiTables::from_rsdp(acpi_handler(), rsdp) }) else {
+        return (None, None);
+    };
+    let pm_timer = tables
+        .find_table::<::acpi::fadt::Fadt>()
+        .ok()
+        .and_then(|fadt| hv_core::tsc::pm_timer_from_fadt(mapped_table(&fadt)));
+    let hpet = tables
+        .find_table::<::acpi::hpet::HpetTable>()
+        .ok()
+        .and_then(|hpet| hv_core::tsc::hpet_base_from_table(mapped_table(&hpet)));
+    (pm_timer, hpet)
+}
+
+/// The bytes of a table the `acpi` crate found and checksummed.
+fn mapped_table<T>(mapping: &::acpi::PhysicalMapping<smp_boot::madt::IdentityMapped, T>) -> &[u8] {
+    read(
+        mapping.virtual_start().as_ptr() as u64,
+        mapping.region_length() as u64,
+    )
 }
 
 /// Entry `index` of the page table at `table`.
 pub(super) fn table_entry(table: u64, index: usize) -> u64 {
     debug_assert!(index < 512);
-    // SAFETY: `table` is a page-table frame of the kernel's (module docs),
-    // 4 KiB aligned, and `index` < 512.
+    // SAFETY: (1) `table` is a page-table frame of the kernel's (module docs), 4 KiB aligned, and
+    // `index` < 512.
     unsafe { core::ptr::read_volatile((table as *const u64).add(index)) }
 }
 
 /// Sets entry `index` of the page table at `table`.
 pub(super) fn set_table_entry(table: u64, index: usize, value: u64) {
     debug_assert!(index < 512);
-    // SAFETY: as in `table_entry`; only `mm::paging` writes tables.
+    // SAFETY: (1) `table` is a page-table frame of the kernel's (module
+    // docs), 4 KiB aligned, and `index` < 512; (2) only `mm::paging` writes
+    // tables, one aligned store at a time, so a walker sees the old or the
+    // new entry.
     unsafe { core::ptr::write_volatile((table as *mut u64).add(index), value) };
 }
 
@@ -118,7 +156,7 @@ pub(super) fn set_table_entry(table: u64, index: usize, value: u64) {
 /// `mm` calls this only with tables that identity-map everything the
 /// kernel uses, with the same translations as before.
 pub(super) fn activate_page_tables(pml4: u64) {
-    // SAFETY: guaranteed by the caller (above).
+    // SAFETY: (1) guaranteed by the caller (above).
     unsafe { crate::arch::cpu::write_cr3(pml4) };
 }
 
@@ -126,8 +164,8 @@ pub(super) fn activate_page_tables(pml4: u64) {
 ///
 /// `mm` calls this only with the top of a fresh guarded stack.
 pub(super) fn switch_to_stack(top: u64, next: fn() -> !) -> ! {
-    // SAFETY: the top of a fresh, mapped, 16-byte aligned stack nothing
-    // else uses; `next` never returns, so the old stack is dead.
+    // SAFETY: (1) the top of a fresh, mapped, 16-byte aligned stack nothing else uses; (2) `next`
+    // never returns, so the old stack is dead.
     unsafe { crate::arch::cpu::switch_stack(top, next) }
 }
 
@@ -135,9 +173,19 @@ pub(super) fn switch_to_stack(top: u64, next: fn() -> !) -> ! {
 ///
 /// `mm` calls this only with the top of a fresh guarded stack.
 pub(super) fn call_on_stack(top: u64, function: extern "C" fn()) {
-    // SAFETY: the top of a fresh, mapped, 16-byte aligned stack nothing
-    // else uses (caller), which the call leaves before it returns.
+    // SAFETY: (1) the top of a fresh, mapped, 16-byte aligned stack nothing
+    // else uses (caller); (2) the call leaves it before it returns.
     unsafe { crate::arch::stack::call_on_stack(top, function) }
+}
+
+/// Continues in `next` on the crash stack whose top is `top`, with a copy
+/// of `value` on it. Only the crash path calls this, once per CPU, with
+/// that CPU's own crash stack (fresh and guarded at bring-up, used by
+/// nothing else).
+pub fn run_on_crash_stack<T: Copy>(top: u64, value: &T, next: fn(&T) -> !) -> ! {
+    // SAFETY: (1) the top of this CPU's crash stack (above), 16-byte aligned, mapped, nothing else
+    // on it; (2) `next` never returns.
+    unsafe { crate::arch::cpu::switch_stack_with(top, value, next) }
 }
 
 /// Moves `value` into fresh frames at `frame` (owned, zeroed, page-aligned
@@ -164,10 +212,12 @@ pub(super) fn place_slice_with<T>(
     let pointer = frame as *mut T;
     for index in 0..len {
         let value = make(index);
-        // SAFETY: as in `place`, with room for `len` elements.
+        // SAFETY: (1) the frames are fresh from the allocator, identity-
+        // mapped, page-aligned and nobody else's; (2) there is room for
+        // `len` elements, so element `index` is inside them.
         unsafe { pointer.add(index).write(value) };
     }
-    // SAFETY: every element was initialized above; never freed.
+    // SAFETY: (1) every element was initialized above; (2) never freed.
     unsafe { core::slice::from_raw_parts_mut(pointer, len) }
 }
 
@@ -175,9 +225,9 @@ pub(super) fn place_slice_with<T>(
 pub fn multiboot2(
     address: u64,
 ) -> Result<multiboot2::BootInformation<'static>, multiboot2::LoadError> {
-    // SAFETY: `address` is what GRUB passed in EBX; the structure is loader
-    // memory nobody writes (module docs), and the crate validates its
-    // sizes and tags before handing out views of it.
+    // SAFETY: (1) `address` is what GRUB passed in EBX; (2) the structure is loader memory nobody
+    // writes (module docs), and the crate validates its sizes and tags before handing out views of
+    // it.
     unsafe {
         multiboot2::BootInformation::load(address as *const multiboot2::BootInformationHeader)
     }
@@ -185,59 +235,76 @@ pub fn multiboot2(
 
 /// The ACPI handler that reads firmware tables through the identity map.
 pub fn acpi_handler() -> smp_boot::madt::IdentityMapped {
-    // SAFETY: the kernel identity-maps the first 4 GiB and all RAM, and
-    // nothing writes the firmware's tables (module docs).
+    // SAFETY: (1) the kernel identity-maps the first 4 GiB and all RAM, and nothing writes the
+    // firmware's tables (module docs).
     unsafe { smp_boot::madt::IdentityMapped::new() }
 }
 
 /// Reads the MADT through the RSDP at `rsdp` (0: none known).
 pub fn read_madt(rsdp: u64) -> Result<smp_boot::madt::Topology, smp_boot::madt::MadtError> {
-    // SAFETY: as in `acpi_handler`; `rsdp` is where the loader or the BIOS
-    // search found the RSDP, and `discover` validates what it reads.
+    // SAFETY: (1) the handler maps tables through the identity map of the
+    // first 4 GiB and all RAM, and nothing writes them; (2) `rsdp` is where
+    // the loader or the BIOS search found the RSDP, and `discover`
+    // validates what it reads.
     unsafe { smp_boot::madt::discover(acpi_handler(), rsdp) }
 }
 
 /// Finds the ACPI RSDP in the BIOS areas (EBDA and 0xE0000..0x100000).
 pub fn find_rsdp_in_bios() -> Option<u64> {
-    // SAFETY: as in `acpi_handler`; the BIOS areas lie in the first MiB.
+    // SAFETY: (1) the handler maps through the identity map, and nothing
+    // writes the BIOS areas; (2) they lie in the first MiB, always mapped.
     unsafe { smp_boot::madt::find_rsdp_bios(acpi_handler()) }
 }
 
-/// A permanent allocation handed to exactly one taker, once: crash-time
-/// buffers are made at boot and taken by the one CPU that needs them,
-/// without a lock.
+/// A permanent allocation that one CPU claims for good: crash-time
+/// buffers are made at boot and claimed by the CPU that coordinates the
+/// crash, without a lock. That CPU may claim it again: the crash path
+/// re-enters the hand-over after a panic inside it, and never returns into
+/// the interrupted attempt, whose borrow is dead from then on.
 #[derive(Debug)]
-pub struct TakeOnce<T: 'static> {
+pub struct ClaimOnce<T: 'static> {
     value: AtomicPtr<T>,
+    owner: core::sync::atomic::AtomicU32,
 }
 
-// SAFETY: the value moves to whichever CPU takes it, once; `T: Send` makes
-// that move sound.
-unsafe impl<T: Send + 'static> Sync for TakeOnce<T> {}
+const NO_OWNER: u32 = u32::MAX;
 
-impl<T: 'static> TakeOnce<T> {
+// SAFETY: (1) the value moves to the one CPU that claims it; (2) `T: Send` makes that move sound.
+unsafe impl<T: Send + 'static> Sync for ClaimOnce<T> {}
+
+impl<T: 'static> ClaimOnce<T> {
     /// Empty.
     pub const fn new() -> Self {
         Self {
             value: AtomicPtr::new(core::ptr::null_mut()),
+            owner: core::sync::atomic::AtomicU32::new(NO_OWNER),
         }
     }
 
-    /// Stores the allocation (once; a second put replaces nothing taken).
+    /// Stores the allocation (at boot, before anyone claims it).
     pub fn put(&self, value: &'static mut T) {
         self.value.store(value, Ordering::Release);
     }
 
-    /// The allocation, to the first caller only.
-    pub fn take(&self) -> Option<&'static mut T> {
-        let pointer = self.value.swap(core::ptr::null_mut(), Ordering::AcqRel);
-        // SAFETY: a non-null pointer came from the `&'static mut` given to
-        // `put`, and the swap hands it to exactly one caller.
-        (!pointer.is_null()).then(|| unsafe { &mut *pointer })
+    /// The allocation, to the first CPU that asks and to it alone after.
+    pub fn claim(&self, cpu: u32) -> Option<&'static mut T> {
+        let owner =
+            match self
+                .owner
+                .compare_exchange(NO_OWNER, cpu, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => cpu,
+                Err(owner) => owner,
+            };
+        let pointer = self.value.load(Ordering::Acquire);
+        // SAFETY: (1) a non-null pointer came from the `&'static mut` given
+        // to `put`; (2) only its owner gets it, and an owner that claims it
+        // again has abandoned its earlier borrow (type docs).
+        (owner == cpu && !pointer.is_null()).then(|| unsafe { &mut *pointer })
     }
 }
 
-impl<T: 'static> Default for TakeOnce<T> {
+impl<T: 'static> Default for ClaimOnce<T> {
     fn default() -> Self {
         Self::new()
     }

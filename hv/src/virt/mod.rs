@@ -1,7 +1,8 @@
 //! Virtualization: guests on every core, behind one [`Backend`] trait.
 //!
-//! - [`vmx`]: the VMX backend (VMCS, EPT); the SVM backend will sit beside
-//!   it behind the same trait.
+//! - [`vmx`]: the VMX backend (VMCS, EPT).
+//! - [`svm`]: the SVM backend (VMCB, nested paging, ASIDs), chosen at run
+//!   time where the CPU has SVM and no VMX ([`select`]).
 //! - [`vcpu`]: the vCPUs and their contexts.
 //! - [`sched`]: the run queue that moves vCPUs between cores every slice,
 //!   with the loaded-VMCS list protocol (`crash::records`) on every move.
@@ -22,8 +23,11 @@ use hv_devices::msr::GuestStateMsr;
 use hv_devices::platform::InterruptState;
 use smp_boot::madt::MAX_CPUS;
 
+use crate::boot::info::BootInfo;
+
 pub mod guest;
 pub mod sched;
+pub mod svm;
 pub mod test_guest;
 pub mod vcpu;
 pub mod vmx;
@@ -44,6 +48,17 @@ pub struct Context {
 pub trait Backend {
     /// The name in reports (`virt.backend`): "vmx", "svm".
     const NAME: &'static str;
+    /// Whether a host NMI that made a guest exit is still pending after
+    /// the exit and reaches the host's handler by itself once the backend
+    /// unblocks it (SVM: at STGI, inside [`enter`](Self::enter)); else
+    /// the exit swallowed it and the scheduler runs the handler (VMX).
+    const NMI_DELIVERED_AFTER_EXIT: bool = false;
+    /// The report's word for a guest stopped by a nested page fault.
+    const NESTED_PAGE_FAULT: &'static str = "ept_violation";
+    /// The backend's platform-guest entry points, if it has the glue to
+    /// run real guest kernels ([`PlatformBackend`]); `None`: only the
+    /// in-tree guest runs on it.
+    const PLATFORM: Option<PlatformOps> = None;
     /// Why guests cannot run.
     type Error: core::fmt::Display + core::fmt::Debug + Copy;
     /// The instructions that make a context current on a CPU and clear it
@@ -216,12 +231,101 @@ pub trait PlatformBackend: Backend {
     fn set_code_and_stack(cs: &SegmentState, ss: &SegmentState);
 }
 
+/// The platform-guest entry points of a backend that implements
+/// [`PlatformBackend`], as plain functions monomorphized for it
+/// ([`PlatformOps::of`]). Code generic over any [`Backend`] (the
+/// scheduler, the boot sequence) reaches platform guests through these,
+/// so it needs no `PlatformBackend` bound: a backend without platform
+/// glue (SVM, for now) has [`Backend::PLATFORM`] `None`.
+#[derive(Debug, Clone, Copy)]
+pub struct PlatformOps {
+    /// Creates the guests the boot modules define (`guest::create_all`).
+    pub create_guests:
+        fn(boot: &'static BootInfo, options: &hv_core::cmdline::Options) -> guest::Created,
+    /// Makes vCPU `number` of guest `guest` (`vcpu::make_platform`).
+    pub make_vcpu: fn(guest: usize, number: usize) -> vcpu::Vcpu,
+    /// Fills in a platform vCPU's context the first time it is loaded
+    /// (`vcpu::init_platform`).
+    pub init_vcpu: fn(context: &Context, platform: vcpu::PlatformVcpu),
+    /// Runs one slice of platform vCPU `index` (`sched::run_platform_slice`).
+    pub run_slice: fn(
+        index: usize,
+        platform: vcpu::PlatformVcpu,
+        local: &mut vcpu::VcpuLocal,
+    ) -> sched::SliceEnd,
+}
+
+impl PlatformOps {
+    /// The entry points of backend `B`.
+    pub const fn of<B: PlatformBackend>() -> Self {
+        Self {
+            create_guests: guest::create_all::<B>,
+            make_vcpu: vcpu::make_platform::<B>,
+            init_vcpu: vcpu::init_platform::<B>,
+            run_slice: sched::run_platform_slice::<B>,
+        }
+    }
+}
+
+/// The backend that runs guests on this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selected {
+    /// VMX (Intel, Bochs, nested KVM on Intel).
+    Vmx,
+    /// SVM (AMD, QEMU TCG's `-cpu max`).
+    Svm,
+}
+
+/// Why no backend runs guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// Neither backend can run on this CPU.
+    Neither {
+        /// Why not VMX.
+        vmx: vmx::VmxError,
+        /// Why not SVM.
+        svm: svm::SvmError,
+    },
+    /// VMX was chosen but no CPU entered VMX root operation.
+    Vmx(vmx::VmxError),
+    /// SVM was chosen but no CPU enabled it.
+    Svm(svm::SvmError),
+}
+
+impl core::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Neither {
+                vmx: vmx::VmxError::NotSupported,
+                svm: svm::SvmError::NotSupported,
+            } => write!(f, "the CPU has neither VMX nor SVM"),
+            Self::Neither { vmx, svm } => write!(f, "vmx: {vmx}; svm: {svm}"),
+            Self::Vmx(error) => write!(f, "vmx: {error}"),
+            Self::Svm(error) => write!(f, "svm: {error}"),
+        }
+    }
+}
+
+/// Chooses the backend from what the CPU offers: VMX wherever it has it,
+/// else SVM, else none (then the hypervisor runs without guests).
+pub fn select() -> Result<Selected, Unavailable> {
+    use vmx::backend::Vmx;
+    match <Vmx as Backend>::check() {
+        Ok(()) => Ok(Selected::Vmx),
+        Err(vmx) => match <svm::backend::Svm as Backend>::check() {
+            Ok(()) => Ok(Selected::Svm),
+            Err(svm) => Err(Unavailable::Neither { vmx, svm }),
+        },
+    }
+}
+
 /// What the virtualization layer keeps per CPU.
 #[derive(Debug)]
 pub struct VirtCpu {
-    /// Whether the backend is enabled on this CPU (VMX root operation).
+    /// Whether the backend is enabled on this CPU (VMX root operation,
+    /// EFER.SVME).
     pub enabled: AtomicBool,
-    /// The backend's per-CPU region (VMXON region).
+    /// The backend's per-CPU region (VMXON region, SVM host save area).
     pub region: AtomicU64,
     /// VM exits this CPU handled.
     pub vm_exits: AtomicU64,

@@ -25,6 +25,11 @@
 //!
 //! Idle cores halt with their APIC timer armed at the earliest timer of a
 //! parked vCPU or a platform ([`service_timers`]).
+//!
+//! Everything here is generic over any [`Backend`]: the in-tree guest runs
+//! on every backend. A platform vCPU carries its backend's
+//! [`PlatformOps`] (made only by a backend that implements
+//! `PlatformBackend`), through which it is initialised and run.
 
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
@@ -43,10 +48,10 @@ use super::guest::glue::NativeCpuid;
 use super::guest::{self, KernelStop};
 use super::vcpu::sched_state::{DONE, PARKED, QUEUED, RUNNING as ON_CORE};
 use super::vcpu::{self, Knobs, MAX_VCPUS, NO_CPU, PlatformVcpu, Vcpu, VcpuLocal};
-use super::{Injection, PlatformBackend, test_guest};
+use super::{Backend, Injection, PlatformBackend, PlatformOps, test_guest};
 use crate::arch::cpu;
 use crate::arch::{apic, apic_timer, xsave};
-use crate::cpu::{ipi, percpu, smp, time};
+use crate::cpu::{ipi, percpu, smp, time, watchdog};
 use crate::crash::records::{self, LISTS};
 use crate::crash::{self as crash_path, inject};
 use crate::mm;
@@ -69,6 +74,11 @@ pub struct Settings {
     pub knobs: Knobs,
     /// Whether the crash hypercall is honoured.
     pub crash_hypercall_allowed: bool,
+    /// Whether the guests keep running on the other cores once the boot
+    /// CPU leaves the boot run (an injected crash is to come, see
+    /// [`run_until_crash`]). Only for the in-tree guest: platform guests
+    /// run until they stop, and a crash during them fires in the run.
+    pub keep_running: bool,
 }
 
 static VCPUS: spin::Once<&'static [Vcpu]> = spin::Once::new();
@@ -83,12 +93,18 @@ static SLICE_US: AtomicU64 = AtomicU64::new(2000);
 static CORES_DONE: AtomicUsize = AtomicUsize::new(0);
 static STOPPED: AtomicUsize = AtomicUsize::new(0);
 static CRASH_HYPERCALL: AtomicBool = AtomicBool::new(false);
+/// Cores take a vCPU already loaded on them first (the run until a
+/// crash, [`run_until_crash`]).
+static AFFINITY: AtomicBool = AtomicBool::new(false);
 /// Cores halted in [`idle_wait`], waiting for a kick.
 static IDLE: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
 /// The TSC by which [`service_timers`] must run next.
 static TIMER_DUE: AtomicU64 = AtomicU64::new(u64::MAX);
 /// vCPU loads on a core other than the one that last had it.
 pub static MIGRATIONS: AtomicU64 = AtomicU64::new(0);
+/// Slices the backend's timer ended (VMX-preemption timer, SVM's APIC
+/// timer).
+static PREEMPTIONS: AtomicU64 = AtomicU64::new(0);
 /// Kick IPIs sent.
 pub static KICKS: AtomicU64 = AtomicU64::new(0);
 
@@ -115,6 +131,19 @@ impl RunQueue {
             self.slots[(self.head + self.len) % MAX_VCPUS] = index as u16;
             self.len += 1;
         }
+    }
+
+    /// Takes the first queued vCPU for which `wanted` holds, if any.
+    fn take_first(&mut self, wanted: impl Fn(usize) -> bool) -> Option<usize> {
+        let position = (0..self.len)
+            .find(|&offset| wanted(usize::from(self.slots[(self.head + offset) % MAX_VCPUS])))?;
+        let index = self.slots[(self.head + position) % MAX_VCPUS];
+        for offset in position..self.len - 1 {
+            self.slots[(self.head + offset) % MAX_VCPUS] =
+                self.slots[(self.head + offset + 1) % MAX_VCPUS];
+        }
+        self.len -= 1;
+        Some(usize::from(index))
     }
 
     fn pop(&mut self) -> Option<usize> {
@@ -165,7 +194,7 @@ fn create(count: usize, make: impl FnMut(usize) -> Vcpu) -> usize {
 
 /// Clears vCPU `index`'s context and unlinks it, on the calling CPU, which
 /// holds it (call-function IPI from the CPU that wants it).
-fn clear_here<B: PlatformBackend>(index: usize) {
+fn clear_here<B: Backend>(index: usize) {
     let vcpu = &vcpus()[index];
     let Some(id) = vcpu.shared.list_id else {
         return;
@@ -180,7 +209,7 @@ fn clear_here<B: PlatformBackend>(index: usize) {
 
 /// Makes vCPU `index` current on this CPU, taking it from another CPU
 /// first if needed, and refreshes the host state.
-fn load_here<B: PlatformBackend>(index: usize, local: &mut VcpuLocal) -> bool {
+fn load_here<B: Backend>(index: usize, local: &mut VcpuLocal) -> bool {
     let vcpu = &vcpus()[index];
     let Some(id) = vcpu.shared.list_id else {
         return false;
@@ -226,13 +255,7 @@ fn load_here<B: PlatformBackend>(index: usize, local: &mut VcpuLocal) -> bool {
                 test_guest::LOAD_ADDRESS,
                 test_guest::STACK_TOP,
             ),
-            Some(platform) => {
-                let info = guest::info(platform.guest);
-                B::init_platform_vcpu(&vcpu.shared.context, platform.aux, &info.features);
-                if platform.number == 0 {
-                    B::load_multiboot_entry(&info.entry);
-                }
-            }
+            Some(platform) => (platform.ops.init_vcpu)(&vcpu.shared.context, platform),
         }
         local.initialized = true;
     }
@@ -264,7 +287,7 @@ pub fn running() -> bool {
 }
 
 /// What became of a vCPU after its slice.
-enum SliceEnd {
+pub enum SliceEnd {
     /// Back to the queue.
     Requeue,
     /// Parked (its state says so already): nothing to do.
@@ -275,19 +298,45 @@ enum SliceEnd {
     Busy,
 }
 
-/// Runs guests on this core until the run ends, then checks out.
-pub fn run_loop<B: PlatformBackend>() {
+/// The vCPU this core runs next: the head of the queue, or with
+/// [`AFFINITY`] the first one already loaded here (else the head).
+fn next_vcpu(cpu: usize) -> Option<usize> {
+    let mut queue = RUN_QUEUE.lock();
+    if AFFINITY.load(Ordering::Relaxed) {
+        let loaded_here = |index: usize| {
+            vcpus()[index]
+                .shared
+                .list_id
+                .is_some_and(|id| LISTS.loaded_on(id) == Ok(Some(cpu)))
+        };
+        if let Some(index) = queue.take_first(loaded_here) {
+            return Some(index);
+        }
+    }
+    queue.pop()
+}
+
+/// Runs guests on this core until the run ends (the in-tree guest's
+/// deadline, or the last platform vCPU retired), then checks out.
+pub fn run_loop<B: Backend>() {
+    run_loop_until::<B>(|| DEADLINE_US.load(Ordering::Relaxed));
+    CORES_DONE.fetch_add(1, Ordering::AcqRel);
+}
+
+/// Runs guests on this core while the run is on, until `deadline()`.
+fn run_loop_until<B: Backend>(deadline: impl Fn() -> u64) {
     let me = percpu::current_cpu_index() as usize;
     if !super::cpu(me).enabled.load(Ordering::Acquire) {
-        CORES_DONE.fetch_add(1, Ordering::AcqRel);
         return;
     }
     let platform = PLATFORM_GUESTS.load(Ordering::Acquire);
-    while running() && (platform || time::now_us() < DEADLINE_US.load(Ordering::Relaxed)) {
-        inject::check_time();
-        service_timers();
-        let next = RUN_QUEUE.lock().pop();
+    while running() && time::now_us() < deadline() {
+        if platform {
+            service_timers();
+        }
+        let next = next_vcpu(me);
         let Some(index) = next else {
+            inject::check_time();
             if platform {
                 idle_wait();
             }
@@ -306,11 +355,10 @@ pub fn run_loop<B: PlatformBackend>() {
         }
         cpu::interrupt_window();
     }
-    CORES_DONE.fetch_add(1, Ordering::AcqRel);
 }
 
 /// The idle work of every CPU: join the guest run once, when it is on.
-pub fn join_run<B: PlatformBackend>(cpu: usize) {
+pub fn join_run<B: Backend>(cpu: usize) {
     if running() && !super::cpu(cpu).joined.swap(true, Ordering::AcqRel) {
         // Guests run with interrupts off between explicit windows.
         crate::arch::cpu::disable_interrupts();
@@ -357,9 +405,23 @@ fn idle_wait() {
         .load(Ordering::Acquire)
         .min(now.saturating_add(time::us_to_tsc(IDLE_MAX_US)));
     if apic_timer::has_tsc_deadline() {
-        apic_timer::arm(KICK_VECTOR, wake);
+        // With the lockup detector on, the APIC timer is its periodic
+        // tick. While this core halts the timer is its alarm clock
+        // instead, ringing on the tick's vector (a wake is a tick: a
+        // heartbeat and a look at the other CPUs); the periodic tick is
+        // back before the core runs guests again.
+        let ticking = watchdog::threshold_us() > 0;
+        let vector = if ticking {
+            watchdog::TICK_VECTOR
+        } else {
+            KICK_VECTOR
+        };
+        apic_timer::arm(vector, wake);
         cpu::wait_for_interrupt();
         cpu::disable_interrupts();
+        if ticking {
+            watchdog::tick_here(0);
+        }
     } else {
         // No alarm clock: look again soon.
         while cpu::rdtsc() < wake.min(now + time::us_to_tsc(100))
@@ -555,7 +617,7 @@ struct ExitedGuest<'a, B> {
     backend: core::marker::PhantomData<B>,
 }
 
-impl<B: PlatformBackend> exits::Guest for ExitedGuest<'_, B> {
+impl<B: Backend> exits::Guest for ExitedGuest<'_, B> {
     fn registers(&mut self) -> &mut GuestRegisters {
         self.registers
     }
@@ -566,7 +628,7 @@ impl<B: PlatformBackend> exits::Guest for ExitedGuest<'_, B> {
 }
 
 /// Runs one slice of vCPU `index`.
-fn run_slice<B: PlatformBackend>(index: usize) -> SliceEnd {
+fn run_slice<B: Backend>(index: usize) -> SliceEnd {
     let vcpu = &vcpus()[index];
     if let Some(platform) = vcpu.shared.platform
         && guest::is_stopped(platform.guest)
@@ -582,12 +644,12 @@ fn run_slice<B: PlatformBackend>(index: usize) -> SliceEnd {
     }
     match vcpu.shared.platform {
         None => run_test_slice::<B>(index, &mut local),
-        Some(platform) => run_platform_slice::<B>(index, platform, &mut local),
+        Some(platform) => (platform.ops.run_slice)(index, platform, &mut local),
     }
 }
 
 /// A slice of the in-tree test guest.
-fn run_test_slice<B: PlatformBackend>(index: usize, local: &mut VcpuLocal) -> SliceEnd {
+fn run_test_slice<B: Backend>(index: usize, local: &mut VcpuLocal) -> SliceEnd {
     let vcpu = &vcpus()[index];
     let cpu = percpu::current_cpu_index() as usize;
     let slice_us = SLICE_US.load(Ordering::Relaxed);
@@ -595,6 +657,9 @@ fn run_test_slice<B: PlatformBackend>(index: usize, local: &mut VcpuLocal) -> Sl
     loop {
         let launched = local.launched;
         let exit = B::enter(&mut local.registers, launched, slice_us);
+        if exit == exits::Exit::Preempted {
+            PREEMPTIONS.fetch_add(1, Ordering::Relaxed);
+        }
         if !matches!(exit, exits::Exit::EntryFailed { .. }) {
             local.launched = true;
             vcpu.shared.exits.fetch_add(1, Ordering::Relaxed);
@@ -624,7 +689,9 @@ fn run_test_slice<B: PlatformBackend>(index: usize, local: &mut VcpuLocal) -> Sl
             // A host NMI arrived in the guest: hand it to the hypervisor's
             // own handler, as if it came now.
             Action::HostNmi => {
-                cpu::run_nmi_handler();
+                if !B::NMI_DELIVERED_AFTER_EXIT {
+                    crash_path::nmi::as_guest_exit(cpu, cpu::run_nmi_handler);
+                }
                 false
             }
             Action::HostInterrupts => {
@@ -758,7 +825,7 @@ fn prepare_entry<B: PlatformBackend>(
 /// A slice of a platform vCPU: its extended state and CR2 come onto the
 /// core, it runs until the slice ends, it parks or its guest stops, and
 /// they go back.
-fn run_platform_slice<B: PlatformBackend>(
+pub(super) fn run_platform_slice<B: PlatformBackend>(
     index: usize,
     platform: PlatformVcpu,
     local: &mut VcpuLocal,
@@ -779,6 +846,11 @@ fn run_platform_slice<B: PlatformBackend>(
         let slice_us = deadline.saturating_sub(now) / tsc_per_us;
         let launched = local.launched;
         let exit = B::enter(&mut local.registers, launched, slice_us);
+        // The preemption timer also stands for the vCPU's and platform's
+        // timers here: count only the exits that ended the slice.
+        if exit == exits::Exit::Preempted && cpu::rdtsc() >= slice_end {
+            PREEMPTIONS.fetch_add(1, Ordering::Relaxed);
+        }
         if !matches!(exit, exits::Exit::EntryFailed { .. }) {
             local.launched = true;
             vcpu.shared.exits.fetch_add(1, Ordering::Relaxed);
@@ -816,7 +888,11 @@ fn run_platform_slice<B: PlatformBackend>(
         }
         match outcome {
             Outcome::Resume => {}
-            Outcome::HostNmi => cpu::run_nmi_handler(),
+            Outcome::HostNmi => {
+                if !B::NMI_DELIVERED_AFTER_EXIT {
+                    crash_path::nmi::as_guest_exit(cpu, cpu::run_nmi_handler);
+                }
+            }
             Outcome::HostInterrupts => cpu::interrupt_window(),
             Outcome::Parked => break SliceEnd::Parked,
             Outcome::Stopped => {
@@ -840,7 +916,7 @@ fn run_platform_slice<B: PlatformBackend>(
     end
 }
 
-fn stop<B: PlatformBackend>(index: usize, why: Stop) {
+fn stop<B: Backend>(index: usize, why: Stop) {
     vcpus()[index].mark_stopped();
     STOPPED.fetch_add(1, Ordering::Relaxed);
     let rip = B::guest_rip();
@@ -852,6 +928,10 @@ fn stop<B: PlatformBackend>(index: usize, why: Stop) {
     // `detail`: the exit qualification, the instruction error, or the
     // exit reason, whichever the stop has.
     let (kind, gpa, detail) = why.report();
+    let kind = match why {
+        Stop::NestedPageFault { .. } => B::NESTED_PAGE_FAULT,
+        _ => kind,
+    };
     // Keyed by vCPU, so the reports of several stopped guests merge.
     let mut key = [0u8; 8];
     let key = decimal(index, &mut key);
@@ -882,6 +962,21 @@ fn decimal(mut value: usize, buffer: &mut [u8; 8]) -> &str {
     core::str::from_utf8(&buffer[start..]).unwrap_or("?")
 }
 
+/// How long the boot run may go on past `guest_run_ms` for a core that
+/// has not taken a VM exit yet.
+const RUN_UNTIL_EVERY_CORE_EXITED_US: u64 = 5_000_000;
+
+/// How long the end of the boot run waits for every core to leave it.
+const WIND_DOWN_US: u64 = 5_000_000;
+
+/// Whether every core with the backend enabled has taken a VM exit.
+fn every_core_exited() -> bool {
+    (0..crate::cpu::smp::cpus().len()).all(|index| {
+        let cpu = super::cpu(index);
+        !cpu.enabled.load(Ordering::Acquire) || cpu.vm_exits.load(Ordering::Relaxed) > 0
+    })
+}
+
 /// What the boot-time guest run did.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RunSummary {
@@ -893,6 +988,8 @@ pub struct RunSummary {
     pub exits: u64,
     /// Loads on a different core.
     pub migrations: u64,
+    /// Slices the backend's timer ended.
+    pub preemptions: u64,
     /// Platform guests created (0: the in-tree guest ran).
     pub platform_guests: usize,
 }
@@ -902,11 +999,14 @@ pub struct RunSummary {
 pub enum Guests {
     /// The in-tree test guest, for `run_ms`.
     TestGuest,
-    /// Platform guests (already created by `guest::create_all`), with
-    /// their vCPU count, until every one stopped.
+    /// Platform guests (already created by their backend's
+    /// [`PlatformOps::create_guests`]), with their vCPU count, until every
+    /// one stopped.
     Platform {
         /// Their vCPUs in all.
         vcpus: usize,
+        /// The backend's platform entry points.
+        ops: PlatformOps,
     },
 }
 
@@ -929,7 +1029,7 @@ fn report_vmcses(created: usize) {
 
 /// Runs every vCPU across every core with the backend: the in-tree guest
 /// for `settings.run_ms`, platform guests until they all stopped.
-pub fn run_at_boot<B: PlatformBackend>(settings: &Settings, guests: Guests) -> RunSummary {
+pub fn run_at_boot<B: Backend>(settings: &Settings, guests: Guests) -> RunSummary {
     let cores = super::enabled_cpus();
     let (created, platform_guests) = match guests {
         Guests::TestGuest => {
@@ -948,7 +1048,7 @@ pub fn run_at_boot<B: PlatformBackend>(settings: &Settings, guests: Guests) -> R
             );
             (created, 0)
         }
-        Guests::Platform { vcpus } => {
+        Guests::Platform { vcpus, ops } => {
             let created = create(vcpus, |index| {
                 // The guests' vCPUs are numbered in guest order.
                 let infos = guest::infos();
@@ -956,7 +1056,7 @@ pub fn run_at_boot<B: PlatformBackend>(settings: &Settings, guests: Guests) -> R
                     .iter()
                     .rposition(|info| info.first_vcpu <= index)
                     .unwrap_or(0);
-                vcpu::make_platform::<B>(g, index - infos[g].first_vcpu)
+                (ops.make_vcpu)(g, index - infos[g].first_vcpu)
             });
             if created < vcpus {
                 log::error!("{}: only {created} of {vcpus} guest vCPUs exist", B::NAME);
@@ -975,24 +1075,53 @@ pub fn run_at_boot<B: PlatformBackend>(settings: &Settings, guests: Guests) -> R
     };
     SLICE_US.store(settings.slice_us.max(1), Ordering::Relaxed);
     CRASH_HYPERCALL.store(settings.crash_hypercall_allowed, Ordering::Relaxed);
-    inject::start_clock();
-    DEADLINE_US.store(time::now_us() + settings.run_ms * 1000, Ordering::Relaxed);
+    // No deadline until every core is awake: waking them one by one takes
+    // a while under an emulator. The crash knob's clock starts then too.
+    DEADLINE_US.store(u64::MAX, Ordering::Relaxed);
     guest::start_all();
     note_timer(0);
     RUNNING.store(created > 0, Ordering::Release);
     // Wake the idle APs; each joins from its idle loop.
     let woken = ipi::call_on_all(|_| {}, 0);
-    // This CPU joins with interrupts off, like the others.
+    inject::start_clock();
+    // Platform guests run until the last one stopped (its last vCPU's
+    // retirement ends the run); the in-tree guest for `run_ms`.
+    let end = if platform_guests > 0 {
+        u64::MAX
+    } else {
+        time::now_us() + settings.run_ms * 1000
+    };
+    // The run also goes on (bounded) until every core has run a guest: an
+    // emulator that shares a few host cores among many CPUs can starve one
+    // of them for the whole run.
+    let latest = end.saturating_add(RUN_UNTIL_EVERY_CORE_EXITED_US);
+    // This CPU joins with interrupts off, like the others; it ends the run.
     cpu::disable_interrupts();
     let me = percpu::current_cpu_index() as usize;
     super::cpu(me).joined.store(true, Ordering::Release);
-    run_loop::<B>();
-    let online = woken.max(1);
-    let deadline = time::now_us() + 1_000_000 + settings.slice_us;
-    while CORES_DONE.load(Ordering::Acquire) < online && time::now_us() < deadline {
-        core::hint::spin_loop();
+    run_loop_until::<B>(|| if every_core_exited() { end } else { latest });
+    if !settings.keep_running || platform_guests > 0 {
+        DEADLINE_US.store(0, Ordering::Relaxed);
+        CORES_DONE.fetch_add(1, Ordering::AcqRel);
+        // Bounded: a core stuck for good must not hang the boot (under an
+        // emulator whose CPUs share a few host cores, the last slices can
+        // take a second or more to wind down).
+        let online = woken.max(1);
+        let deadline = time::now_us() + WIND_DOWN_US + settings.slice_us;
+        while CORES_DONE.load(Ordering::Acquire) < online && time::now_us() < deadline {
+            core::hint::spin_loop();
+        }
+        let done = CORES_DONE.load(Ordering::Acquire);
+        if done < online {
+            log::warn!(
+                "{}: {} of {online} cores still in the guest run after {} ms",
+                B::NAME,
+                online - done,
+                WIND_DOWN_US / 1000
+            );
+        }
+        RUNNING.store(false, Ordering::Release);
     }
-    RUNNING.store(false, Ordering::Release);
     cpu::enable_interrupts();
     RunSummary {
         vcpus: created,
@@ -1002,6 +1131,34 @@ pub fn run_at_boot<B: PlatformBackend>(settings: &Settings, guests: Guests) -> R
             .map(|vcpu| vcpu.shared.exits.load(Ordering::Relaxed))
             .sum(),
         migrations: MIGRATIONS.load(Ordering::Relaxed),
+        preemptions: PREEMPTIONS.load(Ordering::Relaxed),
         platform_guests,
     }
+}
+
+/// After the boot report of a run with [`Settings::keep_running`] (the
+/// other cores never stopped): this CPU runs guests again, until the
+/// injected crash comes (it fires on its CPU from the guest loop) or
+/// `limit_us` passes; then the run ends on every core. So the crash's
+/// NMIs find CPUs in guest mode, as a crash in production would.
+///
+/// The slices become `slice_us` long, and with `affinity` each core takes
+/// a vCPU already loaded on it first: a migration makes a core wait for
+/// another to clear the vCPU, which under an emulator whose CPUs share a
+/// few host cores takes milliseconds, and with the boot run's short slices
+/// and strict FIFO most CPUs would be waiting for one another, not running
+/// a guest, when the NMI comes. (A crash at a point of the list protocol
+/// needs the migrations instead: no affinity, short slices.)
+pub fn run_until_crash<B: Backend>(limit_us: u64, slice_us: u64, affinity: bool) {
+    if vcpus().is_empty() || !running() {
+        return;
+    }
+    SLICE_US.store(slice_us.max(1), Ordering::Relaxed);
+    AFFINITY.store(affinity, Ordering::Relaxed);
+    let end = time::now_us().saturating_add(limit_us);
+    cpu::disable_interrupts();
+    run_loop_until::<B>(|| end);
+    DEADLINE_US.store(0, Ordering::Relaxed);
+    RUNNING.store(false, Ordering::Release);
+    cpu::enable_interrupts();
 }

@@ -8,7 +8,7 @@ use hv_abi::hypercall;
 use hv_core::exits::GuestRegisters;
 use spin::Mutex;
 
-use super::{Backend, Context, PlatformBackend, guest, test_guest};
+use super::{Backend, Context, PlatformBackend, PlatformOps, guest, test_guest};
 use crate::crash::records::{self, MAX_VMCS};
 use crate::mm;
 
@@ -49,6 +49,8 @@ pub struct PlatformVcpu {
     /// The page its extended state (x87, SSE, AVX) is saved in while it
     /// is off a core.
     pub xsave_area: u64,
+    /// How the scheduler initialises and runs it: its backend's.
+    pub ops: PlatformOps,
 }
 
 /// No CPU.
@@ -201,6 +203,17 @@ pub fn make<B: Backend>(index: usize, knobs: Knobs) -> Vcpu {
     }
 }
 
+/// Fills in platform vCPU `platform`'s current context the first time it
+/// is loaded: the controls for its guest's features, and for the boot
+/// vCPU the multiboot entry state (APs start at their SIPI).
+pub fn init_platform<B: PlatformBackend>(context: &Context, platform: PlatformVcpu) {
+    let info = guest::info(platform.guest);
+    B::init_platform_vcpu(context, platform.aux, &info.features);
+    if platform.number == 0 {
+        B::load_multiboot_entry(&info.entry);
+    }
+}
+
 /// vCPU `number` of platform guest `guest_index`: a context over the
 /// guest's nested page tables, its extended-state area, a list entry and
 /// record. An empty vCPU when memory or list entries run out.
@@ -256,6 +269,7 @@ pub fn make_platform<B: PlatformBackend>(guest_index: usize, number: usize) -> V
                 number,
                 aux,
                 xsave_area,
+                ops: PlatformOps::of::<B>(),
             }),
         },
         local: Mutex::new(VcpuLocal::new(registers)),

@@ -27,6 +27,11 @@ fn exercise(dump: &CoreDump<'_>) {
     for segment in dump.load_segments() {
         let _ = dump.segment_data(&segment);
     }
+    if let Some(image) = dump.image_notes() {
+        for (mapping, name) in image.files.entries() {
+            let _ = (mapping.start, mapping.end, mapping.file_offset, name.len());
+        }
+    }
     let mut out = vec![0u8; 1 << 16];
     if let Ok(layout) = dump.write_file_header(&mut out) {
         let reread = CoreDump::parse(&out[..layout.len]).expect("our own file header parses");

@@ -81,9 +81,10 @@ pub(crate) fn with_crash_record<R>(f: impl FnOnce(&CrashRecord<'_>) -> R) -> R {
 
 pub(crate) fn write(placement: Placement) -> (Vec<u8>, CoreHeaderLayout) {
     with_crash_record(|record| {
-        let len = core_header_len(3, 2, record.desc_len().unwrap()).unwrap();
+        let len = core_header_len(3, 2, record.desc_len().unwrap(), None).unwrap();
         let mut out = vec![0xEEu8; len];
-        let layout = write_core_header(&mut out, &cpus(), record, &segments(), placement).unwrap();
+        let layout =
+            write_core_header(&mut out, &cpus(), record, &segments(), None, placement).unwrap();
         assert_eq!(layout.len, len);
         (out, layout)
     })
@@ -176,6 +177,7 @@ fn linux_proc_vmcore_sanity_checks_pass() {
     assert_eq!(bytes[4], 2, "ELFCLASS64");
     assert_eq!(bytes[5], 1, "ELFDATA2LSB");
     assert_eq!(bytes[6], 1, "EI_VERSION == EV_CURRENT");
+    assert_eq!(bytes[7], 3, "EI_OSABI: GNU/Linux, for lldb");
     assert_eq!(u32_at(&bytes, 20), Some(1), "e_version == EV_CURRENT");
     assert_eq!(u16_at(&bytes, 52), Some(64), "e_ehsize");
     assert_eq!(u16_at(&bytes, 54), Some(56), "e_phentsize");
@@ -307,9 +309,9 @@ fn header_length_matches_the_sizing_function() {
     with_crash_record(|record| {
         let desc = record.desc_len().unwrap();
         let expected = 64 + 3 * 56 + 3 * (12 + 8 + 336) + (12 + 8 + desc) + 12;
-        assert_eq!(core_header_len(3, 2, desc), Some(expected));
-        assert_eq!(core_header_len(usize::MAX, 0, 0), None);
-        assert_eq!(core_header_len(0, usize::MAX, 0), None);
+        assert_eq!(core_header_len(3, 2, desc, None), Some(expected));
+        assert_eq!(core_header_len(usize::MAX, 0, 0, None), None);
+        assert_eq!(core_header_len(0, usize::MAX, 0, None), None);
         assert_eq!(note_len(4, 336), Some(12 + 8 + 336));
         assert_eq!(note_len(7, 5), Some(12 + 8 + 8));
     });
@@ -325,7 +327,7 @@ mod writer_rejections {
     ) -> Result<CoreHeaderLayout, ElfCoreError> {
         with_crash_record(|record| {
             let mut out = vec![0xEEu8; out_len];
-            let result = write_core_header(&mut out, cpus, record, segments, Placement::File);
+            let result = write_core_header(&mut out, cpus, record, segments, None, Placement::File);
             if result.is_err() {
                 assert!(out.iter().all(|&b| b == 0xEE), "nothing written on error");
             }
@@ -418,7 +420,7 @@ mod writer_rejections {
         let layout = try_write(&[], &[], 8192).unwrap();
         let mut out = vec![0u8; layout.len];
         with_crash_record(|record| {
-            write_core_header(&mut out, &[], record, &[], Placement::File).unwrap();
+            write_core_header(&mut out, &[], record, &[], None, Placement::File).unwrap();
         });
         let dump = CoreDump::parse(&out).unwrap();
         assert_eq!(dump.cpus().count(), 0);
@@ -633,6 +635,43 @@ mod gdb {
     use super::*;
     use std::process::Command;
 
+    /// lldb opens the dump (it refuses ELF cores it cannot tie to an OS)
+    /// and lists one thread per CPU with its registers. Skipped (with a
+    /// message) where lldb is not installed.
+    #[test]
+    fn lldb_opens_the_dump_with_a_thread_per_cpu() {
+        if Command::new("lldb").arg("--version").output().is_err() {
+            eprintln!("lldb not installed: lldb test skipped");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("kexec-loader-lldb-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let core = dir.join("vmcore");
+        std::fs::write(&core, dump_file()).unwrap();
+        let output = Command::new("lldb")
+            .arg("-b")
+            .arg("-c")
+            .arg(&core)
+            .args(["-o", "thread list", "-o", "register read rip"])
+            .env("TERM", "dumb")
+            .output()
+            .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let all = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(!all.contains("Unsupported OS"), "{all}");
+        for pid in 1..=3 {
+            assert!(all.contains(&format!("tid = {pid}")), "thread {pid}: {all}");
+        }
+        assert!(
+            all.contains(&format!("rip = {:#018x}", regs(2).rip)),
+            "the crashing CPU's rip: {all}"
+        );
+    }
+
     /// gdb itself opens the dump: one thread per CPU with its registers,
     /// memory at the hypervisor's virtual addresses. Skipped (with a
     /// message) where gdb is not installed.
@@ -697,5 +736,349 @@ mod gdb {
             all.contains("Current thread is 1 (LWP 3)"),
             "the crashing CPU is current: {all}"
         );
+    }
+}
+
+/// The hypervisor image's notes (`NT_AUXV`, `NT_FILE`): what drgn needs to
+/// match hv's ELF to the dump's memory.
+pub(crate) mod loaded_image {
+    use super::*;
+    use object::LittleEndian;
+    use object::elf::FileHeader64;
+    use object::read::elf::{FileHeader as _, ProgramHeader as _};
+
+    pub(crate) const LOAD_ADDR: u64 = 0x20_0000;
+
+    /// Program headers as hv's linker script lays them out: text (with the
+    /// file header and program headers), rodata, data + bss, a note, and a
+    /// bss-only segment with no file bytes.
+    /// `(p_type, p_offset, p_vaddr, p_filesz, p_memsz)`.
+    pub(crate) const PHDRS: [(u32, u64, u64, u64, u64); 5] = [
+        (PT_LOAD, 0, 0x20_0000, 0x3_89ea, 0x3_89ea),
+        (PT_LOAD, 0x3_9000, 0x23_9000, 0x8990, 0x8990),
+        (PT_LOAD, 0x4_2000, 0x24_2000, 0x3_31b0, 0xd_5000),
+        (PT_NOTE, 0x4_196c, 0x24_196c, 0x24, 0x24),
+        (PT_LOAD, 0x7_6000, 0x40_0000, 0, 0x1000),
+    ];
+
+    /// The first bytes of an executable with `phdrs`, as loaded.
+    pub(crate) fn headers(phdrs: &[(u32, u64, u64, u64, u64)]) -> Vec<u8> {
+        let mut bytes = vec![0u8; EHDR_LEN + phdrs.len() * PHDR_LEN];
+        bytes[..4].copy_from_slice(b"\x7fELF");
+        bytes[4] = ELFCLASS64;
+        bytes[5] = ELFDATA2LSB;
+        bytes[6] = EV_CURRENT;
+        bytes::put_u16(&mut bytes, 16, 2).unwrap(); // ET_EXEC
+        bytes::put_u16(&mut bytes, 18, EM_X86_64).unwrap();
+        bytes::put_u32(&mut bytes, 20, 1).unwrap();
+        bytes::put_u64(&mut bytes, 24, 0x20_1020).unwrap(); // e_entry
+        bytes::put_u64(&mut bytes, 32, EHDR_LEN as u64).unwrap();
+        bytes::put_u16(&mut bytes, 52, EHDR_LEN as u16).unwrap();
+        bytes::put_u16(&mut bytes, 54, PHDR_LEN as u16).unwrap();
+        bytes::put_u16(&mut bytes, 56, phdrs.len() as u16).unwrap();
+        for (i, &(p_type, offset, vaddr, filesz, memsz)) in phdrs.iter().enumerate() {
+            let at = EHDR_LEN + i * PHDR_LEN;
+            put_phdr(&mut bytes, at, p_type, PF_R, offset, vaddr, vaddr, filesz).unwrap();
+            bytes::put_u64(&mut bytes, at + 40, memsz).unwrap();
+            bytes::put_u64(&mut bytes, at + 48, 0x1000).unwrap();
+        }
+        bytes
+    }
+
+    pub(crate) fn image_bytes() -> Vec<u8> {
+        headers(&PHDRS)
+    }
+
+    pub(crate) fn image(bytes: &[u8]) -> LoadedImage<'_> {
+        LoadedImage::from_loaded_headers("hv", LOAD_ADDR, bytes).unwrap()
+    }
+
+    /// A dump file with the image's notes.
+    pub(crate) fn write_with_image(placement: Placement) -> (Vec<u8>, CoreHeaderLayout) {
+        let bytes = image_bytes();
+        let image = image(&bytes);
+        with_crash_record(|record| {
+            let len = core_header_len(3, 2, record.desc_len().unwrap(), Some(&image)).unwrap();
+            let mut out = vec![0xEEu8; len];
+            let layout = write_core_header(
+                &mut out,
+                &cpus(),
+                record,
+                &segments(),
+                Some(&image),
+                placement,
+            )
+            .unwrap();
+            assert_eq!(layout.len, len);
+            (out, layout)
+        })
+    }
+
+    #[test]
+    fn the_test_headers_are_an_executable_an_independent_reader_accepts() {
+        let bytes = image_bytes();
+        let header = FileHeader64::<LittleEndian>::parse(&*bytes).unwrap();
+        let endian = header.endian().unwrap();
+        assert_eq!(header.e_type(endian), object::elf::ET_EXEC);
+        let phdrs = header.program_headers(endian, &*bytes).unwrap();
+        assert_eq!(phdrs.len(), PHDRS.len());
+        assert_eq!(phdrs[2].p_memsz(endian), 0xd_5000);
+    }
+
+    #[test]
+    fn the_loaded_headers_give_auxv_values_and_file_mappings() {
+        let bytes = image_bytes();
+        let image = image(&bytes);
+        assert_eq!(image.name(), "hv");
+        assert_eq!(image.phdr_addr(), 0x20_0040);
+        assert_eq!(image.phnum(), 5);
+        assert_eq!(image.entry(), 0x20_1020);
+        let mapping = |start, end, file_offset| FileMapping {
+            start,
+            end,
+            file_offset,
+        };
+        // Page-rounded; the bss-only segment maps nothing of the file.
+        assert_eq!(
+            image.mappings(),
+            [
+                mapping(0x20_0000, 0x23_9000, 0),
+                mapping(0x23_9000, 0x24_2000, 0x3_9000),
+                mapping(0x24_2000, 0x27_6000, 0x4_2000),
+            ]
+        );
+    }
+
+    /// The notes, decoded with `object`'s note reader and by hand in the
+    /// kernel's layouts (`fill_auxv_note`, `fill_files_note` in
+    /// `fs/binfmt_elf.c`), not with this crate's reader.
+    #[test]
+    fn the_core_carries_nt_auxv_and_nt_file_in_the_kernels_layout() {
+        let (file, _) = write_with_image(Placement::File);
+        let header = FileHeader64::<LittleEndian>::parse(&*file).unwrap();
+        let endian = header.endian().unwrap();
+        let phdrs = header.program_headers(endian, &*file).unwrap();
+        let mut notes = phdrs[0].notes(endian, &*file).unwrap().unwrap();
+        let mut found = Vec::new();
+        while let Some(note) = notes.next().unwrap() {
+            found.push((
+                note.name().to_vec(),
+                note.n_type(endian),
+                note.desc().to_vec(),
+            ));
+        }
+        let kinds: Vec<_> = found.iter().map(|(n, t, _)| (n.as_slice(), *t)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (b"CORE".as_slice(), object::elf::NT_PRSTATUS),
+                (b"CORE", object::elf::NT_PRSTATUS),
+                (b"CORE", object::elf::NT_PRSTATUS),
+                (b"CORE", object::elf::NT_AUXV),
+                (b"CORE", object::elf::NT_FILE),
+                (b"HVCRASH", NT_HV_CRASH),
+            ]
+        );
+        let word =
+            |desc: &[u8], i: usize| u64::from_le_bytes(desc[i * 8..i * 8 + 8].try_into().unwrap());
+        let auxv = &found[3].2;
+        let pairs: Vec<_> = (0..auxv.len() / 16)
+            .map(|i| (word(auxv, 2 * i), word(auxv, 2 * i + 1)))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                // AT_PHDR, AT_PHENT, AT_PHNUM, AT_PAGESZ, AT_ENTRY, AT_NULL
+                // (include/uapi/linux/auxvec.h).
+                (3, 0x20_0040),
+                (4, 56),
+                (5, 5),
+                (6, 4096),
+                (9, 0x20_1020),
+                (0, 0),
+            ]
+        );
+        let files = &found[4].2;
+        assert_eq!(
+            (word(files, 0), word(files, 1)),
+            (3, 4096),
+            "count, page size"
+        );
+        let entries: Vec<_> = (0..3)
+            .map(|i| {
+                (
+                    word(files, 2 + 3 * i),
+                    word(files, 3 + 3 * i),
+                    word(files, 4 + 3 * i),
+                )
+            })
+            .collect();
+        assert_eq!(
+            entries,
+            [
+                (0x20_0000, 0x23_9000, 0),
+                (0x23_9000, 0x24_2000, 0x39),
+                (0x24_2000, 0x27_6000, 0x42)
+            ],
+            "start, end, file offset in pages"
+        );
+        assert_eq!(&files[16 + 3 * 24..], b"hv\0hv\0hv\0");
+    }
+
+    #[test]
+    fn our_reader_and_the_file_conversion_keep_the_image_notes() {
+        let (old, _) = write_with_image(Placement::OldMemory {
+            header_phys: HEADER_PHYS,
+        });
+        let (file, _) = write_with_image(Placement::File);
+        let dump = CoreDump::parse_elfcorehdr(&old, HEADER_PHYS).unwrap();
+        let mut converted = vec![0u8; old.len()];
+        let layout = dump.write_file_header(&mut converted).unwrap();
+        assert_eq!(&converted[..layout.len], &file[..]);
+        let dump = CoreDump::parse(&file).unwrap();
+        let notes = dump.image_notes().unwrap();
+        assert_eq!(
+            (notes.phdr_addr, notes.phnum, notes.entry),
+            (0x20_0040, 5, 0x20_1020)
+        );
+        let entries: Vec<_> = notes.files.entries().collect();
+        assert_eq!(entries.len(), 3);
+        assert_eq!(entries[1].0.file_offset, 0x3_9000);
+        assert!(entries.iter().all(|(_, name)| *name == b"hv"));
+        assert_eq!(dump.cpus().count(), 3);
+        assert!(dump.crash_note().is_some());
+        // Without an image there are no image notes.
+        assert!(
+            CoreDump::parse(&dump_file())
+                .unwrap()
+                .image_notes()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn the_sizing_function_counts_the_image_notes() {
+        let bytes = image_bytes();
+        let image = image(&bytes);
+        with_crash_record(|record| {
+            let desc = record.desc_len().unwrap();
+            let without = core_header_len(3, 2, desc, None).unwrap();
+            let nt_file = 16 + 3 * (24 + 3);
+            assert_eq!(image.nt_file_desc_len(), nt_file);
+            assert_eq!(
+                core_header_len(3, 2, desc, Some(&image)),
+                Some(without + (12 + 8 + 96) + (12 + 8 + nt_file.next_multiple_of(4)))
+            );
+        });
+    }
+
+    #[test]
+    fn headers_that_do_not_describe_a_loaded_image_are_refused() {
+        use ImageError as E;
+        let bytes = image_bytes();
+        let from = |name: &str, addr: u64, bytes: &[u8]| {
+            LoadedImage::from_loaded_headers(name, addr, bytes).map(|_| ())
+        };
+        // Read somewhere the headers are not loaded.
+        assert_eq!(from("hv", 0x30_0000, &bytes), Err(E::HeadersNotLoaded));
+        for len in 0..bytes.len() {
+            assert!(
+                from("hv", LOAD_ADDR, &bytes[..len]).is_err(),
+                "length {len}"
+            );
+        }
+        let mut bad = bytes.clone();
+        bad[1] = b'F';
+        assert_eq!(from("hv", LOAD_ADDR, &bad), Err(E::BadMagic));
+        let mut bad = bytes.clone();
+        bad[4] = 1;
+        assert_eq!(from("hv", LOAD_ADDR, &bad), Err(E::NotX86_64Executable));
+        let mut bad = bytes.clone();
+        bad[16] = 4; // ET_CORE
+        assert_eq!(from("hv", LOAD_ADDR, &bad), Err(E::NotX86_64Executable));
+        let mut bad = bytes.clone();
+        bad[54] = 32;
+        assert_eq!(from("hv", LOAD_ADDR, &bad), Err(E::BadPhentsize(32)));
+        for name in ["", "a\0b", &"x".repeat(MAX_IMAGE_NAME_FOR_TESTS + 1)] {
+            assert_eq!(from(name, LOAD_ADDR, &bytes), Err(E::BadName), "{name:?}");
+        }
+        let mut phdrs = PHDRS;
+        phdrs[1].1 += 8; // offset and address no longer congruent
+        assert_eq!(
+            from("hv", LOAD_ADDR, &headers(&phdrs)),
+            Err(E::BadSegment(1))
+        );
+        let mut phdrs = PHDRS;
+        phdrs[2].2 = u64::MAX - 0x100;
+        assert_eq!(
+            from("hv", LOAD_ADDR, &headers(&phdrs)),
+            Err(E::BadSegment(2))
+        );
+        let mut phdrs = PHDRS;
+        phdrs[0].3 = 0x20; // the text segment ends inside the program headers
+        assert_eq!(
+            from("hv", LOAD_ADDR, &headers(&phdrs)),
+            Err(E::HeadersNotLoaded)
+        );
+        let many: Vec<_> = (0..9u64)
+            .map(|i| (PT_LOAD, i * 0x1000, LOAD_ADDR + i * 0x1000, 0x1000, 0x1000))
+            .collect();
+        assert_eq!(
+            from("hv", LOAD_ADDR, &headers(&many)),
+            Err(E::TooManyMappings(9))
+        );
+        assert!(from("hv", LOAD_ADDR, &headers(&many[..8])).is_ok());
+    }
+
+    const MAX_IMAGE_NAME_FOR_TESTS: usize = super::super::image::MAX_IMAGE_NAME;
+
+    #[test]
+    fn malformed_image_notes_are_refused_by_the_reader() {
+        let (file, layout) = write_with_image(Placement::File);
+        let nt_file_desc = layout.notes.start + 3 * (12 + 8 + 336) + (12 + 8 + 96) + 12 + 8;
+        // A count that promises more entries than the descriptor holds.
+        let mut bad = file.clone();
+        bad[nt_file_desc..nt_file_desc + 8].copy_from_slice(&1000u64.to_le_bytes());
+        assert_eq!(
+            CoreDump::parse(&bad).unwrap_err(),
+            ElfCoreError::Image(ImageError::MalformedNote)
+        );
+        // A last name without its NUL.
+        let mut bad = file.clone();
+        let last_nul = nt_file_desc + 16 + 3 * 24 + 8;
+        assert_eq!(bad[last_nul], 0);
+        bad[last_nul] = b'x';
+        assert_eq!(
+            CoreDump::parse(&bad).unwrap_err(),
+            ElfCoreError::Image(ImageError::MalformedNote)
+        );
+        // An auxv whose size is not a multiple of 16.
+        let mut bad = file;
+        let auxv_note = layout.notes.start + 3 * (12 + 8 + 336);
+        bad[auxv_note + 4..auxv_note + 8].copy_from_slice(&88u32.to_le_bytes());
+        assert!(CoreDump::parse(&bad).is_err());
+    }
+
+    #[test]
+    fn every_image_error_has_a_message() {
+        use ImageError as E;
+        for error in [
+            E::Truncated,
+            E::BadMagic,
+            E::NotX86_64Executable,
+            E::BadPhentsize(1),
+            E::BadSegment(0),
+            E::TooManyMappings(9),
+            E::HeadersNotLoaded,
+            E::BadName,
+            E::MalformedNote,
+        ] {
+            assert!(error.to_string().len() > 8, "{error:?}");
+            assert!(
+                ElfCoreError::from(error)
+                    .to_string()
+                    .contains(&error.to_string())
+            );
+        }
     }
 }

@@ -207,6 +207,32 @@ fn lapic_nmi(uid: u8, line: u8) -> Vec<u8> {
     vec![4, 6, uid, 5, 0, line]
 }
 
+fn x2apic_nmi(uid: u32, line: u8) -> Vec<u8> {
+    let mut e = vec![0xa, 12, 0, 0];
+    e.extend_from_slice(&uid.to_le_bytes());
+    e.extend_from_slice(&[line, 0, 0, 0]);
+    e
+}
+
+#[test]
+fn local_nmi_entries_of_both_kinds_are_kept_in_order() {
+    let t = Firmware::with_xsdt(&[madt(&[
+        lapic(0, 0, ENABLED),
+        lapic(1, 1, ENABLED),
+        lapic_nmi(1, 0),
+        x2apic_nmi(u32::MAX, 1),
+    ])])
+    .discover()
+    .unwrap();
+    let nmis = t.local_nmis();
+    assert_eq!(nmis.len(), 2);
+    assert_eq!(nmis[0].acpi_uid, Some(1));
+    assert_eq!(nmis[0].lint, 0);
+    assert!(nmis[0].covers(1) && !nmis[0].covers(0));
+    assert_eq!(nmis[1].acpi_uid, None);
+    assert_eq!(nmis[1].lint, 1);
+}
+
 const ENABLED: u32 = 1;
 const ONLINE_CAPABLE: u32 = 2;
 
@@ -266,6 +292,16 @@ fn qemu_like_machine() {
         }]
     );
     assert_eq!(t.overrides().len(), 5);
+    assert_eq!(
+        t.local_nmis(),
+        [LocalNmi {
+            acpi_uid: None,
+            lint: 1,
+            flags: 5,
+        }]
+    );
+    assert!(t.local_nmis()[0].covers(3));
+    assert!(!t.local_nmis()[0].level_triggered());
     assert_eq!(
         t.overrides()[0],
         InterruptOverride {

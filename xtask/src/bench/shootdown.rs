@@ -3,12 +3,16 @@
 //!
 //! Each run boots hv in QEMU (direct boot) with a time-based crash on one
 //! CPU (`crash=cpu:N,after_ms:T`; by default a random CPU and a random T
-//! from 1 to 20 ms after the boot report, from a printed seed) and reads
-//! its crash report:
+//! from 1 to 20 ms after the guest run, from a printed seed: the guests
+//! keep running, and the crash comes once the boot report is out, where no
+//! guests run too) and reads its crash report:
 //!
 //! - `shootdown_us`: from the first NMI sent to the last CPU checked in;
 //! - `nmi_latency_us`: per CPU index, from the first NMI sent to that CPU
-//!   taking it (null for the coordinator).
+//!   taking it (null for the coordinator);
+//! - `nmi_in_guest`: per CPU index, whether the NMI found it in guest mode
+//!   (it came as a VM exit), so the latency is also given apart for CPUs
+//!   that were running a guest and for those that were not.
 //!
 //! Every run is judged like any crash run (the shootdown must be correct,
 //! see `report::crash`): a run that fails cannot be measured and ends the
@@ -22,7 +26,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::crash::{CrashSpec, Rng};
+use crate::crash::{CrashSpec, DEFAULT_GUEST_RUN_MS, Rng};
 use crate::paths;
 use crate::run::{self, Boot, QemuOptions};
 use crate::stats::{self, Spread};
@@ -31,7 +35,8 @@ use crate::stress::{progress_bar, say};
 /// The directory of the benchmark's runs under `build/`.
 const BENCH_DIR: &str = "bench-shootdown";
 
-/// Largest random `after_ms`: the crash comes soon after the boot report.
+/// Largest random `after_ms` past the guest run: the crash comes soon
+/// after the boot report.
 const MAX_AFTER_MS: u64 = 20;
 
 /// A shootdown benchmark.
@@ -80,7 +85,7 @@ impl ShootdownOptions {
                     .unwrap_or_else(|| rng.below(u64::from(self.smp)) as u32);
                 CrashSpec {
                     cpu,
-                    after_ms: 1 + rng.below(MAX_AFTER_MS),
+                    after_ms: DEFAULT_GUEST_RUN_MS + 1 + rng.below(MAX_AFTER_MS),
                     point: None,
                 }
             })
@@ -97,6 +102,12 @@ pub struct ShootdownSample {
     pub shootdown_us: u64,
     /// `crash.nmi_latency_us`, per CPU index.
     pub nmi_latency_us: Vec<Option<u64>>,
+    /// `crash.nmi_in_guest`, per CPU index (empty when hv did not report
+    /// it).
+    pub nmi_in_guest: Vec<Option<bool>>,
+    /// `crash.checkin_us`, per CPU index (empty when hv does not report
+    /// it).
+    pub checkin_us: Vec<Option<u64>>,
 }
 
 impl ShootdownSample {
@@ -112,11 +123,32 @@ impl ShootdownSample {
             .iter()
             .map(Value::as_u64)
             .collect();
+        let nmi_in_guest = crash["nmi_in_guest"]
+            .as_array()
+            .map(|entries| entries.iter().map(Value::as_bool).collect())
+            .unwrap_or_default();
+        let checkin_us = crash["checkin_us"]
+            .as_array()
+            .map(|cpus| cpus.iter().map(Value::as_u64).collect())
+            .unwrap_or_default();
         Ok(Self {
             spec,
             shootdown_us,
             nmi_latency_us,
+            nmi_in_guest,
+            checkin_us,
         })
+    }
+
+    /// The NMI latencies of the CPUs whose NMI came as a VM exit (`true`)
+    /// or found them in the host (`false`).
+    pub fn nmi_latency_where(&self, in_guest: bool) -> impl Iterator<Item = u64> + '_ {
+        self.nmi_latency_us
+            .iter()
+            .zip(&self.nmi_in_guest)
+            .filter_map(move |(latency, guest)| {
+                (*guest == Some(in_guest)).then_some(*latency).flatten()
+            })
     }
 }
 
@@ -150,6 +182,17 @@ impl ShootdownResult {
             .samples
             .iter()
             .flat_map(|s| s.nmi_latency_us.iter().flatten().copied())
+            .collect();
+        Spread::of_u64(&samples)
+    }
+
+    /// Spread of the NMI latency of the CPUs the NMI found in guest mode
+    /// (`in_guest`) or in the host, over every run.
+    pub fn nmi_latency_where(&self, in_guest: bool) -> Option<Spread> {
+        let samples: Vec<u64> = self
+            .samples
+            .iter()
+            .flat_map(|s| s.nmi_latency_where(in_guest))
             .collect();
         Spread::of_u64(&samples)
     }
@@ -199,6 +242,8 @@ impl ShootdownResult {
             header("(us)"),
             row("shootdown", self.shootdown()),
             row("NMI latency, every CPU", self.nmi_latency()),
+            row("  of CPUs in guest mode", self.nmi_latency_where(true)),
+            row("  of CPUs in the host", self.nmi_latency_where(false)),
         ];
         let mut per_cpu = vec![header("NMI latency of CPU")];
         per_cpu.extend(
@@ -238,6 +283,8 @@ impl ShootdownResult {
             "cpu": self.cpu,
             "shootdown_us": spread(self.shootdown()),
             "nmi_latency_us": spread(self.nmi_latency()),
+            "nmi_latency_us_in_guest": spread(self.nmi_latency_where(true)),
+            "nmi_latency_us_in_host": spread(self.nmi_latency_where(false)),
             "nmi_latency_us_per_cpu": self
                 .nmi_latency_per_cpu()
                 .into_iter()
@@ -247,6 +294,8 @@ impl ShootdownResult {
                 "crash": s.spec.to_string(),
                 "shootdown_us": s.shootdown_us,
                 "nmi_latency_us": s.nmi_latency_us,
+                "nmi_in_guest": s.nmi_in_guest,
+                "checkin_us": s.checkin_us,
             })).collect::<Vec<_>>(),
         })
     }
@@ -302,9 +351,14 @@ pub fn bench_shootdown(options: &ShootdownOptions) -> Result<ShootdownResult> {
         say(
             &bar,
             format!(
-                "run {round}: {} shootdown {} us",
+                "run {round}: {} shootdown {} us, {} CPUs in guest mode",
                 spec.word(),
-                sample.shootdown_us
+                sample.shootdown_us,
+                sample
+                    .nmi_in_guest
+                    .iter()
+                    .filter(|g| **g == Some(true))
+                    .count()
             ),
         );
         samples.push(sample);
@@ -340,6 +394,13 @@ mod tests {
             },
             shootdown_us,
             nmi_latency_us: latency.to_vec(),
+            // Odd CPUs were running a guest.
+            nmi_in_guest: latency
+                .iter()
+                .enumerate()
+                .map(|(cpu, latency)| latency.map(|_| cpu % 2 == 1))
+                .collect(),
+            checkin_us: Vec::new(),
         }
     }
 
@@ -351,9 +412,12 @@ mod tests {
         options.seed = 77;
         let specs = options.specs();
         assert_eq!(specs.len(), 200);
-        assert!(specs.iter().all(|spec| spec.point.is_none()
-            && spec.cpu < 8
-            && (1..=MAX_AFTER_MS).contains(&spec.after_ms)));
+        assert!(specs.iter().all(|spec| {
+            spec.point.is_none()
+                && spec.cpu < 8
+                && (DEFAULT_GUEST_RUN_MS + 1..=DEFAULT_GUEST_RUN_MS + MAX_AFTER_MS)
+                    .contains(&spec.after_ms)
+        }));
         let cpus: std::collections::HashSet<u32> = specs.iter().map(|spec| spec.cpu).collect();
         assert_eq!(cpus.len(), 8, "every CPU gets to crash");
         assert_eq!(options.specs(), specs);
@@ -365,15 +429,27 @@ mod tests {
     fn a_sample_reads_the_crash_report() {
         let spec = CrashSpec::parse("cpu:1,after_ms:3").unwrap();
         let report = serde_json::json!({"crash": {"shootdown_us": 2479,
-            "nmi_latency_us": [1871, null, 2295]}});
+            "nmi_latency_us": [1871, null, 2295], "checkin_us": [2000, null, 2470],
+            "nmi_in_guest": [true, null, false]}});
+        let sample = ShootdownSample::from_report(spec, &report).unwrap();
         assert_eq!(
-            ShootdownSample::from_report(spec, &report).unwrap(),
+            sample,
             ShootdownSample {
                 spec,
                 shootdown_us: 2479,
-                nmi_latency_us: vec![Some(1871), None, Some(2295)]
+                nmi_latency_us: vec![Some(1871), None, Some(2295)],
+                nmi_in_guest: vec![Some(true), None, Some(false)],
+                checkin_us: vec![Some(2000), None, Some(2470)],
             }
         );
+        assert_eq!(sample.nmi_latency_where(true).collect::<Vec<_>>(), [1871]);
+        assert_eq!(sample.nmi_latency_where(false).collect::<Vec<_>>(), [2295]);
+        // An older report without `nmi_in_guest` or `checkin_us`: no CPU
+        // on either side, no check-in times.
+        let old = serde_json::json!({"crash": {"shootdown_us": 1, "nmi_latency_us": [5, null]}});
+        let old = ShootdownSample::from_report(spec, &old).unwrap();
+        assert_eq!(old.nmi_latency_where(true).count(), 0);
+        assert!(old.checkin_us.is_empty());
         assert_eq!(
             ShootdownSample::from_report(spec, &serde_json::json!({})).unwrap_err(),
             "no crash.shootdown_us"
@@ -396,6 +472,13 @@ mod tests {
         };
         let overall = result.nmi_latency().unwrap();
         assert_eq!((overall.count, overall.min, overall.max), (6, 50.0, 300.0));
+        let in_guest = result.nmi_latency_where(true).unwrap();
+        assert_eq!(
+            (in_guest.count, in_guest.min, in_guest.max),
+            (1, 100.0, 100.0)
+        );
+        let in_host = result.nmi_latency_where(false).unwrap();
+        assert_eq!((in_host.count, in_host.min, in_host.max), (5, 50.0, 300.0));
         let per_cpu = result.nmi_latency_per_cpu();
         assert_eq!(per_cpu[0].unwrap().median, 60.0);
         assert_eq!(per_cpu[1].unwrap().count, 1);
@@ -409,8 +492,10 @@ mod tests {
             "{text}"
         );
         for line in [
-            "  shootdown                     3  700     800  900\n",
-            "  NMI latency, every CPU        6   50     150  300\n",
+            "  shootdown                      3  700     800  900\n",
+            "  NMI latency, every CPU         6   50     150  300\n",
+            "    of CPUs in guest mode        1  100     100  100\n",
+            "    of CPUs in the host          5   50     200  300\n",
             "  0                         2   50      60   70\n",
             "  2                         3  200     250  300\n",
         ] {
@@ -418,6 +503,12 @@ mod tests {
         }
         let json = result.to_json();
         assert_eq!(json["shootdown_us"]["median"], 800.0);
+        assert_eq!(json["nmi_latency_us_in_guest"]["samples"], 1);
+        assert_eq!(json["nmi_latency_us_in_host"]["samples"], 5);
+        assert_eq!(
+            json["runs"][0]["nmi_in_guest"],
+            serde_json::json!([null, true, false])
+        );
         assert_eq!(json["nmi_latency_us_per_cpu"][1]["samples"], 1);
         assert_eq!(json["runs"][2]["crash"], "cpu:1,after_ms:5");
     }

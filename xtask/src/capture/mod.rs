@@ -8,8 +8,13 @@
 //!
 //! - **linux**: Debian's kernel with an initramfs built by xtask
 //!   ([`crate::initramfs`]) copies `/proc/vmcore` to a raw virtio disk; the
-//!   dump is the disk image cut to the length its ELF header gives. GRUB
-//!   only: two modules (kernel and initramfs) do not fit PVH's `-initrd`.
+//!   dump is the disk image cut to the length its ELF header gives. With
+//!   `makedumpfile`, Debian's makedumpfile filters it instead, at dump
+//!   level one, into an ELF dump and a compressed kdump, each flattened
+//!   onto a disk of its own, which xtask rearranges
+//!   ([`crate::makedumpfile`]).
+//!   GRUB only: two modules (kernel and initramfs) do not fit PVH's
+//!   `-initrd`.
 //! - **hv**: hv itself, linked inside the reservation (`HV_LINK_BASE`),
 //!   streams the dump on port 0xE9 (QEMU `-debugcon`) or, in Bochs, to a
 //!   disk on the primary ATA channel's slave; xtask reassembles the stream.
@@ -22,6 +27,7 @@ pub mod judge;
 pub mod selftest;
 pub mod stream;
 mod timing;
+pub mod wake;
 
 use std::ffi::OsString;
 use std::fs;
@@ -42,6 +48,17 @@ pub const DUMP_FILE: &str = "vmcore";
 /// The raw disk the Linux capture kernel copies `/proc/vmcore` to, and
 /// the one hv's capture mode streams to in Bochs.
 pub const DISK_FILE: &str = "vmcore.img";
+/// The second disk of a makedumpfile capture: the compressed kdump,
+/// flattened.
+pub const KDUMP_DISK_FILE: &str = "vmcore-kdump.img";
+/// The compressed kdump file rearranged from it.
+pub const KDUMP_FILE: &str = "vmcore.kdump";
+/// The second disk of a Linux copy: `/proc/vmcore` copied again by one
+/// reader per CPU, compared with the dump and then deleted (kept when
+/// they differ).
+pub const PARALLEL_DISK_FILE: &str = "vmcore-parallel.img";
+/// The lock Bochs keeps beside [`DISK_FILE`] while it runs.
+const DISK_LOCK_FILE: &str = "vmcore.img.lock";
 /// What hv's capture mode wrote to the debug port.
 pub const STREAM_FILE: &str = "dump.stream";
 /// QEMU's debug console log (`run/qemu.rs` names it).
@@ -109,6 +126,18 @@ pub struct CaptureOptions {
     pub default_crash: Option<String>,
     /// Where the stream goes in Bochs.
     pub bochs_sink: BochsSink,
+    /// Linux only: filter with makedumpfile (an ELF dump and a compressed
+    /// kdump, zero pages left out) instead of copying `/proc/vmcore`.
+    pub makedumpfile: bool,
+    /// `--wake`: the capture kernel must wake every CPU that checked in
+    /// ([`wake`]).
+    pub wake_check: bool,
+    /// hv's capture mode only: end the run once the capture image entered
+    /// and read the crashed hypervisor's core header (its `N CPU notes;
+    /// streaming` line), without waiting for the dump (a stress loop's
+    /// cheap capture: the stream of a 448 MiB machine takes 20 to 50 s
+    /// under TCG, the way to the capture image well under one).
+    pub until_entry: bool,
 }
 
 impl CaptureOptions {
@@ -122,6 +151,9 @@ impl CaptureOptions {
             linux_args: LINUX_CAPTURE_ARGS.to_owned(),
             default_crash: Some(default_crash(cpus)),
             bochs_sink: BochsSink::Ata,
+            makedumpfile: false,
+            wake_check: false,
+            until_entry: false,
         }
     }
 
@@ -178,8 +210,10 @@ fn parse_number(text: &str) -> Option<u64> {
     u64::from_str_radix(digits, radix).ok()
 }
 
-/// Whether hv's words ask for a crash: an injected one (`crash=`) or a
-/// guest's crash hypercall that hv allows (the last word of each wins).
+/// Whether hv's words ask for a crash: an injected one (`crash=`), a
+/// guest's crash hypercall that hv allows (the last word of each wins), a
+/// hung CPU (`hang=`: the lockup detector or the NMI button must end it)
+/// or a stray write into the reservation (`stray_write=reservation`).
 pub fn asks_for_crash(words: &[String]) -> bool {
     let last = |key: &str| {
         words
@@ -189,6 +223,8 @@ pub fn asks_for_crash(words: &[String]) -> bool {
     };
     last("crash").is_some()
         || (last("guest_crash_call").is_some() && last("crash_hypercall") == Some("allow"))
+        || last("hang").is_some()
+        || words.iter().any(|w| w == "stray_write=reservation")
 }
 
 /// The hv command line of a capture run: the user's words, then
@@ -222,7 +258,12 @@ fn modules(capture: &CaptureOptions, words: &[String]) -> Result<Vec<BootModule>
             let (vmlinuz, initrd) = match (&capture.image, &capture.initrd) {
                 (Some(image), Some(initrd)) => (image.clone(), initrd.clone()),
                 (image, initrd) => {
-                    let built = initramfs::linux_capture()?;
+                    let writer = if capture.makedumpfile {
+                        initramfs::DumpWriter::Makedumpfile
+                    } else {
+                        initramfs::DumpWriter::Copy
+                    };
+                    let built = initramfs::linux_capture(writer)?;
                     (
                         image.clone().unwrap_or(built.kit.vmlinuz),
                         initrd.clone().unwrap_or(built.initramfs),
@@ -305,12 +346,28 @@ fn markers(kernel: CaptureKernel) -> Vec<Marker> {
 /// dump. `options.append` are the user's words; `boot` and memory are
 /// taken as given (see [`LINUX_MEMORY_MIB`] for sensible ones).
 pub fn qemu(options: &QemuOptions, capture: &CaptureOptions) -> Result<RunOutcome> {
+    if capture.makedumpfile && capture.kernel != CaptureKernel::Linux {
+        bail!(
+            "makedumpfile runs in the Linux capture kernel's initramfs: use it with \
+             --capture linux (hv's capture mode writes its own stream)"
+        );
+    }
     if capture.kernel == CaptureKernel::Linux && options.boot == Boot::Direct {
         bail!(
             "--capture linux needs two boot modules (kernel and initramfs), which direct \
              boot (PVH, one -initrd) cannot carry: use --boot grub-bios or grub-uefi"
         );
     }
+    // The NMI button starts the crash itself: no default crash beside it.
+    let button = CaptureOptions {
+        default_crash: None,
+        ..capture.clone()
+    };
+    let capture = if options.nmi_button_after_ms.is_some() {
+        &button
+    } else {
+        capture
+    };
     let words = capture_words(&options.append, capture);
     crate::cmdline::kernel_cmdline(&words)?;
     let name = options.run_name.clone().unwrap_or_else(|| {
@@ -327,6 +384,9 @@ pub fn qemu(options: &QemuOptions, capture: &CaptureOptions) -> Result<RunOutcom
         &[
             DUMP_FILE,
             DISK_FILE,
+            KDUMP_FILE,
+            KDUMP_DISK_FILE,
+            PARALLEL_DISK_FILE,
             STREAM_FILE,
             DEBUGCON_LOG,
             "serial.log",
@@ -337,11 +397,24 @@ pub fn qemu(options: &QemuOptions, capture: &CaptureOptions) -> Result<RunOutcom
     run.append = words.clone();
     run.run_name = Some(name);
     run.modules = modules(capture, &words)?;
+    if capture.until_entry {
+        check_until_entry(capture)?;
+        run.stop = run::StopWhen::CaptureEntered;
+    }
     if capture.kernel == CaptureKernel::Linux {
-        let disk = run_dir.join(DISK_FILE);
-        // The dump is at most RAM plus its headers.
-        sparse_file(&disk, (u64::from(options.memory_mib) + 64) << 20)?;
-        run.extra_args.extend(disk_args(&disk));
+        let disks = [
+            run_dir.join(DISK_FILE),
+            run_dir.join(if capture.makedumpfile {
+                KDUMP_DISK_FILE
+            } else {
+                PARALLEL_DISK_FILE
+            }),
+        ];
+        for disk in disks {
+            // The dump is at most RAM plus its headers.
+            sparse_file(&disk, (u64::from(options.memory_mib) + 64) << 20)?;
+            run.extra_args.extend(disk_args(&disk));
+        }
     }
 
     let clock = SerialClock::start(run_dir.join("serial.log"), markers(capture.kernel));
@@ -350,13 +423,22 @@ pub fn qemu(options: &QemuOptions, capture: &CaptureOptions) -> Result<RunOutcom
     let mut outcome = outcome?;
 
     let collected = match capture.kernel {
-        CaptureKernel::Linux => Collected::from_disk(&run_dir),
+        CaptureKernel::Linux if capture.makedumpfile => Collected::from_makedumpfile(&run_dir),
+        CaptureKernel::Linux => {
+            let mut collected = Collected::from_disk(&run_dir);
+            collected.parallel = parallel_copy(&outcome, &run_dir, &collected);
+            collected
+        }
         CaptureKernel::Hv => {
             let stream = run_dir.join(STREAM_FILE);
             if run_dir.join(DEBUGCON_LOG).exists() {
                 fs::rename(run_dir.join(DEBUGCON_LOG), &stream)?;
             }
-            Collected::from_stream(&run_dir, &stream)
+            if capture.until_entry {
+                not_waited_for(&mut outcome, stream)
+            } else {
+                Collected::from_stream(&run_dir, &stream)
+            }
         }
     };
     judge::conclude(
@@ -366,8 +448,62 @@ pub fn qemu(options: &QemuOptions, capture: &CaptureOptions) -> Result<RunOutcom
         &collected,
         &times,
         true,
+        capture.wake_check,
     )?;
     Ok(outcome)
+}
+
+/// The Linux capture kernel's second copy, by one reader per CPU, against
+/// the dump, when `/init` says it made one; the disk is deleted when the
+/// copies are the same, or when it was not used.
+fn parallel_copy(
+    outcome: &RunOutcome,
+    run_dir: &Path,
+    collected: &Collected,
+) -> Option<Result<wake::ParallelCopy>> {
+    let image = run_dir.join(PARALLEL_DISK_FILE);
+    if outcome.report["capture"]["linux"]["parallel_readers"]
+        .as_u64()
+        .is_none()
+    {
+        // One CPU: the disk was never written.
+        let _ = fs::remove_file(&image);
+        return None;
+    }
+    let dump = collected.dump.as_ref().ok()?;
+    let result = wake::compare_copies(&dump.path, &image);
+    if matches!(&result, Ok(copy) if copy.first_difference.is_none()) {
+        let _ = fs::remove_file(&image);
+    }
+    Some(result)
+}
+
+/// A capture run stopped at the capture kernel's entry
+/// ([`CaptureOptions::until_entry`]) has no dump to collect: the report
+/// says so (`xtask.capture_until_entry`), and the judge checks the entry
+/// and the core header the capture image read instead.
+fn not_waited_for(outcome: &mut RunOutcome, stream: PathBuf) -> Collected {
+    outcome.report["xtask"]["capture_until_entry"] = serde_json::json!(true);
+    Collected {
+        dump: Err(anyhow::anyhow!(
+            "not waited for: the run ended at the capture kernel's entry (until_entry)"
+        )),
+        stream: None,
+        source: stream,
+        filtered: None,
+        parallel: None,
+    }
+}
+
+/// Only hv's capture mode says when it read the core header.
+fn check_until_entry(capture: &CaptureOptions) -> Result<()> {
+    if capture.kernel != CaptureKernel::Hv {
+        bail!(
+            "ending a capture run at the capture kernel's entry needs hv's capture mode, which \
+             says when it read the core header"
+        );
+    }
+    Ok(())
 }
 
 /// The QEMU arguments of the dump disk: virtio-blk, raw; zero writes punch
@@ -387,11 +523,16 @@ fn disk_args(disk: &Path) -> Vec<OsString> {
 /// need a virtio disk Bochs does not have), lets it crash, and collects the
 /// dump.
 pub fn bochs(options: &BochsOptions, capture: &CaptureOptions) -> Result<RunOutcome> {
-    if capture.kernel != CaptureKernel::Hv {
+    if capture.kernel != CaptureKernel::Hv || capture.makedumpfile {
         bail!(
             "Bochs captures with hv's capture mode only (--capture hv): the Linux \
-             capture kernel copies its dump to a virtio disk, which Bochs lacks"
+             capture kernel (and makedumpfile in it) writes to a virtio disk, which \
+             Bochs lacks"
         );
+    }
+    if capture.bochs_sink == BochsSink::Ata {
+        // Refused before anything is built: Bochs would stop at start-up.
+        run::check_cpus_with_disk(options.cpus)?;
     }
     let mut words = capture_words(&options.append, capture);
     if capture.bochs_sink == BochsSink::Ata && !words.iter().any(|w| w.starts_with("capture_sink="))
@@ -404,12 +545,17 @@ pub fn bochs(options: &BochsOptions, capture: &CaptureOptions) -> Result<RunOutc
         .clone()
         .unwrap_or_else(|| format!("bochs-cpus{}-capture-hv", options.cpus));
     let run_dir = paths::run_dir(&name);
-    // Bochs leaves `vmcore.img.lock` behind when it is killed, and then
-    // refuses the disk in every later run.
-    let lock = format!("{DISK_FILE}.lock");
+    // A Bochs killed mid-run (a time limit) leaves its disk's lock file,
+    // and the next run of the same name could not open the disk.
     clean(
         &run_dir,
-        &[DUMP_FILE, DISK_FILE, &lock, STREAM_FILE, "serial.log"],
+        &[
+            DUMP_FILE,
+            DISK_FILE,
+            DISK_LOCK_FILE,
+            STREAM_FILE,
+            "serial.log",
+        ],
     )?;
 
     let mut run = options.clone();
@@ -435,11 +581,19 @@ pub fn bochs(options: &BochsOptions, capture: &CaptureOptions) -> Result<RunOutc
         }
     };
 
+    if capture.until_entry {
+        run.stop = run::StopWhen::CaptureEntered;
+    }
+
     let clock = SerialClock::start(run_dir.join("serial.log"), markers(capture.kernel));
     let outcome = run::bochs(&run);
     let times = clock.stop();
     let mut outcome = outcome?;
-    let collected = Collected::from_stream(&run_dir, &stream);
+    let collected = if capture.until_entry {
+        not_waited_for(&mut outcome, stream)
+    } else {
+        Collected::from_stream(&run_dir, &stream)
+    };
     judge::conclude(
         &mut outcome,
         capture.kernel,
@@ -447,6 +601,7 @@ pub fn bochs(options: &BochsOptions, capture: &CaptureOptions) -> Result<RunOutc
         &collected,
         &times,
         false,
+        capture.wake_check,
     )?;
     Ok(outcome)
 }
@@ -535,6 +690,9 @@ mod tests {
         )));
         assert!(!asks_for_crash(&w("guest_crash_call=1 crash_timeout_ms=5")));
         assert!(!asks_for_crash(&w("crashkernel=64M")));
+        assert!(asks_for_crash(&w("hang=cpu:3,after_ms:100 watchdog=1")));
+        assert!(asks_for_crash(&w("stray_write=reservation")));
+        assert!(!asks_for_crash(&w("watchdog=1 nmi=log")));
     }
 
     #[test]
@@ -602,6 +760,18 @@ mod tests {
         let bytes = bochs_disk_bytes(512);
         assert_eq!(bytes % (16 * 63 * 512), 0);
         assert!(bytes >= 528 << 20);
+    }
+
+    #[test]
+    fn bochs_refuses_fifteen_cpus_with_the_dump_disk_at_once() {
+        let options = BochsOptions {
+            cpus: 15,
+            ..BochsOptions::new("/nonexistent/hv")
+        };
+        let capture = CaptureOptions::new(CaptureKernel::Hv, 15);
+        let error = bochs(&options, &capture).unwrap_err().to_string();
+        assert!(error.contains("too many registered timers"), "{error}");
+        assert!(error.contains("--cpus 14"), "{error}");
     }
 
     #[test]

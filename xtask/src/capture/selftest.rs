@@ -109,6 +109,7 @@ fn core_header() -> Result<Vec<u8>> {
         &cpus,
         &crash,
         &segments,
+        None,
         Placement::OldMemory {
             header_phys: HEADER_PHYS,
         },
@@ -120,7 +121,7 @@ fn core_header() -> Result<Vec<u8>> {
 
 /// Runs the self-test in `build/<name>/`.
 pub fn linux_selftest(name: &str, timeout: Duration) -> Result<SelfTest> {
-    let capture = initramfs::linux_capture()?;
+    let capture = initramfs::linux_capture(initramfs::DumpWriter::Copy)?;
     let run_dir = paths::run_dir(name);
     super::clean(
         &run_dir,

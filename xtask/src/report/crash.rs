@@ -12,14 +12,23 @@
 //!   there are any, and then only after `crash_timeout_ms`;
 //! - `checked_in == expected - stragglers`, `vmxoff_cpus == checked_in`,
 //!   the coordinator left VMX, `vmcs_cleared + vmcs_on_stragglers ==
-//!   vmcs_loaded`, and `vmcs_loaded > 0` when guests were running;
+//!   vmcs_loaded`, and `vmcs_loaded > 0` when guests were running; on SVM
+//!   (`backend: "svm"`) the same of the `vmcb_*` counts, and
+//!   `svm_off_cpus == checked_in` with the coordinator out of SVM too;
+//! - `nmi_in_guest`, when reported, has one entry per CPU started, and
+//!   `nmi_in_guest_cpus` counts its `true`s;
 //! - `nmi_latency_us` has one entry per CPU started, none for the
-//!   coordinator or for a CPU that could not take the NMI.
+//!   coordinator or for a CPU that could not take the NMI;
+//! - the VMX accounting, where hv reports it (`super::accounting`);
+//! - crashes from the NMI button, the lockup detector and a stray write,
+//!   and the points that disturb a crash, by their own rules
+//!   (`super::trigger`).
 
 use crate::crash::CrashSpecExt;
 use serde_json::Value;
 
-use super::expect::CrashRules;
+use super::expect::{Backend, CrashRules};
+use super::trigger;
 
 /// The message prefix of hv's injected panics: `injected crash on CPU N (...)`.
 const INJECTED_PANIC: &str = "injected crash on CPU ";
@@ -29,6 +38,9 @@ const INJECTED_PANIC: &str = "injected crash on CPU ";
 enum Trigger {
     Injected,
     Hypercall(u32),
+    /// The NMI button, the lockup detector, a stray write
+    /// ([`trigger::special`]), judged by `super::trigger`.
+    Special,
 }
 
 /// Whether a reported panic is the injected one: its message names one of
@@ -52,7 +64,7 @@ pub(crate) fn expected_panic(panic: &Value, rules: &CrashRules) -> bool {
 pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> {
     let mut problems = Vec::new();
     let asked = rules.describe();
-    if report["done"] == Value::Bool(true) {
+    if report["done"] == Value::Bool(true) && !rules.done_before_crash() {
         let mut text = format!("hv reported `done`: the crash asked for ({asked}) did not happen");
         if report["crash_injection"]["fired"] == Value::Bool(false) {
             let point = rules
@@ -86,27 +98,40 @@ pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> 
         }
         value
     };
+    // Which contexts the lists held: VMCBs on SVM (hv says so in the crash
+    // line; older reports have no `backend` there and only VMCSes).
+    let svm = crash["backend"].as_str() == Some("svm")
+        || (crash["backend"].is_null() && rules.backend == Some(Backend::Svm));
+    let (kind, prefix) = if svm {
+        ("VMCB", "vmcb")
+    } else {
+        ("VMCS", "vmcs")
+    };
     let cpu = field("cpu");
     let cpu_index = field("cpu_index");
     let expected = field("expected");
     let checked_in = field("checked_in");
-    let loaded = field("vmcs_loaded");
-    let cleared = field("vmcs_cleared");
-    let on_stragglers = field("vmcs_on_stragglers");
+    let loaded = field(&format!("{prefix}_loaded"));
+    let cleared = field(&format!("{prefix}_cleared"));
+    let on_stragglers = field(&format!("{prefix}_on_stragglers"));
     let vmxoff = field("vmxoff_cpus");
+    let svm_off = if svm { field("svm_off_cpus") } else { None };
     let shootdown_us = field("shootdown_us");
     let reason = crash["reason"].as_str().unwrap_or_default();
     let apic_ids = numbers(&report["cpus"]["apic_ids"]);
     let apic_id_of = |index: u64| apic_ids.as_ref()?.get(index as usize).copied();
 
     // Which trigger this is, and who may coordinate.
+    let special = trigger::special(reason, rules);
     let trigger = match rules.hypercall_vcpu {
+        _ if special.is_some() => Trigger::Special,
         Some(vcpu) if rules.injected.is_none() || reason.starts_with("crash hypercall") => {
             Trigger::Hypercall(vcpu)
         }
         _ => Trigger::Injected,
     };
     let (coordinators, wanted_reason) = match (trigger, rules.injected) {
+        (Trigger::Special, _) => (None, String::new()),
         (Trigger::Hypercall(vcpu), _) => (None, format!("crash hypercall from vCPU {vcpu}")),
         (Trigger::Injected, Some(spec)) => (
             Some(spec.panickers(rules.cpus)),
@@ -139,6 +164,10 @@ pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> 
     }
     let reason_ok = match trigger {
         Trigger::Hypercall(_) => reason == wanted_reason,
+        // Judged by its own rules below; so is a run that asked for
+        // nothing but special triggers.
+        Trigger::Special => true,
+        Trigger::Injected if rules.injected.is_none() => true,
         // `panic: injected crash on CPU N (...)`: the number must end there.
         Trigger::Injected => reason
             .strip_prefix(&wanted_reason)
@@ -149,7 +178,7 @@ pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> 
             "crash.reason is {}, expected {}",
             show(&crash["reason"]),
             match trigger {
-                Trigger::Hypercall(_) => format!("\"{wanted_reason}\""),
+                Trigger::Hypercall(_) | Trigger::Special => format!("\"{wanted_reason}\""),
                 Trigger::Injected => format!("\"{wanted_reason} (...)\""),
             }
         ));
@@ -258,22 +287,47 @@ pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> 
         && cleared + on_stragglers != loaded
     {
         problems.push(format!(
-            "crash.vmcs_cleared ({cleared}) + vmcs_on_stragglers ({on_stragglers}) is {}, \
-             but vmcs_loaded is {loaded}: a loaded VMCS was not cleared",
+            "crash.{prefix}_cleared ({cleared}) + {prefix}_on_stragglers ({on_stragglers}) is {}, \
+             but {prefix}_loaded is {loaded}: a loaded {kind} was not cleared",
             cleared + on_stragglers
         ));
     }
-    if rules.vmcs_loaded && loaded == Some(0) {
-        problems
-            .push("crash.vmcs_loaded is 0, but guests were running when the crash came".to_owned());
+    if rules.contexts_loaded && loaded == Some(0) {
+        problems.push(format!(
+            "crash.{prefix}_loaded is 0, but guests were running when the crash came"
+        ));
     }
     if rules.before_vmx()
         && let Some(loaded) = loaded.filter(|&n| n > 0)
     {
         problems.push(format!(
-            "crash.vmcs_loaded is {loaded}, but the crash came before VMX was enabled"
+            "crash.{prefix}_loaded is {loaded}, but the crash came before {} was enabled",
+            if svm { "SVM" } else { "VMX" }
         ));
     }
+    if svm {
+        // No VMCS on SVM: a VMCS count there is a mistake.
+        for key in ["vmcs_loaded", "vmcs_cleared"] {
+            if let Some(n) = crash[key].as_u64().filter(|&n| n > 0) {
+                problems.push(format!("crash.{key} is {n} on SVM, where there is no VMCS"));
+            }
+        }
+        if let (Some(off), Some(checked_in)) = (svm_off, checked_in)
+            && off != checked_in
+        {
+            problems.push(format!(
+                "crash.svm_off_cpus is {off}, expected {checked_in} (every CPU that checked in, \
+                 EFER.SVME read back clear)"
+            ));
+        }
+        if crash["coordinator_svm_off"] != Value::Bool(true) {
+            problems.push(format!(
+                "crash.coordinator_svm_off is {}, expected true",
+                show(&crash["coordinator_svm_off"])
+            ));
+        }
+    }
+    problems.extend(nmi_in_guest_problems(crash, rules, cpu_index));
     if let (Some(vmxoff), Some(checked_in)) = (vmxoff, checked_in)
         && vmxoff != checked_in
     {
@@ -325,6 +379,72 @@ pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> 
             "crash.nmi_latency_us is {}, expected a list",
             show(&crash["nmi_latency_us"])
         )),
+    }
+    problems.extend(super::accounting::problems(crash, rules.cpus, cpu_index));
+    problems.extend(trigger::problems(report, rules, special, cpu_index));
+    problems.extend(trigger::disturbance_problems(report, rules));
+    problems
+}
+
+/// Whether a reported exception is the one the run asked for.
+pub(crate) fn expected_exception(exception: &Value, rules: &CrashRules) -> bool {
+    trigger::expected_exception(exception, rules)
+}
+
+/// What is wrong with `nmi_in_guest` (per CPU: its crash NMI came as a
+/// guest's exit; null when it took none) and its count, when reported.
+fn nmi_in_guest_problems(
+    crash: &Value,
+    rules: &CrashRules,
+    coordinator: Option<u64>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let Some(entries) = crash["nmi_in_guest"].as_array() else {
+        if !crash["nmi_in_guest"].is_null() {
+            problems.push(format!(
+                "crash.nmi_in_guest is {}, expected a list",
+                show(&crash["nmi_in_guest"])
+            ));
+        }
+        return problems;
+    };
+    if entries.len() != rules.cpus as usize {
+        problems.push(format!(
+            "crash.nmi_in_guest has {} entries, expected {} (one per CPU started)",
+            entries.len(),
+            rules.cpus
+        ));
+    }
+    if entries
+        .iter()
+        .any(|entry| !entry.is_null() && !entry.is_boolean())
+    {
+        problems
+            .push("crash.nmi_in_guest holds something other than true, false and null".to_owned());
+    }
+    if let Some(index) = coordinator
+        && entries
+            .get(index as usize)
+            .is_some_and(|entry| !entry.is_null())
+    {
+        problems.push(format!(
+            "crash.nmi_in_guest[{index}] is {}, but that CPU is the coordinator: expected null",
+            entries[index as usize]
+        ));
+    }
+    let counted = entries
+        .iter()
+        .filter(|entry| entry.as_bool() == Some(true))
+        .count() as u64;
+    match crash["nmi_in_guest_cpus"].as_u64() {
+        Some(n) if n != counted => problems.push(format!(
+            "crash.nmi_in_guest_cpus is {n}, but nmi_in_guest has {counted} true entries"
+        )),
+        None => problems.push(format!(
+            "crash.nmi_in_guest_cpus is {}, expected a number",
+            show(&crash["nmi_in_guest_cpus"])
+        )),
+        _ => {}
     }
     problems
 }
@@ -704,6 +824,114 @@ mod tests {
         );
     }
 
+    /// The `crash` line of a clean shootdown on SVM (QEMU TCG `-cpu max`):
+    /// VMCBs instead of VMCSes, every CPU out of SVM, `in_guest` CPUs
+    /// found in guest mode.
+    fn clean_svm_crash(cpus: u64, coordinator: u64, loaded: u64, in_guest: &[u64]) -> Value {
+        let mut crash = clean_crash(
+            cpus,
+            coordinator,
+            &injected(coordinator, "after_ms elapsed"),
+            0,
+        );
+        let nmi_in_guest: Vec<Value> = (0..cpus)
+            .map(|i| {
+                if i == coordinator {
+                    Value::Null
+                } else {
+                    json!(in_guest.contains(&i))
+                }
+            })
+            .collect();
+        for (key, value) in [
+            ("backend", json!("svm")),
+            ("vmcb_loaded", json!(loaded)),
+            ("vmcb_cleared", json!(loaded)),
+            ("vmcb_visited", json!(loaded)),
+            ("vmcb_on_stragglers", json!(0)),
+            ("svm_off_cpus", json!(cpus - 1)),
+            ("coordinator_svm_off", json!(true)),
+            ("nmi_in_guest_cpus", json!(in_guest.len())),
+            ("nmi_in_guest", json!(nmi_in_guest)),
+        ] {
+            crash[key] = value;
+        }
+        crash
+    }
+
+    fn tcg_problems(report: &Value, words: &[&str]) -> Option<String> {
+        judge(
+            report,
+            &Expectations::from_cmdline(8, words).with_virt(Backend::Svm),
+            End::Exited(Some(QEMU_EXIT_CRASH)),
+            ExitConvention::QemuDebugExit,
+        )
+        .reason
+    }
+
+    #[test]
+    fn on_svm_the_vmcbs_are_accounted_and_every_cpu_is_out_of_svm() {
+        let words = ["crash=cpu:1,after_ms:200"];
+        let report = json!({"crash": clean_svm_crash(8, 1, 16, &[2, 5])});
+        assert_eq!(tcg_problems(&report, &words), None);
+
+        let mut lost = report.clone();
+        lost["crash"]["vmcb_cleared"] = json!(15);
+        assert_eq!(
+            tcg_problems(&lost, &words).as_deref(),
+            Some(
+                "crash.vmcb_cleared (15) + vmcb_on_stragglers (0) is 15, but vmcb_loaded is 16: \
+                 a loaded VMCB was not cleared"
+            )
+        );
+        let mut none = report.clone();
+        none["crash"]["vmcb_loaded"] = json!(0);
+        none["crash"]["vmcb_cleared"] = json!(0);
+        assert_eq!(
+            tcg_problems(&none, &words).as_deref(),
+            Some("crash.vmcb_loaded is 0, but guests were running when the crash came")
+        );
+        let mut still_on = report.clone();
+        still_on["crash"]["svm_off_cpus"] = json!(6);
+        still_on["crash"]["coordinator_svm_off"] = json!(false);
+        assert_eq!(
+            tcg_problems(&still_on, &words).as_deref(),
+            Some(
+                "crash.svm_off_cpus is 6, expected 7 (every CPU that checked in, EFER.SVME read \
+                 back clear); crash.coordinator_svm_off is false, expected true"
+            )
+        );
+        let mut vmcs = report.clone();
+        vmcs["crash"]["vmcs_loaded"] = json!(3);
+        assert_eq!(
+            tcg_problems(&vmcs, &words).as_deref(),
+            Some("crash.vmcs_loaded is 3 on SVM, where there is no VMCS")
+        );
+    }
+
+    #[test]
+    fn the_cpus_found_in_guest_mode_are_listed_per_cpu_and_counted() {
+        let words = ["crash=cpu:1,after_ms:200"];
+        let mut miscounted = json!({"crash": clean_svm_crash(8, 1, 16, &[2, 5])});
+        miscounted["crash"]["nmi_in_guest_cpus"] = json!(3);
+        assert_eq!(
+            tcg_problems(&miscounted, &words).as_deref(),
+            Some("crash.nmi_in_guest_cpus is 3, but nmi_in_guest has 2 true entries")
+        );
+        let mut short = json!({"crash": clean_svm_crash(8, 1, 16, &[])});
+        short["crash"]["nmi_in_guest"] = json!([false, null]);
+        assert_eq!(
+            tcg_problems(&short, &words).as_deref(),
+            Some("crash.nmi_in_guest has 2 entries, expected 8 (one per CPU started)")
+        );
+        let mut coordinator = json!({"crash": clean_svm_crash(8, 1, 16, &[])});
+        coordinator["crash"]["nmi_in_guest"][1] = json!(false);
+        assert_eq!(
+            tcg_problems(&coordinator, &words).as_deref(),
+            Some("crash.nmi_in_guest[1] is false, but that CPU is the coordinator: expected null")
+        );
+    }
+
     #[test]
     fn vmcs_loaded_must_be_positive_only_when_guests_ran() {
         let during = ["crash=cpu:3,after_ms:20"];
@@ -712,10 +940,15 @@ mod tests {
             bochs_problems(&report, &during).as_deref(),
             Some("crash.vmcs_loaded is 0, but guests were running when the crash came")
         );
-        // After the guest run, before VMX, and in QEMU TCG: none required.
-        assert_eq!(bochs_problems(&report, &["crash=cpu:3,after_ms:150"]), None);
+        // After the guest run too: the guests run on until the crash.
         assert_eq!(
-            bochs_problems(&report, &["crash=cpu:3,after_ms:20", "guest_run_ms=10"]),
+            bochs_problems(&report, &["crash=cpu:3,after_ms:150"]).as_deref(),
+            Some("crash.vmcs_loaded is 0, but guests were running when the crash came")
+        );
+        // Before VMX, and where no platform is known to run guests: none
+        // required.
+        assert_eq!(
+            qemu_problems(&report, &["crash=cpu:3,after_ms:20"], QEMU_EXIT_CRASH),
             None
         );
         let before = json!({"crash": clean_crash(8, 3, &injected(3, "after_ms elapsed"), 0)});
@@ -815,6 +1048,249 @@ mod tests {
             reason,
             "timed out after 60 s; no `crash` report \
              (asked for: crash=cpu:0,after_ms:3,point:nmi_blocked)"
+        );
+    }
+
+    /// A QEMU crash report on 8 CPUs (APIC ID == index) coordinated by
+    /// `coordinator` for `reason`, with the boot report before it.
+    fn qemu_crash(coordinator: u64, reason: &str) -> Value {
+        json!({
+            "cpus": cpus_line(8),
+            "virt": {"backend": "none", "reason": "the CPU has no VMX"},
+            "crash": clean_crash(8, coordinator, reason, 0),
+        })
+    }
+
+    #[test]
+    fn a_lockup_names_the_hung_cpu_and_is_noticed_by_another() {
+        let words = ["hang=cpu:3,after_ms:100,how:lock", "watchdog=1"];
+        let mut report = qemu_crash(0, "lockup: CPU 3 (APIC ID 3) has not ticked for 1085 ms");
+        report["crash"]["lockup_cpus"] = json!([3, 4]);
+        assert_eq!(qemu_problems(&report, &words, QEMU_EXIT_CRASH), None);
+        // The waiter may be named instead; only hung CPUs may be.
+        report["crash"]["reason"] = json!("lockup: CPU 4 (APIC ID 4) has not ticked for 1001 ms");
+        assert_eq!(qemu_problems(&report, &words, QEMU_EXIT_CRASH), None);
+        report["crash"]["lockup_cpus"] = json!([4, 6]);
+        assert_eq!(
+            qemu_problems(&report, &words, QEMU_EXIT_CRASH).as_deref(),
+            Some("crash.lockup_cpus names APIC ID 6, which was not hung (hung: [3, 4])")
+        );
+        let mut wrong = qemu_crash(3, "lockup: CPU 5 (APIC ID 5) has not ticked for 900 ms");
+        wrong["crash"]["lockup_cpus"] = json!([5]);
+        assert_eq!(
+            qemu_problems(&wrong, &words, QEMU_EXIT_CRASH).as_deref(),
+            Some(
+                "the lockup names CPU 5, but hang= hangs CPU [3, 4]; the lockup says CPU 5 was \
+                 silent 900 ms, less than watchdog=1 s; crash.lockup_cpus names APIC ID 5, \
+                 which was not hung (hung: [3, 4]); crash.cpu_index is 3, a hung CPU: a CPU \
+                 that noticed the lockup coordinates"
+            )
+        );
+        // A panic instead of the lockup.
+        let panic = qemu_crash(2, &injected(2, "x"));
+        let reason = qemu_problems(&panic, &words, QEMU_EXIT_CRASH).unwrap();
+        assert!(
+            reason.starts_with(
+                "crash.reason is \"panic: injected crash on CPU 2 (x)\", expected \"lockup: CPU N"
+            ),
+            "{reason}"
+        );
+        // Nothing to notice the hang: the run can only time out.
+        let hung = json!({"cpus": cpus_line(8), "virt": {"backend": "none", "reason": "x"}});
+        let reason = judge(
+            &hung,
+            &Expectations::from_cmdline(8, &["hang=cpu:3", "watchdog=0"]),
+            End::TimedOut(std::time::Duration::from_secs(60)),
+            ExitConvention::QemuDebugExit,
+        )
+        .reason
+        .unwrap();
+        assert_eq!(
+            reason,
+            "timed out after 60 s; no `done` report: hang= hangs a CPU and nothing notices \
+             (watchdog=0 and no NMI button)"
+        );
+    }
+
+    #[test]
+    fn the_nmi_button_crashes_on_any_cpu_even_after_done() {
+        let expect = Expectations::from_cmdline(8, &["finish=halt"]).with_nmi_button(true);
+        let judge_button = |report: &Value| {
+            judge(
+                report,
+                &expect,
+                End::Exited(None),
+                ExitConvention::Meaningless,
+            )
+            .reason
+        };
+        let mut report = qemu_crash(5, EXTERNAL_NMI_REASON);
+        report["done"] = json!(true);
+        assert_eq!(judge_button(&report), None);
+        report["crash"]["reason"] = json!("panic: oops");
+        assert_eq!(
+            judge_button(&report).as_deref(),
+            Some("crash.reason is \"panic: oops\", expected \"external NMI\" (the NMI button)")
+        );
+        // With a hang and the watchdog on, either may win.
+        let expect =
+            Expectations::from_cmdline(8, &["hang=cpu:3,after_ms:100"]).with_nmi_button(true);
+        let mut lockup = qemu_crash(0, "lockup: CPU 3 (APIC ID 3) has not ticked for 10021 ms");
+        lockup["crash"]["lockup_cpus"] = json!([3]);
+        for report in [qemu_crash(3, EXTERNAL_NMI_REASON), lockup] {
+            let verdict = judge(
+                &report,
+                &expect,
+                End::Exited(Some(QEMU_EXIT_CRASH)),
+                ExitConvention::QemuDebugExit,
+            );
+            assert_eq!(verdict.reason, None);
+        }
+        // A hung hv never says done.
+        let mut done = qemu_crash(3, EXTERNAL_NMI_REASON);
+        done["done"] = json!(true);
+        let reason = judge(
+            &done,
+            &expect,
+            End::Exited(Some(QEMU_EXIT_CRASH)),
+            ExitConvention::QemuDebugExit,
+        )
+        .reason
+        .unwrap();
+        assert!(reason.starts_with("hv reported `done`"), "{reason}");
+    }
+
+    const EXTERNAL_NMI_REASON: &str = "external NMI";
+
+    #[test]
+    fn a_stray_write_faults_on_the_boot_cpu_inside_the_reservation() {
+        let words = ["stray_write=reservation", "crashkernel=64M@0x10000000"];
+        let mut report = qemu_crash(0, "fatal exception #PF page fault (vector 14)");
+        report["crashkernel"] = json!({"base": 0x1000_0000u64, "size": 0x400_0000u64});
+        report["exception"] = json!({"vector": 14, "name": "#PF page fault", "error_code": 3,
+                                     "rip": 0x20_1000, "cr2": 0x1100_0000u64, "cpu": 0});
+        assert_eq!(qemu_problems(&report, &words, QEMU_EXIT_CRASH), None);
+        report["exception"]["cr2"] = json!(0x2000_0000u64);
+        assert_eq!(
+            qemu_problems(&report, &words, QEMU_EXIT_CRASH).as_deref(),
+            Some(
+                "the page fault's address 0x20000000 is outside the reservation \
+                 [0x10000000, 0x14000000)"
+            )
+        );
+        // Without the knob, the same fault fails the run.
+        report["exception"]["cr2"] = json!(0x1100_0000u64);
+        let reason = qemu_problems(&report, &[], QEMU_EXIT_CRASH).unwrap();
+        assert!(
+            reason.starts_with("fatal exception #PF page fault (vector 14) on cpu 0"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn a_disturbed_crash_must_show_the_disturbance_and_survive_it() {
+        let captured = |crash: Value, capture: Value| {
+            json!({"cpus": cpus_line(8), "virt": {"backend": "none", "reason": "x"},
+                   "crash": crash, "capture": capture})
+        };
+        let crash = clean_crash(8, 2, &injected(2, "after_ms elapsed"), 0);
+        let jumped = |attempt: u64, stray: u64| {
+            json!({"loaded": true, "kernel": "hv", "digest_ok": true, "jumped": true,
+                   "attempt": attempt, "coordinator_stray_nmis": stray})
+        };
+        let problems = |report: &Value, point: &str| {
+            qemu_problems(
+                report,
+                &[&format!("crash=cpu:2,after_ms:5,point:{point}")],
+                QEMU_EXIT_CRASH,
+            )
+        };
+        // handover_panic: the second attempt jumps.
+        assert_eq!(
+            problems(&captured(crash.clone(), jumped(2, 0)), "handover_panic"),
+            None
+        );
+        assert_eq!(
+            problems(&captured(crash.clone(), jumped(1, 0)), "handover_panic").as_deref(),
+            Some(
+                "capture.attempt is 1, expected 2 (the first hand-over panicked; the second \
+                 must jump)"
+            )
+        );
+        // Points of the hand-over without a capture kernel never fire.
+        let none = json!({"cpus": cpus_line(8), "virt": {"backend": "none", "reason": "x"},
+                          "crash": crash.clone()});
+        assert_eq!(
+            problems(&none, "nmi_in_digest").as_deref(),
+            Some(
+                "point:nmi_in_digest strikes inside the hand-over to a capture kernel, and hv \
+                 loaded none: it never fired"
+            )
+        );
+        // The purgatory counts the NMI it took.
+        let mut purgatory = jumped(1, 0);
+        purgatory["purgatory"] = json!({"entry_tsc": 1, "nmis_64": 1, "nmis_32": 0});
+        assert_eq!(
+            problems(
+                &captured(crash.clone(), purgatory.clone()),
+                "nmi_in_purgatory"
+            ),
+            None
+        );
+        purgatory["purgatory"]["nmis_64"] = json!(0);
+        assert_eq!(
+            problems(&captured(crash.clone(), purgatory), "nmi_in_purgatory").as_deref(),
+            Some(
+                "capture.purgatory.nmis_64 + nmis_32 is 0: the stray NMI never reached the purgatory"
+            )
+        );
+        // The stray NMIs must have landed.
+        assert_eq!(
+            problems(&captured(crash.clone(), jumped(1, 1)), "nmi_in_header"),
+            None
+        );
+        assert_eq!(
+            problems(&captured(crash.clone(), jumped(1, 0)), "nmi_in_header").as_deref(),
+            Some(
+                "capture.coordinator_stray_nmis is 0: the stray NMI during the core header \
+                 never reached the coordinator"
+            )
+        );
+        let mut after = crash.clone();
+        after["coordinator_stray_nmis"] = json!(0);
+        assert_eq!(
+            problems(&none_with(&after), "nmi_after_cleanup").as_deref(),
+            Some(
+                "crash.coordinator_stray_nmis is 0: the stray NMI after the coordinator's \
+                 cleanup never reached it"
+            )
+        );
+        after["coordinator_stray_nmis"] = json!(1);
+        assert_eq!(problems(&none_with(&after), "nmi_after_cleanup"), None);
+        let mut everyone = crash.clone();
+        everyone["nested_nmis"] = json!(0);
+        everyone["coordinator_stray_nmis"] = json!(0);
+        assert!(problems(&none_with(&everyone), "external_nmi").is_some());
+        everyone["nested_nmis"] = json!(6);
+        assert_eq!(problems(&none_with(&everyone), "external_nmi"), None);
+    }
+
+    fn none_with(crash: &Value) -> Value {
+        json!({"cpus": cpus_line(8), "virt": {"backend": "none", "reason": "x"}, "crash": crash})
+    }
+
+    #[test]
+    fn the_vmx_accounting_joins_the_verdict() {
+        let words = ["crash=cpu:3,after_ms:20"];
+        let mut crash = clean_crash(8, 3, &injected(3, "after_ms elapsed"), 16);
+        crash["vmxoff_executed"] = json!(7);
+        crash["vmx_was_on_cpus"] = json!(8);
+        assert_eq!(
+            bochs_problems(&json!({"crash": crash}), &words).as_deref(),
+            Some(
+                "crash.vmxoff_executed is 7, but vmx_was_on_cpus is 8: a CPU with VMX on did \
+                 not execute VMXOFF"
+            )
         );
     }
 }

@@ -14,13 +14,17 @@ use crate::crash::CrashSpecExt;
 use serde_json::{Value, json};
 
 use crate::crash::{self, CrashSpec, Point, parse_number};
+use hv_abi::defaults::{MAX_WATCHDOG_SECONDS, WATCHDOG_SECONDS};
+use hv_abi::knobs::{ExternalNmi, HangHow, HangSpec};
 
 /// The virtualisation backend hv reports in `virt.backend`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     /// VMX root operation with guests.
     Vmx,
-    /// No virtualisation (no VMX on the CPU).
+    /// SVM with guests (AMD, QEMU TCG's `-cpu max`).
+    Svm,
+    /// No virtualisation (neither VMX nor SVM on the CPU).
     None,
 }
 
@@ -29,7 +33,39 @@ impl Backend {
     pub fn as_str(self) -> &'static str {
         match self {
             Backend::Vmx => "vmx",
+            Backend::Svm => "svm",
             Backend::None => "none",
+        }
+    }
+
+    /// The backend named `name` in a report.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "vmx" => Some(Backend::Vmx),
+            "svm" => Some(Backend::Svm),
+            "none" => Some(Backend::None),
+            _ => None,
+        }
+    }
+
+    /// Whether guests run with it.
+    pub fn runs_guests(self) -> bool {
+        self != Backend::None
+    }
+
+    /// What its guests' hardware contexts are called: "VMCS", "VMCB".
+    pub fn context(self) -> &'static str {
+        match self {
+            Backend::Svm => "VMCB",
+            _ => "VMCS",
+        }
+    }
+
+    /// The report's word for a guest stopped by a nested page fault.
+    pub fn nested_page_fault(self) -> &'static str {
+        match self {
+            Backend::Svm => "nested_page_fault",
+            _ => "ept_violation",
         }
     }
 }
@@ -47,10 +83,11 @@ pub struct Expectations {
     /// other CPU that was started must come online.
     pub failed: Vec<u32>,
     /// The backend hv must report, when the platform decides it (Bochs'
-    /// CPU model has VMX); `None` accepts either.
+    /// CPU model has VMX, QEMU TCG's `-cpu max` SVM); `None` accepts any.
     pub virt: Option<Backend>,
-    /// vCPUs that must be stopped for an EPT violation when guests run
-    /// (`guest_misbehave=`); no other guest may be stopped.
+    /// vCPUs that must be stopped for a nested page fault (EPT violation,
+    /// NPF) when guests run (`guest_misbehave=`); no other guest may be
+    /// stopped.
     pub stopped_vcpus: Vec<u32>,
     /// The crash the command line asks for, if any.
     pub crash: CrashKnobs,
@@ -63,13 +100,26 @@ pub struct CrashKnobs {
     /// `crash=`: the injected crash.
     pub injected: Option<CrashSpec>,
     /// `guest_crash_call=N` with `crash_hypercall=allow`: vCPU N's guest
-    /// makes the crash hypercall (only where guests run, with VMX).
+    /// makes the crash hypercall (only where guests run).
     pub hypercall_vcpu: Option<u32>,
     /// `crash_timeout_ms=`: how long the rendezvous waits for stragglers.
     pub timeout_ms: u64,
     /// `guest_run_ms=`: how long the guests run (a time-based crash within
     /// it lands while VMCSes are loaded).
     pub guest_run_ms: u64,
+    /// `hang=`: a CPU hangs once the boot report is out (and with
+    /// `how:lock` the next one too); hv never says `done`.
+    pub hang: Option<HangSpec>,
+    /// `watchdog=`: the lockup detector's threshold in seconds (0: off).
+    pub watchdog_seconds: u64,
+    /// `nmi=`: what an NMI from outside does.
+    pub external_nmi: ExternalNmi,
+    /// `stray_write=reservation`: a write into the capture reservation
+    /// after the boot report, which must fault at once.
+    pub stray_write: bool,
+    /// The platform's NMI button is pressed during the run (QMP
+    /// `inject-nmi`, xtask's `--nmi-button-after-ms`: not a word of hv's).
+    pub nmi_button: bool,
 }
 
 impl Default for CrashKnobs {
@@ -79,23 +129,52 @@ impl Default for CrashKnobs {
             hypercall_vcpu: None,
             timeout_ms: crash::DEFAULT_TIMEOUT_MS,
             guest_run_ms: crash::DEFAULT_GUEST_RUN_MS,
+            hang: None,
+            watchdog_seconds: WATCHDOG_SECONDS,
+            external_nmi: ExternalNmi::Dump,
+            stray_write: false,
+            nmi_button: false,
         }
     }
 }
 
 impl CrashKnobs {
-    /// Whether the command line asks for any crash.
+    /// Whether the command line asks for any crash (the crash hypercall
+    /// only where guests run: see [`Expectations::crash_rules`]).
     pub fn any(&self) -> bool {
-        self.injected.is_some() || self.hypercall_vcpu.is_some()
+        self.injected.is_some()
+            || self.hypercall_vcpu.is_some()
+            || self.stray_write
+            || self.lockup_expected()
+            || self.button_crashes()
     }
 
-    /// Whether an injected crash fires while VMX guests run (given guests
-    /// run at all): a point of the loaded-VMCS protocol, or a time-based
-    /// crash due before the guest run ends. Then VMCSes are loaded when it
+    /// Whether the lockup detector must find a hung CPU: `hang=` with the
+    /// detector on.
+    pub fn lockup_expected(&self) -> bool {
+        self.hang.is_some() && self.watchdog_seconds > 0
+    }
+
+    /// Whether the NMI button starts the crash path (`nmi=dump`, the
+    /// default).
+    pub fn button_crashes(&self) -> bool {
+        self.nmi_button && self.external_nmi == ExternalNmi::Dump
+    }
+
+    /// Whether nothing will end a `hang=`: the detector is off and no NMI
+    /// button is pressed (the run can only time out).
+    pub fn hang_unnoticed(&self) -> bool {
+        self.hang.is_some() && self.watchdog_seconds == 0 && !self.button_crashes()
+    }
+
+    /// Whether an injected crash fires while guests run (given guests run
+    /// at all): a point of the loaded-context protocol, or a time-based
+    /// crash (due during the guest run, or after it: then hv keeps the
+    /// guests running until it comes). Then contexts are loaded when it
     /// happens.
     pub fn injected_during_guest_run(&self) -> bool {
         self.injected.is_some_and(|spec| match spec.point {
-            None => spec.after_ms < self.guest_run_ms,
+            None => true,
             Some(point) => point.needs_vmx(),
         })
     }
@@ -155,6 +234,22 @@ impl Expectations {
                         expect.crash.guest_run_ms = ms;
                     }
                 }
+                ("hang", _) => {
+                    if let Ok(spec) = HangSpec::parse(value) {
+                        expect.crash.hang = Some(spec);
+                    }
+                }
+                ("watchdog", _) => {
+                    if let Some(seconds) = wide.filter(|s| *s <= MAX_WATCHDOG_SECONDS) {
+                        expect.crash.watchdog_seconds = seconds;
+                    }
+                }
+                ("nmi", _) => {
+                    if let Ok(policy) = ExternalNmi::parse(value) {
+                        expect.crash.external_nmi = policy;
+                    }
+                }
+                ("stray_write", _) if value == "reservation" => expect.crash.stray_write = true,
                 _ => {}
             }
         }
@@ -170,6 +265,12 @@ impl Expectations {
         self
     }
 
+    /// The same expectations for a run whose NMI button is pressed.
+    pub fn with_nmi_button(mut self, pressed: bool) -> Self {
+        self.crash.nmi_button = pressed;
+        self
+    }
+
     /// How many CPUs hv must try to start: all of them, or `max_cpus`.
     pub fn attempted(&self) -> u32 {
         self.max_cpus
@@ -182,34 +283,53 @@ impl Expectations {
         self.attempted().saturating_sub(failed)
     }
 
-    /// Whether guests run with VMX, as far as the platform tells before
-    /// the run (Bochs, nested KVM); `None` when only hv's report can tell.
-    pub fn vmx_known(&self) -> Option<bool> {
-        self.virt.map(|backend| backend == Backend::Vmx)
+    /// Whether guests run, as far as the platform tells before the run
+    /// (Bochs, nested KVM: VMX; QEMU TCG `-cpu max`: SVM); `None` when
+    /// only hv's report can tell.
+    pub fn guests_known(&self) -> Option<bool> {
+        self.virt.map(Backend::runs_guests)
     }
 
-    /// The crash hv must go through, given what it reported about VMX
+    /// The crash hv must go through, given the backend it reported
     /// (`virt.backend`, when the platform did not decide it): the injected
     /// crash, or the crash hypercall where guests run. `None`: the run must
     /// end with `done`.
     pub fn crash_rules(&self, reported_backend: Option<&str>) -> Option<CrashRules> {
-        let vmx = self
-            .vmx_known()
-            .unwrap_or(reported_backend == Some(Backend::Vmx.as_str()));
-        let hypercall_vcpu = self.crash.hypercall_vcpu.filter(|_| vmx);
-        if self.crash.injected.is_none() && hypercall_vcpu.is_none() {
+        let backend = self
+            .virt
+            .or_else(|| reported_backend.and_then(Backend::parse));
+        let guests = backend.is_some_and(Backend::runs_guests);
+        let hypercall_vcpu = self.crash.hypercall_vcpu.filter(|_| guests);
+        let knobs = &self.crash;
+        if knobs.injected.is_none()
+            && hypercall_vcpu.is_none()
+            && !knobs.stray_write
+            && !knobs.lockup_expected()
+            && !knobs.button_crashes()
+        {
             return None;
         }
         Some(CrashRules {
-            injected: self.crash.injected,
+            injected: knobs.injected,
             hypercall_vcpu,
             cpus: self.attempted(),
             online: self.online(),
-            timeout_ms: self.crash.timeout_ms,
-            // VMCSes are loaded when the crash comes during the guest run,
-            // on a platform known to run guests.
-            vmcs_loaded: self.vmx_known() == Some(true)
-                && (hypercall_vcpu.is_some() || self.crash.injected_during_guest_run()),
+            timeout_ms: knobs.timeout_ms,
+            backend,
+            // Contexts are loaded when the crash comes during the guest
+            // run, on a platform known to run guests.
+            contexts_loaded: self.guests_known() == Some(true)
+                && (hypercall_vcpu.is_some() || knobs.injected_during_guest_run()),
+            hung: knobs
+                .hang
+                .map(|hang| hung_cpus(&hang, self.attempted()))
+                .unwrap_or_default(),
+            lockup_after_ms: knobs
+                .lockup_expected()
+                .then(|| knobs.watchdog_seconds.saturating_mul(1000)),
+            external_nmi: knobs.button_crashes(),
+            stray_write: knobs.stray_write,
+            hang: knobs.hang,
         })
     }
 
@@ -225,18 +345,54 @@ impl Expectations {
         });
         if self.crash.any() {
             let injected = self.crash.injected;
+            let loaded = self.guests_known() == Some(true)
+                && (self.crash.hypercall_vcpu.is_some() || self.crash.injected_during_guest_run());
             value["crash"] = json!({
                 "spec": injected.map(|spec| spec.to_string()),
                 "panickers": injected.map(|spec| spec.panickers(self.attempted())),
                 "stragglers": injected.map(|spec| spec.stragglers()).unwrap_or_default(),
                 "hypercall_vcpu": self.crash.hypercall_vcpu,
                 "timeout_ms": self.crash.timeout_ms,
-                "vmcs_loaded": self.vmx_known() == Some(true)
-                    && (self.crash.hypercall_vcpu.is_some()
-                        || self.crash.injected_during_guest_run()),
+                "vmcs_loaded": loaded && self.virt == Some(Backend::Vmx),
+                "vmcb_loaded": loaded && self.virt == Some(Backend::Svm),
             });
+            let knobs = &self.crash;
+            if let Some(hang) = knobs.hang {
+                value["crash"]["hang"] = json!(hang.to_string());
+                value["crash"]["hung_cpus"] = json!(hung_cpus(&hang, self.attempted()));
+            }
+            if knobs.hang.is_some() || knobs.watchdog_seconds != WATCHDOG_SECONDS {
+                value["crash"]["watchdog_seconds"] = json!(knobs.watchdog_seconds);
+            }
+            if knobs.nmi_button {
+                value["crash"]["nmi_button"] = json!(true);
+                value["crash"]["external_nmi"] = json!(knobs.button_crashes());
+            }
+            if knobs.stray_write {
+                value["crash"]["stray_write"] = json!(true);
+            }
         }
         value
+    }
+}
+
+/// The CPU indexes `hang=` hangs on a machine of `cpus` CPUs: the target,
+/// and with `how:lock` the next one, which waits for its lock (none when
+/// the target does not exist: hv then hangs nothing).
+pub fn hung_cpus(hang: &HangSpec, cpus: u32) -> Vec<u32> {
+    if hang.cpu >= cpus {
+        return Vec::new();
+    }
+    match hang.how {
+        HangHow::Spin => vec![hang.cpu],
+        HangHow::Lock => {
+            let waiter = (hang.cpu + 1) % cpus;
+            if waiter == hang.cpu {
+                vec![hang.cpu]
+            } else {
+                vec![hang.cpu, waiter]
+            }
+        }
     }
 }
 
@@ -254,8 +410,24 @@ pub struct CrashRules {
     pub online: u32,
     /// `crash_timeout_ms`.
     pub timeout_ms: u64,
-    /// Whether `vmcs_loaded` must be above 0: guests were running.
-    pub vmcs_loaded: bool,
+    /// The backend, as the platform decided or hv reported it.
+    pub backend: Option<Backend>,
+    /// Whether the loaded contexts (`vmcs_loaded`, or `vmcb_loaded` on
+    /// SVM) must be above 0: guests were running.
+    pub contexts_loaded: bool,
+    /// `hang=`, if given.
+    pub hang: Option<HangSpec>,
+    /// The CPU indexes `hang=` hangs (see [`hung_cpus`]).
+    pub hung: Vec<u32>,
+    /// The lockup detector's threshold (ms), when it is on and a CPU
+    /// hangs: a `lockup: ...` reason may end the run.
+    pub lockup_after_ms: Option<u64>,
+    /// The NMI button starts the crash path: an `external NMI` reason may
+    /// end the run.
+    pub external_nmi: bool,
+    /// `stray_write=reservation`: a page fault on the boot CPU may end
+    /// the run.
+    pub stray_write: bool,
 }
 
 impl CrashRules {
@@ -268,11 +440,29 @@ impl CrashRules {
         if let Some(vcpu) = self.hypercall_vcpu {
             parts.push(format!("crash_hypercall=allow guest_crash_call={vcpu}"));
         }
+        if let Some(hang) = self.hang {
+            parts.push(format!("hang={hang}"));
+        }
+        if let Some(ms) = self.lockup_after_ms {
+            parts.push(format!("watchdog={}", ms / 1000));
+        }
+        if self.stray_write {
+            parts.push("stray_write=reservation".to_owned());
+        }
+        if self.external_nmi {
+            parts.push("the NMI button".to_owned());
+        }
         parts.join(" ")
     }
 
-    /// Whether the injected crash comes before VMX is enabled anywhere
-    /// (`before_vmx`, `bringup`): then no VMCS can be loaded.
+    /// Whether `done` may come before the crash: the NMI button pressed on
+    /// an idle hv (no `hang=`), which reported `done` and stayed up.
+    pub fn done_before_crash(&self) -> bool {
+        self.external_nmi && self.hang.is_none() && self.injected.is_none()
+    }
+
+    /// Whether the injected crash comes before the backend is enabled
+    /// anywhere (`before_vmx`, `bringup`): then no context can be loaded.
     pub fn before_vmx(&self) -> bool {
         self.hypercall_vcpu.is_none()
             && self
@@ -375,15 +565,27 @@ mod tests {
                 hypercall_vcpu: None,
                 timeout_ms: 500,
                 guest_run_ms: 100,
+                ..CrashKnobs::default()
             }
         );
         // The other expectations stay: the crash report judges the CPUs.
         assert_eq!((expect.attempted(), expect.online()), (8, 8));
         let rules = expect.crash_rules(None).unwrap();
         assert_eq!((rules.cpus, rules.online, rules.timeout_ms), (8, 8, 500));
-        assert!(!rules.vmcs_loaded, "no platform known to run guests");
-        let bochs = expect.with_virt(Backend::Vmx).crash_rules(None).unwrap();
-        assert!(bochs.vmcs_loaded);
+        assert!(!rules.contexts_loaded, "no platform known to run guests");
+        let bochs = expect
+            .clone()
+            .with_virt(Backend::Vmx)
+            .crash_rules(None)
+            .unwrap();
+        assert!(bochs.contexts_loaded);
+        let tcg = expect
+            .clone()
+            .with_virt(Backend::Svm)
+            .crash_rules(None)
+            .unwrap();
+        assert!(tcg.contexts_loaded);
+        assert_eq!(tcg.backend, Some(Backend::Svm));
         assert_eq!(bochs.describe(), "crash=cpu:3,after_ms:20,point:list_add0");
     }
 
@@ -408,7 +610,7 @@ mod tests {
     }
 
     #[test]
-    fn the_hypercall_needs_both_words_and_vmx() {
+    fn the_hypercall_needs_both_words_and_guests() {
         let words = ["guest_crash_call=5", "crash_hypercall=allow"];
         let expect = Expectations::from_cmdline(8, &words);
         assert_eq!(expect.crash.hypercall_vcpu, Some(5));
@@ -426,23 +628,28 @@ mod tests {
             ],
         );
         assert_eq!(denied.crash.hypercall_vcpu, None);
+        assert_eq!(
+            expect.crash_rules(Some("svm")).unwrap().hypercall_vcpu,
+            Some(5)
+        );
         let bochs = expect.with_virt(Backend::Vmx);
         assert!(
             bochs
                 .crash_rules(Some("none"))
-                .is_some_and(|rules| rules.vmcs_loaded)
+                .is_some_and(|rules| rules.contexts_loaded)
         );
     }
 
     #[test]
-    fn a_time_based_crash_lands_in_the_guest_run_only_before_it_ends() {
+    fn a_time_based_crash_lands_while_guests_run_before_or_after_the_boot_report() {
         let during = |words: &[&str]| {
             Expectations::from_cmdline(8, words)
                 .crash
                 .injected_during_guest_run()
         };
         assert!(during(&["crash=cpu:1,after_ms:99"]));
-        assert!(!during(&["crash=cpu:1,after_ms:100"]));
+        // After the boot run the guests keep running until the crash.
+        assert!(during(&["crash=cpu:1,after_ms:100"]));
         assert!(during(&["crash=cpu:1,after_ms:150", "guest_run_ms=200"]));
         assert!(during(&["crash=cpu:1,after_ms:500,point:vcpu_load"]));
         assert!(!during(&["crash=cpu:1,after_ms:5,point:nmi_blocked"]));
@@ -459,9 +666,88 @@ mod tests {
             json!({
                 "spec": "cpu:0,after_ms:3,point:nmi_blocked", "panickers": [1],
                 "stragglers": [0], "hypercall_vcpu": null, "timeout_ms": 1000,
-                "vmcs_loaded": false,
+                "vmcs_loaded": false, "vmcb_loaded": false,
             })
         );
+        let tcg = Expectations::from_cmdline(8, &["crash=cpu:1,after_ms:200"])
+            .with_virt(Backend::Svm)
+            .to_json();
+        assert_eq!(
+            (&tcg["crash"]["vmcs_loaded"], &tcg["crash"]["vmcb_loaded"]),
+            (&json!(false), &json!(true))
+        );
         assert!(Expectations::all_cpus(2).to_json().get("crash").is_none());
+    }
+
+    #[test]
+    fn a_hang_expects_the_lockup_detector_unless_it_is_off() {
+        let expect = Expectations::from_cmdline(8, &["hang=cpu:3,after_ms:100,how:lock"]);
+        assert!(expect.crash.lockup_expected());
+        let rules = expect.crash_rules(None).unwrap();
+        assert_eq!(rules.hung, [3, 4]);
+        assert_eq!(rules.lockup_after_ms, Some(10_000), "the default watchdog");
+        assert!(!rules.external_nmi && !rules.stray_write);
+        assert_eq!(
+            rules.describe(),
+            "hang=cpu:3,after_ms:100,how:lock watchdog=10"
+        );
+        let spin = Expectations::from_cmdline(8, &["hang=cpu:7", "watchdog=0x2"]);
+        let rules = spin.crash_rules(None).unwrap();
+        assert_eq!(
+            (rules.hung.as_slice(), rules.lockup_after_ms),
+            (&[7][..], Some(2000))
+        );
+        // The last CPU's lock waiter is CPU 0.
+        let last = Expectations::from_cmdline(8, &["hang=cpu:7,how:lock"]);
+        assert_eq!(last.crash_rules(None).unwrap().hung, [7, 0]);
+        // Off, and no button: nothing ends the hang.
+        let off = Expectations::from_cmdline(8, &["hang=cpu:3", "watchdog=0"]);
+        assert!(off.crash.hang_unnoticed());
+        assert!(off.crash_rules(None).is_none());
+        // The button notices it.
+        let button = off.clone().with_nmi_button(true);
+        assert!(!button.crash.hang_unnoticed());
+        let rules = button.crash_rules(None).unwrap();
+        assert!(rules.external_nmi && rules.lockup_after_ms.is_none());
+        assert!(!rules.done_before_crash(), "a hang never says done");
+        // A CPU that does not exist hangs nothing.
+        let missing = Expectations::from_cmdline(8, &["hang=cpu:8"]);
+        assert!(missing.crash_rules(None).unwrap().hung.is_empty());
+    }
+
+    #[test]
+    fn the_nmi_button_crashes_only_with_nmi_dump() {
+        let idle = Expectations::all_cpus(8).with_nmi_button(true);
+        let rules = idle.crash_rules(None).unwrap();
+        assert!(rules.external_nmi && rules.done_before_crash());
+        assert_eq!(rules.describe(), "the NMI button");
+        for policy in ["nmi=log", "nmi=ignore"] {
+            let expect = Expectations::from_cmdline(8, &[policy]).with_nmi_button(true);
+            assert!(expect.crash_rules(None).is_none(), "{policy}");
+        }
+        let bad = Expectations::from_cmdline(8, &["nmi=loud"]).with_nmi_button(true);
+        assert!(
+            bad.crash_rules(None).is_some(),
+            "hv keeps its default, dump"
+        );
+        assert_eq!(
+            idle.to_json()["crash"]["nmi_button"],
+            json!(true),
+            "{}",
+            idle.to_json()
+        );
+    }
+
+    #[test]
+    fn a_stray_write_expects_its_fault() {
+        let expect = Expectations::from_cmdline(4, &["stray_write=reservation"]);
+        let rules = expect.crash_rules(None).unwrap();
+        assert!(rules.stray_write);
+        assert_eq!(rules.describe(), "stray_write=reservation");
+        assert!(
+            Expectations::from_cmdline(4, &["stray_write=kernel"])
+                .crash_rules(None)
+                .is_none()
+        );
     }
 }

@@ -6,13 +6,16 @@
 //! does not parse is skipped but remembered, so that a garbled report shows
 //! up in the run report instead of vanishing.
 
+mod accounting;
 mod crash;
 mod expect;
 mod summary;
+mod trigger;
 mod verdict;
 
-pub use expect::{Backend, CrashKnobs, CrashRules, Expectations};
+pub use expect::{Backend, CrashKnobs, CrashRules, Expectations, hung_cpus};
 pub use summary::{summary, summary_in};
+pub use trigger::EXTERNAL_NMI;
 pub use verdict::{
     End, ExitConvention, QEMU_EXIT_CRASH, QEMU_EXIT_FAILURE, QEMU_EXIT_SUCCESS, Verdict, judge,
 };

@@ -1,19 +1,20 @@
 //! The few lines a person reads after a run.
 //!
 //! One block, one line per stage of the run, each only when the run got
-//! there: the boot path and loader, the CPUs and their bring-up, VMX and
-//! the guests (or why there are none), the crash, the shootdown and the
-//! VMCSes, the capture and the dump, notes, the verdict, and then the
-//! commands that open the dump. For example (a default `qemu-smp` run):
+//! there: the boot path and loader, the CPUs and their bring-up, the
+//! backend (VMX or SVM) and the guests (or why there are none), the crash,
+//! the shootdown and the VMCSes (VMCBs on SVM), the capture and the dump,
+//! notes, the verdict, and then the commands that open the dump. For
+//! example (a default `qemu-smp` run; QEMU TCG's `-cpu max` has SVM):
 //!
 //! ```text
 //! hv on qemu-tcg
-//!   boot      direct, pvh from PVH (QEMU -kernel); 438.7 MiB usable in 12 regions
-//!   cpus      4 of 4 online, none failed; bring-up 4974 us (xapic)
-//!   vmx       none: the CPU has no VMX (QEMU TCG; guests need KVM with nested VMX)
+//!   boot      direct, pvh from PVH (QEMU -kernel); 437.6 MiB usable in 12 regions
+//!   cpus      4 of 4 online, none failed; bring-up 929 us (xapic)
+//!   svm       svm: 8 vCPUs on 4 CPUs, 1756 VM exits, 42 migrations, 0 stopped
 //!   crash     CPU 1 (APIC ID 1) coordinated: panic: injected crash on CPU 1 (after_ms elapsed)
-//!   shootdown 3 of 3 CPUs checked in in 5827 us, stragglers: none
-//!   VMCS      0 loaded, 0 cleared, 0 on stragglers; VMXOFF on 3 CPUs, coordinator off
+//!   shootdown 3 of 3 CPUs checked in in 1394 us, stragglers: none
+//!   VMCB      8 loaded, 8 cleared, 0 on stragglers; SVM off on 3 CPUs, coordinator off; NMI in guest mode on 2 CPUs
 //!   capture   hv capture mode: digests ok, entered 56.0 ms after the crash (tsc)
 //!   dump      build/qemu-direct-smp4-capture-hv/vmcore: 447.5 MiB, 4 CPU notes
 //!   verdict   ok
@@ -44,8 +45,9 @@ pub fn summary_in(report: &Value, cwd: Option<&Path>) -> String {
 
     line("boot", boot(report));
     line("cpus", cpus(report));
+    let svm = report["virt"]["backend"] == "svm" || report["crash"]["backend"] == "svm";
     if let Some(text) = vmx(report) {
-        line("vmx", text);
+        line(if svm { "svm" } else { "vmx" }, text);
     }
     let crash = &report["crash"];
     if crash.is_object() {
@@ -59,7 +61,11 @@ pub fn summary_in(report: &Value, cwd: Option<&Path>) -> String {
             ),
         );
         line("shootdown", shootdown(crash));
-        line("VMCS", vmcs(crash));
+        if crash["backend"] == "svm" {
+            line("VMCB", vmcb(crash));
+        } else {
+            line("VMCS", vmcs(crash));
+        }
     } else if report["crash_injection"]["fired"] == Value::Bool(false) {
         line(
             "crash",
@@ -69,6 +75,9 @@ pub fn summary_in(report: &Value, cwd: Option<&Path>) -> String {
     let capture = &report["capture"];
     if capture.is_object() {
         line("capture", capture_line(report));
+        if let Some(text) = crate::capture::wake::summary_line(report) {
+            line("wake", text);
+        }
         let dump = path(&capture["dump_path"]);
         match (&dump, capture["dump_error"].as_str()) {
             (Some(dump), _) => line(
@@ -187,7 +196,7 @@ fn cpus(report: &Value) -> String {
     line
 }
 
-/// VMX and the guests, or why there are none.
+/// The backend and the guests, or why there are none.
 fn vmx(report: &Value) -> Option<String> {
     let virt = &report["virt"];
     Some(match virt["backend"].as_str()? {
@@ -195,7 +204,7 @@ fn vmx(report: &Value) -> Option<String> {
             "none: {}{}",
             text(&virt["reason"]),
             if report["emulator"] == "qemu-tcg" {
-                " (QEMU TCG; guests need KVM with nested VMX)"
+                " (QEMU TCG: its `-cpu max` emulates SVM; this CPU model has neither)"
             } else {
                 ""
             }
@@ -203,7 +212,11 @@ fn vmx(report: &Value) -> Option<String> {
         backend => format!(
             "{backend}: {} vCPUs on {} CPUs, {} VM exits, {} migrations, {} stopped",
             text(&virt["vcpus"]),
-            text(&virt["cpus_in_vmx"]),
+            text(if backend == "svm" {
+                &virt["cpus_in_svm"]
+            } else {
+                &virt["cpus_in_vmx"]
+            }),
             text(&virt["vm_exits"]),
             text(&virt["migrations"]),
             text(&virt["stopped"])
@@ -234,19 +247,68 @@ fn shootdown(crash: &Value) -> String {
     )
 }
 
-/// The VMCSes loaded and cleared, and who left VMX.
+/// The VMCSes loaded and cleared, and who left VMX: where hv says how
+/// many CPUs had VMX on (`vmx_was_on_cpus`) and how many executed VMXOFF
+/// (`vmxoff_executed`), those; "no VMX" when none had it on. Older reports
+/// only have `vmxoff_cpus`, which counts CPUs out of VMX however they got
+/// there.
 fn vmcs(crash: &Value) -> String {
-    format!(
-        "{} loaded, {} cleared, {} on stragglers; VMXOFF on {} CPUs, coordinator {}",
+    let counts = format!(
+        "{} loaded, {} cleared, {} on stragglers",
         text(&crash["vmcs_loaded"]),
         text(&crash["vmcs_cleared"]),
         text(&crash["vmcs_on_stragglers"]),
-        text(&crash["vmxoff_cpus"]),
-        match crash["coordinator_vmx_off"].as_bool() {
+    );
+    let coordinator_off = crash["coordinator_vmx_off"].as_bool();
+    match (
+        crash["vmxoff_executed"].as_u64(),
+        crash["vmx_was_on_cpus"].as_u64(),
+    ) {
+        (Some(0), Some(0)) => format!(
+            "{counts}; no VMX ran{}",
+            match coordinator_off {
+                Some(false) => ", yet the coordinator is STILL IN VMX",
+                _ => "",
+            }
+        ),
+        (Some(executed), Some(was_on)) => format!(
+            "{counts}; VMXOFF executed on {executed} of {was_on} CPUs with VMX on, coordinator {}",
+            match (crash["coordinator_vmx_exit"].as_str(), coordinator_off) {
+                (_, Some(false)) => "STILL IN VMX",
+                (Some("vmxoff" | "vmxoff_after_ud"), _) => "left VMX",
+                (Some("was_off"), _) => "had no VMX on",
+                (_, Some(true)) => "off",
+                _ => "?",
+            }
+        ),
+        _ => format!(
+            "{counts}; VMXOFF on {} CPUs, coordinator {}",
+            text(&crash["vmxoff_cpus"]),
+            match coordinator_off {
+                Some(true) => "off",
+                Some(false) => "STILL IN VMX",
+                None => "?",
+            }
+        ),
+    }
+}
+
+/// On SVM: the VMCBs loaded and cleared, who left SVM (EFER.SVME read
+/// back clear), and whom the NMI found in guest mode.
+fn vmcb(crash: &Value) -> String {
+    format!(
+        "{} loaded, {} cleared, {} on stragglers; SVM off on {} CPUs, coordinator {}; \
+         NMI in guest mode on {} CPUs",
+        text(&crash["vmcb_loaded"]),
+        text(&crash["vmcb_cleared"]),
+        text(&crash["vmcb_on_stragglers"]),
+        text(&crash["svm_off_cpus"]),
+        match crash["coordinator_svm_off"].as_bool() {
             Some(true) => "off",
-            Some(false) => "STILL IN VMX",
+            Some(false) => "STILL IN SVM",
             None => "?",
-        }
+        },
+        text(&crash["nmi_in_guest_cpus"]),
     )
 }
 
@@ -267,19 +329,26 @@ fn capture_line(report: &Value) -> String {
     if !report["crash"].is_object() {
         return format!("{kernel}: loaded at boot; no crash to capture");
     }
-    match capture["digest_ok"].as_bool() {
-        Some(true) => {}
+    let checked = match capture["digest_ok"].as_bool() {
+        Some(true) => "digests ok",
         Some(false) => {
             return format!(
                 "{kernel}: digests MISMATCH, jump refused ({})",
                 capture["refused"].as_str().unwrap_or("no reason given")
             );
         }
+        None if capture["hv_check"] == "skipped" => "hv's check skipped",
         None => return format!("{kernel}: no digest check reported at the crash"),
+    };
+    if let Some(reason) = capture["purgatory_refused"].as_str() {
+        return format!("{kernel}: {checked}, the purgatory REFUSED it ({reason})");
     }
-    let mut line = format!("{kernel}: digests ok, ");
+    let mut line = format!("{kernel}: {checked}, ");
     if capture["entered"] == Value::Bool(true) {
         line.push_str("entered");
+        if capture["attempt"].as_u64() == Some(2) {
+            line.push_str(" (by the second hand-over: the first crashed)");
+        }
         if let Some(us) = capture["crash_to_capture_us"].as_u64() {
             let _ = write!(
                 line,
@@ -346,12 +415,16 @@ mod tests {
             "memory": {"regions": 12, "usable_bytes": 460_017_664u64},
             "cpus": {"possible": 4, "online": 4, "failed": []},
             "bringup_us": 4974, "smp": {"apic_mode": "xapic"},
-            "virt": {"backend": "none", "reason": "the CPU has no VMX"},
+            "virt": {"backend": "svm", "reason": null, "cpus_in_vmx": 0, "cpus_in_svm": 4,
+                     "vcpus": 8, "vm_exits": 1756, "migrations": 42, "stopped": 0},
             "crash": {"cpu": 1, "cpu_index": 1,
                       "reason": "panic: injected crash on CPU 1 (after_ms elapsed)",
-                      "expected": 3, "checked_in": 3, "stragglers": [], "vmcs_loaded": 0,
-                      "vmcs_cleared": 0, "vmcs_on_stragglers": 0, "vmxoff_cpus": 3,
-                      "coordinator_vmx_off": true, "shootdown_us": 5827, "timed_out": false},
+                      "expected": 3, "checked_in": 3, "stragglers": [], "backend": "svm",
+                      "vmcs_loaded": 0, "vmcs_cleared": 0, "vmcs_on_stragglers": 0,
+                      "vmcb_loaded": 8, "vmcb_cleared": 8, "vmcb_on_stragglers": 0,
+                      "vmxoff_cpus": 3, "coordinator_vmx_off": true, "svm_off_cpus": 3,
+                      "coordinator_svm_off": true, "nmi_in_guest_cpus": 2,
+                      "shootdown_us": 5827, "timed_out": false},
             "capture": {"kernel": "hv", "loaded": true, "digest_ok": true, "jumped": true,
                         "entered": true, "crash_to_capture_us": 55980,
                         "crash_to_capture_source": "tsc",
@@ -371,10 +444,10 @@ mod tests {
             "hv on qemu-tcg
   boot      direct, pvh from PVH (QEMU -kernel); 438.7 MiB usable in 12 regions
   cpus      4 of 4 online, none failed; bring-up 4974 us (xapic)
-  vmx       none: the CPU has no VMX (QEMU TCG; guests need KVM with nested VMX)
+  svm       svm: 8 vCPUs on 4 CPUs, 1756 VM exits, 42 migrations, 0 stopped
   crash     CPU 1 (APIC ID 1) coordinated: panic: injected crash on CPU 1 (after_ms elapsed)
   shootdown 3 of 3 CPUs checked in in 5827 us, stragglers: none
-  VMCS      0 loaded, 0 cleared, 0 on stragglers; VMXOFF on 3 CPUs, coordinator off
+  VMCB      8 loaded, 8 cleared, 0 on stragglers; SVM off on 3 CPUs, coordinator off; NMI in guest mode on 2 CPUs
   capture   hv capture mode: digests ok, entered 56.0 ms after the crash (tsc)
   dump      build/run/vmcore: 447.5 MiB, 4 CPU notes
   verdict   ok
@@ -389,6 +462,76 @@ mod tests {
             text.contains(
                 "  gdb       gdb /w/target/x86_64-unknown-none/release/hv /w/build/run/vmcore\n"
             ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_vmcs_line_says_no_vmx_where_none_ran_and_counts_real_vmxoffs() {
+        let vmcs_line = |crash: Value| {
+            let mut report = whole_path();
+            report["crash"] = crash;
+            summary(&report)
+                .lines()
+                .find(|line| line.starts_with("  VMCS"))
+                .unwrap()
+                .to_owned()
+        };
+        let base = json!({"cpu": 1, "cpu_index": 1, "reason": "x", "expected": 3,
+            "checked_in": 3, "stragglers": [], "vmcs_loaded": 0, "vmcs_cleared": 0,
+            "vmcs_on_stragglers": 0, "vmxoff_cpus": 3, "coordinator_vmx_off": true,
+            "shootdown_us": 5827, "timed_out": false});
+        let mut tcg = base.clone();
+        tcg["vmxoff_executed"] = json!(0);
+        tcg["vmx_was_on_cpus"] = json!(0);
+        tcg["coordinator_vmx_exit"] = json!("was_off");
+        assert_eq!(
+            vmcs_line(tcg),
+            "  VMCS      0 loaded, 0 cleared, 0 on stragglers; no VMX ran"
+        );
+        let mut bochs = base.clone();
+        bochs["vmcs_loaded"] = json!(16);
+        bochs["vmcs_cleared"] = json!(16);
+        bochs["vmxoff_executed"] = json!(8);
+        bochs["vmx_was_on_cpus"] = json!(8);
+        bochs["coordinator_vmx_exit"] = json!("vmxoff");
+        assert_eq!(
+            vmcs_line(bochs.clone()),
+            "  VMCS      16 loaded, 16 cleared, 0 on stragglers; VMXOFF executed on 8 of 8 CPUs \
+             with VMX on, coordinator left VMX"
+        );
+        bochs["coordinator_vmx_off"] = json!(false);
+        bochs["coordinator_vmx_exit"] = json!("still_on");
+        assert!(vmcs_line(bochs).ends_with("coordinator STILL IN VMX"));
+        // An older report keeps its old words.
+        assert_eq!(
+            vmcs_line(base),
+            "  VMCS      0 loaded, 0 cleared, 0 on stragglers; VMXOFF on 3 CPUs, coordinator off"
+        );
+    }
+
+    #[test]
+    fn on_svm_no_word_of_vmcs_or_vmxoff_and_without_a_backend_the_reason() {
+        let text = summary(&whole_path());
+        for vmx_word in ["VMCS", "VMXOFF", "vmx "] {
+            assert!(!text.contains(vmx_word), "{vmx_word}: {text}");
+        }
+        let mut none = whole_path();
+        none["virt"] = json!({"backend": "none", "reason": "the CPU has neither VMX nor SVM"});
+        none["crash"] = json!({"cpu": 1, "cpu_index": 1, "reason": "x", "expected": 3,
+            "checked_in": 3, "stragglers": [], "backend": "none", "vmcs_loaded": 0,
+            "vmcs_cleared": 0, "vmcs_on_stragglers": 0, "vmxoff_cpus": 3,
+            "coordinator_vmx_off": true, "shootdown_us": 5827, "timed_out": false});
+        let text = summary(&none);
+        assert!(
+            text.contains(
+                "  vmx       none: the CPU has neither VMX nor SVM (QEMU TCG: its `-cpu max` \
+                 emulates SVM; this CPU model has neither)\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("  VMCS      0 loaded, 0 cleared, 0 on stragglers; VMXOFF on 3 CPUs"),
             "{text}"
         );
     }

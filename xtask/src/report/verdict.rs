@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::crash::{crash_problems, expected_panic};
+use super::crash::{crash_problems, expected_exception, expected_panic};
 use super::expect::{Backend, Expectations};
 
 /// QEMU's exit status when hv wrote its success code (0x10) to
@@ -89,7 +89,11 @@ pub fn judge(
             panic["message"].as_str().unwrap_or("(no message)")
         ));
     }
-    if let Some(exception) = report.get("exception") {
+    if let Some(exception) = report.get("exception")
+        && !crash_rules
+            .as_ref()
+            .is_some_and(|rules| expected_exception(exception, rules))
+    {
         problems.push(format!(
             "fatal exception {} (vector {}) on cpu {} at rip {}",
             exception["name"].as_str().unwrap_or("(unnamed)"),
@@ -108,6 +112,9 @@ pub fn judge(
                          (a triple fault or reset under -no-reboot?)"
                             .to_owned()
                     }
+                    _ if expect.crash.hang_unnoticed() => "no `done` report: hang= hangs a CPU \
+                         and nothing notices (watchdog=0 and no NMI button)"
+                        .to_owned(),
                     _ => "no `done` report".to_owned(),
                 });
             }
@@ -244,7 +251,8 @@ fn apic_ids(value: &Value) -> Option<Vec<u64>> {
 
 /// What is wrong with `virt` and `guests_stopped`: the backend the platform
 /// implies, a reason whenever there is no backend, and exactly the expected
-/// guests stopped, each for an EPT violation.
+/// guests stopped, each for a nested page fault (`ept_violation` on VMX,
+/// `nested_page_fault` on SVM).
 fn virt_problems(report: &Value, expect: &Expectations) -> Vec<String> {
     let mut problems = Vec::new();
     let virt = &report["virt"];
@@ -271,9 +279,13 @@ fn virt_problems(report: &Value, expect: &Expectations) -> Vec<String> {
     if backend == Some(Backend::None.as_str()) && !virt["reason"].is_string() {
         problems.push("virt.backend is none but hv gave no virt.reason".to_owned());
     }
-    if backend != Some(Backend::Vmx.as_str()) {
+    let Some(backend) = backend
+        .and_then(Backend::parse)
+        .filter(|backend| backend.runs_guests())
+    else {
         return problems;
-    }
+    };
+    let fault = backend.nested_page_fault();
 
     let stopped = report["guests_stopped"].as_object();
     let mut named: Vec<String> = stopped
@@ -295,9 +307,9 @@ fn virt_problems(report: &Value, expect: &Expectations) -> Vec<String> {
     }
     for vcpu in &expected {
         let reason = &report["guests_stopped"][vcpu]["reason"];
-        if !reason.is_null() && reason != "ept_violation" {
+        if !reason.is_null() && reason != fault {
             problems.push(format!(
-                "vCPU {vcpu} was stopped for {}, expected ept_violation",
+                "vCPU {vcpu} was stopped for {}, expected {fault}",
                 show(reason)
             ));
         }
@@ -612,6 +624,29 @@ mod tests {
                 .reason
                 .unwrap()
                 .starts_with("guests_stopped names vCPUs [3, 10], expected [3]")
+        );
+    }
+
+    #[test]
+    fn on_svm_a_misbehaving_guest_is_stopped_for_a_nested_page_fault() {
+        let expect = Expectations::from_cmdline(4, &["guest_misbehave=3"]).with_virt(Backend::Svm);
+        let one = |reason: &str| json!({"3": {"cpu": 2, "reason": reason, "gpa": 1, "rip": 2}});
+        let mut report = vmx_report(1, one("nested_page_fault"));
+        report["virt"]["backend"] = json!("svm");
+        assert!(judge_ok(&report, &expect).ok);
+        report["guests_stopped"] = one("ept_violation");
+        assert_eq!(
+            judge_ok(&report, &expect).reason.as_deref(),
+            Some("vCPU 3 was stopped for ept_violation, expected nested_page_fault")
+        );
+        // QEMU TCG's `-cpu max` has SVM: a report without it is wrong.
+        let mut none = good_report();
+        none["virt"] = json!({"backend": "none", "reason": "the CPU has neither VMX nor SVM"});
+        assert_eq!(
+            judge_ok(&none, &four().with_virt(Backend::Svm))
+                .reason
+                .as_deref(),
+            Some("virt.backend is none, expected svm (hv says: the CPU has neither VMX nor SVM)")
         );
     }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use super::watch::watch;
+use super::watch::{StopWhen, WatchRules, watch};
 use super::{Boot, Finished, RunOutcome, check_elf, finish, log_file, prepare_run_dir};
 use crate::iso::BootModule;
 use crate::process::KillOnDrop;
@@ -31,6 +31,17 @@ const DEBUGGER_SCRIPT: &str = "cont.rc";
 /// Bochs 2.7 fails to start with 16 or more CPUs ("register_timer: too many
 /// registered timers").
 pub const BOCHS_MAX_CPUS: u32 = 15;
+
+/// With a hard disk on `ata0-slave` (hv's capture mode writes its dump
+/// there), one CPU fewer: the disk's timer is one too many for 15 CPUs
+/// (the same `>>PANIC<< register_timer: too many registered timers`, and
+/// the guest never runs). Measured with Bochs 2.7: 14 CPUs and the disk
+/// run, 15 do not.
+pub const BOCHS_MAX_CPUS_WITH_DISK: u32 = 14;
+
+/// The `>>PANIC<<` Bochs logs when hv ends the run on purpose (`Shutdown`
+/// to port 0x8900): the expected end, not a problem.
+const SHUTDOWN_PANIC: &str = "Shutdown port: shutdown requested";
 
 /// The CPU Bochs emulates: the oldest model with VMX, EPT, unrestricted
 /// guests and x2APIC.
@@ -71,6 +82,9 @@ pub struct BochsOptions {
     pub on_line: Option<super::LineHook>,
     /// The CPU model [default: [`CPU_MODEL`]].
     pub cpu_model: Option<String>,
+    /// End Bochs at a point of the run (see [`StopWhen`]), before it
+    /// exits by itself.
+    pub stop: StopWhen,
 }
 
 impl BochsOptions {
@@ -89,6 +103,7 @@ impl BochsOptions {
             stdout_log: None,
             on_line: None,
             cpu_model: None,
+            stop: StopWhen::Exit,
         }
     }
 
@@ -110,6 +125,44 @@ pub fn check_cpus(cpus: u32) -> Result<u32> {
         ),
         n => Ok(n),
     }
+}
+
+/// Checks a CPU count for Bochs with a hard disk on `ata0-slave`.
+pub fn check_cpus_with_disk(cpus: u32) -> Result<u32> {
+    let cpus = check_cpus(cpus)?;
+    if cpus > BOCHS_MAX_CPUS_WITH_DISK {
+        bail!(
+            "Bochs 2.7 cannot run {cpus} CPUs and the ATA dump disk at once (it stops at \
+             start-up: \">>PANIC<< register_timer: too many registered timers\", before the \
+             guest runs): use --cpus {BOCHS_MAX_CPUS_WITH_DISK} or fewer, or \
+             --capture-sink debugcon (the dump on port 0xE9, no disk), which runs up to \
+             {BOCHS_MAX_CPUS} CPUs (about 4 minutes at 15)"
+        );
+    }
+    Ok(cpus)
+}
+
+/// The `>>PANIC<<` and `>>ERROR<<` lines of a Bochs log (but the panic of
+/// hv's own shutdown request), without their timestamps, each once, at
+/// most `limit` of them.
+pub fn log_problems(log: &str, limit: usize) -> Vec<String> {
+    let mut problems: Vec<String> = Vec::new();
+    for line in log.lines() {
+        if !(line.contains(">>PANIC<<") || line.contains(">>ERROR<<"))
+            || line.contains(SHUTDOWN_PANIC)
+        {
+            continue;
+        }
+        // "02946808585p[UNMAP ] >>PANIC<< ...": drop the time and level.
+        let text = line.find('[').map_or(line, |at| &line[at..]).trim();
+        if !problems.iter().any(|p| p == text) {
+            problems.push(text.to_owned());
+        }
+        if problems.len() == limit {
+            break;
+        }
+    }
+    problems
 }
 
 /// The Bochs configuration of a run; every path is absolute, so Bochs may
@@ -211,14 +264,28 @@ pub fn bochs(options: &BochsOptions) -> Result<RunOutcome> {
         .spawn()
         .context("could not start bochs")?;
     let mut child = KillOnDrop::new(child);
+    let rules = WatchRules {
+        stop: options.stop,
+        button: None,
+        on_line: options.on_line.clone(),
+    };
     let watched = watch(
         &mut child,
         &run_dir.join(SERIAL_LOG),
         options.timeout,
         options.echo,
-        options.on_line.as_ref(),
+        &rules,
     )?;
+    let mut notes = Vec::new();
+    let mut xtask_keys = serde_json::Map::new();
+    if let Some(why) = watched.stopped_by_xtask {
+        notes.push(format!("Bochs was ended by xtask: {why}"));
+        xtask_keys.insert("stopped_by_xtask".to_owned(), serde_json::json!(why));
+    }
     drop(child);
+    let log = fs::read(run_dir.join(BOCHS_LOG))
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default();
 
     finish(Finished {
         emulator: "bochs",
@@ -232,8 +299,10 @@ pub fn bochs(options: &BochsOptions) -> Result<RunOutcome> {
         serial_log: &run_dir.join(SERIAL_LOG),
         emulator_log: &run_dir.join(BOCHS_LOG),
         console_log: &run_dir.join(EMULATOR_LOG),
-        notes: Vec::new(),
+        notes,
+        emulator_problems: log_problems(&log, 5),
         watched,
+        xtask_keys,
     })
 }
 
@@ -248,6 +317,45 @@ mod tests {
         assert!(error.contains("at most 15"), "{error}");
         assert!(error.contains("too many registered timers"), "{error}");
         assert!(check_cpus(0).is_err());
+    }
+
+    #[test]
+    fn fifteen_cpus_and_the_dump_disk_are_refused_with_what_works() {
+        assert_eq!(check_cpus_with_disk(14).unwrap(), 14);
+        let error = check_cpus_with_disk(15).unwrap_err().to_string();
+        assert!(error.contains("too many registered timers"), "{error}");
+        assert!(error.contains("--cpus 14"), "{error}");
+        assert!(error.contains("--capture-sink debugcon"), "{error}");
+        assert!(
+            check_cpus_with_disk(16)
+                .unwrap_err()
+                .to_string()
+                .contains("at most 15")
+        );
+    }
+
+    #[test]
+    fn panics_and_errors_of_the_log_are_found_but_the_shutdown() {
+        let log = "00000000000i[      ] Bochs x86 Emulator 2.7\n\
+                   00000000000p[APIC0 ] >>PANIC<< register_timer: too many registered timers\n\
+                   00000000000p[APIC0 ] >>PANIC<< register_timer: too many registered timers\n\
+                   01234567890e[CPU3  ] >>ERROR<< VMFAIL: VMCLEAR with invalid physical address\n\
+                   02946808585p[UNMAP ] >>PANIC<< Shutdown port: shutdown requested\n";
+        assert_eq!(
+            log_problems(log, 5),
+            [
+                "[APIC0 ] >>PANIC<< register_timer: too many registered timers",
+                "[CPU3  ] >>ERROR<< VMFAIL: VMCLEAR with invalid physical address"
+            ]
+        );
+        assert_eq!(log_problems(log, 1).len(), 1);
+        assert!(
+            log_problems(
+                "02946808585p[UNMAP ] >>PANIC<< Shutdown port: shutdown requested",
+                5
+            )
+            .is_empty()
+        );
     }
 
     #[test]

@@ -9,14 +9,16 @@
 
 mod bochs;
 mod qemu;
+mod qmp;
 mod watch;
 
 pub use bochs::{
-    BOCHS_MAX_CPUS, BOCHS_NEEDS, BochsOptions, CPU_MODEL, bochs, bochsrc, bochsrc_with_model,
-    check_cpus,
+    BOCHS_MAX_CPUS, BOCHS_MAX_CPUS_WITH_DISK, BOCHS_NEEDS, BochsOptions, CPU_MODEL, bochs, bochsrc,
+    bochsrc_with_model, check_cpus, check_cpus_with_disk,
 };
-pub use qemu::{Firmware, QemuOptions, find_ovmf, qemu, qemu_needs};
+pub use qemu::{Firmware, GrubSetup, QemuOptions, find_ovmf, qemu, qemu_needs};
 pub(crate) use qemu::{Media, drive_path, qemu_args};
+pub use watch::{CAPTURE_HEADER_MARKER, StopWhen};
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -121,7 +123,14 @@ struct Finished<'a> {
     /// What the emulator printed on stdout and stderr.
     console_log: &'a Path,
     notes: Vec<String>,
+    /// What the emulator's log says went wrong (Bochs' `>>PANIC<<` and
+    /// `>>ERROR<<` lines): each one fails the run and is named in its
+    /// verdict.
+    emulator_problems: Vec<String>,
     watched: Watched,
+    /// More keys for the report's `xtask` object (the NMI button, why
+    /// xtask ended the emulator).
+    xtask_keys: serde_json::Map<String, Value>,
 }
 
 /// Judges a finished run, assembles its report and saves it as
@@ -140,6 +149,15 @@ fn finish(run: Finished<'_>) -> Result<RunOutcome> {
             "{}; no serial output at all; the emulator's last words: {said}",
             verdict.reason.unwrap_or_default()
         ));
+    }
+    if !run.emulator_problems.is_empty() {
+        // First: the emulator's own failure explains what follows from it.
+        let said = format!("{} log: {}", run.emulator, run.emulator_problems.join("; "));
+        verdict.ok = false;
+        verdict.reason = Some(match verdict.reason {
+            Some(reason) => format!("{said}; {reason}"),
+            None => said,
+        });
     }
 
     let (exit_status, timed_out) = match run.watched.end {
@@ -164,7 +182,12 @@ fn finish(run: Finished<'_>) -> Result<RunOutcome> {
         "emulator_log": run.emulator_log,
         "emulator_output": run.console_log,
         "notes": run.notes,
+        "emulator_problems": run.emulator_problems,
     });
+    let mut xtask = xtask;
+    if let Value::Object(map) = &mut xtask {
+        map.extend(run.xtask_keys);
+    }
     let owned = [
         ("emulator", json!(run.emulator)),
         ("boot", json!(run.boot.as_str())),
@@ -279,12 +302,16 @@ mod tests {
             emulator_log: &dir.join("qemu.log"),
             console_log: &dir.join("qemu.log"),
             notes: vec!["a note".to_owned()],
+            emulator_problems: Vec::new(),
             watched: Watched {
                 end: End::Exited(Some(0x21)),
                 elapsed: Duration::from_millis(1234),
                 collector,
                 serial_bytes: 10,
+                stopped_by_xtask: None,
+                pressed: None,
             },
+            xtask_keys: serde_json::Map::new(),
         })
         .unwrap();
 
@@ -344,12 +371,16 @@ mod tests {
             emulator_log: &console,
             console_log: &console,
             notes: Vec::new(),
+            emulator_problems: Vec::new(),
             watched: Watched {
                 end: End::Exited(Some(1)),
                 elapsed: Duration::ZERO,
                 collector: ReportCollector::default(),
                 serial_bytes: 0,
+                stopped_by_xtask: None,
+                pressed: None,
             },
+            xtask_keys: serde_json::Map::new(),
         })
         .unwrap();
         let reason = outcome.reason.unwrap();

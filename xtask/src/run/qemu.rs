@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use super::watch::{Watched, watch};
+use super::watch::{NmiButton, StopWhen, WatchRules, Watched, watch};
 use super::{Boot, Finished, RunOutcome, check_elf, finish, log_file, prepare_run_dir};
 use crate::accel::{self, Accel};
 use crate::iso::BootModule;
@@ -53,6 +53,37 @@ pub struct QemuOptions {
     pub modules: Vec<BootModule>,
     /// More QEMU arguments (disks, ...), after all others.
     pub extra_args: Vec<OsString>,
+    /// The CPU model under TCG instead of `max` (which has SVM with
+    /// nested paging), e.g. `qemu64,-svm` for a CPU with neither VMX nor
+    /// SVM. Then the run expects no particular backend.
+    pub tcg_cpu: Option<String>,
+    /// GRUB boots: this `grub.cfg` and these files instead of the one
+    /// xtask writes (the README's stanza). `append` then holds the hv words
+    /// of its `multiboot2` line, for the expectations; xtask adds none.
+    pub grub_setup: Option<GrubSetup>,
+    /// End QEMU once hv reported `done` (for a command line without
+    /// `finish=exit`, where hv halts and QEMU would run on); its exit
+    /// status then means nothing.
+    pub stop_at_done: bool,
+    /// End QEMU at another point of the run (see [`StopWhen`]); its exit
+    /// status then means nothing.
+    pub stop: StopWhen,
+    /// Press the platform's NMI button (QMP `inject-nmi`) this many
+    /// milliseconds after hv's boot report. Without a `hang=` word (a hung
+    /// hv never says `done`) xtask adds `finish=halt`, so that hv stays up
+    /// after `done`, and ends QEMU itself once the crash path and its
+    /// capture are over ([`StopWhen::CrashOver`]). The run expects the
+    /// crash it starts (`nmi=dump`, hv's default): reason `external NMI`.
+    pub nmi_button_after_ms: Option<u64>,
+}
+
+/// A GRUB configuration written elsewhere, and the files it loads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrubSetup {
+    /// The whole `grub.cfg`.
+    pub config: String,
+    /// Files for the ISO: (source, path inside the ISO).
+    pub files: Vec<(PathBuf, String)>,
 }
 
 impl QemuOptions {
@@ -69,6 +100,42 @@ impl QemuOptions {
             echo: false,
             modules: Vec::new(),
             extra_args: Vec::new(),
+            tcg_cpu: None,
+            grub_setup: None,
+            stop_at_done: false,
+            stop: StopWhen::Exit,
+            nmi_button_after_ms: None,
+        }
+    }
+
+    /// hv's words of the run: `append`, and `finish=halt` when the NMI
+    /// button is pressed on an hv that would otherwise end QEMU at `done`
+    /// (no `hang=`, no `finish=` of the caller's).
+    pub fn words(&self) -> Vec<String> {
+        let mut words = self.append.clone();
+        if self.halts_for_the_button() {
+            words.push("finish=halt".to_owned());
+        }
+        words
+    }
+
+    /// Whether xtask adds `finish=halt` for the NMI button (see
+    /// [`nmi_button_after_ms`](Self::nmi_button_after_ms)).
+    fn halts_for_the_button(&self) -> bool {
+        let has = |key: &str| self.append.iter().any(|word| word.starts_with(key));
+        self.nmi_button_after_ms.is_some()
+            && self.grub_setup.is_none()
+            && !has("hang=")
+            && !has("finish=")
+    }
+
+    /// When xtask ends QEMU: as asked, or, when it added `finish=halt`
+    /// for the button, once the crash path is over.
+    fn stop_rule(&self) -> StopWhen {
+        match self.stop {
+            StopWhen::Exit if self.halts_for_the_button() => StopWhen::CrashOver,
+            StopWhen::Exit if self.stop_at_done => StopWhen::Done,
+            other => other,
         }
     }
 
@@ -201,44 +268,98 @@ pub fn qemu(options: &QemuOptions) -> Result<RunOutcome> {
     }
     check_elf(&options.elf)?;
     tools::ensure(&qemu_needs(options.boot))?;
-    let cmdline = cmdline::kernel_cmdline(&options.append)?;
+    let words = options.words();
+    let cmdline = match &options.grub_setup {
+        // The configuration's own words, which xtask does not touch.
+        Some(_) => words.join(" "),
+        None => cmdline::kernel_cmdline(&words)?,
+    };
+    if options.grub_setup.is_some() && options.boot == Boot::Direct {
+        bail!("a GRUB configuration needs --boot grub-bios or grub-uefi");
+    }
     let name = options
         .run_name
         .clone()
         .unwrap_or_else(|| options.default_run_name());
     let run_dir = prepare_run_dir(&name, &[SERIAL_LOG, DEBUGCON_LOG, EMULATOR_LOG])?;
     let media = media(options, &cmdline, &run_dir)?;
+    let rules = WatchRules {
+        stop: options.stop_rule(),
+        button: options.nmi_button_after_ms.map(|ms| NmiButton {
+            socket: super::qmp::socket_path(&run_dir),
+            after: Duration::from_millis(ms),
+        }),
+        on_line: None,
+    };
 
     let mut accel = accel::detect();
     let mut notes = Vec::new();
-    let mut watched = attempt(options, accel, &media, &run_dir)?;
+    let mut watched = attempt(options, accel, &media, &run_dir, &rules)?;
     if accel == Accel::Kvm && kvm_start_failed(&watched) {
         notes.push(format!(
             "QEMU with KVM ended at once without serial output ({:?}); ran again under TCG",
             watched.end
         ));
         accel = Accel::Tcg;
-        watched = attempt(options, accel, &media, &run_dir)?;
+        watched = attempt(options, accel, &media, &run_dir, &rules)?;
+    }
+    if let Some(socket) = &rules.button {
+        let _ = fs::remove_file(&socket.socket);
     }
 
-    let mut expect = Expectations::from_cmdline(options.smp, &options.append);
-    if accel == Accel::Kvm {
+    let mut expect = Expectations::from_cmdline(options.smp, &words)
+        .with_nmi_button(options.nmi_button_after_ms.is_some());
+    match (accel, &options.tcg_cpu) {
         // KVM is chosen only when it offers nested VMX (see `accel`).
-        expect = expect.with_virt(Backend::Vmx);
+        (Accel::Kvm, _) => expect = expect.with_virt(Backend::Vmx),
+        // TCG's `-cpu max` emulates SVM with nested paging.
+        (Accel::Tcg, None) => expect = expect.with_virt(Backend::Svm),
+        (Accel::Tcg, Some(_)) => {}
     }
+    let mut xtask_keys = serde_json::Map::new();
+    if let Some(ms) = options.nmi_button_after_ms {
+        let pressed = watched.pressed.as_ref();
+        xtask_keys.insert(
+            "nmi_button".to_owned(),
+            serde_json::json!({
+                "after_ms": ms,
+                "pressed": pressed.is_some_and(|p| p.result.is_ok()),
+                "at_secs": pressed.map(|p| (p.at.as_secs_f64() * 1000.0).round() / 1000.0),
+                "after_report_ms": pressed.map(|p| p.after_report.as_millis() as u64),
+                "error": pressed.and_then(|p| p.result.as_ref().err().cloned()),
+            }),
+        );
+        match pressed.map(|p| &p.result) {
+            None => notes.push(format!(
+                "the NMI button was never pressed: hv's boot report did not come, or QEMU \
+                 ended within {ms} ms of it"
+            )),
+            Some(Err(error)) => notes.push(format!("the NMI button failed: {error}")),
+            Some(Ok(())) => {}
+        }
+    }
+    let convention = if let Some(why) = watched.stopped_by_xtask {
+        notes.push(format!("QEMU was ended by xtask: {why}"));
+        xtask_keys.insert("stopped_by_xtask".to_owned(), serde_json::json!(why));
+        ExitConvention::Meaningless
+    } else {
+        ExitConvention::QemuDebugExit
+    };
     finish(Finished {
         emulator: accel.emulator_name(),
         boot: options.boot,
         elf: &options.elf,
         expect,
-        convention: ExitConvention::QemuDebugExit,
+        convention,
         cmdline: &cmdline,
         run_dir: &run_dir,
         serial_log: &run_dir.join(SERIAL_LOG),
         emulator_log: &run_dir.join(EMULATOR_LOG),
         console_log: &run_dir.join(EMULATOR_LOG),
         notes,
+        emulator_problems: Vec::new(),
         watched,
+        xtask_keys,
     })
 }
 
@@ -259,16 +380,18 @@ fn media(options: &QemuOptions, cmdline: &str, run_dir: &Path) -> Result<Media> 
             options.modules.len()
         );
     }
+    let make_iso = || match &options.grub_setup {
+        Some(setup) => iso::make_iso_from_config(&setup.files, &setup.config, run_dir),
+        None => iso::make_iso_with_modules(&options.elf, cmdline, &options.modules, run_dir),
+    };
     Ok(match options.boot {
         Boot::Direct => Media::Kernel {
             elf: options.elf.clone(),
             cmdline: cmdline.to_owned(),
         },
-        Boot::GrubBios => Media::BiosCdrom {
-            iso: iso::make_iso_with_modules(&options.elf, cmdline, &options.modules, run_dir)?,
-        },
+        Boot::GrubBios => Media::BiosCdrom { iso: make_iso()? },
         Boot::GrubUefi => {
-            let iso = iso::make_iso_with_modules(&options.elf, cmdline, &options.modules, run_dir)?;
+            let iso = make_iso()?;
             let firmware = find_ovmf(Path::exists).context("no OVMF firmware found")?;
             let vars = match &firmware {
                 Firmware::Pflash { vars_template, .. } => {
@@ -290,10 +413,23 @@ fn media(options: &QemuOptions, cmdline: &str, run_dir: &Path) -> Result<Media> 
 }
 
 /// Starts QEMU once and watches it to its end.
-fn attempt(options: &QemuOptions, accel: Accel, media: &Media, run_dir: &Path) -> Result<Watched> {
+fn attempt(
+    options: &QemuOptions,
+    accel: Accel,
+    media: &Media,
+    run_dir: &Path,
+    rules: &WatchRules,
+) -> Result<Watched> {
     let mut args = qemu_args(accel, options.smp, options.memory_mib, media, run_dir);
+    if let (Accel::Tcg, Some(model)) = (accel, &options.tcg_cpu) {
+        with_cpu_model(&mut args, model);
+    }
     if let (Media::Kernel { .. }, Some(module)) = (media, options.modules.first()) {
         args.extend(["-initrd".into(), module.file.clone().into_os_string()]);
+    }
+    if let Some(button) = &rules.button {
+        let _ = fs::remove_file(&button.socket);
+        args.extend(super::qmp::qemu_args(&button.socket));
     }
     args.extend(options.extra_args.iter().cloned());
     if options.echo {
@@ -317,8 +453,17 @@ fn attempt(options: &QemuOptions, accel: Accel, media: &Media, run_dir: &Path) -
         &run_dir.join(SERIAL_LOG),
         options.timeout,
         options.echo,
-        None,
+        rules,
     )
+}
+
+/// Replaces the value of `-cpu` in `args` with `model`.
+fn with_cpu_model(args: &mut [OsString], model: &str) {
+    if let Some(position) = args.iter().position(|arg| arg == "-cpu")
+        && let Some(value) = args.get_mut(position + 1)
+    {
+        *value = model.into();
+    }
 }
 
 /// A KVM start that failed: QEMU ended with neither of hv's exit codes before
@@ -433,7 +578,29 @@ mod tests {
             elapsed: Duration::ZERO,
             collector: Default::default(),
             serial_bytes,
+            stopped_by_xtask: None,
+            pressed: None,
         }
+    }
+
+    #[test]
+    fn the_nmi_button_keeps_an_idle_hv_up_and_ends_the_run_itself() {
+        let mut options = QemuOptions::new("/t/hv");
+        options.append = vec!["log=debug".to_owned()];
+        assert_eq!(options.words(), ["log=debug"]);
+        assert_eq!(options.stop_rule(), StopWhen::Exit);
+        options.nmi_button_after_ms = Some(500);
+        assert_eq!(options.words(), ["log=debug", "finish=halt"]);
+        assert_eq!(options.stop_rule(), StopWhen::CrashOver);
+        // A hung hv never says done: finish=exit stays.
+        options.append.push("hang=cpu:3,after_ms:100".to_owned());
+        assert_eq!(options.words(), options.append);
+        assert_eq!(options.stop_rule(), StopWhen::Exit);
+        // The caller's own finish= wins.
+        options.append = vec!["finish=exit".to_owned()];
+        assert_eq!(options.words(), ["finish=exit"]);
+        options.stop_at_done = true;
+        assert_eq!(options.stop_rule(), StopWhen::Done);
     }
 
     #[test]

@@ -6,10 +6,60 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use serde_json::Value;
 
 use crate::process::KillOnDrop;
 use crate::report::{End, ReportCollector};
 use crate::serial::{FileTail, LineBuffer, strip_ansi};
+
+/// What hv's capture mode prints once it has read the crashed
+/// hypervisor's ELF core header: `capture: N CPU notes; streaming ...`.
+pub const CAPTURE_HEADER_MARKER: &str = " CPU notes; streaming the dump";
+
+/// How long the serial log must stay quiet before xtask ends a run whose
+/// crash path is over but which does not end the emulator itself.
+const QUIET_BEFORE_STOP: Duration = Duration::from_millis(1500);
+
+/// When xtask ends the emulator itself, before it exits on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StopWhen {
+    /// Never: the emulator ends the run (or the time limit does).
+    #[default]
+    Exit,
+    /// Once hv reported `done` (a command line without `finish=exit`).
+    Done,
+    /// Once hv's capture mode entered and read the core header (its
+    /// `entered` report line and its `N CPU notes; streaming` line): the
+    /// dump itself is not waited for.
+    CaptureEntered,
+    /// Once the crash path and its capture are over, on a command line
+    /// without `finish=exit` (hv and its capture image halt): the capture
+    /// kernel streamed its dump or failed, hv refused the jump, or, with
+    /// no capture kernel loaded, the crash report is out; and the serial
+    /// log was quiet for a moment.
+    CrashOver,
+}
+
+/// The platform's NMI button, pressed through QEMU's QMP socket some time
+/// after hv's boot report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NmiButton {
+    /// QEMU's QMP socket.
+    pub socket: std::path::PathBuf,
+    /// How long after the boot report.
+    pub after: Duration,
+}
+
+/// What became of the NMI button.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Pressed {
+    /// When, from the emulator's start.
+    pub at: Duration,
+    /// From the boot report to the press.
+    pub after_report: Duration,
+    /// QMP's answer: `Ok`, or why it failed.
+    pub result: Result<(), String>,
+}
 
 /// How often the serial log and the child are polled: short enough to feel
 /// live, long enough to cost nothing next to an emulator.
@@ -23,65 +73,183 @@ pub(crate) struct Watched {
     pub collector: ReportCollector,
     /// How many serial bytes arrived (0 means the guest never spoke).
     pub serial_bytes: usize,
+    /// Why xtask ended the emulator itself (a [`StopWhen`] rule), if it
+    /// did.
+    pub stopped_by_xtask: Option<&'static str>,
+    /// The NMI button, if it was pressed.
+    pub pressed: Option<Pressed>,
+}
+
+/// How a watch ends early, and what it does on the way.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct WatchRules {
+    /// When xtask ends the emulator itself.
+    pub stop: StopWhen,
+    /// The NMI button, if it is to be pressed.
+    pub button: Option<NmiButton>,
+    /// Called with every serial line as it arrives.
+    pub on_line: Option<super::LineHook>,
+}
+
+/// Whether the boot report is out: its one line carries `smp` and `virt`.
+fn boot_reported(report: &Value) -> bool {
+    report["smp"].is_object() && report["virt"].is_object()
+}
+
+/// Why the run is over by `stop`'s rule, if it is.
+fn over(stop: StopWhen, report: &Value, header_read: bool, quiet: bool) -> Option<&'static str> {
+    let capture = &report["capture"];
+    match stop {
+        StopWhen::Exit => None,
+        StopWhen::Done => {
+            (report["done"] == Value::Bool(true)).then_some("hv reported done (it halts)")
+        }
+        StopWhen::CaptureEntered => {
+            let entered = capture["entered"] == Value::Bool(true);
+            (entered && header_read).then_some(
+                "the capture kernel entered and read the core header (the dump not waited for)",
+            )
+        }
+        StopWhen::CrashOver => {
+            let capture_over = capture["streamed"] == Value::Bool(true)
+                || capture["error"].is_string() && capture["entered"] == Value::Bool(true)
+                || capture["refused"].is_string()
+                || capture["purgatory_refused"].is_string();
+            let crash_over = report["crash"].is_object() && capture["loaded"] != Value::Bool(true);
+            (quiet && (capture_over || crash_over))
+                .then_some("the crash path and its capture are over (hv halts: no finish=exit)")
+        }
+    }
 }
 
 /// Follows `serial_log` while `child` runs, feeding every line to a report
 /// collector and, with `echo`, to the terminal; kills the child when
-/// `timeout` runs out.
+/// `timeout` runs out, or once `rules.stop` says the run is over (the end
+/// is then `Exited(None)`); presses the NMI button when `rules` has one.
 pub(crate) fn watch(
     child: &mut KillOnDrop,
     serial_log: &Path,
     timeout: Duration,
     echo: bool,
-    on_line: Option<&super::LineHook>,
+    rules: &WatchRules,
 ) -> Result<Watched> {
     let started = Instant::now();
-    let mut tail = FileTail::new(serial_log);
-    let mut lines = LineBuffer::default();
-    let mut collector = ReportCollector::default();
-    let mut serial_bytes = 0;
-    let mut take = |bytes: Vec<u8>, collector: &mut ReportCollector| {
-        serial_bytes += bytes.len();
-        for line in lines.push(&bytes) {
-            consume(collector, &line, echo);
-            if let Some(hook) = on_line {
-                (hook.0)(&line);
-            }
-        }
+    let mut serial = Serial {
+        tail: FileTail::new(serial_log),
+        path: serial_log,
+        lines: LineBuffer::default(),
+        collector: ReportCollector::default(),
+        bytes: 0,
+        header_read: false,
+        last_bytes: Instant::now(),
+        echo,
+        on_line: rules.on_line.as_ref(),
     };
+    let mut reported_at = None;
+    let mut pressed = None;
+    let mut stopped_by_xtask = None;
 
     let end = loop {
         // Check for the exit before reading, so that the read after an exit
         // sees everything the emulator wrote.
         let exited = child.try_wait().context("waiting for the emulator")?;
-        take(read(&mut tail, serial_log)?, &mut collector);
+        serial.take()?;
         if let Some(status) = exited {
             break End::Exited(status.code());
         }
+        if let Some(button) = &rules.button
+            && pressed.is_none()
+        {
+            if reported_at.is_none() && boot_reported(serial.collector.report()) {
+                reported_at = Some(Instant::now());
+            }
+            if let Some(at) = reported_at.filter(|at: &Instant| at.elapsed() >= button.after) {
+                let result = super::qmp::inject_nmi(&button.socket).map_err(|e| format!("{e:#}"));
+                if echo {
+                    let said = match &result {
+                        Ok(()) => "ok".to_owned(),
+                        Err(error) => format!("failed: {error}"),
+                    };
+                    eprintln!("xtask: NMI button pressed (QMP inject-nmi): {said}");
+                }
+                pressed = Some(Pressed {
+                    at: started.elapsed(),
+                    after_report: at.elapsed(),
+                    result,
+                });
+            }
+        }
+        let quiet = serial.last_bytes.elapsed() >= QUIET_BEFORE_STOP;
+        if let Some(why) = over(
+            rules.stop,
+            serial.collector.report(),
+            serial.header_read,
+            quiet,
+        ) {
+            child.kill();
+            serial.take()?;
+            stopped_by_xtask = Some(why);
+            break End::Exited(None);
+        }
         if started.elapsed() >= timeout {
             child.kill();
-            take(read(&mut tail, serial_log)?, &mut collector);
+            serial.take()?;
             break End::TimedOut(timeout);
         }
         thread::sleep(POLL_INTERVAL);
     };
-    if let Some(last) = lines.finish() {
-        consume(&mut collector, &last, echo);
-        if let Some(hook) = on_line {
+    if let Some(last) = serial.lines.finish() {
+        consume(&mut serial.collector, &last, echo);
+        if let Some(hook) = &rules.on_line {
             (hook.0)(&last);
         }
     }
     Ok(Watched {
         end,
         elapsed: started.elapsed(),
-        collector,
-        serial_bytes,
+        collector: serial.collector,
+        serial_bytes: serial.bytes,
+        stopped_by_xtask,
+        pressed,
     })
 }
 
-fn read(tail: &mut FileTail, serial_log: &Path) -> Result<Vec<u8>> {
-    tail.read_new()
-        .with_context(|| format!("reading {}", serial_log.display()))
+/// The serial log as it is read: its new bytes, lines and report.
+struct Serial<'a> {
+    tail: FileTail,
+    path: &'a Path,
+    lines: LineBuffer,
+    collector: ReportCollector,
+    /// How many bytes arrived.
+    bytes: usize,
+    /// Whether hv's capture mode said it read the core header.
+    header_read: bool,
+    /// When the last bytes arrived.
+    last_bytes: Instant,
+    echo: bool,
+    on_line: Option<&'a super::LineHook>,
+}
+
+impl Serial<'_> {
+    /// Reads what arrived and feeds its lines on.
+    fn take(&mut self) -> Result<()> {
+        let bytes = self
+            .tail
+            .read_new()
+            .with_context(|| format!("reading {}", self.path.display()))?;
+        if !bytes.is_empty() {
+            self.bytes += bytes.len();
+            self.last_bytes = Instant::now();
+        }
+        for line in self.lines.push(&bytes) {
+            self.header_read |= line.contains(CAPTURE_HEADER_MARKER);
+            consume(&mut self.collector, &line, self.echo);
+            if let Some(hook) = self.on_line {
+                (hook.0)(&line);
+            }
+        }
+        Ok(())
+    }
 }
 
 fn consume(collector: &mut ReportCollector, line: &str, echo: bool) {
@@ -121,7 +289,14 @@ mod tests {
             r#"printf 'GRUB\n@hv {"cpus":{"possible":2}}\n' > "$LOG"; sleep 0.1;
                printf '@hv {"done":true}' >> "$LOG"; exit 33"#,
         );
-        let watched = watch(&mut child, &log, Duration::from_secs(20), false, None).unwrap();
+        let watched = watch(
+            &mut child,
+            &log,
+            Duration::from_secs(20),
+            false,
+            &WatchRules::default(),
+        )
+        .unwrap();
         assert_eq!(watched.end, End::Exited(Some(33)));
         assert_eq!(
             watched.collector.report(),
@@ -131,10 +306,36 @@ mod tests {
     }
 
     #[test]
+    fn stops_the_emulator_at_done_when_asked() {
+        let (mut child, log) = fake_emulator(
+            "done",
+            r#"printf '@hv {"done":true}\n' > "$LOG"; exec sleep 30"#,
+        );
+        let started = Instant::now();
+        let rules = WatchRules {
+            stop: StopWhen::Done,
+            ..WatchRules::default()
+        };
+        let watched = watch(&mut child, &log, Duration::from_secs(20), false, &rules).unwrap();
+        assert_eq!(watched.end, End::Exited(None));
+        assert!(watched.stopped_by_xtask.is_some());
+        assert_eq!(watched.collector.report()["done"], true);
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(child.try_wait().unwrap().is_some(), "the child still runs");
+    }
+
+    #[test]
     fn kills_the_emulator_when_time_runs_out() {
         let (mut child, log) = fake_emulator("timeout", r#"echo started > "$LOG"; exec sleep 30"#);
         let started = Instant::now();
-        let watched = watch(&mut child, &log, Duration::from_millis(300), false, None).unwrap();
+        let watched = watch(
+            &mut child,
+            &log,
+            Duration::from_millis(300),
+            false,
+            &WatchRules::default(),
+        )
+        .unwrap();
         assert_eq!(watched.end, End::TimedOut(Duration::from_millis(300)));
         assert!(started.elapsed() < Duration::from_secs(10));
         assert!(child.try_wait().unwrap().is_some(), "the child still runs");

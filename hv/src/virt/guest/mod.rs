@@ -34,7 +34,7 @@ use spin::Mutex;
 use self::glue::{GuestConsole, GuestRam, NativeCpuid, TscClock};
 use super::PlatformBackend;
 use crate::arch::cpu::rdtsc;
-use crate::boot::info::Module;
+use crate::boot::info::{BootInfo, Module};
 use crate::cpu::time;
 use crate::mm;
 
@@ -241,11 +241,34 @@ pub struct Created {
     pub vcpus: usize,
 }
 
-/// Whether any boot module is a guest.
-pub fn any_guest_module<'a>(modules: impl Iterator<Item = &'a Module>) -> bool {
+/// How many boot modules are guests.
+pub fn guest_modules<'a>(modules: impl Iterator<Item = &'a Module>) -> usize {
     modules
-        .into_iter()
-        .any(|m| guest_spec::module_role(m.cmdline) == ModuleRole::Guest)
+        .filter(|m| guest_spec::module_role(m.cmdline) == ModuleRole::Guest)
+        .count()
+}
+
+/// Reports every guest module refused with `reason` (a report word) and
+/// `why`, when none of them can run (the backend has no platform glue, or
+/// there is no backend); returns how many there were.
+pub fn refuse_all<'a>(
+    modules: impl Iterator<Item = &'a Module>,
+    reason: &str,
+    why: core::fmt::Arguments<'_>,
+) -> usize {
+    let mut number = 0;
+    for module in modules {
+        if guest_spec::module_role(module.cmdline) != ModuleRole::Guest {
+            continue;
+        }
+        let name = guest_spec::parse(module.cmdline)
+            .ok()
+            .and_then(|spec| spec.name)
+            .map_or_else(|| Name::numbered(number), Name::new);
+        refuse(number, &name, reason, why);
+        number += 1;
+    }
+    number
 }
 
 /// Most boot modules [`create_all`] looks at.
@@ -265,13 +288,14 @@ static JOB: Mutex<Option<Job>> = Mutex::new(None);
 /// the boot's own frames.
 const CREATION_STACK_PAGES: u64 = 64;
 
+/// The report's reason for a guest module that could not be loaded.
+const LOAD_ERROR: &str = "load_error";
+
 /// Creates every guest the boot modules define, in module order; a guest
 /// that cannot be created is reported with the reason and skipped. Runs
 /// on a stack of its own ([`CREATION_STACK_PAGES`]).
-pub fn create_all<B: PlatformBackend>(
-    modules: impl Iterator<Item = &'static Module>,
-    options: &Options,
-) -> Created {
+pub fn create_all<B: PlatformBackend>(boot: &'static BootInfo, options: &Options) -> Created {
+    let modules = boot.modules();
     let mut job = Job {
         modules: [None; MAX_MODULES],
         options: *options,
@@ -333,13 +357,18 @@ fn create_from<B: PlatformBackend>(modules: &[&Module], options: &Options) -> Cr
             .map_or_else(|| Name::numbered(number), Name::new);
         let slot = created.guests;
         if slot == MAX_GUESTS {
-            refuse(number, &name, format_args!("more than {MAX_GUESTS} guests"));
+            refuse(
+                number,
+                &name,
+                LOAD_ERROR,
+                format_args!("more than {MAX_GUESTS} guests"),
+            );
             continue;
         }
         let spec = match spec {
             Ok(spec) => spec,
             Err(error) => {
-                refuse(number, &name, format_args!("{error}"));
+                refuse(number, &name, LOAD_ERROR, format_args!("{error}"));
                 continue;
             }
         };
@@ -350,7 +379,12 @@ fn create_from<B: PlatformBackend>(modules: &[&Module], options: &Options) -> Cr
                 storage[slot] = Some(info);
                 created.guests += 1;
             }
-            Err(error) => refuse(number, &name, format_args!("{}", error.as_str())),
+            Err(error) => refuse(
+                number,
+                &name,
+                LOAD_ERROR,
+                format_args!("{}", error.as_str()),
+            ),
         }
     }
     let count = created.guests;
@@ -384,8 +418,9 @@ fn install_platform(
     }
 }
 
-/// Reports a guest module hv could not turn into a guest.
-fn refuse(number: usize, name: &Name, why: core::fmt::Arguments<'_>) {
+/// Reports a guest module hv could not turn into a guest: `reason` is
+/// the report's word (`load_error`, `backend_unsupported`).
+fn refuse(number: usize, name: &Name, reason: &str, why: core::fmt::Arguments<'_>) {
     let mut message = Line::new();
     let _ = message.write_fmt(why);
     log::error!("guest {}: refused: {}", name.as_str(), message.as_str());
@@ -396,7 +431,7 @@ fn refuse(number: usize, name: &Name, why: core::fmt::Arguments<'_>) {
             o.field(key.as_str()).object(|o| {
                 o.field("name").str(name.as_str())?;
                 o.field("state").str("refused")?;
-                o.field("reason").str("load_error")?;
+                o.field("reason").str(reason)?;
                 o.field("detail").str(message.as_str())
             })
         })

@@ -10,7 +10,7 @@ use crate::arch;
 use crate::cpu::percpu::{self, LocalHalf};
 use crate::cpu::time;
 use crate::mm;
-use crate::virt::{Backend, Context};
+use crate::virt::{Backend, Context, PlatformOps};
 
 /// VMX: a VMCS per vCPU, EPT.
 #[derive(Debug, Default, Clone, Copy)]
@@ -42,6 +42,8 @@ impl ListInstructions for Instructions {
 
 impl Backend for Vmx {
     const NAME: &'static str = "vmx";
+    // Real guest kernels on their virtual platforms (`vmx/platform.rs`).
+    const PLATFORM: Option<PlatformOps> = Some(PlatformOps::of::<Self>());
     type Error = VmxError;
     type Instructions = Instructions;
 

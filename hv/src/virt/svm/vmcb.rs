@@ -1,0 +1,226 @@
+//! The VMCB (AMD APM volume 2, appendix B): the fields this backend uses,
+//! read and written in the VMCB page, and the guest's initial state.
+//!
+//! A VMCB is one zeroed page of the kernel's, allocated for one vCPU; only
+//! the CPU running that vCPU touches it (the loaded-context protocol), and
+//! the crash path, which zeroes its clean bits.
+
+use crate::arch::svm::{EFER_SVME, VMCB_CLEAN_BITS};
+use crate::mm::phys;
+
+// Control area.
+/// Intercepts of CR reads (low 16 bits) and writes (high 16).
+const INTERCEPT_CR: u64 = 0x00;
+/// Intercepts of exceptions, one bit per vector.
+const INTERCEPT_EXCEPTIONS: u64 = 0x08;
+/// Intercept vector 3 (INTR, NMI, CPUID, HLT, IOIO, MSR, SHUTDOWN...).
+const INTERCEPT_MISC1: u64 = 0x0C;
+/// Intercept vector 4 (VMRUN, VMMCALL, VMLOAD, VMSAVE, STGI, CLGI...).
+const INTERCEPT_MISC2: u64 = 0x10;
+const IOPM_BASE_PA: u64 = 0x40;
+const MSRPM_BASE_PA: u64 = 0x48;
+/// Guest ASID (u32).
+pub const GUEST_ASID: u64 = 0x58;
+/// TLB control (u8): what VMRUN flushes.
+pub const TLB_CONTROL: u64 = 0x5C;
+/// Virtual interrupt control.
+const V_INTR: u64 = 0x60;
+/// The exit code.
+pub const EXIT_CODE: u64 = 0x70;
+/// Exit information 1 and 2.
+pub const EXIT_INFO1: u64 = 0x78;
+/// Exit information 2.
+pub const EXIT_INFO2: u64 = 0x80;
+/// Nested paging enable (bit 0).
+const NP_ENABLE: u64 = 0x90;
+/// Event injection.
+const EVENT_INJECTION: u64 = 0xA8;
+/// The nested page tables' root.
+const N_CR3: u64 = 0xB0;
+/// The next RIP, on instruction intercepts (with NRIP save).
+pub const NEXT_RIP: u64 = 0xC8;
+
+// State-save area.
+const SAVE: u64 = 0x400;
+const ES: u64 = SAVE;
+const CS: u64 = SAVE + 0x10;
+const SS: u64 = SAVE + 0x20;
+const DS: u64 = SAVE + 0x30;
+const FS: u64 = SAVE + 0x40;
+const GS: u64 = SAVE + 0x50;
+const GDTR: u64 = SAVE + 0x60;
+const LDTR: u64 = SAVE + 0x70;
+const IDTR: u64 = SAVE + 0x80;
+const TR: u64 = SAVE + 0x90;
+const CPL: u64 = SAVE + 0xCB;
+const EFER: u64 = SAVE + 0xD0;
+const CR4: u64 = SAVE + 0x148;
+const CR3: u64 = SAVE + 0x150;
+const CR0: u64 = SAVE + 0x158;
+const DR7: u64 = SAVE + 0x160;
+const DR6: u64 = SAVE + 0x168;
+const RFLAGS: u64 = SAVE + 0x170;
+/// The guest's RIP.
+pub const RIP: u64 = SAVE + 0x178;
+const RSP: u64 = SAVE + 0x1D8;
+/// The guest's RAX (VMRUN loads it, #VMEXIT saves it).
+pub const RAX: u64 = SAVE + 0x1F8;
+const G_PAT: u64 = SAVE + 0x268;
+
+// Intercept bits.
+const MISC1_INTR: u32 = 1 << 0;
+const MISC1_NMI: u32 = 1 << 1;
+const MISC1_CPUID: u32 = 1 << 18;
+const MISC1_HLT: u32 = 1 << 24;
+const MISC1_IOIO_PROT: u32 = 1 << 27;
+const MISC1_MSR_PROT: u32 = 1 << 28;
+const MISC1_SHUTDOWN: u32 = 1 << 31;
+const MISC2_VMRUN: u32 = 1 << 0;
+const MISC2_VMMCALL: u32 = 1 << 1;
+const MISC2_VMLOAD: u32 = 1 << 2;
+const MISC2_VMSAVE: u32 = 1 << 3;
+const MISC2_STGI: u32 = 1 << 4;
+const MISC2_CLGI: u32 = 1 << 5;
+const MISC2_SKINIT: u32 = 1 << 6;
+/// V_INTR_MASKING: the guest's IF masks only virtual interrupts; host
+/// interrupts follow the host's IF (set for VMRUN), so they make the
+/// guest exit.
+const V_INTR_MASKING: u64 = 1 << 24;
+
+/// TLB_CONTROL: flush nothing.
+pub const TLB_FLUSH_NOTHING: u8 = 0;
+/// TLB_CONTROL: flush every ASID's entries.
+pub const TLB_FLUSH_ALL: u8 = 1;
+/// TLB_CONTROL: flush this guest's ASID.
+pub const TLB_FLUSH_GUEST: u8 = 3;
+
+/// Reads a u64 field.
+pub fn read_u64(vmcb: u64, offset: u64) -> u64 {
+    phys::with_bytes_mut(vmcb + offset, 8, |bytes| {
+        u64::from_le_bytes(bytes.try_into().unwrap_or([0; 8]))
+    })
+}
+
+/// Reads a u32 field.
+pub fn read_u32(vmcb: u64, offset: u64) -> u32 {
+    phys::with_bytes_mut(vmcb + offset, 4, |bytes| {
+        u32::from_le_bytes(bytes.try_into().unwrap_or([0; 4]))
+    })
+}
+
+/// Writes a u64 field.
+pub fn write_u64(vmcb: u64, offset: u64, value: u64) {
+    phys::write(vmcb + offset, &value.to_le_bytes());
+}
+
+/// Writes a u32 field.
+pub fn write_u32(vmcb: u64, offset: u64, value: u32) {
+    phys::write(vmcb + offset, &value.to_le_bytes());
+}
+
+/// Writes a u8 field.
+pub fn write_u8(vmcb: u64, offset: u64, value: u8) {
+    phys::write(vmcb + offset, &[value]);
+}
+
+/// Zeroes the clean bits: the next VMRUN reloads every field from memory.
+pub fn mark_all_dirty(vmcb: u64) {
+    write_u32(vmcb, VMCB_CLEAN_BITS, 0);
+}
+
+/// A segment register in the VMCB's format.
+fn write_segment(vmcb: u64, offset: u64, selector: u16, attributes: u16, limit: u32, base: u64) {
+    phys::write(vmcb + offset, &selector.to_le_bytes());
+    phys::write(vmcb + offset + 2, &attributes.to_le_bytes());
+    phys::write(vmcb + offset + 4, &limit.to_le_bytes());
+    phys::write(vmcb + offset + 8, &base.to_le_bytes());
+}
+
+/// How a guest starts.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestStart {
+    /// Entry point (guest-physical; paging is off).
+    pub rip: u64,
+    /// Initial stack pointer.
+    pub rsp: u64,
+    /// The nested page tables' root.
+    pub nested_cr3: u64,
+    /// The guest's ASID (never 0, the host's).
+    pub asid: u32,
+    /// The I/O permission map (every port intercepted).
+    pub iopm: u64,
+    /// The MSR permission map (every MSR intercepted).
+    pub msrpm: u64,
+}
+
+/// Writes the intercepts and the guest state: a 32-bit protected-mode
+/// guest with paging off, flat segments, under nested paging. The
+/// intercepts are the exits the VMX backend takes too (interrupts, NMIs,
+/// CPUID, HLT, every port, every MSR, shutdown) plus every SVM
+/// instruction (VMRUN must be intercepted; the guest gets no nested SVM)
+/// with VMMCALL as the hypercall.
+pub fn setup_guest(vmcb: u64, start: &GuestStart) {
+    write_u32(vmcb, INTERCEPT_CR, 0);
+    write_u32(vmcb, INTERCEPT_EXCEPTIONS, 0);
+    write_u32(
+        vmcb,
+        INTERCEPT_MISC1,
+        MISC1_INTR
+            | MISC1_NMI
+            | MISC1_CPUID
+            | MISC1_HLT
+            | MISC1_IOIO_PROT
+            | MISC1_MSR_PROT
+            | MISC1_SHUTDOWN,
+    );
+    write_u32(
+        vmcb,
+        INTERCEPT_MISC2,
+        MISC2_VMRUN
+            | MISC2_VMMCALL
+            | MISC2_VMLOAD
+            | MISC2_VMSAVE
+            | MISC2_STGI
+            | MISC2_CLGI
+            | MISC2_SKINIT,
+    );
+    write_u64(vmcb, IOPM_BASE_PA, start.iopm);
+    write_u64(vmcb, MSRPM_BASE_PA, start.msrpm);
+    write_u32(vmcb, GUEST_ASID, start.asid);
+    write_u8(vmcb, TLB_CONTROL, TLB_FLUSH_GUEST);
+    write_u64(vmcb, V_INTR, V_INTR_MASKING);
+    write_u64(vmcb, NP_ENABLE, 1);
+    write_u64(vmcb, N_CR3, start.nested_cr3);
+    write_u64(vmcb, EVENT_INJECTION, 0);
+
+    // Attributes in the VMCB's packed form: access byte, then G, D/B, L,
+    // AVL in bits 8 to 11.
+    const CODE: u16 = 0x0C9B;
+    const DATA: u16 = 0x0C93;
+    const TSS_BUSY_32: u16 = 0x008B;
+    const LDT: u16 = 0x0082;
+    write_segment(vmcb, CS, 0x08, CODE, 0xFFFF_FFFF, 0);
+    for segment in [ES, SS, DS, FS, GS] {
+        write_segment(vmcb, segment, 0x10, DATA, 0xFFFF_FFFF, 0);
+    }
+    write_segment(vmcb, TR, 0, TSS_BUSY_32, 0x67, 0);
+    write_segment(vmcb, LDTR, 0, LDT, 0, 0);
+    write_segment(vmcb, GDTR, 0, 0, 0, 0);
+    write_segment(vmcb, IDTR, 0, 0, 0, 0);
+    write_u8(vmcb, CPL, 0);
+    // VMRUN requires EFER.SVME in the guest's EFER too.
+    write_u64(vmcb, EFER, EFER_SVME);
+    // PE, ET, NE; paging off.
+    write_u64(vmcb, CR0, (1 << 0) | (1 << 4) | (1 << 5));
+    write_u64(vmcb, CR3, 0);
+    write_u64(vmcb, CR4, 0);
+    write_u64(vmcb, DR6, 0xFFFF_0FF0);
+    write_u64(vmcb, DR7, 0x400);
+    write_u64(vmcb, RFLAGS, 0x2);
+    write_u64(vmcb, RIP, start.rip);
+    write_u64(vmcb, RSP, start.rsp);
+    write_u64(vmcb, RAX, 0);
+    // The PAT's power-on value.
+    write_u64(vmcb, G_PAT, 0x0007_0406_0007_0406);
+    mark_all_dirty(vmcb);
+}
