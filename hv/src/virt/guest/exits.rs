@@ -137,13 +137,21 @@ fn paging(state: &VcpuState) -> PagingState {
 pub fn handle<B: PlatformBackend>(exit: Exit, ctx: &mut ExitContext<'_>) -> Outcome {
     let g = ctx.platform.guest;
     let n = ctx.platform.number;
+    // The host's own events first, before any lock: after an NMI exit
+    // NMIs stay blocked until the handler runs, so a crash NMI whose CPU
+    // waited here for a platform lock held by a CPU already parked in the
+    // crash path would never be answered.
+    match exit {
+        Exit::Nmi => return Outcome::HostNmi,
+        Exit::ExternalInterrupt => return Outcome::HostInterrupts,
+        _ => {}
+    }
     let mut lock = super::platform(g).lock();
     let Some(p) = lock.as_mut() else {
         return Outcome::Stopped;
     };
     match exit {
-        Exit::Nmi => Outcome::HostNmi,
-        Exit::ExternalInterrupt => Outcome::HostInterrupts,
+        Exit::Nmi | Exit::ExternalInterrupt => unreachable!("handled above"),
         Exit::Preempted => {
             // A timer is due (the vCPU's, the platform's), or the slice ended.
             let fired = p.poll();
