@@ -1100,6 +1100,10 @@ pub fn run_at_boot<B: Backend>(settings: &Settings, guests: Guests) -> RunSummar
     let me = percpu::current_cpu_index() as usize;
     super::cpu(me).joined.store(true, Ordering::Release);
     run_loop_until::<B>(|| if every_core_exited() { end } else { latest });
+    // A core still in its last slice may take a vCPU loaded here and ask
+    // this CPU to clear it (call-function IPI): serve it from now on, or
+    // that core waits out the whole wind-down below.
+    cpu::enable_interrupts();
     if !settings.keep_running || platform_guests > 0 {
         DEADLINE_US.store(0, Ordering::Relaxed);
         CORES_DONE.fetch_add(1, Ordering::AcqRel);
@@ -1122,7 +1126,6 @@ pub fn run_at_boot<B: Backend>(settings: &Settings, guests: Guests) -> RunSummar
         }
         RUNNING.store(false, Ordering::Release);
     }
-    cpu::enable_interrupts();
     RunSummary {
         vcpus: created,
         stopped: STOPPED.load(Ordering::Relaxed),
