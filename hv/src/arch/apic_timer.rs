@@ -22,10 +22,11 @@ pub fn arm(vector: u8, deadline: u64) {
     if read_register(REG_LVT_TIMER) != LVT_TSC_DEADLINE | u32::from(vector) {
         write_register(REG_LVT_TIMER, LVT_TSC_DEADLINE | u32::from(vector));
         // The mode change must be seen before the deadline is written.
-        // SAFETY: MFENCE only orders memory.
+        // SAFETY: (1) MFENCE only orders memory.
         unsafe { core::arch::asm!("mfence", options(nostack, preserves_flags)) };
     }
-    // SAFETY: IA32_TSC_DEADLINE exists with the TSC-deadline mode (caller
-    // checked); arming a timer changes no memory. A zero would disarm it.
+    // SAFETY: (1) IA32_TSC_DEADLINE exists with the TSC-deadline mode
+    // (caller checked); (2) arming a timer changes no memory. A zero would
+    // disarm it.
     unsafe { wrmsr(IA32_TSC_DEADLINE, deadline.max(1)) };
 }

@@ -15,8 +15,8 @@ pub fn read_cr2() -> u64 {
 
 /// Loads CR2 with a guest's value before it runs here again.
 pub fn write_cr2(value: u64) {
-    // SAFETY: CR2 only reports page-fault addresses; the kernel never
-    // reads it outside its page-fault report, which a guest's value
+    // SAFETY: (1) CR2 only reports page-fault addresses; (2) the kernel
+    // never reads it outside its page-fault report, which a guest's value
     // cannot mislead before a new fault overwrites it.
     unsafe {
         core::arch::asm!("mov cr2, {}", in(reg) value, options(nomem, nostack, preserves_flags))
@@ -25,12 +25,12 @@ pub fn write_cr2(value: u64) {
 
 /// This CPU's IA32_EFER.
 pub fn host_efer() -> u64 {
-    // SAFETY: IA32_EFER exists on every x86_64 CPU.
+    // SAFETY: (1) IA32_EFER exists on every x86_64 CPU.
     unsafe { rdmsr(IA32_EFER) }
 }
 
 /// This CPU's IA32_PAT.
 pub fn host_pat() -> u64 {
-    // SAFETY: IA32_PAT exists on every x86_64 CPU.
+    // SAFETY: (1) IA32_PAT exists on every x86_64 CPU.
     unsafe { rdmsr(IA32_PAT) }
 }

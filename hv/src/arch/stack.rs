@@ -9,9 +9,9 @@
 /// `top` must be the 16-byte aligned top of a mapped stack that nothing
 /// else uses, large enough for `function`.
 pub unsafe fn call_on_stack(top: u64, function: extern "C" fn()) {
-    // SAFETY: guaranteed by the caller; R12 is callee-saved, so it still
-    // holds the old RSP when `function` returns, and the C ABI's scratch
-    // registers are declared clobbered.
+    // SAFETY: (1) the stack is guaranteed by the caller; (2) R12 is
+    // callee-saved, so it still holds the old RSP when `function` returns;
+    // (3) the C ABI's scratch registers are declared clobbered.
     unsafe {
         core::arch::asm!(
             "mov r12, rsp",

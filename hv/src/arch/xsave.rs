@@ -52,16 +52,17 @@ pub fn enable_on_this_cpu() {
         new_cr4 |= CR4_OSXSAVE;
     }
     let new_cr0 = (cr0() & !(CR0_EM | CR0_TS)) | CR0_MP;
-    // SAFETY: these bits only enable instructions and state the kernel
-    // does not use; paging, protection and long mode stay as they are.
+    // SAFETY: (1) these bits only enable instructions and state the kernel
+    // does not use; (2) paging, protection and long mode stay as they are.
     unsafe { write_cr0_cr4(new_cr0, new_cr4) };
 }
 
 /// Loads XCR0 with `value`, which the caller checked is valid for this CPU
 /// (bit 0 set, only supported components, AVX with SSE).
 pub fn xsetbv(value: u64) {
-    // SAFETY: CR4.OSXSAVE is set and `value` was checked (caller); XCR0
-    // only selects which state XSAVE manages and which instructions work.
+    // SAFETY: (1) CR4.OSXSAVE is set and `value` was checked (caller); (2)
+    // XCR0 only selects which state XSAVE manages and which instructions
+    // work.
     unsafe {
         core::arch::asm!("xsetbv", in("ecx") 0u32, in("eax") value as u32,
             in("edx") (value >> 32) as u32, options(nomem, nostack, preserves_flags))
@@ -89,9 +90,9 @@ pub fn save(area: u64, xsave: bool) {
 /// [`init_area`] wrote with the XCR0 now in force.
 pub fn restore(area: u64, xsave: bool) {
     debug_assert!(area.is_multiple_of(64));
-    // SAFETY: the area holds a state saved by `save` or made by
-    // `init_area` (caller), so its header and MXCSR are valid; XRSTOR and
-    // FXRSTOR only read it.
+    // SAFETY: (1) the area holds a state saved by `save` or made by
+    // `init_area` (caller), so its header and MXCSR are valid; (2) XRSTOR
+    // and FXRSTOR only read it.
     unsafe {
         if xsave {
             core::arch::asm!("xrstor64 [{}]", in(reg) area, in("eax") u32::MAX,
