@@ -159,6 +159,7 @@ extern "C" fn hv_main(entered_by: u32, info: u32, magic: u32) -> ! {
 fn register_trap_handlers() {
     arch::idt::register(2, crash::nmi::on_nmi);
     arch::idt::register(ipi::CALL_FUNCTION_VECTOR, ipi::on_call_function_ipi);
+    arch::idt::register(virt::sched::KICK_VECTOR, virt::sched::on_kick);
     arch::idt::register(cpu::watchdog::TICK_VECTOR, cpu::watchdog::on_tick);
     arch::idt::register(virt::svm::SLICE_TIMER_VECTOR, virt::svm::on_slice_timer);
     arch::idt::register_exceptions(crash::exception::on_exception);
@@ -294,7 +295,7 @@ fn boot_cpu_main() -> ! {
             options.watchdog_seconds
         );
     }
-    let virt = run_guests(&options, selected);
+    let virt = run_guests(&options, selected, boot);
 
     let failed = || {
         smp::cpus()
@@ -375,6 +376,12 @@ fn boot_cpu_main() -> ! {
             o.field("migrations").u64(virt.run.migrations)?;
             o.field("preemptions").u64(virt.run.preemptions)?;
             o.field("stopped").u64(virt.run.stopped as u64)?;
+            o.field("platform_guests")
+                .u64(virt.run.platform_guests as u64)?;
+            o.field("guest_modules_not_run")
+                .u64(virt.modules_not_run as u64)?;
+            o.field("kicks")
+                .u64(virt::sched::KICKS.load(Ordering::Relaxed))?;
             o.field("exits_per_cpu").u64_array(
                 (0..smp::cpus().len())
                     .map(|index| virt::cpu(index).vm_exits.load(Ordering::Relaxed)),
@@ -407,21 +414,32 @@ struct VirtOutcome {
     selected: Option<Selected>,
     /// Why no guest ran.
     error: Option<Unavailable>,
+    /// Guest modules that did not run because the backend cannot run
+    /// platform guests (or there is none); each was reported refused.
+    modules_not_run: usize,
     run: virt::sched::RunSummary,
 }
 
-/// Enables the chosen backend on every core and runs the guests for a
-/// while. Without one (a CPU with neither VMX nor SVM) this reports why
-/// and the hypervisor carries on.
-fn run_guests(options: &cmdline::Options, selected: Result<Selected, Unavailable>) -> VirtOutcome {
+/// Enables the chosen backend on every core and runs the guests: the
+/// guest modules until they all stopped, or the in-tree guest for a while
+/// when there are none (or the backend cannot run them). Without a
+/// backend (a CPU with neither VMX nor SVM) this reports why and the
+/// hypervisor carries on.
+fn run_guests(
+    options: &cmdline::Options,
+    selected: Result<Selected, Unavailable>,
+    boot: &'static BootInfo,
+) -> VirtOutcome {
     match selected {
         Ok(Selected::Vmx) => run_with::<Vmx>(
             options,
+            boot,
             Selected::Vmx,
             Unavailable::Vmx(virt::vmx::VmxError::VmxonFailed),
         ),
         Ok(Selected::Svm) => run_with::<Svm>(
             options,
+            boot,
             Selected::Svm,
             Unavailable::Svm(virt::svm::SvmError::EnableFailed),
         ),
@@ -435,6 +453,7 @@ fn run_guests(options: &cmdline::Options, selected: Result<Selected, Unavailable
                 backend: "none",
                 selected: None,
                 error: Some(error),
+                modules_not_run: refuse_guest_modules(boot, format_args!("no backend: {error}")),
                 run: virt::sched::RunSummary::default(),
             }
         }
@@ -445,6 +464,7 @@ fn run_guests(options: &cmdline::Options, selected: Result<Selected, Unavailable
 /// CPU could enable it.
 fn run_with<B: Backend>(
     options: &cmdline::Options,
+    boot: &'static BootInfo,
     selected: Selected,
     none_enabled: Unavailable,
 ) -> VirtOutcome {
@@ -460,9 +480,12 @@ fn run_with<B: Backend>(
             backend: "none",
             selected: None,
             error: Some(none_enabled),
+            modules_not_run: refuse_guest_modules(boot, format_args!("no backend: {none_enabled}")),
             run: virt::sched::RunSummary::default(),
         };
     }
+    let (guests, modules_not_run) = plan_guests::<B>(boot, options);
+    let platform = matches!(guests, virt::sched::Guests::Platform { .. });
     let settings = virt::sched::Settings {
         vcpus: options.vcpus as usize,
         run_ms: options.guest_run_ms,
@@ -472,9 +495,11 @@ fn run_with<B: Backend>(
             crash_caller: options.guest_crash_call,
         },
         crash_hypercall_allowed: options.crash_hypercall,
-        keep_running: crash_after_boot_report(options),
+        // Platform guests run until they stop: a crash due while they run
+        // fires in the run, and must not be held for the boot report.
+        keep_running: !platform && crash_after_boot_report(options),
     };
-    let run = virt::sched::run_at_boot::<B>(&settings);
+    let run = virt::sched::run_at_boot::<B>(&settings, guests);
     log::info!(
         "{}: {} vCPUs, {} VM exits, {} migrations, {} stopped",
         B::NAME,
@@ -487,8 +512,56 @@ fn run_with<B: Backend>(
         backend: B::NAME,
         selected: Some(selected),
         error: None,
+        modules_not_run,
         run,
     }
+}
+
+/// The guests backend `B` runs: the guest modules, each on its virtual
+/// platform, when there are any and `B` has the glue for them; else the
+/// in-tree guest. Also how many guest modules do not run (each reported
+/// refused with the reason, never dropped in silence).
+fn plan_guests<B: Backend>(
+    boot: &'static BootInfo,
+    options: &cmdline::Options,
+) -> (virt::sched::Guests, usize) {
+    let modules = virt::guest::guest_modules(boot.modules());
+    if modules == 0 {
+        return (virt::sched::Guests::TestGuest, 0);
+    }
+    let Some(ops) = B::PLATFORM else {
+        log::warn!(
+            "{}: platform guests need VMX for now (the {} glue is not written); \
+             guest modules not run: {modules}; the in-tree guest runs instead",
+            B::NAME,
+            B::NAME
+        );
+        let refused = refuse_guest_modules(
+            boot,
+            format_args!(
+                "platform guests need VMX for now (the {} glue is not written)",
+                B::NAME
+            ),
+        );
+        return (virt::sched::Guests::TestGuest, refused);
+    };
+    let created = (ops.create_guests)(boot, options);
+    log::info!(
+        "guests: {} of {} guest modules created, {} vCPUs",
+        created.guests,
+        created.modules,
+        created.vcpus
+    );
+    let guests = virt::sched::Guests::Platform {
+        vcpus: created.vcpus,
+        ops,
+    };
+    (guests, 0)
+}
+
+/// Reports every guest module refused, for `why`; returns how many.
+fn refuse_guest_modules(boot: &'static BootInfo, why: core::fmt::Arguments<'_>) -> usize {
+    virt::guest::refuse_all(boot.modules(), "backend_unsupported", why)
 }
 
 /// Whether the guests go on running after the boot run, until the

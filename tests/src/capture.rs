@@ -124,6 +124,29 @@ pub fn capture_bochs(
         .unwrap_or_else(|error| panic!("Bochs capture run {name} could not run: {error:#}"))
 }
 
+/// Boots hv in Bochs with its capture mode and these boot modules
+/// (guests) beside the capture image.
+#[track_caller]
+pub fn capture_bochs_with_modules(
+    name: &str,
+    cpus: u32,
+    append: &[&str],
+    modules: Vec<xtask::iso::BootModule>,
+    capture: CaptureOptions,
+) -> RunOutcome {
+    let options = BochsOptions {
+        cpus,
+        memory_mib: capture::HV_MEMORY_MIB,
+        append: append.iter().map(|word| word.to_string()).collect(),
+        timeout: BOCHS_TIMEOUT,
+        run_name: Some(name.to_owned()),
+        modules,
+        ..BochsOptions::new(hv_elf())
+    };
+    capture::bochs(&options, &prepared(capture))
+        .unwrap_or_else(|error| panic!("Bochs capture run {name} could not run: {error:#}"))
+}
+
 /// Asserts that the run captured its crash: xtask judged it ok, the
 /// capture kernel was entered, and the dump is there, complete, with one
 /// CPU note per CPU of the machine. Returns the dump.

@@ -9,6 +9,7 @@
 //! running them could wait for its build lock.
 
 pub mod capture;
+pub mod guests;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -435,23 +436,18 @@ pub fn assert_vmx_accounting(run: &RunOutcome) -> VmxAccounting {
             "QEMU TCG has no VMX\n{}",
             why()
         );
+        // With SVM the summary's line speaks of VMCBs and SVM instead.
+        let svm = run.report["crash"]["backend"] == "svm";
         let summary = run.summary();
-        if run.report["crash"]["backend"] == "svm" {
-            // TCG's guests ran on SVM: the summary speaks of VMCBs only.
-            assert!(
-                !summary.contains("  VMCS") && !summary.contains("VMXOFF"),
-                "the summary claims VMX where SVM ran:\n{summary}"
-            );
-        } else {
-            let line = summary
-                .lines()
-                .find(|line| line.starts_with("  VMCS"))
-                .unwrap_or_else(|| panic!("no VMCS line in the summary:\n{summary}"));
-            assert!(
-                line.ends_with("; no VMX ran") && !line.contains("VMXOFF"),
-                "the summary claims VMX where none ran: {line}"
-            );
-        }
+        let heading = if svm { "  VMCB" } else { "  VMCS" };
+        let line = summary
+            .lines()
+            .find(|line| line.starts_with(heading))
+            .unwrap_or_else(|| panic!("no {} line in the summary:\n{summary}", heading.trim()));
+        assert!(
+            (svm || line.ends_with("; no VMX ran")) && !line.contains("VMXOFF"),
+            "the summary claims VMX where none ran: {line}"
+        );
     }
     accounting
 }

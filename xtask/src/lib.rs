@@ -18,6 +18,7 @@ pub mod dump;
 pub mod initramfs;
 pub mod iso;
 pub mod kernel;
+pub mod kvm_unit_tests;
 pub mod layers;
 pub mod makedumpfile;
 pub mod paths;

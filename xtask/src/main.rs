@@ -17,7 +17,7 @@ use xtask::plan::{self, CaptureFlag, CrashSource, Plan};
 use xtask::report::{self, Expectations};
 use xtask::run::{self, BochsOptions, Boot, QemuOptions, RunOutcome};
 use xtask::stress::{self, CrashPlan, Plain, StressOptions};
-use xtask::{ci, cmdline, kernel, tools};
+use xtask::{ci, cmdline, kernel, kvm_unit_tests, tools};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -55,6 +55,44 @@ enum Task {
     /// Show what a crash dump holds: CPUs and their registers, crash
     /// reason, coordinator, stragglers, VMCLEAR ledger, memory ranges.
     Dump(DumpArgs),
+    /// Run kvm-unit-tests' cfg entries as hv guests in Bochs; table of
+    /// QEMU TCG's result, hv's, the time (default: the CI subset).
+    KvmUnitTests(KvmUnitTestsArgs),
+}
+
+#[derive(Debug, Args)]
+struct KvmUnitTestsArgs {
+    /// Only the entries whose name matches this regular expression.
+    #[arg(long, value_name = "RE")]
+    filter: Option<String>,
+    /// Every entry of unittests.cfg (default: the CI subset).
+    #[arg(long, conflicts_with = "filter")]
+    all: bool,
+    /// Emulated CPUs (1 to 15).
+    #[arg(long, default_value_t = 4, value_parser = parse_bochs_cpus)]
+    cpus: u32,
+    /// Most entries per Bochs boot.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=16))]
+    per_boot: u64,
+    /// The suite's directory (unittests.cfg, qemu-tcg-results.txt, x86/)
+    /// [default: ../shared/guests/kvm-unit-tests, or $KVM_UNIT_TESTS_DIR].
+    #[arg(long, value_name = "DIR")]
+    suite: Option<PathBuf>,
+    /// The Bochs CPU model [default: tigerlake].
+    #[arg(long, value_name = "MODEL")]
+    cpu_model: Option<String>,
+    /// Write the JSON report (`kvm_unit_tests`: one object per entry).
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// Kill a boot after this many seconds [default: 14400].
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+    /// Boot this ELF instead of building hv.
+    #[arg(long, value_name = "FILE")]
+    elf: Option<PathBuf>,
+    /// Only print what would run: each entry's plan and the boots.
+    #[arg(long)]
+    list: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -267,6 +305,14 @@ struct BochsArgs {
     /// ata0-slave, or port 0xE9 (Bochs' stdout).
     #[arg(long, value_enum, default_value_t = BochsSink::Ata, requires = "capture")]
     capture_sink: BochsSink,
+    /// A guest kernel (multiboot1) and its settings, as one string: the
+    /// file, then the words of its `guest` module line (`smp=2 mem=64M
+    /// name=N NR_CPUS=2 -- args`, see hv_core::guest_spec). Repeatable.
+    #[arg(long, value_name = "'FILE [WORDS]'")]
+    guest: Vec<String>,
+    /// Machine memory in MiB [default: 256].
+    #[arg(long, value_name = "MiB")]
+    memory: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -508,6 +554,14 @@ fn run_task(task: Task) -> Result<ExitCode> {
             options.cpus = args.cpus;
             options.append = append;
             options.echo = true;
+            if let Some(memory) = args.memory {
+                options.memory_mib = memory;
+            }
+            for guest in &args.guest {
+                options
+                    .modules
+                    .push(xtask::kvm_unit_tests::guest_module(guest)?);
+            }
             if let Some(secs) = args.run.timeout {
                 options.timeout = Duration::from_secs(secs);
             }
@@ -526,6 +580,59 @@ fn run_task(task: Task) -> Result<ExitCode> {
             };
             outcome.add_notes(&plan.notes)?;
             conclude(&outcome, &args.run)
+        }
+        Task::KvmUnitTests(args) => {
+            let elf = match (&args.elf, args.list) {
+                (Some(elf), _) => elf.clone(),
+                (None, true) => PathBuf::from("hv"),
+                (None, false) => kernel::build(None)?,
+            };
+            let mut options = kvm_unit_tests::Options::new(elf);
+            if let Some(suite) = &args.suite {
+                options.suite = suite.clone();
+            }
+            options.filter = args.filter.clone();
+            options.all = args.all;
+            options.cpus = args.cpus;
+            options.per_boot = args.per_boot as usize;
+            options.cpu_model = args.cpu_model.clone();
+            options.progress = true;
+            if let Some(secs) = args.timeout {
+                options.boot_timeout = Duration::from_secs(secs);
+            }
+            if args.list {
+                print!("{}", kvm_unit_tests::describe(&options)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            tools::ensure(&run::BOCHS_NEEDS)?;
+            if accel::detect() == accel::Accel::Kvm {
+                println!(
+                    "note: this host offers nested VMX, but the qemu-kvm column is not implemented; Bochs only"
+                );
+            } else {
+                println!("qemu-kvm: not run (this host offers no nested VMX); Bochs only");
+            }
+            let outcome = kvm_unit_tests::run(&options)?;
+            print!("{}", kvm_unit_tests::table(&outcome.results));
+            if let Some(path) = &args.report {
+                let text = serde_json::to_string_pretty(&outcome.report())?;
+                std::fs::write(path, text + "\n")?;
+                println!("report written to {}", path.display());
+            }
+            let broken: Vec<_> = outcome
+                .boots
+                .iter()
+                .filter(|b| b["ok"] != true)
+                .map(|b| format!("{}: {}", b["run_dir"], b["reason"]))
+                .collect();
+            for line in &broken {
+                println!("hv run not ok: {line}");
+            }
+            Ok(if broken.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Task::Stress(args) => {
             tools::ensure(&run::qemu_needs(args.boot))?;

@@ -19,6 +19,13 @@ pub const MAX_ERRORS: usize = 8;
 /// Size of a page: the crash-kernel reservation is made of whole pages.
 const PAGE_SIZE: u64 = 4096;
 
+/// RAM of a guest module that names none: 64 MiB.
+pub const DEFAULT_GUEST_MEM: u64 = 64 << 20;
+/// Largest `guest_mem=`: 3 GiB, where the 32-bit MMIO hole begins.
+pub const MAX_GUEST_MEM: u64 = 3 << 30;
+/// How long a guest module may run by default: 10 minutes.
+pub const DEFAULT_GUEST_TIMEOUT_MS: u64 = 600_000;
+
 /// What the hypervisor does once the boot self-report is complete.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Finish {
@@ -175,6 +182,11 @@ pub struct Options {
     pub crash_timeout_ms: u64,
     /// `crash_hypercall=allow|deny`: may a guest crash the hypervisor.
     pub crash_hypercall: bool,
+    /// `guest_mem=SIZE`: RAM of a guest module that gives no `mem=`.
+    pub guest_mem: u64,
+    /// `guest_timeout_ms=`: how long a guest module that gives no
+    /// `timeout_ms=` may run before hv stops it.
+    pub guest_timeout_ms: u64,
     /// `nmi=dump|log|ignore`: what an NMI that belongs to nobody does.
     pub nmi: ExternalNmi,
     /// `watchdog=SECONDS`: the lockup detector's threshold (0: off).
@@ -218,6 +230,8 @@ impl Options {
             crash: None,
             crash_timeout_ms: defaults::CRASH_TIMEOUT_MS,
             crash_hypercall: false,
+            guest_mem: DEFAULT_GUEST_MEM,
+            guest_timeout_ms: DEFAULT_GUEST_TIMEOUT_MS,
             nmi: ExternalNmi::Dump,
             watchdog_seconds: defaults::WATCHDOG_SECONDS,
             hang: None,
@@ -471,6 +485,23 @@ pub const OPTIONS: &[(&str, Setter)] = &[
             "deny" => false,
             _ => return Err("expected one of allow, deny"),
         };
+        Ok(())
+    }),
+    ("guest_mem", |options, value| {
+        let bytes = parse_size(value)?;
+        if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE) || bytes > MAX_GUEST_MEM {
+            return Err("expected a whole number of 4 KiB pages up to 3G");
+        }
+        options.guest_mem = bytes;
+        Ok(())
+    }),
+    ("guest_timeout_ms", |options, value| {
+        let mut n = 0;
+        set_bounded(&mut n, value, 24 * 3_600_000)?;
+        if n == 0 {
+            return Err("expected a whole number of at least 1");
+        }
+        options.guest_timeout_ms = n;
         Ok(())
     }),
     ("guest_misbehave", |options, value| {
@@ -1070,6 +1101,23 @@ mod tests {
     }
 
     #[test]
+    fn guest_defaults_are_bounded() {
+        let parsed = parse("guest_mem=128M guest_timeout_ms=5000");
+        assert!(parsed.is_clean());
+        assert_eq!(parsed.options.guest_mem, 128 << 20);
+        assert_eq!(parsed.options.guest_timeout_ms, 5000);
+        for bad in [
+            "guest_mem=4G",
+            "guest_mem=100",
+            "guest_mem=0",
+            "guest_timeout_ms=0",
+        ] {
+            assert_eq!(parse(bad).error_count(), 1, "{bad}");
+        }
+        assert_eq!(Options::new().guest_mem, DEFAULT_GUEST_MEM);
+    }
+
+    #[test]
     fn value_may_contain_equals() {
         let parsed = parse("log=debug=1");
         assert_eq!(
@@ -1105,6 +1153,8 @@ mod tests {
             ("capture_sink", "ata"),
             ("crash_timeout_ms", "500"),
             ("crash_hypercall", "allow"),
+            ("guest_mem", "32M"),
+            ("guest_timeout_ms", "90000"),
             ("nmi", "log"),
             ("watchdog", "2"),
             ("hang", "cpu:3,after_ms:100,how:lock"),

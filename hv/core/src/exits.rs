@@ -41,6 +41,50 @@ pub struct IoAccess {
     pub input: bool,
 }
 
+/// A string port I/O access (INS, OUTS), one element per exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StringIoAccess {
+    /// The port, size and direction.
+    pub io: IoAccess,
+    /// With a REP prefix (RCX counts the elements).
+    pub rep: bool,
+    /// The address size in bytes (2, 4, 8): which part of RSI/RDI/RCX counts.
+    pub address_size: u8,
+    /// The guest-linear address of the element in memory.
+    pub linear: u64,
+}
+
+/// How a control register was accessed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrAccessKind {
+    /// MOV to CRn from the general-purpose register `gpr` (0-15, RAX first).
+    Write {
+        /// The source register.
+        gpr: u8,
+    },
+    /// MOV from CRn to `gpr`.
+    Read {
+        /// The destination register.
+        gpr: u8,
+    },
+    /// CLTS (CR0.TS cleared).
+    Clts,
+    /// LMSW with this source operand.
+    Lmsw {
+        /// The 16-bit operand (only bits 3:0 count).
+        value: u16,
+    },
+}
+
+/// A control-register access that exited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrAccess {
+    /// Which control register: 0, 3, 4 or 8.
+    pub cr: u8,
+    /// What was done to it.
+    pub kind: CrAccessKind,
+}
+
 /// Why a vCPU left guest mode, in the backend's neutral words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
@@ -83,6 +127,61 @@ pub enum Exit {
         /// The backend's exit code.
         reason: u64,
     },
+    /// The guest became interruptible while an interrupt waited (VMX
+    /// interrupt-window exiting, SVM VINTR).
+    InterruptWindow,
+    /// NMI blocking ended while an NMI waited (VMX NMI-window exiting, SVM
+    /// IRET interception).
+    NmiWindow,
+    /// RDMSR (ECX names the MSR).
+    Rdmsr,
+    /// WRMSR (ECX names it, EDX:EAX is the value).
+    Wrmsr,
+    /// A control-register access.
+    ControlRegister(CrAccess),
+    /// XSETBV (ECX names the XCR, EDX:EAX is the value).
+    Xsetbv,
+    /// INS or OUTS.
+    StringIo(StringIoAccess),
+    /// An instruction the guest is not offered (VMX and SVM instructions,
+    /// MONITOR/MWAIT, GETSEC): the guest gets #UD.
+    UndefinedInstruction,
+    /// INVD or WBINVD: nothing to do for a guest with coherent memory.
+    CacheFlush,
+    /// The guest raised #UD, which the backend intercepts (to emulate an
+    /// instruction this CPU lacks in the guest's mode: SYSCALL from
+    /// compatibility mode on Intel); otherwise it is delivered.
+    InvalidOpcode,
+}
+
+impl Exit {
+    /// A short name, for reports of exits a guest kind does not expect.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Nmi => "nmi",
+            Self::ExternalInterrupt => "external_interrupt",
+            Self::TripleFault => "triple_fault",
+            Self::Cpuid => "cpuid",
+            Self::Hlt => "hlt",
+            Self::Hypercall => "hypercall",
+            Self::Io(_) => "io",
+            Self::NestedPageFault { .. } => "nested_page_fault",
+            Self::Preempted => "preempted",
+            Self::EntryFailed { .. } => "entry_failed",
+            Self::InvalidGuestState { .. } => "invalid_guest_state",
+            Self::Unhandled { .. } => "unhandled",
+            Self::InterruptWindow => "interrupt_window",
+            Self::NmiWindow => "nmi_window",
+            Self::Rdmsr => "rdmsr",
+            Self::Wrmsr => "wrmsr",
+            Self::ControlRegister(_) => "control_register",
+            Self::Xsetbv => "xsetbv",
+            Self::StringIo(_) => "string_io",
+            Self::UndefinedInstruction => "undefined_instruction",
+            Self::CacheFlush => "cache_flush",
+            Self::InvalidOpcode => "invalid_opcode",
+        }
+    }
 }
 
 /// Why a vCPU was stopped for good.
@@ -112,6 +211,8 @@ pub enum Stop {
         /// The backend's exit code.
         reason: u64,
     },
+    /// An exit this kind of guest cannot cause ([`Exit::name`]).
+    UnexpectedExit(&'static str),
 }
 
 impl Stop {
@@ -124,6 +225,7 @@ impl Stop {
             Self::InvalidGuestState { reason } => ("invalid_guest_state", None, reason),
             Self::TripleFault => ("triple_fault", None, 2),
             Self::Unhandled { reason } => ("unhandled_exit", None, reason),
+            Self::UnexpectedExit(_) => ("unexpected_exit", None, 0),
         }
     }
 }
@@ -225,6 +327,18 @@ pub fn dispatch(exit: Exit, guest: &mut impl Guest, host: &mut impl Host) -> Act
         Exit::EntryFailed { error } => Action::Stop(Stop::EntryFailed { error }),
         Exit::InvalidGuestState { reason } => Action::Stop(Stop::InvalidGuestState { reason }),
         Exit::Unhandled { reason } => Action::Stop(Stop::Unhandled { reason }),
+        // The in-tree guest reads no MSR, touches no control register and
+        // is never offered an event: these exits mean it went astray.
+        Exit::InterruptWindow
+        | Exit::NmiWindow
+        | Exit::Rdmsr
+        | Exit::Wrmsr
+        | Exit::ControlRegister(_)
+        | Exit::Xsetbv
+        | Exit::StringIo(_)
+        | Exit::UndefinedInstruction
+        | Exit::CacheFlush
+        | Exit::InvalidOpcode => Action::Stop(Stop::UnexpectedExit(exit.name())),
     }
 }
 
@@ -395,5 +509,10 @@ mod tests {
         assert_eq!(dispatch(Exit::Hlt, &mut guest, &mut host), Action::EndSlice);
         assert_eq!(dispatch(Exit::Nmi, &mut guest, &mut host), Action::HostNmi);
         assert_eq!(guest.skipped, 1, "only HLT moved on");
+        assert_eq!(
+            dispatch(Exit::Rdmsr, &mut guest, &mut host),
+            Action::Stop(Stop::UnexpectedExit("rdmsr"))
+        );
+        assert_eq!(Stop::UnexpectedExit("rdmsr").report().0, "unexpected_exit");
     }
 }

@@ -1,6 +1,6 @@
 //! Host-testable logic of the hypervisor: command line, boot memory map,
 //! frame allocation, crash-kernel placement, page tables, TSC calibration,
-//! lock-free log ring, VM-exit dispatch.
+//! lock-free log ring, VM-exit dispatch, guest module command lines.
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_code)]
 
@@ -8,6 +8,7 @@ pub mod cmdline;
 pub mod crashkernel;
 pub mod exits;
 pub mod frames;
+pub mod guest_spec;
 pub mod json;
 pub mod logring;
 pub mod memmap;

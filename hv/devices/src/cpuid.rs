@@ -45,6 +45,8 @@ pub struct GuestFeatures {
     pub rdtscp: bool,
     /// INVPCID (the backend lets it run).
     pub invpcid: bool,
+    /// PCIDs (CR4.PCIDE; a backend that offers none refuses the bit).
+    pub pcid: bool,
     /// Protection keys for supervisor pages (the backend switches
     /// IA32_PKRS).
     pub pks: bool,
@@ -60,6 +62,7 @@ impl GuestFeatures {
             tsc_deadline: true,
             rdtscp: true,
             invpcid: true,
+            pcid: true,
             pks: false,
         }
     }
@@ -100,6 +103,7 @@ const L1_ECX_KEEP: u32 = 1 << 0 // SSE3
     | 1 << 28 // AVX
     | 1 << 29 // F16C
     | 1 << 30; // RDRAND
+const L1_ECX_PCID: u32 = 1 << 17;
 const L1_ECX_X2APIC: u32 = 1 << 21;
 const L1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const L1_ECX_XSAVE: u32 = 1 << 26;
@@ -264,6 +268,9 @@ impl CpuidPolicy {
             1 => {
                 let h = host.cpuid(1, 0);
                 let mut ecx = h.ecx & L1_ECX_KEEP | L1_ECX_HYPERVISOR;
+                if !f.pcid {
+                    ecx &= !L1_ECX_PCID;
+                }
                 if f.x2apic {
                     ecx |= L1_ECX_X2APIC;
                 }
@@ -542,6 +549,11 @@ mod tests {
         let r = CpuidPolicy::new(features).query(&FakeHost, 1, 0, state(0));
         assert_eq!(r.ecx & (L1_ECX_X2APIC | L1_ECX_TSC_DEADLINE), 0);
         assert_eq!(r.edx & L1_EDX_HTT, 0);
+        // PCIDs as the host has them, or hidden (kvm-unit-tests' -pcid).
+        assert_ne!(r.ecx & L1_ECX_PCID, 0);
+        features.pcid = false;
+        let r = CpuidPolicy::new(features).query(&FakeHost, 1, 0, state(0));
+        assert_eq!(r.ecx & L1_ECX_PCID, 0);
     }
 
     #[test]

@@ -65,6 +65,11 @@ fn x2apic() -> bool {
     X2APIC.load(Ordering::Relaxed)
 }
 
+/// Reads a local APIC register (xAPIC offset) in the chosen mode.
+pub(super) fn read_register(register: u32) -> u32 {
+    read(register)
+}
+
 fn read(register: u32) -> u32 {
     if x2apic() {
         // SAFETY: (1) x2APIC mode is enabled on this CPU (see `enable`), so the APIC MSRs exist.
@@ -74,6 +79,11 @@ fn read(register: u32) -> u32 {
         // of this module's constants.
         unsafe { core::ptr::read_volatile((XAPIC_MMIO_BASE + u64::from(register)) as *const u32) }
     }
+}
+
+/// Writes a local APIC register (xAPIC offset) in the chosen mode.
+pub(super) fn write_register(register: u32, value: u32) {
+    write(register, value)
 }
 
 fn write(register: u32, value: u32) {

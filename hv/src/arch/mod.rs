@@ -10,6 +10,7 @@
 //! through a header whose layout this layer owns ([`cpu_local`]).
 
 pub mod apic;
+pub mod apic_timer;
 pub mod atomic_fn;
 pub mod blobs;
 pub mod boot;
@@ -17,8 +18,11 @@ pub mod cpu;
 pub mod cpu_local;
 pub mod fixup;
 pub mod gdt;
+pub mod guest_switch;
 pub mod idt;
 pub mod pic;
 pub mod port;
+pub mod stack;
 pub mod svm;
 pub mod vmx;
+pub mod xsave;

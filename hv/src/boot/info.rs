@@ -9,8 +9,9 @@ use crate::mm::phys;
 
 /// How many memory-map entries are kept from the loader.
 pub const MAX_RAW_REGIONS: usize = 256;
-/// How many boot modules are kept (capture kernel, initrd, ...).
-pub const MAX_MODULES: usize = 8;
+/// How many boot modules are kept (capture kernel, initrd, guests and
+/// their environment files).
+pub const MAX_MODULES: usize = 40;
 
 /// The protocol that entered the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -227,6 +227,17 @@ pub fn alloc_guarded_stack(pages: u64) -> Option<u64> {
     Some(base + (pages + 1) * PAGE)
 }
 
+/// Calls `function` on a fresh guarded stack of `pages` pages (never
+/// freed), for boot work with frames too big for a CPU's main stack.
+/// `false` when there is no memory for the stack.
+pub fn call_on_new_stack(pages: u64, function: extern "C" fn()) -> bool {
+    let Some(top) = alloc_guarded_stack(pages) else {
+        return false;
+    };
+    phys::call_on_stack(top, function);
+    true
+}
+
 /// A free page below 1 MiB (for the AP trampoline), never freed.
 pub fn alloc_low_page() -> Option<u64> {
     FRAMES.lock().as_mut()?.alloc_below(LOW_MEMORY_END, 1)

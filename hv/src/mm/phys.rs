@@ -15,6 +15,10 @@
 //!   image): read through [`read`].
 //! - **Page tables** of the kernel's address space: read and written only
 //!   by `mm::paging`, through [`table_entry`] and [`set_table_entry`].
+//! - **Guest RAM** (frames the kernel gave a running guest, whose vCPUs
+//!   may write them at any moment): copied byte by byte with volatile
+//!   accesses through [`read_guest`] and [`write_guest`], never borrowed
+//!   as a slice.
 //!
 //! Nothing here checks ownership at run time: the callers are few, and
 //! each names which kind of memory it touches.
@@ -54,6 +58,26 @@ pub fn with_bytes_mut<R>(start: u64, len: u64, f: impl FnOnce(&mut [u8]) -> R) -
     // (2) the slice lives only for the call, so it cannot outlive the
     // caller's ownership.
     f(unsafe { core::slice::from_raw_parts_mut(start as *mut u8, len as usize) })
+}
+
+/// Copies guest RAM at `start` into `buffer` (module docs: guest RAM).
+pub fn read_guest(start: u64, buffer: &mut [u8]) {
+    for (offset, byte) in buffer.iter_mut().enumerate() {
+        // SAFETY: (1) identity-mapped RAM the kernel allocated to a guest
+        // (caller); (2) a volatile byte read cannot tear, and a guest's
+        // concurrent write only changes which value is read.
+        *byte = unsafe { core::ptr::read_volatile((start + offset as u64) as *const u8) };
+    }
+}
+
+/// Copies `bytes` into guest RAM at `start` (module docs: guest RAM).
+pub fn write_guest(start: u64, bytes: &[u8]) {
+    for (offset, byte) in bytes.iter().enumerate() {
+        // SAFETY: (1) identity-mapped RAM the kernel allocated to a guest
+        // (caller); (2) the guest owns the contents, so a racing write of
+        // its own only decides which value stays.
+        unsafe { core::ptr::write_volatile((start + offset as u64) as *mut u8, *byte) };
+    }
 }
 
 /// Reads a 64-bit device register (memory-mapped I/O below 4 GiB, which
@@ -143,6 +167,15 @@ pub(super) fn switch_to_stack(top: u64, next: fn() -> !) -> ! {
     // SAFETY: (1) the top of a fresh, mapped, 16-byte aligned stack nothing else uses; (2) `next`
     // never returns, so the old stack is dead.
     unsafe { crate::arch::cpu::switch_stack(top, next) }
+}
+
+/// Calls `function` on the stack whose top is `top`, and returns.
+///
+/// `mm` calls this only with the top of a fresh guarded stack.
+pub(super) fn call_on_stack(top: u64, function: extern "C" fn()) {
+    // SAFETY: (1) the top of a fresh, mapped, 16-byte aligned stack nothing
+    // else uses (caller); (2) the call leaves it before it returns.
+    unsafe { crate::arch::stack::call_on_stack(top, function) }
 }
 
 /// Continues in `next` on the crash stack whose top is `top`, with a copy

@@ -1,14 +1,14 @@
 //! vCPUs: each has a shared half other CPUs may read (its context, list
 //! entry, counters) and a local half only the CPU running it touches.
 
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 use crash::loaded_vmcs::VmcsId;
 use hv_abi::hypercall;
 use hv_core::exits::GuestRegisters;
 use spin::Mutex;
 
-use super::{Backend, Context, test_guest};
+use super::{Backend, Context, PlatformBackend, PlatformOps, guest, test_guest};
 use crate::crash::records::{self, MAX_VMCS};
 use crate::mm;
 
@@ -26,6 +26,46 @@ pub struct VcpuShared {
     pub stopped: AtomicBool,
     /// VM exits it took.
     pub exits: AtomicU64,
+    /// Where the scheduler has it ([`sched_state`]).
+    pub sched: AtomicU8,
+    /// The CPU running it, while it runs.
+    pub on_cpu: AtomicU32,
+    /// The CPU its context is loaded on ([`NO_CPU`]: none).
+    pub loaded_on: AtomicU32,
+    /// The platform guest it belongs to and its number there; `None` for
+    /// the in-tree test guest.
+    pub platform: Option<PlatformVcpu>,
+}
+
+/// A vCPU of a platform guest.
+#[derive(Debug, Clone, Copy)]
+pub struct PlatformVcpu {
+    /// The guest (`virt::guest`'s index).
+    pub guest: usize,
+    /// Its number in the guest (its APIC ID).
+    pub number: usize,
+    /// The backend's auxiliary page.
+    pub aux: u64,
+    /// The page its extended state (x87, SSE, AVX) is saved in while it
+    /// is off a core.
+    pub xsave_area: u64,
+    /// How the scheduler initialises and runs it: its backend's.
+    pub ops: PlatformOps,
+}
+
+/// No CPU.
+pub const NO_CPU: u32 = u32::MAX;
+
+/// Where a vCPU is, for the scheduler.
+pub mod sched_state {
+    /// In the run queue.
+    pub const QUEUED: u8 = 0;
+    /// On a core.
+    pub const RUNNING: u8 = 1;
+    /// Waiting for an event (HLT, SIPI): out of the queue until kicked.
+    pub const PARKED: u8 = 2;
+    /// Retired for good.
+    pub const DONE: u8 = 3;
 }
 
 /// What only the CPU running a vCPU touches.
@@ -41,6 +81,13 @@ pub struct VcpuLocal {
     pub console: [u8; 96],
     /// Bytes in `console`.
     pub console_len: usize,
+    /// Platform vCPUs: the guest's XCR0.
+    pub xcr0: u64,
+    /// Platform vCPUs: the guest's CR2.
+    pub cr2: u64,
+    /// Platform vCPUs: an NMI was injected and the vCPU has not been seen
+    /// unblocked since, so NMI blocking the CPU reports may be its own.
+    pub nmi_may_block: bool,
 }
 
 /// One virtual CPU.
@@ -50,6 +97,21 @@ pub struct Vcpu {
     pub shared: VcpuShared,
     /// Local half: held by the CPU running it.
     pub local: Mutex<VcpuLocal>,
+}
+
+impl VcpuLocal {
+    fn new(registers: GuestRegisters) -> Self {
+        Self {
+            registers,
+            launched: false,
+            initialized: false,
+            console: [0; 96],
+            console_len: 0,
+            xcr0: 1,
+            cr2: 0,
+            nmi_may_block: false,
+        }
+    }
 }
 
 impl Vcpu {
@@ -63,14 +125,12 @@ impl Vcpu {
                 list_id: None,
                 stopped: AtomicBool::new(true),
                 exits: AtomicU64::new(0),
+                sched: AtomicU8::new(sched_state::DONE),
+                on_cpu: AtomicU32::new(NO_CPU),
+                loaded_on: AtomicU32::new(NO_CPU),
+                platform: None,
             },
-            local: Mutex::new(VcpuLocal {
-                registers: GuestRegisters::default(),
-                launched: false,
-                initialized: false,
-                console: [0; 96],
-                console_len: 0,
-            }),
+            local: Mutex::new(VcpuLocal::new(GuestRegisters::default())),
         }
     }
 
@@ -134,13 +194,84 @@ pub fn make<B: Backend>(index: usize, knobs: Knobs) -> Vcpu {
             list_id: Some(list_id),
             stopped: AtomicBool::new(false),
             exits: AtomicU64::new(0),
+            sched: AtomicU8::new(sched_state::QUEUED),
+            on_cpu: AtomicU32::new(NO_CPU),
+            loaded_on: AtomicU32::new(NO_CPU),
+            platform: None,
         },
-        local: Mutex::new(VcpuLocal {
-            registers,
-            launched: false,
-            initialized: false,
-            console: [0; 96],
-            console_len: 0,
-        }),
+        local: Mutex::new(VcpuLocal::new(registers)),
+    }
+}
+
+/// Fills in platform vCPU `platform`'s current context the first time it
+/// is loaded: the controls for its guest's features, and for the boot
+/// vCPU the multiboot entry state (APs start at their SIPI).
+pub fn init_platform<B: PlatformBackend>(context: &Context, platform: PlatformVcpu) {
+    let info = guest::info(platform.guest);
+    B::init_platform_vcpu(context, platform.aux, &info.features);
+    if platform.number == 0 {
+        B::load_multiboot_entry(&info.entry);
+    }
+}
+
+/// vCPU `number` of platform guest `guest_index`: a context over the
+/// guest's nested page tables, its extended-state area, a list entry and
+/// record. An empty vCPU when memory or list entries run out.
+pub fn make_platform<B: PlatformBackend>(guest_index: usize, number: usize) -> Vcpu {
+    let info = guest::info(guest_index);
+    let (context, aux) = match B::new_platform_vcpu(info.nested_root) {
+        Ok(made) => made,
+        Err(error) => {
+            log::error!(
+                "{}: no context for vCPU {number} of guest {}: {error}",
+                B::NAME,
+                info.name.as_str()
+            );
+            return Vcpu::empty();
+        }
+    };
+    let Some(xsave_area) = mm::alloc_zeroed_page() else {
+        return Vcpu::empty();
+    };
+    // A fresh page of ours: the state after RESET.
+    mm::phys::with_bytes_mut(
+        xsave_area,
+        crate::arch::xsave::AREA_BYTES,
+        crate::arch::xsave::init_area,
+    );
+    let list_id = match records::register(context.page) {
+        Ok(id) => id,
+        Err(error) => {
+            log::error!(
+                "{}: no loaded-context list entry for vCPU {number} of guest {}: {error}",
+                B::NAME,
+                info.name.as_str()
+            );
+            return Vcpu::empty();
+        }
+    };
+    let mut registers = GuestRegisters::default();
+    if number == 0 {
+        registers.rax = u64::from(info.entry.eax);
+        registers.rbx = u64::from(info.entry.ebx);
+    }
+    Vcpu {
+        shared: VcpuShared {
+            context,
+            list_id: Some(list_id),
+            stopped: AtomicBool::new(false),
+            exits: AtomicU64::new(0),
+            sched: AtomicU8::new(sched_state::QUEUED),
+            on_cpu: AtomicU32::new(NO_CPU),
+            loaded_on: AtomicU32::new(NO_CPU),
+            platform: Some(PlatformVcpu {
+                guest: guest_index,
+                number,
+                aux,
+                xsave_area,
+                ops: PlatformOps::of::<B>(),
+            }),
+        },
+        local: Mutex::new(VcpuLocal::new(registers)),
     }
 }

@@ -561,7 +561,9 @@ pub fn bochs(options: &BochsOptions, capture: &CaptureOptions) -> Result<RunOutc
     let mut run = options.clone();
     run.append = words.clone();
     run.run_name = Some(name);
+    // The capture kernel's modules, then the run's own (guests).
     run.modules = modules(capture, &words)?;
+    run.modules.extend(options.modules.iter().cloned());
     let stream = match capture.bochs_sink {
         BochsSink::Ata => {
             let disk = run_dir.join(DISK_FILE);

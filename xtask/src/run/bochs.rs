@@ -45,7 +45,7 @@ const SHUTDOWN_PANIC: &str = "Shutdown port: shutdown requested";
 
 /// The CPU Bochs emulates: the oldest model with VMX, EPT, unrestricted
 /// guests and x2APIC.
-const CPU_MODEL: &str = "corei7_haswell_4770";
+pub const CPU_MODEL: &str = "corei7_haswell_4770";
 
 /// Emulated instructions per second of guest time. Lower values make guest
 /// delays (timer waits during AP start-up) cost fewer host instructions, so
@@ -78,6 +78,10 @@ pub struct BochsOptions {
     /// the guest writes to port 0xE9; `None`: with its stderr into
     /// `bochs.out`.
     pub stdout_log: Option<PathBuf>,
+    /// Called with every serial line as it arrives.
+    pub on_line: Option<super::LineHook>,
+    /// The CPU model [default: [`CPU_MODEL`]].
+    pub cpu_model: Option<String>,
     /// End Bochs at a point of the run (see [`StopWhen`]), before it
     /// exits by itself.
     pub stop: StopWhen,
@@ -97,6 +101,8 @@ impl BochsOptions {
             modules: Vec::new(),
             extra_config: Vec::new(),
             stdout_log: None,
+            on_line: None,
+            cpu_model: None,
             stop: StopWhen::Exit,
         }
     }
@@ -166,10 +172,21 @@ pub fn log_problems(log: &str, limit: usize) -> Vec<String> {
 /// ALSA driver fails to open and Bochs 2.7's mixer thread then aborts
 /// ("buffer overflow detected") at random, before the guest runs.
 pub fn bochsrc(cpus: u32, memory_mib: u32, iso: &Path, run_dir: &Path) -> String {
+    bochsrc_with_model(CPU_MODEL, cpus, memory_mib, iso, run_dir)
+}
+
+/// [`bochsrc`] with another CPU model.
+pub fn bochsrc_with_model(
+    model: &str,
+    cpus: u32,
+    memory_mib: u32,
+    iso: &Path,
+    run_dir: &Path,
+) -> String {
     let path = |name: &str| run_dir.join(name).display().to_string();
     format!(
         "# Written by cargo xtask for one run of hv.\n\
-         cpu: model={CPU_MODEL}, count={cpus}, ips={IPS}, reset_on_triple_fault=0\n\
+         cpu: model={model}, count={cpus}, ips={IPS}, reset_on_triple_fault=0\n\
          memory: guest={memory_mib}, host={memory_mib}\n\
          romimage: file=\"{BOCHS_BIOS}\", options=fastboot\n\
          vgaromimage: file=\"{VGA_BIOS}\"\n\
@@ -208,7 +225,8 @@ pub fn bochs(options: &BochsOptions) -> Result<RunOutcome> {
     let iso = iso::make_iso_with_modules(&options.elf, &cmdline, &options.modules, &run_dir)?;
 
     let config = run_dir.join(BOCHSRC);
-    let mut rc = bochsrc(cpus, options.memory_mib, &iso, &run_dir);
+    let model = options.cpu_model.as_deref().unwrap_or(CPU_MODEL);
+    let mut rc = bochsrc_with_model(model, cpus, options.memory_mib, &iso, &run_dir);
     for line in &options.extra_config {
         rc.push_str(line);
         rc.push('\n');
@@ -249,6 +267,7 @@ pub fn bochs(options: &BochsOptions) -> Result<RunOutcome> {
     let rules = WatchRules {
         stop: options.stop,
         button: None,
+        on_line: options.on_line.clone(),
     };
     let watched = watch(
         &mut child,

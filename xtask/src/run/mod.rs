@@ -13,8 +13,8 @@ mod qmp;
 mod watch;
 
 pub use bochs::{
-    BOCHS_MAX_CPUS, BOCHS_MAX_CPUS_WITH_DISK, BOCHS_NEEDS, BochsOptions, bochs, bochsrc,
-    check_cpus, check_cpus_with_disk,
+    BOCHS_MAX_CPUS, BOCHS_MAX_CPUS_WITH_DISK, BOCHS_NEEDS, BochsOptions, CPU_MODEL, bochs, bochsrc,
+    bochsrc_with_model, check_cpus, check_cpus_with_disk,
 };
 pub use qemu::{Firmware, GrubSetup, QemuOptions, find_ovmf, qemu, qemu_needs};
 pub(crate) use qemu::{Media, drive_path, qemu_args};
@@ -28,6 +28,16 @@ use serde_json::{Value, json};
 
 use crate::report::{self, End, ExitConvention, Expectations, MalformedLine};
 use watch::Watched;
+
+/// Called with every serial line as it arrives (progress, timing).
+#[derive(Clone)]
+pub struct LineHook(pub std::sync::Arc<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for LineHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LineHook")
+    }
+}
 
 /// How the emulator boots hv.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

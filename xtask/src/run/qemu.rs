@@ -289,6 +289,7 @@ pub fn qemu(options: &QemuOptions) -> Result<RunOutcome> {
             socket: super::qmp::socket_path(&run_dir),
             after: Duration::from_millis(ms),
         }),
+        on_line: None,
     };
 
     let mut accel = accel::detect();

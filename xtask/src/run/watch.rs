@@ -87,6 +87,8 @@ pub(crate) struct WatchRules {
     pub stop: StopWhen,
     /// The NMI button, if it is to be pressed.
     pub button: Option<NmiButton>,
+    /// Called with every serial line as it arrives.
+    pub on_line: Option<super::LineHook>,
 }
 
 /// Whether the boot report is out: its one line carries `smp` and `virt`.
@@ -141,6 +143,7 @@ pub(crate) fn watch(
         header_read: false,
         last_bytes: Instant::now(),
         echo,
+        on_line: rules.on_line.as_ref(),
     };
     let mut reported_at = None;
     let mut pressed = None;
@@ -197,6 +200,9 @@ pub(crate) fn watch(
     };
     if let Some(last) = serial.lines.finish() {
         consume(&mut serial.collector, &last, echo);
+        if let Some(hook) = &rules.on_line {
+            (hook.0)(&last);
+        }
     }
     Ok(Watched {
         end,
@@ -221,6 +227,7 @@ struct Serial<'a> {
     /// When the last bytes arrived.
     last_bytes: Instant,
     echo: bool,
+    on_line: Option<&'a super::LineHook>,
 }
 
 impl Serial<'_> {
@@ -237,6 +244,9 @@ impl Serial<'_> {
         for line in self.lines.push(&bytes) {
             self.header_read |= line.contains(CAPTURE_HEADER_MARKER);
             consume(&mut self.collector, &line, self.echo);
+            if let Some(hook) = self.on_line {
+                (hook.0)(&line);
+            }
         }
         Ok(())
     }
@@ -304,7 +314,7 @@ mod tests {
         let started = Instant::now();
         let rules = WatchRules {
             stop: StopWhen::Done,
-            button: None,
+            ..WatchRules::default()
         };
         let watched = watch(&mut child, &log, Duration::from_secs(20), false, &rules).unwrap();
         assert_eq!(watched.end, End::Exited(None));

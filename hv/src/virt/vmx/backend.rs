@@ -10,7 +10,7 @@ use crate::arch;
 use crate::cpu::percpu::{self, LocalHalf};
 use crate::cpu::time;
 use crate::mm;
-use crate::virt::{Backend, Context};
+use crate::virt::{Backend, Context, PlatformOps};
 
 /// VMX: a VMCS per vCPU, EPT.
 #[derive(Debug, Default, Clone, Copy)]
@@ -42,6 +42,8 @@ impl ListInstructions for Instructions {
 
 impl Backend for Vmx {
     const NAME: &'static str = "vmx";
+    // Real guest kernels on their virtual platforms (`vmx/platform.rs`).
+    const PLATFORM: Option<PlatformOps> = Some(PlatformOps::of::<Self>());
     type Error = VmxError;
     type Instructions = Instructions;
 
@@ -97,7 +99,14 @@ impl Backend for Vmx {
             vmcs::set_preemption_timer(ticks.clamp(1, u64::from(u32::MAX)) as u32);
         }
         match arch::vmx::run(registers, launched) {
-            Ok(()) => super::exit::decode(),
+            Ok(()) => {
+                let exit = super::exit::decode();
+                // A failed entry delivered nothing to re-inject.
+                if !matches!(exit, Exit::InvalidGuestState { .. }) {
+                    super::platform::reinject();
+                }
+                exit
+            }
             Err(_) => Exit::EntryFailed {
                 error: vmcs::instruction_error(),
             },

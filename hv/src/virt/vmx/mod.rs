@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod ept;
 pub mod exit;
+pub mod platform;
 pub mod vmcs;
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -85,6 +86,27 @@ pub struct Capabilities {
     pub guest_cr4_fixed0: u64,
     /// Whether the VMX-preemption timer is used, and its TSC shift.
     pub preemption_timer_shift: Option<u8>,
+    /// The controls of platform guests (real kernels), or what VMX lacks
+    /// for them.
+    pub platform: Result<PlatformControls, &'static str>,
+}
+
+/// The controls of a platform guest's VMCS (real kernels: events,
+/// windows, MSR switching), beyond those of the in-tree guest.
+#[derive(Debug, Clone, Copy)]
+pub struct PlatformControls {
+    /// Pin-based: external interrupts and NMIs exit, virtual NMIs,
+    /// preemption timer.
+    pub pin: u32,
+    /// Primary: HLT, I/O, CR8, MONITOR/MWAIT exit; MSR bitmaps; TSC
+    /// offsetting; secondary controls.
+    pub primary: u32,
+    /// Secondary: EPT, unrestricted guest, RDTSCP and INVPCID when there.
+    pub secondary: u32,
+    /// Exit: 64-bit host, EFER and PAT saved and loaded.
+    pub exit: u32,
+    /// Entry: EFER and PAT loaded (IA-32e mode set per entry).
+    pub entry: u32,
 }
 
 static CAPABILITIES: spin::Once<Result<Capabilities, VmxError>> = spin::Once::new();
@@ -149,7 +171,6 @@ fn compute_capabilities() -> Result<Capabilities, VmxError> {
     let exit_required = ExitControls::HOST_ADDRESS_SPACE_SIZE.bits();
     let exit = adjust(exit_msr, exit_required, exit_required).ok_or(missing("a 64-bit host"))?;
     let entry = adjust(entry_msr, 0, 0).ok_or(missing("entry controls"))?;
-    let _ = EntryControls::empty();
 
     let ept = capability(IA32_VMX_EPT_VPID_CAP)?;
     let ept_needed = (1 << 6) | (1 << 14) | (1 << 16); // 4-level walk, write-back, 2 MiB pages
@@ -162,7 +183,9 @@ fn compute_capabilities() -> Result<Capabilities, VmxError> {
         capability(IA32_VMX_CR4_FIXED0)?,
     );
     let preemption_timer = pin & PinbasedControls::VMX_PREEMPTION_TIMER.bits() != 0;
-    let shift = (capability(IA32_VMX_MISC)? & 0x1F) as u8;
+    let misc = capability(IA32_VMX_MISC)?;
+    let shift = (misc & 0x1F) as u8;
+    let platform = platform_controls(pin_msr, proc_msr, exit_msr, entry_msr, preemption_timer);
     PREEMPTION_TIMER.store(preemption_timer, Ordering::Relaxed);
     Ok(Capabilities {
         revision: (basic & 0x7FFF_FFFF) as u32,
@@ -174,6 +197,68 @@ fn compute_capabilities() -> Result<Capabilities, VmxError> {
         guest_cr0_fixed0: cr0_fixed0 & !((1 << 0) | (1 << 31)),
         guest_cr4_fixed0: cr4_fixed0,
         preemption_timer_shift: preemption_timer.then_some(shift),
+        platform,
+    })
+}
+
+/// The controls platform guests need, from the capability MSRs.
+fn platform_controls(
+    pin_msr: u32,
+    proc_msr: u32,
+    exit_msr: u32,
+    entry_msr: u32,
+    preemption_timer: bool,
+) -> Result<PlatformControls, &'static str> {
+    if !preemption_timer {
+        return Err("the VMX-preemption timer");
+    }
+    let pin = (PinbasedControls::EXTERNAL_INTERRUPT_EXITING
+        | PinbasedControls::NMI_EXITING
+        | PinbasedControls::VIRTUAL_NMIS
+        | PinbasedControls::VMX_PREEMPTION_TIMER)
+        .bits();
+    let pin = adjust(pin_msr, pin, pin).ok_or("virtual NMIs")?;
+    let primary = (PrimaryControls::HLT_EXITING
+        | PrimaryControls::UNCOND_IO_EXITING
+        | PrimaryControls::USE_TSC_OFFSETTING
+        | PrimaryControls::CR8_LOAD_EXITING
+        | PrimaryControls::CR8_STORE_EXITING
+        | PrimaryControls::USE_MSR_BITMAPS
+        | PrimaryControls::MWAIT_EXITING
+        | PrimaryControls::MONITOR_EXITING
+        | PrimaryControls::SECONDARY_CONTROLS)
+        .bits();
+    let primary = adjust(proc_msr, primary, primary).ok_or("MSR bitmaps, CR8 or TSC offsetting")?;
+    let windows =
+        (PrimaryControls::INTERRUPT_WINDOW_EXITING | PrimaryControls::NMI_WINDOW_EXITING).bits();
+    adjust(proc_msr, primary | windows, windows).ok_or("interrupt- and NMI-window exiting")?;
+    let secondary_required =
+        (SecondaryControls::ENABLE_EPT | SecondaryControls::UNRESTRICTED_GUEST).bits();
+    let secondary_wanted = secondary_required
+        | (SecondaryControls::ENABLE_RDTSCP | SecondaryControls::ENABLE_INVPCID).bits();
+    let secondary = adjust(
+        IA32_VMX_PROCBASED_CTLS2,
+        secondary_wanted,
+        secondary_required,
+    )
+    .ok_or("EPT with unrestricted guests")?;
+    let exit = (ExitControls::HOST_ADDRESS_SPACE_SIZE
+        | ExitControls::SAVE_IA32_EFER
+        | ExitControls::LOAD_IA32_EFER
+        | ExitControls::SAVE_IA32_PAT
+        | ExitControls::LOAD_IA32_PAT)
+        .bits();
+    let debug_exit = exit | ExitControls::SAVE_DEBUG_CONTROLS.bits();
+    let exit = adjust(exit_msr, debug_exit, exit).ok_or("EFER and PAT switching on exit")?;
+    let entry = (EntryControls::LOAD_IA32_EFER | EntryControls::LOAD_IA32_PAT).bits();
+    let debug_entry = entry | EntryControls::LOAD_DEBUG_CONTROLS.bits();
+    let entry = adjust(entry_msr, debug_entry, entry).ok_or("EFER and PAT loading on entry")?;
+    Ok(PlatformControls {
+        pin,
+        primary,
+        secondary,
+        exit,
+        entry,
     })
 }
 

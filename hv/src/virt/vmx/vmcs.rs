@@ -8,7 +8,7 @@ use crate::arch::vmx::{exit_landing, vmread, vmwrite};
 
 /// VMWRITE to the current VMCS. A failure means the field is not supported
 /// or the VMCS is not current: a bug, reported with the field's encoding.
-fn write(field: u32, value: u64) {
+pub(super) fn write(field: u32, value: u64) {
     if !vmwrite(field, value) {
         log::error!("vmx: VMWRITE {field:#x} = {value:#x} failed");
     }
@@ -184,6 +184,11 @@ pub fn write_host_state(state: &HostState) {
     write(host::IA32_SYSENTER_ESP, 0);
     write(host::IA32_SYSENTER_EIP, 0);
     write(host::RIP, exit_landing());
+    // Platform guests switch EFER and PAT; the host's come back on exit.
+    if super::capabilities().is_ok_and(|c| c.platform.is_ok()) {
+        write(host::IA32_EFER_FULL, crate::arch::guest_switch::host_efer());
+        write(host::IA32_PAT_FULL, crate::arch::guest_switch::host_pat());
+    }
 }
 
 /// Arms the VMX-preemption timer for the next entry.
