@@ -13,11 +13,12 @@ import sys
 
 # ---------------------------------------------------------------------------
 # What the helpers read, by name. hv's modules move (its statics are found
-# by the last component of their Rust path, e.g. any `...::LISTS`); the
+# by the last components of their Rust path, e.g. any `...::LISTS`, as many
+# as make the name unique: `percpu::SHARED`, not the guests' `SHARED`); the
 # field names and constants below are the crates' and must follow them.
 # ---------------------------------------------------------------------------
 
-#: hv statics, by the last component of their Rust path.
+#: hv statics, by the last components of their Rust path.
 STATICS = {
     # crash::loaded_vmcs::VmcsArena<ENTRIES, CPUS>: every CPU's list of
     # loaded VMCSes. Fields: entries[i].{state, next, prev, vmcs_phys, cpu,
@@ -27,7 +28,7 @@ STATICS = {
     "cpu_count": "CPU_COUNT",
     # [SharedCpu; MAX_CPUS] (hv cpu::percpu): per-CPU shared half. Fields:
     # slot.{apic_id, state}, nmis.
-    "shared": "SHARED",
+    "shared": "percpu::SHARED",
     # [VirtCpu; MAX_CPUS] (hv virt): per-CPU virtualization state. Fields:
     # enabled (VMX root operation), vm_exits.
     "virt_cpus": "CPUS",
