@@ -3,8 +3,9 @@
 //!
 //! Each run boots hv in QEMU (direct boot) with hv's capture mode and a
 //! time-based crash on one CPU (`crash=cpu:N,after_ms:T`: by default a
-//! random CPU and a random T from 1 to 20 ms after the boot report, from a
-//! printed seed), and ends once the capture image entered and read the
+//! random CPU and a random T from 1 to 20 ms past the guest run, so that
+//! it comes after the boot report while the guests run on, from a printed
+//! seed), and ends once the capture image entered and read the
 //! core header (the dump itself is not waited for). The crashing CPU
 //! stamps each step of its way with the TSC, which runs on across the
 //! jump into the capture image (the same CPU: the coordinator jumps);
@@ -44,7 +45,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::capture::{self, CaptureKernel, CaptureOptions};
-use crate::crash::{CrashSpec, CrashSpecExt, Rng};
+use crate::crash::{CrashSpec, CrashSpecExt, DEFAULT_GUEST_RUN_MS, Rng};
 use crate::paths;
 use crate::run::{self, Boot, QemuOptions};
 use crate::stats::{self, Spread};
@@ -53,7 +54,9 @@ use crate::stress::{progress_bar, say};
 /// The directory of the benchmark's runs under `build/`.
 const BENCH_DIR: &str = "bench-crash";
 
-/// Largest random `after_ms`: the crash comes soon after the boot report.
+/// Largest random `after_ms` past the guest run: the crash comes soon
+/// after the boot report (hv keeps the guests running until it comes, so
+/// its NMIs find CPUs in guest mode, as in `bench shootdown`).
 const MAX_AFTER_MS: u64 = 20;
 
 /// The steps of the way, in order: their names, and the report keys of
@@ -166,7 +169,7 @@ impl CrashBenchOptions {
                 cpu: self
                     .cpu
                     .unwrap_or_else(|| rng.below(u64::from(self.smp)) as u32),
-                after_ms: 1 + rng.below(MAX_AFTER_MS),
+                after_ms: DEFAULT_GUEST_RUN_MS + 1 + rng.below(MAX_AFTER_MS),
                 point: None,
             })
             .collect()
@@ -541,7 +544,8 @@ mod tests {
         assert!(
             specs.iter().all(|s| s.point.is_none()
                 && s.cpu < 64
-                && (1..=MAX_AFTER_MS).contains(&s.after_ms))
+                && (DEFAULT_GUEST_RUN_MS + 1..=DEFAULT_GUEST_RUN_MS + MAX_AFTER_MS)
+                    .contains(&s.after_ms))
         );
         assert_eq!(options.specs(), specs);
     }
