@@ -44,6 +44,8 @@ pub mod code {
     pub const VMLOAD: u64 = 0x82;
     /// SKINIT (the last of VMLOAD, VMSAVE, STGI, CLGI, SKINIT).
     pub const SKINIT: u64 = 0x86;
+    /// RDTSCP (intercepted when the guest's CPUID offers none).
+    pub const RDTSCP: u64 = 0x87;
     /// WBINVD.
     pub const WBINVD: u64 = 0x89;
     /// MONITOR.
@@ -146,6 +148,7 @@ pub fn decode(fields: &ExitFields, instruction: Option<&[u8]>) -> Exit {
         code::VMMCALL => Exit::Hypercall,
         code::VMRUN
         | code::VMLOAD..=code::SKINIT
+        | code::RDTSCP
         | code::MONITOR..=code::MWAIT_CONDITIONAL => Exit::UndefinedInstruction,
         code::XSETBV => Exit::Xsetbv,
         code::NPF => Exit::NestedPageFault {
@@ -313,6 +316,10 @@ mod tests {
         );
         assert_eq!(decode(&fields(0x84, 0), None), Exit::UndefinedInstruction);
         assert_eq!(decode(&fields(0x8B, 0), None), Exit::UndefinedInstruction);
+        assert_eq!(
+            decode(&fields(code::RDTSCP, 0), None),
+            Exit::UndefinedInstruction
+        );
         assert_eq!(decode(&fields(code::WBINVD, 0), None), Exit::CacheFlush);
         assert_eq!(decode(&fields(code::INVD, 0), None), Exit::CacheFlush);
         assert_eq!(decode(&fields(0x46, 0), None), Exit::InvalidOpcode);

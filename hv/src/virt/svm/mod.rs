@@ -32,6 +32,7 @@
 pub mod backend;
 pub mod exit;
 pub mod npt;
+pub mod platform;
 pub mod vmcb;
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -81,6 +82,8 @@ pub struct Capabilities {
     pub usable_asids: u32,
     /// APIC timer ticks per millisecond (divided by 16).
     pub timer_ticks_per_ms: u64,
+    /// The CPU has RDTSCP (and so TSC_AUX, which guests get their own of).
+    pub rdtscp: bool,
     /// The I/O permission map: every port intercepted (three pages).
     pub iopm: u64,
     /// The MSR permission map: every MSR intercepted (two pages).
@@ -148,6 +151,9 @@ fn compute_capabilities() -> Result<Capabilities, SvmError> {
         features,
         usable_asids: (features.asids - 1).min(MAX_TRACKED_ASIDS),
         timer_ticks_per_ms: calibrate_timer(),
+        rdtscp: raw_cpuid::CpuId::new()
+            .get_extended_processor_and_feature_identifiers()
+            .is_some_and(|f| f.has_rdtscp()),
         iopm,
         msrpm,
     })
