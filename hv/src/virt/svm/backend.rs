@@ -179,8 +179,7 @@ impl Backend for Svm {
         // GIF = 0: nothing interrupts until STGI below.
         let slice_over = time::now_us() >= timer_until.load(Ordering::Relaxed);
         registers.rax = vmcb::read_u64(vmcb, vmcb::RAX);
-        let exit = exit::decode(vmcb, registers, slice_over);
-        platform::after_exit(vmcb);
+        let exit = platform::after_exit(vmcb, exit::decode(vmcb, registers, slice_over));
         if exit == Exit::Nmi {
             // The NMI is pending; STGI delivers it to the host's handler,
             // which must know it came as an exit.

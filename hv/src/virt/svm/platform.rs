@@ -19,13 +19,14 @@
 //! - **Events**: EVENTINJ; an event whose delivery an exit interrupted
 //!   (EXITINTINFO) is injected again at the next entry ([`after_exit`]).
 //!   The interrupt window is a virtual interrupt (V_IRQ, ignoring V_TPR)
-//!   with the VINTR intercept. SVM has no NMI window and does not say
-//!   whether the guest blocks NMIs: the backend notes the blocking when it
-//!   injects an NMI and intercepts IRET; at that exit the IRET has not run
-//!   yet, so with IF clear the blocking ends at the first exit at another
-//!   RIP (the virtual-interrupt window makes one as soon as the IRET sets
-//!   IF), and with IF set (no window can tell the IRET ran) it ends at
-//!   once, so an NMI waiting then is delivered on top of the IRET.
+//!   with the VINTR intercept; at a HLT it keeps the guest's interrupt
+//!   shadow for one more instruction ([`after_exit`], for QEMU TCG, which
+//!   takes the window inside the shadow of an STI). SVM has no NMI window
+//!   and does not say whether the guest blocks NMIs: the backend notes the
+//!   blocking when it injects an NMI and intercepts IRET; at that exit the
+//!   IRET has not run yet, so the backend steps over it (RFLAGS.TF and the
+//!   #DB intercept, as KVM does without vNMI), and the step's #DB ends the
+//!   blocking: a waiting NMI is delivered right after the IRET.
 //! - **Instructions**: with NRIP save the VMCB has the next RIP; without
 //!   it (QEMU TCG), and without decode assists, the instruction's bytes
 //!   are fetched through the guest's paging and the nested page tables and
@@ -33,10 +34,12 @@
 //!
 //! Per-vCPU state of the glue's own lives in the VMCB's last 32 bytes of
 //! the control area, which the APM reserves for the host's use
-//! ([`vmcb::HOST_USAGE`]): TSC_AUX, flags, the RIP of an IRET.
+//! ([`vmcb::HOST_USAGE`]): TSC_AUX and flags.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use hv_core::exits::Exit;
+use hv_core::svm_exit;
 use hv_devices::cpu_state::{MultibootEntryState, SegmentState, SipiStartState};
 use hv_devices::cpuid::GuestFeatures;
 use hv_devices::guest_paging::{self, PagingState};
@@ -57,14 +60,18 @@ use crate::virt::{Context, Fault, Injection, NeedPdptes, PlatformBackend, VcpuSt
 const TSC_AUX_SLOT: u64 = vmcb::HOST_USAGE;
 /// The glue's flags ([`FLAG_PLATFORM`] and the NMI state).
 const FLAGS_SLOT: u64 = vmcb::HOST_USAGE + 8;
-/// The RIP of the IRET that may end NMI blocking.
-const IRET_RIP_SLOT: u64 = vmcb::HOST_USAGE + 16;
 /// The VMCB is a platform vCPU's.
 const FLAG_PLATFORM: u64 = 1 << 0;
 /// The guest blocks NMIs (an injected NMI's handler has not returned).
 const FLAG_NMI_BLOCKED: u64 = 1 << 1;
-/// The guest reached the IRET at [`IRET_RIP_SLOT`] with NMIs blocked.
-const FLAG_AWAITING_IRET: u64 = 1 << 2;
+/// The guest runs the IRET of its NMI handler single-stepped: the #DB
+/// after it ends the NMI blocking.
+const FLAG_STEPPING_IRET: u64 = 1 << 2;
+/// #DB.
+const DEBUG_VECTOR: u32 = 1;
+const RFLAGS_TF: u64 = 1 << 8;
+/// DR6.BS: the #DB was a single step.
+const DR6_BS: u64 = 1 << 14;
 
 const CR0_PE: u64 = 1 << 0;
 const CR0_NW: u64 = 1 << 29;
@@ -200,13 +207,15 @@ pub fn before_entry(vmcb: u64, cpu: usize, rdtscp: bool) {
     }
 }
 
-/// After the `#VMEXIT` of a platform vCPU's `vmcb`: the injected event is
-/// spent (delivered, or reported in EXITINTINFO and injected again), and
-/// the NMI blocking follows the IRET the guest reached.
-pub fn after_exit(vmcb: u64) {
+/// After the `#VMEXIT` of a platform vCPU's `vmcb`, whose decoding gave
+/// `exit`: the injected event is spent (delivered, or reported in
+/// EXITINTINFO and injected again), and the NMI blocking follows the
+/// guest's IRET (module docs). Returns the exit, which is the NMI window
+/// when it is the single step past that IRET.
+pub fn after_exit(vmcb: u64, exit: Exit) -> Exit {
     let mut flags = flags(vmcb);
     if flags & FLAG_PLATFORM == 0 {
-        return;
+        return exit;
     }
     write_u64(vmcb, vmcb::EVENT_INJECTION, 0);
     let interrupted = read_u64(vmcb, vmcb::EXIT_INT_INFO);
@@ -215,25 +224,56 @@ pub fn after_exit(vmcb: u64) {
     if interrupted & EVENT_VALID != 0 && matches!((interrupted >> 8) & 7, 0 | 2 | 3) {
         write_u64(vmcb, vmcb::EVENT_INJECTION, interrupted);
     }
-    let rip = read_u64(vmcb, vmcb::RIP);
-    if flags & FLAG_AWAITING_IRET != 0 && rip != read_u64(vmcb, IRET_RIP_SLOT) {
-        flags &= !(FLAG_NMI_BLOCKED | FLAG_AWAITING_IRET);
+    let code = read_u64(vmcb, vmcb::EXIT_CODE);
+    let mut exit = exit;
+    if code == svm_exit::code::EXCEPTION_0 + u64::from(DEBUG_VECTOR)
+        && flags & FLAG_STEPPING_IRET != 0
+    {
+        // The IRET ran: NMIs are unblocked. The step's trap is hv's, not
+        // the guest's.
+        flags &= !(FLAG_NMI_BLOCKED | FLAG_STEPPING_IRET);
+        set_exception_intercept(vmcb, DEBUG_VECTOR, false);
+        let dr6 = read_u64(vmcb, vmcb::DR6);
+        write_u64(vmcb, vmcb::DR6, dr6 & !DR6_BS);
+        exit = Exit::NmiWindow;
     }
-    let iret = read_u64(vmcb, vmcb::EXIT_CODE) == hv_core::svm_exit::code::IRET;
-    if iret && flags & FLAG_NMI_BLOCKED != 0 && flags & FLAG_AWAITING_IRET == 0 {
-        if read_u64(vmcb, vmcb::RFLAGS) & RFLAGS_IF == 0 {
-            flags |= FLAG_AWAITING_IRET;
-            write_u64(vmcb, IRET_RIP_SLOT, rip);
-        } else {
-            flags &= !FLAG_NMI_BLOCKED;
-        }
+    if code == svm_exit::code::IRET && flags & FLAG_NMI_BLOCKED != 0 {
+        // The IRET has not run yet: step over it. The trap follows the TF
+        // of before the IRET, whatever RFLAGS it pops.
+        flags |= FLAG_STEPPING_IRET;
+        let rflags = read_u64(vmcb, vmcb::RFLAGS);
+        write_u64(vmcb, vmcb::RFLAGS, rflags | RFLAGS_TF);
+        set_exception_intercept(vmcb, DEBUG_VECTOR, true);
     }
     set_misc1(
         vmcb,
         vmcb::MISC1_IRET,
-        flags & FLAG_NMI_BLOCKED != 0 && flags & FLAG_AWAITING_IRET == 0,
+        flags & FLAG_NMI_BLOCKED != 0 && flags & FLAG_STEPPING_IRET == 0,
     );
+    // A virtual-interrupt window at a HLT: QEMU TCG's SVM takes it inside
+    // the shadow of an STI just before, where the interrupt would wake the
+    // HLT instead, and the HLT would then sleep for good (`sti; hlt`).
+    // Keep the shadow over the HLT: its exit comes first and the interrupt
+    // is delivered after it (on a CPU that honours the shadow the HLT
+    // merely wakes at once).
+    if code == svm_exit::code::VINTR {
+        let mut bytes = [0u8; 15];
+        if fetch_instruction(vmcb, &mut bytes).is_some() && bytes[0] == 0xF4 {
+            write_u64(vmcb, vmcb::INTERRUPT_SHADOW, 1);
+        }
+    }
     set_flags(vmcb, flags);
+    exit
+}
+
+fn set_exception_intercept(vmcb: u64, vector: u32, on: bool) {
+    let old = vmcb::read_u32(vmcb, vmcb::INTERCEPT_EXCEPTIONS);
+    let new = if on {
+        old | (1 << vector)
+    } else {
+        old & !(1 << vector)
+    };
+    vmcb::write_u32(vmcb, vmcb::INTERCEPT_EXCEPTIONS, new);
 }
 
 /// A segment's VMCB attributes from its VMX access rights: the access
@@ -277,6 +317,7 @@ fn load_common(vmcb: u64, cr0: u64, rip: u64, rflags: u64) {
     write_u64(vmcb, vmcb::EVENT_INJECTION, 0);
     write_u64(vmcb, vmcb::V_INTR, vmcb::V_INTR_MASKING);
     set_misc1(vmcb, vmcb::MISC1_VINTR | vmcb::MISC1_IRET, false);
+    set_exception_intercept(vmcb, DEBUG_VECTOR, false);
     set_flags(vmcb, FLAG_PLATFORM);
 }
 
@@ -439,9 +480,9 @@ impl PlatformBackend for Svm {
         let vmcb = current();
         let (info, error_code) = match event {
             Injection::Nmi => {
-                let flags = (flags(vmcb) | FLAG_NMI_BLOCKED) & !FLAG_AWAITING_IRET;
+                let flags = flags(vmcb) | FLAG_NMI_BLOCKED;
                 set_flags(vmcb, flags);
-                set_misc1(vmcb, vmcb::MISC1_IRET, true);
+                set_misc1(vmcb, vmcb::MISC1_IRET, flags & FLAG_STEPPING_IRET == 0);
                 (EVENT_TYPE_NMI | 2, None)
             }
             Injection::Interrupt(vector) => (EVENT_TYPE_INTR | u64::from(vector), None),
@@ -470,22 +511,20 @@ impl PlatformBackend for Svm {
     fn clear_nmi_blocking() {
         let vmcb = current();
         let flags = flags(vmcb);
-        if flags & (FLAG_NMI_BLOCKED | FLAG_AWAITING_IRET) != 0 {
-            set_flags(vmcb, flags & !(FLAG_NMI_BLOCKED | FLAG_AWAITING_IRET));
+        if flags & FLAG_NMI_BLOCKED != 0 {
+            // A step already set up stays: its #DB is hv's to take.
+            set_flags(vmcb, flags & !FLAG_NMI_BLOCKED);
             set_misc1(vmcb, vmcb::MISC1_IRET, false);
         }
     }
 
-    fn set_windows(interrupt: bool, nmi: bool) {
+    fn set_windows(interrupt: bool, _nmi: bool) {
+        // The NMI window needs nothing more: the IRET intercept, then the
+        // step past the IRET, make the exit that ends NMI blocking.
         let vmcb = current();
-        // Waiting for an NMI's IRET to finish: the next exit at another
-        // RIP ends the blocking, and the virtual-interrupt window makes
-        // one when the IRET sets IF.
-        let awaiting = flags(vmcb) & FLAG_AWAITING_IRET != 0;
-        let window = interrupt || (nmi && awaiting);
         let request = vmcb::V_IRQ | vmcb::V_IGN_TPR | (0xF << vmcb::V_INTR_PRIO_SHIFT);
         let old = read_u64(vmcb, vmcb::V_INTR);
-        let new = if window {
+        let new = if interrupt {
             old | request
         } else {
             old & !request
@@ -493,7 +532,7 @@ impl PlatformBackend for Svm {
         if new != old {
             write_u64(vmcb, vmcb::V_INTR, new);
         }
-        set_misc1(vmcb, vmcb::MISC1_VINTR, window);
+        set_misc1(vmcb, vmcb::MISC1_VINTR, interrupt);
     }
 
     fn set_tsc_offset(offset: u64) {
