@@ -1135,6 +1135,34 @@ qemu_params = -m 2g
     }
 
     #[test]
+    fn the_svm_backend_has_its_own_subset_and_the_reference_time_limit() {
+        let entries = parse_cfg("[smptest]\nfile=a\n[smptest3]\nfile=a\n[realmode]\nfile=c\n");
+        let mut options = Options::new("/hv");
+        options.backend = Backend::Svm;
+        let names: Vec<String> = select(&entries, &options)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(names, ["smptest3", "realmode"]);
+        let dir = std::env::temp_dir().join(format!("kut-svm-plan-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("x86")).unwrap();
+        std::fs::write(dir.join("x86/vmexit.flat"), b"x").unwrap();
+        let entry = CfgEntry {
+            name: "vmexit_ipi".to_owned(),
+            file: "vmexit.flat".to_owned(),
+            ..CfgEntry::default()
+        };
+        let timeout = |backend| match plan_on(&entry, &dir, 4, backend) {
+            Plan::Run(plan) => plan.timeout_ms,
+            Plan::Skip(why) => panic!("{why}"),
+        };
+        assert_eq!(timeout(Backend::Svm), QEMU_GUEST_TIMEOUT_MS);
+        assert_eq!(timeout(Backend::Vmx), 1_200_000);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn long_entries_boot_apart() {
         let plan = |long| GuestPlan {
             file: PathBuf::from("x"),

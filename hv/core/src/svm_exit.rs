@@ -428,7 +428,10 @@ mod tests {
         let Exit::StringIo(access) = decode(&ins, None) else {
             panic!("not string I/O");
         };
-        assert_eq!((access.linear, access.address_size, access.rep), (0x2000, 8, false));
+        assert_eq!(
+            (access.linear, access.address_size, access.rep),
+            (0x2000, 8, false)
+        );
         assert!(access.io.input);
     }
 
@@ -520,7 +523,10 @@ mod tests {
 
     #[test]
     fn lengths_of_intercepted_instructions_count_their_prefixes() {
-        assert_eq!(instruction_length(code::CPUID, &[0x0F, 0xA2], false), Some(2));
+        assert_eq!(
+            instruction_length(code::CPUID, &[0x0F, 0xA2], false),
+            Some(2)
+        );
         assert_eq!(instruction_length(code::HLT, &[0xF4, 0x90], false), Some(1));
         assert_eq!(instruction_length(code::MSR, &[0x0F, 0x32], true), Some(2));
         assert_eq!(

@@ -1140,7 +1140,10 @@ mod tests {
         );
         config.features.amd_legacy_pmu = true;
         let mut p = Platform::new(config, FakeClock::default(), Lines::default()).unwrap();
-        assert_eq!(p.wrmsr(0, msr::AMD_PERF_FIRST, 0x43_0076), Ok(Effects::default()));
+        assert_eq!(
+            p.wrmsr(0, msr::AMD_PERF_FIRST, 0x43_0076),
+            Ok(Effects::default())
+        );
         assert_eq!(p.wrmsr(0, msr::AMD_PERF_LAST, 5), Ok(Effects::default()));
         assert_eq!(p.rdmsr(0, msr::AMD_PERF_FIRST), Ok(0));
         assert_eq!(p.rdmsr(0, msr::AMD_PERF_LAST), Ok(0));

@@ -7,8 +7,8 @@ use hv_core::exits::{Exit, GuestRegisters};
 
 use super::exit;
 use super::npt::Npt;
-use super::vmcb::{self, GuestStart};
 use super::platform;
+use super::vmcb::{self, GuestStart};
 use super::{
     ASID_OWNERS, CURRENT, HOST_VMSAVE, SvmError, TIMER_UNTIL_US, capabilities, enable_on_this_cpu,
     next_asid,

@@ -227,7 +227,14 @@ pub fn mark_all_dirty(vmcb: u64) {
 }
 
 /// A segment register in the VMCB's format.
-pub fn write_segment(vmcb: u64, offset: u64, selector: u16, attributes: u16, limit: u32, base: u64) {
+pub fn write_segment(
+    vmcb: u64,
+    offset: u64,
+    selector: u16,
+    attributes: u16,
+    limit: u32,
+    base: u64,
+) {
     phys::write(vmcb + offset, &selector.to_le_bytes());
     phys::write(vmcb + offset + 2, &attributes.to_le_bytes());
     phys::write(vmcb + offset + 4, &limit.to_le_bytes());
