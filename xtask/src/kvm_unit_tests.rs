@@ -96,8 +96,8 @@ impl Backend {
     }
 }
 
-/// A guest's time limit under QEMU TCG: the reference run's (90 s), which
-/// every entry that passes there meets.
+/// A guest's time limit under QEMU TCG unless its cfg entry gives one:
+/// upstream's runner's default (90 s), as in the reference run.
 pub const QEMU_GUEST_TIMEOUT_MS: u64 = 90_000;
 
 /// The Bochs CPU model the suite runs on: Tiger Lake, the newest Bochs 2.7
@@ -404,11 +404,14 @@ pub fn plan(entry: &CfgEntry, suite: &Path, cpus: u32) -> Plan {
 }
 
 /// [`plan`] for `backend`: under QEMU TCG (SVM) a guest's time limit is
-/// the reference run's, [`QEMU_GUEST_TIMEOUT_MS`].
+/// the reference run's: the cfg entry's `timeout`, else
+/// [`QEMU_GUEST_TIMEOUT_MS`].
 pub fn plan_on(entry: &CfgEntry, suite: &Path, cpus: u32, backend: Backend) -> Plan {
     match (plan(entry, suite, cpus), backend) {
         (Plan::Run(mut run), Backend::Svm) => {
-            run.timeout_ms = QEMU_GUEST_TIMEOUT_MS;
+            run.timeout_ms = entry
+                .timeout
+                .map_or(QEMU_GUEST_TIMEOUT_MS, |secs| secs.saturating_mul(1000));
             Plan::Run(run)
         }
         (plan, _) => plan,
@@ -1148,17 +1151,19 @@ qemu_params = -m 2g
         let dir = std::env::temp_dir().join(format!("kut-svm-plan-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("x86")).unwrap();
         std::fs::write(dir.join("x86/vmexit.flat"), b"x").unwrap();
-        let entry = CfgEntry {
+        let mut entry = CfgEntry {
             name: "vmexit_ipi".to_owned(),
             file: "vmexit.flat".to_owned(),
             ..CfgEntry::default()
         };
-        let timeout = |backend| match plan_on(&entry, &dir, 4, backend) {
+        let timeout = |entry: &CfgEntry, backend| match plan_on(entry, &dir, 4, backend) {
             Plan::Run(plan) => plan.timeout_ms,
             Plan::Skip(why) => panic!("{why}"),
         };
-        assert_eq!(timeout(Backend::Svm), QEMU_GUEST_TIMEOUT_MS);
-        assert_eq!(timeout(Backend::Vmx), 1_200_000);
+        assert_eq!(timeout(&entry, Backend::Svm), QEMU_GUEST_TIMEOUT_MS);
+        assert_eq!(timeout(&entry, Backend::Vmx), 1_200_000);
+        entry.timeout = Some(180);
+        assert_eq!(timeout(&entry, Backend::Svm), 180_000);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

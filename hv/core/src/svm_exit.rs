@@ -58,6 +58,8 @@ pub mod code {
     pub const NPF: u64 = 0x400;
     /// VMRUN refused the guest's state (VMEXIT_INVALID, -1).
     pub const INVALID: u64 = u64::MAX;
+    /// VMEXIT_INVALID as QEMU TCG writes it (-1 in 32 bits).
+    pub const INVALID_32: u64 = 0xFFFF_FFFF;
 }
 
 /// #UD.
@@ -155,7 +157,7 @@ pub fn decode(fields: &ExitFields, instruction: Option<&[u8]>) -> Exit {
             gpa: fields.info2,
             detail: fields.info1,
         },
-        code::INVALID => Exit::InvalidGuestState {
+        code::INVALID | code::INVALID_32 => Exit::InvalidGuestState {
             reason: fields.code,
         },
         _ => unhandled,
@@ -328,6 +330,12 @@ mod tests {
             Exit::Unhandled { reason: 0x4E }
         );
         assert_eq!(decode(&fields(code::SHUTDOWN, 0), None), Exit::TripleFault);
+        assert_eq!(
+            decode(&fields(code::INVALID_32, 0), None),
+            Exit::InvalidGuestState {
+                reason: code::INVALID_32
+            }
+        );
         assert_eq!(
             decode(&fields(code::INVALID, 0), None),
             Exit::InvalidGuestState {
