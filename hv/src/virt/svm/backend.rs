@@ -174,7 +174,7 @@ impl Backend for Svm {
             }
             timer_until.store(time::now_us().saturating_add(slice_us), Ordering::Relaxed);
         }
-        platform::before_entry(vmcb, cpu, capabilities.rdtscp);
+        platform::before_entry(vmcb, cpu, &capabilities);
         arch::svm::run(registers, vmcb, HOST_VMSAVE[cpu].load(Ordering::Relaxed));
         // GIF = 0: nothing interrupts until STGI below.
         let slice_over = time::now_us() >= timer_until.load(Ordering::Relaxed);

@@ -2,12 +2,17 @@
 //! register state, event injection and windows, behind
 //! [`PlatformBackend`], over the VMCB (AMD APM volume 2, chapter 15).
 //!
-//! - **Paging**: nested paging, so the guest owns CR0, CR3 and CR4 and
-//!   none of them is intercepted: the CPU switches into and out of long
-//!   mode itself (EFER.LMA follows CR0.PG with EFER.LME) and loads PAE
-//!   PDPTEs from the guest's own CR3 (15.25). [`PlatformBackend::write_cr0`]
-//!   and its siblings only run for an exit SVM does not take here, and
-//!   [`PlatformBackend::set_pdptes`] has nothing to load.
+//! - **Paging**: nested paging, so the guest owns CR0 and CR3, which are
+//!   not intercepted: the CPU switches into and out of long mode itself
+//!   (EFER.LMA follows CR0.PG with EFER.LME) and loads PAE PDPTEs from the
+//!   guest's own CR3 (15.25); [`PlatformBackend::write_cr0`] and
+//!   [`PlatformBackend::write_cr3`] only run for an exit SVM does not take
+//!   here, and [`PlatformBackend::set_pdptes`] has nothing to load. CR4
+//!   writes exit and are checked against the bits the CPU and the guest's
+//!   features have ([`PlatformBackend::write_cr4`]): QEMU 7.2 TCG takes
+//!   reserved CR4 bits in guest mode, which its next VMRUN then refuses;
+//!   a write that changes translations flushes the guest's TLB at the next
+//!   VMRUN.
 //! - **CR8**: reads and writes exit, so the platform's local APIC holds the
 //!   one TPR (the guest's V_TPR is not used: windows ignore it).
 //! - **MSRs**: every one exits; those the VMCB holds (EFER, FS/GS bases,
@@ -34,7 +39,7 @@
 //!
 //! Per-vCPU state of the glue's own lives in the VMCB's last 32 bytes of
 //! the control area, which the APM reserves for the host's use
-//! ([`vmcb::HOST_USAGE`]): TSC_AUX and flags.
+//! ([`vmcb::HOST_USAGE`]): TSC_AUX, flags, the CR4 bits allowed.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -67,6 +72,11 @@ const FLAG_NMI_BLOCKED: u64 = 1 << 1;
 /// The guest runs the IRET of its NMI handler single-stepped: the #DB
 /// after it ends the NMI blocking.
 const FLAG_STEPPING_IRET: u64 = 1 << 2;
+/// An emulated CR4 write changed how the guest translates: flush its
+/// TLB at the next VMRUN.
+const FLAG_FLUSH_TLB: u64 = 1 << 3;
+/// The CR4 bits the guest may set ([`allowed_cr4`]).
+const ALLOWED_CR4_SLOT: u64 = vmcb::HOST_USAGE + 16;
 /// #DB.
 const DEBUG_VECTOR: u32 = 1;
 const RFLAGS_TF: u64 = 1 << 8;
@@ -80,7 +90,11 @@ const CR0_PG: u64 = 1 << 31;
 const CR4_PAE: u64 = 1 << 5;
 const CR4_VMXE: u64 = 1 << 13;
 const CR4_SMXE: u64 = 1 << 14;
+const CR4_LA57: u64 = 1 << 12;
 const CR4_PCIDE: u64 = 1 << 17;
+/// CR4 bits whose change changes translations (PSE, PAE, PGE, PCIDE,
+/// SMEP, SMAP, PKE).
+const CR4_TRANSLATION: u64 = (1 << 4) | (1 << 5) | (1 << 7) | (1 << 17) | (7 << 20);
 const EFER_SCE: u64 = 1 << 0;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
@@ -195,16 +209,56 @@ pub fn fetch_instruction(vmcb: u64, bytes: &mut [u8; 15]) -> Option<usize> {
         .filter(|&got| got > 0)
 }
 
-/// Before VMRUN of `vmcb` on `cpu`: loads the guest's TSC_AUX if the VMCB
-/// is a platform vCPU's and the CPU has RDTSCP.
-pub fn before_entry(vmcb: u64, cpu: usize, rdtscp: bool) {
-    if !rdtscp || flags(vmcb) & FLAG_PLATFORM == 0 {
+/// Before VMRUN of `vmcb` on `cpu`, if it is a platform vCPU's: the TLB
+/// flush an emulated CR4 write asked for, and the guest's TSC_AUX where
+/// the CPU has RDTSCP.
+pub fn before_entry(vmcb: u64, cpu: usize, capabilities: &super::Capabilities) {
+    let flags = flags(vmcb);
+    if flags & FLAG_PLATFORM == 0 {
+        return;
+    }
+    if flags & FLAG_FLUSH_TLB != 0 {
+        set_flags(vmcb, flags & !FLAG_FLUSH_TLB);
+        if vmcb::read_u32(vmcb, vmcb::TLB_CONTROL) & 0xFF == u32::from(vmcb::TLB_FLUSH_NOTHING) {
+            let flush = if capabilities.features.flush_by_asid {
+                vmcb::TLB_FLUSH_GUEST
+            } else {
+                vmcb::TLB_FLUSH_ALL
+            };
+            vmcb::write_u8(vmcb, vmcb::TLB_CONTROL, flush);
+        }
+    }
+    if !capabilities.rdtscp {
         return;
     }
     let value = read_u64(vmcb, TSC_AUX_SLOT);
     if TSC_AUX_LOADED[cpu].swap(value, Ordering::Relaxed) != value {
         crate::arch::svm::load_guest_tsc_aux(value as u32);
     }
+}
+
+/// The CR4 bits a guest may set: those this CPU has (CPUID), but VMXE and
+/// SMXE (no nesting), CET, PKS and LAM (not offered), and PCIDE only with
+/// PCIDs offered.
+fn allowed_cr4(features: &GuestFeatures) -> u64 {
+    let cpuid = raw_cpuid::CpuId::new();
+    let basic = cpuid.get_feature_info();
+    let extended = cpuid.get_extended_feature_info();
+    let has = |present: bool, bit: u32| if present { 1u64 << bit } else { 0 };
+    // VME, PVI, TSD, DE, PSE, PAE, MCE, PGE, PCE, OSFXSR, OSXMMEXCPT.
+    let mut allowed = 0x7FF;
+    if let Some(e) = &extended {
+        allowed |= has(e.has_umip(), 11)
+            | has(e.has_la57(), 12)
+            | has(e.has_fsgsbase(), 16)
+            | has(e.has_smep(), 20)
+            | has(e.has_smap(), 21)
+            | has(e.has_pku(), 22);
+    }
+    if let Some(b) = &basic {
+        allowed |= has(b.has_xsave(), 18) | has(b.has_pcid() && features.pcid, 17);
+    }
+    allowed
 }
 
 /// After the `#VMEXIT` of a platform vCPU's `vmcb`, whose decoding gave
@@ -358,9 +412,11 @@ impl PlatformBackend for Svm {
             return;
         };
         let vmcb = context.page;
-        // CR8 reads and writes (bits 8 and 16 + 8); CR0, CR3, CR4 are the
-        // guest's under nested paging.
-        vmcb::write_u32(vmcb, vmcb::INTERCEPT_CR, (1 << 8) | (1 << 24));
+        // CR8 reads and writes (bits 8 and 16 + 8), CR4 writes (16 + 4:
+        // QEMU TCG takes reserved bits there, which VMRUN then refuses);
+        // CR0 and CR3 are the guest's under nested paging.
+        vmcb::write_u32(vmcb, vmcb::INTERCEPT_CR, (1 << 8) | (1 << 20) | (1 << 24));
+        write_u64(vmcb, ALLOWED_CR4_SLOT, allowed_cr4(features));
         vmcb::write_u32(vmcb, vmcb::INTERCEPT_EXCEPTIONS, 0);
         vmcb::write_u32(
             vmcb,
@@ -656,17 +712,29 @@ impl PlatformBackend for Svm {
 
     fn write_cr4(value: u64) -> Result<Option<NeedPdptes>, Fault> {
         let vmcb = current();
-        if value >> 32 != 0 || value & (CR4_VMXE | CR4_SMXE) != 0 {
+        let old = read_u64(vmcb, vmcb::CR4);
+        let allowed = read_u64(vmcb, ALLOWED_CR4_SLOT);
+        if value & !allowed != 0 || value & (CR4_VMXE | CR4_SMXE) != 0 {
             return Err(Fault::GP);
         }
         let efer = read_u64(vmcb, vmcb::EFER);
-        if efer & EFER_LMA != 0 && value & CR4_PAE == 0 {
+        let long_mode = efer & EFER_LMA != 0;
+        // Long mode keeps PAE and its paging depth (LA57); PCIDE needs long
+        // mode and CR3[11:0] clear.
+        if long_mode && (value & CR4_PAE == 0 || (value ^ old) & CR4_LA57 != 0) {
             return Err(Fault::GP);
         }
-        if value & CR4_PCIDE != 0 && efer & EFER_LMA == 0 {
+        if value & CR4_PCIDE != 0
+            && old & CR4_PCIDE == 0
+            && (!long_mode || read_u64(vmcb, vmcb::CR3) & 0xFFF != 0)
+        {
             return Err(Fault::GP);
         }
         write_u64(vmcb, vmcb::CR4, value);
+        // PGE, PAE, PSE, PCIDE, SMEP, SMAP, PKE change translations.
+        if (value ^ old) & CR4_TRANSLATION != 0 {
+            set_flags(vmcb, flags(vmcb) | FLAG_FLUSH_TLB);
+        }
         Ok(None)
     }
 
