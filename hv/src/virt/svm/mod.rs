@@ -17,8 +17,13 @@
 //!   end and at the latest at the next tick (the run loop also ends it at
 //!   any exit past its end); with the detector off, a VMRUN arms the timer
 //!   one-shot ([`SLICE_TIMER_VECTOR`]) for the slice, unless it still runs
-//!   from an earlier entry. (One APIC timer per CPU: a timer service that
-//!   multiplexes deadlines would give exact slices with the detector on.)
+//!   from an earlier entry and ends no later than the new deadline (a
+//!   platform guest's timer re-arms it). (One APIC timer per CPU: a timer
+//!   service that multiplexes deadlines would give exact slices, and
+//!   platform guests exact timers, with the detector on; with it on their
+//!   timers fire at its ticks.)
+//! - **Platform guests** (real kernels on `hv_devices`' platforms):
+//!   [`platform`], the `PlatformBackend` over the VMCB.
 //! - **NMIs**: intercepted. An NMI that arrives in guest mode exits to
 //!   the host and stays pending while GIF = 0; the backend notes that the
 //!   NMI came as an exit (`crash::nmi`), then STGI delivers it to the
@@ -28,6 +33,8 @@
 //!   with each ASID and has VMRUN flush that ASID's TLB entries whenever
 //!   another VMCB (or the same one, back from another CPU) runs with it.
 //! - **Clean bits**: zero before every VMRUN (every field reloaded).
+//! - **Exits**: [`exit`] reads the VMCB, `hv_core::svm_exit` (host-tested)
+//!   decides what the exit means.
 
 pub mod backend;
 pub mod exit;
