@@ -17,9 +17,9 @@ pub const INTERCEPT_EXCEPTIONS: u64 = 0x08;
 pub const INTERCEPT_MISC1: u64 = 0x0C;
 /// Intercept vector 4 (VMRUN, VMMCALL, VMLOAD, VMSAVE, STGI, CLGI...).
 pub const INTERCEPT_MISC2: u64 = 0x10;
-/// The `IOPM_BASE_PA` field or bit.
+/// The I/O permission map's physical address.
 pub const IOPM_BASE_PA: u64 = 0x40;
-/// The `MSRPM_BASE_PA` field or bit.
+/// The MSR permission map's physical address.
 pub const MSRPM_BASE_PA: u64 = 0x48;
 /// Guest ASID (u32).
 pub const GUEST_ASID: u64 = 0x58;
@@ -44,79 +44,79 @@ pub const NEXT_RIP: u64 = 0xC8;
 
 // State-save area.
 const SAVE: u64 = 0x400;
-/// The `ES` field or bit.
+/// The guest's ES (selector, attributes, limit, base).
 pub const ES: u64 = SAVE;
-/// The `CS` field or bit.
+/// The guest's CS (selector, attributes, limit, base).
 pub const CS: u64 = SAVE + 0x10;
-/// The `SS` field or bit.
+/// The guest's SS (selector, attributes, limit, base).
 pub const SS: u64 = SAVE + 0x20;
-/// The `DS` field or bit.
+/// The guest's DS (selector, attributes, limit, base).
 pub const DS: u64 = SAVE + 0x30;
-/// The `FS` field or bit.
+/// The guest's FS (selector, attributes, limit, base).
 pub const FS: u64 = SAVE + 0x40;
-/// The `GS` field or bit.
+/// The guest's GS (selector, attributes, limit, base).
 pub const GS: u64 = SAVE + 0x50;
-/// The `GDTR` field or bit.
+/// The guest's GDTR (limit, base).
 pub const GDTR: u64 = SAVE + 0x60;
-/// The `LDTR` field or bit.
+/// The guest's LDTR (selector, attributes, limit, base).
 pub const LDTR: u64 = SAVE + 0x70;
-/// The `IDTR` field or bit.
+/// The guest's IDTR (limit, base).
 pub const IDTR: u64 = SAVE + 0x80;
-/// The `TR` field or bit.
+/// The guest's TR (selector, attributes, limit, base).
 pub const TR: u64 = SAVE + 0x90;
-/// The `CPL` field or bit.
+/// The guest's CPL.
 pub const CPL: u64 = SAVE + 0xCB;
-/// The `EFER` field or bit.
+/// The guest's EFER.
 pub const EFER: u64 = SAVE + 0xD0;
-/// The `CR4` field or bit.
+/// The guest's CR4.
 pub const CR4: u64 = SAVE + 0x148;
-/// The `CR3` field or bit.
+/// The guest's CR3.
 pub const CR3: u64 = SAVE + 0x150;
-/// The `CR0` field or bit.
+/// The guest's CR0.
 pub const CR0: u64 = SAVE + 0x158;
-/// The `DR7` field or bit.
+/// The guest's DR7.
 pub const DR7: u64 = SAVE + 0x160;
-/// The `DR6` field or bit.
+/// The guest's DR6.
 pub const DR6: u64 = SAVE + 0x168;
-/// The `RFLAGS` field or bit.
+/// The guest's RFLAGS.
 pub const RFLAGS: u64 = SAVE + 0x170;
 /// The guest's RIP.
 pub const RIP: u64 = SAVE + 0x178;
-/// The `RSP` field or bit.
+/// The guest's RSP.
 pub const RSP: u64 = SAVE + 0x1D8;
 /// The guest's RAX (VMRUN loads it, #VMEXIT saves it).
 pub const RAX: u64 = SAVE + 0x1F8;
-/// The `G_PAT` field or bit.
+/// The guest's PAT.
 pub const G_PAT: u64 = SAVE + 0x268;
 
 // Intercept bits.
-/// The `MISC1_INTR` field or bit.
+/// Intercept bit: INTR.
 pub const MISC1_INTR: u32 = 1 << 0;
-/// The `MISC1_NMI` field or bit.
+/// Intercept bit: NMI.
 pub const MISC1_NMI: u32 = 1 << 1;
-/// The `MISC1_CPUID` field or bit.
+/// Intercept bit: CPUID.
 pub const MISC1_CPUID: u32 = 1 << 18;
-/// The `MISC1_HLT` field or bit.
+/// Intercept bit: HLT.
 pub const MISC1_HLT: u32 = 1 << 24;
-/// The `MISC1_IOIO_PROT` field or bit.
+/// Intercept bit: IOIO PROT.
 pub const MISC1_IOIO_PROT: u32 = 1 << 27;
-/// The `MISC1_MSR_PROT` field or bit.
+/// Intercept bit: MSR PROT.
 pub const MISC1_MSR_PROT: u32 = 1 << 28;
-/// The `MISC1_SHUTDOWN` field or bit.
+/// Intercept bit: SHUTDOWN.
 pub const MISC1_SHUTDOWN: u32 = 1 << 31;
-/// The `MISC2_VMRUN` field or bit.
+/// Intercept bit: VMRUN.
 pub const MISC2_VMRUN: u32 = 1 << 0;
-/// The `MISC2_VMMCALL` field or bit.
+/// Intercept bit: VMMCALL.
 pub const MISC2_VMMCALL: u32 = 1 << 1;
-/// The `MISC2_VMLOAD` field or bit.
+/// Intercept bit: VMLOAD.
 pub const MISC2_VMLOAD: u32 = 1 << 2;
-/// The `MISC2_VMSAVE` field or bit.
+/// Intercept bit: VMSAVE.
 pub const MISC2_VMSAVE: u32 = 1 << 3;
-/// The `MISC2_STGI` field or bit.
+/// Intercept bit: STGI.
 pub const MISC2_STGI: u32 = 1 << 4;
-/// The `MISC2_CLGI` field or bit.
+/// Intercept bit: CLGI.
 pub const MISC2_CLGI: u32 = 1 << 5;
-/// The `MISC2_SKINIT` field or bit.
+/// Intercept bit: SKINIT.
 pub const MISC2_SKINIT: u32 = 1 << 6;
 /// V_INTR_MASKING: the guest's IF masks only virtual interrupts; host
 /// interrupts follow the host's IF (set for VMRUN), so they make the
@@ -130,7 +130,7 @@ pub const TSC_OFFSET: u64 = 0x50;
 pub const INTERRUPT_SHADOW: u64 = 0x68;
 /// The event whose delivery the exit interrupted (EVENTINJ's format).
 pub const EXIT_INT_INFO: u64 = 0x88;
-/// Bytes of the state-save area's guest FS..GS bases: base at +8.
+/// Offset of the base within a segment field (ES to TR).
 pub const SEGMENT_BASE: u64 = 8;
 /// STAR, LSTAR, CSTAR, SFMASK, KernelGsBase (VMLOAD/VMSAVE switch them).
 pub const STAR: u64 = SAVE + 0x200;
