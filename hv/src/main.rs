@@ -531,17 +531,13 @@ fn plan_guests<B: Backend>(
     }
     let Some(ops) = B::PLATFORM else {
         log::warn!(
-            "{}: platform guests need VMX for now (the {} glue is not written); \
-             guest modules not run: {modules}; the in-tree guest runs instead",
-            B::NAME,
+            "{}: this backend has no platform glue; guest modules not run: {modules}; \
+             the in-tree guest runs instead",
             B::NAME
         );
         let refused = refuse_guest_modules(
             boot,
-            format_args!(
-                "platform guests need VMX for now (the {} glue is not written)",
-                B::NAME
-            ),
+            format_args!("the {} backend has no platform glue", B::NAME),
         );
         return (virt::sched::Guests::TestGuest, refused);
     };

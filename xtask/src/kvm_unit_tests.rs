@@ -8,8 +8,9 @@
 //!   arguments) or a skip with the reason: features hv does not offer to
 //!   guests (nested VMX/SVM, Hyper-V and KVM paravirtual interfaces, the
 //!   PMU, an IOMMU) are never run, so never pass;
-//! - [`run()`] boots hv in Bochs with several entries per boot, follows each
-//!   guest's report line as it comes, and [`table`] shows the outcome.
+//! - [`run()`] boots hv with several entries per boot, in Bochs (VMX) or in
+//!   QEMU TCG with `-cpu max` (SVM) ([`Backend`]), follows each guest's
+//!   report line as it comes, and [`table`] shows the outcome.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -21,7 +22,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::iso::BootModule;
-use crate::run::{self, BochsOptions, LineHook, RunOutcome};
+use crate::run::{self, BochsOptions, LineHook, QemuOptions, RunOutcome};
 
 /// A guest boot module from `FILE [WORDS]`: the file, and the words of
 /// its `guest` module line.
@@ -52,6 +53,52 @@ pub fn guest_module(spec: &str) -> Result<BootModule> {
 pub const CI_SUBSET: &[&str] = &[
     "smptest", "smptest3", "realmode", "setjmp", "memory", "rdpru", "eventinj", "tsc",
 ];
+
+/// The entries CI runs with the SVM backend under QEMU TCG
+/// (`tests/tests/kvm_unit_tests.rs`), one boot of a few seconds: several
+/// vCPUs (`smptest3`), real mode, exceptions, interrupts and NMIs
+/// (`eventinj`), IPIs through the virtual local APIC (`vmexit_ipi`), its
+/// TSC-deadline timer (`vmexit_tscdeadline`), RDTSCP and TSC_AUX (`tsc`).
+pub const CI_SUBSET_SVM: &[&str] = &[
+    "smptest3",
+    "realmode",
+    "eventinj",
+    "vmexit_ipi",
+    "vmexit_tscdeadline",
+    "tsc",
+];
+
+/// Which backend of hv's the suite runs on, and so in which emulator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// VMX, in Bochs.
+    #[default]
+    Vmx,
+    /// SVM, in QEMU TCG (`-cpu max`: SVM with nested paging).
+    Svm,
+}
+
+impl Backend {
+    /// The name on the command line and in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Vmx => "vmx",
+            Self::Svm => "svm",
+        }
+    }
+
+    /// The entries CI runs on this backend.
+    pub fn ci_subset(self) -> &'static [&'static str] {
+        match self {
+            Self::Vmx => CI_SUBSET,
+            Self::Svm => CI_SUBSET_SVM,
+        }
+    }
+}
+
+/// A guest's time limit under QEMU TCG unless its cfg entry gives one:
+/// upstream's runner's default (90 s), as in the reference run.
+pub const QEMU_GUEST_TIMEOUT_MS: u64 = 90_000;
 
 /// The Bochs CPU model the suite runs on: Tiger Lake, the newest Bochs 2.7
 /// has, so that the entries testing SMAP, UMIP, PKU and RDPID find them
@@ -356,6 +403,21 @@ pub fn plan(entry: &CfgEntry, suite: &Path, cpus: u32) -> Plan {
     })
 }
 
+/// [`plan`] for `backend`: under QEMU TCG (SVM) a guest's time limit is
+/// the reference run's: the cfg entry's `timeout`, else
+/// [`QEMU_GUEST_TIMEOUT_MS`].
+pub fn plan_on(entry: &CfgEntry, suite: &Path, cpus: u32, backend: Backend) -> Plan {
+    match (plan(entry, suite, cpus), backend) {
+        (Plan::Run(mut run), Backend::Svm) => {
+            run.timeout_ms = entry
+                .timeout
+                .map_or(QEMU_GUEST_TIMEOUT_MS, |secs| secs.saturating_mul(1000));
+            Plan::Run(run)
+        }
+        (plan, _) => plan,
+    }
+}
+
 /// The `guest` module line of entry `name` run as `plan`.
 pub fn module_line(name: &str, plan: &GuestPlan) -> String {
     let mut line = format!(
@@ -445,6 +507,8 @@ pub struct Options {
     pub progress: bool,
     /// Run directory prefix under `build/`.
     pub run_name: String,
+    /// The backend, and so the emulator.
+    pub backend: Backend,
 }
 
 impl Options {
@@ -463,6 +527,7 @@ impl Options {
             cpu_model: None,
             progress: false,
             run_name: "kvm-unit-tests".to_owned(),
+            backend: Backend::Vmx,
         }
     }
 }
@@ -528,7 +593,7 @@ pub fn select(entries: &[CfgEntry], options: &Options) -> Result<Vec<CfgEntry>> 
         .iter()
         .filter(|e| match &filter {
             Some(re) => re.is_match(&e.name),
-            None => options.all || CI_SUBSET.contains(&e.name.as_str()),
+            None => options.all || options.backend.ci_subset().contains(&e.name.as_str()),
         })
         .cloned()
         .collect())
@@ -582,7 +647,7 @@ pub fn describe(options: &Options) -> Result<String> {
     let mut text = String::new();
     let mut runs = Vec::new();
     for entry in select(&parse_cfg(&cfg), options)? {
-        match plan(&entry, &options.suite, options.cpus) {
+        match plan_on(&entry, &options.suite, options.cpus, options.backend) {
             Plan::Skip(reason) => {
                 let _ = writeln!(text, "{:<28} SKIP  {reason}", entry.name);
             }
@@ -630,7 +695,7 @@ pub fn run(options: &Options) -> Result<Outcome> {
             .get(&entry.name)
             .map_or("?", |(v, _)| v.as_str())
             .to_owned();
-        match plan(entry, &options.suite, options.cpus) {
+        match plan_on(entry, &options.suite, options.cpus, options.backend) {
             Plan::Skip(reason) => {
                 results.insert(
                     entry.name.clone(),
@@ -662,25 +727,50 @@ pub fn run(options: &Options) -> Result<Outcome> {
                 watch_line(line, &seen, &bar, progress);
             }))
         };
-        let mut bochs = BochsOptions::new(&options.elf);
-        bochs.cpus = options.cpus;
-        bochs.memory_mib = batch.iter().map(|(_, p)| p.mem_mib).sum::<u32>() + HV_MEMORY_MIB;
-        bochs.timeout = options.boot_timeout;
-        bochs.run_name = Some(format!("{}-{number}", options.run_name));
-        bochs.cpu_model = Some(
-            options
-                .cpu_model
-                .clone()
-                .unwrap_or_else(|| CPU_MODEL.to_owned()),
-        );
-        bochs.on_line = Some(hook);
-        for (name, plan) in &batch {
-            bochs.modules.push(BootModule {
+        let memory_mib = batch.iter().map(|(_, p)| p.mem_mib).sum::<u32>() + HV_MEMORY_MIB;
+        let run_name = format!("{}-{}-{number}", options.run_name, options.backend.as_str());
+        let modules: Vec<BootModule> = batch
+            .iter()
+            .map(|(name, plan)| BootModule {
                 file: plan.file.clone(),
                 cmdline: module_line(name, plan),
-            });
-        }
-        let outcome = run::bochs(&bochs);
+            })
+            .collect();
+        let outcome = match options.backend {
+            Backend::Vmx => {
+                let mut bochs = BochsOptions::new(&options.elf);
+                bochs.cpus = options.cpus;
+                bochs.memory_mib = memory_mib;
+                bochs.timeout = options.boot_timeout;
+                bochs.run_name = Some(run_name);
+                bochs.cpu_model = Some(
+                    options
+                        .cpu_model
+                        .clone()
+                        .unwrap_or_else(|| CPU_MODEL.to_owned()),
+                );
+                bochs.on_line = Some(hook);
+                bochs.modules = modules;
+                run::bochs(&bochs)
+            }
+            Backend::Svm => {
+                let mut qemu = QemuOptions::new(&options.elf);
+                qemu.smp = options.cpus;
+                qemu.memory_mib = memory_mib;
+                qemu.timeout = options.boot_timeout;
+                qemu.run_name = Some(run_name);
+                // GRUB carries the modules (direct boot takes one).
+                qemu.boot = run::Boot::GrubBios;
+                qemu.force_tcg = true;
+                // The lockup detector's 100 ms tick would be the guests'
+                // timer resolution: off, the SVM backend arms the APIC
+                // timer for each guest deadline.
+                qemu.append = vec!["watchdog=0".to_owned()];
+                qemu.on_line = Some(hook);
+                qemu.modules = modules;
+                run::qemu(&qemu)
+            }
+        };
         let seen = seen
             .lock()
             .map(|mut s| std::mem::take(&mut *s))
@@ -1045,6 +1135,36 @@ qemu_params = -m 2g
         assert_eq!(names(&options), ["vmx"]);
         options.filter = Some("(".to_owned());
         assert!(select(&entries, &options).is_err());
+    }
+
+    #[test]
+    fn the_svm_backend_has_its_own_subset_and_the_reference_time_limit() {
+        let entries = parse_cfg("[smptest]\nfile=a\n[smptest3]\nfile=a\n[realmode]\nfile=c\n");
+        let mut options = Options::new("/hv");
+        options.backend = Backend::Svm;
+        let names: Vec<String> = select(&entries, &options)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(names, ["smptest3", "realmode"]);
+        let dir = std::env::temp_dir().join(format!("kut-svm-plan-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("x86")).unwrap();
+        std::fs::write(dir.join("x86/vmexit.flat"), b"x").unwrap();
+        let mut entry = CfgEntry {
+            name: "vmexit_ipi".to_owned(),
+            file: "vmexit.flat".to_owned(),
+            ..CfgEntry::default()
+        };
+        let timeout = |entry: &CfgEntry, backend| match plan_on(entry, &dir, 4, backend) {
+            Plan::Run(plan) => plan.timeout_ms,
+            Plan::Skip(why) => panic!("{why}"),
+        };
+        assert_eq!(timeout(&entry, Backend::Svm), QEMU_GUEST_TIMEOUT_MS);
+        assert_eq!(timeout(&entry, Backend::Vmx), 1_200_000);
+        entry.timeout = Some(180);
+        assert_eq!(timeout(&entry, Backend::Svm), 180_000);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -55,8 +55,9 @@ enum Task {
     /// Show what a crash dump holds: CPUs and their registers, crash
     /// reason, coordinator, stragglers, VMCLEAR ledger, memory ranges.
     Dump(DumpArgs),
-    /// Run kvm-unit-tests' cfg entries as hv guests in Bochs; table of
-    /// QEMU TCG's result, hv's, the time (default: the CI subset).
+    /// Run kvm-unit-tests' cfg entries as hv guests in Bochs (VMX) or
+    /// QEMU TCG (SVM); table of QEMU TCG's result, hv's, the time
+    /// (default: the backend's CI subset).
     KvmUnitTests(KvmUnitTestsArgs),
 }
 
@@ -71,7 +72,10 @@ struct KvmUnitTestsArgs {
     /// Emulated CPUs (1 to 15).
     #[arg(long, default_value_t = 4, value_parser = parse_bochs_cpus)]
     cpus: u32,
-    /// Most entries per Bochs boot.
+    /// hv's backend: vmx boots it in Bochs, svm in QEMU TCG (`-cpu max`).
+    #[arg(long, value_enum, default_value_t = KvmBackend::Vmx)]
+    backend: KvmBackend,
+    /// Most entries per boot.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=16))]
     per_boot: u64,
     /// The suite's directory (unittests.cfg, qemu-tcg-results.txt, x86/)
@@ -93,6 +97,15 @@ struct KvmUnitTestsArgs {
     /// Only print what would run: each entry's plan and the boots.
     #[arg(long)]
     list: bool,
+}
+
+/// The backend `kvm-unit-tests` runs hv's guests on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum KvmBackend {
+    /// VMX, in Bochs.
+    Vmx,
+    /// SVM, in QEMU TCG.
+    Svm,
 }
 
 #[derive(Debug, Subcommand)]
@@ -596,6 +609,10 @@ fn run_task(task: Task) -> Result<ExitCode> {
             options.cpus = args.cpus;
             options.per_boot = args.per_boot as usize;
             options.cpu_model = args.cpu_model.clone();
+            options.backend = match args.backend {
+                KvmBackend::Vmx => kvm_unit_tests::Backend::Vmx,
+                KvmBackend::Svm => kvm_unit_tests::Backend::Svm,
+            };
             options.progress = true;
             if let Some(secs) = args.timeout {
                 options.boot_timeout = Duration::from_secs(secs);
@@ -604,13 +621,18 @@ fn run_task(task: Task) -> Result<ExitCode> {
                 print!("{}", kvm_unit_tests::describe(&options)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            tools::ensure(&run::BOCHS_NEEDS)?;
-            if accel::detect() == accel::Accel::Kvm {
-                println!(
-                    "note: this host offers nested VMX, but the qemu-kvm column is not implemented; Bochs only"
-                );
+            if options.backend == kvm_unit_tests::Backend::Svm {
+                tools::ensure(&run::qemu_needs(run::Boot::GrubBios))?;
+                println!("hv's SVM backend in QEMU TCG (-cpu max)");
             } else {
-                println!("qemu-kvm: not run (this host offers no nested VMX); Bochs only");
+                tools::ensure(&run::BOCHS_NEEDS)?;
+                if accel::detect() == accel::Accel::Kvm {
+                    println!(
+                        "note: this host offers nested VMX, but the qemu-kvm column is not implemented; Bochs only"
+                    );
+                } else {
+                    println!("qemu-kvm: not run (this host offers no nested VMX); Bochs only");
+                }
             }
             let outcome = kvm_unit_tests::run(&options)?;
             print!("{}", kvm_unit_tests::table(&outcome.results));

@@ -1,6 +1,7 @@
 //! Host-testable logic of the hypervisor: command line, boot memory map,
 //! frame allocation, crash-kernel placement, page tables, TSC calibration,
-//! lock-free log ring, VM-exit dispatch, guest module command lines.
+//! lock-free log ring, VM-exit dispatch and SVM exit decoding, guest module
+//! command lines.
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_code)]
 
@@ -13,4 +14,5 @@ pub mod json;
 pub mod logring;
 pub mod memmap;
 pub mod paging;
+pub mod svm_exit;
 pub mod tsc;

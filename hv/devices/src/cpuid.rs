@@ -50,6 +50,11 @@ pub struct GuestFeatures {
     /// Protection keys for supervisor pages (the backend switches
     /// IA32_PKRS).
     pub pks: bool,
+    /// AMD's legacy performance counters (MSRs 0xC001_0000 to 7), which
+    /// every AMD CPU has without a CPUID bit and kvm-unit-tests' library
+    /// resets on an AMD vendor: offered on AMD hosts as counters that
+    /// never count (reads 0, writes ignored), as QEMU TCG does.
+    pub amd_legacy_pmu: bool,
 }
 
 impl GuestFeatures {
@@ -64,6 +69,7 @@ impl GuestFeatures {
             invpcid: true,
             pcid: true,
             pks: false,
+            amd_legacy_pmu: false,
         }
     }
 }

@@ -88,6 +88,7 @@ pub fn classify(msr: u32, features: &GuestFeatures) -> MsrClass {
         IA32_TSC | IA32_APIC_BASE | IA32_FEATURE_CONTROL | IA32_TSC_ADJUST | IA32_BIOS_SIGN_ID
         | IA32_MISC_ENABLE => MsrClass::Platform,
         IA32_TSC_DEADLINE if features.tsc_deadline => MsrClass::Platform,
+        AMD_PERF_FIRST..=AMD_PERF_LAST if features.amd_legacy_pmu => MsrClass::Platform,
         0x800..=0x8FF if features.x2apic => MsrClass::Platform,
         0x174 => state(G::SysenterCs),
         0x175 => state(G::SysenterEsp),
@@ -108,6 +109,12 @@ pub fn classify(msr: u32, features: &GuestFeatures) -> MsrClass {
     }
 }
 
+/// AMD's legacy performance event selects (0xC001_0000 to 3) and
+/// counters (4 to 7).
+pub const AMD_PERF_FIRST: u32 = 0xC001_0000;
+/// The last of them.
+pub const AMD_PERF_LAST: u32 = 0xC001_0007;
+
 /// IA32_FEATURE_CONTROL as firmware leaves it: locked, VMX off (no nested
 /// virtualization).
 pub const FEATURE_CONTROL_VALUE: u64 = 1;
@@ -119,6 +126,16 @@ pub const MISC_ENABLE_WRITABLE: u64 = 1;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn amd_legacy_counters_exist_only_where_offered() {
+        let mut f = GuestFeatures::new(1);
+        assert_eq!(classify(0xC001_0000, &f), MsrClass::Unsupported);
+        f.amd_legacy_pmu = true;
+        assert_eq!(classify(0xC001_0000, &f), MsrClass::Platform);
+        assert_eq!(classify(0xC001_0007, &f), MsrClass::Platform);
+        assert_eq!(classify(0xC001_0008, &f), MsrClass::Unsupported);
+    }
 
     #[test]
     fn classes_follow_the_features() {

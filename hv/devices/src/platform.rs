@@ -812,6 +812,8 @@ impl<C: Clock, S: ConsoleSink> Platform<C, S> {
             msr::IA32_BIOS_SIGN_ID => Ok(0),
             msr::IA32_MISC_ENABLE => Ok(v.misc_enable),
             msr::IA32_TSC_DEADLINE => Ok(v.apic.read_tsc_deadline()),
+            // Counters that never count.
+            msr::AMD_PERF_FIRST..=msr::AMD_PERF_LAST => Ok(0),
             _ => v
                 .apic
                 .read_msr(msr, now, timing)
@@ -863,6 +865,7 @@ impl<C: Clock, S: ConsoleSink> Platform<C, S> {
                     fx.kick.insert(vcpu);
                 }
             }
+            msr::AMD_PERF_FIRST..=msr::AMD_PERF_LAST => {}
             _ => {
                 let effect = v
                     .apic
@@ -1125,6 +1128,25 @@ mod tests {
             .unwrap();
         assert!(fx.apic_page_moved);
         let _ = apic_write(p, vcpu, reg::SVR, 0x1FF);
+    }
+
+    #[test]
+    fn amd_legacy_counters_read_zero_and_take_writes_where_offered() {
+        let mut config = PlatformConfig::new(1, 64 << 20, TSC_HZ);
+        let mut p = Platform::new(config, FakeClock::default(), Lines::default()).unwrap();
+        assert_eq!(
+            p.wrmsr(0, msr::AMD_PERF_FIRST, 0x43_0076),
+            Err(MsrFault::GeneralProtection)
+        );
+        config.features.amd_legacy_pmu = true;
+        let mut p = Platform::new(config, FakeClock::default(), Lines::default()).unwrap();
+        assert_eq!(
+            p.wrmsr(0, msr::AMD_PERF_FIRST, 0x43_0076),
+            Ok(Effects::default())
+        );
+        assert_eq!(p.wrmsr(0, msr::AMD_PERF_LAST, 5), Ok(Effects::default()));
+        assert_eq!(p.rdmsr(0, msr::AMD_PERF_FIRST), Ok(0));
+        assert_eq!(p.rdmsr(0, msr::AMD_PERF_LAST), Ok(0));
     }
 
     #[test]

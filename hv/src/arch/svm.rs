@@ -135,6 +135,17 @@ pub fn enable(host_save_area: u64) -> Result<(), EnableError> {
     Ok(())
 }
 
+/// TSC_AUX, which RDTSCP returns in ECX.
+const MSR_TSC_AUX: u32 = 0xC000_0103;
+
+/// Loads a guest's TSC_AUX, which VMRUN does not switch, on a CPU with
+/// RDTSCP (the caller checked CPUID).
+pub fn load_guest_tsc_aux(value: u32) {
+    // SAFETY: (1) TSC_AUX exists on a CPU with RDTSCP (caller); (2) hv
+    // never reads it, so its value changes nothing of the kernel's.
+    unsafe { wrmsr(MSR_TSC_AUX, u64::from(value)) };
+}
+
 /// STGI: GIF = 1; what was held pending (an NMI that made a guest exit)
 /// is delivered right here. Only with EFER.SVME set (else #UD).
 pub fn stgi() {

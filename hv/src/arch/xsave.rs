@@ -116,6 +116,22 @@ pub fn init_area(bytes: &mut [u8]) {
     }
 }
 
+/// XCR0, where the CPU has XSAVE (else `None`).
+pub fn xcr0() -> Option<u64> {
+    if !has_xsave() {
+        return None;
+    }
+    let (low, high): (u32, u32);
+    // SAFETY: (1) CR4.OSXSAVE is set wherever the CPU has XSAVE
+    // (`enable_on_this_cpu`), so XGETBV of XCR0 cannot fault; (2) it only
+    // reads a register.
+    unsafe {
+        core::arch::asm!("xgetbv", in("ecx") 0u32, out("eax") low, out("edx") high,
+            options(nomem, nostack, preserves_flags))
+    };
+    Some(u64::from(high) << 32 | u64::from(low))
+}
+
 /// Loads XCR0 with `value` where the CPU has XSAVE (without it there is
 /// no XCR0 and guests see no XSAVE).
 pub fn xsetbv_if_supported(value: u64) {

@@ -909,6 +909,12 @@ pub(super) fn run_platform_slice<B: PlatformBackend>(
         }
     };
     local.cr2 = crate::arch::guest_switch::read_cr2();
+    // The guest's XCR0 as the CPU has it: the glue loads it at XSETBV
+    // exits, but under QEMU TCG's SVM a guest's XCR0 was seen to change
+    // without one, and reverted at its next slice (kvm-unit-tests xsave).
+    if let Some(xcr0) = xsave::xcr0() {
+        local.xcr0 = xcr0;
+    }
     save_extended_state(platform.xsave_area);
     if matches!(end, SliceEnd::Done) {
         retire(index);

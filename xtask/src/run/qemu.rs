@@ -75,6 +75,11 @@ pub struct QemuOptions {
     /// capture are over ([`StopWhen::CrashOver`]). The run expects the
     /// crash it starts (`nmi=dump`, hv's default): reason `external NMI`.
     pub nmi_button_after_ms: Option<u64>,
+    /// Run under TCG even where KVM offers nested VMX (the SVM backend's
+    /// runs: TCG's `-cpu max` has SVM).
+    pub force_tcg: bool,
+    /// Called with every serial line as it comes.
+    pub on_line: Option<super::LineHook>,
 }
 
 /// A GRUB configuration written elsewhere, and the files it loads.
@@ -105,6 +110,8 @@ impl QemuOptions {
             stop_at_done: false,
             stop: StopWhen::Exit,
             nmi_button_after_ms: None,
+            force_tcg: false,
+            on_line: None,
         }
     }
 
@@ -289,10 +296,14 @@ pub fn qemu(options: &QemuOptions) -> Result<RunOutcome> {
             socket: super::qmp::socket_path(&run_dir),
             after: Duration::from_millis(ms),
         }),
-        on_line: None,
+        on_line: options.on_line.clone(),
     };
 
-    let mut accel = accel::detect();
+    let mut accel = if options.force_tcg {
+        Accel::Tcg
+    } else {
+        accel::detect()
+    };
     let mut notes = Vec::new();
     let mut watched = attempt(options, accel, &media, &run_dir, &rules)?;
     if accel == Accel::Kvm && kvm_start_failed(&watched) {

@@ -526,6 +526,9 @@ fn create<B: PlatformBackend>(
     features.x2apic = spec.x2apic;
     let extended = raw_cpuid::CpuId::new().get_extended_processor_and_feature_identifiers();
     features.rdtscp = extended.is_some_and(|f| f.has_rdtscp());
+    features.amd_legacy_pmu = raw_cpuid::CpuId::new()
+        .get_vendor_info()
+        .is_some_and(|v| v.as_str() == "AuthenticAMD");
     features.invpcid = spec.invpcid
         && raw_cpuid::CpuId::new()
             .get_extended_feature_info()

@@ -5,8 +5,9 @@ use core::sync::atomic::Ordering;
 use crash::loaded_vmcs::{Vmx as ListInstructions, VmxError as ListError};
 use hv_core::exits::{Exit, GuestRegisters};
 
-use super::exit::{self, ExitCode};
+use super::exit;
 use super::npt::Npt;
+use super::platform;
 use super::vmcb::{self, GuestStart};
 use super::{
     ASID_OWNERS, CURRENT, HOST_VMSAVE, SvmError, TIMER_UNTIL_US, capabilities, enable_on_this_cpu,
@@ -15,7 +16,10 @@ use super::{
 use crate::arch::{self, apic};
 use crate::cpu::{percpu, time, watchdog};
 use crate::mm;
-use crate::virt::{Backend, Context};
+use crate::virt::{Backend, Context, PlatformOps};
+
+/// A deadline this much sooner than the armed slice timer re-arms it.
+const SOONER_SLACK_US: u64 = 20;
 
 /// SVM: a VMCB per vCPU, nested paging, ASIDs.
 #[derive(Debug, Default, Clone, Copy)]
@@ -52,7 +56,7 @@ impl ListInstructions for Instructions {
 }
 
 /// The VMCB this CPU runs (0: none).
-fn current() -> u64 {
+pub(super) fn current() -> u64 {
     CURRENT[this_cpu()].load(Ordering::Relaxed)
 }
 
@@ -82,6 +86,8 @@ impl Backend for Svm {
     const NAME: &'static str = "svm";
     const NMI_DELIVERED_AFTER_EXIT: bool = true;
     const NESTED_PAGE_FAULT: &'static str = "nested_page_fault";
+    // Real guest kernels on their virtual platforms (`svm/platform.rs`).
+    const PLATFORM: Option<PlatformOps> = Some(PlatformOps::of::<Self>());
     type Error = SvmError;
     type Instructions = Instructions;
 
@@ -152,7 +158,13 @@ impl Backend for Svm {
         // timer is armed only where the lockup detector does not already
         // tick on it (module docs).
         let timer_until = &TIMER_UNTIL_US[cpu];
-        if time::now_us() >= timer_until.load(Ordering::Relaxed) {
+        let now = time::now_us();
+        let until = timer_until.load(Ordering::Relaxed);
+        // A deadline sooner than the armed one (a platform guest's timer)
+        // re-arms it, when the backend owns the timer.
+        let sooner = watchdog::threshold_us() == 0
+            && now.saturating_add(slice_us).saturating_add(SOONER_SLACK_US) < until;
+        if now >= until || sooner {
             if watchdog::threshold_us() == 0 {
                 let ticks = capabilities.timer_ticks_per_ms.saturating_mul(slice_us) / 1000;
                 apic::timer_start_one_shot_on(
@@ -162,11 +174,12 @@ impl Backend for Svm {
             }
             timer_until.store(time::now_us().saturating_add(slice_us), Ordering::Relaxed);
         }
+        platform::before_entry(vmcb, cpu, &capabilities);
         arch::svm::run(registers, vmcb, HOST_VMSAVE[cpu].load(Ordering::Relaxed));
         // GIF = 0: nothing interrupts until STGI below.
         let slice_over = time::now_us() >= timer_until.load(Ordering::Relaxed);
         registers.rax = vmcb::read_u64(vmcb, vmcb::RAX);
-        let exit = exit::decode(vmcb, slice_over);
+        let exit = platform::after_exit(vmcb, exit::decode(vmcb, registers, slice_over));
         if exit == Exit::Nmi {
             // The NMI is pending; STGI delivers it to the host's handler,
             // which must know it came as an exit.
@@ -180,18 +193,7 @@ impl Backend for Svm {
     fn skip_instruction() {
         let vmcb = current();
         let nrip_save = capabilities().is_ok_and(|c| c.features.nrip_save);
-        let next_rip = vmcb::read_u64(vmcb, vmcb::NEXT_RIP);
-        let next = if nrip_save && next_rip != 0 {
-            next_rip
-        } else {
-            let code = ExitCode::from_raw(vmcb::read_u64(vmcb, vmcb::EXIT_CODE));
-            if code == Some(ExitCode::Ioio) {
-                vmcb::read_u64(vmcb, vmcb::EXIT_INFO2)
-            } else {
-                vmcb::read_u64(vmcb, vmcb::RIP) + exit::instruction_length(code)
-            }
-        };
-        vmcb::write_u64(vmcb, vmcb::RIP, next);
+        vmcb::write_u64(vmcb, vmcb::RIP, exit::next_rip(vmcb, nrip_save));
     }
 
     fn guest_rip() -> u64 {

@@ -1,112 +1,89 @@
-//! SVM exit codes by name (AMD APM volume 2, appendix C), and their
-//! decoding into the backend-neutral [`Exit`].
+//! Reading an SVM `#VMEXIT` out of the VMCB: the exit code, its
+//! information and the guest state the decoding needs, handed to
+//! `hv_core::svm_exit`, which decides what the exit means (host-tested).
 
-use hv_core::exits::{Exit, IoAccess};
+use hv_core::exits::{Exit, GuestRegisters};
+use hv_core::svm_exit::{self, ExitFields, code};
 
-use super::vmcb;
+use super::{platform, vmcb};
 
-/// The exit codes the SVM backend meets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u64)]
-pub enum ExitCode {
-    /// A host interrupt (INTR intercept).
-    Intr = 0x60,
-    /// A host NMI (NMI intercept); it is still pending, and is delivered
-    /// to the host's handler at STGI.
-    Nmi = 0x61,
-    /// CPUID.
-    Cpuid = 0x72,
-    /// HLT.
-    Hlt = 0x78,
-    /// IN, OUT, INS, OUTS (IOIO intercept).
-    Ioio = 0x7B,
-    /// RDMSR or WRMSR (MSR intercept).
-    Msr = 0x7C,
-    /// Shutdown: the guest triple-faulted.
-    Shutdown = 0x7F,
-    /// VMRUN (always intercepted).
-    Vmrun = 0x80,
-    /// VMMCALL: the hypercall.
-    Vmmcall = 0x81,
-    /// A nested page fault.
-    NestedPageFault = 0x400,
-    /// VMRUN refused the guest's state (VMEXIT_INVALID, -1).
-    Invalid = u64::MAX,
+/// EFER.LMA.
+const EFER_LMA: u64 = 1 << 10;
+/// The L bit of a segment's VMCB attributes.
+const ATTRIBUTE_LONG: u16 = 1 << 9;
+
+/// Whether the guest of `vmcb` runs 64-bit code.
+pub fn long_mode(vmcb: u64) -> bool {
+    vmcb::read_u64(vmcb, vmcb::EFER) & EFER_LMA != 0
+        && vmcb::read_u16(vmcb, vmcb::CS + 2) & ATTRIBUTE_LONG != 0
 }
-
-impl ExitCode {
-    /// The code's name, if the backend knows it.
-    pub fn from_raw(raw: u64) -> Option<Self> {
-        Some(match raw {
-            0x60 => Self::Intr,
-            0x61 => Self::Nmi,
-            0x72 => Self::Cpuid,
-            0x78 => Self::Hlt,
-            0x7B => Self::Ioio,
-            0x7C => Self::Msr,
-            0x7F => Self::Shutdown,
-            0x80 => Self::Vmrun,
-            0x81 => Self::Vmmcall,
-            0x400 => Self::NestedPageFault,
-            u64::MAX => Self::Invalid,
-            _ => return None,
-        })
-    }
-}
-
-/// IOIO exit information 1: IN (else OUT).
-const IOIO_IN: u64 = 1 << 0;
-/// IOIO exit information 1: a string instruction (INS, OUTS).
-const IOIO_STRING: u64 = 1 << 2;
 
 /// Decodes the exit that just happened on `vmcb`. `slice_over`: the slice
 /// timer has expired, so a host-interrupt exit is the end of the slice.
-pub fn decode(vmcb: u64, slice_over: bool) -> Exit {
-    let raw = vmcb::read_u64(vmcb, vmcb::EXIT_CODE);
-    let Some(code) = ExitCode::from_raw(raw) else {
-        return Exit::Unhandled { reason: raw };
+pub fn decode(vmcb: u64, registers: &GuestRegisters, slice_over: bool) -> Exit {
+    let fields = ExitFields {
+        code: vmcb::read_u64(vmcb, vmcb::EXIT_CODE),
+        info1: vmcb::read_u64(vmcb, vmcb::EXIT_INFO1),
+        info2: vmcb::read_u64(vmcb, vmcb::EXIT_INFO2),
+        slice_over,
+        rsi: registers.rsi,
+        rdi: registers.rdi,
+        ds_base: vmcb::read_u64(vmcb, vmcb::DS + vmcb::SEGMENT_BASE),
+        es_base: vmcb::read_u64(vmcb, vmcb::ES + vmcb::SEGMENT_BASE),
+        long_mode: long_mode(vmcb),
     };
-    match code {
-        ExitCode::Intr if slice_over => Exit::Preempted,
-        ExitCode::Intr => Exit::ExternalInterrupt,
-        ExitCode::Nmi => Exit::Nmi,
-        ExitCode::Cpuid => Exit::Cpuid,
-        ExitCode::Hlt => Exit::Hlt,
-        ExitCode::Vmmcall => Exit::Hypercall,
-        ExitCode::Ioio => {
-            let info = vmcb::read_u64(vmcb, vmcb::EXIT_INFO1);
-            if info & IOIO_STRING != 0 {
-                return Exit::Unhandled { reason: raw };
-            }
-            // SZ8, SZ16, SZ32 in bits 4 to 6.
-            let size = match (info >> 4) & 0b111 {
-                0b001 => 1,
-                0b010 => 2,
-                _ => 4,
-            };
-            Exit::Io(IoAccess {
-                port: ((info >> 16) & 0xFFFF) as u16,
-                size,
-                input: info & IOIO_IN != 0,
-            })
-        }
-        ExitCode::Shutdown => Exit::TripleFault,
-        ExitCode::NestedPageFault => Exit::NestedPageFault {
-            gpa: vmcb::read_u64(vmcb, vmcb::EXIT_INFO2),
-            detail: vmcb::read_u64(vmcb, vmcb::EXIT_INFO1),
-        },
-        ExitCode::Invalid => Exit::InvalidGuestState { reason: raw },
-        ExitCode::Msr | ExitCode::Vmrun => Exit::Unhandled { reason: raw },
+    if svm_exit::needs_instruction(fields.code, fields.info1) {
+        let mut bytes = [0u8; 15];
+        let got = platform::fetch_instruction(vmcb, &mut bytes).unwrap_or(0);
+        return svm_exit::decode(&fields, Some(&bytes[..got]));
     }
+    svm_exit::decode(&fields, None)
 }
 
-/// Length of the instruction that exited, for a CPU without NRIP save:
-/// the instruction intercepts the backend resumes after.
-pub fn instruction_length(code: Option<ExitCode>) -> u64 {
+/// Whether an exit with `code` comes from an instruction the guest did
+/// not finish (whose next RIP NRIP save records).
+fn instruction_intercept(code: u64) -> bool {
+    matches!(
+        code,
+        0x00..=0x1F
+            | code::CPUID
+            | code::INVD
+            | code::HLT
+            | code::MSR
+            | code::VMMCALL
+            | code::WBINVD
+            | code::XSETBV
+    )
+}
+
+/// The guest's RIP after the instruction that exited on `vmcb`: EXITINFO2
+/// for port I/O, the saved next RIP with NRIP save, else the instruction's
+/// length from its bytes (the usual encoding's length when they cannot be
+/// read).
+pub fn next_rip(vmcb: u64, nrip_save: bool) -> u64 {
+    let code = vmcb::read_u64(vmcb, vmcb::EXIT_CODE);
+    if code == code::IOIO {
+        return vmcb::read_u64(vmcb, vmcb::EXIT_INFO2);
+    }
+    let next_rip = vmcb::read_u64(vmcb, vmcb::NEXT_RIP);
+    if nrip_save && next_rip != 0 && instruction_intercept(code) {
+        return next_rip;
+    }
+    let rip = vmcb::read_u64(vmcb, vmcb::RIP);
+    let mut bytes = [0u8; 15];
+    let got = platform::fetch_instruction(vmcb, &mut bytes).unwrap_or(0);
+    let length = svm_exit::instruction_length(code, &bytes[..got], long_mode(vmcb))
+        .map_or_else(|| usual_length(code), u64::from);
+    rip.wrapping_add(length)
+}
+
+/// The length of the usual encoding of the instruction that exited with
+/// `code`, without prefixes.
+fn usual_length(code: u64) -> u64 {
     match code {
-        Some(ExitCode::Cpuid) => 2,
-        Some(ExitCode::Hlt) => 1,
-        Some(ExitCode::Vmmcall) => 3,
+        code::HLT => 1,
+        code::CPUID | code::MSR | code::INVD | code::WBINVD => 2,
+        code::VMMCALL | code::XSETBV | 0x00..=0x1F => 3,
         _ => 0,
     }
 }

@@ -17,8 +17,13 @@
 //!   end and at the latest at the next tick (the run loop also ends it at
 //!   any exit past its end); with the detector off, a VMRUN arms the timer
 //!   one-shot ([`SLICE_TIMER_VECTOR`]) for the slice, unless it still runs
-//!   from an earlier entry. (One APIC timer per CPU: a timer service that
-//!   multiplexes deadlines would give exact slices with the detector on.)
+//!   from an earlier entry and ends no later than the new deadline (a
+//!   platform guest's timer re-arms it). (One APIC timer per CPU: a timer
+//!   service that multiplexes deadlines would give exact slices, and
+//!   platform guests exact timers, with the detector on; with it on their
+//!   timers fire at its ticks.)
+//! - **Platform guests** (real kernels on `hv_devices`' platforms):
+//!   [`platform`], the `PlatformBackend` over the VMCB.
 //! - **NMIs**: intercepted. An NMI that arrives in guest mode exits to
 //!   the host and stays pending while GIF = 0; the backend notes that the
 //!   NMI came as an exit (`crash::nmi`), then STGI delivers it to the
@@ -28,10 +33,13 @@
 //!   with each ASID and has VMRUN flush that ASID's TLB entries whenever
 //!   another VMCB (or the same one, back from another CPU) runs with it.
 //! - **Clean bits**: zero before every VMRUN (every field reloaded).
+//! - **Exits**: [`exit`] reads the VMCB, `hv_core::svm_exit` (host-tested)
+//!   decides what the exit means.
 
 pub mod backend;
 pub mod exit;
 pub mod npt;
+pub mod platform;
 pub mod vmcb;
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -81,6 +89,8 @@ pub struct Capabilities {
     pub usable_asids: u32,
     /// APIC timer ticks per millisecond (divided by 16).
     pub timer_ticks_per_ms: u64,
+    /// The CPU has RDTSCP (and so TSC_AUX, which guests get their own of).
+    pub rdtscp: bool,
     /// The I/O permission map: every port intercepted (three pages).
     pub iopm: u64,
     /// The MSR permission map: every MSR intercepted (two pages).
@@ -148,6 +158,9 @@ fn compute_capabilities() -> Result<Capabilities, SvmError> {
         features,
         usable_asids: (features.asids - 1).min(MAX_TRACKED_ASIDS),
         timer_ticks_per_ms: calibrate_timer(),
+        rdtscp: raw_cpuid::CpuId::new()
+            .get_extended_processor_and_feature_identifiers()
+            .is_some_and(|f| f.has_rdtscp()),
         iopm,
         msrpm,
     })

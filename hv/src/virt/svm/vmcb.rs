@@ -10,21 +10,23 @@ use crate::mm::phys;
 
 // Control area.
 /// Intercepts of CR reads (low 16 bits) and writes (high 16).
-const INTERCEPT_CR: u64 = 0x00;
+pub const INTERCEPT_CR: u64 = 0x00;
 /// Intercepts of exceptions, one bit per vector.
-const INTERCEPT_EXCEPTIONS: u64 = 0x08;
+pub const INTERCEPT_EXCEPTIONS: u64 = 0x08;
 /// Intercept vector 3 (INTR, NMI, CPUID, HLT, IOIO, MSR, SHUTDOWN...).
-const INTERCEPT_MISC1: u64 = 0x0C;
+pub const INTERCEPT_MISC1: u64 = 0x0C;
 /// Intercept vector 4 (VMRUN, VMMCALL, VMLOAD, VMSAVE, STGI, CLGI...).
-const INTERCEPT_MISC2: u64 = 0x10;
-const IOPM_BASE_PA: u64 = 0x40;
-const MSRPM_BASE_PA: u64 = 0x48;
+pub const INTERCEPT_MISC2: u64 = 0x10;
+/// The I/O permission map's physical address.
+pub const IOPM_BASE_PA: u64 = 0x40;
+/// The MSR permission map's physical address.
+pub const MSRPM_BASE_PA: u64 = 0x48;
 /// Guest ASID (u32).
 pub const GUEST_ASID: u64 = 0x58;
 /// TLB control (u8): what VMRUN flushes.
 pub const TLB_CONTROL: u64 = 0x5C;
 /// Virtual interrupt control.
-const V_INTR: u64 = 0x60;
+pub const V_INTR: u64 = 0x60;
 /// The exit code.
 pub const EXIT_CODE: u64 = 0x70;
 /// Exit information 1 and 2.
@@ -32,60 +34,149 @@ pub const EXIT_INFO1: u64 = 0x78;
 /// Exit information 2.
 pub const EXIT_INFO2: u64 = 0x80;
 /// Nested paging enable (bit 0).
-const NP_ENABLE: u64 = 0x90;
+pub const NP_ENABLE: u64 = 0x90;
 /// Event injection.
-const EVENT_INJECTION: u64 = 0xA8;
+pub const EVENT_INJECTION: u64 = 0xA8;
 /// The nested page tables' root.
-const N_CR3: u64 = 0xB0;
+pub const N_CR3: u64 = 0xB0;
 /// The next RIP, on instruction intercepts (with NRIP save).
 pub const NEXT_RIP: u64 = 0xC8;
 
 // State-save area.
 const SAVE: u64 = 0x400;
-const ES: u64 = SAVE;
-const CS: u64 = SAVE + 0x10;
-const SS: u64 = SAVE + 0x20;
-const DS: u64 = SAVE + 0x30;
-const FS: u64 = SAVE + 0x40;
-const GS: u64 = SAVE + 0x50;
-const GDTR: u64 = SAVE + 0x60;
-const LDTR: u64 = SAVE + 0x70;
-const IDTR: u64 = SAVE + 0x80;
-const TR: u64 = SAVE + 0x90;
-const CPL: u64 = SAVE + 0xCB;
-const EFER: u64 = SAVE + 0xD0;
-const CR4: u64 = SAVE + 0x148;
-const CR3: u64 = SAVE + 0x150;
-const CR0: u64 = SAVE + 0x158;
-const DR7: u64 = SAVE + 0x160;
-const DR6: u64 = SAVE + 0x168;
-const RFLAGS: u64 = SAVE + 0x170;
+/// The guest's ES (selector, attributes, limit, base).
+pub const ES: u64 = SAVE;
+/// The guest's CS (selector, attributes, limit, base).
+pub const CS: u64 = SAVE + 0x10;
+/// The guest's SS (selector, attributes, limit, base).
+pub const SS: u64 = SAVE + 0x20;
+/// The guest's DS (selector, attributes, limit, base).
+pub const DS: u64 = SAVE + 0x30;
+/// The guest's FS (selector, attributes, limit, base).
+pub const FS: u64 = SAVE + 0x40;
+/// The guest's GS (selector, attributes, limit, base).
+pub const GS: u64 = SAVE + 0x50;
+/// The guest's GDTR (limit, base).
+pub const GDTR: u64 = SAVE + 0x60;
+/// The guest's LDTR (selector, attributes, limit, base).
+pub const LDTR: u64 = SAVE + 0x70;
+/// The guest's IDTR (limit, base).
+pub const IDTR: u64 = SAVE + 0x80;
+/// The guest's TR (selector, attributes, limit, base).
+pub const TR: u64 = SAVE + 0x90;
+/// The guest's CPL.
+pub const CPL: u64 = SAVE + 0xCB;
+/// The guest's EFER.
+pub const EFER: u64 = SAVE + 0xD0;
+/// The guest's CR4.
+pub const CR4: u64 = SAVE + 0x148;
+/// The guest's CR3.
+pub const CR3: u64 = SAVE + 0x150;
+/// The guest's CR0.
+pub const CR0: u64 = SAVE + 0x158;
+/// The guest's DR7.
+pub const DR7: u64 = SAVE + 0x160;
+/// The guest's DR6.
+pub const DR6: u64 = SAVE + 0x168;
+/// The guest's RFLAGS.
+pub const RFLAGS: u64 = SAVE + 0x170;
 /// The guest's RIP.
 pub const RIP: u64 = SAVE + 0x178;
-const RSP: u64 = SAVE + 0x1D8;
+/// The guest's RSP.
+pub const RSP: u64 = SAVE + 0x1D8;
 /// The guest's RAX (VMRUN loads it, #VMEXIT saves it).
 pub const RAX: u64 = SAVE + 0x1F8;
-const G_PAT: u64 = SAVE + 0x268;
+/// The guest's PAT.
+pub const G_PAT: u64 = SAVE + 0x268;
 
 // Intercept bits.
-const MISC1_INTR: u32 = 1 << 0;
-const MISC1_NMI: u32 = 1 << 1;
-const MISC1_CPUID: u32 = 1 << 18;
-const MISC1_HLT: u32 = 1 << 24;
-const MISC1_IOIO_PROT: u32 = 1 << 27;
-const MISC1_MSR_PROT: u32 = 1 << 28;
-const MISC1_SHUTDOWN: u32 = 1 << 31;
-const MISC2_VMRUN: u32 = 1 << 0;
-const MISC2_VMMCALL: u32 = 1 << 1;
-const MISC2_VMLOAD: u32 = 1 << 2;
-const MISC2_VMSAVE: u32 = 1 << 3;
-const MISC2_STGI: u32 = 1 << 4;
-const MISC2_CLGI: u32 = 1 << 5;
-const MISC2_SKINIT: u32 = 1 << 6;
+/// Intercept bit: INTR.
+pub const MISC1_INTR: u32 = 1 << 0;
+/// Intercept bit: NMI.
+pub const MISC1_NMI: u32 = 1 << 1;
+/// Intercept bit: CPUID.
+pub const MISC1_CPUID: u32 = 1 << 18;
+/// Intercept bit: HLT.
+pub const MISC1_HLT: u32 = 1 << 24;
+/// Intercept bit: IOIO PROT.
+pub const MISC1_IOIO_PROT: u32 = 1 << 27;
+/// Intercept bit: MSR PROT.
+pub const MISC1_MSR_PROT: u32 = 1 << 28;
+/// Intercept bit: SHUTDOWN.
+pub const MISC1_SHUTDOWN: u32 = 1 << 31;
+/// Intercept bit: VMRUN.
+pub const MISC2_VMRUN: u32 = 1 << 0;
+/// Intercept bit: VMMCALL.
+pub const MISC2_VMMCALL: u32 = 1 << 1;
+/// Intercept bit: VMLOAD.
+pub const MISC2_VMLOAD: u32 = 1 << 2;
+/// Intercept bit: VMSAVE.
+pub const MISC2_VMSAVE: u32 = 1 << 3;
+/// Intercept bit: STGI.
+pub const MISC2_STGI: u32 = 1 << 4;
+/// Intercept bit: CLGI.
+pub const MISC2_CLGI: u32 = 1 << 5;
+/// Intercept bit: SKINIT.
+pub const MISC2_SKINIT: u32 = 1 << 6;
 /// V_INTR_MASKING: the guest's IF masks only virtual interrupts; host
 /// interrupts follow the host's IF (set for VMRUN), so they make the
 /// guest exit.
-const V_INTR_MASKING: u64 = 1 << 24;
+pub const V_INTR_MASKING: u64 = 1 << 24;
+
+// Fields and bits the platform glue uses (`super::platform`).
+/// TSC offset (guest TSC = host TSC + offset).
+pub const TSC_OFFSET: u64 = 0x50;
+/// Interrupt shadow (bit 0: the guest is in an STI or MOV SS shadow).
+pub const INTERRUPT_SHADOW: u64 = 0x68;
+/// The event whose delivery the exit interrupted (EVENTINJ's format).
+pub const EXIT_INT_INFO: u64 = 0x88;
+/// Offset of the base within a segment field (ES to TR).
+pub const SEGMENT_BASE: u64 = 8;
+/// STAR, LSTAR, CSTAR, SFMASK, KernelGsBase (VMLOAD/VMSAVE switch them).
+pub const STAR: u64 = SAVE + 0x200;
+/// LSTAR.
+pub const LSTAR: u64 = SAVE + 0x208;
+/// CSTAR.
+pub const CSTAR: u64 = SAVE + 0x210;
+/// SFMASK.
+pub const SFMASK: u64 = SAVE + 0x218;
+/// KernelGsBase.
+pub const KERNEL_GS_BASE: u64 = SAVE + 0x220;
+/// SYSENTER_CS.
+pub const SYSENTER_CS: u64 = SAVE + 0x228;
+/// SYSENTER_ESP.
+pub const SYSENTER_ESP: u64 = SAVE + 0x230;
+/// SYSENTER_EIP.
+pub const SYSENTER_EIP: u64 = SAVE + 0x238;
+/// The guest's CR2 (VMRUN loads it, #VMEXIT saves it).
+pub const CR2: u64 = SAVE + 0x240;
+/// DBGCTL.
+pub const DBGCTL: u64 = SAVE + 0x270;
+/// The control area's last 32 bytes, which the APM reserves for the
+/// host's use (volume 2, appendix B, "Reserved for Host usage"): the
+/// platform glue keeps its own per-vCPU state there (`super::platform`).
+pub const HOST_USAGE: u64 = 0x3E0;
+
+/// Intercept vector 3: VINTR (the guest can take the virtual interrupt).
+pub const MISC1_VINTR: u32 = 1 << 4;
+/// Intercept vector 3: IRET.
+pub const MISC1_IRET: u32 = 1 << 20;
+/// Intercept vector 3: INVD.
+pub const MISC1_INVD: u32 = 1 << 22;
+/// Intercept vector 4: MONITOR.
+pub const MISC2_MONITOR: u32 = 1 << 10;
+/// Intercept vector 4: MWAIT.
+pub const MISC2_MWAIT: u32 = 1 << 11;
+/// Intercept vector 4: conditional MWAIT.
+pub const MISC2_MWAIT_CONDITIONAL: u32 = 1 << 12;
+/// Intercept vector 4: XSETBV.
+pub const MISC2_XSETBV: u32 = 1 << 13;
+/// V_INTR: V_IRQ, a virtual interrupt is pending.
+pub const V_IRQ: u64 = 1 << 8;
+/// V_INTR: V_INTR_PRIO (bits 19:16).
+pub const V_INTR_PRIO_SHIFT: u64 = 16;
+/// V_INTR: V_IGN_TPR, the virtual interrupt ignores V_TPR.
+pub const V_IGN_TPR: u64 = 1 << 20;
 
 /// TLB_CONTROL: flush nothing.
 pub const TLB_FLUSH_NOTHING: u8 = 0;
@@ -105,6 +196,13 @@ pub fn read_u64(vmcb: u64, offset: u64) -> u64 {
 pub fn read_u32(vmcb: u64, offset: u64) -> u32 {
     phys::with_bytes_mut(vmcb + offset, 4, |bytes| {
         u32::from_le_bytes(bytes.try_into().unwrap_or([0; 4]))
+    })
+}
+
+/// Reads a u16 field.
+pub fn read_u16(vmcb: u64, offset: u64) -> u16 {
+    phys::with_bytes_mut(vmcb + offset, 2, |bytes| {
+        u16::from_le_bytes(bytes.try_into().unwrap_or([0; 2]))
     })
 }
 
@@ -129,7 +227,14 @@ pub fn mark_all_dirty(vmcb: u64) {
 }
 
 /// A segment register in the VMCB's format.
-fn write_segment(vmcb: u64, offset: u64, selector: u16, attributes: u16, limit: u32, base: u64) {
+pub fn write_segment(
+    vmcb: u64,
+    offset: u64,
+    selector: u16,
+    attributes: u16,
+    limit: u32,
+    base: u64,
+) {
     phys::write(vmcb + offset, &selector.to_le_bytes());
     phys::write(vmcb + offset + 2, &attributes.to_le_bytes());
     phys::write(vmcb + offset + 4, &limit.to_le_bytes());
