@@ -541,12 +541,12 @@ mod tests {
         options.seed = 3;
         options.runs = 50;
         let specs = options.specs();
-        assert!(
-            specs.iter().all(|s| s.point.is_none()
+        assert!(specs.iter().all(|s| {
+            s.point.is_none()
                 && s.cpu < 64
                 && (DEFAULT_GUEST_RUN_MS + 1..=DEFAULT_GUEST_RUN_MS + MAX_AFTER_MS)
-                    .contains(&s.after_ms))
-        );
+                    .contains(&s.after_ms)
+        }));
         assert_eq!(options.specs(), specs);
     }
 }
