@@ -410,9 +410,7 @@ pub fn bench_bringup(options: &BenchOptions) -> Result<BenchResult> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let saved = paths::run_dir(BENCH_DIR).join("bench.json");
-    let text = serde_json::to_string_pretty(&result.to_json())? + "\n";
-    fs::write(&saved, text).with_context(|| format!("writing {}", saved.display()))?;
+    save_result(&paths::run_dir(BENCH_DIR), &result.to_json())?;
     Ok(result)
 }
 
@@ -522,6 +520,37 @@ fn follow_until(
         }
         thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Saves a benchmark's result as `bench.json` in its directory `root`
+/// (beside `--report`, which the caller writes where asked).
+pub(crate) fn save_result(root: &Path, result: &Value) -> Result<()> {
+    fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let saved = root.join("bench.json");
+    let text = serde_json::to_string_pretty(result)? + "\n";
+    fs::write(&saved, text).with_context(|| format!("writing {}", saved.display()))
+}
+
+/// A benchmark's crash run must have been judged ok, else it measured
+/// nothing; returns the emulator it ran on.
+pub(crate) fn measured_crash_run(
+    round: usize,
+    spec: &crate::crash::CrashSpec,
+    outcome: &run::RunOutcome,
+) -> Result<String> {
+    use crate::crash::CrashSpecExt;
+    if !outcome.ok {
+        bail!(
+            "crash run {round} ({}) failed, nothing to measure: {} (see {})",
+            spec.word(),
+            outcome.reason.as_deref().unwrap_or("?"),
+            outcome.run_dir.display()
+        );
+    }
+    Ok(outcome.report["emulator"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned())
 }
 
 #[cfg(test)]

@@ -388,18 +388,7 @@ pub fn bench_crash(options: &CrashBenchOptions) -> Result<CrashBenchResult> {
             ..QemuOptions::new(&options.elf)
         };
         let outcome = capture::qemu(&run_options, &capture)?;
-        if !outcome.ok {
-            bail!(
-                "crash run {round} ({}) failed, nothing to measure: {} (see {})",
-                spec.word(),
-                outcome.reason.as_deref().unwrap_or("?"),
-                outcome.run_dir.display()
-            );
-        }
-        emulator = outcome.report["emulator"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
+        emulator = super::measured_crash_run(round, &spec, &outcome)?;
         let sample = CrashSample::from_report(spec, &outcome.report).map_err(|error| {
             anyhow::anyhow!(
                 "crash run {round}: {error} (see {})",
@@ -441,10 +430,7 @@ pub fn bench_crash(options: &CrashBenchOptions) -> Result<CrashBenchResult> {
         samples,
         linux_us,
     };
-    fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-    let saved = root.join("bench.json");
-    let text = serde_json::to_string_pretty(&result.to_json())? + "\n";
-    fs::write(&saved, text).with_context(|| format!("writing {}", saved.display()))?;
+    super::save_result(&root, &result.to_json())?;
     Ok(result)
 }
 

@@ -330,18 +330,7 @@ pub fn bench_shootdown(options: &ShootdownOptions) -> Result<ShootdownResult> {
             ..QemuOptions::new(&options.elf)
         };
         let outcome = run::qemu(&run_options)?;
-        if !outcome.ok {
-            bail!(
-                "crash run {round} ({}) failed, nothing to measure: {} (see {})",
-                spec.word(),
-                outcome.reason.as_deref().unwrap_or("?"),
-                outcome.run_dir.display()
-            );
-        }
-        emulator = outcome.report["emulator"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
+        emulator = super::measured_crash_run(round, &spec, &outcome)?;
         let sample = ShootdownSample::from_report(spec, &outcome.report).map_err(|error| {
             anyhow::anyhow!(
                 "crash run {round}: {error} (see {})",
@@ -374,10 +363,7 @@ pub fn bench_shootdown(options: &ShootdownOptions) -> Result<ShootdownResult> {
         cpu: options.cpu,
         samples,
     };
-    fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-    let saved = root.join("bench.json");
-    let text = serde_json::to_string_pretty(&result.to_json())? + "\n";
-    fs::write(&saved, text).with_context(|| format!("writing {}", saved.display()))?;
+    super::save_result(&root, &result.to_json())?;
     Ok(result)
 }
 

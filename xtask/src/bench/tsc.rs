@@ -376,10 +376,7 @@ pub fn bench_tsc(options: &TscOptions) -> Result<TscResult> {
         host,
         samples,
     };
-    fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-    let saved = root.join("bench.json");
-    let text = serde_json::to_string_pretty(&result.to_json())? + "\n";
-    fs::write(&saved, text).with_context(|| format!("writing {}", saved.display()))?;
+    super::save_result(&root, &result.to_json())?;
     Ok(result)
 }
 
