@@ -3,7 +3,7 @@
 use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -13,6 +13,7 @@ use super::{Boot, Finished, RunOutcome, check_elf, finish, log_file, prepare_run
 use crate::accel::{self, Accel};
 use crate::iso::BootModule;
 use crate::process::KillOnDrop;
+use crate::qemu_program::{self, QemuProgram};
 use crate::report::{Backend, End, ExitConvention, Expectations};
 use crate::report::{QEMU_EXIT_FAILURE, QEMU_EXIT_SUCCESS};
 use crate::tools::{self, Need};
@@ -75,6 +76,10 @@ pub struct QemuOptions {
     /// capture are over ([`StopWhen::CrashOver`]). The run expects the
     /// crash it starts (`nmi=dump`, hv's default): reason `external NMI`.
     pub nmi_button_after_ms: Option<u64>,
+    /// Run on a QEMU whose TCG offers x2APIC (issue 14), as every run with
+    /// more than 255 CPUs does: see [`crate::qemu_program`]. hv must then
+    /// report x2APIC mode.
+    pub x2apic: bool,
 }
 
 /// A GRUB configuration written elsewhere, and the files it loads.
@@ -105,6 +110,7 @@ impl QemuOptions {
             stop_at_done: false,
             stop: StopWhen::Exit,
             nmi_button_after_ms: None,
+            x2apic: false,
         }
     }
 
@@ -268,6 +274,9 @@ pub fn qemu(options: &QemuOptions) -> Result<RunOutcome> {
     }
     check_elf(&options.elf)?;
     tools::ensure(&qemu_needs(options.boot))?;
+    let program = qemu_program::for_run(options.smp, options.x2apic)?;
+    let x2apic = program.source != qemu_program::Source::Distribution
+        || qemu_program::needs_x2apic(options.smp, options.x2apic);
     let words = options.words();
     let cmdline = match &options.grub_setup {
         // The configuration's own words, which xtask does not touch.
@@ -294,14 +303,14 @@ pub fn qemu(options: &QemuOptions) -> Result<RunOutcome> {
 
     let mut accel = accel::detect();
     let mut notes = Vec::new();
-    let mut watched = attempt(options, accel, &media, &run_dir, &rules)?;
+    let mut watched = attempt(&program, options, accel, &media, &run_dir, &rules)?;
     if accel == Accel::Kvm && kvm_start_failed(&watched) {
         notes.push(format!(
             "QEMU with KVM ended at once without serial output ({:?}); ran again under TCG",
             watched.end
         ));
         accel = Accel::Tcg;
-        watched = attempt(options, accel, &media, &run_dir, &rules)?;
+        watched = attempt(&program, options, accel, &media, &run_dir, &rules)?;
     }
     if let Some(socket) = &rules.button {
         let _ = fs::remove_file(&socket.socket);
@@ -316,7 +325,11 @@ pub fn qemu(options: &QemuOptions) -> Result<RunOutcome> {
         (Accel::Tcg, None) => expect = expect.with_virt(Backend::Svm),
         (Accel::Tcg, Some(_)) => {}
     }
+    if x2apic {
+        expect = expect.with_apic_mode("x2apic");
+    }
     let mut xtask_keys = serde_json::Map::new();
+    xtask_keys.insert("qemu".to_owned(), qemu_program::report_of(&program));
     if let Some(ms) = options.nmi_button_after_ms {
         let pressed = watched.pressed.as_ref();
         xtask_keys.insert(
@@ -414,6 +427,7 @@ fn media(options: &QemuOptions, cmdline: &str, run_dir: &Path) -> Result<Media> 
 
 /// Starts QEMU once and watches it to its end.
 fn attempt(
+    program: &QemuProgram,
     options: &QemuOptions,
     accel: Accel,
     media: &Media,
@@ -431,16 +445,20 @@ fn attempt(
         let _ = fs::remove_file(&button.socket);
         args.extend(super::qmp::qemu_args(&button.socket));
     }
+    args.extend(qemu_program::extra_args_for(options.smp));
     args.extend(options.extra_args.iter().cloned());
     if options.echo {
-        let shown: Vec<String> = args
+        let shown: Vec<String> = program
+            .leading_args()
             .iter()
+            .chain(&args)
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
-        eprintln!("$ qemu-system-x86_64 {}", shown.join(" "));
+        eprintln!("$ {} {}", program.program.display(), shown.join(" "));
     }
     let (stdout, stderr) = log_file(&run_dir.join(EMULATOR_LOG))?;
-    let child = Command::new("qemu-system-x86_64")
+    let child = program
+        .command()
         .args(&args)
         .stdin(Stdio::null())
         .stdout(stdout)
