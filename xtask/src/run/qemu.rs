@@ -27,6 +27,10 @@ const EMULATOR_LOG: &str = "qemu.log";
 /// code.
 const DEBUG_EXIT_PORT: &str = "0xf4";
 
+/// From this many CPUs on, xtask lengthens hv's lockup threshold
+/// ([`QemuOptions::words`]).
+pub const SCALED_WATCHDOG_FROM_CPUS: u32 = 129;
+
 /// What a QEMU run looks like.
 #[derive(Debug, Clone)]
 pub struct QemuOptions {
@@ -122,7 +126,22 @@ impl QemuOptions {
         if self.halts_for_the_button() {
             words.push("finish=halt".to_owned());
         }
+        if let Some(word) = self.scaled_watchdog() {
+            words.push(word);
+        }
         words
+    }
+
+    /// hv's lockup threshold for a big machine: QEMU runs one host thread
+    /// per vCPU, and on this host's 2 cores a vCPU of 256 can go without
+    /// running for more than hv's default 10 s (seen at `-smp 256`: 51 CPUs
+    /// "not ticked for 10 s" during the guest run). From
+    /// [`SCALED_WATCHDOG_FROM_CPUS`] on, and unless the caller set
+    /// `watchdog=`, xtask gives hv half a second per CPU.
+    fn scaled_watchdog(&self) -> Option<String> {
+        let set = self.append.iter().any(|word| word.starts_with("watchdog="));
+        (self.smp >= SCALED_WATCHDOG_FROM_CPUS && !set)
+            .then(|| format!("watchdog={}", self.smp / 2))
     }
 
     /// Whether xtask adds `finish=halt` for the NMI button (see
@@ -619,6 +638,17 @@ mod tests {
         assert_eq!(options.words(), ["finish=exit"]);
         options.stop_at_done = true;
         assert_eq!(options.stop_rule(), StopWhen::Done);
+    }
+
+    #[test]
+    fn big_machines_get_a_longer_lockup_threshold() {
+        let mut options = QemuOptions::new("/t/hv");
+        options.smp = 128;
+        assert!(options.words().is_empty());
+        options.smp = 256;
+        assert_eq!(options.words(), ["watchdog=128"]);
+        options.append = vec!["watchdog=0".to_owned()];
+        assert_eq!(options.words(), ["watchdog=0"]);
     }
 
     #[test]
