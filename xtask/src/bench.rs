@@ -291,7 +291,7 @@ pub struct BenchResult {
     /// Why Linux has no (or fewer) samples: it did not finish its
     /// bring-up within the bench's time (then it is not run again).
     pub linux_unfinished: Option<String>,
-    /// hv's per-CPU memory in bytes (its `memory_per_cpu.total_bytes`,
+    /// hv's per-CPU memory in bytes (its `memory_per_cpu.per_ap_bytes`,
     /// the last run's), when reported.
     pub hv_per_cpu_bytes: Option<u64>,
 }
@@ -521,7 +521,7 @@ fn hv_run(options: &BenchOptions, round: u32) -> Result<(u64, Vec<Option<u64>>, 
         .as_array()
         .map(|cpus| cpus.iter().map(Value::as_u64).collect())
         .unwrap_or_default();
-    let per_cpu = outcome.report["memory_per_cpu"]["total_bytes"].as_u64();
+    let per_cpu = outcome.report["memory_per_cpu"]["per_ap_bytes"].as_u64();
     Ok((bringup_us, plot::ap_times(&online_at, bringup_us), per_cpu))
 }
 

@@ -126,22 +126,30 @@ impl QemuOptions {
         if self.halts_for_the_button() {
             words.push("finish=halt".to_owned());
         }
-        if let Some(word) = self.scaled_watchdog() {
-            words.push(word);
-        }
+        words.extend(self.scaled_timeouts());
         words
     }
 
-    /// hv's lockup threshold for a big machine: QEMU runs one host thread
-    /// per vCPU, and on this host's 2 cores a vCPU of 256 can go without
-    /// running for more than hv's default 10 s (seen at `-smp 256`: 51 CPUs
-    /// "not ticked for 10 s" during the guest run). From
-    /// [`SCALED_WATCHDOG_FROM_CPUS`] on, and unless the caller set
-    /// `watchdog=`, xtask gives hv half a second per CPU.
-    fn scaled_watchdog(&self) -> Option<String> {
-        let set = self.append.iter().any(|word| word.starts_with("watchdog="));
-        (self.smp >= SCALED_WATCHDOG_FROM_CPUS && !set)
-            .then(|| format!("watchdog={}", self.smp / 2))
+    /// hv's time limits for a big machine: QEMU runs one host thread per
+    /// vCPU, and on this host's 2 cores a vCPU of 256 can go without
+    /// running for more than hv's default 10 s lockup threshold (seen at
+    /// `-smp 256`: 51 CPUs "not ticked for 10 s" during the guest run) or
+    /// its 5 s bring-up limit (one AP of 256 missed it on a busy host).
+    /// From [`SCALED_WATCHDOG_FROM_CPUS`] on, unless the caller set them,
+    /// xtask gives hv half a second per CPU (`watchdog=`) and 40 ms per
+    /// CPU for its APs to check in (`ap_timeout_ms=`).
+    fn scaled_timeouts(&self) -> Vec<String> {
+        let set = |key: &str| self.append.iter().any(|word| word.starts_with(key));
+        let mut words = Vec::new();
+        if self.smp >= SCALED_WATCHDOG_FROM_CPUS {
+            if !set("watchdog=") {
+                words.push(format!("watchdog={}", self.smp / 2));
+            }
+            if !set("ap_timeout_ms=") {
+                words.push(format!("ap_timeout_ms={}", self.smp * 40));
+            }
+        }
+        words
     }
 
     /// Whether xtask adds `finish=halt` for the NMI button (see
@@ -646,9 +654,9 @@ mod tests {
         options.smp = 128;
         assert!(options.words().is_empty());
         options.smp = 256;
-        assert_eq!(options.words(), ["watchdog=128"]);
-        options.append = vec!["watchdog=0".to_owned()];
-        assert_eq!(options.words(), ["watchdog=0"]);
+        assert_eq!(options.words(), ["watchdog=128", "ap_timeout_ms=10240"]);
+        options.append = vec!["watchdog=0".to_owned(), "ap_timeout_ms=300".to_owned()];
+        assert_eq!(options.words(), ["watchdog=0", "ap_timeout_ms=300"]);
     }
 
     #[test]
