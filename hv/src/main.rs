@@ -650,9 +650,9 @@ fn report_memory_per_cpu() {
             o.field("stack_bytes").u64(stack_pages * page)?;
             o.field("shared_half_bytes")
                 .u64(core::mem::size_of::<cpu::percpu::SharedCpu>() as u64)?;
-            o.field("image_static_bytes").u64(mm::image_static_bytes())?;
+            o.field("image_static_bytes")
+                .u64(mm::image_static_bytes())?;
             o.field("max_cpus").u64(smp_boot::madt::MAX_CPUS as u64)
         })
     });
 }
-

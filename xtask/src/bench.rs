@@ -84,6 +84,10 @@ pub struct BenchOptions {
     /// Run both kernels on a QEMU whose TCG offers x2APIC (implied above
     /// 255 CPUs; see [`crate::qemu_program`]).
     pub x2apic: bool,
+    /// Both kernels' CPU model under TCG instead of `max` (e.g.
+    /// `max,-svm`: hv runs no guests, whose boot run does not end at 256
+    /// cores and more under TCG on 2 host cores).
+    pub tcg_cpu: Option<String>,
 }
 
 impl BenchOptions {
@@ -100,6 +104,7 @@ impl BenchOptions {
             linux_timeout: Duration::from_secs(600),
             progress: true,
             x2apic: false,
+            tcg_cpu: None,
         }
     }
 }
@@ -504,6 +509,7 @@ fn hv_run(options: &BenchOptions, round: u32) -> Result<(u64, Vec<Option<u64>>, 
         timeout: options.hv_timeout,
         run_name: Some(format!("{BENCH_DIR}/hv-{round:03}")),
         x2apic: options.x2apic,
+        tcg_cpu: options.tcg_cpu.clone(),
         ..QemuOptions::new(&options.elf)
     };
     let outcome = run::qemu(&run_options)?;
@@ -542,6 +548,12 @@ fn linux_run(options: &BenchOptions, accel: Accel, linux: &Path, round: u32) -> 
     };
     let mut args = run::qemu_args(accel, options.smp, options.memory_mib, &media, &run_dir);
     args.extend(crate::qemu_program::extra_args_for(options.smp));
+    if let (Accel::Tcg, Some(model)) = (accel, &options.tcg_cpu)
+        && let Some(position) = args.iter().position(|arg| arg == "-cpu")
+        && let Some(value) = args.get_mut(position + 1)
+    {
+        *value = model.into();
+    }
     let program = crate::qemu_program::for_run(options.smp, options.x2apic)?;
     let log = fs::File::create(run_dir.join("qemu.log"))?;
     let child = program

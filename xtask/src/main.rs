@@ -216,7 +216,9 @@ impl CaptureArgs {
     /// The capture of a run with `cpus` CPUs by `kernel`.
     fn options(&self, kernel: CaptureKernel, cpus: u32) -> CaptureOptions {
         let mut options = CaptureOptions::new(kernel, cpus);
-        options.crashkernel = self.crashkernel.clone();
+        if let Some(crashkernel) = &self.crashkernel {
+            options.crashkernel = Some(crashkernel.clone());
+        }
         options.image = self.capture_kernel.clone();
         options.initrd = self.capture_initrd.clone();
         if let Some(args) = &self.capture_args {
@@ -257,6 +259,11 @@ struct QemuArgs {
     /// does; hv must then report x2APIC mode.
     #[arg(long)]
     x2apic: bool,
+    /// QEMU's CPU model under TCG instead of `max`, e.g. `max,-svm` for a
+    /// CPU without SVM: hv then runs no guests, and the run expects no
+    /// particular backend.
+    #[arg(long, value_name = "MODEL")]
+    tcg_cpu: Option<String>,
     #[command(flatten)]
     run: RunArgs,
     #[command(flatten)]
@@ -379,6 +386,10 @@ struct BenchBringupArgs {
     /// --x2apic).
     #[arg(long)]
     x2apic: bool,
+    /// Both kernels' CPU model under TCG instead of `max`, e.g. `max,-svm`
+    /// (hv then runs no guests).
+    #[arg(long, value_name = "MODEL")]
+    tcg_cpu: Option<String>,
     /// Give Linux this many seconds to bring its CPUs up; past it the
     /// table says it did not finish [default: 600].
     #[arg(long, value_name = "SECS")]
@@ -539,7 +550,7 @@ fn run_task(task: Task) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Task::QemuSmp(args) => {
-            let guests = accel::detect().guest_backend().runs_guests();
+            let guests = args.tcg_cpu.is_none() && accel::detect().guest_backend().runs_guests();
             let (plan, append) = crash_and_capture(
                 true,
                 args.no_crash,
@@ -560,6 +571,7 @@ fn run_task(task: Task) -> Result<ExitCode> {
             options.echo = true;
             options.nmi_button_after_ms = args.nmi_button_after_ms;
             options.x2apic = args.x2apic;
+            options.tcg_cpu = args.tcg_cpu.clone();
             if let Some(timeout) = args.timeout(plan.capture.is_some()) {
                 options.timeout = timeout;
             }
@@ -728,6 +740,7 @@ fn run_task(task: Task) -> Result<ExitCode> {
                 options.memory_mib = args.memory;
                 options.linux = args.linux.clone();
                 options.x2apic = args.x2apic;
+                options.tcg_cpu = args.tcg_cpu.clone();
                 // Many vCPUs under TCG: hv's run takes longer too.
                 options.hv_timeout = options.hv_timeout.max(Duration::from_secs(u64::from(smp)));
                 if let Some(secs) = args.linux_timeout {

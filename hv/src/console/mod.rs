@@ -24,9 +24,10 @@ const COM1: u16 = 0x3F8;
 const LINE_STATUS: u16 = COM1 + 5;
 const TRANSMIT_EMPTY: u8 = 0x20;
 
-/// Messages a line each; a report line for hundreds of CPUs must fit one slot.
+/// Messages a line each; a report line must fit one slot: the `cpus` line
+/// at 512 CPUs (APIC IDs and online times) is about 6.5 KiB.
 const RING_SLOTS: usize = 128;
-pub const RING_SLOT_BYTES: usize = 4096;
+pub const RING_SLOT_BYTES: usize = 8192;
 
 /// Log messages waiting for the UART.
 pub static LOG_RING: LogRing<RING_SLOTS, RING_SLOT_BYTES> = LogRing::new();

@@ -214,7 +214,10 @@ pub fn protect(start: u64, len: u64, access: Access) -> Result<(), PagingError> 
 /// Bytes the frame allocator has free (0 before it exists): the per-CPU
 /// memory report measures what bring-up takes with it.
 pub fn free_bytes() -> u64 {
-    FRAMES.lock().as_ref().map_or(0, |frames| frames.free_bytes())
+    FRAMES
+        .lock()
+        .as_ref()
+        .map_or(0, |frames| frames.free_bytes())
 }
 
 /// Bytes of the image's static data (`.data` and `.bss`): among them every

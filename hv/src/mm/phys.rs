@@ -321,4 +321,3 @@ pub fn static_data_range() -> (u64, u64) {
     }
     (&raw const __rodata_end as u64, &raw const __bss_end as u64)
 }
-

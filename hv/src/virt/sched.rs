@@ -337,15 +337,9 @@ fn run_loop_until<B: Backend>(deadline: impl Fn() -> u64) {
         let next = next_vcpu(me);
         let Some(index) = next else {
             inject::check_time();
-            // Halt rather than poll the queue: with more cores than vCPUs
-            // (the in-tree guest at 256 cores and more) polling cores
-            // fight over the queue's lock, and under an emulator each
-            // takes a host thread from the cores that run guests (at
-            // `-smp 256` on 2 host cores the 100 ms run did not end in
-            // 4 minutes). A requeued vCPU is taken again by the core
-            // that requeued it, so nothing waits for an idle core; it
-            // looks again within IDLE_MAX_US.
-            idle_wait();
+            if platform {
+                idle_wait();
+            }
             cpu::interrupt_window();
             continue;
         };
