@@ -1430,7 +1430,7 @@ mod tests {
         let Task::Bench(Bench::Bringup(args)) = cli.command else {
             panic!("not bench bringup")
         };
-        assert_eq!((args.smp, args.runs, args.memory), (64, 5, 512));
+        assert_eq!((args.smp, args.runs, args.memory), (vec![64], 5, 512));
         let cli = Cli::try_parse_from([
             "cargo xtask",
             "bench",
@@ -1446,8 +1446,24 @@ mod tests {
         let Task::Bench(Bench::Bringup(args)) = cli.command else {
             panic!("not bench bringup")
         };
-        assert_eq!((args.smp, args.runs), (16, 2));
+        assert_eq!((args.smp, args.runs), (vec![16], 2));
         assert_eq!(args.linux_append.as_deref(), Some("lpj=1000"));
+        let cli = Cli::try_parse_from([
+            "cargo xtask",
+            "bench",
+            "bringup",
+            "--smp",
+            "64,128,256,512",
+            "--tcg-cpu",
+            "max,-svm",
+        ])
+        .unwrap();
+        let Task::Bench(Bench::Bringup(args)) = cli.command else {
+            panic!("not bench bringup")
+        };
+        assert_eq!(args.smp, [64, 128, 256, 512]);
+        assert_eq!(args.tcg_cpu.as_deref(), Some("max,-svm"));
+        assert!(Cli::try_parse_from(["cargo xtask", "bench", "bringup", "--smp", "64,1"]).is_err());
     }
 
     #[test]
