@@ -764,11 +764,11 @@ fn run_task(task: Task) -> Result<ExitCode> {
                 };
                 write_json(path, &value)?;
             }
-            if let Some(path) = &args.plot {
-                if let Some(result) = results.last() {
-                    bench::plot::write_svg(&bench::plot::bringup_figure(result), path)?;
-                    println!("plot written to {}", path.display());
-                }
+            if let Some(path) = &args.plot
+                && let Some(result) = results.last()
+            {
+                bench::plot::write_svg(&bench::plot::bringup_figure(result), path)?;
+                println!("plot written to {}", path.display());
             }
             Ok(ExitCode::SUCCESS)
         }
