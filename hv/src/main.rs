@@ -271,6 +271,7 @@ fn boot_cpu_main() -> ! {
         Err(_) => {}
     }
     let bringup = smp::bring_up(possible, &settings);
+    report_memory_per_cpu();
     // The APs unmask their own pins as they come up; the bring-up table
     // is known only now, so the boot CPU plans the pins, unmasks its own,
     // and has the online APs unmask theirs.
@@ -613,4 +614,41 @@ fn resume_guests_until_crash(virt: &VirtOutcome, options: &cmdline::Options) {
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     crash::on_panic(info)
+}
+
+/// Reports what each CPU costs in memory (issue 14): what the bring-up
+/// allocated per AP (stacks with their guard pages, GDT/TSS, local half,
+/// page tables split for the guards), measured on the frame allocator,
+/// and the image's static data, which holds every array sized for
+/// `MAX_CPUS` possible CPUs whatever the machine has.
+fn report_memory_per_cpu() {
+    let (ap_bytes, aps) = smp::ap_memory();
+    let page = 4096;
+    let stack_pages = mm::MAIN_STACK_PAGES
+        + mm::CRASH_STACK_PAGES
+        + 3 * mm::INTERRUPT_STACK_PAGES
+        // One guard page below each of the five stacks.
+        + 5;
+    let per_ap = ap_bytes.checked_div(aps);
+    log::info!(
+        "memory: {} KiB per AP ({aps} APs, {} KiB); image static data {} KiB for up to {} CPUs",
+        per_ap.unwrap_or(0) / 1024,
+        ap_bytes / 1024,
+        mm::image_static_bytes() / 1024,
+        smp_boot::madt::MAX_CPUS
+    );
+    console::report::line(|o| {
+        o.field("memory_per_cpu").object(|o| {
+            o.field("aps").u64(aps)?;
+            o.field("ap_bytes").u64(ap_bytes)?;
+            o.field("per_ap_bytes")
+                .option(per_ap, |value, bytes| value.u64(bytes))?;
+            o.field("stack_bytes").u64(stack_pages * page)?;
+            o.field("shared_half_bytes")
+                .u64(core::mem::size_of::<cpu::percpu::SharedCpu>() as u64)?;
+            o.field("image_static_bytes")
+                .u64(mm::image_static_bytes())?;
+            o.field("max_cpus").u64(smp_boot::madt::MAX_CPUS as u64)
+        })
+    });
 }

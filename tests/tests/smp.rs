@@ -169,3 +169,98 @@ fn a_short_stress_loop_brings_all_cpus_up_every_time() {
     assert!(spread.min > 0.0 && spread.min <= spread.median && spread.median <= spread.max);
     assert!(table.contains("all CPUs online  3"), "{table}");
 }
+
+/// A run on the QEMU that has x2APIC under TCG (issue 14; QEMU 10 from
+/// bookworm-backports, fetched into build/qemu-x2apic when the
+/// distribution's lacks it).
+#[track_caller]
+fn qemu_x2apic(name: &str, cpus: u32, tcg_cpu: Option<&str>, timeout_secs: u64) -> RunOutcome {
+    let options = xtask::run::QemuOptions {
+        smp: cpus,
+        x2apic: true,
+        tcg_cpu: tcg_cpu.map(str::to_owned),
+        timeout: std::time::Duration::from_secs(timeout_secs),
+        run_name: Some(name.to_owned()),
+        ..xtask::run::QemuOptions::new(tests::hv_elf())
+    };
+    xtask::run::qemu(&options)
+        .unwrap_or_else(|error| panic!("QEMU run {name} could not run: {error:#}"))
+}
+
+/// The per-CPU memory report holds what the bring-up allocated per AP:
+/// at least its five stacks with their guard pages.
+#[track_caller]
+fn assert_memory_per_cpu(run: &RunOutcome, aps: u64) {
+    assert_eq!(number(run, "/memory_per_cpu/aps"), aps, "{}", explain(run));
+    let per_ap = number(run, "/memory_per_cpu/per_ap_bytes");
+    let stacks = number(run, "/memory_per_cpu/stack_bytes");
+    assert!(per_ap >= stacks, "{per_ap} < {stacks}\n{}", explain(run));
+    assert_eq!(
+        number(run, "/memory_per_cpu/ap_bytes") / aps,
+        per_ap,
+        "{}",
+        explain(run)
+    );
+    assert_eq!(
+        number(run, "/memory_per_cpu/max_cpus"),
+        512,
+        "{}",
+        explain(run)
+    );
+}
+
+/// Short enough for CI: 8 CPUs on the x2APIC QEMU come up in x2APIC mode
+/// and run SVM guests; the report names the emulator and what its
+/// `-cpu max` offers.
+#[test]
+fn the_x2apic_qemu_brings_cpus_up_in_x2apic_mode_with_guests() {
+    let run = qemu_x2apic("test-qemu-x2apic-smp8", 8, None, 120);
+    assert_ok(&run);
+    assert_eq!(number(&run, "/cpus/online"), 8, "{}", explain(&run));
+    assert_eq!(
+        string(&run, "/smp/apic_mode"),
+        "x2apic",
+        "{}",
+        explain(&run)
+    );
+    assert_eq!(string(&run, "/virt/backend"), "svm", "{}", explain(&run));
+    assert_eq!(
+        run.report["xtask"]["qemu"]["cpu_max_features"]["x2apic"],
+        true,
+        "{}",
+        explain(&run)
+    );
+    assert_ne!(string(&run, "/xtask/qemu/source"), "", "{}", explain(&run));
+    assert_memory_per_cpu(&run, 7);
+}
+
+/// 512 CPUs (x2APIC IDs above 255, an IOMMU with extended interrupt
+/// mode) all come up; no guests (`max,-svm`: the guest run at 256 cores
+/// and more does not end under TCG on 2 host cores, see COMMANDS.md).
+/// 23 s to 2.5 minutes here, depending on the host's load.
+#[test]
+#[ignore = "23 s on a quiet host, 2.5 minutes on a busy one (2 cores)"]
+fn five_hundred_twelve_cpus_come_up_in_x2apic_mode() {
+    let run = qemu_x2apic("test-qemu-x2apic-smp512", 512, Some("max,-svm"), 900);
+    assert_ok(&run);
+    assert_eq!(number(&run, "/cpus/possible"), 512, "{}", explain(&run));
+    assert_eq!(number(&run, "/cpus/online"), 512, "{}", explain(&run));
+    assert!(
+        numbers(&run, "/cpus/failed").is_empty(),
+        "{}",
+        explain(&run)
+    );
+    let mut ids = numbers(&run, "/cpus/apic_ids");
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 512, "{}", explain(&run));
+    assert!(ids.iter().any(|&id| id > 255), "{}", explain(&run));
+    assert_eq!(
+        string(&run, "/smp/apic_mode"),
+        "x2apic",
+        "{}",
+        explain(&run)
+    );
+    assert_eq!(number(&run, "/smp/nmi_cpus"), 511, "{}", explain(&run));
+    assert_memory_per_cpu(&run, 511);
+}

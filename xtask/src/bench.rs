@@ -56,6 +56,10 @@ pub const LINUX_CMDLINE: &str = "console=ttyS0 printk.time=1 panic=-1";
 /// The directory of the benchmark's runs under `build/`.
 const BENCH_DIR: &str = "bench-bringup";
 
+/// How [`follow_until`]'s timeout starts: Linux did not finish in the
+/// bench's time, which the table says rather than failing.
+const LINUX_TIMED_OUT: &str = "did not finish in the bench's time";
+
 /// A bring-up benchmark.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -77,6 +81,13 @@ pub struct BenchOptions {
     pub linux_timeout: Duration,
     /// Whether to show a progress bar.
     pub progress: bool,
+    /// Run both kernels on a QEMU whose TCG offers x2APIC (implied above
+    /// 255 CPUs; see [`crate::qemu_program`]).
+    pub x2apic: bool,
+    /// Both kernels' CPU model under TCG instead of `max` (e.g.
+    /// `max,-svm`: hv runs no guests, whose boot run does not end at 256
+    /// cores and more under TCG on 2 host cores).
+    pub tcg_cpu: Option<String>,
 }
 
 impl BenchOptions {
@@ -92,6 +103,8 @@ impl BenchOptions {
             hv_timeout: Duration::from_secs(120),
             linux_timeout: Duration::from_secs(600),
             progress: true,
+            x2apic: false,
+            tcg_cpu: None,
         }
     }
 }
@@ -280,6 +293,12 @@ pub struct BenchResult {
     pub hv_ap_us: Vec<Vec<Option<u64>>>,
     /// Linux's bring-up in µs, one per run.
     pub linux_us: Vec<u64>,
+    /// Why Linux has no (or fewer) samples: it did not finish its
+    /// bring-up within the bench's time (then it is not run again).
+    pub linux_unfinished: Option<String>,
+    /// hv's per-CPU memory in bytes (its `memory_per_cpu.per_ap_bytes`,
+    /// the last run's), when reported.
+    pub hv_per_cpu_bytes: Option<u64>,
 }
 
 impl BenchResult {
@@ -321,7 +340,10 @@ impl BenchResult {
                 }
             ),
             Some(ratio) => significant(ratio),
-            None => "none (no samples)".to_owned(),
+            None => match &self.linux_unfinished {
+                Some(why) => format!("none: Linux {why}"),
+                None => "none (no samples)".to_owned(),
+            },
         };
         format!(
             "bring-up, first INIT to last AP online: -smp {}, {} MiB, {}, runs alternating\n{}  \
@@ -350,8 +372,53 @@ impl BenchResult {
             "hv": spread(&self.hv_us),
             "linux": spread(&self.linux_us),
             "ratio_of_medians": self.ratio_of_medians(),
+            "linux_unfinished": self.linux_unfinished,
+            "hv_per_cpu_bytes": self.hv_per_cpu_bytes,
         })
     }
+}
+
+/// One row per machine size of a `bench bringup --smp 64,128,...`: hv's
+/// median bring-up, per AP, Linux's, their ratio where Linux finished, and
+/// hv's per-CPU memory.
+pub fn scale_table(results: &[BenchResult]) -> String {
+    let mut rows = vec![vec![
+        "-smp".to_owned(),
+        "emulator".to_owned(),
+        "hv median (us)".to_owned(),
+        "hv per AP (us)".to_owned(),
+        "Linux median (us)".to_owned(),
+        "hv / Linux".to_owned(),
+        "hv per-CPU memory".to_owned(),
+    ]];
+    for result in results {
+        let hv = Spread::of_u64(&result.hv_us).map(|s| s.median);
+        let linux = Spread::of_u64(&result.linux_us).map(|s| s.median);
+        let aps = f64::from(result.smp.saturating_sub(1).max(1));
+        rows.push(vec![
+            result.smp.to_string(),
+            result.emulator.clone(),
+            hv.map_or("-".to_owned(), stats::number),
+            hv.map_or("-".to_owned(), |us| stats::number(us / aps)),
+            match (linux, &result.linux_unfinished) {
+                (Some(us), _) => stats::number(us),
+                (None, Some(_)) => "did not finish".to_owned(),
+                (None, None) => "-".to_owned(),
+            },
+            result
+                .ratio_of_medians()
+                .map_or("-".to_owned(), significant),
+            result
+                .hv_per_cpu_bytes
+                .map_or("not reported".to_owned(), |bytes| {
+                    format!("{} KiB", bytes.div_ceil(1024))
+                }),
+        ]);
+    }
+    format!(
+        "bring-up by machine size (medians; per AP: hv's median over the APs)\n{}",
+        stats::table(&rows)
+    )
 }
 
 /// A ratio with three significant digits, however small.
@@ -387,17 +454,33 @@ pub fn bench_bringup(options: &BenchOptions) -> Result<BenchResult> {
         hv_us: Vec::new(),
         hv_ap_us: Vec::new(),
         linux_us: Vec::new(),
+        linux_unfinished: None,
+        hv_per_cpu_bytes: None,
     };
     for round in 1..=options.runs {
         bar.set_message(format!("hv, round {round}"));
-        let (us, aps) = hv_run(options, round)?;
+        let (us, aps, per_cpu) = hv_run(options, round)?;
         say(&bar, format!("round {round}: hv {us} us"));
         result.hv_us.push(us);
         result.hv_ap_us.push(aps);
+        result.hv_per_cpu_bytes = per_cpu.or(result.hv_per_cpu_bytes);
         bar.inc(1);
 
+        if result.linux_unfinished.is_some() {
+            bar.inc(1);
+            continue;
+        }
         bar.set_message(format!("Linux, round {round}"));
-        let smp = linux_run(options, accel, &linux, round)?;
+        let smp = match linux_run(options, accel, &linux, round) {
+            Ok(smp) => smp,
+            Err(error) if format!("{error:#}").contains(LINUX_TIMED_OUT) => {
+                say(&bar, format!("round {round}: Linux {error:#}"));
+                result.linux_unfinished = Some(format!("{error:#}"));
+                bar.inc(1);
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
         say(
             &bar,
             format!(
@@ -414,15 +497,17 @@ pub fn bench_bringup(options: &BenchOptions) -> Result<BenchResult> {
     Ok(result)
 }
 
-/// One hv boot; its `bringup_us`, and each AP's time (empty when hv does
-/// not report `cpus.online_at_us`).
-fn hv_run(options: &BenchOptions, round: u32) -> Result<(u64, Vec<Option<u64>>)> {
+/// One hv boot; its `bringup_us`, each AP's time (empty when hv does
+/// not report `cpus.online_at_us`) and its per-CPU memory (when reported).
+fn hv_run(options: &BenchOptions, round: u32) -> Result<(u64, Vec<Option<u64>>, Option<u64>)> {
     let run_options = QemuOptions {
         smp: options.smp,
         memory_mib: options.memory_mib,
         boot: Boot::Direct,
         timeout: options.hv_timeout,
         run_name: Some(format!("{BENCH_DIR}/hv-{round:03}")),
+        x2apic: options.x2apic,
+        tcg_cpu: options.tcg_cpu.clone(),
         ..QemuOptions::new(&options.elf)
     };
     let outcome = run::qemu(&run_options)?;
@@ -440,7 +525,8 @@ fn hv_run(options: &BenchOptions, round: u32) -> Result<(u64, Vec<Option<u64>>)>
         .as_array()
         .map(|cpus| cpus.iter().map(Value::as_u64).collect())
         .unwrap_or_default();
-    Ok((bringup_us, plot::ap_times(&online_at, bringup_us)))
+    let per_cpu = outcome.report["memory_per_cpu"]["per_ap_bytes"].as_u64();
+    Ok((bringup_us, plot::ap_times(&online_at, bringup_us), per_cpu))
 }
 
 /// One Linux boot, followed until its SMP bring-up is over.
@@ -458,9 +544,18 @@ fn linux_run(options: &BenchOptions, accel: Accel, linux: &Path, round: u32) -> 
         elf: linux.to_path_buf(),
         cmdline,
     };
-    let args = run::qemu_args(accel, options.smp, options.memory_mib, &media, &run_dir);
+    let mut args = run::qemu_args(accel, options.smp, options.memory_mib, &media, &run_dir);
+    args.extend(crate::qemu_program::extra_args_for(options.smp));
+    if let (Accel::Tcg, Some(model)) = (accel, &options.tcg_cpu)
+        && let Some(position) = args.iter().position(|arg| arg == "-cpu")
+        && let Some(value) = args.get_mut(position + 1)
+    {
+        *value = model.into();
+    }
+    let program = crate::qemu_program::for_run(options.smp, options.x2apic)?;
     let log = fs::File::create(run_dir.join("qemu.log"))?;
-    let child = Command::new("qemu-system-x86_64")
+    let child = program
+        .command()
         .args(&args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -516,7 +611,10 @@ fn follow_until(
             bail!("QEMU ended ({status}) before `{marker}`");
         }
         if started.elapsed() >= timeout {
-            bail!("no `{marker}` after {} s", timeout.as_secs());
+            bail!(
+                "{LINUX_TIMED_OUT}: no `{marker}` after {} s",
+                timeout.as_secs()
+            );
         }
         thread::sleep(Duration::from_millis(50));
     }
@@ -626,6 +724,34 @@ mod tests {
     }
 
     #[test]
+    fn the_scale_table_has_a_row_per_size() {
+        let row = |smp: u32, linux_us: Vec<u64>, unfinished: Option<&str>| BenchResult {
+            smp,
+            memory_mib: 512,
+            emulator: "qemu-tcg".to_owned(),
+            linux: "/b/vmlinuz".into(),
+            linux_append: Vec::new(),
+            hv_us: vec![64_000],
+            hv_ap_us: Vec::new(),
+            linux_us,
+            linux_unfinished: unfinished.map(str::to_owned),
+            hv_per_cpu_bytes: Some(90_112),
+        };
+        let text = scale_table(&[
+            row(65, vec![128_000], None),
+            row(257, Vec::new(), Some("timed out")),
+        ]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(
+            lines[2].contains("65") && lines[2].contains("0.500"),
+            "{text}"
+        );
+        assert!(lines[2].contains("88 KiB"), "{text}");
+        assert!(lines[3].contains("did not finish"), "{text}");
+    }
+
+    #[test]
     fn the_table_compares_medians() {
         let result = BenchResult {
             smp: 64,
@@ -636,6 +762,8 @@ mod tests {
             hv_us: vec![5000, 4000, 6000],
             hv_ap_us: Vec::new(),
             linux_us: vec![6_000_000, 8_000_000, 7_000_000],
+            linux_unfinished: None,
+            hv_per_cpu_bytes: Some(100_000),
         };
         let ratio = result.ratio_of_medians().unwrap();
         assert!((ratio - 5000.0 / 7_000_000.0).abs() < 1e-12);

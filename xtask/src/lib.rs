@@ -24,6 +24,7 @@ pub mod makedumpfile;
 pub mod paths;
 pub mod plan;
 pub mod process;
+pub mod qemu_program;
 pub mod readme;
 pub mod report;
 pub mod run;

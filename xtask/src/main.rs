@@ -59,6 +59,12 @@ enum Task {
     /// QEMU TCG (SVM); table of QEMU TCG's result, hv's, the time
     /// (default: the backend's CI subset).
     KvmUnitTests(KvmUnitTestsArgs),
+    /// Find or fetch the QEMU that runs x2APIC under TCG (more than 255
+    /// CPUs, --x2apic): HV_QEMU_X2APIC, the distribution's if it has
+    /// x2APIC, else QEMU 10 from bookworm-backports unpacked into
+    /// build/qemu-x2apic (no root, nothing installed system-wide); print
+    /// its version and what its -cpu max offers.
+    QemuX2apic,
 }
 
 #[derive(Debug, Args)]
@@ -223,7 +229,9 @@ impl CaptureArgs {
     /// The capture of a run with `cpus` CPUs by `kernel`.
     fn options(&self, kernel: CaptureKernel, cpus: u32) -> CaptureOptions {
         let mut options = CaptureOptions::new(kernel, cpus);
-        options.crashkernel = self.crashkernel.clone();
+        if let Some(crashkernel) = &self.crashkernel {
+            options.crashkernel = Some(crashkernel.clone());
+        }
         options.image = self.capture_kernel.clone();
         options.initrd = self.capture_initrd.clone();
         if let Some(args) = &self.capture_args {
@@ -258,6 +266,17 @@ struct QemuArgs {
     /// its capture are over.
     #[arg(long, value_name = "MS", conflicts_with = "crash")]
     nmi_button_after_ms: Option<u64>,
+    /// Run on a QEMU whose TCG offers x2APIC (QEMU 8.1 or later; fetched
+    /// from bookworm-backports into build/qemu-x2apic when the
+    /// distribution's has none), as every run with more than 255 CPUs
+    /// does; hv must then report x2APIC mode.
+    #[arg(long)]
+    x2apic: bool,
+    /// QEMU's CPU model under TCG instead of `max`, e.g. `max,-svm` for a
+    /// CPU without SVM: hv then runs no guests, and the run expects no
+    /// particular backend.
+    #[arg(long, value_name = "MODEL")]
+    tcg_cpu: Option<String>,
     #[command(flatten)]
     run: RunArgs,
     #[command(flatten)]
@@ -362,13 +381,32 @@ struct StressArgs {
     /// capture image's entry.
     #[arg(long)]
     whole_dump: bool,
+    /// Run on a QEMU whose TCG offers x2APIC (see qemu-smp --x2apic);
+    /// implied above 255 CPUs.
+    #[arg(long)]
+    x2apic: bool,
 }
 
 #[derive(Debug, Args)]
 struct BenchBringupArgs {
-    /// Number of virtual CPUs of both machines.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(2..))]
-    smp: u32,
+    /// Number of virtual CPUs of both machines; a comma-separated list
+    /// (`64,128,256,512`) benches each size in turn and ends with a table
+    /// by size. Above 255 both run on the x2APIC QEMU.
+    #[arg(long, default_value = "64", value_delimiter = ',',
+          value_parser = clap::value_parser!(u32).range(2..))]
+    smp: Vec<u32>,
+    /// Run on a QEMU whose TCG offers x2APIC at every size (see qemu-smp
+    /// --x2apic).
+    #[arg(long)]
+    x2apic: bool,
+    /// Both kernels' CPU model under TCG instead of `max`, e.g. `max,-svm`
+    /// (hv then runs no guests).
+    #[arg(long, value_name = "MODEL")]
+    tcg_cpu: Option<String>,
+    /// Give Linux this many seconds to bring its CPUs up; past it the
+    /// table says it did not finish [default: 600].
+    #[arg(long, value_name = "SECS")]
+    linux_timeout: Option<u64>,
     /// Runs of each kernel (they alternate).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     runs: u32,
@@ -519,8 +557,13 @@ fn run_task(task: Task) -> Result<ExitCode> {
             println!("{}", kernel::build(None)?.display());
             Ok(ExitCode::SUCCESS)
         }
+        Task::QemuX2apic => {
+            let qemu = xtask::qemu_program::x2apic_qemu()?;
+            println!("{}", serde_json::to_string_pretty(&qemu.report())?);
+            Ok(ExitCode::SUCCESS)
+        }
         Task::QemuSmp(args) => {
-            let guests = accel::detect().guest_backend().runs_guests();
+            let guests = args.tcg_cpu.is_none() && accel::detect().guest_backend().runs_guests();
             let (plan, append) = crash_and_capture(
                 true,
                 args.no_crash,
@@ -540,6 +583,8 @@ fn run_task(task: Task) -> Result<ExitCode> {
             options.append = append;
             options.echo = true;
             options.nmi_button_after_ms = args.nmi_button_after_ms;
+            options.x2apic = args.x2apic;
+            options.tcg_cpu = args.tcg_cpu.clone();
             if let Some(timeout) = args.timeout(plan.capture.is_some()) {
                 options.timeout = timeout;
             }
@@ -686,6 +731,7 @@ fn run_task(task: Task) -> Result<ExitCode> {
             base.boot = args.boot;
             base.memory_mib = args.memory;
             base.append = append;
+            base.x2apic = args.x2apic;
             if let Some(secs) = args.run.timeout {
                 base.timeout = Duration::from_secs(secs);
             }
@@ -708,19 +754,42 @@ fn run_task(task: Task) -> Result<ExitCode> {
                 Some(path) => path.clone(),
                 None => kernel::build(None)?,
             };
-            let mut options = BenchOptions::new(elf);
-            options.smp = args.smp;
-            options.runs = args.runs;
-            options.memory_mib = args.memory;
-            options.linux = args.linux;
-            options.linux_append = cmdline::split_words(args.linux_append.as_deref().unwrap_or(""));
-            let result = bench::bench_bringup(&options)?;
-            println!("{}", result.table());
-            if let Some(path) = &args.report {
-                write_json(path, &result.to_json())?;
+            let mut results = Vec::new();
+            for &smp in &args.smp {
+                let mut options = BenchOptions::new(elf.clone());
+                options.smp = smp;
+                options.runs = args.runs;
+                options.memory_mib = args.memory;
+                options.linux = args.linux.clone();
+                options.x2apic = args.x2apic;
+                options.tcg_cpu = args.tcg_cpu.clone();
+                // Many vCPUs under TCG: hv's run takes longer too.
+                options.hv_timeout = options.hv_timeout.max(Duration::from_secs(u64::from(smp)));
+                if let Some(secs) = args.linux_timeout {
+                    options.linux_timeout = Duration::from_secs(secs);
+                }
+                options.linux_append =
+                    cmdline::split_words(args.linux_append.as_deref().unwrap_or(""));
+                let result = bench::bench_bringup(&options)?;
+                println!("{}", result.table());
+                results.push(result);
             }
-            if let Some(path) = &args.plot {
-                bench::plot::write_svg(&bench::plot::bringup_figure(&result), path)?;
+            if results.len() > 1 {
+                println!("{}", bench::scale_table(&results));
+            }
+            if let Some(path) = &args.report {
+                let value = match results.as_slice() {
+                    [one] => one.to_json(),
+                    many => serde_json::json!({
+                        "sizes": many.iter().map(bench::BenchResult::to_json).collect::<Vec<_>>(),
+                    }),
+                };
+                write_json(path, &value)?;
+            }
+            if let Some(path) = &args.plot
+                && let Some(result) = results.last()
+            {
+                bench::plot::write_svg(&bench::plot::bringup_figure(result), path)?;
                 println!("plot written to {}", path.display());
             }
             Ok(ExitCode::SUCCESS)
@@ -1383,7 +1452,7 @@ mod tests {
         let Task::Bench(Bench::Bringup(args)) = cli.command else {
             panic!("not bench bringup")
         };
-        assert_eq!((args.smp, args.runs, args.memory), (64, 5, 512));
+        assert_eq!((args.smp, args.runs, args.memory), (vec![64], 5, 512));
         let cli = Cli::try_parse_from([
             "cargo xtask",
             "bench",
@@ -1399,8 +1468,24 @@ mod tests {
         let Task::Bench(Bench::Bringup(args)) = cli.command else {
             panic!("not bench bringup")
         };
-        assert_eq!((args.smp, args.runs), (16, 2));
+        assert_eq!((args.smp, args.runs), (vec![16], 2));
         assert_eq!(args.linux_append.as_deref(), Some("lpj=1000"));
+        let cli = Cli::try_parse_from([
+            "cargo xtask",
+            "bench",
+            "bringup",
+            "--smp",
+            "64,128,256,512",
+            "--tcg-cpu",
+            "max,-svm",
+        ])
+        .unwrap();
+        let Task::Bench(Bench::Bringup(args)) = cli.command else {
+            panic!("not bench bringup")
+        };
+        assert_eq!(args.smp, [64, 128, 256, 512]);
+        assert_eq!(args.tcg_cpu.as_deref(), Some("max,-svm"));
+        assert!(Cli::try_parse_from(["cargo xtask", "bench", "bringup", "--smp", "64,1"]).is_err());
     }
 
     #[test]

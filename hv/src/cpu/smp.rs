@@ -18,6 +18,19 @@ static CPU_COUNT: AtomicUsize = AtomicUsize::new(1);
 /// by the table's size).
 static EVERY_PRESENT_CPU_STARTED: AtomicBool = AtomicBool::new(false);
 
+/// Bytes the allocator gave the APs' stacks, tables and local halves in
+/// the last bring-up (page tables split for their guard pages included),
+/// and how many APs they were for.
+static AP_MEMORY: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+/// What the last bring-up allocated for its APs: (bytes, APs).
+pub fn ap_memory() -> (u64, u64) {
+    (
+        AP_MEMORY[0].load(Ordering::Relaxed),
+        AP_MEMORY[1].load(Ordering::Relaxed),
+    )
+}
+
 /// Test knob: the AP with this APIC ID hangs before it checks in.
 static HANG_APIC_ID: AtomicU64 = AtomicU64::new(u64::MAX);
 
@@ -167,10 +180,16 @@ fn start(apic_ids: &[u32], count: usize, page: Option<u64>, settings: &Settings)
         CPU_COUNT.store(1, Ordering::Release);
         return report(1, 0, 0);
     }
+    let free_before = mm::free_bytes();
     let Some(stack_tops) = prepare_aps(&apic_ids[..count]) else {
         log::error!("smp: out of memory for AP stacks; running on the boot CPU alone");
         return report(1, 0, 0);
     };
+    AP_MEMORY[0].store(
+        free_before.saturating_sub(mm::free_bytes()),
+        Ordering::Relaxed,
+    );
+    AP_MEMORY[1].store((count - 1) as u64, Ordering::Relaxed);
     let Some(page) = page.or_else(|| {
         let page = mm::alloc_low_page();
         if page.is_none() {

@@ -211,6 +211,22 @@ pub fn protect(start: u64, len: u64, access: Access) -> Result<(), PagingError> 
     Ok(())
 }
 
+/// Bytes the frame allocator has free (0 before it exists): the per-CPU
+/// memory report measures what bring-up takes with it.
+pub fn free_bytes() -> u64 {
+    FRAMES
+        .lock()
+        .as_ref()
+        .map_or(0, |frames| frames.free_bytes())
+}
+
+/// Bytes of the image's static data (`.data` and `.bss`): among them every
+/// array sized for [`smp_boot::madt::MAX_CPUS`] possible CPUs.
+pub fn image_static_bytes() -> u64 {
+    let (start, end) = phys::static_data_range();
+    end.saturating_sub(start)
+}
+
 /// Allocates `pages` of stack with an unmapped guard page below them and
 /// returns the stack's top (16-byte aligned).
 pub fn alloc_guarded_stack(pages: u64) -> Option<u64> {

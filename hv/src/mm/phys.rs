@@ -309,3 +309,15 @@ impl<T: 'static> Default for ClaimOnce<T> {
         Self::new()
     }
 }
+
+/// The image's static data, from the end of `.rodata` to the end of
+/// `.bss` (the linker script's symbols).
+pub fn static_data_range() -> (u64, u64) {
+    // SAFETY: (1) the linker script defines both symbols; (2) only their
+    // addresses are taken, their bytes are never read.
+    unsafe extern "C" {
+        static __rodata_end: u8;
+        static __bss_end: u8;
+    }
+    (&raw const __rodata_end as u64, &raw const __bss_end as u64)
+}

@@ -145,7 +145,7 @@ impl CaptureOptions {
     pub fn new(kernel: CaptureKernel, cpus: u32) -> Self {
         Self {
             kernel,
-            crashkernel: None,
+            crashkernel: hv_crashkernel_for(kernel, cpus),
             image: None,
             initrd: None,
             linux_args: LINUX_CAPTURE_ARGS.to_owned(),
@@ -164,6 +164,28 @@ impl CaptureOptions {
             CaptureKernel::Hv => HV_CRASHKERNEL,
         })
     }
+}
+
+/// The reservation hv's capture mode needs with `cpus` CPUs, when the
+/// default [`HV_CRASHKERNEL`] is too small: the capture image wakes every
+/// CPU that checked in and gives each a stack set and tables from its
+/// reservation (about 172 KiB a CPU, `memory_per_cpu.per_ap_bytes`), and
+/// its core header has one NT_PRSTATUS note a CPU. At 512 CPUs 64 MiB
+/// left it no memory for the woken CPUs (issue 14: "0 of 511 woken").
+/// Above 128 CPUs: 64 MiB and 192 KiB a CPU, in whole 16 MiB, at the
+/// same base (160 MiB at 512 CPUs, inside the 512 MiB machine).
+pub fn hv_crashkernel_for(kernel: CaptureKernel, cpus: u32) -> Option<String> {
+    const BASE_MIB: u64 = 64;
+    const PER_CPU_KIB: u64 = 192;
+    if kernel != CaptureKernel::Hv || cpus <= 128 {
+        return None;
+    }
+    let mib = BASE_MIB + (u64::from(cpus) * PER_CPU_KIB).div_ceil(1024);
+    let mib = mib.div_ceil(16) * 16;
+    let base = HV_CRASHKERNEL
+        .split_once('@')
+        .map_or("0x10000000", |(_, base)| base);
+    Some(format!("{mib}M@{base}"))
 }
 
 /// The crash injected when none is asked for: CPU 1 (an AP, so the capture
@@ -621,6 +643,27 @@ pub fn dump_info(outcome: &RunOutcome) -> Option<DumpInfo> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn big_machines_reserve_more_for_hv_capture_mode() {
+        assert_eq!(hv_crashkernel_for(CaptureKernel::Hv, 64), None);
+        assert_eq!(hv_crashkernel_for(CaptureKernel::Hv, 128), None);
+        assert_eq!(
+            hv_crashkernel_for(CaptureKernel::Hv, 256).as_deref(),
+            Some("112M@0x10000000")
+        );
+        assert_eq!(
+            hv_crashkernel_for(CaptureKernel::Hv, 512).as_deref(),
+            Some("160M@0x10000000")
+        );
+        assert_eq!(hv_crashkernel_for(CaptureKernel::Linux, 512), None);
+        let options = CaptureOptions::new(CaptureKernel::Hv, 512);
+        assert_eq!(options.crashkernel(), "160M@0x10000000");
+        assert_eq!(
+            CaptureOptions::new(CaptureKernel::Hv, 4).crashkernel(),
+            HV_CRASHKERNEL
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -91,6 +91,9 @@ pub struct Expectations {
     pub stopped_vcpus: Vec<u32>,
     /// The crash the command line asks for, if any.
     pub crash: CrashKnobs,
+    /// The local APIC mode hv must report (`smp.apic_mode`): `x2apic` on
+    /// an emulator whose CPU offers it (issue 14); `None` accepts any.
+    pub apic_mode: Option<&'static str>,
 }
 
 /// The command-line words about crashing: what must crash hv, and the
@@ -191,6 +194,7 @@ impl Expectations {
             virt: None,
             stopped_vcpus: Vec::new(),
             crash: CrashKnobs::default(),
+            apic_mode: None,
         }
     }
 
@@ -262,6 +266,12 @@ impl Expectations {
     /// The same expectations with a required backend.
     pub fn with_virt(mut self, backend: Backend) -> Self {
         self.virt = Some(backend);
+        self
+    }
+
+    /// The same expectations with a required local APIC mode.
+    pub fn with_apic_mode(mut self, mode: &'static str) -> Self {
+        self.apic_mode = Some(mode);
         self
     }
 
@@ -343,6 +353,9 @@ impl Expectations {
             "virt_backend": self.virt.map(Backend::as_str),
             "guests_stopped": self.stopped_vcpus,
         });
+        if let Some(mode) = self.apic_mode {
+            value["apic_mode"] = json!(mode);
+        }
         if self.crash.any() {
             let injected = self.crash.injected;
             let loaded = self.guests_known() == Some(true)

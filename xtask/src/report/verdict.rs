@@ -163,6 +163,18 @@ pub fn judge(
         problems.extend(cpu_problems(&report["cpus"], expect));
     }
     problems.extend(virt_problems(report, expect));
+    // A crash before the boot report leaves no `smp` to judge.
+    if let Some(mode) = expect.apic_mode
+        && (crash_rules.is_none() || report.get("smp").is_some())
+    {
+        match report["smp"]["apic_mode"].as_str() {
+            Some(reported) if reported == mode => {}
+            Some(reported) => {
+                problems.push(format!("smp.apic_mode is {reported}, expected {mode}"))
+            }
+            None => problems.push("no smp.apic_mode reported".to_owned()),
+        }
+    }
 
     Verdict {
         ok: problems.is_empty(),
@@ -360,6 +372,29 @@ mod tests {
         let verdict = judge(report, &four(), end, convention);
         assert!(!verdict.ok);
         verdict.reason.unwrap()
+    }
+
+    #[test]
+    fn an_x2apic_run_must_report_x2apic_mode() {
+        let expect = four().with_apic_mode("x2apic");
+        let mut report = good_report();
+        report["smp"] = json!({"apic_mode": "xapic"});
+        let verdict = judge(&report, &expect, QEMU_OK, ExitConvention::QemuDebugExit);
+        assert_eq!(
+            verdict.reason.as_deref(),
+            Some("smp.apic_mode is xapic, expected x2apic")
+        );
+        report["smp"]["apic_mode"] = json!("x2apic");
+        assert!(judge(&report, &expect, QEMU_OK, ExitConvention::QemuDebugExit).ok);
+        let verdict = judge(
+            &good_report(),
+            &expect,
+            QEMU_OK,
+            ExitConvention::QemuDebugExit,
+        );
+        assert_eq!(verdict.reason.as_deref(), Some("no smp.apic_mode reported"));
+        // Without the expectation any mode passes.
+        assert!(judge(&report, &four(), QEMU_OK, ExitConvention::QemuDebugExit).ok);
     }
 
     #[test]

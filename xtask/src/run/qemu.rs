@@ -3,7 +3,7 @@
 use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -13,6 +13,7 @@ use super::{Boot, Finished, RunOutcome, check_elf, finish, log_file, prepare_run
 use crate::accel::{self, Accel};
 use crate::iso::BootModule;
 use crate::process::KillOnDrop;
+use crate::qemu_program::{self, QemuProgram};
 use crate::report::{Backend, End, ExitConvention, Expectations};
 use crate::report::{QEMU_EXIT_FAILURE, QEMU_EXIT_SUCCESS};
 use crate::tools::{self, Need};
@@ -25,6 +26,10 @@ const EMULATOR_LOG: &str = "qemu.log";
 /// The I/O port of QEMU's `isa-debug-exit` device, where hv writes its exit
 /// code.
 const DEBUG_EXIT_PORT: &str = "0xf4";
+
+/// From this many CPUs on, xtask lengthens hv's lockup threshold
+/// ([`QemuOptions::words`]).
+pub const SCALED_WATCHDOG_FROM_CPUS: u32 = 129;
 
 /// What a QEMU run looks like.
 #[derive(Debug, Clone)]
@@ -80,6 +85,10 @@ pub struct QemuOptions {
     pub force_tcg: bool,
     /// Called with every serial line as it comes.
     pub on_line: Option<super::LineHook>,
+    /// Run on a QEMU whose TCG offers x2APIC (issue 14), as every run with
+    /// more than 255 CPUs does: see [`crate::qemu_program`]. hv must then
+    /// report x2APIC mode.
+    pub x2apic: bool,
 }
 
 /// A GRUB configuration written elsewhere, and the files it loads.
@@ -112,6 +121,7 @@ impl QemuOptions {
             nmi_button_after_ms: None,
             force_tcg: false,
             on_line: None,
+            x2apic: false,
         }
     }
 
@@ -122,6 +132,29 @@ impl QemuOptions {
         let mut words = self.append.clone();
         if self.halts_for_the_button() {
             words.push("finish=halt".to_owned());
+        }
+        words.extend(self.scaled_timeouts());
+        words
+    }
+
+    /// hv's time limits for a big machine: QEMU runs one host thread per
+    /// vCPU, and on this host's 2 cores a vCPU of 256 can go without
+    /// running for more than hv's default 10 s lockup threshold (seen at
+    /// `-smp 256`: 51 CPUs "not ticked for 10 s" during the guest run) or
+    /// its 5 s bring-up limit (one AP of 256 missed it on a busy host).
+    /// From [`SCALED_WATCHDOG_FROM_CPUS`] on, unless the caller set them,
+    /// xtask gives hv half a second per CPU (`watchdog=`) and 40 ms per
+    /// CPU for its APs to check in (`ap_timeout_ms=`).
+    fn scaled_timeouts(&self) -> Vec<String> {
+        let set = |key: &str| self.append.iter().any(|word| word.starts_with(key));
+        let mut words = Vec::new();
+        if self.smp >= SCALED_WATCHDOG_FROM_CPUS {
+            if !set("watchdog=") {
+                words.push(format!("watchdog={}", self.smp / 2));
+            }
+            if !set("ap_timeout_ms=") {
+                words.push(format!("ap_timeout_ms={}", self.smp * 40));
+            }
         }
         words
     }
@@ -275,6 +308,9 @@ pub fn qemu(options: &QemuOptions) -> Result<RunOutcome> {
     }
     check_elf(&options.elf)?;
     tools::ensure(&qemu_needs(options.boot))?;
+    let program = qemu_program::for_run(options.smp, options.x2apic)?;
+    let x2apic = program.source != qemu_program::Source::Distribution
+        || qemu_program::needs_x2apic(options.smp, options.x2apic);
     let words = options.words();
     let cmdline = match &options.grub_setup {
         // The configuration's own words, which xtask does not touch.
@@ -305,14 +341,14 @@ pub fn qemu(options: &QemuOptions) -> Result<RunOutcome> {
         accel::detect()
     };
     let mut notes = Vec::new();
-    let mut watched = attempt(options, accel, &media, &run_dir, &rules)?;
+    let mut watched = attempt(&program, options, accel, &media, &run_dir, &rules)?;
     if accel == Accel::Kvm && kvm_start_failed(&watched) {
         notes.push(format!(
             "QEMU with KVM ended at once without serial output ({:?}); ran again under TCG",
             watched.end
         ));
         accel = Accel::Tcg;
-        watched = attempt(options, accel, &media, &run_dir, &rules)?;
+        watched = attempt(&program, options, accel, &media, &run_dir, &rules)?;
     }
     if let Some(socket) = &rules.button {
         let _ = fs::remove_file(&socket.socket);
@@ -327,7 +363,11 @@ pub fn qemu(options: &QemuOptions) -> Result<RunOutcome> {
         (Accel::Tcg, None) => expect = expect.with_virt(Backend::Svm),
         (Accel::Tcg, Some(_)) => {}
     }
+    if x2apic {
+        expect = expect.with_apic_mode("x2apic");
+    }
     let mut xtask_keys = serde_json::Map::new();
+    xtask_keys.insert("qemu".to_owned(), qemu_program::report_of(&program));
     if let Some(ms) = options.nmi_button_after_ms {
         let pressed = watched.pressed.as_ref();
         xtask_keys.insert(
@@ -425,6 +465,7 @@ fn media(options: &QemuOptions, cmdline: &str, run_dir: &Path) -> Result<Media> 
 
 /// Starts QEMU once and watches it to its end.
 fn attempt(
+    program: &QemuProgram,
     options: &QemuOptions,
     accel: Accel,
     media: &Media,
@@ -442,16 +483,20 @@ fn attempt(
         let _ = fs::remove_file(&button.socket);
         args.extend(super::qmp::qemu_args(&button.socket));
     }
+    args.extend(qemu_program::extra_args_for(options.smp));
     args.extend(options.extra_args.iter().cloned());
     if options.echo {
-        let shown: Vec<String> = args
+        let shown: Vec<String> = program
+            .leading_args()
             .iter()
+            .chain(&args)
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
-        eprintln!("$ qemu-system-x86_64 {}", shown.join(" "));
+        eprintln!("$ {} {}", program.program.display(), shown.join(" "));
     }
     let (stdout, stderr) = log_file(&run_dir.join(EMULATOR_LOG))?;
-    let child = Command::new("qemu-system-x86_64")
+    let child = program
+        .command()
         .args(&args)
         .stdin(Stdio::null())
         .stdout(stdout)
@@ -612,6 +657,17 @@ mod tests {
         assert_eq!(options.words(), ["finish=exit"]);
         options.stop_at_done = true;
         assert_eq!(options.stop_rule(), StopWhen::Done);
+    }
+
+    #[test]
+    fn big_machines_get_a_longer_lockup_threshold() {
+        let mut options = QemuOptions::new("/t/hv");
+        options.smp = 128;
+        assert!(options.words().is_empty());
+        options.smp = 256;
+        assert_eq!(options.words(), ["watchdog=128", "ap_timeout_ms=10240"]);
+        options.append = vec!["watchdog=0".to_owned(), "ap_timeout_ms=300".to_owned()];
+        assert_eq!(options.words(), ["watchdog=0", "ap_timeout_ms=300"]);
     }
 
     #[test]
