@@ -795,15 +795,7 @@ fn run_task(task: Task) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Task::Bench(Bench::Shootdown(args)) => {
-            if let Some(cpu) = args.cpu
-                && cpu >= args.smp
-            {
-                anyhow::bail!(
-                    "--cpu {cpu}: the machine has {} CPUs (0 to {})",
-                    args.smp,
-                    args.smp - 1
-                );
-            }
+            check_bench_cpu(args.cpu, args.smp)?;
             let elf = match &args.elf {
                 Some(path) => path.clone(),
                 None => kernel::build(None)?,
@@ -826,15 +818,7 @@ fn run_task(task: Task) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Task::Bench(Bench::Crash(args)) => {
-            if let Some(cpu) = args.cpu
-                && cpu >= args.smp
-            {
-                anyhow::bail!(
-                    "--cpu {cpu}: the machine has {} CPUs (0 to {})",
-                    args.smp,
-                    args.smp - 1
-                );
-            }
+            check_bench_cpu(args.cpu, args.smp)?;
             let elf = match &args.elf {
                 Some(path) => path.clone(),
                 None => kernel::build(None)?,
@@ -1111,6 +1095,16 @@ fn conclude(outcome: &RunOutcome, args: &RunArgs) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// A benchmark's `--cpu` must name a CPU of the machine.
+fn check_bench_cpu(cpu: Option<u32>, smp: u32) -> Result<()> {
+    if let Some(cpu) = cpu
+        && cpu >= smp
+    {
+        anyhow::bail!("--cpu {cpu}: the machine has {smp} CPUs (0 to {})", smp - 1);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

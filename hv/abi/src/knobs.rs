@@ -198,6 +198,19 @@ pub struct CrashSpec {
     pub point: Option<CrashPoint>,
 }
 
+/// The `cpu:` item of `crash=` and `hang=`.
+fn parse_cpu(item: &str) -> Result<u32, &'static str> {
+    u32::try_from(parse_number(item).ok_or("cpu: expected a CPU index")?)
+        .map_err(|_| "cpu: too large")
+}
+
+/// The `after_ms:` item of `crash=` and `hang=`.
+fn parse_after_ms(item: &str) -> Result<u64, &'static str> {
+    parse_number(item)
+        .filter(|ms| *ms <= MAX_AFTER_MS)
+        .ok_or("after_ms: expected milliseconds")
+}
+
 impl CrashSpec {
     /// Parses the value of `crash=`; the error says what was wrong.
     pub fn parse(value: &str) -> Result<Self, &'static str> {
@@ -207,17 +220,8 @@ impl CrashSpec {
         for part in value.split(',') {
             let (key, item) = part.split_once(':').ok_or(CRASH_FORM)?;
             match key {
-                "cpu" => {
-                    cpu = Some(
-                        u32::try_from(parse_number(item).ok_or("cpu: expected a CPU index")?)
-                            .map_err(|_| "cpu: too large")?,
-                    )
-                }
-                "after_ms" => {
-                    after_ms = parse_number(item)
-                        .filter(|ms| *ms <= MAX_AFTER_MS)
-                        .ok_or("after_ms: expected milliseconds")?;
-                }
+                "cpu" => cpu = Some(parse_cpu(item)?),
+                "after_ms" => after_ms = parse_after_ms(item)?,
                 "point" => point = Some(CrashPoint::parse(item).ok_or(UNKNOWN_POINT)?),
                 _ => return Err(CRASH_FORM),
             }
@@ -276,17 +280,8 @@ impl HangSpec {
         for part in value.split(',') {
             let (key, item) = part.split_once(':').ok_or(HANG_FORM)?;
             match key {
-                "cpu" => {
-                    cpu = Some(
-                        u32::try_from(parse_number(item).ok_or("cpu: expected a CPU index")?)
-                            .map_err(|_| "cpu: too large")?,
-                    )
-                }
-                "after_ms" => {
-                    after_ms = parse_number(item)
-                        .filter(|ms| *ms <= MAX_AFTER_MS)
-                        .ok_or("after_ms: expected milliseconds")?;
-                }
+                "cpu" => cpu = Some(parse_cpu(item)?),
+                "after_ms" => after_ms = parse_after_ms(item)?,
                 "how" => {
                     how = match item {
                         "spin" => HangHow::Spin,
