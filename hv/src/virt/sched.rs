@@ -375,9 +375,10 @@ fn run_loop_until<B: Backend>(deadline: impl Fn() -> u64) {
         let next = next_vcpu(me);
         let Some(index) = next else {
             inject::check_time();
-            if platform {
-                idle_wait();
-            }
+            // Halted, not spinning: under an emulator whose CPUs share a
+            // few host cores, a spinning idle core takes host time from
+            // the ones running guests.
+            idle_wait();
             cpu::interrupt_window();
             continue;
         };
@@ -425,7 +426,9 @@ fn send_kick(cpu: usize) {
 
 /// An idle core: halt until a kick, the next timer of a parked vCPU or a
 /// platform, or [`IDLE_MAX_US`] (crash injection and time limits are
-/// looked at then).
+/// looked at then). Without a TSC-deadline timer, a core of the in-tree
+/// guest's run halts until the lockup detector's next tick or a kick; a
+/// core of platform guests, whose timers need better, looks again soon.
 fn idle_wait() {
     let me = percpu::current_cpu_index() as usize;
     IDLE[me].store(true, Ordering::SeqCst);
@@ -434,9 +437,13 @@ fn idle_wait() {
         return;
     }
     let now = cpu::rdtsc();
-    let wake = TIMER_DUE
-        .load(Ordering::Acquire)
-        .min(now.saturating_add(time::us_to_tsc(IDLE_MAX_US)));
+    let platform = PLATFORM_GUESTS.load(Ordering::Acquire);
+    let timers = if platform {
+        TIMER_DUE.load(Ordering::Acquire)
+    } else {
+        u64::MAX
+    };
+    let wake = timers.min(now.saturating_add(time::us_to_tsc(IDLE_MAX_US)));
     if apic_timer::has_tsc_deadline() {
         // With the lockup detector on, the APIC timer is its periodic
         // tick. While this core halts the timer is its alarm clock
@@ -455,6 +462,9 @@ fn idle_wait() {
         if ticking {
             watchdog::tick_here(0);
         }
+    } else if !platform && watchdog::threshold_us() > 0 {
+        cpu::wait_for_interrupt();
+        cpu::disable_interrupts();
     } else {
         // No alarm clock: look again soon.
         while cpu::rdtsc() < wake.min(now + time::us_to_tsc(100))
