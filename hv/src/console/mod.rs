@@ -170,6 +170,23 @@ pub fn drain() {
     });
 }
 
+/// Drains the ring until every line written before the call is out, or
+/// `limit_us` passed (another CPU may hold the drain, and under an
+/// emulator not run for a while). Returns whether it all went out.
+pub fn flush(limit_us: u64) -> bool {
+    let deadline = crate::cpu::time::now_us().saturating_add(limit_us);
+    loop {
+        drain();
+        if LOG_RING.pending() == 0 {
+            return true;
+        }
+        if crate::cpu::time::now_us() >= deadline {
+            return false;
+        }
+        core::hint::spin_loop();
+    }
+}
+
 /// Pushes one line into the ring and drains it.
 pub fn print_line(args: fmt::Arguments<'_>) {
     LOG_RING.write_fmt(format_args!("{args}\n"));
