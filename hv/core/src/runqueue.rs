@@ -422,7 +422,10 @@ mod tests {
         let homes: Vec<_> = (0..6)
             .map(|index| home_core(index, 4, |core| core != 2))
             .collect();
-        assert_eq!(homes, [Some(0), Some(1), Some(3), Some(0), Some(1), Some(3)]);
+        assert_eq!(
+            homes,
+            [Some(0), Some(1), Some(3), Some(0), Some(1), Some(3)]
+        );
         assert_eq!(home_core(0, 4, |_| false), None);
     }
 }
