@@ -597,8 +597,13 @@ fn resume_guests_until_crash(virt: &VirtOutcome, options: &cmdline::Options) {
     // The crash stops the ring's drain where it is: the boot report must
     // be out first (a crash already due fires at once, and with 512 CPUs
     // the `cpus` line was seen cut by it).
-    if !console::flush(FLUSH_BEFORE_CRASH_US) {
-        log::warn!("the boot report was not all out after {FLUSH_BEFORE_CRASH_US} us");
+    let deadline = time::now_us().saturating_add(FLUSH_BEFORE_CRASH_US);
+    while !console::drain_all() {
+        if time::now_us() >= deadline {
+            log::warn!("the boot report was not all out after {FLUSH_BEFORE_CRASH_US} us");
+            break;
+        }
+        core::hint::spin_loop();
     }
     crash::inject::release();
     if !virt::sched::running() || crash::inject::fired() || !crash::inject::clock_started() {

@@ -170,21 +170,11 @@ pub fn drain() {
     });
 }
 
-/// Drains the ring until every line written before the call is out, or
-/// `limit_us` passed (another CPU may hold the drain, and under an
-/// emulator not run for a while). Returns whether it all went out.
-pub fn flush(limit_us: u64) -> bool {
-    let deadline = crate::cpu::time::now_us().saturating_add(limit_us);
-    loop {
-        drain();
-        if LOG_RING.pending() == 0 {
-            return true;
-        }
-        if crate::cpu::time::now_us() >= deadline {
-            return false;
-        }
-        core::hint::spin_loop();
-    }
+/// Drains what the ring holds, unless another CPU is draining; returns
+/// whether everything written so far is out.
+pub fn drain_all() -> bool {
+    drain();
+    LOG_RING.pending() == 0
 }
 
 /// Pushes one line into the ring and drains it.
