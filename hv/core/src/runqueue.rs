@@ -241,7 +241,7 @@ pub fn after_slice(facts: SliceFacts) -> Placement {
         Placement::Keep
     } else if facts.idle_core {
         Placement::ToIdleCore
-    } else if facts.rotate_every > 0 && facts.slices_here % facts.rotate_every == 0 {
+    } else if facts.rotate_every > 0 && facts.slices_here.is_multiple_of(facts.rotate_every) {
         Placement::ToNextCore
     } else {
         Placement::Keep
