@@ -15,6 +15,8 @@ pub mod cpio;
 pub mod crash;
 pub mod debian;
 pub mod dump;
+#[cfg(test)]
+mod golden;
 pub mod initramfs;
 pub mod iso;
 pub mod kernel;

@@ -27,7 +27,7 @@ use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
 use crate::report::{self, End, ExitConvention, Expectations, MalformedLine};
-use watch::Watched;
+pub(crate) use watch::Watched;
 
 /// Called with every serial line as it arrives (progress, timing).
 #[derive(Clone)]
@@ -108,34 +108,34 @@ impl RunOutcome {
 /// Everything about a finished run that goes into its report besides hv's
 /// own lines.
 #[derive(Debug)]
-struct Finished<'a> {
-    emulator: &'a str,
-    boot: Boot,
+pub(crate) struct Finished<'a> {
+    pub(crate) emulator: &'a str,
+    pub(crate) boot: Boot,
     /// The hv ELF that was booted.
-    elf: &'a Path,
-    expect: Expectations,
-    convention: ExitConvention,
-    cmdline: &'a str,
-    run_dir: &'a Path,
-    serial_log: &'a Path,
+    pub(crate) elf: &'a Path,
+    pub(crate) expect: Expectations,
+    pub(crate) convention: ExitConvention,
+    pub(crate) cmdline: &'a str,
+    pub(crate) run_dir: &'a Path,
+    pub(crate) serial_log: &'a Path,
     /// The emulator's own log file (Bochs' `log:`), or its console output.
-    emulator_log: &'a Path,
+    pub(crate) emulator_log: &'a Path,
     /// What the emulator printed on stdout and stderr.
-    console_log: &'a Path,
-    notes: Vec<String>,
+    pub(crate) console_log: &'a Path,
+    pub(crate) notes: Vec<String>,
     /// What the emulator's log says went wrong (Bochs' `>>PANIC<<` and
     /// `>>ERROR<<` lines): each one fails the run and is named in its
     /// verdict.
-    emulator_problems: Vec<String>,
-    watched: Watched,
+    pub(crate) emulator_problems: Vec<String>,
+    pub(crate) watched: Watched,
     /// More keys for the report's `xtask` object (the NMI button, why
     /// xtask ended the emulator).
-    xtask_keys: serde_json::Map<String, Value>,
+    pub(crate) xtask_keys: serde_json::Map<String, Value>,
 }
 
 /// Judges a finished run, assembles its report and saves it as
 /// `report.json` in the run directory.
-fn finish(run: Finished<'_>) -> Result<RunOutcome> {
+pub(crate) fn finish(run: Finished<'_>) -> Result<RunOutcome> {
     let malformed = run.watched.collector.malformed().to_vec();
     let lines = run.watched.collector.lines_seen();
     let report_lines = run.watched.collector.report_lines();
