@@ -22,7 +22,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::capture::CaptureKernel;
 use crate::capture::judge::{self, Collected};
@@ -49,7 +49,10 @@ fn walk(value: &Value, path: &str, out: &mut BTreeSet<String>) {
         Value::Array(_) => "array",
         Value::Object(_) => "object",
     };
-    out.insert(format!("{}: {kind}", if path.is_empty() { "." } else { path }));
+    out.insert(format!(
+        "{}: {kind}",
+        if path.is_empty() { "." } else { path }
+    ));
     match value {
         Value::Object(map) => {
             for (key, item) in map {
@@ -140,7 +143,6 @@ fn replay(name: &str) -> Value {
             })
             .unwrap_or_default()
     };
-    let xtask_keys: Map<String, Value> = run["xtask_keys"].as_object().cloned().unwrap_or_default();
     let elf = out.join("hv");
     let emulator_log = out.join("emulator.log");
     let mut outcome: RunOutcome = finish(Finished {
@@ -164,7 +166,8 @@ fn replay(name: &str) -> Value {
             stopped_by_xtask,
             pressed: None,
         },
-        xtask_keys,
+        qemu: Some(run["xtask_keys"]["qemu"].clone()).filter(|qemu| !qemu.is_null()),
+        nmi_button: serde_json::from_value(run["xtask_keys"]["nmi_button"].clone()).ok(),
     })
     .unwrap();
 
@@ -202,7 +205,16 @@ fn replay(name: &str) -> Value {
             Some(Duration::from_millis(100)),
             Some(Duration::from_millis(300)),
         ];
-        judge::conclude(&mut outcome, kernel, &words, &collected, &times, qemu, false).unwrap();
+        judge::conclude(
+            &mut outcome,
+            kernel,
+            &words,
+            &collected,
+            &times,
+            qemu,
+            false,
+        )
+        .unwrap();
     }
     fs::remove_dir_all(&out).unwrap();
     outcome.report
@@ -241,7 +253,7 @@ fn replayed_runs_keep_the_report_shape() {
 
 #[test]
 fn the_kvm_unit_tests_report_keeps_its_shape() {
-    use crate::kvm_unit_tests::{EntryResult, Outcome, Verdict};
+    use crate::kvm_unit_tests::{BootSection, EntryResult, Outcome, Verdict};
     let outcome = Outcome {
         results: vec![
             EntryResult {
@@ -261,12 +273,12 @@ fn the_kvm_unit_tests_report_keeps_its_shape() {
                 guest_ms: None,
             },
         ],
-        boots: vec![json!({
-            "entries": ["tsc", "tsc_adjust"],
-            "run_dir": "/build/kvm-unit-tests-0",
-            "ok": false,
-            "reason": "x",
-        })],
+        boots: vec![BootSection {
+            entries: vec!["tsc".to_owned(), "tsc_adjust".to_owned()],
+            run_dir: Some("/build/kvm-unit-tests-0".into()),
+            ok: false,
+            reason: Some("x".to_owned()),
+        }],
     };
     check_shape("kvm-unit-tests", &outcome.report());
 }
@@ -292,7 +304,10 @@ fn shape_names_paths_and_types() {
 
 /// `xtask.expected` for command lines that reach each of its conditional
 /// keys: (CPUs, command line, backend, NMI button, APIC mode).
-const EXPECTED_CASES: [(u32, &str, Option<Backend>, bool, Option<&str>); 7] = [
+/// One case of `xtask.expected`.
+type ExpectedCase = (u32, &'static str, Option<Backend>, bool, Option<&'static str>);
+
+const EXPECTED_CASES: [ExpectedCase; 7] = [
     (4, "", Some(Backend::Svm), false, None),
     (2, "", None, false, Some("x2apic")),
     (

@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::iso::BootModule;
 use crate::run::{self, BochsOptions, LineHook, QemuOptions, RunOutcome};
@@ -539,45 +540,96 @@ pub struct Outcome {
     pub results: Vec<EntryResult>,
     /// Each boot: its entries, run directory, whether hv's run was ok and
     /// why not.
-    pub boots: Vec<Value>,
+    pub boots: Vec<BootSection>,
+}
+
+/// One Bochs (or QEMU) boot of a run: `kvm_unit_tests_boots[]`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BootSection {
+    /// The cfg entries it ran.
+    pub entries: Vec<String>,
+    /// Its run directory (its own run report is there); null when it
+    /// could not start.
+    pub run_dir: Option<PathBuf>,
+    /// Whether hv's run was ok.
+    pub ok: bool,
+    /// Why not.
+    pub reason: Option<String>,
+}
+
+/// One cfg entry's outcome: `kvm_unit_tests[]`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EntrySection {
+    pub name: String,
+    pub qemu_tcg: String,
+    pub hv: &'static str,
+    pub reason: String,
+    /// Rounded to a tenth.
+    pub seconds: f64,
+    pub guest_ms: Option<u64>,
+}
+
+/// `kvm_unit_tests_summary`: the counts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SummarySection {
+    pub entries: usize,
+    pub hv_pass: usize,
+    pub hv_fail: usize,
+    pub hv_skip: usize,
+    pub qemu_tcg_pass: usize,
+    pub both_pass: usize,
+}
+
+/// The report `cargo xtask kvm-unit-tests --report FILE` writes
+/// (`xtask/REPORT.md`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KvmUnitTestsReport {
+    pub kvm_unit_tests: Vec<EntrySection>,
+    pub kvm_unit_tests_summary: SummarySection,
+    pub kvm_unit_tests_boots: Vec<BootSection>,
 }
 
 impl Outcome {
     /// The report's `kvm_unit_tests` array.
     pub fn results_json(&self) -> Value {
-        Value::Array(
-            self.results
-                .iter()
-                .map(|r| {
-                    json!({
-                        "name": r.name,
-                        "qemu_tcg": r.qemu_tcg,
-                        "hv": r.hv.as_str(),
-                        "reason": r.reason,
-                        "seconds": (r.seconds * 10.0).round() / 10.0,
-                        "guest_ms": r.guest_ms,
-                    })
-                })
-                .collect(),
-        )
+        serde_json::to_value(self.entries()).unwrap_or(Value::Null)
+    }
+
+    fn entries(&self) -> Vec<EntrySection> {
+        self.results
+            .iter()
+            .map(|r| EntrySection {
+                name: r.name.clone(),
+                qemu_tcg: r.qemu_tcg.clone(),
+                hv: r.hv.as_str(),
+                reason: r.reason.clone(),
+                seconds: (r.seconds * 10.0).round() / 10.0,
+                guest_ms: r.guest_ms,
+            })
+            .collect()
+    }
+
+    /// The typed report: `kvm_unit_tests`, the boots and the counts.
+    pub fn sections(&self) -> KvmUnitTestsReport {
+        let count =
+            |pred: &dyn Fn(&EntryResult) -> bool| self.results.iter().filter(|r| pred(r)).count();
+        KvmUnitTestsReport {
+            kvm_unit_tests: self.entries(),
+            kvm_unit_tests_summary: SummarySection {
+                entries: self.results.len(),
+                hv_pass: count(&|r| r.hv == Verdict::Pass),
+                hv_fail: count(&|r| r.hv == Verdict::Fail),
+                hv_skip: count(&|r| r.hv == Verdict::Skip),
+                qemu_tcg_pass: count(&|r| r.qemu_tcg == "PASS"),
+                both_pass: count(&|r| r.qemu_tcg == "PASS" && r.hv == Verdict::Pass),
+            },
+            kvm_unit_tests_boots: self.boots.clone(),
+        }
     }
 
     /// The JSON report: `kvm_unit_tests`, the boots and the counts.
     pub fn report(&self) -> Value {
-        let count =
-            |pred: &dyn Fn(&EntryResult) -> bool| self.results.iter().filter(|r| pred(r)).count();
-        json!({
-            "kvm_unit_tests": self.results_json(),
-            "kvm_unit_tests_summary": {
-                "entries": self.results.len(),
-                "hv_pass": count(&|r| r.hv == Verdict::Pass),
-                "hv_fail": count(&|r| r.hv == Verdict::Fail),
-                "hv_skip": count(&|r| r.hv == Verdict::Skip),
-                "qemu_tcg_pass": count(&|r| r.qemu_tcg == "PASS"),
-                "both_pass": count(&|r| r.qemu_tcg == "PASS" && r.hv == Verdict::Pass),
-            },
-            "kvm_unit_tests_boots": self.boots,
-        })
+        serde_json::to_value(self.sections()).unwrap_or(Value::Null)
     }
 }
 
@@ -779,12 +831,12 @@ pub fn run(options: &Options) -> Result<Outcome> {
             Ok(run) => (run.ok, run.reason.clone(), Some(run.run_dir.clone())),
             Err(error) => (false, Some(format!("{error:#}")), None),
         };
-        boots.push(json!({
-            "entries": names,
-            "run_dir": run_dir,
-            "ok": run_ok,
-            "reason": run_reason,
-        }));
+        boots.push(BootSection {
+            entries: names.iter().map(|name| (*name).to_owned()).collect(),
+            run_dir,
+            ok: run_ok,
+            reason: run_reason,
+        });
         for (name, plan) in &batch {
             let qemu_tcg = reference
                 .get(name)
@@ -954,6 +1006,7 @@ pub fn table(results: &[EntryResult]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     const CFG: &str = r#"
 # comment

@@ -689,8 +689,14 @@ fn run_task(task: Task) -> Result<ExitCode> {
             let broken: Vec<_> = outcome
                 .boots
                 .iter()
-                .filter(|b| b["ok"] != true)
-                .map(|b| format!("{}: {}", b["run_dir"], b["reason"]))
+                .filter(|b| !b.ok)
+                .map(|b| {
+                    format!(
+                        "{}: {}",
+                        serde_json::json!(b.run_dir),
+                        serde_json::json!(b.reason)
+                    )
+                })
                 .collect();
             for line in &broken {
                 println!("hv run not ok: {line}");

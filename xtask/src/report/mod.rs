@@ -9,11 +9,14 @@
 mod accounting;
 mod crash;
 mod expect;
+pub mod model;
 mod summary;
 mod trigger;
 mod verdict;
 
-pub use expect::{Backend, CrashKnobs, CrashRules, Expectations, hung_cpus};
+pub use expect::{
+    Backend, CrashKnobs, CrashRules, Expectations, ExpectedCrash, ExpectedSection, hung_cpus,
+};
 pub use summary::{summary, summary_in};
 pub use trigger::EXTERNAL_NMI;
 pub use verdict::{

@@ -277,10 +277,8 @@ pub fn bochs(options: &BochsOptions) -> Result<RunOutcome> {
         &rules,
     )?;
     let mut notes = Vec::new();
-    let mut xtask_keys = serde_json::Map::new();
     if let Some(why) = watched.stopped_by_xtask {
         notes.push(format!("Bochs was ended by xtask: {why}"));
-        xtask_keys.insert("stopped_by_xtask".to_owned(), serde_json::json!(why));
     }
     drop(child);
     let log = fs::read(run_dir.join(BOCHS_LOG))
@@ -302,7 +300,8 @@ pub fn bochs(options: &BochsOptions) -> Result<RunOutcome> {
         notes,
         emulator_problems: log_problems(&log, 5),
         watched,
-        xtask_keys,
+        qemu: None,
+        nmi_button: None,
     })
 }
 
