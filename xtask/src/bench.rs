@@ -31,17 +31,16 @@ pub mod tsc;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::accel::{self, Accel};
 use crate::paths;
-use crate::process::KillOnDrop;
+use crate::process::{self, Followed, KillOnDrop, SerialLog};
 use crate::run::{self, Boot, Media, QemuOptions};
-use crate::serial::{FileTail, LineBuffer, strip_ansi};
+use crate::serial::strip_ansi;
 use crate::stats::{self, Spread};
 use crate::stress::{progress_bar, say};
 
@@ -553,16 +552,13 @@ fn linux_run(options: &BenchOptions, accel: Accel, linux: &Path, round: u32) -> 
         *value = model.into();
     }
     let program = crate::qemu_program::for_run(options.smp, options.x2apic)?;
-    let log = fs::File::create(run_dir.join("qemu.log"))?;
-    let child = program
-        .command()
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("could not start qemu-system-x86_64")?;
-    let mut child = KillOnDrop::new(child);
+    let (stdout, stderr) = process::log_files(&run_dir.join("qemu.log"))?;
+    let mut child = process::spawn(
+        program.command().args(&args),
+        stdout,
+        stderr,
+        "qemu-system-x86_64",
+    )?;
     let serial_log = run_dir.join("serial.log");
     let text = follow_until(
         &mut child,
@@ -594,29 +590,30 @@ fn follow_until(
     timeout: Duration,
     marker: &str,
 ) -> Result<String> {
-    let started = Instant::now();
-    let mut tail = FileTail::new(serial_log);
-    let mut lines = LineBuffer::default();
     let mut text = String::new();
-    loop {
-        let exited = child.try_wait()?;
-        for line in lines.push(&tail.read_new()?) {
-            text.push_str(&line);
-            text.push('\n');
-            if line.contains(marker) {
-                return Ok(text);
+    let followed = process::follow(
+        child,
+        &mut SerialLog::new(serial_log),
+        timeout,
+        Duration::from_millis(50),
+        |look| {
+            for line in look.lines {
+                text.push_str(line);
+                text.push('\n');
+                if line.contains(marker) {
+                    return Ok(Some(()));
+                }
             }
-        }
-        if let Some(status) = exited {
-            bail!("QEMU ended ({status}) before `{marker}`");
-        }
-        if started.elapsed() >= timeout {
-            bail!(
-                "{LINUX_TIMED_OUT}: no `{marker}` after {} s",
-                timeout.as_secs()
-            );
-        }
-        thread::sleep(Duration::from_millis(50));
+            Ok(None)
+        },
+    )?;
+    match followed {
+        Followed::Found(()) => Ok(text),
+        Followed::Exited(status) => bail!("QEMU ended ({status}) before `{marker}`"),
+        Followed::TimedOut => bail!(
+            "{LINUX_TIMED_OUT}: no `{marker}` after {} s",
+            timeout.as_secs()
+        ),
     }
 }
 

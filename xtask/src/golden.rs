@@ -305,7 +305,13 @@ fn shape_names_paths_and_types() {
 /// `xtask.expected` for command lines that reach each of its conditional
 /// keys: (CPUs, command line, backend, NMI button, APIC mode).
 /// One case of `xtask.expected`.
-type ExpectedCase = (u32, &'static str, Option<Backend>, bool, Option<&'static str>);
+type ExpectedCase = (
+    u32,
+    &'static str,
+    Option<Backend>,
+    bool,
+    Option<&'static str>,
+);
 
 const EXPECTED_CASES: [ExpectedCase; 7] = [
     (4, "", Some(Backend::Svm), false, None),

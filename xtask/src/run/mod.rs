@@ -324,13 +324,6 @@ pub(crate) fn prepare_run_dir(name: &str, logs: &[&str]) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Opens `path` for an emulator's stdout and stderr.
-fn log_file(path: &Path) -> Result<(fs::File, fs::File)> {
-    let file = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let copy = file.try_clone().context("duplicating a log file handle")?;
-    Ok((file, copy))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

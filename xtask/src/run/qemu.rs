@@ -3,18 +3,15 @@
 use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
 use super::watch::{NmiButton, StopWhen, WatchRules, Watched, watch};
-use super::{
-    Boot, Finished, NmiButtonSection, RunOutcome, check_elf, finish, log_file, prepare_run_dir,
-};
+use super::{Boot, Finished, NmiButtonSection, RunOutcome, check_elf, finish, prepare_run_dir};
 use crate::accel::{self, Accel};
 use crate::iso::BootModule;
-use crate::process::KillOnDrop;
+use crate::process;
 use crate::qemu_program::{self, QemuProgram};
 use crate::report::{Backend, End, ExitConvention, Expectations};
 use crate::report::{QEMU_EXIT_FAILURE, QEMU_EXIT_SUCCESS};
@@ -492,16 +489,13 @@ fn attempt(
             .collect();
         eprintln!("$ {} {}", program.program.display(), shown.join(" "));
     }
-    let (stdout, stderr) = log_file(&run_dir.join(EMULATOR_LOG))?;
-    let child = program
-        .command()
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr)
-        .spawn()
-        .context("could not start qemu-system-x86_64")?;
-    let mut child = KillOnDrop::new(child);
+    let (stdout, stderr) = process::log_files(&run_dir.join(EMULATOR_LOG))?;
+    let mut child = process::spawn(
+        program.command().args(&args),
+        stdout,
+        stderr,
+        "qemu-system-x86_64",
+    )?;
     watch(
         &mut child,
         &run_dir.join(SERIAL_LOG),
