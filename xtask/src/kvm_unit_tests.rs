@@ -459,31 +459,7 @@ pub struct EntryResult {
     pub guest_ms: Option<u64>,
 }
 
-/// Turns a guest's report object into a verdict and reason.
-pub fn judge_guest(guest: &Value) -> (Verdict, String) {
-    let text = |key: &str| guest[key].as_str().unwrap_or("").to_owned();
-    match guest["state"].as_str() {
-        Some("stopped") => {}
-        Some("refused") => return (Verdict::Fail, format!("refused: {}", text("detail"))),
-        Some(other) => return (Verdict::Fail, format!("hv left it {other}")),
-        None => return (Verdict::Fail, "no report from hv".to_owned()),
-    }
-    let summary = text("summary");
-    match (guest["reason"].as_str(), guest["verdict"].as_str()) {
-        (Some("exit"), Some("pass")) => (Verdict::Pass, summary),
-        (Some("exit"), Some("skip")) => (Verdict::Skip, format!("the guest skipped: {summary}")),
-        (Some("exit"), _) => {
-            let failure = text("first_failure");
-            let why = if failure.is_empty() { summary } else { failure };
-            (
-                Verdict::Fail,
-                format!("{} ({why})", text("detail")).trim().to_owned(),
-            )
-        }
-        (Some(reason), _) => (Verdict::Fail, format!("{reason}: {}", text("detail"))),
-        (None, _) => (Verdict::Fail, "no stop reason".to_owned()),
-    }
-}
+pub use crate::judge::guest as judge_guest;
 
 /// What `run` is asked to do.
 #[derive(Debug, Clone)]

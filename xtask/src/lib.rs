@@ -19,6 +19,7 @@ pub mod dump;
 mod golden;
 pub mod initramfs;
 pub mod iso;
+pub mod judge;
 pub mod kernel;
 pub mod kvm_unit_tests;
 pub mod layers;

@@ -23,7 +23,8 @@
 //! with what xtask found, see [`judge`]), and the verdict adds the capture's
 //! checks to the crash run's.
 
-pub mod judge;
+/// The capture's judging lives with the other judges ([`crate::judge`]).
+pub use crate::judge::capture as judge;
 pub mod selftest;
 pub mod stream;
 mod timing;

@@ -27,9 +27,9 @@
 use crate::crash::CrashSpecExt;
 use serde_json::Value;
 
-use super::expect::{Backend, CrashRules};
-use super::model::{Crash, Exception, Field, Panic, Report, numbers};
 use super::trigger;
+use crate::report::model::{Crash, Exception, Field, Panic, Report, numbers};
+use crate::report::{Backend, CrashRules};
 
 /// The message prefix of hv's injected panics: `injected crash on CPU N (...)`.
 const INJECTED_PANIC: &str = "injected crash on CPU ";
@@ -487,8 +487,8 @@ fn show_opt(value: Option<u64>) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::expect::{Backend, Expectations};
-    use super::super::verdict::{End, ExitConvention, QEMU_EXIT_CRASH, QEMU_EXIT_SUCCESS, judge};
+    use super::super::run::{End, ExitConvention, QEMU_EXIT_CRASH, QEMU_EXIT_SUCCESS, judge};
+    use crate::report::{Backend, Expectations};
     use serde_json::{Value, json};
 
     /// The `crash` line of a clean shootdown on `cpus` CPUs coordinated by

@@ -13,8 +13,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::crash::{crash_problems, expected_exception, expected_panic};
-use super::expect::{Backend, Expectations};
-use super::model::{Cpus, Report, Virt, numbers};
+use crate::report::model::{Cpus, Report, Virt, numbers};
+use crate::report::{Backend, Expectations};
 
 /// QEMU's exit status when hv wrote its success code (0x10) to
 /// `isa-debug-exit`: `(0x10 << 1) | 1`.

@@ -21,9 +21,9 @@
 
 use serde_json::Value;
 
-use super::expect::CrashRules;
-use super::model::{Crash, Exception, Field, Report};
 use crate::crash::{CoordinatorStep, Point, needs_capture};
+use crate::report::CrashRules;
+use crate::report::model::{Crash, Exception, Field, Report};
 
 /// hv's reason for a crash the NMI button started.
 pub const EXTERNAL_NMI: &str = "external NMI";

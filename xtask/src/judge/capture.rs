@@ -46,9 +46,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
-use super::stream::{self, StreamSummary};
-use super::wake::{self, ParallelCopy};
-use super::{CaptureKernel, DISK_FILE, DUMP_FILE, KDUMP_DISK_FILE, KDUMP_FILE};
+use crate::capture::stream::{self, StreamSummary};
+use crate::capture::wake::{self, ParallelCopy};
+use crate::capture::{CaptureKernel, DISK_FILE, DUMP_FILE, KDUMP_DISK_FILE, KDUMP_FILE};
 use crate::dump::DumpInfo;
 use crate::initramfs::{COPIED_MARKER, FAILED_MARKER, INIT_MARKER};
 use crate::makedumpfile::{self, Rearranged};
@@ -210,7 +210,7 @@ pub fn conclude(
 
     let mut problems = base_problems(outcome, words, qemu);
     problems.extend(capture_problems(&outcome.report, words, collected));
-    if super::asks_for_crash(words) {
+    if crate::capture::asks_for_crash(words) {
         problems.extend(wake::problems(&outcome.report, wake_required));
     }
     outcome.ok = problems.is_empty();
@@ -440,7 +440,7 @@ fn word<'a>(words: &'a [String], key: &str) -> Option<&'a str> {
 /// `capture` keys set) and the command line.
 pub fn capture_problems(report: &Value, words: &[String], collected: &Collected) -> Vec<String> {
     let button = report["xtask"]["nmi_button"].is_object();
-    if !super::asks_for_crash(words) && !button {
+    if !crate::capture::asks_for_crash(words) && !button {
         // No crash asked for: nothing to capture; the boot-time load is
         // reported and the tests judge it.
         return Vec::new();

@@ -20,7 +20,7 @@
 
 use serde_json::Value;
 
-use super::model::{Crash, Field};
+use crate::report::model::{Crash, Field};
 
 /// Everything wrong with the VMX accounting of `crash`, on a machine of
 /// `cpus` CPUs coordinated by `coordinator`.
