@@ -37,6 +37,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::accel::{self, Accel};
+use crate::crash::{CrashSpec, DEFAULT_GUEST_RUN_MS, Rng};
 use crate::paths;
 use crate::process::{self, Followed, KillOnDrop, SerialLog};
 use crate::run::{self, Boot, Media, QemuOptions};
@@ -202,35 +203,14 @@ pub fn debian_kernel() -> Result<PathBuf> {
     }
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     eprintln!("bench: fetching {package} (Linux to compare with)");
-    // Its stderr only matters when it fails (as root it warns that the
-    // download ran unsandboxed).
-    let output = Command::new("apt-get")
-        .args(["download", &package])
-        .current_dir(&dir)
-        .output()
-        .context("could not run apt-get download")?;
-    if !output.status.success() {
-        bail!(
-            "apt-get download {package} failed ({}):\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
+    crate::debian::apt_download(&package, &dir)?;
     let deb = fs::read_dir(&dir)?
         .flatten()
         .map(|entry| entry.path())
         .find(|path| path.extension().is_some_and(|ext| ext == "deb"))
         .with_context(|| format!("apt-get download left no .deb in {}", dir.display()))?;
     let unpacked = dir.join("root");
-    let status = Command::new("dpkg-deb")
-        .arg("-x")
-        .arg(&deb)
-        .arg(&unpacked)
-        .status()
-        .context("could not run dpkg-deb")?;
-    if !status.success() {
-        bail!("dpkg-deb -x {} failed ({status})", deb.display());
-    }
+    crate::debian::dpkg_extract(&deb, &unpacked)?;
     let boot = unpacked.join("boot");
     let image = fs::read_dir(&boot)
         .with_context(|| format!("reading {}", boot.display()))?
@@ -552,11 +532,9 @@ fn linux_run(options: &BenchOptions, accel: Accel, linux: &Path, round: u32) -> 
         *value = model.into();
     }
     let program = crate::qemu_program::for_run(options.smp, options.x2apic)?;
-    let (stdout, stderr) = process::log_files(&run_dir.join("qemu.log"))?;
-    let mut child = process::spawn(
+    let mut child = process::spawn_logged(
         program.command().args(&args),
-        stdout,
-        stderr,
+        &run_dir.join("qemu.log"),
         "qemu-system-x86_64",
     )?;
     let serial_log = run_dir.join("serial.log");
@@ -646,6 +624,77 @@ pub(crate) fn measured_crash_run(
         .as_str()
         .unwrap_or_default()
         .to_owned())
+}
+
+/// What a QEMU benchmark does before its first run: QEMU must be there,
+/// and its directory under `build/` starts empty (no sample of an earlier
+/// benchmark is read as this one's). Returns the directory.
+pub(crate) fn fresh_qemu_bench(dir: &str) -> Result<PathBuf> {
+    crate::tools::ensure(&run::qemu_needs(Boot::Direct))?;
+    let root = paths::run_dir(dir);
+    if root.exists() {
+        fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
+    }
+    Ok(root)
+}
+
+/// Largest random `after_ms` past the guest run in the crash benchmarks:
+/// the crash comes soon after the boot report.
+pub const MAX_AFTER_MS: u64 = 20;
+
+/// The crash runs of a crash benchmark (`bench shootdown`, `bench crash`):
+/// the machine, how many runs, and the crash of each.
+#[derive(Debug, Clone)]
+pub struct CrashRuns {
+    /// The hv ELF.
+    pub elf: PathBuf,
+    /// CPUs of the machine.
+    pub smp: u32,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// Crash runs.
+    pub runs: u32,
+    /// The CPU that panics; `None` draws one per run.
+    pub cpu: Option<u32>,
+    /// Seed of the random CPUs and times.
+    pub seed: u64,
+    /// Time allowed for one run.
+    pub timeout: Duration,
+    /// Whether to show a progress bar.
+    pub progress: bool,
+}
+
+impl CrashRuns {
+    /// `-smp 64`, 512 MiB, 10 runs, a random CPU per run.
+    pub fn new(elf: impl Into<PathBuf>) -> Self {
+        Self {
+            elf: elf.into(),
+            smp: 64,
+            memory_mib: 512,
+            runs: 10,
+            cpu: None,
+            seed: 0,
+            timeout: Duration::from_secs(120),
+            progress: true,
+        }
+    }
+
+    /// The crash of each run, in order: the same seed gives the same runs.
+    pub fn specs(&self) -> Vec<CrashSpec> {
+        let mut rng = Rng::new(self.seed);
+        (0..self.runs)
+            .map(|_| {
+                let cpu = self
+                    .cpu
+                    .unwrap_or_else(|| rng.below(u64::from(self.smp)) as u32);
+                CrashSpec {
+                    cpu,
+                    after_ms: DEFAULT_GUEST_RUN_MS + 1 + rng.below(MAX_AFTER_MS),
+                    point: None,
+                }
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -833,10 +833,10 @@ fn run_task(task: Task) -> Result<ExitCode> {
             let image =
                 kernel::build_capture(base.expect("the default hv reservation has a base"))?;
             let mut options = bench::crash::CrashBenchOptions::new(elf, image);
-            options.smp = args.smp;
-            options.runs = args.runs;
-            options.cpu = args.cpu;
-            options.seed = args.seed.unwrap_or_else(crash::fresh_seed);
+            options.crashes.smp = args.smp;
+            options.crashes.runs = args.runs;
+            options.crashes.cpu = args.cpu;
+            options.crashes.seed = args.seed.unwrap_or_else(crash::fresh_seed);
             options.linux = !args.no_linux;
             let result = bench::crash::bench_crash(&options)?;
             println!("{}", result.table());

@@ -76,6 +76,12 @@ pub fn spawn(command: &mut Command, stdout: File, stderr: File, what: &str) -> R
     Ok(KillOnDrop::new(child))
 }
 
+/// [`spawn`] with stdout and stderr both into the file at `log`.
+pub fn spawn_logged(command: &mut Command, log: &Path, what: &str) -> Result<KillOnDrop> {
+    let (stdout, stderr) = log_files(log)?;
+    spawn(command, stdout, stderr, what)
+}
+
 /// An emulator's serial log as it grows: new bytes, and the lines they
 /// complete.
 #[derive(Debug)]
@@ -179,11 +185,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join("serial.log");
         let _ = std::fs::remove_file(&log);
-        let (stdout, stderr) = log_files(&dir.join("emulator.log")).unwrap();
-        let child = spawn(
+        let child = spawn_logged(
             Command::new("sh").arg("-c").arg(script).env("LOG", &log),
-            stdout,
-            stderr,
+            &dir.join("emulator.log"),
             "sh",
         )
         .unwrap();

@@ -164,11 +164,9 @@ pub fn run(
         "-initrd".into(),
         reference.initramfs.clone().into_os_string(),
     ]);
-    let (stdout, stderr) = process::log_files(&run_dir.join("qemu.log"))?;
-    let mut child = process::spawn(
+    let mut child = process::spawn_logged(
         Command::new("qemu-system-x86_64").args(&args),
-        stdout,
-        stderr,
+        &run_dir.join("qemu.log"),
         "qemu-system-x86_64",
     )?;
     let serial_log = run_dir.join("serial.log");

@@ -19,10 +19,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
-use crate::paths;
 use crate::run::{self, Boot, QemuOptions};
 use crate::stats::{self, Spread};
 use crate::stress::{progress_bar, say};
@@ -317,11 +316,7 @@ pub fn bench_tsc(options: &TscOptions) -> Result<TscResult> {
     if options.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    crate::tools::ensure(&run::qemu_needs(Boot::Direct))?;
-    let root = paths::run_dir(BENCH_DIR);
-    if root.exists() {
-        fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
-    }
+    let root = super::fresh_qemu_bench(BENCH_DIR)?;
     // Measured before the load, which only blurs the measurement.
     let host = host_tsc(Duration::from_millis(250), 5);
     if host.khz <= 0.0 {

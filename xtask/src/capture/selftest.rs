@@ -163,11 +163,9 @@ pub fn linux_selftest(name: &str, timeout: Duration) -> Result<SelfTest> {
     }
     args.extend(disk_args(&disk));
 
-    let (stdout, stderr) = process::log_files(&run_dir.join("qemu.log"))?;
-    let mut child = process::spawn(
+    let mut child = process::spawn_logged(
         Command::new("qemu-system-x86_64").args(&args),
-        stdout,
-        stderr,
+        &run_dir.join("qemu.log"),
         "qemu-system-x86_64",
     )?;
     let started = Instant::now();

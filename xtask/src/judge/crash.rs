@@ -354,21 +354,13 @@ pub(crate) fn crash_problems(report: &Report, rules: &CrashRules) -> Vec<String>
     // Per-CPU NMI latency: one entry per CPU started.
     match crash.nmi_latency_us.get() {
         Some(latency) => {
-            if latency.len() != rules.cpus as usize {
-                problems.push(format!(
-                    "crash.nmi_latency_us has {} entries, expected {} (one per CPU started)",
-                    latency.len(),
-                    rules.cpus
-                ));
-            }
-            if latency
-                .iter()
-                .any(|entry| !entry.is_null() && !entry.is_u64())
-            {
-                problems.push(
-                    "crash.nmi_latency_us holds something other than numbers and nulls".to_owned(),
-                );
-            }
+            problems.extend(per_cpu_problems(
+                "nmi_latency_us",
+                latency,
+                rules.cpus,
+                Value::is_u64,
+                "numbers and nulls",
+            ));
             let mut silent: Vec<(u64, &str)> = straggler_indexes
                 .iter()
                 .map(|&index| (u64::from(index), "spins with NMIs blocked"))
@@ -417,20 +409,13 @@ fn nmi_in_guest_problems(
         }
         return problems;
     };
-    if entries.len() != rules.cpus as usize {
-        problems.push(format!(
-            "crash.nmi_in_guest has {} entries, expected {} (one per CPU started)",
-            entries.len(),
-            rules.cpus
-        ));
-    }
-    if entries
-        .iter()
-        .any(|entry| !entry.is_null() && !entry.is_boolean())
-    {
-        problems
-            .push("crash.nmi_in_guest holds something other than true, false and null".to_owned());
-    }
+    problems.extend(per_cpu_problems(
+        "nmi_in_guest",
+        entries,
+        rules.cpus,
+        Value::is_boolean,
+        "true, false and null",
+    ));
     if let Some(index) = coordinator
         && entries
             .get(index as usize)
@@ -454,6 +439,28 @@ fn nmi_in_guest_problems(
             show(&crash.nmi_in_guest_cpus.raw())
         )),
         _ => {}
+    }
+    problems
+}
+
+/// What is wrong with the per-CPU list `crash.KEY`: one entry per CPU
+/// started, each null or of the kind `fits` accepts (`kinds` names them).
+fn per_cpu_problems(
+    key: &str,
+    entries: &[Value],
+    cpus: u32,
+    fits: fn(&Value) -> bool,
+    kinds: &str,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    if entries.len() != cpus as usize {
+        problems.push(format!(
+            "crash.{key} has {} entries, expected {cpus} (one per CPU started)",
+            entries.len(),
+        ));
+    }
+    if entries.iter().any(|entry| !entry.is_null() && !fits(entry)) {
+        problems.push(format!("crash.{key} holds something other than {kinds}"));
     }
     problems
 }

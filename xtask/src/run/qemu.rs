@@ -489,11 +489,9 @@ fn attempt(
             .collect();
         eprintln!("$ {} {}", program.program.display(), shown.join(" "));
     }
-    let (stdout, stderr) = process::log_files(&run_dir.join(EMULATOR_LOG))?;
-    let mut child = process::spawn(
+    let mut child = process::spawn_logged(
         program.command().args(&args),
-        stdout,
-        stderr,
+        &run_dir.join(EMULATOR_LOG),
         "qemu-system-x86_64",
     )?;
     watch(
