@@ -10,6 +10,7 @@ pub mod accel;
 pub mod bench;
 pub mod capture;
 pub mod ci;
+pub mod cli;
 pub mod cmdline;
 pub mod cpio;
 pub mod crash;
