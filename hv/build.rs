@@ -23,6 +23,11 @@ fn main() {
     println!("cargo:rerun-if-changed=linker.ld");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=HV_LINK_BASE");
+    // `HV_LINK_BASE` makes the capture image: `cfg(hv_capture_build)`.
+    println!("cargo::rustc-check-cfg=cfg(hv_capture_build)");
+    if std::env::var_os("HV_LINK_BASE").is_some() {
+        println!("cargo::rustc-cfg=hv_capture_build");
+    }
     // The kernel includes the blob whatever the target, so a host `cargo
     // check` of the workspace builds it too.
     build_purgatory(Path::new(&dir), Path::new(&out));

@@ -63,6 +63,7 @@ pub mod accounting;
 pub mod cpuset;
 pub mod loaded_vmcs;
 pub mod shootdown;
+pub mod summary;
 pub mod svm;
 
 #[cfg(test)]

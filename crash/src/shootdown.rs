@@ -100,9 +100,10 @@ impl fmt::Display for Fault {
 impl core::error::Error for Fault {}
 
 /// How a CPU left VMX in the crash path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum VmxExit {
     /// Not tried yet.
+    #[default]
     NotAttempted,
     /// CR4.VMXE was clear: not in VMX operation, nothing to do (a CPU
     /// without VMX, or one that already left).

@@ -105,7 +105,8 @@ impl SvmExit {
         matches!(self, Self::Left | Self::Failed { .. })
     }
 
-    const fn encode(self) -> u32 {
+    /// Its ledger encoding (read back by [`decode`](Self::decode)).
+    pub const fn encode(self) -> u32 {
         const fn step(step: SvmStep) -> u32 {
             match step {
                 SvmStep::Stgi => 0,
@@ -129,7 +130,8 @@ impl SvmExit {
         }
     }
 
-    const fn decode(raw: u32) -> Self {
+    /// An exit from its ledger encoding.
+    pub const fn decode(raw: u32) -> Self {
         match raw {
             1 => Self::WasOff,
             2 => Self::Left,

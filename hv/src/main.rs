@@ -202,7 +202,7 @@ fn capture_main() -> ! {
     let options = OPTIONS
         .get()
         .expect("options are parsed before the stack switch");
-    capture::words::print(options.capture_words);
+    capture::words::print(options.capture_words, options.capture_facts);
     let rsdp = BOOT_INFO.get().and_then(|boot| boot.rsdp);
     capture::mode::run(
         options.capture_mode.expect("capture mode was asked for"),

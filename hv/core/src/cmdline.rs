@@ -160,6 +160,11 @@ pub struct Options {
     /// (the loader puts it on the capture image's command line; capture
     /// mode prints what it holds before anything else).
     pub capture_words: Option<u64>,
+    /// `capture_facts=ADDR`: the crashed hypervisor's crash summary facts
+    /// (`crash::summary`; the loader puts it on the capture image's command
+    /// line; capture mode formats the summary from them when the crash
+    /// path left it there).
+    pub capture_facts: Option<u64>,
     /// `capture_purgatory=ADDR`: where the crashed hypervisor's purgatory
     /// area is (the loader puts it on the capture image's command line;
     /// capture mode reports the purgatory's TSC stamps from it).
@@ -222,6 +227,7 @@ impl Options {
             capture_purgatory_nmi: false,
             capture_digest: CaptureDigest::Xxh64,
             capture_words: None,
+            capture_facts: None,
             capture_purgatory: None,
             capture_wake: true,
             wake_stragglers: false,
@@ -441,6 +447,13 @@ pub const OPTIONS: &[(&str, Setter)] = &[
             .filter(|a| *a != 0 && a % 8 == 0)
             .ok_or("expected the crash words mailbox's 8-byte-aligned address")?;
         options.capture_words = Some(address);
+        Ok(())
+    }),
+    ("capture_facts", |options, value| {
+        let address = parse_number(value)
+            .filter(|a| *a != 0 && a % 8 == 0)
+            .ok_or("expected the crash summary facts' 8-byte-aligned address")?;
+        options.capture_facts = Some(address);
         Ok(())
     }),
     ("capture_purgatory", |options, value| {
@@ -816,6 +829,11 @@ mod tests {
         assert_eq!(parsed.options.capture_words, Some(0x1f00_3000));
         let parsed = parse("capture_words=0x1f003004 capture_words=0");
         assert_eq!(parsed.error_count(), 2, "{:?}", messages(&parsed));
+        assert_eq!(defaults.capture_facts, None);
+        let parsed = parse("capture_facts=0x20a000");
+        assert_eq!(parsed.options.capture_facts, Some(0x20_a000));
+        let parsed = parse("capture_facts=0x20a004 capture_facts=0");
+        assert_eq!(parsed.error_count(), 2, "{:?}", messages(&parsed));
         assert_eq!(defaults.capture_digest.name(), "xxh64");
         let parsed = parse("capture_digest=sha256");
         assert!(parsed.is_clean(), "{:?}", messages(&parsed));
@@ -1149,6 +1167,7 @@ mod tests {
             ("capture_purgatory_nmi", "1"),
             ("capture_digest", "sha256"),
             ("capture_words", "0x1f003000"),
+            ("capture_facts", "0x20a000"),
             ("capture_purgatory", "0x1fff0000"),
             ("capture_sink", "ata"),
             ("crash_timeout_ms", "500"),

@@ -510,7 +510,16 @@ fn load_hv(
         phys::with_bytes_mut(segment.phys, segment.mem_len, |destination| {
             image.write_segment(segment, destination)
         })?;
-        digests.record(segment.phys, phys::read(segment.phys, segment.mem_len))?;
+        // The file's bytes only: the zero tail is the image's `.bss`, which
+        // the hv image zeroes as its first act (`arch::boot`), so a stray
+        // write there is erased at entry; hashing it (2.5 MiB, mostly the
+        // log ring) doubled the digest checks' time at crash time.
+        if segment.file_len > 0 {
+            digests.record(
+                segment.phys,
+                phys::read(segment.phys, segment.file_len as u64),
+            )?;
+        }
     }
     // Start info, memory map and command line in the purgatory's data room.
     let data = purgatory_area + purgatory::BOOT_DATA_OFFSET;
@@ -521,9 +530,10 @@ fn load_hv(
     };
     let cmdline = format_args!(
         "capture_mode={:#x} capture_purgatory={purgatory_area:#x} capture_words={:#x} \
-         capture_sink={} log=info{finish}{}",
+         capture_facts={:#x} capture_sink={} log=info{finish}{}",
         layout.elfcorehdr.start,
         mailbox_of(layout.elfcorehdr).start,
+        crate::crash::facts::address(),
         options.capture_sink.name(),
         WakeWords(options),
     );

@@ -3,7 +3,12 @@
 //! the capture image prints them first thing, verbatim, so the serial log
 //! reads as if they had come out before it.
 
+use core::fmt::Write;
+
+use crash::summary::{self, Facts, FactsError};
 use kexec_loader::purgatory::check::{Memory, mailbox_text};
+
+use crate::console::EmergencyConsole;
 
 use crate::mm::phys;
 
@@ -21,15 +26,35 @@ impl Memory for OldMemory {
     }
 }
 
-/// Prints the mailbox at `address`, if it holds anything. Returns the
-/// bytes printed.
-pub fn print(address: Option<u64>) -> usize {
+/// Prints the mailbox at `address`, if it holds anything, with the crash
+/// summary formatted from the facts at `facts` where the crash path left
+/// it (`crash::facts`). Returns the bytes of the mailbox printed.
+pub fn print(address: Option<u64>, facts: Option<u64>) -> usize {
     let Some(text) = address.and_then(|address| mailbox_text(address, &OldMemory)) else {
         return 0;
     };
     crate::console::uart_write(
         b"capture: the crashed hypervisor's words, held in memory during the crash:\n",
     );
-    crate::console::uart_write(text);
+    let block = facts.and_then(|facts| OldMemory.bytes(facts, (summary::MAX_WORDS * 8) as u64));
+    match block.map(Facts::parse) {
+        Some(Ok(facts)) if facts.scalars().deferred => {
+            let at = (facts.scalars().text_at as usize).min(text.len());
+            crate::console::uart_write(&text[..at]);
+            let _ = summary::render(&facts, &mut EmergencyConsole);
+            crate::console::uart_write(&text[at..]);
+        }
+        Some(Err(error)) if error != FactsError::NoMagic => {
+            crate::console::uart_write(text);
+            let _ = writeln!(
+                EmergencyConsole,
+                "capture: the crash summary's facts at {:#x} are damaged ({error}); no summary",
+                facts.unwrap_or(0)
+            );
+        }
+        // None gathered (the coordinator stopped before its summary), or
+        // it printed the summary itself.
+        _ => crate::console::uart_write(text),
+    }
     text.len()
 }

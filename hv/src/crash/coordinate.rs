@@ -6,15 +6,14 @@
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crash::accounting::{self, VmcsFate, VmcsRecords};
 use crash::cpuset::CpuSet;
-use crash::shootdown::{CpuRegisters, VmxExit};
+use crash::shootdown::CpuRegisters;
+use crash::summary::Scalars;
 use hv_core::cmdline::CoordinatorStep;
 use smp_boot::bringup::CpuState;
 
 use super::hardware::{Hardware, TscClock};
-use super::records::{LISTS, Records};
-use super::svm;
+use super::records::LISTS;
 use super::words::Words;
 use super::{COORDINATOR, Reason, TIMEOUT_US, entered_tsc, inject};
 use crate::arch::{apic, cpu};
@@ -184,17 +183,36 @@ pub fn coordinate(me: usize, reason: Reason<'_>, regs: &CpuRegisters) -> ! {
     super::stamp(super::Step::Cleanup);
     inject::coordinator_step(CoordinatorStep::AfterCleanup);
     if !SUMMARY_PRINTED.swap(true, Ordering::AcqRel) {
-        summarize(
+        // With an hv capture image that prints it (and hv's own digest
+        // check on, so that the purgatory does not refuse what hv passed),
+        // the summary is formatted after the jump; else now.
+        let deferred = super::words::defer_summary();
+        let nmis_out = NMIS_OUT_TSC.load(Ordering::Acquire);
+        super::facts::gather(&super::facts::Gathered {
             me,
-            &reason,
-            &expected,
-            &rendezvous,
-            own.vmx,
-            shootdown_us,
-            started,
-            started_tsc,
-            waiting_from_us,
-        );
+            reason: &reason,
+            expected: &expected,
+            rendezvous: &rendezvous,
+            own_vmx: own.vmx,
+            scalars: Scalars {
+                nmi_broadcast: NMI_BROADCAST.load(Ordering::Relaxed),
+                words_in_mailbox: super::words::deferred(),
+                shootdown_us,
+                started_us: started,
+                started_tsc,
+                waiting_from_us,
+                entered_tsc: entered_tsc(),
+                nmis_sending_tsc: NMIS_SENDING_TSC.load(Ordering::Relaxed),
+                nmis_out_tsc: nmis_out,
+                panic_to_nmis_us: time::tsc_to_us(nmis_out.saturating_sub(entered_tsc())),
+                text_at: super::words::used() as u64,
+                deferred,
+                ..Scalars::default()
+            },
+        });
+        if !deferred {
+            super::facts::write_summary(&mut Words);
+        }
     }
     super::stamp(super::Step::Summary);
     super::handover::hand_over(&super::handover::Handover {
@@ -240,294 +258,4 @@ pub fn resume_after_reentry(me: usize, reason: Reason<'_>, regs: &CpuRegisters) 
     });
     super::words::flush();
     crate::console::finish::crash_stop()
-}
-
-/// Prints the summary line and the `crash` report object.
-#[allow(clippy::too_many_arguments)]
-fn summarize(
-    me: usize,
-    reason: &Reason<'_>,
-    expected: &CpuSet,
-    rendezvous: &crash::shootdown::Rendezvous,
-    own_vmx: VmxExit,
-    shootdown_us: u64,
-    started: u64,
-    started_tsc: u64,
-    waiting_from_us: u64,
-) {
-    let apic_id = percpu::shared(me).slot.apic_id();
-    let mut vmxoff_cpus = 0;
-    let mut vmxoff_executed = 0;
-    let mut vmx_was_on = 0;
-    let mut visited = 0;
-    let mut svm_off_cpus = 0;
-    let mut svm_was_on = 0;
-    let reporting = rendezvous.checked_in.iter().chain(core::iter::once(me));
-    for cpu in reporting {
-        let svm_exit = svm::LEDGERS.exit(cpu);
-        svm_was_on += u64::from(svm_exit.was_on());
-        if cpu != me {
-            svm_off_cpus += u64::from(svm_exit.is_off());
-        }
-        let Some(record) = COORDINATOR.record(cpu) else {
-            continue;
-        };
-        let vmx = record.ledger.vmx;
-        // `vmxoff_cpus` (the old field) counts CPUs out of VMX however
-        // they got there, the coordinator aside; `vmxoff_executed` only
-        // those that executed VMXOFF.
-        if cpu != me {
-            vmxoff_cpus += u64::from(vmx.is_off());
-            visited += record.ledger.walk.map_or(0, |walk| u64::from(walk.visited));
-        }
-        // A VMXOFF that raised #UD found the CPU outside VMX operation.
-        let executed = vmx == VmxExit::Left;
-        vmxoff_executed += u64::from(executed);
-        vmx_was_on += u64::from(executed || matches!(vmx, VmxExit::StillOn(_)));
-    }
-    let own_svm = svm::LEDGERS.exit(me);
-    let on_svm = svm::backend_is_svm();
-    let accounting = accounting::account(&Records, &rendezvous.stragglers);
-    // The lists hold VMCSes or VMCBs, never both: the other kind counts 0.
-    let (vmcs, vmcb) = if on_svm {
-        (Accounted::none(), Accounted::of(accounting, visited))
-    } else {
-        (Accounted::of(accounting, visited), Accounted::none())
-    };
-    let nmi_in_guest = super::nmi::crash_nmi_in_guest;
-    let nmi_in_guest_cpus = (0..smp::cpus().len())
-        .filter(|&cpu| nmi_in_guest(cpu) == Some(true))
-        .count();
-    name_uncleared(&rendezvous.stragglers, if on_svm { "VMCB" } else { "VMCS" });
-    if on_svm {
-        let _ = writeln!(
-            Words,
-            "*** hv: shootdown: {} of {} CPUs checked in in {shootdown_us} us; VMCB loaded {}, cleared {}; SVM off on {svm_off_cpus} of {} others; own: {own_svm}; NMI in guest mode on {nmi_in_guest_cpus}",
-            rendezvous.checked_in.len(),
-            expected.len(),
-            accounting.loaded,
-            accounting.cleared,
-            rendezvous.checked_in.len(),
-        );
-    } else {
-        let vmx_words = if vmx_was_on == 0 {
-            "no VMX ran"
-        } else {
-            "VMXOFF executed"
-        };
-        let _ = writeln!(
-            Words,
-            "*** hv: shootdown: {} of {} CPUs checked in in {shootdown_us} us; VMCS loaded {}, cleared {}; {vmx_words} on {vmxoff_executed} of {vmx_was_on} CPUs with VMX on; own VMX exit {:?}; NMI in guest mode on {nmi_in_guest_cpus}",
-            rendezvous.checked_in.len(),
-            expected.len(),
-            accounting.loaded,
-            accounting.cleared,
-            own_vmx,
-        );
-    }
-    let nmis_out = NMIS_OUT_TSC.load(Ordering::Acquire);
-    let panic_to_nmis_us = time::tsc_to_us(nmis_out.saturating_sub(entered_tsc()));
-    super::words::report(|o| {
-        o.field("crash").object(|o| {
-            o.field("cpu").u64(u64::from(apic_id))?;
-            o.field("cpu_index").u64(me as u64)?;
-            o.field("reason").display(reason)?;
-            o.field("expected").u64(expected.len() as u64)?;
-            o.field("checked_in")
-                .u64(rendezvous.checked_in.len() as u64)?;
-            o.field("stragglers").u64_array(
-                rendezvous
-                    .stragglers
-                    .iter()
-                    .map(|cpu| u64::from(percpu::shared(cpu).slot.apic_id())),
-            )?;
-            o.field("backend").str(svm::backend_name())?;
-            o.field("vmcs_loaded").u64(vmcs.accounting.loaded)?;
-            o.field("vmcs_cleared").u64(vmcs.accounting.cleared)?;
-            o.field("vmcs_visited").u64(vmcs.visited)?;
-            o.field("vmcs_on_stragglers")
-                .u64(vmcs.accounting.on_stragglers)?;
-            o.field("vmcs_cleared_elsewhere")
-                .u64(vmcs.accounting.cleared_elsewhere)?;
-            o.field("vmcs_lost").u64(vmcs.accounting.lost)?;
-            o.field("vmcb_loaded").u64(vmcb.accounting.loaded)?;
-            o.field("vmcb_cleared").u64(vmcb.accounting.cleared)?;
-            o.field("vmcb_visited").u64(vmcb.visited)?;
-            o.field("vmcb_on_stragglers")
-                .u64(vmcb.accounting.on_stragglers)?;
-            o.field("vmcb_cleared_elsewhere")
-                .u64(vmcb.accounting.cleared_elsewhere)?;
-            o.field("vmcb_lost").u64(vmcb.accounting.lost)?;
-            o.field("svm_off_cpus").u64(svm_off_cpus)?;
-            o.field("svm_was_on_cpus").u64(svm_was_on)?;
-            o.field("coordinator_svm_off").bool(own_svm.is_off())?;
-            o.field("nmi_in_guest_cpus").u64(nmi_in_guest_cpus as u64)?;
-            // Per CPU index: whether its crash NMI came as a guest's VM
-            // exit (null: it took none).
-            o.field("nmi_in_guest").array(|a| {
-                (0..smp::cpus().len()).try_for_each(|cpu| {
-                    a.item()
-                        .option(nmi_in_guest(cpu), |value, yes| value.bool(yes))
-                })
-            })?;
-            o.field("vmxoff_cpus").u64(vmxoff_cpus)?;
-            o.field("vmxoff_executed").u64(vmxoff_executed)?;
-            o.field("vmx_was_on_cpus").u64(vmx_was_on)?;
-            o.field("coordinator_vmx_off").bool(own_vmx.is_off())?;
-            o.field("coordinator_vmx_exit")
-                .str(vmx_exit_name(own_vmx))?;
-            // Per CPU index: the VMCSes (on SVM, VMCBs) its records say it
-            // held at the crash, and the crash VMCLEARs (SVM clears) it
-            // executed itself; the other kind's lists are all zeros.
-            let cpus = smp::cpus().len();
-            let loaded_on = |cpu| {
-                (0..Records.count())
-                    .filter(|&record| Records.loaded_on(record) == Some(cpu))
-                    .count() as u64
-            };
-            let credits = |cpu| {
-                (0..Records.count())
-                    .filter(|&record| Records.cleared_by(record) == Some(cpu))
-                    .count() as u64
-            };
-            // Of those, the VMCSes whose own unload had cleared them
-            // already (the crash came between VMCLEAR and unlink).
-            let repeats = |cpu| {
-                (0..Records.count())
-                    .filter(|&record| super::records::repeated_by(record) == Some(cpu))
-                    .count() as u64
-            };
-            let kind = |svm_kind: bool, count: &dyn Fn(usize) -> u64, cpu| {
-                if on_svm == svm_kind { count(cpu) } else { 0 }
-            };
-            o.field("vmcs_loaded_per_cpu")
-                .u64_array((0..cpus).map(|cpu| kind(false, &loaded_on, cpu)))?;
-            o.field("vmclear_credits")
-                .u64_array((0..cpus).map(|cpu| kind(false, &credits, cpu)))?;
-            o.field("vmclear_repeats")
-                .u64_array((0..cpus).map(|cpu| kind(false, &repeats, cpu)))?;
-            o.field("vmcb_loaded_per_cpu")
-                .u64_array((0..cpus).map(|cpu| kind(true, &loaded_on, cpu)))?;
-            o.field("vmcb_clear_credits")
-                .u64_array((0..cpus).map(|cpu| kind(true, &credits, cpu)))?;
-            o.field("vmcb_clear_repeats")
-                .u64_array((0..cpus).map(|cpu| kind(true, &repeats, cpu)))?;
-            o.field("shootdown_us").u64(shootdown_us)?;
-            o.field("panic_to_nmis_us").u64(panic_to_nmis_us)?;
-            o.field("nmi_broadcast")
-                .bool(NMI_BROADCAST.load(Ordering::Relaxed))?;
-            // Held in the mailbox for the capture image to print, or
-            // printed before the hand-over.
-            o.field("words").str(if super::words::deferred() {
-                "mailbox"
-            } else {
-                "console"
-            })?;
-            // Raw TSC: a capture kernel's own clock has another
-            // calibration, the TSC is the one clock both share.
-            o.field("started_tsc").u64(started_tsc)?;
-            o.field("entered_tsc").u64(entered_tsc())?;
-            o.field("nmis_sending_tsc")
-                .u64(NMIS_SENDING_TSC.load(Ordering::Relaxed))?;
-            o.field("nmis_out_tsc").u64(nmis_out)?;
-            o.field("timed_out").bool(rendezvous.timed_out)?;
-            o.field("not_online").array(|a| {
-                (0..cpus).try_for_each(|cpu| {
-                    let Some(action) = not_online_action(cpu) else {
-                        return Ok(());
-                    };
-                    let shared = percpu::shared(cpu);
-                    a.item().object(|o| {
-                        o.field("apic_id").u64(u64::from(shared.slot.apic_id()))?;
-                        o.field("state").str(match shared.slot.state() {
-                            CpuState::Starting => "starting",
-                            _ => "failed",
-                        })?;
-                        o.field("action").str(match action {
-                            NotOnline::Nmi => "nmi",
-                            NotOnline::Init => "init",
-                        })
-                    })
-                })
-            })?;
-            o.field("coordinator_stray_nmis")
-                .u64(u64::from(super::nmi::stray_on_coordinator()))?;
-            o.field("nested_nmis")
-                .u64(u64::from(super::nmi::nested()))?;
-            o.field("lockup_cpus").u64_array(
-                watchdog::silent_cpus(time::now_us())
-                    .filter(|_| matches!(reason, Reason::Lockup { .. }))
-                    .map(|cpu| u64::from(percpu::shared(cpu).slot.apic_id())),
-            )?;
-            // Per CPU index: from the first NMI sent to that CPU taking
-            // it (null: never took it), the per-CPU NMI latency.
-            o.field("nmi_latency_us").array(|a| {
-                (0..cpus).try_for_each(|cpu| {
-                    let latency = super::nmi::nmi_at_us(cpu).map(|at| at.saturating_sub(started));
-                    a.item().option(latency, |value, us| value.u64(us))
-                })
-            })?;
-            // Per CPU index: from the first NMI sent to the rendezvous
-            // seeing that CPU checked in (null: never seen).
-            o.field("checkin_us").array(|a| {
-                (0..cpus).try_for_each(|cpu| {
-                    let seen = COORDINATOR
-                        .record(cpu)
-                        .and_then(|record| record.observed_after_us)
-                        .map(|us| waiting_from_us.saturating_add(us));
-                    a.item().option(seen, |value, us| value.u64(us))
-                })
-            })
-        })
-    });
-}
-
-fn vmx_exit_name(exit: VmxExit) -> &'static str {
-    match exit {
-        VmxExit::NotAttempted => "not_attempted",
-        VmxExit::Left => "vmxoff",
-        VmxExit::LeftAfterInvalidOpcode => "vmxoff_after_ud",
-        VmxExit::WasOff => "was_off",
-        VmxExit::StillOn(_) => "still_on",
-    }
-}
-
-/// What the accounting says of the contexts of one kind (VMCS or VMCB).
-#[derive(Debug, Clone, Copy)]
-struct Accounted {
-    accounting: accounting::Accounting,
-    visited: u64,
-}
-
-impl Accounted {
-    fn of(accounting: accounting::Accounting, visited: u64) -> Self {
-        Self {
-            accounting,
-            visited,
-        }
-    }
-
-    /// Nothing of this kind: the lists held the other.
-    fn none() -> Self {
-        Self::of(accounting::Accounting::default(), 0)
-    }
-}
-
-/// Names on the emergency console every VMCS (on SVM, VMCB: `kind`) that
-/// stayed uncleared though its CPU checked in, or that another CPU
-/// cleared.
-fn name_uncleared(stragglers: &CpuSet, kind: &str) {
-    for record in 0..Records.count() {
-        let fate = accounting::fate(&Records, record, stragglers);
-        let (Some(fate @ (VmcsFate::Lost | VmcsFate::ClearedElsewhere { .. })), Some(on)) =
-            (fate, Records.loaded_on(record))
-        else {
-            continue;
-        };
-        let _ = writeln!(
-            Words,
-            "*** hv: {kind} {:#x} (record {record}) loaded on CPU {on} by its record: {fate:?}",
-            Records.vmcs(record),
-        );
-    }
 }

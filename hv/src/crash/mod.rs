@@ -47,6 +47,7 @@ use crate::cpu::percpu;
 
 pub mod coordinate;
 pub mod exception;
+pub mod facts;
 pub mod handover;
 pub mod hardware;
 pub mod inject;

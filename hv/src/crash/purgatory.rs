@@ -105,6 +105,12 @@ pub fn install(
     Ok(phys::read(area, area::DIGESTED_BYTES as u64))
 }
 
+/// Whether the hypervisor checks the digests itself before the jump (not
+/// `capture_hv_check=off`).
+pub fn hv_check_on() -> bool {
+    !HV_CHECK_SKIPPED.load(Ordering::Relaxed)
+}
+
 /// What the hypervisor's check before the jump found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HvCheck {

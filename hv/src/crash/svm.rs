@@ -43,12 +43,13 @@ pub fn backend_is_svm() -> bool {
     BACKEND.load(Ordering::Acquire) == 2
 }
 
-/// The backend's name in the crash report: "vmx", "svm", or "none".
-pub fn backend_name() -> &'static str {
+/// The backend whose contexts the lists hold.
+pub fn backend() -> crash::summary::Backend {
+    use crash::summary::Backend;
     match BACKEND.load(Ordering::Acquire) {
-        1 => "vmx",
-        2 => "svm",
-        _ => "none",
+        1 => Backend::Vmx,
+        2 => Backend::Svm,
+        _ => Backend::None,
     }
 }
 

@@ -31,6 +31,9 @@ static MAILBOX: AtomicU64 = AtomicU64::new(0);
 static USED: AtomicUsize = AtomicUsize::new(0);
 /// Set by [`flush`]: from then on, straight to the UART.
 static FLUSHED: AtomicBool = AtomicBool::new(false);
+/// Where in the text the summary goes, when the coordinator left it for
+/// the capture image (`crash::facts`); `usize::MAX`: it did not.
+static SUMMARY_AT: AtomicUsize = AtomicUsize::new(usize::MAX);
 
 /// Sends the crash path's words to the mailbox at `address` (boot time,
 /// by the capture layer, for a capture image that prints it).
@@ -41,6 +44,24 @@ pub fn arm(address: u64) {
 /// Whether the words are held for the capture kernel.
 pub fn deferred() -> bool {
     MAILBOX.load(Ordering::Acquire) != 0 && !FLUSHED.load(Ordering::Acquire)
+}
+
+/// Bytes of text in the mailbox so far.
+pub fn used() -> usize {
+    USED.load(Ordering::Relaxed)
+}
+
+/// Whether the summary is left for the capture image to format, here,
+/// after the text so far: only when the words go to its mailbox and hv's
+/// own digest check is on (a purgatory refusal prints the mailbox's text
+/// but cannot format a summary; with hv's check on, the purgatory refuses
+/// only what changed in the microseconds between the two checks).
+pub fn defer_summary() -> bool {
+    let defer = deferred() && super::purgatory::hv_check_on();
+    if defer {
+        SUMMARY_AT.store(used(), Ordering::Relaxed);
+    }
+    defer
 }
 
 /// The crash path's writer: the mailbox, or the UART.
@@ -92,11 +113,20 @@ pub fn flush() {
     }
     let address = MAILBOX.load(Ordering::Acquire);
     let used = USED.load(Ordering::Relaxed);
-    if address == 0 || used == 0 {
+    let summary_at = SUMMARY_AT.swap(usize::MAX, Ordering::Relaxed);
+    if address == 0 || (used == 0 && summary_at == usize::MAX) {
         return;
     }
     let text = phys::read(address + mailbox::TEXT_OFFSET as u64, used as u64);
-    crate::console::uart_write(text);
+    match summary_at {
+        // The summary left for the capture image goes where it was due.
+        at if at <= text.len() => {
+            crate::console::uart_write(&text[..at]);
+            super::facts::write_summary(&mut EmergencyConsole);
+            crate::console::uart_write(&text[at..]);
+        }
+        _ => crate::console::uart_write(text),
+    }
     // Said: a capture kernel reached later must not say it again.
     phys::write(address + mailbox::LEN_OFFSET as u64, &0u64.to_le_bytes());
 }
