@@ -134,12 +134,42 @@ section! {
         guests_stopped: BTreeMap<String, Field<StoppedVcpu>>,
         /// Platform guests, by guest number (`refusedM` for refused ones).
         guests: BTreeMap<String, Guest>,
+        loader: Loader,
+        memory: Memory,
+        cmdline: Cmdline,
+        /// First INIT to the last AP online, in microseconds.
+        bringup_us: u64,
         emulator: String,
         boot: String,
         ok: bool,
         reason: String,
         serial_log: String,
         xtask: XtaskView,
+    }
+}
+
+section! {
+    /// `loader`: how hv was loaded.
+    Loader {
+        protocol: String,
+        name: String,
+    }
+}
+
+section! {
+    /// `memory`: the boot memory map.
+    Memory {
+        regions: u64,
+        usable_bytes: u64,
+        highest_usable: u64,
+    }
+}
+
+section! {
+    /// `cmdline`: hv's command line and the words it refused.
+    Cmdline {
+        raw: String,
+        errors: Vec<Value>,
     }
 }
 
@@ -274,6 +304,9 @@ section! {
         vmcb_on_stragglers: u64,
         vmxoff_cpus: u64,
         coordinator_vmx_off: bool,
+        /// How the coordinator left VMX (`vmxoff`, `vmxoff_after_ud`,
+        /// `was_off`).
+        coordinator_vmx_exit: String,
         svm_off_cpus: u64,
         coordinator_svm_off: bool,
         nmi_latency_us: Vec<Value>,
@@ -327,6 +360,8 @@ section! {
         entered: bool,
         hv_check: String,
         purgatory_refused: String,
+        /// Why hv refused the jump.
+        refused: String,
         attempt: u64,
         coordinator_stray_nmis: u64,
         purgatory: Purgatory,
@@ -336,7 +371,24 @@ section! {
         entered_tsc: u64,
         entered_us: u64,
         tsc_khz: u64,
-        linux: Value,
+        linux: LinuxCapture,
+        // What xtask set (`judge::capture`).
+        dump_path: String,
+        dump_error: String,
+        cpu_notes: u64,
+        crash_to_capture_us: u64,
+        crash_to_capture_source: String,
+    }
+}
+
+section! {
+    /// `capture.linux`: what the Linux capture kernel's initramfs said.
+    LinuxCapture {
+        copied: bool,
+        vmcore_bytes: u64,
+        copy_ms: u64,
+        cpus_online: u64,
+        parallel_readers: u64,
     }
 }
 
@@ -353,6 +405,9 @@ section! {
     /// judgement).
     XtaskView {
         cpus_requested: u64,
+        elf: String,
+        notes: Vec<Value>,
+        malformed_lines: Vec<Value>,
         exit_status: i64,
         timed_out: bool,
         elapsed_secs: f64,
