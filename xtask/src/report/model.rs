@@ -376,6 +376,8 @@ section! {
         dump_path: String,
         dump_error: String,
         cpu_notes: u64,
+        /// The CPU notes hv's capture mode read from the core header.
+        header_cpu_notes: u64,
         crash_to_capture_us: u64,
         crash_to_capture_source: String,
     }
@@ -389,6 +391,15 @@ section! {
         copy_ms: u64,
         cpus_online: u64,
         parallel_readers: u64,
+        makedumpfile: Makedumpfile,
+    }
+}
+
+section! {
+    /// `capture.linux.makedumpfile`: the streams' sizes as `dd` counted.
+    Makedumpfile {
+        elf_stream_bytes: u64,
+        kdump_stream_bytes: u64,
     }
 }
 
@@ -412,6 +423,7 @@ section! {
         timed_out: bool,
         elapsed_secs: f64,
         stopped_by_xtask: String,
+        capture_until_entry: bool,
         nmi_button: Value,
         expected: ExpectedView,
     }
@@ -421,6 +433,14 @@ section! {
     /// `xtask.expected`, read back.
     ExpectedView {
         virt_backend: String,
+    }
+}
+
+impl XtaskView {
+    /// Whether the run pressed the NMI button (`xtask.nmi_button` is an
+    /// object).
+    pub fn nmi_button(&self) -> bool {
+        self.nmi_button.get().is_some_and(Value::is_object)
     }
 }
 
