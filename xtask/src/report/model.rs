@@ -380,6 +380,32 @@ section! {
         header_cpu_notes: u64,
         crash_to_capture_us: u64,
         crash_to_capture_source: String,
+        parallel_copy_identical: bool,
+        // The capture's wake (issue 13), hv's capture mode.
+        wake: bool,
+        woken: Vec<Value>,
+        woken_stragglers: Vec<Value>,
+        silent: Vec<Value>,
+        silent_stragglers: Vec<Value>,
+        stragglers_left_alone: Vec<Value>,
+        boot_cpu_left_alone: Vec<Value>,
+        old_boot_cpu: String,
+        low_memory_unchanged: bool,
+        wake_error: String,
+        stream_mb_per_s: f64,
+        workers: Value,
+        /// What xtask made of the wake (`capture::wake::check`).
+        wake_check: WakeCheckView,
+    }
+}
+
+section! {
+    /// `capture.wake_check`, read back.
+    WakeCheckView {
+        checked_in: u64,
+        expected: u64,
+        woken: u64,
+        silent: Vec<Value>,
     }
 }
 
@@ -391,6 +417,7 @@ section! {
         copy_ms: u64,
         cpus_online: u64,
         parallel_readers: u64,
+        parallel_copy_ms: u64,
         makedumpfile: Makedumpfile,
     }
 }
