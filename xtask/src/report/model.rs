@@ -444,6 +444,8 @@ section! {
     XtaskView {
         cpus_requested: u64,
         elf: String,
+        /// hv's command line as passed.
+        cmdline: String,
         notes: Vec<Value>,
         malformed_lines: Vec<Value>,
         exit_status: i64,
