@@ -40,6 +40,7 @@ use crate::accel::{self, Accel};
 use crate::crash::{CrashSpec, DEFAULT_GUEST_RUN_MS, Rng};
 use crate::paths;
 use crate::process::{self, Followed, KillOnDrop, SerialLog};
+use crate::report::model::Report;
 use crate::run::{self, Boot, Media, QemuOptions};
 use crate::serial::strip_ansi;
 use crate::stats::{self, Spread};
@@ -497,14 +498,19 @@ fn hv_run(options: &BenchOptions, round: u32) -> Result<(u64, Vec<Option<u64>>, 
             outcome.run_dir.display()
         );
     }
-    let bringup_us = outcome.report["bringup_us"]
-        .as_u64()
+    let report = Report::of(&outcome.report);
+    let bringup_us = report
+        .bringup_us
+        .value()
         .with_context(|| format!("hv run {round} reported no bringup_us"))?;
-    let online_at: Vec<Option<u64>> = outcome.report["cpus"]["online_at_us"]
-        .as_array()
+    let online_at: Vec<Option<u64>> = report
+        .cpus
+        .or_empty()
+        .online_at_us
+        .get()
         .map(|cpus| cpus.iter().map(Value::as_u64).collect())
         .unwrap_or_default();
-    let per_cpu = outcome.report["memory_per_cpu"]["per_ap_bytes"].as_u64();
+    let per_cpu = report.memory_per_cpu.or_empty().per_ap_bytes.value();
     Ok((bringup_us, plot::ap_times(&online_at, bringup_us), per_cpu))
 }
 
@@ -620,10 +626,11 @@ pub(crate) fn measured_crash_run(
             outcome.run_dir.display()
         );
     }
-    Ok(outcome.report["emulator"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned())
+    Ok(Report::of(&outcome.report)
+        .emulator
+        .get()
+        .cloned()
+        .unwrap_or_default())
 }
 
 /// What a QEMU benchmark does before its first run: QEMU must be there,

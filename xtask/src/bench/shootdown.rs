@@ -25,6 +25,7 @@ use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
 use crate::crash::CrashSpec;
+use crate::report::model::Report;
 use crate::run::{self, Boot, QemuOptions};
 use crate::stats::{self, Spread};
 use crate::stress::{progress_bar, say};
@@ -55,22 +56,23 @@ pub struct ShootdownSample {
 impl ShootdownSample {
     /// Reads a crash report; the reason when it lacks the numbers.
     pub fn from_report(spec: CrashSpec, report: &Value) -> Result<Self, String> {
-        let crash = &report["crash"];
-        let shootdown_us = crash["shootdown_us"]
-            .as_u64()
-            .ok_or("no crash.shootdown_us")?;
-        let nmi_latency_us = crash["nmi_latency_us"]
-            .as_array()
+        let crash = Report::of(report).crash.or_empty();
+        let shootdown_us = crash.shootdown_us.value().ok_or("no crash.shootdown_us")?;
+        let nmi_latency_us = crash
+            .nmi_latency_us
+            .get()
             .ok_or("no crash.nmi_latency_us")?
             .iter()
             .map(Value::as_u64)
             .collect();
-        let nmi_in_guest = crash["nmi_in_guest"]
-            .as_array()
+        let nmi_in_guest = crash
+            .nmi_in_guest
+            .get()
             .map(|entries| entries.iter().map(Value::as_bool).collect())
             .unwrap_or_default();
-        let checkin_us = crash["checkin_us"]
-            .as_array()
+        let checkin_us = crash
+            .checkin_us
+            .get()
             .map(|cpus| cpus.iter().map(Value::as_u64).collect())
             .unwrap_or_default();
         Ok(Self {

@@ -139,6 +139,7 @@ section! {
         cmdline: Cmdline,
         /// First INIT to the last AP online, in microseconds.
         bringup_us: u64,
+        memory_per_cpu: MemoryPerCpu,
         emulator: String,
         boot: String,
         ok: bool,
@@ -162,6 +163,19 @@ section! {
         regions: u64,
         usable_bytes: u64,
         highest_usable: u64,
+    }
+}
+
+section! {
+    /// `memory_per_cpu`: what each AP cost (issue 14).
+    MemoryPerCpu {
+        aps: u64,
+        ap_bytes: u64,
+        per_ap_bytes: u64,
+        stack_bytes: u64,
+        shared_half_bytes: u64,
+        image_static_bytes: u64,
+        max_cpus: u64,
     }
 }
 
@@ -279,6 +293,12 @@ section! {
     Smp {
         apic_mode: String,
         tsc_khz: u64,
+        tsc_source: String,
+        tsc_measured_by: String,
+        tsc_confirmed_by: String,
+        tsc_attempts: u64,
+        tsc_rejected: u64,
+        tsc_disagreements: u64,
     }
 }
 
