@@ -23,6 +23,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::iso::BootModule;
+use crate::report::model::{Field, Guest};
 use crate::run::{self, BochsOptions, LineHook, QemuOptions, RunOutcome};
 
 /// A guest boot module from `FILE [WORDS]`: the file, and the words of
@@ -859,8 +860,9 @@ fn watch_line(line: &str, seen: &Mutex<Seen>, bar: &indicatif::ProgressBar, prog
         return;
     };
     for guest in guests.values() {
-        let name = guest["name"].as_str().unwrap_or("").to_owned();
-        let finished = matches!(guest["state"].as_str(), Some("stopped" | "refused"));
+        let view = guest_view(guest);
+        let name = view.name.as_str().unwrap_or("").to_owned();
+        let finished = matches!(view.state.as_str(), Some("stopped" | "refused"));
         if !finished || seen.stopped.contains_key(&name) {
             continue;
         }
@@ -874,6 +876,13 @@ fn watch_line(line: &str, seen: &Mutex<Seen>, bar: &indicatif::ProgressBar, prog
     }
 }
 
+/// A guest's report object, typed (empty when it is not an object).
+fn guest_view(guest: &Value) -> Guest {
+    serde::Deserialize::deserialize(guest)
+        .map(|guest: Field<Guest>| guest.or_empty())
+        .unwrap_or_default()
+}
+
 fn entry_result(
     name: &str,
     plan: &GuestPlan,
@@ -884,9 +893,10 @@ fn entry_result(
     let guest = run
         .and_then(|run| run.report["guests"].as_object())
         .and_then(|guests| {
-            guests
-                .values()
-                .find(|g| g["name"] == name && g["state"] != "created")
+            guests.values().find(|g| {
+                let view = guest_view(g);
+                view.name.as_str() == Some(name) && view.state.as_str() != Some("created")
+            })
         })
         .or_else(|| seen.stopped.get(name).map(|(_, g)| g));
     let (hv, mut reason) = match guest {
@@ -917,7 +927,7 @@ fn entry_result(
         hv,
         reason: reason.trim_start_matches("; ").to_owned(),
         seconds,
-        guest_ms: guest.and_then(|g| g["ms"].as_u64()),
+        guest_ms: guest.and_then(|g| guest_view(g).ms.value()),
     }
 }
 
