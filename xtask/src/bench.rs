@@ -30,7 +30,6 @@ pub mod tsc;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -46,8 +45,7 @@ use crate::serial::strip_ansi;
 use crate::stats::{self, Spread};
 use crate::stress::{progress_bar, say};
 
-/// The Debian metapackage that depends on the current kernel package.
-const KERNEL_METAPACKAGE: &str = "linux-image-amd64";
+use crate::debian::KERNEL_METAPACKAGE;
 
 /// The command line Linux gets: the console on COM1 (the serial log),
 /// printk timestamps, and a reboot (QEMU exits, `-no-reboot`) at once if it
@@ -187,16 +185,7 @@ pub fn versioned_kernel_package(depends: &str) -> Option<&str> {
 /// Debian's current kernel (a bzImage), fetched and unpacked into
 /// `build/linux/<package>/vmlinuz` the first time, reused afterwards.
 pub fn debian_kernel() -> Result<PathBuf> {
-    let package = match kernel_package()? {
-        Some(package) => package,
-        None => {
-            // A fresh machine may have no package lists yet.
-            apt(&["update"])?;
-            kernel_package()?.with_context(|| {
-                format!("apt-cache names no kernel package behind {KERNEL_METAPACKAGE}")
-            })?
-        }
-    };
+    let package = crate::debian::kernel_package()?;
     let dir = paths::build_dir().join("linux").join(&package);
     let vmlinuz = dir.join("vmlinuz");
     if vmlinuz.is_file() {
@@ -228,29 +217,6 @@ pub fn debian_kernel() -> Result<PathBuf> {
     let _ = fs::remove_dir_all(&unpacked);
     let _ = fs::remove_file(&deb);
     Ok(vmlinuz)
-}
-
-fn kernel_package() -> Result<Option<String>> {
-    let output = Command::new("apt-cache")
-        .args(["depends", KERNEL_METAPACKAGE])
-        .stderr(Stdio::null())
-        .output()
-        .context("could not run apt-cache (a Debian host is needed to fetch Linux)")?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    Ok(versioned_kernel_package(&text).map(str::to_owned))
-}
-
-fn apt(args: &[&str]) -> Result<()> {
-    let status = Command::new("apt-get")
-        .args(args)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdout(Stdio::null())
-        .status()
-        .context("could not run apt-get")?;
-    if !status.success() {
-        bail!("apt-get {} failed ({status})", args.join(" "));
-    }
-    Ok(())
 }
 
 /// Samples of both kernels.

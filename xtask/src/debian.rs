@@ -26,7 +26,7 @@ use crate::bench::versioned_kernel_package;
 use crate::paths;
 
 /// The Debian metapackage that depends on the current kernel package.
-const KERNEL_METAPACKAGE: &str = "linux-image-amd64";
+pub(crate) const KERNEL_METAPACKAGE: &str = "linux-image-amd64";
 
 /// The statically linked busybox package.
 const BUSYBOX_PACKAGE: &str = "busybox-static";
@@ -108,7 +108,7 @@ pub fn busybox() -> Result<PathBuf> {
 
 /// The versioned kernel package behind [`KERNEL_METAPACKAGE`], updating
 /// the package lists once if a fresh machine has none.
-fn kernel_package() -> Result<String> {
+pub(crate) fn kernel_package() -> Result<String> {
     let lookup = || -> Result<Option<String>> {
         let output = Command::new("apt-cache")
             .args(["depends", KERNEL_METAPACKAGE])

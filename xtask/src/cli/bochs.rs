@@ -32,19 +32,24 @@ pub struct BochsArgs {
     pub(crate) memory: Option<u32>,
 }
 
-/// Boots hv in Bochs as the arguments say, and judges the run.
-pub(super) fn run(args: BochsArgs) -> Result<ExitCode> {
-    // Bochs' CPU model always has VMX.
-    let (plan, append) = crash_and_capture(
+/// The crash and capture of a run with `cpus` CPUs
+/// ([`crash_and_capture`]); Bochs' CPU model always has VMX, so guests run.
+pub(super) fn plan(args: &BochsArgs, cpus: u32) -> Result<(Plan, Vec<String>)> {
+    crash_and_capture(
         false,
         false,
         &args.crash,
         &args.capture,
         &args.run,
-        args.cpus,
+        cpus,
         true,
         None,
-    )?;
+    )
+}
+
+/// Boots hv in Bochs as the arguments say, and judges the run.
+pub(super) fn run(args: BochsArgs) -> Result<ExitCode> {
+    let (plan, append) = plan(&args, args.cpus)?;
     tools::ensure(&run::BOCHS_NEEDS)?;
     let mut options = BochsOptions::new(elf(&args.run)?);
     options.cpus = args.cpus;

@@ -446,16 +446,12 @@ mod tests {
 
     /// The crash and capture of a `qemu-smp` run on a machine without VMX.
     fn qemu_plan(args: &QemuArgs) -> Result<(Plan, Vec<String>)> {
-        crash_and_capture(
-            true,
-            args.no_crash,
-            &args.crash,
-            &args.capture,
-            &args.run,
-            args.smp,
-            false,
-            args.nmi_button_after_ms,
-        )
+        qemu_smp::plan(args, false)
+    }
+
+    /// The crash and capture of a `bochs` run with `cpus` CPUs.
+    fn bochs_plan(args: &BochsArgs, cpus: u32) -> Result<(Plan, Vec<String>)> {
+        bochs::plan(args, cpus)
     }
 
     #[test]
@@ -653,17 +649,7 @@ mod tests {
             panic!("not bochs")
         };
         assert_eq!(args.capture_sink, BochsSink::Debugcon);
-        let (plan, words) = crash_and_capture(
-            false,
-            false,
-            &args.crash,
-            &args.capture,
-            &args.run,
-            8,
-            true,
-            None,
-        )
-        .unwrap();
+        let (plan, words) = bochs_plan(&args, 8).unwrap();
         assert_eq!(plan.capture, Some(CaptureKernel::Hv));
         assert_eq!(words, ["crash=cpu:1,after_ms:50"]);
     }
@@ -674,34 +660,14 @@ mod tests {
         let Task::Bochs(args) = cli.command else {
             panic!("not bochs")
         };
-        let (plan, words) = crash_and_capture(
-            false,
-            false,
-            &args.crash,
-            &args.capture,
-            &args.run,
-            8,
-            true,
-            None,
-        )
-        .unwrap();
+        let (plan, words) = bochs_plan(&args, 8).unwrap();
         assert_eq!((plan.crash, plan.capture), (CrashSource::None, None));
         assert!(words.is_empty());
         let cli = Cli::try_parse_from(["cargo xtask", "bochs", "--crashkernel", "64M"]).unwrap();
         let Task::Bochs(args) = cli.command else {
             panic!("not bochs")
         };
-        let error = crash_and_capture(
-            false,
-            false,
-            &args.crash,
-            &args.capture,
-            &args.run,
-            8,
-            true,
-            None,
-        )
-        .unwrap_err();
+        let error = bochs_plan(&args, 8).unwrap_err();
         assert!(error.to_string().contains("add --capture hv"), "{error}");
     }
 

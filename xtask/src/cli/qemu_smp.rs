@@ -76,10 +76,10 @@ impl QemuArgs {
     }
 }
 
-/// Boots hv in QEMU as the arguments say, and judges the run.
-pub(super) fn run(args: QemuArgs) -> Result<ExitCode> {
-    let guests = args.tcg_cpu.is_none() && accel::detect().guest_backend().runs_guests();
-    let (plan, append) = crash_and_capture(
+/// The crash and capture of the run ([`crash_and_capture`]); `guests`:
+/// whether guests run on this host's QEMU.
+pub(super) fn plan(args: &QemuArgs, guests: bool) -> Result<(Plan, Vec<String>)> {
+    crash_and_capture(
         true,
         args.no_crash,
         &args.crash,
@@ -88,7 +88,13 @@ pub(super) fn run(args: QemuArgs) -> Result<ExitCode> {
         args.smp,
         guests,
         args.nmi_button_after_ms,
-    )?;
+    )
+}
+
+/// Boots hv in QEMU as the arguments say, and judges the run.
+pub(super) fn run(args: QemuArgs) -> Result<ExitCode> {
+    let guests = args.tcg_cpu.is_none() && accel::detect().guest_backend().runs_guests();
+    let (plan, append) = plan(&args, guests)?;
     let boot = args.boot();
     tools::ensure(&run::qemu_needs(boot))?;
     let mut options = QemuOptions::new(elf(&args.run)?);
