@@ -578,6 +578,12 @@ fn crash_after_boot_report(options: &cmdline::Options) -> bool {
     time_after_run || spec.point.is_some_and(|point| point.needs_vmx())
 }
 
+/// How long the boot report may take to go out before the crash. The
+/// CPU draining the log ring may be one running guests: at 512 CPUs under
+/// QEMU TCG on 2 host cores, its share of the host wrote the 8 KiB `cpus`
+/// line at about 150 bytes a second (a 10 s limit cut it).
+const FLUSH_BEFORE_CRASH_US: u64 = 90_000_000;
+
 /// How long guests keep running after the boot report for a crash at a
 /// point of the loaded-context protocol that has not fired yet.
 const POINT_WAIT_US: u64 = 2_000_000;
@@ -588,6 +594,17 @@ const POINT_WAIT_US: u64 = 2_000_000;
 /// its NMIs find CPUs in guest mode; a point of the list protocol gets
 /// the boot run's short slices and migrations, which make its stores.
 fn resume_guests_until_crash(virt: &VirtOutcome, options: &cmdline::Options) {
+    // The crash stops the ring's drain where it is: the boot report must
+    // be out first (a crash already due fires at once, and with 512 CPUs
+    // the `cpus` line was seen cut by it).
+    let deadline = time::now_us().saturating_add(FLUSH_BEFORE_CRASH_US);
+    while !console::drain_all() {
+        if time::now_us() >= deadline {
+            log::warn!("the boot report was not all out after {FLUSH_BEFORE_CRASH_US} us");
+            break;
+        }
+        core::hint::spin_loop();
+    }
     crash::inject::release();
     if !virt::sched::running() || crash::inject::fired() || !crash::inject::clock_started() {
         return;

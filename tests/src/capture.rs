@@ -51,12 +51,26 @@ pub fn capture_qemu(
     append: &[&str],
     capture: CaptureOptions,
 ) -> RunOutcome {
+    capture_qemu_within(name, boot, cpus, memory_mib, append, capture, QEMU_TIMEOUT)
+}
+
+/// [`capture_qemu`] with its own time limit (the runs at hundreds of CPUs).
+#[track_caller]
+pub fn capture_qemu_within(
+    name: &str,
+    boot: Boot,
+    cpus: u32,
+    memory_mib: u32,
+    append: &[&str],
+    capture: CaptureOptions,
+    timeout: Duration,
+) -> RunOutcome {
     let options = QemuOptions {
         smp: cpus,
         boot,
         memory_mib,
         append: append.iter().map(|word| word.to_string()).collect(),
-        timeout: QEMU_TIMEOUT,
+        timeout,
         run_name: Some(name.to_owned()),
         ..QemuOptions::new(hv_elf())
     };

@@ -175,6 +175,13 @@ pub fn drain() {
     });
 }
 
+/// Drains what the ring holds, unless another CPU is draining; returns
+/// whether everything written so far is out.
+pub fn drain_all() -> bool {
+    drain();
+    LOG_RING.pending() == 0
+}
+
 /// Pushes one line into the ring and drains it.
 pub fn print_line(args: fmt::Arguments<'_>) {
     LOG_RING.write_fmt(format_args!("{args}\n"));
