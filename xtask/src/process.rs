@@ -194,6 +194,28 @@ mod tests {
         (child, log)
     }
 
+    /// [`follow`] for 20 s at most, `found` asked of each round's lines;
+    /// also every line seen.
+    fn follow_lines<T>(
+        child: &mut KillOnDrop,
+        serial: &mut SerialLog,
+        found: impl Fn(&[String]) -> Option<T>,
+    ) -> (Followed<T>, Vec<String>) {
+        let mut seen = Vec::new();
+        let followed = follow(
+            child,
+            serial,
+            Duration::from_secs(20),
+            Duration::from_millis(10),
+            |look| {
+                seen.extend(look.lines.iter().cloned());
+                Ok(found(look.lines))
+            },
+        )
+        .unwrap();
+        (followed, seen)
+    }
+
     #[test]
     fn finds_a_marker_while_the_emulator_runs() {
         let (mut child, log) = fake(
@@ -201,18 +223,9 @@ mod tests {
             r#"printf 'a\nb\nmarker here\n' > "$LOG"; exec sleep 30"#,
         );
         let mut serial = SerialLog::new(&log);
-        let mut seen = Vec::new();
-        let followed = follow(
-            &mut child,
-            &mut serial,
-            Duration::from_secs(20),
-            Duration::from_millis(10),
-            |look| {
-                seen.extend(look.lines.iter().cloned());
-                Ok(look.lines.iter().position(|l| l.contains("marker")))
-            },
-        )
-        .unwrap();
+        let (followed, seen) = follow_lines(&mut child, &mut serial, |lines| {
+            lines.iter().position(|l| l.contains("marker"))
+        });
         assert!(matches!(followed, Followed::Found(2)), "{followed:?}");
         assert_eq!(seen, ["a", "b", "marker here"]);
         assert!(child.try_wait().unwrap().is_none(), "not killed by follow");
@@ -222,18 +235,7 @@ mod tests {
     fn the_read_after_the_exit_is_looked_at() {
         let (mut child, log) = fake("exit", r#"printf 'x\ny' > "$LOG"; exit 3"#);
         let mut serial = SerialLog::new(&log);
-        let mut lines = Vec::new();
-        let followed = follow(
-            &mut child,
-            &mut serial,
-            Duration::from_secs(20),
-            Duration::from_millis(10),
-            |look| {
-                lines.extend(look.lines.iter().cloned());
-                Ok(None::<()>)
-            },
-        )
-        .unwrap();
+        let (followed, lines) = follow_lines(&mut child, &mut serial, |_| None::<()>);
         let Followed::Exited(status) = followed else {
             panic!("{followed:?}");
         };
