@@ -488,6 +488,11 @@ mod handover_flag {
     pub const DIGEST_OK: u64 = 1 << 3;
 }
 
+/// Makes a block unreadable (its magic cleared): its summary was said.
+pub fn invalidate<S: WordSink + ?Sized>(sink: &mut S) {
+    sink.store(H_MAGIC, 0);
+}
+
 /// Stores the hand-over's facts into a block [`FactsWriter::finish`]
 /// already made valid; they count once their flags word is stored, last.
 pub fn store_handover<S: WordSink + ?Sized>(sink: &mut S, facts: &HandoverFacts) {

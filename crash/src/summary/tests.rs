@@ -432,3 +432,13 @@ fn a_refused_hand_over_says_why_and_no_jump_line() {
     assert_eq!(report["capture"]["jumped"], false);
     assert_eq!(report["capture"]["refused"], "segment 0 changed");
 }
+
+#[test]
+fn an_invalidated_block_reads_as_never_gathered() {
+    let mut words = vmx_block();
+    invalidate(&mut words[..]);
+    assert_eq!(
+        Facts::parse(&to_bytes(&words)).unwrap_err(),
+        FactsError::NoMagic
+    );
+}

@@ -27,18 +27,26 @@ impl Memory for OldMemory {
 }
 
 /// Prints the mailbox at `address`, if it holds anything, with the crash
-/// summary formatted from the facts at `facts` where the crash path left
-/// it (`crash::facts`). Returns the bytes of the mailbox printed.
+/// summary and the hand-over's lines formatted from the facts at `facts`
+/// where the crash path left them (`crash::facts`; the mailbox's text may
+/// then be empty: a lockup's or an NMI button's crash says nothing else
+/// through it). Returns the bytes of the mailbox printed.
 pub fn print(address: Option<u64>, facts: Option<u64>) -> usize {
-    let Some(text) = address.and_then(|address| mailbox_text(address, &OldMemory)) else {
+    let text = address
+        .and_then(|address| mailbox_text(address, &OldMemory))
+        .unwrap_or(&[]);
+    let block = facts.and_then(|facts| OldMemory.bytes(facts, (summary::MAX_WORDS * 8) as u64));
+    let parsed = block.map(Facts::parse);
+    let deferred = matches!(&parsed, Some(Ok(facts)) if facts.scalars().deferred);
+    let damaged = matches!(&parsed, Some(Err(error)) if *error != FactsError::NoMagic);
+    if text.is_empty() && !deferred && !damaged {
         return 0;
-    };
+    }
     crate::console::uart_write(
         b"capture: the crashed hypervisor's words, held in memory during the crash:\n",
     );
-    let block = facts.and_then(|facts| OldMemory.bytes(facts, (summary::MAX_WORDS * 8) as u64));
-    match block.map(Facts::parse) {
-        Some(Ok(facts)) if facts.scalars().deferred => {
+    match parsed {
+        Some(Ok(facts)) if deferred => {
             let at = (facts.scalars().text_at as usize).min(text.len());
             crate::console::uart_write(&text[..at]);
             let _ = summary::render(&facts, &mut EmergencyConsole);
@@ -48,7 +56,7 @@ pub fn print(address: Option<u64>, facts: Option<u64>) -> usize {
                 let _ = summary::render_handover(&handover, None, &mut EmergencyConsole);
             }
         }
-        Some(Err(error)) if error != FactsError::NoMagic => {
+        Some(Err(error)) if damaged => {
             crate::console::uart_write(text);
             let _ = writeln!(
                 EmergencyConsole,
@@ -57,7 +65,7 @@ pub fn print(address: Option<u64>, facts: Option<u64>) -> usize {
             );
         }
         // None gathered (the coordinator stopped before its summary), or
-        // it printed the summary itself.
+        // the crashed hypervisor printed the summary itself.
         _ => crate::console::uart_write(text),
     }
     text.len()

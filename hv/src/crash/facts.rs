@@ -160,6 +160,14 @@ pub fn store_handover(facts: &summary::HandoverFacts) {
     summary::store_handover(&mut sink, facts);
 }
 
+/// Forgets the gathered block (its magic cleared), once the crashed
+/// hypervisor printed its summary itself.
+pub fn forget() {
+    USED_WORDS.store(0, Ordering::Release);
+    let mut sink = &FACTS[..];
+    summary::invalidate(&mut sink);
+}
+
 /// Formats the gathered facts into `out` (nothing if none were gathered).
 pub fn write_summary(out: &mut impl Write) {
     let words = USED_WORDS.load(Ordering::Acquire);

@@ -129,6 +129,8 @@ pub fn flush() {
         at if at <= text.len() => {
             crate::console::uart_write(&text[..at]);
             super::facts::write_summary(&mut EmergencyConsole);
+            // Said: a capture image reached later must not say it again.
+            super::facts::forget();
             crate::console::uart_write(&text[at..]);
         }
         _ => crate::console::uart_write(text),
