@@ -358,9 +358,11 @@ struct StressArgs {
     /// How hv is loaded.
     #[arg(long, value_enum, default_value_t = Boot::Direct)]
     boot: Boot,
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MiB", default_value_t = 512)]
-    memory: u32,
+    /// Guest memory in MiB [default: 512; from 129 CPUs on 512 and 4 a
+    /// CPU (1536 at 256), so that hv's test guests still come two per
+    /// core].
+    #[arg(long, value_name = "MiB")]
+    memory: Option<u32>,
     /// Go on after a failed run (default: stop at the first).
     #[arg(long)]
     keep_going: bool,
@@ -729,7 +731,7 @@ fn run_task(task: Task) -> Result<ExitCode> {
             let mut base = QemuOptions::new(elf(&args.run)?);
             base.smp = args.smp;
             base.boot = args.boot;
-            base.memory_mib = args.memory;
+            base.memory_mib = args.memory();
             base.append = append;
             base.x2apic = args.x2apic;
             if let Some(secs) = args.run.timeout {
@@ -985,6 +987,29 @@ fn single_run_crash(
     Ok(words)
 }
 
+impl StressArgs {
+    /// The guest memory: `--memory`, or [`stress_memory_mib`].
+    fn memory(&self) -> u32 {
+        self.memory.unwrap_or_else(|| stress_memory_mib(self.smp))
+    }
+}
+
+/// `stress`'s guest memory in MiB when `--memory` is not given: 512, and
+/// from [`run::SCALED_WATCHDOG_FROM_CPUS`] on 512 and 4 a CPU. hv makes
+/// two test-guest vCPUs per core as memory allows (about 2.1 MiB each):
+/// at 256 CPUs 512 MiB held 166, one per core on 166 cores, and a core
+/// never gives away its last vCPU, so after the first loads no context
+/// was added or removed anywhere and none met another on a core: the list
+/// points (`list_add3` and `list_remove1` need a core holding two) never
+/// fired. With 1536 MiB, 512 vCPUs on 256 cores, moving.
+fn stress_memory_mib(smp: u32) -> u32 {
+    if smp >= run::SCALED_WATCHDOG_FROM_CPUS {
+        512 + 4 * smp
+    } else {
+        512
+    }
+}
+
 /// The capture of a stress loop: hv's capture mode (built once here) for a
 /// crash loop unless `--capture none`, ending each run at the capture
 /// image's entry unless `--whole-dump`.
@@ -1002,7 +1027,7 @@ fn stress_capture(args: &StressArgs) -> Result<Option<CaptureOptions>> {
             return Ok(None);
         }
     };
-    if args.memory < capture::HV_MEMORY_MIB {
+    if args.memory() < capture::HV_MEMORY_MIB {
         anyhow::bail!(
             "hv's capture mode needs its reservation ({}) inside RAM: --memory {} or more",
             capture::HV_CRASHKERNEL,
@@ -1414,6 +1439,7 @@ mod tests {
             panic!("not stress")
         };
         assert_eq!((args.smp, args.runs, args.boot), (64, 20, Boot::Direct));
+        assert_eq!(args.memory(), 512);
         assert!(!args.keep_going);
         let cli = Cli::try_parse_from([
             "cargo xtask",
@@ -1438,6 +1464,24 @@ mod tests {
         assert!(args.keep_going);
         assert_eq!(args.run.append.as_deref(), Some("sipi_delay_us=0"));
         assert!(Cli::try_parse_from(["cargo xtask", "stress", "--runs", "0"]).is_err());
+    }
+
+    #[test]
+    fn big_stress_machines_get_memory_for_two_vcpus_a_core() {
+        let memory = |words: &[&str]| {
+            let cli = Cli::try_parse_from(["cargo xtask", "stress"].iter().chain(words)).unwrap();
+            let Task::Stress(args) = cli.command else {
+                panic!("not stress")
+            };
+            args.memory()
+        };
+        assert_eq!(memory(&["--smp", "128"]), 512);
+        assert_eq!(memory(&["--smp", "129"]), 1028);
+        assert_eq!(memory(&["--smp", "256"]), 1536);
+        assert_eq!(memory(&["--smp", "512"]), 2560);
+        // --memory wins, at any size.
+        assert_eq!(memory(&["--smp", "256", "--memory", "640"]), 640);
+        assert_eq!(memory(&["--smp", "8", "--memory", "640"]), 640);
     }
 
     #[test]
