@@ -112,32 +112,24 @@ impl Vmx for FakeVmx {
     }
 }
 
-/// SplitMix64: a small, seeded, reproducible generator for the stress tests
-/// (the seed is in every failure message).
+/// The stress tests' generator: the workspace's seeded one (fastrand), so
+/// the seed in every failure message replays the run.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub struct Rng(fastrand::Rng);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        Self(fastrand::Rng::with_seed(seed))
     }
 
     /// Uniform in `0..bound` (bound > 0).
     pub fn below(&mut self, bound: usize) -> usize {
-        (self.next_u64() % bound as u64) as usize
+        self.0.usize(0..bound)
     }
 
     /// True with probability `percent`/100.
     pub fn chance(&mut self, percent: u64) -> bool {
-        self.next_u64() % 100 < percent
+        self.0.u64(0..100) < percent
     }
 }
 

@@ -57,8 +57,11 @@ const H_NESTED_NMIS: usize = 18;
 const H_EXPECTED: usize = 19;
 const H_TEXT_AT: usize = 20;
 const H_BACKEND: usize = 21;
-const H_REASON_LEN: usize = 22;
-const H_REASON: usize = 23;
+const H_HANDOVER: usize = 22;
+/// Words of the hand-over's facts ([`HandoverFacts`]).
+const HANDOVER_WORDS: usize = 12;
+const H_REASON_LEN: usize = H_HANDOVER + HANDOVER_WORDS;
+const H_REASON: usize = H_REASON_LEN + 1;
 /// Words of the header, the reason's bytes included.
 pub const HEADER_WORDS: usize = H_REASON + MAX_REASON / 8;
 /// Words per CPU index.
@@ -329,6 +332,7 @@ impl<'a, S: WordSink + ?Sized> FactsWriter<'a, S> {
     /// [`finish`](Self::finish).
     pub fn new(sink: &'a mut S, cpus: usize, records: usize) -> Self {
         sink.store(H_MAGIC, 0);
+        sink.store(H_HANDOVER, 0);
         Self {
             sink,
             cpus: cpus.min(MAX_CPUS),
@@ -450,6 +454,126 @@ impl<'a, S: WordSink + ?Sized> FactsWriter<'a, S> {
     }
 }
 
+/// The hand-over's facts: what its line and its `capture` report line
+/// say. The crash path stores them with [`store_handover`] once it is
+/// about to jump; [`render_handover`] writes the two lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HandoverFacts {
+    /// The capture kernel is the hv image (else Linux).
+    pub kernel_hv: bool,
+    /// CPU notes in the core header.
+    pub cpu_notes: u64,
+    /// Memory ranges the dump describes.
+    pub memory_ranges: u64,
+    /// hv's own digest check: `Some(true)` verified, `Some(false)` a
+    /// mismatch, `None` skipped (`capture_hv_check=off`).
+    pub digest_ok: Option<bool>,
+    /// The hand-over's time, microseconds since the TSC's origin.
+    pub handover_us: u64,
+    /// Its TSC.
+    pub handover_tsc: u64,
+    /// The coordinator's step stamps (TSC): rendezvous, own cleanup,
+    /// summary, core header, digest check.
+    pub steps_tsc: [u64; 5],
+    /// Hand-over attempts begun.
+    pub attempt: u64,
+    /// Stray NMIs the coordinator took.
+    pub coordinator_stray_nmis: u64,
+}
+
+mod handover_flag {
+    pub const PRESENT: u64 = 1 << 0;
+    pub const KERNEL_HV: u64 = 1 << 1;
+    pub const DIGEST_KNOWN: u64 = 1 << 2;
+    pub const DIGEST_OK: u64 = 1 << 3;
+}
+
+/// Stores the hand-over's facts into a block [`FactsWriter::finish`]
+/// already made valid; they count once their flags word is stored, last.
+pub fn store_handover<S: WordSink + ?Sized>(sink: &mut S, facts: &HandoverFacts) {
+    let words = [
+        facts.cpu_notes,
+        facts.memory_ranges,
+        facts.handover_us,
+        facts.handover_tsc,
+        facts.steps_tsc[0],
+        facts.steps_tsc[1],
+        facts.steps_tsc[2],
+        facts.steps_tsc[3],
+        facts.steps_tsc[4],
+        facts.attempt,
+        facts.coordinator_stray_nmis,
+    ];
+    for (i, value) in words.into_iter().enumerate() {
+        sink.store(H_HANDOVER + 1 + i, value);
+    }
+    let mut flags = handover_flag::PRESENT;
+    if facts.kernel_hv {
+        flags |= handover_flag::KERNEL_HV;
+    }
+    if let Some(ok) = facts.digest_ok {
+        flags |= handover_flag::DIGEST_KNOWN;
+        if ok {
+            flags |= handover_flag::DIGEST_OK;
+        }
+    }
+    sink.store(H_HANDOVER, flags);
+}
+
+/// Writes the hand-over's line (when it jumps) and its `capture` report
+/// line; `refused` is why it does not jump.
+pub fn render_handover<W: Write>(
+    facts: &HandoverFacts,
+    refused: Option<&dyn fmt::Display>,
+    out: &mut W,
+) -> fmt::Result {
+    let kernel = if facts.kernel_hv { "hv" } else { "linux" };
+    if refused.is_none() {
+        let said = match facts.digest_ok {
+            Some(_) => "digests verified",
+            None => "hv's own digest check skipped (capture_hv_check=off), the purgatory checks",
+        };
+        writeln!(
+            out,
+            "*** hv: capture: {} CPU notes, {} memory ranges; {said}; jumping to the {kernel} capture kernel",
+            facts.cpu_notes, facts.memory_ranges,
+        )?;
+    }
+    json::report_line(out, |o| {
+        o.field("capture").object(|o| {
+            o.field("kernel").str(kernel)?;
+            o.field("digest_ok")
+                .option(facts.digest_ok, |value, ok| value.bool(ok))?;
+            if facts.digest_ok.is_none() {
+                o.field("hv_check").str("skipped")?;
+            }
+            o.field("jumped").bool(refused.is_none())?;
+            // A timestamp (microseconds since the TSC's origin), not a
+            // duration: kept for compatibility; `handover_tsc` is the raw
+            // count, comparable with the other `*_tsc` fields.
+            o.field("handover_us").u64(facts.handover_us)?;
+            o.field("handover_tsc").u64(facts.handover_tsc)?;
+            for (name, tsc) in [
+                "rendezvous_tsc",
+                "cleanup_tsc",
+                "summary_tsc",
+                "header_tsc",
+                "digests_tsc",
+            ]
+            .into_iter()
+            .zip(facts.steps_tsc)
+            {
+                o.field(name).u64(tsc)?;
+            }
+            o.field("attempt").u64(facts.attempt)?;
+            o.field("coordinator_stray_nmis")
+                .u64(facts.coordinator_stray_nmis)?;
+            o.field("refused")
+                .option(refused, |value, error| value.display(error))
+        })
+    })
+}
+
 /// Why a block cannot be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FactsError {
@@ -569,6 +693,28 @@ impl<'a> Facts<'a> {
             expected: self.word(H_EXPECTED),
             text_at: self.word(H_TEXT_AT),
         }
+    }
+
+    /// The hand-over's facts, if the crash path left them (it was about
+    /// to jump).
+    pub fn handover(&self) -> Option<HandoverFacts> {
+        let flags = self.word(H_HANDOVER);
+        if flags & handover_flag::PRESENT == 0 {
+            return None;
+        }
+        let word = |i: usize| self.word(H_HANDOVER + 1 + i);
+        Some(HandoverFacts {
+            kernel_hv: flags & handover_flag::KERNEL_HV != 0,
+            cpu_notes: word(0),
+            memory_ranges: word(1),
+            digest_ok: (flags & handover_flag::DIGEST_KNOWN != 0)
+                .then_some(flags & handover_flag::DIGEST_OK != 0),
+            handover_us: word(2),
+            handover_tsc: word(3),
+            steps_tsc: [word(4), word(5), word(6), word(7), word(8)],
+            attempt: word(9),
+            coordinator_stray_nmis: word(10),
+        })
     }
 
     /// The reason's bytes (cut at [`MAX_REASON`]), and whether it was cut.

@@ -37,13 +37,19 @@ static BOOT_INFO: spin::Once<BootInfo> = spin::Once::new();
 /// The command-line options in force.
 static OPTIONS: spin::Once<cmdline::Options> = spin::Once::new();
 
-/// The TSC at the image's first Rust instruction: a capture image reports
+/// The TSC at the image's first instruction (the PVH entry's stamp; on a
+/// multiboot2 boot, the first Rust instruction's): a capture image reports
 /// it as the moment the capture kernel was entered.
 static ENTRY_TSC: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
 /// Called by the boot stub in long mode on the boot stack.
 extern "C" fn hv_main(entered_by: u32, info: u32, magic: u32) -> ! {
-    ENTRY_TSC.store(arch::cpu::rdtsc(), Ordering::Relaxed);
+    let first_rust = arch::cpu::rdtsc();
+    let entry = match arch::boot::pvh_entry_tsc() {
+        0 => first_rust,
+        stamped => stamped,
+    };
+    ENTRY_TSC.store(entry, Ordering::Relaxed);
     percpu::init_boot_cpu();
     console::init_serial();
     console::init_logging(log::LevelFilter::Info);

@@ -12,7 +12,7 @@ use crate::crash_note::CrashNote;
 use crate::elfcore::{CoreDump, Placement};
 use crate::layout::CaptureLayout;
 use crate::pvh::{BootDataConfig, PvhImage, write_boot_data};
-use crate::testutil::{FakeBzImage, XorShift};
+use crate::testutil::{FakeBzImage, Rng};
 use crate::{PhysRange, elfcore};
 
 const ITERATIONS: usize = 4000;
@@ -35,7 +35,7 @@ const INTERESTING: [u64; 12] = [
 
 /// Applies 1 to 8 random mutations; `hot` is the byte range most fields
 /// live in, targeted half of the time.
-fn mutate(rng: &mut XorShift, input: &[u8], hot: core::ops::Range<usize>) -> Vec<u8> {
+fn mutate(rng: &mut Rng, input: &[u8], hot: core::ops::Range<usize>) -> Vec<u8> {
     let mut bytes = input.to_vec();
     let mutations = 1 + rng.below(8);
     for _ in 0..mutations {
@@ -120,7 +120,7 @@ fn exercise_bzimage(bytes: &[u8]) {
 fn mutated_bzimages_never_panic_the_boot_path() {
     let valid = FakeBzImage::default().build();
     exercise_bzimage(&valid);
-    let mut rng = XorShift::new(0x6b65_7865_6331);
+    let mut rng = Rng::new(0x6b65_7865_6331);
     let mut accepted = 0;
     for _ in 0..ITERATIONS {
         let input = mutate(&mut rng, &valid, 0x1f0..0x270);
@@ -172,7 +172,7 @@ fn mutated_dump_files_never_panic_the_reader() {
     let valid = elfcore::tests::dump_file();
     let (_, layout) = elfcore::tests::write(Placement::File);
     exercise_dump(&CoreDump::parse(&valid).unwrap());
-    let mut rng = XorShift::new(0x636f_7265_6669);
+    let mut rng = Rng::new(0x636f_7265_6669);
     let mut accepted = 0;
     for _ in 0..ITERATIONS {
         let input = mutate(&mut rng, &valid, 0..layout.notes.end);
@@ -189,7 +189,7 @@ fn mutated_old_memory_headers_never_panic_the_reader() {
     let (valid, layout) = elfcore::tests::write(Placement::OldMemory {
         header_phys: elfcore::tests::HEADER_PHYS,
     });
-    let mut rng = XorShift::new(0x6f6c_646d_656d);
+    let mut rng = Rng::new(0x6f6c_646d_656d);
     let mut accepted = 0;
     for _ in 0..ITERATIONS {
         let input = mutate(&mut rng, &valid, 0..layout.notes.end);
@@ -207,7 +207,7 @@ fn mutated_dumps_with_image_notes_never_panic_the_reader() {
     let dump = CoreDump::parse(&valid).unwrap();
     assert!(dump.image_notes().is_some());
     exercise_dump(&dump);
-    let mut rng = XorShift::new(0x6e74_6669_6c65);
+    let mut rng = Rng::new(0x6e74_6669_6c65);
     let mut accepted = 0;
     // The image notes sit between the CPU notes and the crash note.
     let image_notes = layout.notes.start + 3 * (12 + 8 + 336)..layout.notes.end;
@@ -227,7 +227,7 @@ fn mutated_image_headers_never_panic_and_keep_their_invariants() {
     use crate::elfcore::tests::loaded_image::{LOAD_ADDR, image_bytes};
     use crate::elfcore::{LoadedImage, core_header_len, write_core_header};
     let valid = image_bytes();
-    let mut rng = XorShift::new(0x6876_6864_7273);
+    let mut rng = Rng::new(0x6876_6864_7273);
     let mut accepted = 0;
     for _ in 0..ITERATIONS {
         let input = mutate(&mut rng, &valid, 0..valid.len());
@@ -266,7 +266,7 @@ fn mutated_crash_notes_never_panic_the_reader() {
         record.write(&mut desc).unwrap();
         desc
     });
-    let mut rng = XorShift::new(0x6876_6372_6173);
+    let mut rng = Rng::new(0x6876_6372_6173);
     let mut accepted = 0;
     for _ in 0..ITERATIONS {
         let input = mutate(&mut rng, &valid, 0..32);
@@ -283,14 +283,14 @@ fn mutated_crash_notes_never_panic_the_reader() {
 
 #[test]
 fn random_firmware_maps_never_panic_the_e820_builder() {
-    let mut rng = XorShift::new(0x6538_3230_6d61);
+    let mut rng = Rng::new(0x6538_3230_6d61);
     let reservation = PhysRange::new(0x4000_0000, 0x1000_0000);
     let elfcorehdr = PhysRange::new(0x4000_0000, 0x1000);
     for _ in 0..ITERATIONS {
         let count = rng.below(140);
         let firmware: Vec<E820Entry> = (0..count)
             .map(|_| {
-                let pick = |rng: &mut XorShift| {
+                let pick = |rng: &mut Rng| {
                     if rng.below(3) == 0 {
                         INTERESTING[rng.below(INTERESTING.len())]
                     } else {
@@ -366,7 +366,7 @@ fn mutated_pvh_images_never_panic_the_loader() {
     let valid = crate::pvh::tests::hv_like();
     exercise_pvh_image(&valid);
     let program_headers = 64 + 5 * 56;
-    let mut rng = XorShift::new(0x7076_6869_6d67);
+    let mut rng = Rng::new(0x7076_6869_6d67);
     let mut accepted = 0;
     for round in 0..ITERATIONS {
         // Half the rounds aim at the headers, half at the notes.
@@ -386,7 +386,7 @@ fn mutated_pvh_images_never_panic_the_loader() {
 
 #[test]
 fn random_bytes_never_panic_the_pvh_parser() {
-    let mut rng = XorShift::new(0x7261_6e64_656c);
+    let mut rng = Rng::new(0x7261_6e64_656c);
     let valid = crate::pvh::tests::hv_like();
     for _ in 0..ITERATIONS {
         let len = rng.below(600);
@@ -405,14 +405,14 @@ fn random_bytes_never_panic_the_pvh_parser() {
 fn random_firmware_maps_never_panic_the_pvh_boot_data_or_the_dump_segments() {
     use crate::elfcore::MemorySegment;
     use crate::segments::{SegmentsError, ram_outside_reservation};
-    let mut rng = XorShift::new(0x7076_6864_6174);
+    let mut rng = Rng::new(0x7076_6864_6174);
     let reservation = PhysRange::new(0x4000_0000, 0x1000_0000);
     let elfcorehdr = PhysRange::new(0x4000_8000, 0x3000);
     for _ in 0..ITERATIONS {
         let count = rng.below(140);
         let firmware: Vec<E820Entry> = (0..count)
             .map(|_| {
-                let pick = |rng: &mut XorShift| {
+                let pick = |rng: &mut Rng| {
                     if rng.below(3) == 0 {
                         INTERESTING[rng.below(INTERESTING.len())]
                     } else {

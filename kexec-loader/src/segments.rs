@@ -263,7 +263,7 @@ mod tests {
     #[test]
     fn random_maps_match_a_page_bitmap() {
         // Addresses in pages of a 64-page space, so a bitmap is the model.
-        let mut rng = crate::testutil::XorShift::new(0x7365_676d_656e);
+        let mut rng = crate::testutil::Rng::new(0x7365_676d_656e);
         for _ in 0..2000 {
             let count = rng.below(12);
             let firmware: Vec<_> = (0..count)

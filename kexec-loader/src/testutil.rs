@@ -95,27 +95,22 @@ impl FakeBzImage {
     }
 }
 
-/// A small deterministic PRNG (xorshift64*) for the randomized tests: no
-/// dependency, reproducible from its seed.
+/// The randomized tests' generator: the workspace's seeded one
+/// (fastrand), reproducible from its seed.
 #[derive(Clone, Debug)]
-pub(crate) struct XorShift(u64);
+pub(crate) struct Rng(fastrand::Rng);
 
-impl XorShift {
+impl Rng {
     pub(crate) fn new(seed: u64) -> Self {
-        Self(seed.max(1))
+        Self(fastrand::Rng::with_seed(seed))
     }
 
     pub(crate) fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        self.0.u64(..)
     }
 
     /// A value in `0..bound` (`bound > 0`).
     pub(crate) fn below(&mut self, bound: usize) -> usize {
-        (self.next_u64() % bound as u64) as usize
+        self.0.usize(0..bound)
     }
 }

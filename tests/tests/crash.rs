@@ -445,11 +445,12 @@ fn qemu_64_cpus_the_stuck_cpu_is_named_and_the_crash_completes_within_the_timeou
         explain(&run)
     );
     assert!(crash.timed_out, "{}", explain(&run));
-    // It waited the whole timeout, and did not wait for anything else
-    // (a second round would double it; the upper bound is loose because
-    // the coordinator's vCPU thread shares a busy host under TCG).
+    // It waited the whole timeout (hv's clock). No upper bound: under TCG
+    // the coordinator's vCPU thread shares a busy host, and an earlier
+    // bound of three timeouts failed on a loaded machine (2.43 s); that it
+    // waited for no one else is the straggler list above.
     assert!(
-        (TIMEOUT_MS * 1000..TIMEOUT_MS * 3000).contains(&crash.shootdown_us),
+        crash.shootdown_us >= TIMEOUT_MS * 1000,
         "shootdown_us {} for crash_timeout_ms={TIMEOUT_MS}\n{}",
         crash.shootdown_us,
         explain(&run)

@@ -88,3 +88,48 @@ fn the_elf_headers_are_loaded_with_the_image() {
         "the build ID note lies in the loaded read-only segment:\n{mapping}"
     );
 }
+
+/// The capture loader digests only the file's bytes of each segment
+/// (`hv/src/capture/load.rs`): the zero tail of the writable segment must
+/// be `.bss` and nothing else, which the image's entry zeroes
+/// (`hv/src/arch/boot.rs`, `__bss_start..__bss_end`) before anything reads
+/// it. A section after `.bss`, or a `.bss` that stops short of the
+/// segment's end, would leave bytes that are neither checked nor zeroed.
+#[test]
+fn the_writable_segments_zero_tail_is_the_bss_the_entry_zeroes() {
+    let headers = readelf(&["-lW"]);
+    let hex = |text: &str| u64::from_str_radix(text.trim_start_matches("0x"), 16).unwrap();
+    let (vaddr, filesz, memsz) = headers
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .find(|fields| fields.first() == Some(&"LOAD") && fields.get(6) == Some(&"RW"))
+        .map(|fields| (hex(fields[2]), hex(fields[4]), hex(fields[5])))
+        .unwrap_or_else(|| panic!("no RW PT_LOAD:\n{headers}"));
+    let symbols = readelf(&["-sW"]);
+    let symbol = |name: &str| {
+        symbols
+            .lines()
+            .map(|line| line.split_whitespace().collect::<Vec<_>>())
+            .find(|fields| fields.last() == Some(&name))
+            .map(|fields| hex(fields[1]))
+            .unwrap_or_else(|| panic!("no symbol {name}"))
+    };
+    let (bss_start, bss_end) = (symbol("__bss_start"), symbol("__bss_end"));
+    assert!(
+        vaddr + filesz <= bss_start && bss_start - (vaddr + filesz) < 4096,
+        "the file's bytes end at {:#x}, .bss starts at {bss_start:#x}",
+        vaddr + filesz
+    );
+    assert_eq!(
+        bss_end,
+        vaddr + memsz,
+        "__bss_end must be the writable segment's end"
+    );
+    let sections = readelf(&["-SW"]);
+    let nobits: Vec<&str> = sections
+        .lines()
+        .filter(|line| line.contains(" NOBITS "))
+        .collect();
+    assert_eq!(nobits.len(), 1, "one NOBITS section, .bss:\n{nobits:#?}");
+    assert!(nobits[0].contains(" .bss "), "{}", nobits[0]);
+}

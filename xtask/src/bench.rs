@@ -30,23 +30,22 @@ pub mod tsc;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::accel::{self, Accel};
+use crate::crash::{CrashSpec, DEFAULT_GUEST_RUN_MS, Rng};
 use crate::paths;
-use crate::process::KillOnDrop;
+use crate::process::{self, Followed, KillOnDrop, SerialLog};
+use crate::report::model::Report;
 use crate::run::{self, Boot, Media, QemuOptions};
-use crate::serial::{FileTail, LineBuffer, strip_ansi};
+use crate::serial::strip_ansi;
 use crate::stats::{self, Spread};
 use crate::stress::{progress_bar, say};
 
-/// The Debian metapackage that depends on the current kernel package.
-const KERNEL_METAPACKAGE: &str = "linux-image-amd64";
+use crate::debian::KERNEL_METAPACKAGE;
 
 /// The command line Linux gets: the console on COM1 (the serial log),
 /// printk timestamps, and a reboot (QEMU exits, `-no-reboot`) at once if it
@@ -186,16 +185,7 @@ pub fn versioned_kernel_package(depends: &str) -> Option<&str> {
 /// Debian's current kernel (a bzImage), fetched and unpacked into
 /// `build/linux/<package>/vmlinuz` the first time, reused afterwards.
 pub fn debian_kernel() -> Result<PathBuf> {
-    let package = match kernel_package()? {
-        Some(package) => package,
-        None => {
-            // A fresh machine may have no package lists yet.
-            apt(&["update"])?;
-            kernel_package()?.with_context(|| {
-                format!("apt-cache names no kernel package behind {KERNEL_METAPACKAGE}")
-            })?
-        }
-    };
+    let package = crate::debian::kernel_package()?;
     let dir = paths::build_dir().join("linux").join(&package);
     let vmlinuz = dir.join("vmlinuz");
     if vmlinuz.is_file() {
@@ -203,35 +193,14 @@ pub fn debian_kernel() -> Result<PathBuf> {
     }
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     eprintln!("bench: fetching {package} (Linux to compare with)");
-    // Its stderr only matters when it fails (as root it warns that the
-    // download ran unsandboxed).
-    let output = Command::new("apt-get")
-        .args(["download", &package])
-        .current_dir(&dir)
-        .output()
-        .context("could not run apt-get download")?;
-    if !output.status.success() {
-        bail!(
-            "apt-get download {package} failed ({}):\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
+    crate::debian::apt_download(&package, &dir)?;
     let deb = fs::read_dir(&dir)?
         .flatten()
         .map(|entry| entry.path())
         .find(|path| path.extension().is_some_and(|ext| ext == "deb"))
         .with_context(|| format!("apt-get download left no .deb in {}", dir.display()))?;
     let unpacked = dir.join("root");
-    let status = Command::new("dpkg-deb")
-        .arg("-x")
-        .arg(&deb)
-        .arg(&unpacked)
-        .status()
-        .context("could not run dpkg-deb")?;
-    if !status.success() {
-        bail!("dpkg-deb -x {} failed ({status})", deb.display());
-    }
+    crate::debian::dpkg_extract(&deb, &unpacked)?;
     let boot = unpacked.join("boot");
     let image = fs::read_dir(&boot)
         .with_context(|| format!("reading {}", boot.display()))?
@@ -248,29 +217,6 @@ pub fn debian_kernel() -> Result<PathBuf> {
     let _ = fs::remove_dir_all(&unpacked);
     let _ = fs::remove_file(&deb);
     Ok(vmlinuz)
-}
-
-fn kernel_package() -> Result<Option<String>> {
-    let output = Command::new("apt-cache")
-        .args(["depends", KERNEL_METAPACKAGE])
-        .stderr(Stdio::null())
-        .output()
-        .context("could not run apt-cache (a Debian host is needed to fetch Linux)")?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    Ok(versioned_kernel_package(&text).map(str::to_owned))
-}
-
-fn apt(args: &[&str]) -> Result<()> {
-    let status = Command::new("apt-get")
-        .args(args)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdout(Stdio::null())
-        .status()
-        .context("could not run apt-get")?;
-    if !status.success() {
-        bail!("apt-get {} failed ({status})", args.join(" "));
-    }
-    Ok(())
 }
 
 /// Samples of both kernels.
@@ -518,14 +464,19 @@ fn hv_run(options: &BenchOptions, round: u32) -> Result<(u64, Vec<Option<u64>>, 
             outcome.run_dir.display()
         );
     }
-    let bringup_us = outcome.report["bringup_us"]
-        .as_u64()
+    let report = Report::of(&outcome.report);
+    let bringup_us = report
+        .bringup_us
+        .value()
         .with_context(|| format!("hv run {round} reported no bringup_us"))?;
-    let online_at: Vec<Option<u64>> = outcome.report["cpus"]["online_at_us"]
-        .as_array()
+    let online_at: Vec<Option<u64>> = report
+        .cpus
+        .or_empty()
+        .online_at_us
+        .get()
         .map(|cpus| cpus.iter().map(Value::as_u64).collect())
         .unwrap_or_default();
-    let per_cpu = outcome.report["memory_per_cpu"]["per_ap_bytes"].as_u64();
+    let per_cpu = report.memory_per_cpu.or_empty().per_ap_bytes.value();
     Ok((bringup_us, plot::ap_times(&online_at, bringup_us), per_cpu))
 }
 
@@ -553,16 +504,11 @@ fn linux_run(options: &BenchOptions, accel: Accel, linux: &Path, round: u32) -> 
         *value = model.into();
     }
     let program = crate::qemu_program::for_run(options.smp, options.x2apic)?;
-    let log = fs::File::create(run_dir.join("qemu.log"))?;
-    let child = program
-        .command()
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("could not start qemu-system-x86_64")?;
-    let mut child = KillOnDrop::new(child);
+    let mut child = process::spawn_logged(
+        program.command().args(&args),
+        &run_dir.join("qemu.log"),
+        "qemu-system-x86_64",
+    )?;
     let serial_log = run_dir.join("serial.log");
     let text = follow_until(
         &mut child,
@@ -594,29 +540,30 @@ fn follow_until(
     timeout: Duration,
     marker: &str,
 ) -> Result<String> {
-    let started = Instant::now();
-    let mut tail = FileTail::new(serial_log);
-    let mut lines = LineBuffer::default();
     let mut text = String::new();
-    loop {
-        let exited = child.try_wait()?;
-        for line in lines.push(&tail.read_new()?) {
-            text.push_str(&line);
-            text.push('\n');
-            if line.contains(marker) {
-                return Ok(text);
+    let followed = process::follow(
+        child,
+        &mut SerialLog::new(serial_log),
+        timeout,
+        Duration::from_millis(50),
+        |look| {
+            for line in look.lines {
+                text.push_str(line);
+                text.push('\n');
+                if line.contains(marker) {
+                    return Ok(Some(()));
+                }
             }
-        }
-        if let Some(status) = exited {
-            bail!("QEMU ended ({status}) before `{marker}`");
-        }
-        if started.elapsed() >= timeout {
-            bail!(
-                "{LINUX_TIMED_OUT}: no `{marker}` after {} s",
-                timeout.as_secs()
-            );
-        }
-        thread::sleep(Duration::from_millis(50));
+            Ok(None)
+        },
+    )?;
+    match followed {
+        Followed::Found(()) => Ok(text),
+        Followed::Exited(status) => bail!("QEMU ended ({status}) before `{marker}`"),
+        Followed::TimedOut => bail!(
+            "{LINUX_TIMED_OUT}: no `{marker}` after {} s",
+            timeout.as_secs()
+        ),
     }
 }
 
@@ -645,10 +592,82 @@ pub(crate) fn measured_crash_run(
             outcome.run_dir.display()
         );
     }
-    Ok(outcome.report["emulator"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned())
+    Ok(Report::of(&outcome.report)
+        .emulator
+        .get()
+        .cloned()
+        .unwrap_or_default())
+}
+
+/// What a QEMU benchmark does before its first run: QEMU must be there,
+/// and its directory under `build/` starts empty (no sample of an earlier
+/// benchmark is read as this one's). Returns the directory.
+pub(crate) fn fresh_qemu_bench(dir: &str) -> Result<PathBuf> {
+    crate::tools::ensure(&run::qemu_needs(Boot::Direct))?;
+    let root = paths::run_dir(dir);
+    if root.exists() {
+        fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
+    }
+    Ok(root)
+}
+
+/// Largest random `after_ms` past the guest run in the crash benchmarks:
+/// the crash comes soon after the boot report.
+pub const MAX_AFTER_MS: u64 = 20;
+
+/// The crash runs of a crash benchmark (`bench shootdown`, `bench crash`):
+/// the machine, how many runs, and the crash of each.
+#[derive(Debug, Clone)]
+pub struct CrashRuns {
+    /// The hv ELF.
+    pub elf: PathBuf,
+    /// CPUs of the machine.
+    pub smp: u32,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// Crash runs.
+    pub runs: u32,
+    /// The CPU that panics; `None` draws one per run.
+    pub cpu: Option<u32>,
+    /// Seed of the random CPUs and times.
+    pub seed: u64,
+    /// Time allowed for one run.
+    pub timeout: Duration,
+    /// Whether to show a progress bar.
+    pub progress: bool,
+}
+
+impl CrashRuns {
+    /// `-smp 64`, 512 MiB, 10 runs, a random CPU per run.
+    pub fn new(elf: impl Into<PathBuf>) -> Self {
+        Self {
+            elf: elf.into(),
+            smp: 64,
+            memory_mib: 512,
+            runs: 10,
+            cpu: None,
+            seed: 0,
+            timeout: Duration::from_secs(120),
+            progress: true,
+        }
+    }
+
+    /// The crash of each run, in order: the same seed gives the same runs.
+    pub fn specs(&self) -> Vec<CrashSpec> {
+        let mut rng = Rng::new(self.seed);
+        (0..self.runs)
+            .map(|_| {
+                let cpu = self
+                    .cpu
+                    .unwrap_or_else(|| rng.below(u64::from(self.smp)) as u32);
+                CrashSpec {
+                    cpu,
+                    after_ms: DEFAULT_GUEST_RUN_MS + 1 + rng.below(MAX_AFTER_MS),
+                    point: None,
+                }
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

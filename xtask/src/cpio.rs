@@ -6,17 +6,16 @@
 //! device major and minor, rdev major and minor, name size with its NUL,
 //! check = 0), then the NUL-terminated name padded to a multiple of 4
 //! bytes, then the data padded to a multiple of 4 bytes. The archive ends
-//! with an entry named `TRAILER!!!`. Written here rather than with the
-//! `cpio` tool, which is not installed on a fresh Debian machine.
+//! with an entry named `TRAILER!!!`. The `cpio` crate writes and reads
+//! the entries; this module keeps what an initramfs needs on top (the
+//! entry kinds, parents before children, no name twice) and is why the
+//! `cpio` tool, which a fresh Debian machine does not have, is not needed.
 
 use std::collections::BTreeSet;
+use std::io::{Read, Write};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
-/// The newc magic.
-const MAGIC: &[u8; 6] = b"070701";
-/// Size of an entry header.
-const HEADER_LEN: usize = 110;
 /// The name of the closing entry.
 const TRAILER: &str = "TRAILER!!!";
 
@@ -81,7 +80,8 @@ impl Archive {
 
     /// Closes the archive with the trailer and returns its bytes.
     pub fn finish(mut self) -> Vec<u8> {
-        self.push_entry(TRAILER, 0, 1, 0, (0, 0), &[]);
+        // Writing into a Vec cannot fail.
+        cpio::newc::trailer(&mut self.bytes).expect("writing the cpio trailer into memory");
         self.finished = true;
         std::mem::take(&mut self.bytes)
     }
@@ -119,31 +119,20 @@ impl Archive {
         data: &[u8],
     ) {
         let size = u32::try_from(data.len()).expect("cpio newc holds files below 4 GiB");
-        let name_size = u32::try_from(name.len() + 1).expect("a short name");
-        let fields = [
-            inode, mode, 0, // uid
-            0, // gid
-            nlink, 0, // mtime: fixed, so the same inputs give the same archive
-            size, 0, // devmajor
-            0, // devminor
-            rdev.0, rdev.1, name_size, 0, // check
-        ];
-        self.bytes.extend_from_slice(MAGIC);
-        for field in fields {
-            self.bytes
-                .extend_from_slice(format!("{field:08x}").as_bytes());
-        }
-        self.bytes.extend_from_slice(name.as_bytes());
-        self.bytes.push(0);
-        self.pad();
-        self.bytes.extend_from_slice(data);
-        self.pad();
-    }
-
-    fn pad(&mut self) {
-        while !self.bytes.len().is_multiple_of(4) {
-            self.bytes.push(0);
-        }
+        // uid, gid, mtime and the device stay 0: the same inputs give the
+        // same archive.
+        let mut writer = cpio::newc::Builder::new(name)
+            .ino(inode)
+            .mode(mode)
+            .nlink(nlink)
+            .rdev_major(rdev.0)
+            .rdev_minor(rdev.1)
+            .write(&mut self.bytes, size);
+        // Writing into a Vec cannot fail, and `size` is the data's length.
+        writer
+            .write_all(data)
+            .and_then(|()| writer.finish().map(drop))
+            .expect("writing a cpio entry into memory");
     }
 }
 
@@ -190,41 +179,25 @@ pub struct Entry {
 /// against, and a way to look inside a built initramfs.
 pub fn read(bytes: &[u8]) -> Result<Vec<Entry>> {
     let mut entries = Vec::new();
-    let mut at = 0usize;
+    let mut rest = bytes;
     loop {
-        let header = bytes
-            .get(at..at + HEADER_LEN)
-            .ok_or_else(|| anyhow::anyhow!("cpio: truncated header at offset {at}"))?;
-        if &header[..6] != MAGIC {
-            bail!("cpio: no newc magic at offset {at}");
-        }
-        let field = |i: usize| -> Result<u32> {
-            let text = std::str::from_utf8(&header[6 + i * 8..14 + i * 8])?;
-            Ok(u32::from_str_radix(text, 16)?)
-        };
-        let mode = field(1)?;
-        let size = field(6)? as usize;
-        let rdev = (field(9)?, field(10)?);
-        let name_size = field(11)? as usize;
-        let name_at = at + HEADER_LEN;
-        let name = bytes
-            .get(name_at..name_at + name_size)
-            .and_then(|n| n.strip_suffix(&[0]))
-            .ok_or_else(|| anyhow::anyhow!("cpio: bad name at offset {name_at}"))?;
-        let name = String::from_utf8(name.to_vec())?;
-        let data_at = (name_at + name_size).next_multiple_of(4);
-        let data = bytes
-            .get(data_at..data_at + size)
-            .ok_or_else(|| anyhow::anyhow!("cpio: `{name}` runs past the end"))?;
-        at = (data_at + size).next_multiple_of(4);
-        if name == TRAILER {
+        let mut reader = cpio::newc::Reader::new(rest).context("cpio: no newc entry")?;
+        let entry = reader.entry();
+        if entry.is_trailer() {
             return Ok(entries);
         }
+        let (name, mode) = (entry.name().to_owned(), entry.mode());
+        let rdev = (entry.rdev_major(), entry.rdev_minor());
+        let mut data = Vec::new();
+        reader
+            .read_to_end(&mut data)
+            .with_context(|| format!("cpio: `{name}` runs past the end"))?;
+        rest = reader.finish().context("cpio: a truncated entry")?;
         entries.push(Entry {
             name,
             mode,
             rdev,
-            data: data.to_vec(),
+            data,
         });
     }
 }
@@ -296,6 +269,34 @@ mod tests {
         assert_eq!(entries[2].data, b"busybox");
         assert_eq!(entries[4].mode, 0o020600);
         assert_eq!(entries[4].rdev, (5, 1));
+    }
+
+    /// Every kind of entry, with names and data of every padding.
+    fn every_kind() -> Vec<u8> {
+        let mut archive = Archive::new();
+        archive.dir("bin", 0o755).unwrap();
+        archive.file("bin/busybox", 0o755, b"\x7fELF\x01").unwrap();
+        archive.symlink("bin/sh", "busybox").unwrap();
+        archive.dir("dev", 0o755).unwrap();
+        archive.char_device("dev/console", 0o600, 5, 1).unwrap();
+        for len in 0..5 {
+            archive
+                .file(&"f".repeat(len + 1), 0o644, &vec![0xA5; len])
+                .unwrap();
+        }
+        archive.finish()
+    }
+
+    #[test]
+    fn the_bytes_are_those_the_hand_written_writer_wrote() {
+        // Written by the newc writer xtask had before it used the `cpio`
+        // crate: the archive must stay byte for byte the same.
+        let file =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/cpio/every-kind.cpio");
+        if std::env::var_os("XTASK_GOLDEN_WRITE").is_some() {
+            std::fs::write(&file, every_kind()).unwrap();
+        }
+        assert_eq!(every_kind(), std::fs::read(&file).unwrap());
     }
 
     #[test]

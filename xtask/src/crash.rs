@@ -237,26 +237,21 @@ impl CrashArg {
     }
 }
 
-/// A small deterministic generator (SplitMix64): the same seed gives the
-/// same sequence of crashes.
+/// The seeded generator of random crashes: the workspace's one (fastrand,
+/// also the randomized tests'). The same seed gives the same sequence of
+/// crashes.
 #[derive(Debug, Clone)]
-pub struct Rng {
-    state: u64,
-}
+pub struct Rng(fastrand::Rng);
 
 impl Rng {
     /// A generator starting from `seed`.
     pub fn new(seed: u64) -> Self {
-        Self { state: seed }
+        Self(fastrand::Rng::with_seed(seed))
     }
 
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.u64(..)
     }
 
     /// A number from 0 to `bound - 1` (0 when `bound` is 0), without the
@@ -265,13 +260,7 @@ impl Rng {
         if bound == 0 {
             return 0;
         }
-        let zone = u64::MAX - (u64::MAX % bound);
-        loop {
-            let value = self.next_u64();
-            if value < zone {
-                return value % bound;
-            }
-        }
+        self.0.u64(0..bound)
     }
 }
 

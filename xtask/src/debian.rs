@@ -26,7 +26,7 @@ use crate::bench::versioned_kernel_package;
 use crate::paths;
 
 /// The Debian metapackage that depends on the current kernel package.
-const KERNEL_METAPACKAGE: &str = "linux-image-amd64";
+pub(crate) const KERNEL_METAPACKAGE: &str = "linux-image-amd64";
 
 /// The statically linked busybox package.
 const BUSYBOX_PACKAGE: &str = "busybox-static";
@@ -108,7 +108,7 @@ pub fn busybox() -> Result<PathBuf> {
 
 /// The versioned kernel package behind [`KERNEL_METAPACKAGE`], updating
 /// the package lists once if a fresh machine has none.
-fn kernel_package() -> Result<String> {
+pub(crate) fn kernel_package() -> Result<String> {
     let lookup = || -> Result<Option<String>> {
         let output = Command::new("apt-cache")
             .args(["depends", KERNEL_METAPACKAGE])
@@ -139,13 +139,10 @@ fn apt_update() -> Result<()> {
     Ok(())
 }
 
-/// Downloads `package` into `dir` and unpacks it into `dir/root`; the
-/// `.deb` is removed.
-fn unpack(package: &str, dir: &Path) -> Result<PathBuf> {
-    let root = dir.join("root");
-    if root.exists() {
-        fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
-    }
+/// `apt-get download PACKAGE` into `dir` (the ordinary apt client; its
+/// stderr is shown only when it fails: as root it warns that the download
+/// ran unsandboxed).
+pub(crate) fn apt_download(package: &str, dir: &Path) -> Result<()> {
     let output = Command::new("apt-get")
         .args(["download", package])
         .current_dir(dir)
@@ -158,18 +155,36 @@ fn unpack(package: &str, dir: &Path) -> Result<PathBuf> {
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    let deb = find_in(dir, |name| name.ends_with(".deb"))
-        .with_context(|| format!("apt-get download left no .deb in {}", dir.display()))?;
+    Ok(())
+}
+
+/// `dpkg-deb -x DEB INTO`: the package's files, unpacked.
+pub(crate) fn dpkg_extract(deb: &Path, into: &Path) -> Result<()> {
     let status = Command::new("dpkg-deb")
         .arg("-x")
-        .arg(&deb)
-        .arg(&root)
+        .arg(deb)
+        .arg(into)
         .status()
-        .context("could not run dpkg-deb");
-    let _ = fs::remove_file(&deb);
-    if !status?.success() {
-        bail!("dpkg-deb -x {} failed", deb.display());
+        .context("could not run dpkg-deb")?;
+    if !status.success() {
+        bail!("dpkg-deb -x {} failed ({status})", deb.display());
     }
+    Ok(())
+}
+
+/// Downloads `package` into `dir` and unpacks it into `dir/root`; the
+/// `.deb` is removed.
+fn unpack(package: &str, dir: &Path) -> Result<PathBuf> {
+    let root = dir.join("root");
+    if root.exists() {
+        fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
+    }
+    apt_download(package, dir)?;
+    let deb = find_in(dir, |name| name.ends_with(".deb"))
+        .with_context(|| format!("apt-get download left no .deb in {}", dir.display()))?;
+    let extracted = dpkg_extract(&deb, &root);
+    let _ = fs::remove_file(&deb);
+    extracted?;
     Ok(root)
 }
 
@@ -206,14 +221,8 @@ pub(crate) fn download_and_extract(packages: &[&str], dir: &Path, root: &Path) -
         .collect();
     let mut result = Ok(());
     for deb in &debs {
-        let status = Command::new("dpkg-deb")
-            .arg("-x")
-            .arg(deb)
-            .arg(root)
-            .status()
-            .context("could not run dpkg-deb");
-        if result.is_ok() && !status?.success() {
-            result = Err(anyhow::anyhow!("dpkg-deb -x {} failed", deb.display()));
+        if result.is_ok() {
+            result = dpkg_extract(deb, root);
         }
     }
     for deb in &debs {

@@ -19,9 +19,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::iso::BootModule;
+use crate::report::model::{Field, Guest};
 use crate::run::{self, BochsOptions, LineHook, QemuOptions, RunOutcome};
 
 /// A guest boot module from `FILE [WORDS]`: the file, and the words of
@@ -458,31 +460,7 @@ pub struct EntryResult {
     pub guest_ms: Option<u64>,
 }
 
-/// Turns a guest's report object into a verdict and reason.
-pub fn judge_guest(guest: &Value) -> (Verdict, String) {
-    let text = |key: &str| guest[key].as_str().unwrap_or("").to_owned();
-    match guest["state"].as_str() {
-        Some("stopped") => {}
-        Some("refused") => return (Verdict::Fail, format!("refused: {}", text("detail"))),
-        Some(other) => return (Verdict::Fail, format!("hv left it {other}")),
-        None => return (Verdict::Fail, "no report from hv".to_owned()),
-    }
-    let summary = text("summary");
-    match (guest["reason"].as_str(), guest["verdict"].as_str()) {
-        (Some("exit"), Some("pass")) => (Verdict::Pass, summary),
-        (Some("exit"), Some("skip")) => (Verdict::Skip, format!("the guest skipped: {summary}")),
-        (Some("exit"), _) => {
-            let failure = text("first_failure");
-            let why = if failure.is_empty() { summary } else { failure };
-            (
-                Verdict::Fail,
-                format!("{} ({why})", text("detail")).trim().to_owned(),
-            )
-        }
-        (Some(reason), _) => (Verdict::Fail, format!("{reason}: {}", text("detail"))),
-        (None, _) => (Verdict::Fail, "no stop reason".to_owned()),
-    }
-}
+pub use crate::judge::guest as judge_guest;
 
 /// What `run` is asked to do.
 #[derive(Debug, Clone)]
@@ -539,45 +517,96 @@ pub struct Outcome {
     pub results: Vec<EntryResult>,
     /// Each boot: its entries, run directory, whether hv's run was ok and
     /// why not.
-    pub boots: Vec<Value>,
+    pub boots: Vec<BootSection>,
+}
+
+/// One Bochs (or QEMU) boot of a run: `kvm_unit_tests_boots[]`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BootSection {
+    /// The cfg entries it ran.
+    pub entries: Vec<String>,
+    /// Its run directory (its own run report is there); null when it
+    /// could not start.
+    pub run_dir: Option<PathBuf>,
+    /// Whether hv's run was ok.
+    pub ok: bool,
+    /// Why not.
+    pub reason: Option<String>,
+}
+
+/// One cfg entry's outcome: `kvm_unit_tests[]`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EntrySection {
+    pub name: String,
+    pub qemu_tcg: String,
+    pub hv: &'static str,
+    pub reason: String,
+    /// Rounded to a tenth.
+    pub seconds: f64,
+    pub guest_ms: Option<u64>,
+}
+
+/// `kvm_unit_tests_summary`: the counts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SummarySection {
+    pub entries: usize,
+    pub hv_pass: usize,
+    pub hv_fail: usize,
+    pub hv_skip: usize,
+    pub qemu_tcg_pass: usize,
+    pub both_pass: usize,
+}
+
+/// The report `cargo xtask kvm-unit-tests --report FILE` writes
+/// (`xtask/REPORT.md`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KvmUnitTestsReport {
+    pub kvm_unit_tests: Vec<EntrySection>,
+    pub kvm_unit_tests_summary: SummarySection,
+    pub kvm_unit_tests_boots: Vec<BootSection>,
 }
 
 impl Outcome {
     /// The report's `kvm_unit_tests` array.
     pub fn results_json(&self) -> Value {
-        Value::Array(
-            self.results
-                .iter()
-                .map(|r| {
-                    json!({
-                        "name": r.name,
-                        "qemu_tcg": r.qemu_tcg,
-                        "hv": r.hv.as_str(),
-                        "reason": r.reason,
-                        "seconds": (r.seconds * 10.0).round() / 10.0,
-                        "guest_ms": r.guest_ms,
-                    })
-                })
-                .collect(),
-        )
+        serde_json::to_value(self.entries()).unwrap_or(Value::Null)
+    }
+
+    fn entries(&self) -> Vec<EntrySection> {
+        self.results
+            .iter()
+            .map(|r| EntrySection {
+                name: r.name.clone(),
+                qemu_tcg: r.qemu_tcg.clone(),
+                hv: r.hv.as_str(),
+                reason: r.reason.clone(),
+                seconds: (r.seconds * 10.0).round() / 10.0,
+                guest_ms: r.guest_ms,
+            })
+            .collect()
+    }
+
+    /// The typed report: `kvm_unit_tests`, the boots and the counts.
+    pub fn sections(&self) -> KvmUnitTestsReport {
+        let count =
+            |pred: &dyn Fn(&EntryResult) -> bool| self.results.iter().filter(|r| pred(r)).count();
+        KvmUnitTestsReport {
+            kvm_unit_tests: self.entries(),
+            kvm_unit_tests_summary: SummarySection {
+                entries: self.results.len(),
+                hv_pass: count(&|r| r.hv == Verdict::Pass),
+                hv_fail: count(&|r| r.hv == Verdict::Fail),
+                hv_skip: count(&|r| r.hv == Verdict::Skip),
+                qemu_tcg_pass: count(&|r| r.qemu_tcg == "PASS"),
+                both_pass: count(&|r| r.qemu_tcg == "PASS" && r.hv == Verdict::Pass),
+            },
+            kvm_unit_tests_boots: self.boots.clone(),
+        }
     }
 
     /// The JSON report: `kvm_unit_tests`, the boots and the counts.
     pub fn report(&self) -> Value {
-        let count =
-            |pred: &dyn Fn(&EntryResult) -> bool| self.results.iter().filter(|r| pred(r)).count();
-        json!({
-            "kvm_unit_tests": self.results_json(),
-            "kvm_unit_tests_summary": {
-                "entries": self.results.len(),
-                "hv_pass": count(&|r| r.hv == Verdict::Pass),
-                "hv_fail": count(&|r| r.hv == Verdict::Fail),
-                "hv_skip": count(&|r| r.hv == Verdict::Skip),
-                "qemu_tcg_pass": count(&|r| r.qemu_tcg == "PASS"),
-                "both_pass": count(&|r| r.qemu_tcg == "PASS" && r.hv == Verdict::Pass),
-            },
-            "kvm_unit_tests_boots": self.boots,
-        })
+        serde_json::to_value(self.sections()).unwrap_or(Value::Null)
     }
 }
 
@@ -779,12 +808,12 @@ pub fn run(options: &Options) -> Result<Outcome> {
             Ok(run) => (run.ok, run.reason.clone(), Some(run.run_dir.clone())),
             Err(error) => (false, Some(format!("{error:#}")), None),
         };
-        boots.push(json!({
-            "entries": names,
-            "run_dir": run_dir,
-            "ok": run_ok,
-            "reason": run_reason,
-        }));
+        boots.push(BootSection {
+            entries: names.iter().map(|name| (*name).to_owned()).collect(),
+            run_dir,
+            ok: run_ok,
+            reason: run_reason,
+        });
         for (name, plan) in &batch {
             let qemu_tcg = reference
                 .get(name)
@@ -831,8 +860,9 @@ fn watch_line(line: &str, seen: &Mutex<Seen>, bar: &indicatif::ProgressBar, prog
         return;
     };
     for guest in guests.values() {
-        let name = guest["name"].as_str().unwrap_or("").to_owned();
-        let finished = matches!(guest["state"].as_str(), Some("stopped" | "refused"));
+        let view = guest_view(guest);
+        let name = view.name.as_str().unwrap_or("").to_owned();
+        let finished = matches!(view.state.as_str(), Some("stopped" | "refused"));
         if !finished || seen.stopped.contains_key(&name) {
             continue;
         }
@@ -846,6 +876,13 @@ fn watch_line(line: &str, seen: &Mutex<Seen>, bar: &indicatif::ProgressBar, prog
     }
 }
 
+/// A guest's report object, typed (empty when it is not an object).
+fn guest_view(guest: &Value) -> Guest {
+    serde::Deserialize::deserialize(guest)
+        .map(|guest: Field<Guest>| guest.or_empty())
+        .unwrap_or_default()
+}
+
 fn entry_result(
     name: &str,
     plan: &GuestPlan,
@@ -856,9 +893,10 @@ fn entry_result(
     let guest = run
         .and_then(|run| run.report["guests"].as_object())
         .and_then(|guests| {
-            guests
-                .values()
-                .find(|g| g["name"] == name && g["state"] != "created")
+            guests.values().find(|g| {
+                let view = guest_view(g);
+                view.name.as_str() == Some(name) && view.state.as_str() != Some("created")
+            })
         })
         .or_else(|| seen.stopped.get(name).map(|(_, g)| g));
     let (hv, mut reason) = match guest {
@@ -889,7 +927,7 @@ fn entry_result(
         hv,
         reason: reason.trim_start_matches("; ").to_owned(),
         seconds,
-        guest_ms: guest.and_then(|g| g["ms"].as_u64()),
+        guest_ms: guest.and_then(|g| guest_view(g).ms.value()),
     }
 }
 
@@ -954,6 +992,7 @@ pub fn table(results: &[EntryResult]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     const CFG: &str = r#"
 # comment

@@ -10,13 +10,17 @@ pub mod accel;
 pub mod bench;
 pub mod capture;
 pub mod ci;
+pub mod cli;
 pub mod cmdline;
 pub mod cpio;
 pub mod crash;
 pub mod debian;
 pub mod dump;
+#[cfg(test)]
+mod golden;
 pub mod initramfs;
 pub mod iso;
+pub mod judge;
 pub mod kernel;
 pub mod kvm_unit_tests;
 pub mod layers;

@@ -410,15 +410,7 @@ pub fn fetch_private(root: &Path) -> Result<()> {
     for entry in fs::read_dir(&debs)? {
         let deb = entry?.path();
         if deb.extension().is_some_and(|e| e == "deb") {
-            let status = Command::new("dpkg-deb")
-                .arg("-x")
-                .arg(&deb)
-                .arg(&unpacked)
-                .status()
-                .context("could not run dpkg-deb")?;
-            if !status.success() {
-                bail!("dpkg-deb -x {} failed ({status})", deb.display());
-            }
+            crate::debian::dpkg_extract(&deb, &unpacked)?;
         }
     }
     let done = root.join("root");

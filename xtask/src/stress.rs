@@ -25,6 +25,7 @@
 //! hv never reaches.
 
 use crate::crash::CrashSpecExt;
+use crate::report::model::Report;
 use std::fs;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -128,7 +129,8 @@ impl RunPlan for CrashPlan {
     /// the run uncrashed (the verdict then fails it for want of a crash,
     /// but this says why).
     fn check(&mut self, _index: u32, outcome: &RunOutcome) -> Vec<String> {
-        match outcome.report["cmdline"]["errors"].as_array() {
+        let report = Report::of(&outcome.report);
+        match report.cmdline.or_empty().errors.get() {
             Some(errors) if !errors.is_empty() => vec![format!(
                 "hv rejected command-line words: {}",
                 errors
@@ -140,7 +142,7 @@ impl RunPlan for CrashPlan {
                     .join("; ")
             )],
             Some(_) => Vec::new(),
-            None if outcome.report["crash"].is_object() => Vec::new(),
+            None if report.crash.get().is_some() => Vec::new(),
             None => vec!["hv reported no cmdline (did it boot?)".to_owned()],
         }
     }
@@ -182,28 +184,34 @@ impl CrashRecord {
     /// The crash of a run whose command line asked for one; `None` for a
     /// run without a `crash=` word.
     pub fn from_report(report: &Value) -> Option<Self> {
-        let spec = report["xtask"]["cmdline"]
+        let report = Report::of(report);
+        let spec = report
+            .xtask
+            .or_empty()
+            .cmdline
             .as_str()?
             .split_whitespace()
             .filter_map(|word| word.strip_prefix("crash="))
             .filter_map(|value| CrashSpec::parse(value).ok())
             .next_back()?;
-        let crash = &report["crash"];
+        let crash = report.crash.or_empty();
+        let capture = report.capture.or_empty();
         Some(Self {
             spec: Some(spec),
-            coordinator: crash["cpu_index"].as_u64(),
-            expected: crash["expected"].as_u64(),
-            checked_in: crash["checked_in"].as_u64(),
-            stragglers: crash["stragglers"]
-                .as_array()
+            coordinator: crash.cpu_index.value(),
+            expected: crash.expected.value(),
+            checked_in: crash.checked_in.value(),
+            stragglers: crash
+                .stragglers
+                .get()
                 .map(|list| list.iter().filter_map(Value::as_u64).collect())
                 .unwrap_or_default(),
-            shootdown_us: crash["shootdown_us"].as_u64(),
-            timed_out: crash["timed_out"] == Value::Bool(true),
-            capture_entered: (report["capture"]["loaded"] == Value::Bool(true))
-                .then(|| report["capture"]["entered"] == Value::Bool(true)),
-            crash_to_capture_us: report["capture"]["crash_to_capture_us"].as_u64(),
-            handover_attempt: report["capture"]["attempt"].as_u64(),
+            shootdown_us: crash.shootdown_us.value(),
+            timed_out: crash.timed_out.value() == Some(true),
+            capture_entered: (capture.loaded.value() == Some(true))
+                .then(|| capture.entered.value() == Some(true)),
+            crash_to_capture_us: capture.crash_to_capture_us.value(),
+            handover_attempt: capture.attempt.value(),
         })
     }
 
@@ -301,11 +309,10 @@ pub struct RunRecord {
 impl RunRecord {
     /// Reads a finished run, adding the plan's `extra` problems.
     pub fn from_outcome(index: u32, cpus: u32, outcome: &RunOutcome, extra: Vec<String>) -> Self {
-        let report = &outcome.report;
-        let online = report["cpus"]["online"].as_u64();
-        let failed_none = report["cpus"]["failed"]
-            .as_array()
-            .is_some_and(Vec::is_empty);
+        let report = Report::of(&outcome.report);
+        let reported = report.cpus.or_empty();
+        let online = reported.online.value();
+        let failed_none = reported.failed.get().is_some_and(Vec::is_empty);
         let mut problems: Vec<String> = outcome.reason.iter().cloned().collect();
         problems.extend(extra);
         Self {
@@ -314,13 +321,17 @@ impl RunRecord {
             reason: (!problems.is_empty()).then(|| problems.join("; ")),
             all_online: online == Some(u64::from(cpus)) && failed_none,
             online,
-            bringup_us: report["bringup_us"].as_u64(),
-            cmdline: report["xtask"]["cmdline"]
+            bringup_us: report.bringup_us.value(),
+            cmdline: report
+                .xtask
+                .or_empty()
+                .cmdline
                 .as_str()
                 .unwrap_or_default()
                 .to_owned(),
-            crash: CrashRecord::from_report(report),
-            serial_log: report["serial_log"]
+            crash: CrashRecord::from_report(&outcome.report),
+            serial_log: report
+                .serial_log
                 .as_str()
                 .map(PathBuf::from)
                 .unwrap_or_else(|| outcome.run_dir.join("serial.log")),

@@ -365,3 +365,70 @@ fn an_atomic_sink_takes_the_same_block() {
         .collect();
     assert_eq!(words, plain);
 }
+
+fn handover() -> HandoverFacts {
+    HandoverFacts {
+        kernel_hv: true,
+        cpu_notes: 64,
+        memory_ranges: 3,
+        digest_ok: Some(true),
+        handover_us: 19_000_000,
+        handover_tsc: 500,
+        steps_tsc: [100, 200, 300, 400, 450],
+        attempt: 1,
+        coordinator_stray_nmis: 2,
+    }
+}
+
+#[test]
+fn the_hand_over_reads_back_and_says_it_jumps() {
+    let mut words = vmx_block();
+    words.resize(MAX_WORDS, 0);
+    assert_eq!(Facts::parse(&to_bytes(&words)).unwrap().handover(), None);
+    store_handover(&mut words[..], &handover());
+    let bytes = to_bytes(&words);
+    let read = Facts::parse(&bytes).unwrap().handover().unwrap();
+    assert_eq!(read, handover());
+    let mut text = String::new();
+    render_handover(&read, None, &mut text).unwrap();
+    let (line, report) = text.split_once('\n').unwrap();
+    assert_eq!(
+        line,
+        "*** hv: capture: 64 CPU notes, 3 memory ranges; digests verified; jumping to the hv capture kernel"
+    );
+    let report: Value =
+        serde_json::from_str(report.trim_end().strip_prefix("@hv ").unwrap()).unwrap();
+    assert_eq!(
+        report,
+        json!({"capture": {
+            "kernel": "hv", "digest_ok": true, "jumped": true,
+            "handover_us": 19_000_000, "handover_tsc": 500,
+            "rendezvous_tsc": 100, "cleanup_tsc": 200, "summary_tsc": 300,
+            "header_tsc": 400, "digests_tsc": 450, "attempt": 1,
+            "coordinator_stray_nmis": 2, "refused": null
+        }})
+    );
+    // A new block forgets an old hand-over.
+    let mut sink = words.clone();
+    FactsWriter::new(&mut sink[..], 1, 0).finish();
+    assert_eq!(Facts::parse(&to_bytes(&sink)).unwrap().handover(), None);
+}
+
+#[test]
+fn a_refused_hand_over_says_why_and_no_jump_line() {
+    let facts = HandoverFacts {
+        digest_ok: None,
+        kernel_hv: false,
+        ..handover()
+    };
+    let mut text = String::new();
+    render_handover(&facts, Some(&"segment 0 changed"), &mut text).unwrap();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let report: Value =
+        serde_json::from_str(text.trim_end().strip_prefix("@hv ").unwrap()).unwrap();
+    assert_eq!(report["capture"]["kernel"], "linux");
+    assert_eq!(report["capture"]["digest_ok"], Value::Null);
+    assert_eq!(report["capture"]["hv_check"], "skipped");
+    assert_eq!(report["capture"]["jumped"], false);
+    assert_eq!(report["capture"]["refused"], "segment 0 changed");
+}

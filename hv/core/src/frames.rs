@@ -412,11 +412,8 @@ mod tests {
         let mut a = allocator(&[(0, 0xa_0000), (MIB, 63 * MIB)]);
         let total = a.free_bytes();
         let mut live: Vec<(u64, u64)> = Vec::new();
-        let mut seed = 7u64;
-        let mut next = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-            seed >> 33
-        };
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut next = || rng.u64(..);
         for _ in 0..5000 {
             if live.is_empty() || next() % 3 != 0 {
                 let pages = 1 + next() % 64;

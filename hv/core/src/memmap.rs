@@ -579,15 +579,12 @@ mod tests {
         assert!(MemMapError::TooManyRegions.to_string().contains("256"));
     }
 
-    /// A tiny deterministic generator, so the randomized test needs no crate.
-    struct Lcg(u64);
-    impl Lcg {
+    /// The randomized test's generator: the workspace's seeded one
+    /// (fastrand).
+    struct Rng(fastrand::Rng);
+    impl Rng {
         fn next(&mut self) -> u64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            self.0 >> 33
+            self.0.u64(..)
         }
     }
 
@@ -603,7 +600,7 @@ mod tests {
             Other(1),
             Other(2),
         ];
-        let mut rng = Lcg(0x1234_5678);
+        let mut rng = Rng(fastrand::Rng::with_seed(0x1234_5678));
         for _ in 0..2000 {
             let mut model: [Option<RegionKind>; SPACE as usize] = [None; SPACE as usize];
             let mut map = MemoryMap::new();

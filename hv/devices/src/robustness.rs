@@ -14,18 +14,21 @@ use crate::platform::{Event, InterruptState, Platform, PlatformConfig, RunState}
 use crate::time::fake::FakeClock;
 use crate::uart::fake::Lines;
 
-struct XorShift(u64);
+/// The workspace's seeded generator (fastrand), with the picks these
+/// tests make.
+struct Rng(fastrand::Rng);
 
-impl XorShift {
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Self(fastrand::Rng::with_seed(seed))
+    }
+
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
+        self.0.u64(..)
     }
 
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        self.0.usize(0..n)
     }
 
     fn pick<T: Copy>(&mut self, items: &[T]) -> T {
@@ -47,7 +50,7 @@ const INTERESTING: [u32; 10] = [
     0x40_0000,
 ];
 
-fn mutate(rng: &mut XorShift, input: &[u8]) -> Vec<u8> {
+fn mutate(rng: &mut Rng, input: &[u8]) -> Vec<u8> {
     let mut bytes = input.to_vec();
     for _ in 0..1 + rng.below(6) {
         if bytes.is_empty() {
@@ -79,7 +82,7 @@ fn mutate(rng: &mut XorShift, input: &[u8]) -> Vec<u8> {
 
 /// Loads `image` as the kernel would; checks what an `Ok` promises.
 /// Returns whether it loaded.
-fn exercise_loader(rng: &mut XorShift, image: &[u8]) -> bool {
+fn exercise_loader(rng: &mut Rng, image: &[u8]) -> bool {
     let Ok(parsed) = MultibootImage::parse(image) else {
         return false;
     };
@@ -122,7 +125,7 @@ fn exercise_loader(rng: &mut XorShift, image: &[u8]) -> bool {
 
 #[test]
 fn mutated_images_never_panic_the_loader() {
-    let mut rng = XorShift(0x5EED_0001);
+    let mut rng = Rng::new(0x5EED_0001);
     let mut seeds = vec![ElfBuilder::kvm_unit_test_like().build()];
     let mut low = ElfBuilder::kvm_unit_test_like();
     low.segments = vec![
@@ -171,7 +174,7 @@ fn mutated_images_never_panic_the_loader() {
 
 #[test]
 fn random_bytes_never_panic_the_decoder() {
-    let mut rng = XorShift(0x5EED_0002);
+    let mut rng = Rng::new(0x5EED_0002);
     for _ in 0..100_000 {
         let len = rng.below(20);
         let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
@@ -196,7 +199,7 @@ const PORTS: [u16; 24] = [
 
 #[test]
 fn random_guests_never_panic_the_platform() {
-    let mut rng = XorShift(0x5EED_0003);
+    let mut rng = Rng::new(0x5EED_0003);
     // What the rounds reached, so that the test cannot pass by doing nothing.
     let (mut interrupts, mut nmis, mut starts, mut stops) = (0, 0, 0, 0);
     for _ in 0..40 {

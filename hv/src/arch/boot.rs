@@ -57,6 +57,12 @@ multiboot2_entry:
 
     .global pvh_entry
 pvh_entry:
+    /* The first instruction's TSC: a capture image reports it as the
+     * moment the capture kernel was entered (before .bss is zeroed and the
+     * page tables built). */
+    rdtsc
+    mov dword ptr [hv_pvh_entry_tsc], eax
+    mov dword ptr [hv_pvh_entry_tsc + 4], edx
     xor edx, edx
     mov esi, ebx
     mov ebp, {pvh}
@@ -183,6 +189,13 @@ boot_gdt_pointer:
 no_long_mode_message:
     .asciz "hv: this CPU has no long mode; halting\r\n"
 
+    /* In .data, not .bss: the entry writes it before .bss is zeroed. */
+    .section .data.boot32, "aw"
+    .balign 8
+    .global hv_pvh_entry_tsc
+hv_pvh_entry_tsc:
+    .quad 0
+
     .section .bss.boot32, "aw", @nobits
     .balign 4096
 boot_pml4:
@@ -224,6 +237,7 @@ macro_rules! entry_point {
 }
 
 unsafe extern "C" {
+    static hv_pvh_entry_tsc: u64;
     static __image_start: u8;
     static __image_end: u8;
     static __text_end: u8;
@@ -248,6 +262,14 @@ pub fn image_layout() -> ImageLayout {
         text: (start, text_end - start),
         rodata: (text_end, rodata_end - text_end),
     }
+}
+
+/// The TSC at the PVH entry's first instruction (0: entered otherwise).
+pub fn pvh_entry_tsc() -> u64 {
+    // SAFETY: (1) the boot stub wrote the word once, before any Rust code
+    // ran, and nothing writes it since; (2) a volatile read, since the
+    // compiler sees no writer.
+    unsafe { core::ptr::read_volatile(&raw const hv_pvh_entry_tsc) }
 }
 
 /// The image's physical range (start, length), from the linker script.

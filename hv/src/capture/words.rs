@@ -43,6 +43,10 @@ pub fn print(address: Option<u64>, facts: Option<u64>) -> usize {
             crate::console::uart_write(&text[..at]);
             let _ = summary::render(&facts, &mut EmergencyConsole);
             crate::console::uart_write(&text[at..]);
+            // The hand-over's lines, last before the jump.
+            if let Some(handover) = facts.handover() {
+                let _ = summary::render_handover(&handover, None, &mut EmergencyConsole);
+            }
         }
         Some(Err(error)) if error != FactsError::NoMagic => {
             crate::console::uart_write(text);

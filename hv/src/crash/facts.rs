@@ -150,6 +150,16 @@ pub fn gather(gathered: &Gathered<'_>) {
     USED_WORDS.store(writer.finish(), Ordering::Release);
 }
 
+/// Adds the hand-over's facts to the gathered block, for the capture
+/// image to print after the summary (nothing if none were gathered).
+pub fn store_handover(facts: &summary::HandoverFacts) {
+    if USED_WORDS.load(Ordering::Acquire) == 0 {
+        return;
+    }
+    let mut sink = &FACTS[..];
+    summary::store_handover(&mut sink, facts);
+}
+
 /// Formats the gathered facts into `out` (nothing if none were gathered).
 pub fn write_summary(out: &mut impl Write) {
     let words = USED_WORDS.load(Ordering::Acquire);

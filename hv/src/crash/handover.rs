@@ -11,6 +11,7 @@ use core::sync::atomic::{AtomicU32, Ordering};
 
 use crash::cpuset::CpuSet;
 use crash::shootdown::VmxExit;
+use crash::summary::{self, HandoverFacts};
 use hv_abi::crash_note::{CpuLedger, CrashRecord, VmclearOutcome, VmclearRecord, cpu_flags};
 use hv_core::cmdline::CoordinatorStep;
 use kexec_loader::PhysRange;
@@ -340,61 +341,49 @@ pub fn hand_over(handover: &Handover<'_>) {
             return;
         }
     };
-    let (said, digest_ok) = match checked {
-        HvCheck::Verified => ("digests verified", Some(true)),
-        HvCheck::Skipped => (
-            "hv's own digest check skipped (capture_hv_check=off), the purgatory checks",
-            None,
-        ),
+    let digest_ok = match checked {
+        HvCheck::Verified => Some(true),
+        HvCheck::Skipped => None,
     };
-    let _ = writeln!(
-        Words,
-        "*** hv: capture: {} CPU notes, {} memory ranges; {said}; jumping to the {} capture kernel",
-        cpu_count,
-        plan.segments.len(),
-        plan.kind.name()
-    );
-    report_capture(plan, digest_ok, None);
+    let facts = handover_facts(plan, digest_ok, cpu_count);
+    // Left for the capture image with the summary, or said now.
+    if super::words::summary_deferred() {
+        super::facts::store_handover(&facts);
+    } else {
+        let _ = summary::render_handover(&facts, None, &mut Words);
+    }
     crate::console::wait_transmitter_empty();
     super::inject::coordinator_step(CoordinatorStep::Purgatory);
     crate::arch::blobs::jump_to_purgatory(plan.purgatory)
 }
 
-/// `digest_ok`: the hypervisor's own check's verdict (`None`: skipped);
-/// it jumps unless there is an `error`.
-fn report_capture(plan: &Plan, digest_ok: Option<bool>, error: Option<&dyn core::fmt::Display>) {
+/// What the hand-over's lines say, stamped now.
+fn handover_facts(plan: &Plan, digest_ok: Option<bool>, cpu_notes: usize) -> HandoverFacts {
     let now = cpu::rdtsc();
-    super::words::report(|o| {
-        o.field("capture").object(|o| {
-            o.field("kernel").str(plan.kind.name())?;
-            o.field("digest_ok")
-                .option(digest_ok, |value, ok| value.bool(ok))?;
-            if digest_ok.is_none() {
-                o.field("hv_check").str("skipped")?;
-            }
-            o.field("jumped").bool(error.is_none())?;
-            // A timestamp (microseconds since the TSC's origin), not a
-            // duration: kept for compatibility; `handover_tsc` is the raw
-            // count, comparable with the other `*_tsc` fields.
-            o.field("handover_us")
-                .u64(crate::cpu::time::tsc_to_us(now))?;
-            o.field("handover_tsc").u64(now)?;
-            o.field("rendezvous_tsc")
-                .u64(super::stamped(super::Step::Rendezvous))?;
-            o.field("cleanup_tsc")
-                .u64(super::stamped(super::Step::Cleanup))?;
-            o.field("summary_tsc")
-                .u64(super::stamped(super::Step::Summary))?;
-            o.field("header_tsc")
-                .u64(super::stamped(super::Step::CoreHeader))?;
-            o.field("digests_tsc")
-                .u64(super::stamped(super::Step::Digests))?;
-            o.field("attempt")
-                .u64(u64::from(ATTEMPTS.load(Ordering::Relaxed)))?;
-            o.field("coordinator_stray_nmis")
-                .u64(u64::from(super::nmi::stray_on_coordinator()))?;
-            o.field("refused")
-                .option(error, |value, error| value.display(error))
-        })
-    });
+    use super::Step;
+    HandoverFacts {
+        kernel_hv: plan.kind == Kind::Hv,
+        cpu_notes: cpu_notes as u64,
+        memory_ranges: plan.segments.len() as u64,
+        digest_ok,
+        handover_us: crate::cpu::time::tsc_to_us(now),
+        handover_tsc: now,
+        steps_tsc: [
+            Step::Rendezvous,
+            Step::Cleanup,
+            Step::Summary,
+            Step::CoreHeader,
+            Step::Digests,
+        ]
+        .map(super::stamped),
+        attempt: u64::from(ATTEMPTS.load(Ordering::Relaxed)),
+        coordinator_stray_nmis: u64::from(super::nmi::stray_on_coordinator()),
+    }
+}
+
+/// The `capture` report line of a refused hand-over: `digest_ok` is the
+/// hypervisor's own check's verdict (`None`: skipped or not reached).
+fn report_capture(plan: &Plan, digest_ok: Option<bool>, error: Option<&dyn core::fmt::Display>) {
+    let facts = handover_facts(plan, digest_ok, 0);
+    let _ = summary::render_handover(&facts, error, &mut Words);
 }

@@ -64,6 +64,12 @@ pub fn defer_summary() -> bool {
     defer
 }
 
+/// Whether the summary was left for the capture image (and the mailbox
+/// not flushed since): the hand-over's lines may then be left too.
+pub fn summary_deferred() -> bool {
+    SUMMARY_AT.load(Ordering::Relaxed) != usize::MAX && deferred()
+}
+
 /// The crash path's writer: the mailbox, or the UART.
 pub struct Words;
 

@@ -933,3 +933,36 @@ fn each_damage_to_the_kernels_table_shows() {
             .contains("refusing to jump")
     );
 }
+
+#[test]
+fn the_seal_sees_one_changed_entry_in_either_algorithm() {
+    for algorithm in [Algorithm::Xxh64, Algorithm::Sha256] {
+        let machine = Machine {
+            bytes: (0..16384u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                .collect(),
+        };
+        let mut digests = DigestTable::<MAX_SEGMENTS>::new().with_algorithm(algorithm);
+        digests.record(BASE, machine.slice(BASE, 8192)).unwrap();
+        digests
+            .record(BASE + 8192, machine.slice(BASE + 8192, 4096))
+            .unwrap();
+        let sealed = SealedTable::seal(digests.clone());
+        assert_eq!(sealed.checked_entries().map(<[_]>::len), Ok(2));
+        // The same ranges, one digest changed after sealing.
+        let mut other = DigestTable::<MAX_SEGMENTS>::new().with_algorithm(algorithm);
+        other.record(BASE, machine.slice(BASE, 8192)).unwrap();
+        other
+            .record(BASE + 8192, machine.slice(BASE + 4096, 4096))
+            .unwrap();
+        let changed = SealedTable {
+            table: other,
+            ..sealed.clone()
+        };
+        assert_eq!(
+            changed.checked_entries().unwrap_err(),
+            TableError::SealMismatch,
+            "{algorithm:?}"
+        );
+    }
+}

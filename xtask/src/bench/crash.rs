@@ -44,20 +44,16 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
+use super::CrashRuns;
 use crate::capture::{self, CaptureKernel, CaptureOptions};
-use crate::crash::{CrashSpec, CrashSpecExt, DEFAULT_GUEST_RUN_MS, Rng};
+use crate::crash::{CrashSpec, CrashSpecExt};
 use crate::paths;
-use crate::run::{self, Boot, QemuOptions};
+use crate::run::{Boot, QemuOptions};
 use crate::stats::{self, Spread};
 use crate::stress::{progress_bar, say};
 
 /// The directory of the benchmark's runs under `build/`.
 const BENCH_DIR: &str = "bench-crash";
-
-/// Largest random `after_ms` past the guest run: the crash comes soon
-/// after the boot report (hv keeps the guests running until it comes, so
-/// its NMIs find CPUs in guest mode, as in `bench shootdown`).
-const MAX_AFTER_MS: u64 = 20;
 
 /// The steps of the way, in order: their names, and the report keys of
 /// the TSC stamps they run between.
@@ -122,57 +118,30 @@ pub const TOTAL: (&str, &str, &str) = (
 /// A crash-path benchmark.
 #[derive(Debug, Clone)]
 pub struct CrashBenchOptions {
-    /// The hv ELF.
-    pub elf: PathBuf,
+    /// The crash runs (machine, runs, crashes).
+    pub crashes: CrashRuns,
     /// The hv capture image (built for the default reservation).
     pub capture_image: PathBuf,
-    /// CPUs of the machine.
-    pub smp: u32,
-    /// Memory in MiB.
-    pub memory_mib: u32,
-    /// Crash runs.
-    pub runs: u32,
-    /// The CPU that panics; `None` draws one per run.
-    pub cpu: Option<u32>,
-    /// Seed of the random CPUs and times.
-    pub seed: u64,
-    /// Time allowed for one run.
-    pub timeout: Duration,
-    /// Whether to show a progress bar.
-    pub progress: bool,
     /// Measure Linux's crash to purgatory beside each hv run.
     pub linux: bool,
 }
 
 impl CrashBenchOptions {
-    /// `-smp 64`, 512 MiB, 10 runs, a random CPU per run.
+    /// `-smp 64`, hv's capture memory, 10 runs, a random CPU per run.
     pub fn new(elf: impl Into<PathBuf>, capture_image: impl Into<PathBuf>) -> Self {
         Self {
-            elf: elf.into(),
+            crashes: CrashRuns {
+                memory_mib: capture::HV_MEMORY_MIB,
+                ..CrashRuns::new(elf)
+            },
             capture_image: capture_image.into(),
-            smp: 64,
-            memory_mib: capture::HV_MEMORY_MIB,
-            runs: 10,
-            cpu: None,
-            seed: 0,
-            timeout: Duration::from_secs(120),
-            progress: true,
             linux: true,
         }
     }
 
     /// The crash of each run, in order: the same seed gives the same runs.
     pub fn specs(&self) -> Vec<CrashSpec> {
-        let mut rng = Rng::new(self.seed);
-        (0..self.runs)
-            .map(|_| CrashSpec {
-                cpu: self
-                    .cpu
-                    .unwrap_or_else(|| rng.below(u64::from(self.smp)) as u32),
-                after_ms: DEFAULT_GUEST_RUN_MS + 1 + rng.below(MAX_AFTER_MS),
-                point: None,
-            })
-            .collect()
+        self.crashes.specs()
     }
 }
 
@@ -347,19 +316,15 @@ impl CrashBenchResult {
 
 /// Runs the benchmark.
 pub fn bench_crash(options: &CrashBenchOptions) -> Result<CrashBenchResult> {
-    if options.runs == 0 {
+    if options.crashes.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    crate::tools::ensure(&run::qemu_needs(Boot::Direct))?;
-    let root = paths::run_dir(BENCH_DIR);
-    if root.exists() {
-        fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
-    }
+    let root = super::fresh_qemu_bench(BENCH_DIR)?;
     let capture = CaptureOptions {
         image: Some(options.capture_image.clone()),
         default_crash: None,
         until_entry: true,
-        ..CaptureOptions::new(CaptureKernel::Hv, options.smp)
+        ..CaptureOptions::new(CaptureKernel::Hv, options.crashes.smp)
     };
     let linux = if options.linux {
         let host = super::tsc::host_tsc(Duration::from_millis(100), 3);
@@ -371,7 +336,7 @@ pub fn bench_crash(options: &CrashBenchOptions) -> Result<CrashBenchResult> {
         None
     };
     let accel = crate::accel::detect();
-    let bar = progress_bar(u64::from(options.runs), options.progress);
+    let bar = progress_bar(u64::from(options.crashes.runs), options.crashes.progress);
     let mut emulator = String::new();
     let mut samples = Vec::new();
     let mut linux_us = Vec::new();
@@ -379,13 +344,13 @@ pub fn bench_crash(options: &CrashBenchOptions) -> Result<CrashBenchResult> {
         let round = index + 1;
         bar.set_message(format!("run {round}: {}", spec.word()));
         let run_options = QemuOptions {
-            smp: options.smp,
-            memory_mib: options.memory_mib,
+            smp: options.crashes.smp,
+            memory_mib: options.crashes.memory_mib,
             boot: Boot::Direct,
             append: vec![spec.word()],
-            timeout: options.timeout,
+            timeout: options.crashes.timeout,
             run_name: Some(format!("{BENCH_DIR}/run-{round:03}")),
-            ..QemuOptions::new(&options.elf)
+            ..QemuOptions::new(&options.crashes.elf)
         };
         let outcome = capture::qemu(&run_options, &capture)?;
         emulator = super::measured_crash_run(round, &spec, &outcome)?;
@@ -408,9 +373,14 @@ pub fn bench_crash(options: &CrashBenchOptions) -> Result<CrashBenchResult> {
         if let Some(linux) = &linux {
             bar.set_message(format!("run {round}: Linux"));
             let name = format!("{BENCH_DIR}/linux-{round:03}");
-            let us =
-                super::linux_crash::run(linux, accel, options.smp, &name, Duration::from_secs(600))
-                    .with_context(|| format!("Linux run {round}"))?;
+            let us = super::linux_crash::run(
+                linux,
+                accel,
+                options.crashes.smp,
+                &name,
+                Duration::from_secs(600),
+            )
+            .with_context(|| format!("Linux run {round}"))?;
             say(
                 &bar,
                 format!("run {round}: Linux crash to purgatory {us:.0} us"),
@@ -422,11 +392,11 @@ pub fn bench_crash(options: &CrashBenchOptions) -> Result<CrashBenchResult> {
     }
     bar.finish_and_clear();
     let result = CrashBenchResult {
-        smp: options.smp,
-        memory_mib: options.memory_mib,
+        smp: options.crashes.smp,
+        memory_mib: options.crashes.memory_mib,
         emulator,
-        seed: options.seed,
-        cpu: options.cpu,
+        seed: options.crashes.seed,
+        cpu: options.crashes.cpu,
         samples,
         linux_us,
     };
@@ -436,7 +406,9 @@ pub fn bench_crash(options: &CrashBenchOptions) -> Result<CrashBenchResult> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::MAX_AFTER_MS;
     use super::*;
+    use crate::crash::DEFAULT_GUEST_RUN_MS;
 
     /// The stamps of one run at 1 GHz (1000 ticks a microsecond).
     fn report(khz: u64) -> Value {
@@ -524,8 +496,8 @@ mod tests {
     #[test]
     fn specs_are_time_based_and_replayable() {
         let mut options = CrashBenchOptions::new("/t/hv", "/t/hv-capture");
-        options.seed = 3;
-        options.runs = 50;
+        options.crashes.seed = 3;
+        options.crashes.runs = 50;
         let specs = options.specs();
         assert!(specs.iter().all(|s| {
             s.point.is_none()

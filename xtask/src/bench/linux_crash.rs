@@ -23,17 +23,16 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::thread;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 use crate::accel::Accel;
 use crate::cpio::Archive;
-use crate::process::KillOnDrop;
+use crate::process::{self, Followed, KillOnDrop, SerialLog};
 use crate::run::{self, Media};
-use crate::serial::{FileTail, LineBuffer, strip_ansi};
+use crate::serial::strip_ansi;
 use crate::{debian, initramfs, makedumpfile, paths};
 
 /// The crashing kernel's last words before `panic()`.
@@ -165,15 +164,11 @@ pub fn run(
         "-initrd".into(),
         reference.initramfs.clone().into_os_string(),
     ]);
-    let log = fs::File::create(run_dir.join("qemu.log"))?;
-    let child = Command::new("qemu-system-x86_64")
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("could not start qemu-system-x86_64")?;
-    let mut child = KillOnDrop::new(child);
+    let mut child = process::spawn_logged(
+        Command::new("qemu-system-x86_64").args(&args),
+        &run_dir.join("qemu.log"),
+        "qemu-system-x86_64",
+    )?;
     let serial_log = run_dir.join("serial.log");
     let times = watch_markers(&mut child, &serial_log, timeout)
         .with_context(|| format!("the Linux crash run (see {})", serial_log.display()))?;
@@ -184,49 +179,49 @@ pub fn run(
 /// Follows the serial log every millisecond until the purgatory speaks;
 /// the time from the crash line to it.
 fn watch_markers(child: &mut KillOnDrop, serial_log: &Path, timeout: Duration) -> Result<Duration> {
-    let started = Instant::now();
-    let mut tail = FileTail::new(serial_log);
-    let mut lines = LineBuffer::default();
     let mut crashed: Option<Instant> = None;
     let mut partial = String::new();
-    loop {
-        let exited = child.try_wait()?;
-        let bytes = tail.read_new()?;
-        let now = Instant::now();
-        // A marker counts when its bytes arrive, not when its line ends.
-        partial.push_str(&String::from_utf8_lossy(&bytes));
-        if crashed.is_none() && partial.contains(CRASH_MARKER) {
-            crashed = Some(now);
-        }
-        if let Some(at) = crashed
-            && partial.contains(PURGATORY_MARKER)
-        {
-            return Ok(now.duration_since(at));
-        }
-        for line in lines.push(&bytes) {
-            let line = strip_ansi(&line);
-            if line.contains(FAILED_MARKER) {
-                bail!("kexec could not load the capture kernel");
+    let followed = process::follow(
+        child,
+        &mut SerialLog::new(serial_log),
+        timeout,
+        Duration::from_millis(1),
+        |look| {
+            let now = Instant::now();
+            // A marker counts when its bytes arrive, not when its line ends.
+            partial.push_str(&String::from_utf8_lossy(look.bytes));
+            if crashed.is_none() && partial.contains(CRASH_MARKER) {
+                crashed = Some(now);
             }
-        }
-        if let Some(cut) = partial.rfind('\n') {
-            partial.drain(..=cut);
-        }
-        if let Some(status) = exited {
-            bail!("QEMU ended ({status}) before `{PURGATORY_MARKER}`");
-        }
-        if started.elapsed() >= timeout {
-            bail!(
-                "no `{}` after {} s",
-                if crashed.is_some() {
-                    PURGATORY_MARKER
-                } else {
-                    CRASH_MARKER
-                },
-                timeout.as_secs()
-            );
-        }
-        thread::sleep(Duration::from_millis(1));
+            if let Some(at) = crashed
+                && partial.contains(PURGATORY_MARKER)
+            {
+                return Ok(Some(now.duration_since(at)));
+            }
+            for line in look.lines {
+                let line = strip_ansi(line);
+                if line.contains(FAILED_MARKER) {
+                    bail!("kexec could not load the capture kernel");
+                }
+            }
+            if let Some(cut) = partial.rfind('\n') {
+                partial.drain(..=cut);
+            }
+            Ok(None)
+        },
+    )?;
+    match followed {
+        Followed::Found(time) => Ok(time),
+        Followed::Exited(status) => bail!("QEMU ended ({status}) before `{PURGATORY_MARKER}`"),
+        Followed::TimedOut => bail!(
+            "no `{}` after {} s",
+            if crashed.is_some() {
+                PURGATORY_MARKER
+            } else {
+                CRASH_MARKER
+            },
+            timeout.as_secs()
+        ),
     }
 }
 

@@ -20,14 +20,12 @@
 
 use crate::crash::CrashSpecExt;
 use std::fs;
-use std::path::PathBuf;
-use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
-use crate::crash::{CrashSpec, DEFAULT_GUEST_RUN_MS, Rng};
-use crate::paths;
+use crate::crash::CrashSpec;
+use crate::report::model::Report;
 use crate::run::{self, Boot, QemuOptions};
 use crate::stats::{self, Spread};
 use crate::stress::{progress_bar, say};
@@ -35,63 +33,8 @@ use crate::stress::{progress_bar, say};
 /// The directory of the benchmark's runs under `build/`.
 const BENCH_DIR: &str = "bench-shootdown";
 
-/// Largest random `after_ms` past the guest run: the crash comes soon
-/// after the boot report.
-const MAX_AFTER_MS: u64 = 20;
-
-/// A shootdown benchmark.
-#[derive(Debug, Clone)]
-pub struct ShootdownOptions {
-    /// The hv ELF.
-    pub elf: PathBuf,
-    /// CPUs of the machine.
-    pub smp: u32,
-    /// Memory in MiB.
-    pub memory_mib: u32,
-    /// Crash runs.
-    pub runs: u32,
-    /// The CPU that panics; `None` draws one per run.
-    pub cpu: Option<u32>,
-    /// Seed of the random CPUs and times.
-    pub seed: u64,
-    /// Time allowed for one run.
-    pub timeout: Duration,
-    /// Whether to show a progress bar.
-    pub progress: bool,
-}
-
-impl ShootdownOptions {
-    /// `-smp 64`, 512 MiB, 10 runs, a random CPU per run.
-    pub fn new(elf: impl Into<PathBuf>) -> Self {
-        Self {
-            elf: elf.into(),
-            smp: 64,
-            memory_mib: 512,
-            runs: 10,
-            cpu: None,
-            seed: 0,
-            timeout: Duration::from_secs(120),
-            progress: true,
-        }
-    }
-
-    /// The crash of each run, in order: the same seed gives the same runs.
-    pub fn specs(&self) -> Vec<CrashSpec> {
-        let mut rng = Rng::new(self.seed);
-        (0..self.runs)
-            .map(|_| {
-                let cpu = self
-                    .cpu
-                    .unwrap_or_else(|| rng.below(u64::from(self.smp)) as u32);
-                CrashSpec {
-                    cpu,
-                    after_ms: DEFAULT_GUEST_RUN_MS + 1 + rng.below(MAX_AFTER_MS),
-                    point: None,
-                }
-            })
-            .collect()
-    }
-}
+/// A shootdown benchmark: its crash runs, nothing more.
+pub type ShootdownOptions = super::CrashRuns;
 
 /// What one crash run measured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,22 +56,23 @@ pub struct ShootdownSample {
 impl ShootdownSample {
     /// Reads a crash report; the reason when it lacks the numbers.
     pub fn from_report(spec: CrashSpec, report: &Value) -> Result<Self, String> {
-        let crash = &report["crash"];
-        let shootdown_us = crash["shootdown_us"]
-            .as_u64()
-            .ok_or("no crash.shootdown_us")?;
-        let nmi_latency_us = crash["nmi_latency_us"]
-            .as_array()
+        let crash = Report::of(report).crash.or_empty();
+        let shootdown_us = crash.shootdown_us.value().ok_or("no crash.shootdown_us")?;
+        let nmi_latency_us = crash
+            .nmi_latency_us
+            .get()
             .ok_or("no crash.nmi_latency_us")?
             .iter()
             .map(Value::as_u64)
             .collect();
-        let nmi_in_guest = crash["nmi_in_guest"]
-            .as_array()
+        let nmi_in_guest = crash
+            .nmi_in_guest
+            .get()
             .map(|entries| entries.iter().map(Value::as_bool).collect())
             .unwrap_or_default();
-        let checkin_us = crash["checkin_us"]
-            .as_array()
+        let checkin_us = crash
+            .checkin_us
+            .get()
             .map(|cpus| cpus.iter().map(Value::as_u64).collect())
             .unwrap_or_default();
         Ok(Self {
@@ -309,11 +253,7 @@ pub fn bench_shootdown(options: &ShootdownOptions) -> Result<ShootdownResult> {
     if options.smp < 2 {
         bail!("a shootdown needs at least 2 CPUs");
     }
-    crate::tools::ensure(&run::qemu_needs(Boot::Direct))?;
-    let root = paths::run_dir(BENCH_DIR);
-    if root.exists() {
-        fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
-    }
+    let root = super::fresh_qemu_bench(BENCH_DIR)?;
     let bar = progress_bar(u64::from(options.runs), options.progress);
     let mut emulator = String::new();
     let mut samples = Vec::new();
@@ -369,7 +309,9 @@ pub fn bench_shootdown(options: &ShootdownOptions) -> Result<ShootdownResult> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::MAX_AFTER_MS;
     use super::*;
+    use crate::crash::DEFAULT_GUEST_RUN_MS;
 
     fn sample(cpu: u32, shootdown_us: u64, latency: &[Option<u64>]) -> ShootdownSample {
         ShootdownSample {

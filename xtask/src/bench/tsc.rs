@@ -19,10 +19,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
-use crate::paths;
+use crate::report::model::Report;
 use crate::run::{self, Boot, QemuOptions};
 use crate::stats::{self, Spread};
 use crate::stress::{progress_bar, say};
@@ -86,16 +86,15 @@ pub struct TscSample {
 impl TscSample {
     /// Reads a boot's report; the reason when it has no rate.
     pub fn from_report(report: &Value) -> Result<Self, String> {
-        let smp = &report["smp"];
-        let text = |key: &str| smp[key].as_str().map(str::to_owned);
+        let smp = Report::of(report).smp.or_empty();
         Ok(Self {
-            khz: smp["tsc_khz"].as_u64().ok_or("no smp.tsc_khz")?,
-            source: text("tsc_source").ok_or("no smp.tsc_source")?,
-            measured_by: text("tsc_measured_by"),
-            confirmed_by: text("tsc_confirmed_by"),
-            attempts: smp["tsc_attempts"].as_u64(),
-            rejected: smp["tsc_rejected"].as_u64(),
-            disagreements: smp["tsc_disagreements"].as_u64(),
+            khz: smp.tsc_khz.value().ok_or("no smp.tsc_khz")?,
+            source: smp.tsc_source.get().cloned().ok_or("no smp.tsc_source")?,
+            measured_by: smp.tsc_measured_by.get().cloned(),
+            confirmed_by: smp.tsc_confirmed_by.get().cloned(),
+            attempts: smp.tsc_attempts.value(),
+            rejected: smp.tsc_rejected.value(),
+            disagreements: smp.tsc_disagreements.value(),
         })
     }
 
@@ -317,11 +316,7 @@ pub fn bench_tsc(options: &TscOptions) -> Result<TscResult> {
     if options.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    crate::tools::ensure(&run::qemu_needs(Boot::Direct))?;
-    let root = paths::run_dir(BENCH_DIR);
-    if root.exists() {
-        fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
-    }
+    let root = super::fresh_qemu_bench(BENCH_DIR)?;
     // Measured before the load, which only blurs the measurement.
     let host = host_tsc(Duration::from_millis(250), 5);
     if host.khz <= 0.0 {
@@ -347,10 +342,11 @@ pub fn bench_tsc(options: &TscOptions) -> Result<TscResult> {
                 outcome.run_dir.display()
             );
         }
-        emulator = outcome.report["emulator"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
+        emulator = Report::of(&outcome.report)
+            .emulator
+            .get()
+            .cloned()
+            .unwrap_or_default();
         let sample = TscSample::from_report(&outcome.report).map_err(|error| {
             anyhow::anyhow!("boot {round}: {error} (see {})", outcome.run_dir.display())
         })?;

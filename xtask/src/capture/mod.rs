@@ -23,7 +23,8 @@
 //! with what xtask found, see [`judge`]), and the verdict adds the capture's
 //! checks to the crash run's.
 
-pub mod judge;
+/// The capture's judging lives with the other judges ([`crate::judge`]).
+pub use crate::judge::capture as judge;
 pub mod selftest;
 pub mod stream;
 mod timing;
@@ -459,11 +460,7 @@ pub fn qemu(options: &QemuOptions, capture: &CaptureOptions) -> Result<RunOutcom
             if run_dir.join(DEBUGCON_LOG).exists() {
                 fs::rename(run_dir.join(DEBUGCON_LOG), &stream)?;
             }
-            if capture.until_entry {
-                not_waited_for(&mut outcome, stream)
-            } else {
-                Collected::from_stream(&run_dir, &stream)
-            }
+            hv_stream(&mut outcome, &run_dir, stream, capture.until_entry)
         }
     };
     judge::conclude(
@@ -501,6 +498,21 @@ fn parallel_copy(
         let _ = fs::remove_file(&image);
     }
     Some(result)
+}
+
+/// hv's stream, reassembled into the dump; not waited for when the run
+/// ended at the capture kernel's entry.
+fn hv_stream(
+    outcome: &mut RunOutcome,
+    run_dir: &Path,
+    stream: PathBuf,
+    until_entry: bool,
+) -> Collected {
+    if until_entry {
+        not_waited_for(outcome, stream)
+    } else {
+        Collected::from_stream(run_dir, &stream)
+    }
 }
 
 /// A capture run stopped at the capture kernel's entry
@@ -614,11 +626,7 @@ pub fn bochs(options: &BochsOptions, capture: &CaptureOptions) -> Result<RunOutc
     let outcome = run::bochs(&run);
     let times = clock.stop();
     let mut outcome = outcome?;
-    let collected = if capture.until_entry {
-        not_waited_for(&mut outcome, stream)
-    } else {
-        Collected::from_stream(&run_dir, &stream)
-    };
+    let collected = hv_stream(&mut outcome, &run_dir, stream, capture.until_entry);
     judge::conclude(
         &mut outcome,
         capture.kernel,

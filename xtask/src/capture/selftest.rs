@@ -12,8 +12,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::thread;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -24,7 +23,7 @@ use super::judge::{Collected, linux_init_lines};
 use super::{DISK_FILE, DUMP_FILE, disk_args, sparse_file};
 use crate::dump::DumpInfo;
 use crate::initramfs::{self, COPIED_MARKER};
-use crate::process::KillOnDrop;
+use crate::process::{self, Followed, SerialLog};
 use crate::run::{self, Media};
 use crate::{accel, paths};
 
@@ -164,21 +163,22 @@ pub fn linux_selftest(name: &str, timeout: Duration) -> Result<SelfTest> {
     }
     args.extend(disk_args(&disk));
 
-    let log = fs::File::create(run_dir.join("qemu.log"))?;
-    let child = Command::new("qemu-system-x86_64")
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("could not start qemu-system-x86_64")?;
-    let mut child = KillOnDrop::new(child);
+    let mut child = process::spawn_logged(
+        Command::new("qemu-system-x86_64").args(&args),
+        &run_dir.join("qemu.log"),
+        "qemu-system-x86_64",
+    )?;
     let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if started.elapsed() > timeout {
+    let followed = process::follow(
+        &mut child,
+        &mut SerialLog::new(&run_dir.join("serial.log")),
+        timeout,
+        Duration::from_millis(50),
+        |_| Ok(None::<()>),
+    )?;
+    let status = match followed {
+        Followed::Exited(status) => status,
+        Followed::Found(()) | Followed::TimedOut => {
             child.kill();
             bail!(
                 "the Linux capture kernel did not finish within {} s (see {})",
@@ -186,7 +186,6 @@ pub fn linux_selftest(name: &str, timeout: Duration) -> Result<SelfTest> {
                 run_dir.join("serial.log").display()
             );
         }
-        thread::sleep(Duration::from_millis(50));
     };
     let elapsed = started.elapsed();
     let serial = String::from_utf8_lossy(&fs::read(run_dir.join("serial.log"))?).into_owned();

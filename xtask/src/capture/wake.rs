@@ -30,10 +30,12 @@ use std::io::Read;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
 use super::CaptureKernel;
 use super::judge::CRASH_MARKER;
+use crate::report::model::{Field, Report};
 use crate::serial::strip_ansi;
 
 /// How many CPUs Linux brought up, from its `smp: Brought up 1 node, N
@@ -50,82 +52,96 @@ pub fn linux_cpus_brought_up(serial: &str) -> Option<u64> {
         })
 }
 
+/// `capture.wake_check`: of the CPUs that checked in, how many the capture
+/// kernel was to wake and how many it did (`xtask/REPORT.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WakeCheck {
+    pub checked_in: u64,
+    pub expected: u64,
+    pub woken: u64,
+    /// hv's `silent` APIC IDs; null for Linux, which does not say.
+    pub silent: Option<Vec<u64>>,
+    /// `hv` or `dmesg`.
+    pub source: &'static str,
+    pub ok: bool,
+}
+
+/// The numbers of a list of IDs (what is not a number left out).
+fn ids(list: &Field<Vec<Value>>) -> Vec<u64> {
+    list.get()
+        .map(|items| items.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default()
+}
+
 /// The `wake_check` object for a capture run's report (`null` when the
 /// run has no crash, or the capture kernel said nothing about CPUs).
 pub fn check(report: &Value, kernel: CaptureKernel, serial: &str) -> Value {
-    let crash = &report["crash"];
-    let capture = &report["capture"];
-    let Some(checked_in) = crash["checked_in"].as_u64() else {
-        return Value::Null;
-    };
-    let ids = |key: &str| -> Vec<u64> {
-        capture[key]
-            .as_array()
-            .map(|items| items.iter().filter_map(Value::as_u64).collect())
-            .unwrap_or_default()
-    };
+    serde_json::to_value(wake_check(&Report::of(report), kernel, serial)).unwrap_or(Value::Null)
+}
+
+fn wake_check(report: &Report, kernel: CaptureKernel, serial: &str) -> Option<WakeCheck> {
+    let crash = report.crash.or_empty();
+    let capture = report.capture.or_empty();
+    let checked_in = crash.checked_in.value()?;
     let (woken, expected, silent, source) = match kernel {
         CaptureKernel::Hv => {
-            if !capture["woken"].is_array() || capture["wake"] == Value::Bool(false) {
-                return Value::Null;
+            if capture.woken.get().is_none() || capture.wake.value() == Some(false) {
+                return None;
             }
-            let stragglers = ids("woken_stragglers");
-            let woken = ids("woken")
+            let stragglers = ids(&capture.woken_stragglers);
+            let woken = ids(&capture.woken)
                 .iter()
                 .filter(|id| !stragglers.contains(id))
                 .count() as u64;
-            let left_alone = ids("boot_cpu_left_alone").len() as u64;
-            let silent: Vec<u64> = ids("silent");
+            let left_alone = ids(&capture.boot_cpu_left_alone).len() as u64;
             (
                 woken,
                 checked_in.saturating_sub(left_alone),
-                json!(silent),
+                Some(ids(&capture.silent)),
                 "hv",
             )
         }
         CaptureKernel::Linux => {
-            let Some(up) = linux_cpus_brought_up(serial) else {
-                return Value::Null;
-            };
+            let up = linux_cpus_brought_up(serial)?;
             // The capture kernel runs on the coordinator; the old boot CPU
             // is `disable_cpu_apicid=` unless it is the coordinator.
-            let boot_cpu_excluded = crash["cpu_index"].as_u64().is_some_and(|index| index != 0);
+            let boot_cpu_excluded = crash.cpu_index.value().is_some_and(|index| index != 0);
             (
                 up.saturating_sub(1),
                 checked_in.saturating_sub(u64::from(boot_cpu_excluded)),
-                Value::Null,
+                None,
                 "dmesg",
             )
         }
     };
-    let memory_ok = capture["low_memory_unchanged"] != Value::Bool(false);
-    json!({
-        "checked_in": checked_in,
-        "expected": expected,
-        "woken": woken,
-        "silent": silent,
-        "source": source,
-        "ok": woken == expected && memory_ok,
+    let memory_ok = capture.low_memory_unchanged.value() != Some(false);
+    Some(WakeCheck {
+        checked_in,
+        expected,
+        woken,
+        silent,
+        source,
+        ok: woken == expected && memory_ok,
     })
 }
 
 /// What is wrong with the wake; with `required` (`--wake`), also that the
 /// capture kernel did not wake every CPU it was to.
 pub fn problems(report: &Value, required: bool) -> Vec<String> {
-    let capture = &report["capture"];
+    let report = Report::of(report);
+    let capture = report.capture.or_empty();
     let mut problems = Vec::new();
-    if capture["low_memory_unchanged"] == Value::Bool(false) {
+    if capture.low_memory_unchanged.value() == Some(false) {
         problems.push(
             "hv's capture mode found old RAM below 1 MiB changed by its wake: the dump may \
              differ from what the crash left"
                 .to_owned(),
         );
     }
-    if !required || report["crash"].is_null() {
+    if !required || report.crash.is_missing() {
         return problems;
     }
-    let check = &capture["wake_check"];
-    if check.is_null() {
+    if capture.wake_check.is_missing() {
         problems.push(
             "--wake: the capture kernel reported no wake (hv: no `woken`, or \
              `capture_wake=0`; Linux: no `smp: Brought up` line after the crash)"
@@ -133,16 +149,17 @@ pub fn problems(report: &Value, required: bool) -> Vec<String> {
         );
         return problems;
     }
-    if let Some(error) = capture["wake_error"].as_str() {
+    let check = capture.wake_check.or_empty();
+    if let Some(error) = capture.wake_error.as_str() {
         problems.push(format!("--wake: hv's capture mode could not wake: {error}"));
     }
-    if check["woken"] != check["expected"] {
+    if check.woken.raw() != check.expected.raw() {
         problems.push(format!(
             "--wake: the capture kernel woke {} of the {} CPUs that checked in, expected {}{}",
-            check["woken"],
-            check["checked_in"],
-            check["expected"],
-            match check["silent"].as_array() {
+            check.woken.raw(),
+            check.checked_in.raw(),
+            check.expected.raw(),
+            match check.silent.get() {
                 Some(silent) if !silent.is_empty() => format!(
                     " (silent: APIC IDs {})",
                     silent
@@ -160,29 +177,30 @@ pub fn problems(report: &Value, required: bool) -> Vec<String> {
 
 /// The summary's `wake` line.
 pub fn summary_line(report: &Value) -> Option<String> {
-    let capture = &report["capture"];
-    let check = &capture["wake_check"];
-    if check.is_null() {
-        if capture["wake"] == Value::Bool(false) {
+    let capture = Report::of(report).capture.or_empty();
+    if capture.wake_check.is_missing() {
+        if capture.wake.value() == Some(false) {
             return Some("not asked (capture_wake=0)".to_owned());
         }
         return None;
     }
+    let check = capture.wake_check.or_empty();
     let mut line = format!(
         "{} of {} CPUs that checked in woken by the capture kernel",
-        check["woken"], check["checked_in"]
+        check.woken.raw(),
+        check.checked_in.raw()
     );
-    if check["expected"] != check["checked_in"] {
+    if check.expected.raw() != check.checked_in.raw() {
         line.push_str(&format!(
             " ({} expected: old boot CPU left alone)",
-            check["expected"]
+            check.expected.raw()
         ));
     }
-    if capture["old_boot_cpu"] == "warm_reset" {
+    if capture.old_boot_cpu.as_str() == Some("warm_reset") {
         line.push_str("; old boot CPU through the BIOS warm-reset vector");
     }
-    let list = |key: &str| -> Option<String> {
-        let items = capture[key].as_array().filter(|items| !items.is_empty())?;
+    let list = |field: &Field<Vec<Value>>| -> Option<String> {
+        let items = field.get().filter(|items| !items.is_empty())?;
         Some(
             items
                 .iter()
@@ -191,32 +209,30 @@ pub fn summary_line(report: &Value) -> Option<String> {
                 .join(", "),
         )
     };
-    if let Some(silent) = list("silent") {
+    if let Some(silent) = list(&capture.silent) {
         line.push_str(&format!("; silent: APIC {silent}"));
     }
-    if let Some(stragglers) = list("silent_stragglers") {
+    if let Some(stragglers) = list(&capture.silent_stragglers) {
         line.push_str(&format!(" (stragglers: {stragglers})"));
     }
-    if let Some(stragglers) = list("woken_stragglers") {
+    if let Some(stragglers) = list(&capture.woken_stragglers) {
         line.push_str(&format!("; stragglers woken: APIC {stragglers}"));
     }
-    if let Some(alone) = list("stragglers_left_alone") {
+    if let Some(alone) = list(&capture.stragglers_left_alone) {
         line.push_str(&format!("; stragglers left alone: APIC {alone}"));
     }
-    if let Some(mb) = capture["stream_mb_per_s"].as_f64() {
+    if let Some(mb) = capture.stream_mb_per_s.value() {
         line.push_str(&format!(
             "; dump streamed at {mb:.1} MB/s by {} CPUs",
-            capture["workers"]
+            capture.workers.raw()
         ));
     }
-    if let (Some(one), Some(all)) = (
-        capture["linux"]["copy_ms"].as_u64(),
-        capture["linux"]["parallel_copy_ms"].as_u64(),
-    ) {
+    let linux = capture.linux.or_empty();
+    if let (Some(one), Some(all)) = (linux.copy_ms.value(), linux.parallel_copy_ms.value()) {
         line.push_str(&format!(
             "; /proc/vmcore copied in {one} ms by 1 CPU, {all} ms by {}{}",
-            capture["linux"]["parallel_readers"],
-            match capture["parallel_copy_identical"].as_bool() {
+            linux.parallel_readers.raw(),
+            match capture.parallel_copy_identical.value() {
                 Some(true) => " (identical)",
                 Some(false) => " (DIFFERENT)",
                 None => "",
@@ -268,6 +284,7 @@ pub fn compare_copies(dump: &Path, image: &Path) -> Result<ParallelCopy> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use std::fs;
 
     #[test]

@@ -11,7 +11,8 @@
 //! full boot.
 
 use crate::crash::CrashSpecExt;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::crash::{self, CrashSpec, Point, parse_number};
 use hv_abi::defaults::{MAX_WATCHDOG_SECONDS, WATCHDOG_SECONDS};
@@ -345,48 +346,93 @@ impl Expectations {
 
     /// The expectations as they go into the run report (`xtask.expected`).
     pub fn to_json(&self) -> Value {
-        let mut value = json!({
-            "cpus_possible": self.cpus,
-            "cpus_attempted": self.attempted(),
-            "cpus_online": self.online(),
-            "cpus_failed": self.failed,
-            "virt_backend": self.virt.map(Backend::as_str),
-            "guests_stopped": self.stopped_vcpus,
-        });
-        if let Some(mode) = self.apic_mode {
-            value["apic_mode"] = json!(mode);
-        }
-        if self.crash.any() {
+        serde_json::to_value(self.section()).unwrap_or(Value::Null)
+    }
+
+    /// The expectations as the run report's `xtask.expected` section.
+    pub fn section(&self) -> ExpectedSection {
+        let crash = self.crash.any().then(|| {
             let injected = self.crash.injected;
             let loaded = self.guests_known() == Some(true)
                 && (self.crash.hypercall_vcpu.is_some() || self.crash.injected_during_guest_run());
-            value["crash"] = json!({
-                "spec": injected.map(|spec| spec.to_string()),
-                "panickers": injected.map(|spec| spec.panickers(self.attempted())),
-                "stragglers": injected.map(|spec| spec.stragglers()).unwrap_or_default(),
-                "hypercall_vcpu": self.crash.hypercall_vcpu,
-                "timeout_ms": self.crash.timeout_ms,
-                "vmcs_loaded": loaded && self.virt == Some(Backend::Vmx),
-                "vmcb_loaded": loaded && self.virt == Some(Backend::Svm),
-            });
             let knobs = &self.crash;
-            if let Some(hang) = knobs.hang {
-                value["crash"]["hang"] = json!(hang.to_string());
-                value["crash"]["hung_cpus"] = json!(hung_cpus(&hang, self.attempted()));
+            ExpectedCrash {
+                spec: injected.map(|spec| spec.to_string()),
+                panickers: injected.map(|spec| spec.panickers(self.attempted())),
+                stragglers: injected.map(|spec| spec.stragglers()).unwrap_or_default(),
+                hypercall_vcpu: knobs.hypercall_vcpu,
+                timeout_ms: knobs.timeout_ms,
+                vmcs_loaded: loaded && self.virt == Some(Backend::Vmx),
+                vmcb_loaded: loaded && self.virt == Some(Backend::Svm),
+                hang: knobs.hang.map(|hang| hang.to_string()),
+                hung_cpus: knobs.hang.map(|hang| hung_cpus(&hang, self.attempted())),
+                watchdog_seconds: (knobs.hang.is_some()
+                    || knobs.watchdog_seconds != WATCHDOG_SECONDS)
+                    .then_some(knobs.watchdog_seconds),
+                nmi_button: knobs.nmi_button.then_some(true),
+                external_nmi: knobs.nmi_button.then(|| knobs.button_crashes()),
+                stray_write: knobs.stray_write.then_some(true),
             }
-            if knobs.hang.is_some() || knobs.watchdog_seconds != WATCHDOG_SECONDS {
-                value["crash"]["watchdog_seconds"] = json!(knobs.watchdog_seconds);
-            }
-            if knobs.nmi_button {
-                value["crash"]["nmi_button"] = json!(true);
-                value["crash"]["external_nmi"] = json!(knobs.button_crashes());
-            }
-            if knobs.stray_write {
-                value["crash"]["stray_write"] = json!(true);
-            }
+        });
+        ExpectedSection {
+            cpus_possible: self.cpus,
+            cpus_attempted: self.attempted(),
+            cpus_online: self.online(),
+            cpus_failed: self.failed.clone(),
+            virt_backend: self.virt.map(Backend::as_str),
+            guests_stopped: self.stopped_vcpus.clone(),
+            apic_mode: self.apic_mode,
+            crash,
         }
-        value
     }
+}
+
+/// `xtask.expected` in the run report: what the verdict held the report to
+/// (`xtask/REPORT.md`, "What a run expects").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExpectedSection {
+    pub cpus_possible: u32,
+    pub cpus_attempted: u32,
+    pub cpus_online: u32,
+    pub cpus_failed: Vec<u32>,
+    pub virt_backend: Option<&'static str>,
+    pub guests_stopped: Vec<u32>,
+    /// Only on a run that must be in x2APIC mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub apic_mode: Option<&'static str>,
+    /// Only on a crash run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crash: Option<ExpectedCrash>,
+}
+
+/// `xtask.expected.crash`: the crash a crash run must show.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExpectedCrash {
+    pub spec: Option<String>,
+    pub panickers: Option<Vec<u32>>,
+    pub stragglers: Vec<u32>,
+    pub hypercall_vcpu: Option<u32>,
+    pub timeout_ms: u64,
+    pub vmcs_loaded: bool,
+    pub vmcb_loaded: bool,
+    /// Only with `hang=`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hang: Option<String>,
+    /// Only with `hang=`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hung_cpus: Option<Vec<u32>>,
+    /// Only with `hang=` or a `watchdog=` other than the default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watchdog_seconds: Option<u64>,
+    /// Only with the NMI button (then always true).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nmi_button: Option<bool>,
+    /// Only with the NMI button.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_nmi: Option<bool>,
+    /// Only with `stray_write=reservation` (then always true).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stray_write: Option<bool>,
 }
 
 /// The CPU indexes `hang=` hangs on a machine of `cpus` CPUs: the target,
@@ -494,6 +540,7 @@ impl CrashRules {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn a_plain_command_line_expects_every_cpu() {

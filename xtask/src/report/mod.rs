@@ -6,18 +6,19 @@
 //! does not parse is skipped but remembered, so that a garbled report shows
 //! up in the run report instead of vanishing.
 
-mod accounting;
-mod crash;
 mod expect;
+pub mod model;
 mod summary;
-mod trigger;
-mod verdict;
 
-pub use expect::{Backend, CrashKnobs, CrashRules, Expectations, hung_cpus};
+pub use expect::{
+    Backend, CrashKnobs, CrashRules, Expectations, ExpectedCrash, ExpectedSection, hung_cpus,
+};
 pub use summary::{summary, summary_in};
-pub use trigger::EXTERNAL_NMI;
-pub use verdict::{
-    End, ExitConvention, QEMU_EXIT_CRASH, QEMU_EXIT_FAILURE, QEMU_EXIT_SUCCESS, Verdict, judge,
+// The judge's entry for a run and its terms, where they were before the
+// judging moved to [`crate::judge`].
+pub use crate::judge::{
+    EXTERNAL_NMI, End, ExitConvention, QEMU_EXIT_CRASH, QEMU_EXIT_FAILURE, QEMU_EXIT_SUCCESS,
+    Verdict, judge,
 };
 
 use serde_json::{Map, Value};

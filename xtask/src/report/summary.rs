@@ -26,7 +26,10 @@
 use std::fmt::Write;
 use std::path::Path;
 
+use serde::Serialize;
 use serde_json::Value;
+
+use super::model::{Capture, Crash, Field, Report};
 
 /// [`summary_in`] with every path as the report has it (absolute).
 pub fn summary(report: &Value) -> String {
@@ -37,83 +40,88 @@ pub fn summary(report: &Value) -> String {
 /// are shown relative to it, so the commands it prints can be pasted
 /// there.
 pub fn summary_in(report: &Value, cwd: Option<&Path>) -> String {
+    let json = report;
+    let report = Report::of(json);
     let mut out = String::new();
     let mut line = |label: &str, text: String| {
         let _ = writeln!(out, "  {label:<10}{text}");
     };
-    let path = |value: &Value| value.as_str().map(|p| shown(p, cwd));
+    let path = |field: &Field<String>| field.as_str().map(|p| shown(p, cwd));
+    let virt = report.virt.or_empty();
+    let crash = report.crash.get();
+    let capture = report.capture.or_empty();
+    let xtask = report.xtask.or_empty();
 
-    line("boot", boot(report));
-    line("cpus", cpus(report));
-    let svm = report["virt"]["backend"] == "svm" || report["crash"]["backend"] == "svm";
-    if let Some(text) = vmx(report) {
+    line("boot", boot(&report));
+    line("cpus", cpus(&report));
+    let svm = virt.backend.as_str() == Some("svm")
+        || crash.is_some_and(|crash| crash.backend.as_str() == Some("svm"));
+    if let Some(text) = vmx(&report) {
         line(if svm { "svm" } else { "vmx" }, text);
     }
-    let crash = &report["crash"];
-    if crash.is_object() {
+    if let Some(crash) = crash {
         line(
             "crash",
             format!(
                 "CPU {} (APIC ID {}) coordinated: {}",
-                text(&crash["cpu_index"]),
-                text(&crash["cpu"]),
-                text(&crash["reason"])
+                text(&crash.cpu_index),
+                text(&crash.cpu),
+                text(&crash.reason)
             ),
         );
         line("shootdown", shootdown(crash));
-        if crash["backend"] == "svm" {
+        if crash.backend.as_str() == Some("svm") {
             line("VMCB", vmcb(crash));
         } else {
             line("VMCS", vmcs(crash));
         }
-    } else if report["crash_injection"]["fired"] == Value::Bool(false) {
+    } else if report.crash_injection.or_empty().fired.value() == Some(false) {
         line(
             "crash",
             "asked for, but its point was never reached".to_owned(),
         );
     }
-    let capture = &report["capture"];
-    if capture.is_object() {
-        line("capture", capture_line(report));
-        if let Some(text) = crate::capture::wake::summary_line(report) {
+    if report.capture.get().is_some() {
+        line("capture", capture_line(&report, &capture));
+        if let Some(text) = crate::capture::wake::summary_line(json) {
             line("wake", text);
         }
-        let dump = path(&capture["dump_path"]);
-        match (&dump, capture["dump_error"].as_str()) {
+        let dump = path(&capture.dump_path);
+        match (&dump, capture.dump_error.as_str()) {
             (Some(dump), _) => line(
                 "dump",
                 format!(
                     "{dump}: {}, {} CPU notes",
-                    mib(&capture["dump_bytes"]),
-                    text(&capture["cpu_notes"])
+                    mib(&capture.dump_bytes),
+                    text(&capture.cpu_notes)
                 ),
             ),
-            (None, Some(error)) if crash.is_object() => line("dump", format!("none: {error}")),
+            (None, Some(error)) if crash.is_some() => line("dump", format!("none: {error}")),
             _ => {}
         }
-    } else if crash.is_object() {
+    } else if crash.is_some() {
         line(
             "capture",
             "none: a plain crash, ended by hv's crash path".to_owned(),
         );
     }
-    for note in report["xtask"]["notes"].as_array().into_iter().flatten() {
-        line("note", text(note));
+    for note in xtask.notes.get().into_iter().flatten() {
+        line("note", show(note));
     }
-    if let Some(errors) = report["cmdline"]["errors"]
-        .as_array()
+    if let Some(errors) = report
+        .cmdline
+        .or_empty()
+        .errors
+        .get()
         .filter(|e| !e.is_empty())
     {
-        let list: Vec<String> = errors.iter().map(text).collect();
+        let list: Vec<String> = errors.iter().map(show).collect();
         line(
             "cmdline",
             format!("{} errors: {}", errors.len(), list.join("; ")),
         );
     }
-    if let Some(malformed) = report["xtask"]["malformed_lines"]
-        .as_array()
-        .filter(|m| !m.is_empty())
-    {
+    if let Some(malformed) = xtask.malformed_lines.get().filter(|m| !m.is_empty()) {
         line(
             "garbled",
             format!("{} report line(s) did not parse", malformed.len()),
@@ -121,14 +129,14 @@ pub fn summary_in(report: &Value, cwd: Option<&Path>) -> String {
     }
     line(
         "verdict",
-        if report["ok"] == Value::Bool(true) {
+        if report.ok.value() == Some(true) {
             "ok".to_owned()
         } else {
-            format!("FAILED: {}", text(&report["reason"]))
+            format!("FAILED: {}", text(&report.reason))
         },
     );
-    if let Some(dump) = path(&capture["dump_path"]) {
-        let elf = path(&report["xtask"]["elf"]);
+    if let Some(dump) = path(&capture.dump_path) {
+        let elf = path(&xtask.elf);
         let dump = shell_word(&dump);
         match elf.as_deref().map(shell_word) {
             Some(elf) => {
@@ -138,56 +146,60 @@ pub fn summary_in(report: &Value, cwd: Option<&Path>) -> String {
             None => line("inspect", format!("cargo xtask dump {dump}")),
         }
     }
-    if let Some(serial) = path(&report["serial_log"]) {
+    if let Some(serial) = path(&report.serial_log) {
         line("serial", serial);
     }
-    format!("hv on {}\n{out}", text(&report["emulator"]))
+    format!("hv on {}\n{out}", text(&report.emulator))
 }
 
 /// Boot path, loader and memory.
-fn boot(report: &Value) -> String {
-    let loader = &report["loader"];
-    let mut text = text(&report["boot"]);
-    if !loader.is_null() {
-        let name = loader["name"]
+fn boot(report: &Report) -> String {
+    let mut text = self::text(&report.boot);
+    if !report.loader.is_missing() {
+        let loader = report.loader.or_empty();
+        let name = loader
+            .name
             .as_str()
             .map(|name| format!(" from {name}"))
             .unwrap_or_default();
-        let _ = write!(text, ", {}{name}", self::text(&loader["protocol"]));
+        let _ = write!(text, ", {}{name}", self::text(&loader.protocol));
     }
-    let memory = &report["memory"];
-    if let Some(bytes) = memory["usable_bytes"].as_u64() {
+    let memory = report.memory.or_empty();
+    if let Some(bytes) = memory.usable_bytes.value() {
         let _ = write!(
             text,
             "; {:.1} MiB usable in {} regions",
             bytes as f64 / (1024.0 * 1024.0),
-            self::text(&memory["regions"])
+            self::text(&memory.regions)
         );
     }
     text
 }
 
 /// CPUs online of those possible, failed ones, bring-up time.
-fn cpus(report: &Value) -> String {
-    let cpus = &report["cpus"];
-    if cpus.is_null() && report["crash"].is_object() {
+fn cpus(report: &Report) -> String {
+    if report.cpus.is_missing() && report.crash.get().is_some() {
         return "not reported: hv crashed before its boot report".to_owned();
     }
-    let failed = match cpus["failed"].as_array() {
+    let cpus = report.cpus.or_empty();
+    let failed = match cpus.failed.get() {
         Some(list) if list.is_empty() => "none failed".to_owned(),
         Some(list) => format!(
             "failed: APIC ID {}",
-            list.iter().map(text).collect::<Vec<_>>().join(", ")
+            list.iter().map(show).collect::<Vec<_>>().join(", ")
         ),
         None => "failed: ?".to_owned(),
     };
     let mut line = format!(
         "{} of {} online, {failed}",
-        text(&cpus["online"]),
-        text(&cpus["possible"])
+        text(&cpus.online),
+        text(&cpus.possible)
     );
-    if let Some(us) = report["bringup_us"].as_u64() {
-        let mode = report["smp"]["apic_mode"]
+    if let Some(us) = report.bringup_us.value() {
+        let mode = report
+            .smp
+            .or_empty()
+            .apic_mode
             .as_str()
             .map(|mode| format!(" ({mode})"))
             .unwrap_or_default();
@@ -197,13 +209,13 @@ fn cpus(report: &Value) -> String {
 }
 
 /// The backend and the guests, or why there are none.
-fn vmx(report: &Value) -> Option<String> {
-    let virt = &report["virt"];
-    Some(match virt["backend"].as_str()? {
+fn vmx(report: &Report) -> Option<String> {
+    let virt = report.virt.or_empty();
+    Some(match virt.backend.as_str()? {
         "none" => format!(
             "none: {}{}",
-            text(&virt["reason"]),
-            if report["emulator"] == "qemu-tcg" {
+            text(&virt.reason),
+            if report.emulator.as_str() == Some("qemu-tcg") {
                 " (QEMU TCG: its `-cpu max` emulates SVM; this CPU model has neither)"
             } else {
                 ""
@@ -211,35 +223,35 @@ fn vmx(report: &Value) -> Option<String> {
         ),
         backend => format!(
             "{backend}: {} vCPUs on {} CPUs, {} VM exits, {} migrations, {} stopped",
-            text(&virt["vcpus"]),
+            text(&virt.vcpus),
             text(if backend == "svm" {
-                &virt["cpus_in_svm"]
+                &virt.cpus_in_svm
             } else {
-                &virt["cpus_in_vmx"]
+                &virt.cpus_in_vmx
             }),
-            text(&virt["vm_exits"]),
-            text(&virt["migrations"]),
-            text(&virt["stopped"])
+            text(&virt.vm_exits),
+            text(&virt.migrations),
+            text(&virt.stopped)
         ),
     })
 }
 
 /// Who checked in, how fast, who did not.
-fn shootdown(crash: &Value) -> String {
-    let stragglers = match crash["stragglers"].as_array() {
+fn shootdown(crash: &Crash) -> String {
+    let stragglers = match crash.stragglers.get() {
         Some(list) if list.is_empty() => "none".to_owned(),
         Some(list) => format!(
             "APIC ID {}",
-            list.iter().map(text).collect::<Vec<_>>().join(", ")
+            list.iter().map(show).collect::<Vec<_>>().join(", ")
         ),
         None => "?".to_owned(),
     };
     format!(
         "{} of {} CPUs checked in in {} us{}, stragglers: {stragglers}",
-        text(&crash["checked_in"]),
-        text(&crash["expected"]),
-        text(&crash["shootdown_us"]),
-        if crash["timed_out"] == Value::Bool(true) {
+        text(&crash.checked_in),
+        text(&crash.expected),
+        text(&crash.shootdown_us),
+        if crash.timed_out.value() == Some(true) {
             " (timed out)"
         } else {
             ""
@@ -252,18 +264,15 @@ fn shootdown(crash: &Value) -> String {
 /// (`vmxoff_executed`), those; "no VMX" when none had it on. Older reports
 /// only have `vmxoff_cpus`, which counts CPUs out of VMX however they got
 /// there.
-fn vmcs(crash: &Value) -> String {
+fn vmcs(crash: &Crash) -> String {
     let counts = format!(
         "{} loaded, {} cleared, {} on stragglers",
-        text(&crash["vmcs_loaded"]),
-        text(&crash["vmcs_cleared"]),
-        text(&crash["vmcs_on_stragglers"]),
+        text(&crash.vmcs_loaded),
+        text(&crash.vmcs_cleared),
+        text(&crash.vmcs_on_stragglers),
     );
-    let coordinator_off = crash["coordinator_vmx_off"].as_bool();
-    match (
-        crash["vmxoff_executed"].as_u64(),
-        crash["vmx_was_on_cpus"].as_u64(),
-    ) {
+    let coordinator_off = crash.coordinator_vmx_off.value();
+    match (crash.vmxoff_executed.value(), crash.vmx_was_on_cpus.value()) {
         (Some(0), Some(0)) => format!(
             "{counts}; no VMX ran{}",
             match coordinator_off {
@@ -273,7 +282,7 @@ fn vmcs(crash: &Value) -> String {
         ),
         (Some(executed), Some(was_on)) => format!(
             "{counts}; VMXOFF executed on {executed} of {was_on} CPUs with VMX on, coordinator {}",
-            match (crash["coordinator_vmx_exit"].as_str(), coordinator_off) {
+            match (crash.coordinator_vmx_exit.as_str(), coordinator_off) {
                 (_, Some(false)) => "STILL IN VMX",
                 (Some("vmxoff" | "vmxoff_after_ud"), _) => "left VMX",
                 (Some("was_off"), _) => "had no VMX on",
@@ -283,7 +292,7 @@ fn vmcs(crash: &Value) -> String {
         ),
         _ => format!(
             "{counts}; VMXOFF on {} CPUs, coordinator {}",
-            text(&crash["vmxoff_cpus"]),
+            text(&crash.vmxoff_cpus),
             match coordinator_off {
                 Some(true) => "off",
                 Some(false) => "STILL IN VMX",
@@ -295,80 +304,79 @@ fn vmcs(crash: &Value) -> String {
 
 /// On SVM: the VMCBs loaded and cleared, who left SVM (EFER.SVME read
 /// back clear), and whom the NMI found in guest mode.
-fn vmcb(crash: &Value) -> String {
+fn vmcb(crash: &Crash) -> String {
     format!(
         "{} loaded, {} cleared, {} on stragglers; SVM off on {} CPUs, coordinator {}; \
          NMI in guest mode on {} CPUs",
-        text(&crash["vmcb_loaded"]),
-        text(&crash["vmcb_cleared"]),
-        text(&crash["vmcb_on_stragglers"]),
-        text(&crash["svm_off_cpus"]),
-        match crash["coordinator_svm_off"].as_bool() {
+        text(&crash.vmcb_loaded),
+        text(&crash.vmcb_cleared),
+        text(&crash.vmcb_on_stragglers),
+        text(&crash.svm_off_cpus),
+        match crash.coordinator_svm_off.value() {
             Some(true) => "off",
             Some(false) => "STILL IN SVM",
             None => "?",
         },
-        text(&crash["nmi_in_guest_cpus"]),
+        text(&crash.nmi_in_guest_cpus),
     )
 }
 
 /// The capture kernel: loaded, digests, entered, how soon after the crash.
-fn capture_line(report: &Value) -> String {
-    let capture = &report["capture"];
-    let kernel = match capture["kernel"].as_str() {
+fn capture_line(report: &Report, capture: &Capture) -> String {
+    let kernel = match capture.kernel.as_str() {
         Some("hv") => "hv capture mode".to_owned(),
         Some("linux") => "Linux".to_owned(),
         other => other.unwrap_or("?").to_owned(),
     };
-    if capture["loaded"] == Value::Bool(false) {
+    if capture.loaded.value() == Some(false) {
         return format!(
             "{kernel}: not loaded at boot: {}",
-            capture["error"].as_str().unwrap_or("no reason given")
+            capture.error.as_str().unwrap_or("no reason given")
         );
     }
-    if !report["crash"].is_object() {
+    if report.crash.get().is_none() {
         return format!("{kernel}: loaded at boot; no crash to capture");
     }
-    let checked = match capture["digest_ok"].as_bool() {
+    let checked = match capture.digest_ok.value() {
         Some(true) => "digests ok",
         Some(false) => {
             return format!(
                 "{kernel}: digests MISMATCH, jump refused ({})",
-                capture["refused"].as_str().unwrap_or("no reason given")
+                capture.refused.as_str().unwrap_or("no reason given")
             );
         }
-        None if capture["hv_check"] == "skipped" => "hv's check skipped",
+        None if capture.hv_check.as_str() == Some("skipped") => "hv's check skipped",
         None => return format!("{kernel}: no digest check reported at the crash"),
     };
-    if let Some(reason) = capture["purgatory_refused"].as_str() {
+    if let Some(reason) = capture.purgatory_refused.as_str() {
         return format!("{kernel}: {checked}, the purgatory REFUSED it ({reason})");
     }
     let mut line = format!("{kernel}: {checked}, ");
-    if capture["entered"] == Value::Bool(true) {
+    if capture.entered.value() == Some(true) {
         line.push_str("entered");
-        if capture["attempt"].as_u64() == Some(2) {
+        if capture.attempt.value() == Some(2) {
             line.push_str(" (by the second hand-over: the first crashed)");
         }
-        if let Some(us) = capture["crash_to_capture_us"].as_u64() {
+        if let Some(us) = capture.crash_to_capture_us.value() {
             let _ = write!(
                 line,
                 " {:.1} ms after the crash ({})",
                 us as f64 / 1000.0,
-                text(&capture["crash_to_capture_source"])
+                text(&capture.crash_to_capture_source)
             );
         }
     } else {
         line.push_str("NOT entered");
     }
-    if let Some(ms) = capture["linux"]["copy_ms"].as_u64() {
+    if let Some(ms) = capture.linux.or_empty().copy_ms.value() {
         let _ = write!(line, "; /proc/vmcore copied in {ms} ms");
     }
     line
 }
 
 /// A byte count as MiB.
-fn mib(bytes: &Value) -> String {
-    match bytes.as_u64() {
+fn mib(bytes: &Field<u64>) -> String {
+    match bytes.value() {
         Some(bytes) => format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0)),
         None => "? bytes".to_owned(),
     }
@@ -393,8 +401,13 @@ fn shell_word(word: &str) -> String {
     }
 }
 
+/// A field as plain text: strings without quotes, absence as `?`.
+fn text<T: Serialize>(field: &Field<T>) -> String {
+    show(&field.raw())
+}
+
 /// A JSON value as plain text: strings without quotes, absence as `?`.
-fn text(value: &Value) -> String {
+fn show(value: &Value) -> String {
     match value {
         Value::Null => "?".to_owned(),
         Value::String(text) => text.clone(),

@@ -9,15 +9,15 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
 use super::watch::{StopWhen, WatchRules, watch};
-use super::{Boot, Finished, RunOutcome, check_elf, finish, log_file, prepare_run_dir};
+use super::{Boot, Finished, RunOutcome, check_elf, finish, prepare_run_dir};
 use crate::iso::BootModule;
-use crate::process::KillOnDrop;
+use crate::process;
 use crate::report::{Backend, ExitConvention, Expectations};
 use crate::tools::{self, BOCHS_BIOS, Need, VGA_BIOS};
 use crate::{cmdline, iso};
@@ -244,26 +244,25 @@ pub fn bochs(options: &BochsOptions) -> Result<RunOutcome> {
             script.display()
         );
     }
-    let (mut stdout, stderr) = log_file(&run_dir.join(EMULATOR_LOG))?;
+    let (mut stdout, stderr) = process::log_files(&run_dir.join(EMULATOR_LOG))?;
     if let Some(path) = &options.stdout_log {
         stdout = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     }
-    let child = Command::new("bochs")
-        .arg("-q")
-        .arg("-f")
-        .arg(&config)
-        .arg("-rc")
-        .arg(&script)
-        .current_dir(&run_dir)
-        // The term display needs a terminal type; a dumb one keeps its
-        // output (into bochs.out) free of escape sequences.
-        .env("TERM", "dumb")
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr)
-        .spawn()
-        .context("could not start bochs")?;
-    let mut child = KillOnDrop::new(child);
+    let mut child = process::spawn(
+        Command::new("bochs")
+            .arg("-q")
+            .arg("-f")
+            .arg(&config)
+            .arg("-rc")
+            .arg(&script)
+            .current_dir(&run_dir)
+            // The term display needs a terminal type; a dumb one keeps its
+            // output (into bochs.out) free of escape sequences.
+            .env("TERM", "dumb"),
+        stdout,
+        stderr,
+        "bochs",
+    )?;
     let rules = WatchRules {
         stop: options.stop,
         button: None,
@@ -277,10 +276,8 @@ pub fn bochs(options: &BochsOptions) -> Result<RunOutcome> {
         &rules,
     )?;
     let mut notes = Vec::new();
-    let mut xtask_keys = serde_json::Map::new();
     if let Some(why) = watched.stopped_by_xtask {
         notes.push(format!("Bochs was ended by xtask: {why}"));
-        xtask_keys.insert("stopped_by_xtask".to_owned(), serde_json::json!(why));
     }
     drop(child);
     let log = fs::read(run_dir.join(BOCHS_LOG))
@@ -302,7 +299,8 @@ pub fn bochs(options: &BochsOptions) -> Result<RunOutcome> {
         notes,
         emulator_problems: log_problems(&log, 5),
         watched,
-        xtask_keys,
+        qemu: None,
+        nmi_button: None,
     })
 }
 

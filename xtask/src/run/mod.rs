@@ -28,8 +28,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
-use crate::report::{self, End, ExitConvention, Expectations, MalformedLine};
-use watch::Watched;
+use crate::report::{self, End, ExitConvention, Expectations, ExpectedSection, MalformedLine};
+pub(crate) use watch::Watched;
 
 /// Called with every serial line as it arrives (progress, timing).
 #[derive(Clone)]
@@ -110,34 +110,35 @@ impl RunOutcome {
 /// Everything about a finished run that goes into its report besides hv's
 /// own lines.
 #[derive(Debug)]
-struct Finished<'a> {
-    emulator: &'a str,
-    boot: Boot,
+pub(crate) struct Finished<'a> {
+    pub(crate) emulator: &'a str,
+    pub(crate) boot: Boot,
     /// The hv ELF that was booted.
-    elf: &'a Path,
-    expect: Expectations,
-    convention: ExitConvention,
-    cmdline: &'a str,
-    run_dir: &'a Path,
-    serial_log: &'a Path,
+    pub(crate) elf: &'a Path,
+    pub(crate) expect: Expectations,
+    pub(crate) convention: ExitConvention,
+    pub(crate) cmdline: &'a str,
+    pub(crate) run_dir: &'a Path,
+    pub(crate) serial_log: &'a Path,
     /// The emulator's own log file (Bochs' `log:`), or its console output.
-    emulator_log: &'a Path,
+    pub(crate) emulator_log: &'a Path,
     /// What the emulator printed on stdout and stderr.
-    console_log: &'a Path,
-    notes: Vec<String>,
+    pub(crate) console_log: &'a Path,
+    pub(crate) notes: Vec<String>,
     /// What the emulator's log says went wrong (Bochs' `>>PANIC<<` and
     /// `>>ERROR<<` lines): each one fails the run and is named in its
     /// verdict.
-    emulator_problems: Vec<String>,
-    watched: Watched,
-    /// More keys for the report's `xtask` object (the NMI button, why
-    /// xtask ended the emulator).
-    xtask_keys: serde_json::Map<String, Value>,
+    pub(crate) emulator_problems: Vec<String>,
+    pub(crate) watched: Watched,
+    /// The QEMU program (`xtask.qemu`), on QEMU runs.
+    pub(crate) qemu: Option<Value>,
+    /// The NMI button (`xtask.nmi_button`), when the run pressed it.
+    pub(crate) nmi_button: Option<NmiButtonSection>,
 }
 
 /// Judges a finished run, assembles its report and saves it as
 /// `report.json` in the run directory.
-fn finish(run: Finished<'_>) -> Result<RunOutcome> {
+pub(crate) fn finish(run: Finished<'_>) -> Result<RunOutcome> {
     let malformed = run.watched.collector.malformed().to_vec();
     let lines = run.watched.collector.lines_seen();
     let report_lines = run.watched.collector.report_lines();
@@ -170,26 +171,26 @@ fn finish(run: Finished<'_>) -> Result<RunOutcome> {
     if !report.is_object() {
         report = json!({});
     }
-    let xtask = json!({
-        "cpus_requested": run.expect.cpus,
-        "elf": run.elf,
-        "expected": run.expect.to_json(),
-        "cmdline": run.cmdline,
-        "exit_status": exit_status,
-        "timed_out": timed_out,
-        "elapsed_secs": (run.watched.elapsed.as_secs_f64() * 100.0).round() / 100.0,
-        "serial_lines": lines,
-        "report_lines": report_lines,
-        "malformed_lines": malformed.iter().map(malformed_json).collect::<Vec<_>>(),
-        "emulator_log": run.emulator_log,
-        "emulator_output": run.console_log,
-        "notes": run.notes,
-        "emulator_problems": run.emulator_problems,
-    });
-    let mut xtask = xtask;
-    if let Value::Object(map) = &mut xtask {
-        map.extend(run.xtask_keys);
-    }
+    let xtask = XtaskSection {
+        cpus_requested: run.expect.cpus,
+        elf: run.elf.to_path_buf(),
+        expected: run.expect.section(),
+        cmdline: run.cmdline.to_owned(),
+        exit_status,
+        timed_out,
+        elapsed_secs: (run.watched.elapsed.as_secs_f64() * 100.0).round() / 100.0,
+        serial_lines: lines,
+        report_lines,
+        malformed_lines: malformed.iter().map(MalformedLineSection::of).collect(),
+        emulator_log: run.emulator_log.to_path_buf(),
+        emulator_output: run.console_log.to_path_buf(),
+        notes: run.notes,
+        emulator_problems: run.emulator_problems,
+        qemu: run.qemu,
+        nmi_button: run.nmi_button,
+        stopped_by_xtask: run.watched.stopped_by_xtask,
+    };
+    let xtask = serde_json::to_value(&xtask).context("serialising the report's xtask object")?;
     let owned = [
         ("emulator", json!(run.emulator)),
         ("boot", json!(run.boot.as_str())),
@@ -237,8 +238,68 @@ fn check_elf(elf: &Path) -> Result<()> {
     Ok(())
 }
 
-fn malformed_json(line: &MalformedLine) -> Value {
-    json!({"line": line.line_number, "text": line.text, "error": line.error})
+/// The run report's `xtask` object: what xtask saw of the run
+/// (`xtask/REPORT.md`, "The run report").
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct XtaskSection {
+    pub cpus_requested: u32,
+    /// The hv ELF booted.
+    pub elf: PathBuf,
+    pub expected: ExpectedSection,
+    /// hv's command line as passed.
+    pub cmdline: String,
+    /// `None` (null) when the emulator was killed.
+    pub exit_status: Option<i32>,
+    pub timed_out: bool,
+    pub elapsed_secs: f64,
+    pub serial_lines: usize,
+    pub report_lines: usize,
+    pub malformed_lines: Vec<MalformedLineSection>,
+    pub emulator_log: PathBuf,
+    pub emulator_output: PathBuf,
+    pub notes: Vec<String>,
+    pub emulator_problems: Vec<String>,
+    /// Only on QEMU runs: the QEMU program (`qemu_program::report_of`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qemu: Option<Value>,
+    /// Only when the run pressed the NMI button.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nmi_button: Option<NmiButtonSection>,
+    /// Only when xtask ended the emulator itself: why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped_by_xtask: Option<&'static str>,
+}
+
+/// `xtask.nmi_button`: the platform's NMI button, pressed over QMP.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct NmiButtonSection {
+    pub after_ms: u64,
+    /// QMP said `return`.
+    pub pressed: bool,
+    /// From QEMU's start; null when never pressed.
+    pub at_secs: Option<f64>,
+    pub after_report_ms: Option<u64>,
+    /// QMP's error, or null.
+    pub error: Option<String>,
+}
+
+/// One of `xtask.malformed_lines`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MalformedLineSection {
+    /// 1-based line number in the serial log.
+    pub line: usize,
+    pub text: String,
+    pub error: String,
+}
+
+impl MalformedLineSection {
+    fn of(line: &MalformedLine) -> Self {
+        Self {
+            line: line.line_number,
+            text: line.text.clone(),
+            error: line.error.clone(),
+        }
+    }
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<()> {
@@ -263,13 +324,6 @@ pub(crate) fn prepare_run_dir(name: &str, logs: &[&str]) -> Result<PathBuf> {
         }
     }
     Ok(dir)
-}
-
-/// Opens `path` for an emulator's stdout and stderr.
-fn log_file(path: &Path) -> Result<(fs::File, fs::File)> {
-    let file = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let copy = file.try_clone().context("duplicating a log file handle")?;
-    Ok((file, copy))
 }
 
 #[cfg(test)]
@@ -313,7 +367,8 @@ mod tests {
                 stopped_by_xtask: None,
                 pressed: None,
             },
-            xtask_keys: serde_json::Map::new(),
+            qemu: None,
+            nmi_button: None,
         })
         .unwrap();
 
@@ -382,7 +437,8 @@ mod tests {
                 stopped_by_xtask: None,
                 pressed: None,
             },
-            xtask_keys: serde_json::Map::new(),
+            qemu: None,
+            nmi_button: None,
         })
         .unwrap();
         let reason = outcome.reason.unwrap();

@@ -3,16 +3,15 @@
 use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
 use super::watch::{NmiButton, StopWhen, WatchRules, Watched, watch};
-use super::{Boot, Finished, RunOutcome, check_elf, finish, log_file, prepare_run_dir};
+use super::{Boot, Finished, NmiButtonSection, RunOutcome, check_elf, finish, prepare_run_dir};
 use crate::accel::{self, Accel};
 use crate::iso::BootModule;
-use crate::process::KillOnDrop;
+use crate::process;
 use crate::qemu_program::{self, QemuProgram};
 use crate::report::{Backend, End, ExitConvention, Expectations};
 use crate::report::{QEMU_EXIT_FAILURE, QEMU_EXIT_SUCCESS};
@@ -375,20 +374,16 @@ pub fn qemu(options: &QemuOptions) -> Result<RunOutcome> {
     if x2apic {
         expect = expect.with_apic_mode("x2apic");
     }
-    let mut xtask_keys = serde_json::Map::new();
-    xtask_keys.insert("qemu".to_owned(), qemu_program::report_of(&program));
+    let mut nmi_button = None;
     if let Some(ms) = options.nmi_button_after_ms {
         let pressed = watched.pressed.as_ref();
-        xtask_keys.insert(
-            "nmi_button".to_owned(),
-            serde_json::json!({
-                "after_ms": ms,
-                "pressed": pressed.is_some_and(|p| p.result.is_ok()),
-                "at_secs": pressed.map(|p| (p.at.as_secs_f64() * 1000.0).round() / 1000.0),
-                "after_report_ms": pressed.map(|p| p.after_report.as_millis() as u64),
-                "error": pressed.and_then(|p| p.result.as_ref().err().cloned()),
-            }),
-        );
+        nmi_button = Some(NmiButtonSection {
+            after_ms: ms,
+            pressed: pressed.is_some_and(|p| p.result.is_ok()),
+            at_secs: pressed.map(|p| (p.at.as_secs_f64() * 1000.0).round() / 1000.0),
+            after_report_ms: pressed.map(|p| p.after_report.as_millis() as u64),
+            error: pressed.and_then(|p| p.result.as_ref().err().cloned()),
+        });
         match pressed.map(|p| &p.result) {
             None => notes.push(format!(
                 "the NMI button was never pressed: hv's boot report did not come, or QEMU \
@@ -400,7 +395,6 @@ pub fn qemu(options: &QemuOptions) -> Result<RunOutcome> {
     }
     let convention = if let Some(why) = watched.stopped_by_xtask {
         notes.push(format!("QEMU was ended by xtask: {why}"));
-        xtask_keys.insert("stopped_by_xtask".to_owned(), serde_json::json!(why));
         ExitConvention::Meaningless
     } else {
         ExitConvention::QemuDebugExit
@@ -419,7 +413,8 @@ pub fn qemu(options: &QemuOptions) -> Result<RunOutcome> {
         notes,
         emulator_problems: Vec::new(),
         watched,
-        xtask_keys,
+        qemu: Some(qemu_program::report_of(&program)),
+        nmi_button,
     })
 }
 
@@ -503,16 +498,11 @@ fn attempt(
             .collect();
         eprintln!("$ {} {}", program.program.display(), shown.join(" "));
     }
-    let (stdout, stderr) = log_file(&run_dir.join(EMULATOR_LOG))?;
-    let child = program
-        .command()
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr)
-        .spawn()
-        .context("could not start qemu-system-x86_64")?;
-    let mut child = KillOnDrop::new(child);
+    let mut child = process::spawn_logged(
+        program.command().args(&args),
+        &run_dir.join(EMULATOR_LOG),
+        "qemu-system-x86_64",
+    )?;
     watch(
         &mut child,
         &run_dir.join(SERIAL_LOG),

@@ -2,15 +2,14 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::Value;
 
-use crate::process::KillOnDrop;
+use crate::process::{Followed, KillOnDrop, SerialLog, follow};
 use crate::report::{End, ReportCollector};
-use crate::serial::{FileTail, LineBuffer, strip_ansi};
+use crate::serial::strip_ansi;
 
 /// What hv's capture mode prints once it has read the crashed
 /// hypervisor's ELF core header: `capture: N CPU notes; streaming ...`.
@@ -134,10 +133,8 @@ pub(crate) fn watch(
     rules: &WatchRules,
 ) -> Result<Watched> {
     let started = Instant::now();
+    let mut log = SerialLog::new(serial_log);
     let mut serial = Serial {
-        tail: FileTail::new(serial_log),
-        path: serial_log,
-        lines: LineBuffer::default(),
         collector: ReportCollector::default(),
         bytes: 0,
         header_read: false,
@@ -147,15 +144,11 @@ pub(crate) fn watch(
     };
     let mut reported_at = None;
     let mut pressed = None;
-    let mut stopped_by_xtask = None;
 
-    let end = loop {
-        // Check for the exit before reading, so that the read after an exit
-        // sees everything the emulator wrote.
-        let exited = child.try_wait().context("waiting for the emulator")?;
-        serial.take()?;
-        if let Some(status) = exited {
-            break End::Exited(status.code());
+    let followed = follow(child, &mut log, timeout, POLL_INTERVAL, |look| {
+        serial.take(look.bytes, look.lines);
+        if look.exited {
+            return Ok(None);
         }
         if let Some(button) = &rules.button
             && pressed.is_none()
@@ -180,25 +173,24 @@ pub(crate) fn watch(
             }
         }
         let quiet = serial.last_bytes.elapsed() >= QUIET_BEFORE_STOP;
-        if let Some(why) = over(
+        Ok(over(
             rules.stop,
             serial.collector.report(),
             serial.header_read,
             quiet,
-        ) {
-            child.kill();
-            serial.take()?;
-            stopped_by_xtask = Some(why);
-            break End::Exited(None);
-        }
-        if started.elapsed() >= timeout {
-            child.kill();
-            serial.take()?;
-            break End::TimedOut(timeout);
-        }
-        thread::sleep(POLL_INTERVAL);
+        ))
+    })?;
+    let (end, stopped_by_xtask) = match followed {
+        Followed::Exited(status) => (End::Exited(status.code()), None),
+        Followed::Found(why) => (End::Exited(None), Some(why)),
+        Followed::TimedOut => (End::TimedOut(timeout), None),
     };
-    if let Some(last) = serial.lines.finish() {
+    if !matches!(followed, Followed::Exited(_)) {
+        child.kill();
+        let (bytes, lines) = log.read()?;
+        serial.take(&bytes, &lines);
+    }
+    if let Some(last) = log.finish() {
         consume(&mut serial.collector, &last, echo);
         if let Some(hook) = &rules.on_line {
             (hook.0)(&last);
@@ -214,11 +206,8 @@ pub(crate) fn watch(
     })
 }
 
-/// The serial log as it is read: its new bytes, lines and report.
+/// The serial log as it is read: its report, and what the stop rules ask.
 struct Serial<'a> {
-    tail: FileTail,
-    path: &'a Path,
-    lines: LineBuffer,
     collector: ReportCollector,
     /// How many bytes arrived.
     bytes: usize,
@@ -231,24 +220,19 @@ struct Serial<'a> {
 }
 
 impl Serial<'_> {
-    /// Reads what arrived and feeds its lines on.
-    fn take(&mut self) -> Result<()> {
-        let bytes = self
-            .tail
-            .read_new()
-            .with_context(|| format!("reading {}", self.path.display()))?;
+    /// Takes what arrived and feeds its lines on.
+    fn take(&mut self, bytes: &[u8], lines: &[String]) {
         if !bytes.is_empty() {
             self.bytes += bytes.len();
             self.last_bytes = Instant::now();
         }
-        for line in self.lines.push(&bytes) {
+        for line in lines {
             self.header_read |= line.contains(CAPTURE_HEADER_MARKER);
-            consume(&mut self.collector, &line, self.echo);
+            consume(&mut self.collector, line, self.echo);
             if let Some(hook) = self.on_line {
-                (hook.0)(&line);
+                (hook.0)(line);
             }
         }
-        Ok(())
     }
 }
 

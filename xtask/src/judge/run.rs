@@ -13,7 +13,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::crash::{crash_problems, expected_exception, expected_panic};
-use super::expect::{Backend, Expectations};
+use crate::report::model::{Cpus, Report, Virt, numbers};
+use crate::report::{Backend, Expectations};
 
 /// QEMU's exit status when hv wrote its success code (0x10) to
 /// `isa-debug-exit`: `(0x10 << 1) | 1`.
@@ -61,9 +62,21 @@ pub fn judge(
     end: End,
     convention: ExitConvention,
 ) -> Verdict {
+    judge_report(&Report::of(report), expect, end, convention)
+}
+
+/// [`judge`], of the typed report.
+pub fn judge_report(
+    report: &Report,
+    expect: &Expectations,
+    end: End,
+    convention: ExitConvention,
+) -> Verdict {
     let mut problems = Vec::new();
-    let done = report["done"] == Value::Bool(true);
-    let crash_rules = expect.crash_rules(report["virt"]["backend"].as_str());
+    let done = report.done.value() == Some(true);
+    let virt = report.virt.or_empty();
+    let crash_rules = expect.crash_rules(virt.backend.as_str());
+    let crash = report.crash.get();
 
     if let End::TimedOut(after) = end {
         problems.push(format!(
@@ -71,36 +84,40 @@ pub fn judge(
             after.as_secs(),
             if done {
                 " (hv reported done but did not end the emulator)"
-            } else if report["crash"].is_object() {
+            } else if crash.is_some() {
                 " (hv reported its crash but did not end the emulator)"
             } else {
                 ""
             }
         ));
     }
-    if let Some(panic) = report.get("panic")
-        && !crash_rules
+    if !report.panic.is_missing() {
+        let panic = report.panic.or_empty();
+        if !crash_rules
             .as_ref()
-            .is_some_and(|rules| expected_panic(panic, rules))
-    {
-        problems.push(format!(
-            "hv panicked on cpu {}: {}",
-            show(&panic["cpu"]),
-            panic["message"].as_str().unwrap_or("(no message)")
-        ));
+            .is_some_and(|rules| expected_panic(&panic, rules))
+        {
+            problems.push(format!(
+                "hv panicked on cpu {}: {}",
+                show(&panic.cpu.raw()),
+                panic.message.as_str().unwrap_or("(no message)")
+            ));
+        }
     }
-    if let Some(exception) = report.get("exception")
-        && !crash_rules
+    if !report.exception.is_missing() {
+        let exception = report.exception.or_empty();
+        if !crash_rules
             .as_ref()
-            .is_some_and(|rules| expected_exception(exception, rules))
-    {
-        problems.push(format!(
-            "fatal exception {} (vector {}) on cpu {} at rip {}",
-            exception["name"].as_str().unwrap_or("(unnamed)"),
-            show(&exception["vector"]),
-            show(&exception["cpu"]),
-            hex(&exception["rip"]),
-        ));
+            .is_some_and(|rules| expected_exception(&exception, rules))
+        {
+            problems.push(format!(
+                "fatal exception {} (vector {}) on cpu {} at rip {}",
+                exception.name.as_str().unwrap_or("(unnamed)"),
+                show(&exception.vector.raw()),
+                show(&exception.cpu.raw()),
+                hex(&exception.rip.raw()),
+            ));
+        }
     }
     match &crash_rules {
         Some(rules) => problems.extend(crash_problems(report, rules)),
@@ -119,14 +136,14 @@ pub fn judge(
                 });
             }
             // A crash nobody asked for; a panic or exception already says why.
-            if report["crash"].is_object()
-                && report.get("panic").is_none()
-                && report.get("exception").is_none()
+            if let Some(crash) = crash
+                && report.panic.is_missing()
+                && report.exception.is_missing()
             {
                 problems.push(format!(
                     "hv went through its crash path on cpu {}: {}",
-                    show(&report["crash"]["cpu_index"]),
-                    report["crash"]["reason"].as_str().unwrap_or("(no reason)")
+                    show(&crash.cpu_index.raw()),
+                    crash.reason.as_str().unwrap_or("(no reason)")
                 ));
             }
         }
@@ -159,15 +176,15 @@ pub fn judge(
     // A crash before the boot report (before VMX, during bring-up, during
     // the guest run) leaves no `cpus` to judge: the crash report's own
     // counts stand for it.
-    if crash_rules.is_none() || report.get("cpus").is_some() {
-        problems.extend(cpu_problems(&report["cpus"], expect));
+    if crash_rules.is_none() || !report.cpus.is_missing() {
+        problems.extend(cpu_problems(&report.cpus.or_empty(), expect));
     }
-    problems.extend(virt_problems(report, expect));
+    problems.extend(virt_problems(report, &virt, expect, done));
     // A crash before the boot report leaves no `smp` to judge.
     if let Some(mode) = expect.apic_mode
-        && (crash_rules.is_none() || report.get("smp").is_some())
+        && (crash_rules.is_none() || !report.smp.is_missing())
     {
-        match report["smp"]["apic_mode"].as_str() {
+        match report.smp.or_empty().apic_mode.as_str() {
             Some(reported) if reported == mode => {}
             Some(reported) => {
                 problems.push(format!("smp.apic_mode is {reported}, expected {mode}"))
@@ -185,9 +202,9 @@ pub fn judge(
 /// What is wrong with `cpus`: every CPU given must be found, every CPU
 /// started must come online except those expected to fail, and exactly
 /// those must be named in `failed`.
-fn cpu_problems(cpus: &Value, expect: &Expectations) -> Vec<String> {
+fn cpu_problems(cpus: &Cpus, expect: &Expectations) -> Vec<String> {
     let mut problems = Vec::new();
-    match cpus["possible"].as_u64() {
+    match cpus.possible.value() {
         Some(possible) if possible == u64::from(expect.cpus) => {}
         Some(possible) => problems.push(format!(
             "cpus.possible is {possible}, expected {}",
@@ -195,7 +212,7 @@ fn cpu_problems(cpus: &Value, expect: &Expectations) -> Vec<String> {
         )),
         None => problems.push("no cpus.possible reported".to_owned()),
     }
-    match cpus["online"].as_u64() {
+    match cpus.online.value() {
         Some(online) if online == u64::from(expect.online()) => {}
         Some(online) => problems.push(format!(
             "cpus.online is {online}, expected {} ({})",
@@ -205,7 +222,7 @@ fn cpu_problems(cpus: &Value, expect: &Expectations) -> Vec<String> {
         None => problems.push("no cpus.online reported".to_owned()),
     }
     // Older reports may lack `attempted`; when it is there it must agree.
-    if let Some(attempted) = cpus["attempted"].as_u64()
+    if let Some(attempted) = cpus.attempted.value()
         && attempted != u64::from(expect.attempted())
     {
         problems.push(format!(
@@ -213,7 +230,7 @@ fn cpu_problems(cpus: &Value, expect: &Expectations) -> Vec<String> {
             expect.attempted()
         ));
     }
-    match apic_ids(&cpus["failed"]) {
+    match numbers(&cpus.failed) {
         Some(mut failed) => {
             failed.sort_unstable();
             let mut expected: Vec<u64> = expect.failed.iter().map(|&id| u64::from(id)).collect();
@@ -229,7 +246,7 @@ fn cpu_problems(cpus: &Value, expect: &Expectations) -> Vec<String> {
                 ));
             }
         }
-        None if cpus["online"].is_u64() => {
+        None if cpus.online.value().is_some() => {
             problems.push("no cpus.failed list reported".to_owned());
         }
         None => {}
@@ -256,31 +273,25 @@ fn online_rule(expect: &Expectations) -> String {
     }
 }
 
-/// A JSON array of APIC IDs, `None` if it is not one.
-fn apic_ids(value: &Value) -> Option<Vec<u64>> {
-    value.as_array()?.iter().map(Value::as_u64).collect()
-}
-
 /// What is wrong with `virt` and `guests_stopped`: the backend the platform
 /// implies, a reason whenever there is no backend, and exactly the expected
 /// guests stopped, each for a nested page fault (`ept_violation` on VMX,
 /// `nested_page_fault` on SVM).
-fn virt_problems(report: &Value, expect: &Expectations) -> Vec<String> {
+fn virt_problems(report: &Report, virt: &Virt, expect: &Expectations, done: bool) -> Vec<String> {
     let mut problems = Vec::new();
-    let virt = &report["virt"];
-    let backend = virt["backend"].as_str();
+    let backend = virt.backend.as_str();
     match (expect.virt, backend) {
         (Some(wanted), Some(backend)) if backend != wanted.as_str() => {
             problems.push(format!(
                 "virt.backend is {backend}, expected {}{}",
                 wanted.as_str(),
-                virt["reason"]
+                virt.reason
                     .as_str()
                     .map(|reason| format!(" (hv says: {reason})"))
                     .unwrap_or_default()
             ));
         }
-        (Some(wanted), None) if report["done"] == Value::Bool(true) => {
+        (Some(wanted), None) if done => {
             problems.push(format!(
                 "no virt.backend reported, expected {}",
                 wanted.as_str()
@@ -288,7 +299,7 @@ fn virt_problems(report: &Value, expect: &Expectations) -> Vec<String> {
         }
         _ => {}
     }
-    if backend == Some(Backend::None.as_str()) && !virt["reason"].is_string() {
+    if backend == Some(Backend::None.as_str()) && virt.reason.as_str().is_none() {
         problems.push("virt.backend is none but hv gave no virt.reason".to_owned());
     }
     let Some(backend) = backend
@@ -299,7 +310,7 @@ fn virt_problems(report: &Value, expect: &Expectations) -> Vec<String> {
     };
     let fault = backend.nested_page_fault();
 
-    let stopped = report["guests_stopped"].as_object();
+    let stopped = report.guests_stopped.get();
     let mut named: Vec<String> = stopped
         .map(|map| map.keys().cloned().collect())
         .unwrap_or_default();
@@ -318,15 +329,18 @@ fn virt_problems(report: &Value, expect: &Expectations) -> Vec<String> {
         ));
     }
     for vcpu in &expected {
-        let reason = &report["guests_stopped"][vcpu]["reason"];
-        if !reason.is_null() && reason != fault {
+        let reason = stopped
+            .and_then(|map| map.get(vcpu))
+            .map(|vcpu| vcpu.or_empty().reason)
+            .unwrap_or_default();
+        if !reason.is_missing() && reason.as_str() != Some(fault) {
             problems.push(format!(
                 "vCPU {vcpu} was stopped for {}, expected {fault}",
-                show(reason)
+                show(&reason.raw())
             ));
         }
     }
-    match virt["stopped"].as_u64() {
+    match virt.stopped.value() {
         Some(count) if count == expected.len() as u64 => {}
         Some(count) => problems.push(format!(
             "virt.stopped is {count}, expected {}",

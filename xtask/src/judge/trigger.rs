@@ -21,8 +21,9 @@
 
 use serde_json::Value;
 
-use super::expect::CrashRules;
 use crate::crash::{CoordinatorStep, Point, needs_capture};
+use crate::report::CrashRules;
+use crate::report::model::{Crash, Exception, Field, Report};
 
 /// hv's reason for a crash the NMI button started.
 pub const EXTERNAL_NMI: &str = "external NMI";
@@ -58,8 +59,8 @@ pub(crate) fn special(reason: &str, rules: &CrashRules) -> Option<Special> {
 
 /// Whether a reported `exception` is the one `stray_write=reservation`
 /// causes: a page fault on the boot CPU.
-pub(crate) fn expected_exception(exception: &Value, rules: &CrashRules) -> bool {
-    rules.stray_write && exception["vector"] == 14 && exception["cpu"] == 0
+pub(crate) fn expected_exception(exception: &Exception, rules: &CrashRules) -> bool {
+    rules.stray_write && exception.vector.value() == Some(14) && exception.cpu.value() == Some(0)
 }
 
 /// The reasons a run with only special triggers may end with, for a
@@ -87,33 +88,35 @@ fn wanted_reasons(rules: &CrashRules) -> Vec<String> {
 /// Everything wrong with the crash's trigger when it is special (or must
 /// be: the run asked for nothing else), given the coordinator's index.
 pub(crate) fn problems(
-    report: &Value,
+    report: &Report,
     rules: &CrashRules,
     special: Option<Special>,
     coordinator: Option<u64>,
 ) -> Vec<String> {
-    let crash = &report["crash"];
-    let reason = crash["reason"].as_str().unwrap_or_default();
+    let crash = report.crash.or_empty();
+    let reason = crash.reason.as_str().unwrap_or_default();
     let mut problems = Vec::new();
     let Some(special) = special else {
         if rules.injected.is_none() && rules.hypercall_vcpu.is_none() {
             problems.push(format!(
                 "crash.reason is {}, expected {}",
-                crash["reason"],
+                crash.reason.raw(),
                 wanted_reasons(rules).join(" or ")
             ));
         }
         return problems;
     };
-    let apic_ids: Option<Vec<u64>> = report["cpus"]["apic_ids"]
-        .as_array()
-        .and_then(|ids| ids.iter().map(Value::as_u64).collect());
+    let apic_ids = report.cpus.or_empty().apic_ids();
     let apic_of = |index: u32| apic_ids.as_ref()?.get(index as usize).copied();
     match special {
         Special::ExternalNmi => {}
-        Special::Lockup => {
-            problems.extend(lockup_problems(crash, rules, reason, coordinator, &apic_of))
-        }
+        Special::Lockup => problems.extend(lockup_problems(
+            &crash,
+            rules,
+            reason,
+            coordinator,
+            &apic_of,
+        )),
         Special::StrayWrite => {
             if coordinator.is_some_and(|index| index != 0) {
                 problems.push(format!(
@@ -124,7 +127,7 @@ pub(crate) fn problems(
             if !reason.ends_with("(vector 14)") {
                 problems.push(format!(
                     "crash.reason is {}, expected a page fault (vector 14)",
-                    crash["reason"]
+                    crash.reason.raw()
                 ));
             }
             problems.extend(stray_write_problems(report));
@@ -135,7 +138,7 @@ pub(crate) fn problems(
 
 /// The lockup's reason, coordinator and `lockup_cpus`.
 fn lockup_problems(
-    crash: &Value,
+    crash: &Crash,
     rules: &CrashRules,
     reason: &str,
     coordinator: Option<u64>,
@@ -146,7 +149,7 @@ fn lockup_problems(
     match parse_lockup(reason) {
         None => problems.push(format!(
             "crash.reason is {}, expected \"{LOCKUP}N (APIC ID A) has not ticked for M ms\"",
-            crash["reason"]
+            crash.reason.raw()
         )),
         Some((cpu, apic, silent_ms)) => {
             if !rules.hung.iter().any(|&hung| u64::from(hung) == cpu) {
@@ -171,10 +174,10 @@ fn lockup_problems(
                     threshold / 1000
                 ));
             }
-            match crash["lockup_cpus"].as_array() {
+            match crash.lockup_cpus.get() {
                 None => problems.push(format!(
                     "crash.lockup_cpus is {}, expected a list of APIC IDs",
-                    crash["lockup_cpus"]
+                    crash.lockup_cpus.raw()
                 )),
                 Some(list) => {
                     let named: Vec<u64> = list.iter().filter_map(Value::as_u64).collect();
@@ -216,20 +219,20 @@ fn parse_lockup(reason: &str) -> Option<(u64, u64, u64)> {
 }
 
 /// The stray write's fault: CR2 inside the crash reservation.
-fn stray_write_problems(report: &Value) -> Vec<String> {
-    let exception = &report["exception"];
+fn stray_write_problems(report: &Report) -> Vec<String> {
+    let exception = report.exception.or_empty();
     let mut problems = Vec::new();
-    if exception["vector"] != 14 {
+    if exception.vector.value() != Some(14) {
         problems.push(format!(
             "exception.vector is {}, expected 14 (a page fault)",
-            exception["vector"]
+            exception.vector.raw()
         ));
     }
-    let reservation = &report["crashkernel"];
+    let reservation = report.crashkernel.or_empty();
     if let (Some(base), Some(size), Some(cr2)) = (
-        reservation["base"].as_u64(),
-        reservation["size"].as_u64(),
-        exception["cr2"].as_u64(),
+        reservation.base.value(),
+        reservation.size.value(),
+        exception.cr2.value(),
     ) && !(base..base.saturating_add(size)).contains(&cr2)
     {
         problems.push(format!(
@@ -242,7 +245,7 @@ fn stray_write_problems(report: &Value) -> Vec<String> {
 
 /// Whether the point of the run's `crash=` disturbed the crash as asked,
 /// and the crash survived it.
-pub(crate) fn disturbance_problems(report: &Value, rules: &CrashRules) -> Vec<String> {
+pub(crate) fn disturbance_problems(report: &Report, rules: &CrashRules) -> Vec<String> {
     let Some(point) = rules
         .injected
         .and_then(|spec| spec.point)
@@ -250,9 +253,9 @@ pub(crate) fn disturbance_problems(report: &Value, rules: &CrashRules) -> Vec<St
     else {
         return Vec::new();
     };
-    let crash = &report["crash"];
-    let capture = &report["capture"];
-    let loaded = capture["loaded"] == Value::Bool(true);
+    let crash = report.crash.or_empty();
+    let capture = report.capture.or_empty();
+    let loaded = capture.loaded.value() == Some(true);
     if needs_capture(point) && !loaded {
         return vec![format!(
             "point:{point} strikes inside the hand-over to a capture kernel, and hv loaded \
@@ -260,27 +263,35 @@ pub(crate) fn disturbance_problems(report: &Value, rules: &CrashRules) -> Vec<St
         )];
     }
     let mut problems = Vec::new();
-    let count = |value: &Value, key: &str, problems: &mut Vec<String>| -> u64 {
-        value[key].as_u64().unwrap_or_else(|| {
+    let count = |value: &Field<u64>, key: &str, problems: &mut Vec<String>| -> u64 {
+        value.value().unwrap_or_else(|| {
             problems.push(format!("no {key} reported (point:{point} needs it)"));
             0
         })
     };
     // The hand-over's report line (the second attempt's, when there were
     // two) exists once hv got that far with a capture kernel loaded.
-    let handed_over = loaded && capture["digest_ok"].is_boolean();
+    let handed_over = loaded && capture.digest_ok.get().is_some();
     let missing = match point {
-        Point::CoordinatorNmi(CoordinatorStep::AfterCleanup) => {
-            (count(crash, "coordinator_stray_nmis", &mut problems) == 0).then(|| {
+        Point::CoordinatorNmi(CoordinatorStep::AfterCleanup) => (count(
+            &crash.coordinator_stray_nmis,
+            "coordinator_stray_nmis",
+            &mut problems,
+        ) == 0)
+            .then(|| {
                 "crash.coordinator_stray_nmis is 0: the stray NMI after the coordinator's \
                  cleanup never reached it"
                     .to_owned()
-            })
-        }
+            }),
         Point::CoordinatorNmi(
             step @ (CoordinatorStep::CoreHeader | CoordinatorStep::DigestCheck),
-        ) => (handed_over && count(capture, "coordinator_stray_nmis", &mut problems) == 0).then(
-            || {
+        ) => (handed_over
+            && count(
+                &capture.coordinator_stray_nmis,
+                "coordinator_stray_nmis",
+                &mut problems,
+            ) == 0)
+            .then(|| {
                 format!(
                     "capture.coordinator_stray_nmis is 0: the stray NMI {} never reached the \
                      coordinator",
@@ -289,13 +300,12 @@ pub(crate) fn disturbance_problems(report: &Value, rules: &CrashRules) -> Vec<St
                         _ => "during the digest check",
                     }
                 )
-            },
-        ),
+            }),
         Point::CoordinatorNmi(_) => {
-            let purgatory = &capture["purgatory"];
-            let nmis = purgatory["nmis_64"].as_u64().unwrap_or(0)
-                + purgatory["nmis_32"].as_u64().unwrap_or(0);
-            if handed_over && capture["jumped"] != Value::Bool(true) {
+            let purgatory = capture.purgatory.or_empty();
+            let nmis =
+                purgatory.nmis_64.value().unwrap_or(0) + purgatory.nmis_32.value().unwrap_or(0);
+            if handed_over && capture.jumped.value() != Some(true) {
                 Some(
                     "capture.jumped is not true: the coordinator never reached the purgatory"
                         .to_owned(),
@@ -303,27 +313,26 @@ pub(crate) fn disturbance_problems(report: &Value, rules: &CrashRules) -> Vec<St
             } else {
                 // The capture image reads the purgatory's count (when it
                 // got that far: else the capture's checks say why).
-                (purgatory.is_object() && nmis == 0).then(|| {
+                (capture.purgatory.get().is_some() && nmis == 0).then(|| {
                     "capture.purgatory.nmis_64 + nmis_32 is 0: the stray NMI never reached \
                      the purgatory"
                         .to_owned()
                 })
             }
         }
-        Point::HandoverPanic => {
-            (handed_over && capture["attempt"].as_u64() != Some(2)).then(|| {
-                format!(
-                    "capture.attempt is {}, expected 2 (the first hand-over panicked; the second \
+        Point::HandoverPanic => (handed_over && capture.attempt.value() != Some(2)).then(|| {
+            format!(
+                "capture.attempt is {}, expected 2 (the first hand-over panicked; the second \
                  must jump)",
-                    capture["attempt"]
-                )
-            })
-        }
+                capture.attempt.raw()
+            )
+        }),
         Point::ExternalNmi => {
-            let nested = count(crash, "nested_nmis", &mut problems);
-            let stray = crash["coordinator_stray_nmis"]
-                .as_u64()
-                .max(capture["coordinator_stray_nmis"].as_u64())
+            let nested = count(&crash.nested_nmis, "nested_nmis", &mut problems);
+            let stray = crash
+                .coordinator_stray_nmis
+                .value()
+                .max(capture.coordinator_stray_nmis.value())
                 .unwrap_or(0);
             (nested + stray == 0).then(|| {
                 "no NMI of the external_nmi point was seen: crash.nested_nmis and the \

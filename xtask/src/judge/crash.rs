@@ -27,8 +27,9 @@
 use crate::crash::CrashSpecExt;
 use serde_json::Value;
 
-use super::expect::{Backend, CrashRules};
 use super::trigger;
+use crate::report::model::{Crash, Exception, Field, Panic, Report, numbers};
+use crate::report::{Backend, CrashRules};
 
 /// The message prefix of hv's injected panics: `injected crash on CPU N (...)`.
 const INJECTED_PANIC: &str = "injected crash on CPU ";
@@ -45,28 +46,29 @@ enum Trigger {
 
 /// Whether a reported panic is the injected one: its message names one of
 /// the CPUs made to panic (and the CPU it reports, when it does).
-pub(crate) fn expected_panic(panic: &Value, rules: &CrashRules) -> bool {
+pub(crate) fn expected_panic(panic: &Panic, rules: &CrashRules) -> bool {
     let Some(spec) = rules.injected else {
         return false;
     };
-    let Some(cpu) = panic["message"]
+    let Some(cpu) = panic
+        .message
         .as_str()
         .and_then(|message| message.strip_prefix(INJECTED_PANIC))
         .and_then(leading_number)
     else {
         return false;
     };
-    let reported = panic["cpu"].as_u64();
+    let reported = panic.cpu.value();
     spec.panickers(rules.cpus).contains(&(cpu as u32)) && reported.is_none_or(|n| n == cpu)
 }
 
 /// Everything wrong with a crash run's report, given what it must show.
-pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> {
+pub(crate) fn crash_problems(report: &Report, rules: &CrashRules) -> Vec<String> {
     let mut problems = Vec::new();
     let asked = rules.describe();
-    if report["done"] == Value::Bool(true) && !rules.done_before_crash() {
+    if report.done.value() == Some(true) && !rules.done_before_crash() {
         let mut text = format!("hv reported `done`: the crash asked for ({asked}) did not happen");
-        if report["crash_injection"]["fired"] == Value::Bool(false) {
+        if report.crash_injection.or_empty().fired.value() == Some(false) {
             let point = rules
                 .injected
                 .and_then(|spec| spec.point)
@@ -83,42 +85,46 @@ pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> 
         }
         problems.push(text);
     }
-    let crash = &report["crash"];
-    if !crash.is_object() {
+    let Some(crash) = report.crash.get() else {
         problems.push(format!("no `crash` report (asked for: {asked})"));
         return problems;
-    }
-    let mut field = |key: &str| -> Option<u64> {
-        let value = crash[key].as_u64();
-        if value.is_none() {
+    };
+    let mut field = |key: &str, value: &Field<u64>| -> Option<u64> {
+        let number = value.value();
+        if number.is_none() {
             problems.push(format!(
                 "crash.{key} is {}, expected a number",
-                show(&crash[key])
+                show(&value.raw())
             ));
         }
-        value
+        number
     };
     // Which contexts the lists held: VMCBs on SVM (hv says so in the crash
     // line; older reports have no `backend` there and only VMCSes).
-    let svm = crash["backend"].as_str() == Some("svm")
-        || (crash["backend"].is_null() && rules.backend == Some(Backend::Svm));
+    let svm = crash.backend.as_str() == Some("svm")
+        || (crash.backend.is_missing() && rules.backend == Some(Backend::Svm));
     let (kind, prefix) = if svm {
         ("VMCB", "vmcb")
     } else {
         ("VMCS", "vmcs")
     };
-    let cpu = field("cpu");
-    let cpu_index = field("cpu_index");
-    let expected = field("expected");
-    let checked_in = field("checked_in");
-    let loaded = field(&format!("{prefix}_loaded"));
-    let cleared = field(&format!("{prefix}_cleared"));
-    let on_stragglers = field(&format!("{prefix}_on_stragglers"));
-    let vmxoff = field("vmxoff_cpus");
-    let svm_off = if svm { field("svm_off_cpus") } else { None };
-    let shootdown_us = field("shootdown_us");
-    let reason = crash["reason"].as_str().unwrap_or_default();
-    let apic_ids = numbers(&report["cpus"]["apic_ids"]);
+    let [loaded, cleared, on_stragglers] = crash.contexts(svm);
+    let cpu = field("cpu", &crash.cpu);
+    let cpu_index = field("cpu_index", &crash.cpu_index);
+    let expected = field("expected", &crash.expected);
+    let checked_in = field("checked_in", &crash.checked_in);
+    let loaded = field(&format!("{prefix}_loaded"), loaded);
+    let cleared = field(&format!("{prefix}_cleared"), cleared);
+    let on_stragglers = field(&format!("{prefix}_on_stragglers"), on_stragglers);
+    let vmxoff = field("vmxoff_cpus", &crash.vmxoff_cpus);
+    let svm_off = if svm {
+        field("svm_off_cpus", &crash.svm_off_cpus)
+    } else {
+        None
+    };
+    let shootdown_us = field("shootdown_us", &crash.shootdown_us);
+    let reason = crash.reason.as_str().unwrap_or_default();
+    let apic_ids = report.cpus.or_empty().apic_ids();
     let apic_id_of = |index: u64| apic_ids.as_ref()?.get(index as usize).copied();
 
     // Which trigger this is, and who may coordinate.
@@ -176,7 +182,7 @@ pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> 
     if !reason_ok {
         problems.push(format!(
             "crash.reason is {}, expected {}",
-            show(&crash["reason"]),
+            show(&crash.reason.raw()),
             match trigger {
                 Trigger::Hypercall(_) | Trigger::Special => format!("\"{wanted_reason}\""),
                 Trigger::Injected => format!("\"{wanted_reason} (...)\""),
@@ -221,7 +227,7 @@ pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> 
         }
     }
     wanted_stragglers.sort_unstable();
-    let stragglers = match numbers(&crash["stragglers"]) {
+    let stragglers = match numbers(&crash.stragglers) {
         Some(mut list) => {
             list.sort_unstable();
             if list != wanted_stragglers && straggler_indexes.len() == wanted_stragglers.len() {
@@ -242,12 +248,12 @@ pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> 
         None => {
             problems.push(format!(
                 "crash.stragglers is {}, expected a list of APIC IDs",
-                show(&crash["stragglers"])
+                show(&crash.stragglers.raw())
             ));
             None
         }
     };
-    match (crash["timed_out"].as_bool(), &stragglers) {
+    match (crash.timed_out.value(), &stragglers) {
         (Some(timed_out), Some(list)) if timed_out == list.is_empty() => {
             problems.push(format!(
                 "crash.timed_out is {timed_out} with {} straggler(s): the rendezvous times out \
@@ -257,11 +263,11 @@ pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> 
         }
         (None, _) => problems.push(format!(
             "crash.timed_out is {}, expected true or false",
-            show(&crash["timed_out"])
+            show(&crash.timed_out.raw())
         )),
         _ => {}
     }
-    if crash["timed_out"] == Value::Bool(true)
+    if crash.timed_out.value() == Some(true)
         && let Some(us) = shootdown_us
         && us < rules.timeout_ms * 1000
     {
@@ -307,8 +313,11 @@ pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> 
     }
     if svm {
         // No VMCS on SVM: a VMCS count there is a mistake.
-        for key in ["vmcs_loaded", "vmcs_cleared"] {
-            if let Some(n) = crash[key].as_u64().filter(|&n| n > 0) {
+        for (key, count) in [
+            ("vmcs_loaded", &crash.vmcs_loaded),
+            ("vmcs_cleared", &crash.vmcs_cleared),
+        ] {
+            if let Some(n) = count.value().filter(|&n| n > 0) {
                 problems.push(format!("crash.{key} is {n} on SVM, where there is no VMCS"));
             }
         }
@@ -320,10 +329,10 @@ pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> 
                  EFER.SVME read back clear)"
             ));
         }
-        if crash["coordinator_svm_off"] != Value::Bool(true) {
+        if crash.coordinator_svm_off.value() != Some(true) {
             problems.push(format!(
                 "crash.coordinator_svm_off is {}, expected true",
-                show(&crash["coordinator_svm_off"])
+                show(&crash.coordinator_svm_off.raw())
             ));
         }
     }
@@ -335,31 +344,23 @@ pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> 
             "crash.vmxoff_cpus is {vmxoff}, expected {checked_in} (every CPU that checked in)"
         ));
     }
-    if crash["coordinator_vmx_off"] != Value::Bool(true) {
+    if crash.coordinator_vmx_off.value() != Some(true) {
         problems.push(format!(
             "crash.coordinator_vmx_off is {}, expected true",
-            show(&crash["coordinator_vmx_off"])
+            show(&crash.coordinator_vmx_off.raw())
         ));
     }
 
     // Per-CPU NMI latency: one entry per CPU started.
-    match crash["nmi_latency_us"].as_array() {
+    match crash.nmi_latency_us.get() {
         Some(latency) => {
-            if latency.len() != rules.cpus as usize {
-                problems.push(format!(
-                    "crash.nmi_latency_us has {} entries, expected {} (one per CPU started)",
-                    latency.len(),
-                    rules.cpus
-                ));
-            }
-            if latency
-                .iter()
-                .any(|entry| !entry.is_null() && !entry.is_u64())
-            {
-                problems.push(
-                    "crash.nmi_latency_us holds something other than numbers and nulls".to_owned(),
-                );
-            }
+            problems.extend(per_cpu_problems(
+                "nmi_latency_us",
+                latency,
+                rules.cpus,
+                Value::is_u64,
+                "numbers and nulls",
+            ));
             let mut silent: Vec<(u64, &str)> = straggler_indexes
                 .iter()
                 .map(|&index| (u64::from(index), "spins with NMIs blocked"))
@@ -377,7 +378,7 @@ pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> 
         }
         None => problems.push(format!(
             "crash.nmi_latency_us is {}, expected a list",
-            show(&crash["nmi_latency_us"])
+            show(&crash.nmi_latency_us.raw())
         )),
     }
     problems.extend(super::accounting::problems(crash, rules.cpus, cpu_index));
@@ -387,41 +388,34 @@ pub(crate) fn crash_problems(report: &Value, rules: &CrashRules) -> Vec<String> 
 }
 
 /// Whether a reported exception is the one the run asked for.
-pub(crate) fn expected_exception(exception: &Value, rules: &CrashRules) -> bool {
+pub(crate) fn expected_exception(exception: &Exception, rules: &CrashRules) -> bool {
     trigger::expected_exception(exception, rules)
 }
 
 /// What is wrong with `nmi_in_guest` (per CPU: its crash NMI came as a
 /// guest's exit; null when it took none) and its count, when reported.
 fn nmi_in_guest_problems(
-    crash: &Value,
+    crash: &Crash,
     rules: &CrashRules,
     coordinator: Option<u64>,
 ) -> Vec<String> {
     let mut problems = Vec::new();
-    let Some(entries) = crash["nmi_in_guest"].as_array() else {
-        if !crash["nmi_in_guest"].is_null() {
+    let Some(entries) = crash.nmi_in_guest.get() else {
+        if !crash.nmi_in_guest.is_missing() {
             problems.push(format!(
                 "crash.nmi_in_guest is {}, expected a list",
-                show(&crash["nmi_in_guest"])
+                show(&crash.nmi_in_guest.raw())
             ));
         }
         return problems;
     };
-    if entries.len() != rules.cpus as usize {
-        problems.push(format!(
-            "crash.nmi_in_guest has {} entries, expected {} (one per CPU started)",
-            entries.len(),
-            rules.cpus
-        ));
-    }
-    if entries
-        .iter()
-        .any(|entry| !entry.is_null() && !entry.is_boolean())
-    {
-        problems
-            .push("crash.nmi_in_guest holds something other than true, false and null".to_owned());
-    }
+    problems.extend(per_cpu_problems(
+        "nmi_in_guest",
+        entries,
+        rules.cpus,
+        Value::is_boolean,
+        "true, false and null",
+    ));
     if let Some(index) = coordinator
         && entries
             .get(index as usize)
@@ -436,15 +430,37 @@ fn nmi_in_guest_problems(
         .iter()
         .filter(|entry| entry.as_bool() == Some(true))
         .count() as u64;
-    match crash["nmi_in_guest_cpus"].as_u64() {
+    match crash.nmi_in_guest_cpus.value() {
         Some(n) if n != counted => problems.push(format!(
             "crash.nmi_in_guest_cpus is {n}, but nmi_in_guest has {counted} true entries"
         )),
         None => problems.push(format!(
             "crash.nmi_in_guest_cpus is {}, expected a number",
-            show(&crash["nmi_in_guest_cpus"])
+            show(&crash.nmi_in_guest_cpus.raw())
         )),
         _ => {}
+    }
+    problems
+}
+
+/// What is wrong with the per-CPU list `crash.KEY`: one entry per CPU
+/// started, each null or of the kind `fits` accepts (`kinds` names them).
+fn per_cpu_problems(
+    key: &str,
+    entries: &[Value],
+    cpus: u32,
+    fits: fn(&Value) -> bool,
+    kinds: &str,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    if entries.len() != cpus as usize {
+        problems.push(format!(
+            "crash.{key} has {} entries, expected {cpus} (one per CPU started)",
+            entries.len(),
+        ));
+    }
+    if entries.iter().any(|entry| !entry.is_null() && !fits(entry)) {
+        problems.push(format!("crash.{key} holds something other than {kinds}"));
     }
     problems
 }
@@ -453,11 +469,6 @@ fn nmi_in_guest_problems(
 fn leading_number(text: &str) -> Option<u64> {
     let digits: String = text.chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
-}
-
-/// A JSON array of numbers, `None` if it is not one.
-fn numbers(value: &Value) -> Option<Vec<u64>> {
-    value.as_array()?.iter().map(Value::as_u64).collect()
 }
 
 /// `3`, `3 or 4`, `1, 2 or 3`.
@@ -483,8 +494,8 @@ fn show_opt(value: Option<u64>) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::expect::{Backend, Expectations};
-    use super::super::verdict::{End, ExitConvention, QEMU_EXIT_CRASH, QEMU_EXIT_SUCCESS, judge};
+    use super::super::run::{End, ExitConvention, QEMU_EXIT_CRASH, QEMU_EXIT_SUCCESS, judge};
+    use crate::report::{Backend, Expectations};
     use serde_json::{Value, json};
 
     /// The `crash` line of a clean shootdown on `cpus` CPUs coordinated by

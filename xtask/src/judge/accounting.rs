@@ -20,30 +20,36 @@
 
 use serde_json::Value;
 
+use crate::report::model::{Crash, Field};
+
 /// Everything wrong with the VMX accounting of `crash`, on a machine of
 /// `cpus` CPUs coordinated by `coordinator`.
-pub(crate) fn problems(crash: &Value, cpus: u32, coordinator: Option<u64>) -> Vec<String> {
+pub(crate) fn problems(crash: &Crash, cpus: u32, coordinator: Option<u64>) -> Vec<String> {
     let mut problems = Vec::new();
-    if let (Some(executed), Some(was_on)) = (
-        crash["vmxoff_executed"].as_u64(),
-        crash["vmx_was_on_cpus"].as_u64(),
-    ) && executed != was_on
+    if let (Some(executed), Some(was_on)) =
+        (crash.vmxoff_executed.value(), crash.vmx_was_on_cpus.value())
+        && executed != was_on
     {
         problems.push(format!(
             "crash.vmxoff_executed is {executed}, but vmx_was_on_cpus is {was_on}: a CPU with \
              VMX on did not execute VMXOFF"
         ));
     }
-    for key in ["vmcs_cleared_elsewhere", "vmcs_lost"] {
-        if let Some(count) = crash[key].as_u64().filter(|&n| n > 0) {
+    for (key, count) in [
+        ("vmcs_cleared_elsewhere", &crash.vmcs_cleared_elsewhere),
+        ("vmcs_lost", &crash.vmcs_lost),
+    ] {
+        if let Some(count) = count.value().filter(|&n| n > 0) {
             problems.push(format!("crash.{key} is {count}, expected 0"));
         }
     }
-    let list = |key: &str| -> Option<Vec<Option<u64>>> {
-        Some(crash[key].as_array()?.iter().map(Value::as_u64).collect())
+    let list = |field: &Field<Vec<Value>>| -> Option<Vec<Option<u64>>> {
+        Some(field.get()?.iter().map(Value::as_u64).collect())
     };
-    let (Some(loaded), Some(credits)) = (list("vmcs_loaded_per_cpu"), list("vmclear_credits"))
-    else {
+    let (Some(loaded), Some(credits)) = (
+        list(&crash.vmcs_loaded_per_cpu),
+        list(&crash.vmclear_credits),
+    ) else {
         return problems;
     };
     for (key, values) in [
@@ -58,7 +64,7 @@ pub(crate) fn problems(crash: &Value, cpus: u32, coordinator: Option<u64>) -> Ve
             return problems;
         }
     }
-    let repeats = list("vmclear_repeats").unwrap_or_else(|| vec![Some(0); cpus as usize]);
+    let repeats = list(&crash.vmclear_repeats).unwrap_or_else(|| vec![Some(0); cpus as usize]);
     if repeats.len() != cpus as usize || repeats.iter().any(Option::is_none) {
         problems.push(format!(
             "crash.vmclear_repeats has {} entries, expected {cpus} numbers (one per CPU started)",
@@ -66,7 +72,7 @@ pub(crate) fn problems(crash: &Value, cpus: u32, coordinator: Option<u64>) -> Ve
         ));
         return problems;
     }
-    let seen = list("checkin_us");
+    let seen = list(&crash.checkin_us);
     let checked_in = |index: usize| {
         coordinator == Some(index as u64)
             || seen
@@ -94,6 +100,12 @@ pub(crate) fn problems(crash: &Value, cpus: u32, coordinator: Option<u64>) -> Ve
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// [`super::problems`] of a crash line as JSON.
+    fn problems(crash: &Value, cpus: u32, coordinator: Option<u64>) -> Vec<String> {
+        let crash: Crash = serde::Deserialize::deserialize(crash).unwrap();
+        super::problems(&crash, cpus, coordinator)
+    }
 
     fn bochs_crash() -> Value {
         json!({

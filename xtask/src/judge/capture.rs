@@ -44,14 +44,17 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::stream::{self, StreamSummary};
-use super::wake::{self, ParallelCopy};
-use super::{CaptureKernel, DISK_FILE, DUMP_FILE, KDUMP_DISK_FILE, KDUMP_FILE};
+use crate::capture::stream::{self, StreamSummary};
+use crate::capture::wake::{self, ParallelCopy};
+use crate::capture::{CaptureKernel, DISK_FILE, DUMP_FILE, KDUMP_DISK_FILE, KDUMP_FILE};
 use crate::dump::DumpInfo;
 use crate::initramfs::{COPIED_MARKER, FAILED_MARKER, INIT_MARKER};
+use crate::judge::judge_report;
 use crate::makedumpfile::{self, Rearranged};
+use crate::report::model::{Capture, Report};
 use crate::report::{self, Backend, End, ExitConvention, Expectations, QEMU_EXIT_SUCCESS};
 use crate::run::RunOutcome;
 use crate::serial::strip_ansi;
@@ -210,7 +213,7 @@ pub fn conclude(
 
     let mut problems = base_problems(outcome, words, qemu);
     problems.extend(capture_problems(&outcome.report, words, collected));
-    if super::asks_for_crash(words) {
+    if crate::capture::asks_for_crash(words) {
         problems.extend(wake::problems(&outcome.report, wake_required));
     }
     outcome.ok = problems.is_empty();
@@ -225,46 +228,52 @@ pub fn conclude(
 /// not hv's crash-handled code: the run is judged again with the status
 /// left aside and the capture kernel's checked here.
 fn base_problems(outcome: &RunOutcome, words: &[String], qemu: bool) -> Vec<String> {
-    let report = &outcome.report;
+    let report = Report::of(&outcome.report);
+    let capture = report.capture.or_empty();
+    let xtask = report.xtask.or_empty();
     // A purgatory that refused ended the run the way hv's refusing crash
     // path does (0x25): judged as if hv had not jumped.
-    let jumped = report["capture"]["jumped"] == Value::Bool(true)
-        && !report["capture"]["purgatory_refused"].is_string();
+    let jumped =
+        capture.jumped.value() == Some(true) && capture.purgatory_refused.as_str().is_none();
     if !jumped || !qemu {
         return outcome.reason.iter().cloned().collect();
     }
-    let cpus = report["xtask"]["cpus_requested"]
-        .as_u64()
+    let cpus = xtask
+        .cpus_requested
+        .value()
         .and_then(|n| u32::try_from(n).ok())
         .unwrap_or(0);
-    let mut expect = Expectations::from_cmdline(cpus, words)
-        .with_nmi_button(report["xtask"]["nmi_button"].is_object());
+    let mut expect = Expectations::from_cmdline(cpus, words).with_nmi_button(xtask.nmi_button());
     // The backend the first judgement expected (KVM: VMX; TCG's `-cpu
     // max`: SVM).
-    if let Some(backend) = report["xtask"]["expected"]["virt_backend"]
+    if let Some(backend) = xtask
+        .expected
+        .or_empty()
+        .virt_backend
         .as_str()
         .and_then(Backend::parse)
     {
         expect = expect.with_virt(backend);
-    } else if report["emulator"] == "qemu-kvm" {
+    } else if report.emulator.as_str() == Some("qemu-kvm") {
         expect = expect.with_virt(Backend::Vmx);
     }
-    let timed_out = report["xtask"]["timed_out"] == Value::Bool(true);
-    let status = report["xtask"]["exit_status"]
-        .as_i64()
+    let timed_out = xtask.timed_out.value() == Some(true);
+    let status = xtask
+        .exit_status
+        .value()
         .and_then(|s| i32::try_from(s).ok());
     let end = if timed_out {
         End::TimedOut(Duration::from_secs_f64(
-            report["xtask"]["elapsed_secs"].as_f64().unwrap_or(0.0),
+            xtask.elapsed_secs.value().unwrap_or(0.0),
         ))
     } else {
         End::Exited(status)
     };
-    let verdict = report::judge(report, &expect, end, ExitConvention::Meaningless);
+    let verdict = judge_report(&report, &expect, end, ExitConvention::Meaningless);
     let mut problems: Vec<String> = verdict.reason.into_iter().collect();
     // xtask ended QEMU on purpose (at the capture's entry, or once an hv
     // without finish=exit was done): no exit status to judge.
-    let stopped = report["xtask"]["stopped_by_xtask"].is_string();
+    let stopped = xtask.stopped_by_xtask.as_str().is_some();
     if !timed_out && !stopped && status != Some(QEMU_EXIT_SUCCESS) {
         problems.push(match status {
             Some(code) => {
@@ -276,6 +285,71 @@ fn base_problems(outcome: &RunOutcome, words: &[String], qemu: bool) -> Vec<Stri
     problems
 }
 
+/// The keys xtask sets in `capture` (`xtask/REPORT.md`, "A capture run"),
+/// merged into hv's own `capture` lines.
+#[derive(Debug, Clone, Serialize)]
+struct CaptureSection {
+    kernel: &'static str,
+    header_cpu_notes: Option<u64>,
+    entered: bool,
+    crash_to_capture_us: Option<u64>,
+    crash_to_capture_source: Option<&'static str>,
+    source: PathBuf,
+    dump_format: &'static str,
+    kdump_path: Option<PathBuf>,
+    kdump_bytes: Option<u64>,
+    kdump_format: Option<&'static str>,
+    /// Only when makedumpfile filtered the dump.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    makedumpfile: Option<MakedumpfileSection>,
+    dump_path: Option<PathBuf>,
+    dump_bytes: Option<u64>,
+    cpu_notes: Option<usize>,
+    dump_error: Option<String>,
+    /// Only when hv's capture mode streamed (its own word for the length;
+    /// null when it gave none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    streamed_bytes: Option<Value>,
+    /// Only when the Linux capture made a copy per CPU; null when it could
+    /// not be compared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parallel_copy_identical: Option<Option<bool>>,
+    /// Only when the copies were compared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parallel_copy_first_difference: Option<Option<u64>>,
+    /// Only when they could not be.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parallel_copy_error: Option<String>,
+    /// Only for hv's stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream: Option<StreamSection>,
+}
+
+/// `capture.makedumpfile`: what xtask read of makedumpfile's streams.
+#[derive(Debug, Clone, Serialize)]
+struct MakedumpfileSection {
+    elf: StreamBytes,
+    kdump: StreamBytes,
+    kdump_error: Option<String>,
+}
+
+/// One of makedumpfile's flattened streams, read whole (null when not).
+#[derive(Debug, Clone, Serialize)]
+struct StreamBytes {
+    stream_bytes: Option<u64>,
+    blocks: Option<u64>,
+}
+
+/// `capture.stream`: hv's stream as reassembled.
+#[derive(Debug, Clone, Serialize)]
+struct StreamSection {
+    offset: u64,
+    records: u64,
+    data_bytes: u64,
+    zero_bytes: u64,
+    uncovered_bytes: u64,
+}
+
 /// The keys xtask sets in `capture`.
 fn capture_object(
     report: &Value,
@@ -284,9 +358,9 @@ fn capture_object(
     collected: &Collected,
     times: &[Option<Duration>],
 ) -> Value {
-    let hv_said = &report["capture"];
+    let hv_said = Report::of(report).capture.or_empty();
     let entered = match kernel {
-        CaptureKernel::Hv => hv_said["entered"] == Value::Bool(true),
+        CaptureKernel::Hv => hv_said.entered.value() == Some(true),
         CaptureKernel::Linux => {
             seen_after_crash(serial, LINUX_ENTRY_MARKER) || seen_after_crash(serial, INIT_MARKER)
         }
@@ -304,84 +378,73 @@ fn capture_object(
             _ => (None, "serial"),
         },
     };
-    let mut object = json!({
-        "kernel": kernel.as_str(),
-        "header_cpu_notes": header_cpu_notes(serial),
-        "entered": entered,
-        "crash_to_capture_us": timing,
-        "crash_to_capture_source": timing.map(|_| source),
-        "source": collected.source,
-    });
-    object["dump_format"] = json!(if collected.filtered.is_some() {
-        "elf-makedumpfile"
-    } else {
-        "elf"
-    });
-    object["kdump_path"] = Value::Null;
-    object["kdump_bytes"] = Value::Null;
-    object["kdump_format"] = Value::Null;
-    if let Some(filtered) = &collected.filtered {
-        if let Ok((_, path)) = &filtered.kdump {
-            object["kdump_path"] = json!(path);
-            object["kdump_bytes"] = json!(fs::metadata(path).map(|m| m.len()).ok());
-            object["kdump_format"] = json!("kdump-compressed");
-        }
-        let stream = |done: Option<&Rearranged>| {
-            json!({
-                "stream_bytes": done.map(|d| d.stream_bytes),
-                "blocks": done.map(|d| d.blocks),
-            })
-        };
-        object["makedumpfile"] = json!({
-            "elf": stream(filtered.elf.as_ref().ok()),
-            "kdump": stream(filtered.kdump.as_ref().ok().map(|(done, _)| done)),
-            "kdump_error": filtered.kdump.as_ref().err().map(|e| format!("{e:#}")),
-        });
-    }
-    match &collected.dump {
-        Ok(info) => {
-            object["dump_path"] = json!(info.path);
-            object["dump_bytes"] = json!(info.file_bytes);
-            object["cpu_notes"] = json!(info.cpus.len());
-            object["dump_error"] = Value::Null;
-        }
-        Err(error) => {
-            object["dump_path"] = Value::Null;
-            object["dump_bytes"] = Value::Null;
-            object["cpu_notes"] = Value::Null;
-            object["dump_error"] = json!(format!("{error:#}"));
-        }
-    }
-    if hv_said["streamed"] == Value::Bool(true) {
+    let kdump = collected
+        .filtered
+        .as_ref()
+        .and_then(|filtered| filtered.kdump.as_ref().ok())
+        .map(|(_, path)| path);
+    let stream_bytes = |done: Option<&Rearranged>| StreamBytes {
+        stream_bytes: done.map(|d| d.stream_bytes),
+        blocks: done.map(|d| d.blocks),
+    };
+    let dump = collected.dump.as_ref().ok();
+    let section = CaptureSection {
+        kernel: kernel.as_str(),
+        header_cpu_notes: header_cpu_notes(serial),
+        entered,
+        crash_to_capture_us: timing,
+        crash_to_capture_source: timing.map(|_| source),
+        source: collected.source.clone(),
+        dump_format: if collected.filtered.is_some() {
+            "elf-makedumpfile"
+        } else {
+            "elf"
+        },
+        kdump_path: kdump.cloned(),
+        kdump_bytes: kdump.and_then(|path| fs::metadata(path).map(|m| m.len()).ok()),
+        kdump_format: kdump.map(|_| "kdump-compressed"),
+        makedumpfile: collected
+            .filtered
+            .as_ref()
+            .map(|filtered| MakedumpfileSection {
+                elf: stream_bytes(filtered.elf.as_ref().ok()),
+                kdump: stream_bytes(filtered.kdump.as_ref().ok().map(|(done, _)| done)),
+                kdump_error: filtered.kdump.as_ref().err().map(|e| format!("{e:#}")),
+            }),
+        dump_path: dump.map(|info| info.path.clone()),
+        dump_bytes: dump.map(|info| info.file_bytes),
+        cpu_notes: dump.map(|info| info.cpus.len()),
+        dump_error: collected.dump.as_ref().err().map(|e| format!("{e:#}")),
         // hv's capture mode says how long a file it streamed: as
         // `streamed_bytes`, or (older images) under `dump_bytes`, the key
         // xtask now fills from the file. Keep its word next to it.
-        object["streamed_bytes"] = match &hv_said["streamed_bytes"] {
-            Value::Null => hv_said["dump_bytes"].clone(),
-            bytes => bytes.clone(),
-        };
-    }
-    match &collected.parallel {
-        Some(Ok(copy)) => {
-            object["parallel_copy_identical"] = json!(copy.first_difference.is_none());
-            object["parallel_copy_first_difference"] = json!(copy.first_difference);
-        }
-        Some(Err(error)) => {
-            object["parallel_copy_identical"] = Value::Null;
-            object["parallel_copy_error"] = json!(format!("{error:#}"));
-        }
-        None => {}
-    }
-    if let Some(summary) = &collected.stream {
-        object["stream"] = json!({
-            "offset": summary.stream_offset,
-            "records": summary.records,
-            "data_bytes": summary.data_bytes,
-            "zero_bytes": summary.zero_bytes,
-            "uncovered_bytes": summary.uncovered_bytes,
-        });
-    }
-    object
+        streamed_bytes: (hv_said.streamed.value() == Some(true)).then(|| {
+            match hv_said.streamed_bytes.raw() {
+                Value::Null => hv_said.dump_bytes.raw(),
+                bytes => bytes,
+            }
+        }),
+        parallel_copy_identical: collected.parallel.as_ref().map(|copy| match copy {
+            Ok(copy) => Some(copy.first_difference.is_none()),
+            Err(_) => None,
+        }),
+        parallel_copy_first_difference: match &collected.parallel {
+            Some(Ok(copy)) => Some(copy.first_difference),
+            _ => None,
+        },
+        parallel_copy_error: match &collected.parallel {
+            Some(Err(error)) => Some(format!("{error:#}")),
+            _ => None,
+        },
+        stream: collected.stream.as_ref().map(|summary| StreamSection {
+            offset: summary.stream_offset,
+            records: summary.records,
+            data_bytes: summary.data_bytes,
+            zero_bytes: summary.zero_bytes,
+            uncovered_bytes: summary.uncovered_bytes,
+        }),
+    };
+    serde_json::to_value(section).unwrap_or(Value::Null)
 }
 
 /// Crash to capture entry on the TSC, which runs on across the jump: raw
@@ -391,19 +454,18 @@ fn capture_object(
 /// `capture.tsc_khz` equal to `smp.tsc_khz`). `None` when hv does not
 /// report them, or they go backwards.
 fn tsc_timing(report: &Value) -> Option<u64> {
-    let crash = &report["crash"];
-    let capture = &report["capture"];
-    let khz = report["smp"]["tsc_khz"].as_u64().filter(|&k| k > 0);
-    if let (Some(start), Some(entry), Some(khz)) = (
-        crash["started_tsc"].as_u64(),
-        capture["entered_tsc"].as_u64(),
-        khz,
-    ) {
+    let report = Report::of(report);
+    let crash = report.crash.or_empty();
+    let capture = report.capture.or_empty();
+    let khz = report.smp.or_empty().tsc_khz.value().filter(|&k| k > 0);
+    if let (Some(start), Some(entry), Some(khz)) =
+        (crash.started_tsc.value(), capture.entered_tsc.value(), khz)
+    {
         let ticks = entry.checked_sub(start)?;
         return u64::try_from(u128::from(ticks) * 1000 / u128::from(khz)).ok();
     }
-    let same_rate = capture["tsc_khz"].as_u64().is_some() && capture["tsc_khz"].as_u64() == khz;
-    match (crash["started_us"].as_u64(), capture["entered_us"].as_u64()) {
+    let same_rate = capture.tsc_khz.value().is_some() && capture.tsc_khz.value() == khz;
+    match (crash.started_us.value(), capture.entered_us.value()) {
         (Some(start), Some(entry)) if same_rate => entry.checked_sub(start),
         _ => None,
     }
@@ -438,44 +500,48 @@ fn word<'a>(words: &'a [String], key: &str) -> Option<&'a str> {
 
 /// What is wrong with the capture, given the merged report (with xtask's
 /// `capture` keys set) and the command line.
-pub fn capture_problems(report: &Value, words: &[String], collected: &Collected) -> Vec<String> {
-    let button = report["xtask"]["nmi_button"].is_object();
-    if !super::asks_for_crash(words) && !button {
+pub fn capture_problems(json: &Value, words: &[String], collected: &Collected) -> Vec<String> {
+    let report = Report::of(json);
+    let xtask = report.xtask.or_empty();
+    let crash = report.crash.or_empty();
+    let button = xtask.nmi_button();
+    if !crate::capture::asks_for_crash(words) && !button {
         // No crash asked for: nothing to capture; the boot-time load is
         // reported and the tests judge it.
         return Vec::new();
     }
-    let capture = &report["capture"];
+    let capture = report.capture.or_empty();
     let mut problems = Vec::new();
-    if capture["loaded"] != Value::Bool(true) && crate::plan::capture_blocker(words).is_some() {
+    if capture.loaded.value() != Some(true) && crate::plan::capture_blocker(words).is_some() {
         // A crash during bring-up comes before hv loads its capture
         // kernel: nothing to capture, the crash run's checks judge it.
         return problems;
     }
-    if capture["loaded"] != Value::Bool(true) {
+    if capture.loaded.value() != Some(true) {
         problems.push(format!(
             "hv did not load the capture kernel: {}",
-            capture["error"]
+            capture
+                .error
                 .as_str()
                 .unwrap_or("(no capture report at boot)")
         ));
         return problems;
     }
-    let kernel = capture["kernel"].as_str().unwrap_or("?");
+    let kernel = capture.kernel.as_str().unwrap_or("?");
     if let Some(knob) = word(words, "capture_corrupt").filter(|value| *value != "0") {
         // Damaged on purpose: hv's own check refuses (digest_ok false, no
         // jump), or, with capture_hv_check=off, the purgatory does.
-        let purgatory_refused = capture["purgatory_refused"].is_string();
+        let purgatory_refused = capture.purgatory_refused.as_str().is_some();
         let hv_refused =
-            capture["digest_ok"] == Value::Bool(false) && capture["jumped"] != Value::Bool(true);
+            capture.digest_ok.value() == Some(false) && capture.jumped.value() != Some(true);
         if !hv_refused && !purgatory_refused {
             problems.push(format!(
                 "capture_corrupt={knob}: neither hv (digest_ok {}) nor the purgatory refused the damaged capture kernel",
-                capture["digest_ok"]
+                capture.digest_ok.raw()
             ));
         }
-        if capture["entered"] == Value::Bool(true)
-            || (capture["jumped"] == Value::Bool(true) && !purgatory_refused)
+        if capture.entered.value() == Some(true)
+            || (capture.jumped.value() == Some(true) && !purgatory_refused)
         {
             problems.push(format!(
                 "capture_corrupt={knob}: the damaged capture kernel was jumped into"
@@ -488,45 +554,45 @@ pub fn capture_problems(report: &Value, words: &[String], collected: &Collected)
         }
         return problems;
     }
-    if let Some(reason) = capture["purgatory_refused"].as_str() {
+    if let Some(reason) = capture.purgatory_refused.as_str() {
         problems.push(format!(
             "the purgatory refused the capture kernel: {reason}"
         ));
         return problems;
     }
-    if report["crash"].is_null() {
+    if report.crash.is_missing() {
         // The crash run's own checks say why there was no crash.
         return problems;
     }
-    match capture["digest_ok"].as_bool() {
+    match capture.digest_ok.value() {
         Some(true) => {}
         Some(false) => problems.push(format!(
             "hv refused to jump into the capture kernel: {}",
-            capture["refused"].as_str().unwrap_or("digest mismatch")
+            capture.refused.as_str().unwrap_or("digest mismatch")
         )),
         // capture_hv_check=off: the purgatory's check alone.
-        None if capture["hv_check"] == "skipped" => {}
+        None if capture.hv_check.as_str() == Some("skipped") => {}
         None => problems.push("hv reported no capture digest check at the crash".to_owned()),
     }
-    if capture["entered"] != Value::Bool(true) {
+    if capture.entered.value() != Some(true) {
         problems.push(format!("the {kernel} capture kernel was not entered"));
     }
-    if let Some(error) = capture["error"].as_str() {
+    if let Some(error) = capture.error.as_str() {
         problems.push(format!("the capture kernel failed: {error}"));
     }
-    if capture["linux"]["copied"] == Value::Bool(false) {
+    if capture.linux.or_empty().copied.value() == Some(false) {
         problems.push("the Linux capture kernel failed to copy /proc/vmcore".to_owned());
     }
-    if report["xtask"]["capture_until_entry"] == Value::Bool(true) {
+    if xtask.capture_until_entry.value() == Some(true) {
         // Ended at the entry: the core header the capture image read
         // stands for the dump.
-        let wanted = report["crash"]["checked_in"].as_u64().map(|n| n + 1);
-        match (capture["header_cpu_notes"].as_u64(), wanted) {
+        let wanted = crash.checked_in.value().map(|n| n + 1);
+        match (capture.header_cpu_notes.value(), wanted) {
             (Some(notes), Some(wanted)) if notes != wanted => problems.push(format!(
                 "the capture image read {notes} CPU notes from the core header, expected \
                  {wanted} (the CPUs that checked in and the coordinator)"
             )),
-            (None, _) if capture["entered"] == Value::Bool(true) => problems.push(
+            (None, _) if capture.entered.value() == Some(true) => problems.push(
                 "the capture image never said it read the core header (`N CPU notes; \
                  streaming`)"
                     .to_owned(),
@@ -543,7 +609,7 @@ pub fn capture_problems(report: &Value, words: &[String], collected: &Collected)
         }
     };
     problems.extend(info.problems());
-    let checked_in = report["crash"]["checked_in"].as_u64();
+    let checked_in = crash.checked_in.value();
     if let Some(checked_in) = checked_in
         && info.cpus.len() as u64 != checked_in + 1
     {
@@ -553,7 +619,7 @@ pub fn capture_problems(report: &Value, words: &[String], collected: &Collected)
             checked_in + 1
         ));
     }
-    let coordinator = report["crash"]["cpu_index"].as_u64();
+    let coordinator = crash.cpu_index.value();
     match (&info.crash, coordinator) {
         (Some(crash), Some(index)) if u64::from(crash.coordinator) != index => {
             problems.push(format!(
@@ -572,7 +638,7 @@ pub fn capture_problems(report: &Value, words: &[String], collected: &Collected)
             first.cpu_index
         ));
     }
-    problems.extend(ledger_problems(report, info));
+    problems.extend(ledger_problems(&report, info));
     match &collected.parallel {
         Some(Ok(ParallelCopy {
             first_difference: Some(at),
@@ -587,8 +653,8 @@ pub fn capture_problems(report: &Value, words: &[String], collected: &Collected)
         _ => {}
     }
     if let Some(filtered) = &collected.filtered {
-        problems.extend(filtered_problems(capture, filtered));
-    } else if let Some(bytes) = capture["linux"]["vmcore_bytes"].as_u64()
+        problems.extend(filtered_problems(&capture, filtered));
+    } else if let Some(bytes) = capture.linux.or_empty().vmcore_bytes.value()
         && bytes != info.file_bytes
     {
         problems.push(format!(
@@ -603,7 +669,7 @@ pub fn capture_problems(report: &Value, words: &[String], collected: &Collected)
                 summary.uncovered_bytes
             ));
         }
-        if let Some(streamed) = capture["streamed_bytes"].as_u64()
+        if let Some(streamed) = capture.streamed_bytes.value()
             && streamed != summary.total
         {
             problems.push(format!(
@@ -617,15 +683,19 @@ pub fn capture_problems(report: &Value, words: &[String], collected: &Collected)
 
 /// Whether makedumpfile's streams came out whole: each as long as the
 /// initramfs' `dd` counted, the kdump one a kdump-compressed file.
-fn filtered_problems(capture: &Value, filtered: &Filtered) -> Vec<String> {
-    let said = &capture["linux"]["makedumpfile"];
-    if said.is_null() {
+fn filtered_problems(capture: &Capture, filtered: &Filtered) -> Vec<String> {
+    let said = &capture.linux.or_empty().makedumpfile;
+    if said.is_missing() {
         return vec!["the initramfs reported no makedumpfile run".to_owned()];
     }
+    let said = said.or_empty();
     let mut problems = Vec::new();
     let kdump = filtered.kdump.as_ref().map(|(done, _)| done);
-    for (name, done) in [("elf", filtered.elf.as_ref()), ("kdump", kdump)] {
-        match (done, said[format!("{name}_stream_bytes")].as_u64()) {
+    for (name, done, said) in [
+        ("elf", filtered.elf.as_ref(), &said.elf_stream_bytes),
+        ("kdump", kdump, &said.kdump_stream_bytes),
+    ] {
+        match (done, said.value()) {
             (Err(error), _) => problems.push(format!("makedumpfile's {name} stream: {error:#}")),
             (Ok(done), Some(bytes)) if bytes != done.stream_bytes => problems.push(format!(
                 "makedumpfile's {name} stream: dd wrote {bytes} bytes, xtask read {}",
@@ -645,20 +715,21 @@ fn filtered_problems(capture: &Value, filtered: &Filtered) -> Vec<String> {
 /// successfully, as many as were loaded on it, and the ledger's total is
 /// the crash report's `vmcs_loaded` (`vmcb_loaded`) less those held by
 /// stragglers (which nobody could clear).
-fn ledger_problems(report: &Value, info: &DumpInfo) -> Vec<String> {
+fn ledger_problems(report: &Report, info: &DumpInfo) -> Vec<String> {
     let Some(crash) = &info.crash else {
         return Vec::new();
     };
-    if crash.ledger.is_empty() && report["capture"]["attempt"].as_u64() == Some(2) {
+    if crash.ledger.is_empty() && report.capture.or_empty().attempt.value() == Some(2) {
         // The second hand-over (after a crash inside the first) leaves
         // the ledger out, the part most likely to have failed.
         return Vec::new();
     }
-    let svm = report["crash"]["backend"] == "svm";
-    let (ledger, kind, prefix) = if svm {
-        ("VMCB ledger", "VMCB", "vmcb")
+    let reported = report.crash.or_empty();
+    let svm = reported.backend.as_str() == Some("svm");
+    let (ledger, kind) = if svm {
+        ("VMCB ledger", "VMCB")
     } else {
-        ("VMCLEAR ledger", "VMCS", "vmcs")
+        ("VMCLEAR ledger", "VMCS")
     };
     let mut problems = Vec::new();
     for cpu in &crash.ledger {
@@ -679,10 +750,9 @@ fn ledger_problems(report: &Value, info: &DumpInfo) -> Vec<String> {
         .filter(|cpu| !crash.stragglers.contains(&cpu.apic_id))
         .map(|cpu| u64::from(cpu.vmcs_loaded))
         .sum();
-    if let (Some(loaded), Some(on_stragglers)) = (
-        report["crash"][format!("{prefix}_loaded")].as_u64(),
-        report["crash"][format!("{prefix}_on_stragglers")].as_u64(),
-    ) && ledger_loaded != loaded.saturating_sub(on_stragglers)
+    let [loaded, _, on_stragglers] = reported.contexts(svm);
+    if let (Some(loaded), Some(on_stragglers)) = (loaded.value(), on_stragglers.value())
+        && ledger_loaded != loaded.saturating_sub(on_stragglers)
     {
         problems.push(format!(
             "the dump's {ledger} counts {ledger_loaded} {kind} loaded on the CPUs that \
@@ -883,11 +953,11 @@ mod tests {
         // The sample: CPU 0 had 2 loaded and cleared 1 (one VMfailValid).
         let report = json!({"crash": {"vmcs_loaded": 2, "vmcs_on_stragglers": 0}});
         assert_eq!(
-            ledger_problems(&report, info),
+            ledger_problems(&Report::of(&report), info),
             ["the dump's VMCLEAR ledger: CPU 0 had 2 VMCS loaded and cleared 1"]
         );
         let report = json!({"crash": {"vmcs_loaded": 5, "vmcs_on_stragglers": 1}});
-        let problems = ledger_problems(&report, info);
+        let problems = ledger_problems(&Report::of(&report), info);
         assert!(problems[1].contains("counts 2 VMCS loaded"), "{problems:?}");
         assert!(
             problems[1].contains("the crash report 5 less 1"),
@@ -897,7 +967,7 @@ mod tests {
         let report = json!({"crash": {"backend": "svm", "vmcs_loaded": 0,
             "vmcb_loaded": 2, "vmcb_on_stragglers": 0}});
         assert_eq!(
-            ledger_problems(&report, info),
+            ledger_problems(&Report::of(&report), info),
             ["the dump's VMCB ledger: CPU 0 had 2 VMCB loaded and cleared 1"]
         );
         fs::remove_dir_all(dir).unwrap();
@@ -966,6 +1036,75 @@ mod tests {
         assert_eq!(object["crash_to_capture_source"], "serial");
         let object = capture_object(&json!({}), CaptureKernel::Linux, "", &none, &[None, None]);
         assert_eq!(object["crash_to_capture_us"], Value::Null);
+    }
+
+    #[test]
+    fn the_capture_object_keeps_its_conditional_keys() {
+        let filtered = Collected {
+            dump: Err(anyhow::anyhow!("no dump")),
+            stream: None,
+            source: PathBuf::from("/r/disk.img"),
+            filtered: Some(Filtered {
+                elf: Ok(Rearranged {
+                    stream_bytes: 100,
+                    blocks: 3,
+                    file_bytes: 90,
+                }),
+                kdump: Err(anyhow::anyhow!("no kdump")),
+            }),
+            parallel: Some(Ok(ParallelCopy {
+                compared: 10,
+                first_difference: Some(7),
+            })),
+        };
+        let object = capture_object(&json!({}), CaptureKernel::Linux, "", &filtered, &[]);
+        assert_eq!(
+            object,
+            json!({
+                "kernel": "linux", "header_cpu_notes": null, "entered": false,
+                "crash_to_capture_us": null, "crash_to_capture_source": null,
+                "source": "/r/disk.img", "dump_format": "elf-makedumpfile",
+                "kdump_path": null, "kdump_bytes": null, "kdump_format": null,
+                "makedumpfile": {
+                    "elf": {"stream_bytes": 100, "blocks": 3},
+                    "kdump": {"stream_bytes": null, "blocks": null},
+                    "kdump_error": "no kdump",
+                },
+                "dump_path": null, "dump_bytes": null, "cpu_notes": null,
+                "dump_error": "no dump",
+                "parallel_copy_identical": false, "parallel_copy_first_difference": 7,
+            })
+        );
+        let failed = Collected {
+            dump: Err(anyhow::anyhow!("no dump")),
+            stream: None,
+            source: PathBuf::from("/r/disk.img"),
+            filtered: None,
+            parallel: Some(Err(anyhow::anyhow!("unreadable"))),
+        };
+        let times = [
+            Some(Duration::from_millis(5)),
+            Some(Duration::from_millis(8)),
+        ];
+        let object = capture_object(
+            &json!({"capture": {"streamed": true}}),
+            CaptureKernel::Hv,
+            "",
+            &failed,
+            &times,
+        );
+        assert_eq!(
+            object,
+            json!({
+                "kernel": "hv", "header_cpu_notes": null, "entered": false,
+                "crash_to_capture_us": 3000, "crash_to_capture_source": "serial",
+                "source": "/r/disk.img", "dump_format": "elf",
+                "kdump_path": null, "kdump_bytes": null, "kdump_format": null,
+                "dump_path": null, "dump_bytes": null, "cpu_notes": null,
+                "dump_error": "no dump", "streamed_bytes": null,
+                "parallel_copy_identical": null, "parallel_copy_error": "unreadable",
+            })
+        );
     }
 
     #[test]
