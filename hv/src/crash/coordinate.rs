@@ -162,7 +162,7 @@ pub fn coordinate(me: usize, reason: Reason<'_>, regs: &CpuRegisters) -> ! {
         let stuck = if rendezvous.stuck_in_handler.contains(straggler) {
             " (stuck inside the crash handler)"
         } else {
-            " (never answered the NMI)"
+            " (had not taken the NMI when the wait ended)"
         };
         let _ = writeln!(
             Words,

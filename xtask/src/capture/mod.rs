@@ -440,6 +440,9 @@ pub fn qemu(options: &QemuOptions, capture: &CaptureOptions) -> Result<RunOutcom
         }
     }
 
+    // Judged on the words hv was given, xtask's time limits for a big
+    // machine included (`crash_timeout_ms=`).
+    let hv_words = run.words();
     let clock = SerialClock::start(run_dir.join("serial.log"), markers(capture.kernel));
     let outcome = run::qemu(&run);
     let times = clock.stop();
@@ -463,7 +466,7 @@ pub fn qemu(options: &QemuOptions, capture: &CaptureOptions) -> Result<RunOutcom
     judge::conclude(
         &mut outcome,
         capture.kernel,
-        &words,
+        &hv_words,
         &collected,
         &times,
         true,

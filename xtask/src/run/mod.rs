@@ -16,7 +16,9 @@ pub use bochs::{
     BOCHS_MAX_CPUS, BOCHS_MAX_CPUS_WITH_DISK, BOCHS_NEEDS, BochsOptions, CPU_MODEL, bochs, bochsrc,
     bochsrc_with_model, check_cpus, check_cpus_with_disk,
 };
-pub use qemu::{Firmware, GrubSetup, QemuOptions, find_ovmf, qemu, qemu_needs};
+pub use qemu::{
+    Firmware, GrubSetup, QemuOptions, SCALED_WATCHDOG_FROM_CPUS, find_ovmf, qemu, qemu_needs,
+};
 pub(crate) use qemu::{Media, drive_path, qemu_args};
 pub use watch::{CAPTURE_HEADER_MARKER, StopWhen};
 

@@ -26,8 +26,8 @@ const EMULATOR_LOG: &str = "qemu.log";
 /// code.
 const DEBUG_EXIT_PORT: &str = "0xf4";
 
-/// From this many CPUs on, xtask lengthens hv's lockup threshold
-/// ([`QemuOptions::words`]).
+/// From this many CPUs on, xtask lengthens hv's lockup threshold, bring-up
+/// limit and crash rendezvous wait ([`QemuOptions::words`]).
 pub const SCALED_WATCHDOG_FROM_CPUS: u32 = 129;
 
 /// What a QEMU run looks like.
@@ -139,11 +139,17 @@ impl QemuOptions {
     /// hv's time limits for a big machine: QEMU runs one host thread per
     /// vCPU, and on this host's 2 cores a vCPU of 256 can go without
     /// running for more than hv's default 10 s lockup threshold (seen at
-    /// `-smp 256`: 51 CPUs "not ticked for 10 s" during the guest run) or
-    /// its 5 s bring-up limit (one AP of 256 missed it on a busy host).
-    /// From [`SCALED_WATCHDOG_FROM_CPUS`] on, unless the caller set them,
-    /// xtask gives hv half a second per CPU (`watchdog=`) and 40 ms per
-    /// CPU for its APs to check in (`ap_timeout_ms=`).
+    /// `-smp 256`: 51 CPUs "not ticked for 10 s" during the guest run),
+    /// its 5 s bring-up limit (one AP of 256 missed it on a busy host) or
+    /// the crash rendezvous's 1 s (at `-smp 256` with guests running, 34
+    /// CPUs had not taken the NMI after 2 s; with a longer wait the same
+    /// crash had all 255 in within 1.6 s and 2.6 s, and 3 of the 34 took
+    /// it just after the wait ended: slow, not stuck). From
+    /// [`SCALED_WATCHDOG_FROM_CPUS`] on, unless the caller set them, xtask
+    /// gives hv half a second per CPU (`watchdog=`), 40 ms per CPU for its
+    /// APs to check in (`ap_timeout_ms=`) and 40 ms per CPU for the crash
+    /// rendezvous (`crash_timeout_ms=`; a run with a deliberate straggler
+    /// waits that long).
     fn scaled_timeouts(&self) -> Vec<String> {
         let set = |key: &str| self.append.iter().any(|word| word.starts_with(key));
         let mut words = Vec::new();
@@ -153,6 +159,9 @@ impl QemuOptions {
             }
             if !set("ap_timeout_ms=") {
                 words.push(format!("ap_timeout_ms={}", self.smp * 40));
+            }
+            if !set("crash_timeout_ms=") {
+                words.push(format!("crash_timeout_ms={}", self.smp * 40));
             }
         }
         words
@@ -650,14 +659,38 @@ mod tests {
     }
 
     #[test]
-    fn big_machines_get_a_longer_lockup_threshold() {
+    fn big_machines_get_longer_time_limits() {
         let mut options = QemuOptions::new("/t/hv");
         options.smp = 128;
         assert!(options.words().is_empty());
         options.smp = 256;
-        assert_eq!(options.words(), ["watchdog=128", "ap_timeout_ms=10240"]);
-        options.append = vec!["watchdog=0".to_owned(), "ap_timeout_ms=300".to_owned()];
-        assert_eq!(options.words(), ["watchdog=0", "ap_timeout_ms=300"]);
+        assert_eq!(
+            options.words(),
+            [
+                "watchdog=128",
+                "ap_timeout_ms=10240",
+                "crash_timeout_ms=10240"
+            ]
+        );
+        options.append = vec![
+            "watchdog=0".to_owned(),
+            "ap_timeout_ms=300".to_owned(),
+            "crash_timeout_ms=500".to_owned(),
+        ];
+        assert_eq!(
+            options.words(),
+            ["watchdog=0", "ap_timeout_ms=300", "crash_timeout_ms=500"]
+        );
+        // Each one the caller left out is still scaled.
+        options.append = vec!["crash_timeout_ms=500".to_owned()];
+        assert_eq!(
+            options.words(),
+            [
+                "crash_timeout_ms=500",
+                "watchdog=128",
+                "ap_timeout_ms=10240"
+            ]
+        );
     }
 
     #[test]
