@@ -816,6 +816,26 @@ struct Accounted {
     visited: u64,
 }
 
+impl Accounted {
+    /// Its six report fields, named for its kind, in the report's order:
+    /// loaded, cleared, visited, on stragglers, cleared elsewhere, lost.
+    fn fields<W: Write>(&self, o: &mut json::Object<'_, W>, names: [&str; 6]) -> fmt::Result {
+        let a = &self.accounting;
+        let values = [
+            a.loaded,
+            a.cleared,
+            self.visited,
+            a.on_stragglers,
+            a.cleared_elsewhere,
+            a.lost,
+        ];
+        names
+            .into_iter()
+            .zip(values)
+            .try_for_each(|(name, value)| o.field(name).u64(value))
+    }
+}
+
 fn vmx_exit_name(exit: VmxExit) -> &'static str {
     match exit {
         VmxExit::NotAttempted => "not_attempted",
@@ -979,22 +999,28 @@ pub fn render<W: Write>(facts: &Facts<'_>, out: &mut W) -> fmt::Result {
                     .map(|cpu| u64::from(facts.cpu(cpu).apic_id)),
             )?;
             o.field("backend").str(s.backend.name())?;
-            o.field("vmcs_loaded").u64(vmcs.accounting.loaded)?;
-            o.field("vmcs_cleared").u64(vmcs.accounting.cleared)?;
-            o.field("vmcs_visited").u64(vmcs.visited)?;
-            o.field("vmcs_on_stragglers")
-                .u64(vmcs.accounting.on_stragglers)?;
-            o.field("vmcs_cleared_elsewhere")
-                .u64(vmcs.accounting.cleared_elsewhere)?;
-            o.field("vmcs_lost").u64(vmcs.accounting.lost)?;
-            o.field("vmcb_loaded").u64(vmcb.accounting.loaded)?;
-            o.field("vmcb_cleared").u64(vmcb.accounting.cleared)?;
-            o.field("vmcb_visited").u64(vmcb.visited)?;
-            o.field("vmcb_on_stragglers")
-                .u64(vmcb.accounting.on_stragglers)?;
-            o.field("vmcb_cleared_elsewhere")
-                .u64(vmcb.accounting.cleared_elsewhere)?;
-            o.field("vmcb_lost").u64(vmcb.accounting.lost)?;
+            vmcs.fields(
+                o,
+                [
+                    "vmcs_loaded",
+                    "vmcs_cleared",
+                    "vmcs_visited",
+                    "vmcs_on_stragglers",
+                    "vmcs_cleared_elsewhere",
+                    "vmcs_lost",
+                ],
+            )?;
+            vmcb.fields(
+                o,
+                [
+                    "vmcb_loaded",
+                    "vmcb_cleared",
+                    "vmcb_visited",
+                    "vmcb_on_stragglers",
+                    "vmcb_cleared_elsewhere",
+                    "vmcb_lost",
+                ],
+            )?;
             o.field("svm_off_cpus").u64(svm_off_cpus)?;
             o.field("svm_was_on_cpus").u64(svm_was_on)?;
             o.field("coordinator_svm_off").bool(own_svm.is_off())?;

@@ -19,6 +19,7 @@ use crash::summary::{
 };
 use smp_boot::bringup::CpuState;
 
+use super::handover::FixedWriter;
 use super::records::{self, Records};
 use super::{COORDINATOR, Reason, nmi, svm};
 use crate::cpu::{percpu, smp, time, watchdog};
@@ -52,21 +53,6 @@ pub struct Gathered<'a> {
     pub scalars: Scalars,
 }
 
-/// `core::fmt::Write` into a fixed buffer, keeping what fits.
-struct Cut<'a> {
-    buffer: &'a mut [u8],
-    len: usize,
-}
-
-impl Write for Cut<'_> {
-    fn write_str(&mut self, text: &str) -> core::fmt::Result {
-        let take = text.len().min(self.buffer.len() - self.len);
-        self.buffer[self.len..self.len + take].copy_from_slice(&text.as_bytes()[..take]);
-        self.len += take;
-        Ok(())
-    }
-}
-
 /// Copies the facts into [`FACTS`]. Crash path: the coordinator only,
 /// once; plain stores.
 pub fn gather(gathered: &Gathered<'_>) {
@@ -76,12 +62,9 @@ pub fn gather(gathered: &Gathered<'_>) {
     let mut writer = FactsWriter::new(&mut sink, cpus, record_count);
     // One byte past the limit shows a cut.
     let mut reason = [0u8; MAX_REASON + 1];
-    let mut cut = Cut {
-        buffer: &mut reason,
-        len: 0,
-    };
+    let mut cut = FixedWriter::new(&mut reason);
     let _ = write!(cut, "{}", gathered.reason);
-    let reason_len = cut.len;
+    let reason_len = cut.len();
     let lockup = matches!(gathered.reason, Reason::Lockup { .. });
     let scalars = Scalars {
         coordinator: gathered.me,

@@ -158,9 +158,21 @@ pub struct Handover<'a> {
 }
 
 /// `core::fmt::Write` into a fixed buffer, cutting what does not fit.
-struct FixedWriter<'a> {
+pub(super) struct FixedWriter<'a> {
     buffer: &'a mut [u8],
     len: usize,
+}
+
+impl<'a> FixedWriter<'a> {
+    /// An empty writer into `buffer`.
+    pub(super) fn new(buffer: &'a mut [u8]) -> Self {
+        Self { buffer, len: 0 }
+    }
+
+    /// Bytes written so far.
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
 }
 
 impl Write for FixedWriter<'_> {
@@ -290,12 +302,9 @@ pub fn hand_over(handover: &Handover<'_>) {
     } else {
         0
     };
-    let mut writer = FixedWriter {
-        buffer: &mut scratch.reason,
-        len: 0,
-    };
+    let mut writer = FixedWriter::new(&mut scratch.reason);
     let _ = write!(writer, "{}", handover.reason);
-    let reason_len = writer.len;
+    let reason_len = writer.len();
     let reason_text = core::str::from_utf8(&scratch.reason[..reason_len]).unwrap_or("crash");
     let record = CrashRecord {
         reason: reason_text,
