@@ -399,15 +399,18 @@ fn a_straggler_still_in_vmx_root_stays_silent_in_bochs_at_fifteen_cpus() {
         .unwrap_or_else(|| panic!("no ledger entry for APIC ID {straggler}\n{}", explain(&run)));
     assert_eq!(ledger.cpu_index, 9, "{}", explain(&run));
     use kexec_loader::crash_note::cpu_flags::{CHECKED_IN, VMXOFF_DONE};
-    // Never checked in, never did VMXOFF, and held VMCSes: it was (and
-    // is) in VMX operation, spinning in its NMI handler in VMX root.
+    // Never checked in, never did VMXOFF: it was (and is) in VMX
+    // operation, spinning in its NMI handler in VMX root. Whether it held
+    // VMCSes at that moment is the scheduler's: cores give their vCPUs
+    // away (`virt/sched.rs`), and one run found 3 of 15 cores holding
+    // none, this one among them. What it held is what the accounting
+    // puts on stragglers.
     assert_eq!(
         ledger.flags & (CHECKED_IN | VMXOFF_DONE),
         0,
         "{}",
         explain(&run)
     );
-    assert!(ledger.vmcs_loaded > 0, "{}", explain(&run));
     assert_eq!(
         u64::from(ledger.vmcs_loaded),
         number(&run, "/crash/vmcs_on_stragglers"),
