@@ -698,6 +698,7 @@ mod tests {
             panic!("not stress")
         };
         assert_eq!((args.smp, args.runs, args.boot), (64, 20, Boot::Direct));
+        assert_eq!(args.memory(), 512);
         assert!(!args.keep_going);
         let cli = Cli::try_parse_from([
             "cargo xtask",
@@ -722,6 +723,24 @@ mod tests {
         assert!(args.keep_going);
         assert_eq!(args.run.append.as_deref(), Some("sipi_delay_us=0"));
         assert!(Cli::try_parse_from(["cargo xtask", "stress", "--runs", "0"]).is_err());
+    }
+
+    #[test]
+    fn big_stress_machines_get_memory_for_two_vcpus_a_core() {
+        let memory = |words: &[&str]| {
+            let cli = Cli::try_parse_from(["cargo xtask", "stress"].iter().chain(words)).unwrap();
+            let Task::Stress(args) = cli.command else {
+                panic!("not stress")
+            };
+            args.memory()
+        };
+        assert_eq!(memory(&["--smp", "128"]), 512);
+        assert_eq!(memory(&["--smp", "129"]), 1028);
+        assert_eq!(memory(&["--smp", "256"]), 1536);
+        assert_eq!(memory(&["--smp", "512"]), 2560);
+        // --memory wins, at any size.
+        assert_eq!(memory(&["--smp", "256", "--memory", "640"]), 640);
+        assert_eq!(memory(&["--smp", "8", "--memory", "640"]), 640);
     }
 
     #[test]

@@ -13,9 +13,11 @@ pub struct StressArgs {
     /// How hv is loaded.
     #[arg(long, value_enum, default_value_t = Boot::Direct)]
     pub(crate) boot: Boot,
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MiB", default_value_t = 512)]
-    pub(crate) memory: u32,
+    /// Guest memory in MiB [default: 512; from 129 CPUs on 512 and 4 a
+    /// CPU (1536 at 256), so that hv's test guests still come two per
+    /// core].
+    #[arg(long, value_name = "MiB")]
+    pub(crate) memory: Option<u32>,
     /// Go on after a failed run (default: stop at the first).
     #[arg(long)]
     pub(crate) keep_going: bool,
@@ -43,6 +45,29 @@ pub struct StressArgs {
 }
 
 /// Boots hv many times in a row.
+impl StressArgs {
+    /// The guest memory: `--memory`, or [`stress_memory_mib`].
+    pub(crate) fn memory(&self) -> u32 {
+        self.memory.unwrap_or_else(|| stress_memory_mib(self.smp))
+    }
+}
+
+/// `stress`'s guest memory in MiB when `--memory` is not given: 512, and
+/// from [`run::SCALED_WATCHDOG_FROM_CPUS`] on 512 and 4 a CPU. hv makes
+/// two test-guest vCPUs per core as memory allows (about 2.1 MiB each):
+/// at 256 CPUs 512 MiB held 166, one per core on 166 cores, and a core
+/// never gives away its last vCPU, so after the first loads no context
+/// was added or removed anywhere and none met another on a core: the list
+/// points (`list_add3` and `list_remove1` need a core holding two) never
+/// fired. With 1536 MiB, 512 vCPUs on 256 cores, moving.
+fn stress_memory_mib(smp: u32) -> u32 {
+    if smp >= run::SCALED_WATCHDOG_FROM_CPUS {
+        512 + 4 * smp
+    } else {
+        512
+    }
+}
+
 pub(super) fn run(args: StressArgs) -> Result<ExitCode> {
     tools::ensure(&run::qemu_needs(args.boot))?;
     let mut append = extra_words(&args.run)?;
@@ -71,7 +96,7 @@ pub(super) fn run(args: StressArgs) -> Result<ExitCode> {
     let mut base = QemuOptions::new(elf(&args.run)?);
     base.smp = args.smp;
     base.boot = args.boot;
-    base.memory_mib = args.memory;
+    base.memory_mib = args.memory();
     base.append = append;
     base.x2apic = args.x2apic;
     if let Some(secs) = args.run.timeout {
@@ -109,7 +134,7 @@ fn stress_capture(args: &StressArgs) -> Result<Option<CaptureOptions>> {
             return Ok(None);
         }
     };
-    if args.memory < capture::HV_MEMORY_MIB {
+    if args.memory() < capture::HV_MEMORY_MIB {
         anyhow::bail!(
             "hv's capture mode needs its reservation ({}) inside RAM: --memory {} or more",
             capture::HV_CRASHKERNEL,
