@@ -191,7 +191,10 @@ pub fn debian_kernel() -> Result<PathBuf> {
     if vmlinuz.is_file() {
         return Ok(vmlinuz);
     }
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let _turn = paths::lock_dir(&dir)?;
+    if vmlinuz.is_file() {
+        return Ok(vmlinuz);
+    }
     eprintln!("bench: fetching {package} (Linux to compare with)");
     crate::debian::apt_download(&package, &dir)?;
     let deb = fs::read_dir(&dir)?

@@ -67,7 +67,18 @@ pub fn linux_kit() -> Result<LinuxKit> {
         });
     }
 
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Parallel tests may all find it missing: one fetches, the others wait
+    // and then find it there.
+    let _turn = paths::lock_dir(&dir)?;
+    if vmlinuz.is_file()
+        && let Ok(modules) = kept_modules(&modules_dir)
+    {
+        return Ok(LinuxKit {
+            package,
+            vmlinuz,
+            modules,
+        });
+    }
     eprintln!("capture: fetching {package} (the Linux capture kernel and its disk modules)");
     let root = unpack(&package, &dir)?;
     let result = (|| {
@@ -96,7 +107,10 @@ pub fn busybox() -> Result<PathBuf> {
     if binary.is_file() {
         return Ok(binary);
     }
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let _turn = paths::lock_dir(&dir)?;
+    if binary.is_file() {
+        return Ok(binary);
+    }
     eprintln!("capture: fetching {BUSYBOX_PACKAGE} (the capture initramfs' userspace)");
     let root = unpack(BUSYBOX_PACKAGE, &dir)?;
     let result = fs::copy(root.join("bin/busybox"), &binary)

@@ -70,7 +70,10 @@ pub fn package_kit(package: &str, binary: &str) -> Result<Kit> {
     if let Ok(kit) = kept(&dir, binary) {
         return Ok(kit);
     }
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let _turn = paths::lock_dir(&dir)?;
+    if let Ok(kit) = kept(&dir, binary) {
+        return Ok(kit);
+    }
     eprintln!("xtask: fetching {package} and the libraries its {binary} loads");
     let root = dir.join("root");
     if root.exists() {

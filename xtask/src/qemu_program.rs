@@ -253,6 +253,8 @@ fn find_or_fetch() -> Result<QemuProgram> {
     }
     let root = private_root();
     let private = private_program(&root);
+    // Other processes (a second xtask, another test binary) take turns.
+    let _turn = paths::lock_dir(&root)?;
     if !private.program.is_file() {
         fetch_private(&root).map_err(|error| {
             anyhow::anyhow!(
