@@ -54,6 +54,7 @@ extern "C" fn hv_main(entered_by: u32, info: u32, magic: u32) -> ! {
     console::init_serial();
     console::init_logging(log::LevelFilter::Info);
     register_trap_handlers();
+    arch::gdt::load_boot_tables();
     arch::idt::load();
     arch::pic::remap_and_mask();
     println!("hv {}: booting", env!("CARGO_PKG_VERSION"));

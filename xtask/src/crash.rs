@@ -174,7 +174,8 @@ impl CrashSpecExt for CrashSpec {
 
 /// Whether `point` strikes inside hv's hand-over to a capture kernel (a
 /// stray NMI on the coordinator while it writes the core header, checks
-/// the digests or runs the purgatory; a panic inside the hand-over): hv
+/// the digests or runs the purgatory; a storm of them from the purgatory
+/// through the capture image's entry; a panic inside the hand-over): hv
 /// gets there only with a capture kernel loaded. The other points that
 /// disturb a crash (`nmi_after_cleanup`, `external_nmi`) strike before the
 /// hand-over and need none.
@@ -182,7 +183,10 @@ pub fn needs_capture(point: Point) -> bool {
     matches!(
         point,
         Point::CoordinatorNmi(
-            CoordinatorStep::CoreHeader | CoordinatorStep::DigestCheck | CoordinatorStep::Purgatory
+            CoordinatorStep::CoreHeader
+                | CoordinatorStep::DigestCheck
+                | CoordinatorStep::Purgatory
+                | CoordinatorStep::Storm
         ) | Point::HandoverPanic
     )
 }
@@ -342,7 +346,7 @@ mod tests {
         // hv parses stores up to 7 even though fewer exist.
         assert_eq!(Point::parse("list_add7"), Some(Point::ListAdd(7)));
         assert_eq!(Point::parse("list_add+1"), None);
-        assert_eq!(Point::ALL.len(), 20);
+        assert_eq!(Point::ALL.len(), 21);
         let text = spec(5, 30, Some(Point::VcpuLoad)).word();
         assert_eq!(text, "crash=cpu:5,after_ms:30,point:vcpu_load");
         assert_eq!(
@@ -429,6 +433,7 @@ mod tests {
                 Some(Point::CoordinatorNmi(CoordinatorStep::CoreHeader)),
                 Some(Point::CoordinatorNmi(CoordinatorStep::DigestCheck)),
                 Some(Point::CoordinatorNmi(CoordinatorStep::Purgatory)),
+                Some(Point::CoordinatorNmi(CoordinatorStep::Storm)),
                 Some(Point::HandoverPanic),
                 Some(Point::ExternalNmi),
             ])
@@ -460,6 +465,7 @@ mod tests {
                 "nmi_in_header",
                 "nmi_in_digest",
                 "nmi_in_purgatory",
+                "nmi_storm",
                 "handover_panic"
             ]
         );
@@ -471,6 +477,7 @@ mod tests {
                 "nmi_in_header",
                 "nmi_in_digest",
                 "nmi_in_purgatory",
+                "nmi_storm",
                 "handover_panic",
                 "external_nmi"
             ]

@@ -44,15 +44,20 @@ pub enum CoordinatorStep {
     DigestCheck,
     /// In the purgatory, after the jump.
     Purgatory,
+    /// From the purgatory's entry through the capture image's own early
+    /// boot: a storm of NMIs, one every 30 µs for 200 ms, so that some
+    /// land in every window of the way in.
+    Storm,
 }
 
 impl CoordinatorStep {
     /// Every step.
-    pub const ALL: [CoordinatorStep; 4] = [
+    pub const ALL: [CoordinatorStep; 5] = [
         Self::AfterCleanup,
         Self::CoreHeader,
         Self::DigestCheck,
         Self::Purgatory,
+        Self::Storm,
     ];
 
     /// The point name's suffix.
@@ -62,16 +67,17 @@ impl CoordinatorStep {
             Self::CoreHeader => "in_header",
             Self::DigestCheck => "in_digest",
             Self::Purgatory => "in_purgatory",
+            Self::Storm => "storm",
         }
     }
 }
 
 /// The injection point names `crash=...,point:NAME` accepts (`N` a store
 /// number from 0 to 7).
-pub const CRASH_POINT_NAMES: &str = "list_addN, list_removeN, vmclear_unlink, vcpu_load, nmi_blocked, double_panic, before_vmx, bringup, nmi_after_cleanup, nmi_in_header, nmi_in_digest, nmi_in_purgatory, handover_panic, external_nmi";
+pub const CRASH_POINT_NAMES: &str = "list_addN, list_removeN, vmclear_unlink, vcpu_load, nmi_blocked, double_panic, before_vmx, bringup, nmi_after_cleanup, nmi_in_header, nmi_in_digest, nmi_in_purgatory, nmi_storm, handover_panic, external_nmi";
 
 /// The message for an unknown point name.
-const UNKNOWN_POINT: &str = "point: unknown injection point (known: list_add0..list_add4, list_remove0..list_remove2, vmclear_unlink, vcpu_load, nmi_blocked, double_panic, before_vmx, bringup, nmi_after_cleanup, nmi_in_header, nmi_in_digest, nmi_in_purgatory, handover_panic, external_nmi)";
+const UNKNOWN_POINT: &str = "point: unknown injection point (known: list_add0..list_add4, list_remove0..list_remove2, vmclear_unlink, vcpu_load, nmi_blocked, double_panic, before_vmx, bringup, nmi_after_cleanup, nmi_in_header, nmi_in_digest, nmi_in_purgatory, nmi_storm, handover_panic, external_nmi)";
 
 /// The form of the `crash=` value.
 const CRASH_FORM: &str = "expected cpu:N,after_ms:T[,point:NAME]";
@@ -87,7 +93,7 @@ pub const MAX_AFTER_MS: u64 = 3_600_000;
 impl CrashPoint {
     /// Every point that can fire: the stores the list protocol really
     /// makes, then the others.
-    pub const ALL: [CrashPoint; 20] = [
+    pub const ALL: [CrashPoint; 21] = [
         Self::ListAdd(0),
         Self::ListAdd(1),
         Self::ListAdd(2),
@@ -106,6 +112,7 @@ impl CrashPoint {
         Self::CoordinatorNmi(CoordinatorStep::CoreHeader),
         Self::CoordinatorNmi(CoordinatorStep::DigestCheck),
         Self::CoordinatorNmi(CoordinatorStep::Purgatory),
+        Self::CoordinatorNmi(CoordinatorStep::Storm),
         Self::HandoverPanic,
         Self::ExternalNmi,
     ];

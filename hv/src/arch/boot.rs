@@ -16,6 +16,9 @@ pub const ENTERED_BY_MULTIBOOT2: u32 = 2;
 
 /// Size of the stack the boot CPU uses until it has a guarded one.
 const BOOT_STACK_BYTES: usize = 64 * 1024;
+/// Size of each interrupt stack (NMI, #DF, #MC) the boot CPU uses until
+/// it has guarded ones: room for an NMI that logs a line.
+const BOOT_INTERRUPT_STACK_BYTES: usize = 16 * 1024;
 
 core::arch::global_asm!(
     r#"
@@ -179,12 +182,20 @@ boot64:
 
     .section .rodata.boot32, "a"
     .balign 8
+    /* 0x08 and 0x10 are what hv runs on. 0x18 (data) and 0x20 (32-bit
+     * code) are the selectors the purgatory enters a capture image with
+     * (kexec-loader's purgatory ABI): an NMI in the few instructions
+     * between this `lgdt` and the reload of SS returns through the
+     * purgatory's IDT with `iretq`, which reloads the old CS and SS from
+     * this table. Accessed bits set: loading a segment writes nothing. */
 boot_gdt:
     .quad 0
-    .quad 0x00AF9A000000FFFF
-    .quad 0x00CF92000000FFFF
+    .quad 0x00AF9B000000FFFF
+    .quad 0x00CF93000000FFFF
+    .quad 0x00CF93000000FFFF
+    .quad 0x00CF9B000000FFFF
 boot_gdt_pointer:
-    .short 3 * 8 - 1
+    .short 5 * 8 - 1
     .quad boot_gdt
 no_long_mode_message:
     .asciz "hv: this CPU has no long mode; halting\r\n"
@@ -208,10 +219,22 @@ boot_pd:
 boot_stack_bottom:
     .skip {stack_bytes}
 boot_stack_top:
+    /* The NMI, #DF and #MC stacks of the boot CPU's first TSS. */
+    .balign 16
+    .skip {interrupt_stack_bytes}
+    .global boot_nmi_stack_top
+boot_nmi_stack_top:
+    .skip {interrupt_stack_bytes}
+    .global boot_double_fault_stack_top
+boot_double_fault_stack_top:
+    .skip {interrupt_stack_bytes}
+    .global boot_machine_check_stack_top
+boot_machine_check_stack_top:
 "#,
     mb2 = const ENTERED_BY_MULTIBOOT2,
     pvh = const ENTERED_BY_PVH,
     stack_bytes = const BOOT_STACK_BYTES,
+    interrupt_stack_bytes = const BOOT_INTERRUPT_STACK_BYTES,
 );
 
 /// Names the kernel's main function, which the boot stub calls in long mode
@@ -238,6 +261,9 @@ macro_rules! entry_point {
 
 unsafe extern "C" {
     static hv_pvh_entry_tsc: u64;
+    static boot_nmi_stack_top: u8;
+    static boot_double_fault_stack_top: u8;
+    static boot_machine_check_stack_top: u8;
     static __image_start: u8;
     static __image_end: u8;
     static __text_end: u8;
@@ -262,6 +288,16 @@ pub fn image_layout() -> ImageLayout {
         text: (start, text_end - start),
         rodata: (text_end, rodata_end - text_end),
     }
+}
+
+/// The tops of the boot CPU's first interrupt stacks (NMI, #DF, #MC), in
+/// the image's `.bss`, unguarded.
+pub fn boot_interrupt_stacks() -> (u64, u64, u64) {
+    (
+        (&raw const boot_nmi_stack_top).addr() as u64,
+        (&raw const boot_double_fault_stack_top).addr() as u64,
+        (&raw const boot_machine_check_stack_top).addr() as u64,
+    )
 }
 
 /// The TSC at the PVH entry's first instruction (0: entered otherwise).

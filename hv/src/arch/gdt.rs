@@ -137,3 +137,20 @@ impl DescriptorTables {
         }
     }
 }
+
+/// The boot CPU's first GDT and TSS, until it has guarded stacks.
+static BOOT_TABLES: spin::Once<DescriptorTables> = spin::Once::new();
+
+/// Loads the boot CPU's first GDT and TSS, whose interrupt stacks are the
+/// boot image's own. Called before the IDT is loaded: from then on an NMI,
+/// #DF or #MC takes its stack from this TSS, not from whatever TSS the
+/// loader left in TR. A capture image's TR names the purgatory's 32-bit
+/// TSS, whose bytes, read as IST pointers, sent a stray NMI's frame to a
+/// non-canonical address (#SS).
+pub fn load_boot_tables() {
+    let tables = BOOT_TABLES.call_once(|| {
+        let (nmi, double_fault, machine_check) = super::boot::boot_interrupt_stacks();
+        DescriptorTables::new(nmi, double_fault, machine_check)
+    });
+    tables.load();
+}

@@ -175,6 +175,10 @@ pub fn run(
             o.field("kernel").str("hv")?;
             o.field("entered_tsc").u64(entry_tsc)?;
             o.field("streaming_tsc").u64(crate::arch::cpu::rdtsc())?;
+            // NMIs this image took on its own IDT (the purgatory's IDT
+            // counts those before it, below).
+            o.field("stray_nmis")
+                .u64(u64::from(crate::crash::nmi::external()))?;
             if let Some(stamps) = stamps {
                 o.field("purgatory").object(|o| {
                     o.field("entry_tsc").u64(stamps.entry_tsc)?;

@@ -247,6 +247,8 @@ pub fn nmi_source_duty(me: usize) {
         return;
     }
     let wanted = match point {
+        // The storm starts where `nmi_in_purgatory`'s one NMI goes.
+        CrashPoint::CoordinatorNmi(CoordinatorStep::Storm) => step_code(CoordinatorStep::Purgatory),
         CrashPoint::CoordinatorNmi(step) => step_code(step),
         _ => STEP_NMIS_OUT,
     };
@@ -261,11 +263,15 @@ pub fn nmi_source_duty(me: usize) {
     crate::arch::apic::software_enable();
     match point {
         CrashPoint::CoordinatorNmi(step) => {
-            if step == CoordinatorStep::Purgatory {
+            if matches!(step, CoordinatorStep::Purgatory | CoordinatorStep::Storm) {
                 wait_for_the_purgatory();
             }
             if let Some(coordinator) = super::COORDINATOR.coordinator() {
-                crate::arch::apic::send_nmi(smp::cpus()[coordinator].slot.apic_id());
+                let apic_id = smp::cpus()[coordinator].slot.apic_id();
+                crate::arch::apic::send_nmi(apic_id);
+                if step == CoordinatorStep::Storm {
+                    storm(apic_id);
+                }
             }
         }
         _ => {
@@ -279,6 +285,27 @@ pub fn nmi_source_duty(me: usize) {
     }
     crate::arch::apic::disable();
 }
+
+/// `point:nmi_storm`: an NMI every [`STORM_GAP_US`] for [`STORM_US`], from
+/// the purgatory's entry through the capture image's early boot (its
+/// switch to long mode, its first GDT, its own IDT), where a real
+/// machine's stray NMIs (an operator's button, a late shootdown IPI) may
+/// land. A capture image that INITs this CPU ends the storm early.
+fn storm(apic_id: u32) {
+    let end = time::now_us() + STORM_US;
+    while time::now_us() < end {
+        time::delay_us(STORM_GAP_US);
+        crate::arch::apic::send_nmi(apic_id);
+    }
+}
+
+/// How long `point:nmi_storm` lasts: longer than the way from the
+/// purgatory to the capture image's report under QEMU and Bochs.
+const STORM_US: u64 = 200_000;
+/// The gap between two NMIs of the storm. The windows of the way in are
+/// shorter (a few instructions each), so one run hits some of them and a
+/// stress run hits them all.
+const STORM_GAP_US: u64 = 30;
 
 /// `point:nmi_in_purgatory`: waits (bounded) until the purgatory stamped
 /// its entry, so that the NMI lands inside it (it then checks every

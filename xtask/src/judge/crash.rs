@@ -1255,6 +1255,28 @@ mod tests {
                 "capture.purgatory.nmis_64 + nmis_32 is 0: the stray NMI never reached the purgatory"
             )
         );
+        // The storm must reach the purgatory and the capture image's own
+        // IDT, so that it spanned the way in between.
+        let mut storm = jumped(1, 0);
+        storm["purgatory"] = json!({"entry_tsc": 1, "nmis_64": 2, "nmis_32": 5});
+        storm["stray_nmis"] = json!(40);
+        assert_eq!(
+            problems(&captured(crash.clone(), storm.clone()), "nmi_storm"),
+            None
+        );
+        let mut short = storm.clone();
+        short["stray_nmis"] = json!(0);
+        assert_eq!(
+            problems(&captured(crash.clone(), short), "nmi_storm").as_deref(),
+            Some("capture.stray_nmis is 0: the storm never reached the capture image's own IDT")
+        );
+        let mut late = storm.clone();
+        late["purgatory"]["nmis_64"] = json!(0);
+        late["purgatory"]["nmis_32"] = json!(0);
+        assert_eq!(
+            problems(&captured(crash.clone(), late), "nmi_storm").as_deref(),
+            Some("capture.purgatory.nmis_64 + nmis_32 is 0: the storm never reached the purgatory")
+        );
         // The stray NMIs must have landed.
         assert_eq!(
             problems(&captured(crash.clone(), jumped(1, 1)), "nmi_in_header"),

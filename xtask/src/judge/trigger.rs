@@ -11,12 +11,14 @@
 //!   a page fault (`fatal exception #PF ... (vector 14)`) on the boot CPU,
 //!   which ran the write, at an address inside the reservation;
 //! - a stray NMI on the coordinator (`point:nmi_after_cleanup`,
-//!   `nmi_in_header`, `nmi_in_digest`, `nmi_in_purgatory`), a panic inside
-//!   the hand-over (`handover_panic`), an NMI on every CPU during the crash
-//!   (`external_nmi`): the crash is the time-based one, and the report must
-//!   show the disturbance landed (the coordinator counted its stray NMI,
-//!   the purgatory counted its own, the second hand-over attempt jumped)
-//!   and was survived. The points of
+//!   `nmi_in_header`, `nmi_in_digest`, `nmi_in_purgatory`), a storm of
+//!   them from the purgatory through the capture image's entry
+//!   (`nmi_storm`), a panic inside the hand-over (`handover_panic`), an NMI
+//!   on every CPU during the crash (`external_nmi`): the crash is the
+//!   time-based one, and the report must show the disturbance landed (the
+//!   coordinator counted its stray NMI, the purgatory counted its own, hv's
+//!   capture image counted the storm's on its own IDT, the second
+//!   hand-over attempt jumped) and was survived. The points of
 //!   the hand-over need a capture kernel: without one hv never gets there.
 
 use serde_json::Value;
@@ -301,6 +303,37 @@ pub(crate) fn disturbance_problems(report: &Report, rules: &CrashRules) -> Vec<S
                     }
                 )
             }),
+        Point::CoordinatorNmi(CoordinatorStep::Storm) => {
+            let purgatory = capture.purgatory.or_empty();
+            let in_purgatory =
+                purgatory.nmis_64.value().unwrap_or(0) + purgatory.nmis_32.value().unwrap_or(0);
+            if handed_over && capture.jumped.value() != Some(true) {
+                Some(
+                    "capture.jumped is not true: the coordinator never reached the purgatory"
+                        .to_owned(),
+                )
+            } else if capture.purgatory.get().is_some() {
+                // hv's capture image reported: the storm must have reached
+                // both the purgatory and the image's own IDT, so it lasted
+                // through the whole way in between.
+                let in_image = count(&capture.stray_nmis, "stray_nmis", &mut problems);
+                match (in_purgatory, in_image) {
+                    (0, _) => Some(
+                        "capture.purgatory.nmis_64 + nmis_32 is 0: the storm never reached the \
+                         purgatory"
+                            .to_owned(),
+                    ),
+                    (_, 0) => Some(
+                        "capture.stray_nmis is 0: the storm never reached the capture image's \
+                         own IDT"
+                            .to_owned(),
+                    ),
+                    _ => None,
+                }
+            } else {
+                None
+            }
+        }
         Point::CoordinatorNmi(_) => {
             let purgatory = capture.purgatory.or_empty();
             let nmis =

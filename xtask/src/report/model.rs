@@ -384,6 +384,8 @@ section! {
         refused: String,
         attempt: u64,
         coordinator_stray_nmis: u64,
+        /// NMIs hv's capture image took on its own IDT.
+        stray_nmis: u64,
         purgatory: Purgatory,
         streamed: bool,
         streamed_bytes: u64,
