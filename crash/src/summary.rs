@@ -59,7 +59,7 @@ const H_TEXT_AT: usize = 20;
 const H_BACKEND: usize = 21;
 const H_HANDOVER: usize = 22;
 /// Words of the hand-over's facts ([`HandoverFacts`]).
-const HANDOVER_WORDS: usize = 12;
+const HANDOVER_WORDS: usize = 13;
 const H_REASON_LEN: usize = H_HANDOVER + HANDOVER_WORDS;
 const H_REASON: usize = H_REASON_LEN + 1;
 /// Words of the header, the reason's bytes included.
@@ -473,8 +473,8 @@ pub struct HandoverFacts {
     /// Its TSC.
     pub handover_tsc: u64,
     /// The coordinator's step stamps (TSC): rendezvous, own cleanup,
-    /// summary, core header, digest check.
-    pub steps_tsc: [u64; 5],
+    /// summary, core header, digest check done, digest check begun.
+    pub steps_tsc: [u64; 6],
     /// Hand-over attempts begun.
     pub attempt: u64,
     /// Stray NMIs the coordinator took.
@@ -508,6 +508,7 @@ pub fn store_handover<S: WordSink + ?Sized>(sink: &mut S, facts: &HandoverFacts)
         facts.steps_tsc[4],
         facts.attempt,
         facts.coordinator_stray_nmis,
+        facts.steps_tsc[5],
     ];
     for (i, value) in words.into_iter().enumerate() {
         sink.store(H_HANDOVER + 1 + i, value);
@@ -564,6 +565,7 @@ pub fn render_handover<W: Write>(
                 "summary_tsc",
                 "header_tsc",
                 "digests_tsc",
+                "digests_start_tsc",
             ]
             .into_iter()
             .zip(facts.steps_tsc)
@@ -716,7 +718,7 @@ impl<'a> Facts<'a> {
                 .then_some(flags & handover_flag::DIGEST_OK != 0),
             handover_us: word(2),
             handover_tsc: word(3),
-            steps_tsc: [word(4), word(5), word(6), word(7), word(8)],
+            steps_tsc: [word(4), word(5), word(6), word(7), word(8), word(11)],
             attempt: word(9),
             coordinator_stray_nmis: word(10),
         })

@@ -374,7 +374,7 @@ fn handover() -> HandoverFacts {
         digest_ok: Some(true),
         handover_us: 19_000_000,
         handover_tsc: 500,
-        steps_tsc: [100, 200, 300, 400, 450],
+        steps_tsc: [100, 200, 300, 400, 450, 50],
         attempt: 1,
         coordinator_stray_nmis: 2,
     }
@@ -404,7 +404,7 @@ fn the_hand_over_reads_back_and_says_it_jumps() {
             "kernel": "hv", "digest_ok": true, "jumped": true,
             "handover_us": 19_000_000, "handover_tsc": 500,
             "rendezvous_tsc": 100, "cleanup_tsc": 200, "summary_tsc": 300,
-            "header_tsc": 400, "digests_tsc": 450, "attempt": 1,
+            "header_tsc": 400, "digests_tsc": 450, "digests_start_tsc": 50, "attempt": 1,
             "coordinator_stray_nmis": 2, "refused": null
         }})
     );

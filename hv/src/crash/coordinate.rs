@@ -148,6 +148,8 @@ pub fn coordinate(me: usize, reason: Reason<'_>, regs: &CpuRegisters) -> ! {
     // whole.
     crate::console::enter_emergency();
     say_why(me, &reason, regs);
+    // While the others answer: the check needs nothing from them.
+    super::handover::check_digests_early();
     // When the wait begins, after the first NMI: `checkin_us` counts from
     // the first NMI, the rendezvous from here.
     let waiting_from_us = time::now_us().saturating_sub(started);

@@ -7,7 +7,7 @@
 //! not match), having said why.
 
 use core::fmt::Write;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 
 use crash::cpuset::CpuSet;
 use crash::shootdown::VmxExit;
@@ -337,11 +337,14 @@ pub fn hand_over(handover: &Handover<'_>) {
         report_capture(plan, Some(false), Some(&error));
         return;
     }
-    super::inject::coordinator_step(CoordinatorStep::DigestCheck);
     // The hypervisor's own check first (a fast refusal, said here); the
-    // purgatory checks again from the reservation, on its own copy.
-    let checked = super::purgatory::check_before_jump(&plan.digests);
-    super::stamp(super::Step::Digests);
+    // purgatory checks again from the reservation, on its own copy. It
+    // passed during the rendezvous, or is made (again) now: a failure's
+    // reason is said here, in its place among the hand-over's words.
+    let checked = match early_verdict() {
+        Some(verdict) => Ok(verdict),
+        None => check_digests(plan),
+    };
     let checked = match checked {
         Ok(checked) => checked,
         Err(error) => {
@@ -366,6 +369,42 @@ pub fn hand_over(handover: &Handover<'_>) {
     crate::arch::blobs::jump_to_purgatory(plan.purgatory)
 }
 
+/// The verdict of the digest check made during the rendezvous, when it
+/// passed: 0 none, 1 verified, 2 skipped.
+static EARLY_VERDICT: AtomicU8 = AtomicU8::new(0);
+
+/// Checks the capture kernel's digests while the other CPUs answer the
+/// shootdown: the check reads only the reservation and needs nothing from
+/// them, and the coordinator would otherwise only wait. Keeps a passing
+/// verdict for [`hand_over`]; a failing one is made again there, which
+/// says why.
+pub fn check_digests_early() {
+    let Some(plan) = PLAN.get() else { return };
+    let code = match check_digests(plan) {
+        Ok(HvCheck::Verified) => 1,
+        Ok(HvCheck::Skipped) => 2,
+        Err(_) => 0,
+    };
+    EARLY_VERDICT.store(code, Ordering::Release);
+}
+
+fn early_verdict() -> Option<HvCheck> {
+    match EARLY_VERDICT.load(Ordering::Acquire) {
+        1 => Some(HvCheck::Verified),
+        2 => Some(HvCheck::Skipped),
+        _ => None,
+    }
+}
+
+/// hv's own digest check, stamped.
+fn check_digests(plan: &Plan) -> Result<HvCheck, kexec_loader::purgatory::CheckError> {
+    super::stamp(super::Step::DigestsStart);
+    super::inject::coordinator_step(CoordinatorStep::DigestCheck);
+    let checked = super::purgatory::check_before_jump(&plan.digests);
+    super::stamp(super::Step::Digests);
+    checked
+}
+
 /// What the hand-over's lines say, stamped now.
 fn handover_facts(plan: &Plan, digest_ok: Option<bool>, cpu_notes: usize) -> HandoverFacts {
     let now = cpu::rdtsc();
@@ -383,6 +422,7 @@ fn handover_facts(plan: &Plan, digest_ok: Option<bool>, cpu_notes: usize) -> Han
             Step::Summary,
             Step::CoreHeader,
             Step::Digests,
+            Step::DigestsStart,
         ]
         .map(super::stamped),
         attempt: u64::from(ATTEMPTS.load(Ordering::Relaxed)),

@@ -185,11 +185,15 @@ pub fn check_time() {
 static STEP: AtomicU8 = AtomicU8::new(0);
 const STEP_NMIS_OUT: u8 = 1;
 
+/// The steps' codes, in the order the coordinator reaches them: its
+/// digest check runs during the rendezvous, before its own cleanup.
 fn step_code(step: CoordinatorStep) -> u8 {
-    2 + CoordinatorStep::ALL
-        .iter()
-        .position(|candidate| *candidate == step)
-        .unwrap_or(0) as u8
+    match step {
+        CoordinatorStep::DigestCheck => 2,
+        CoordinatorStep::AfterCleanup => 3,
+        CoordinatorStep::CoreHeader => 4,
+        CoordinatorStep::Purgatory | CoordinatorStep::Storm => 5,
+    }
 }
 
 /// The CPU that sends the disturbing NMIs of `nmi_*` and `external_nmi`:
@@ -217,7 +221,9 @@ pub fn nmi_source_release() {
 /// (bounded) until the source's NMI reached it, so that the NMI lands
 /// inside the step; the purgatory's NMI cannot be waited for.
 pub fn coordinator_step(step: CoordinatorStep) {
-    STEP.store(step_code(step), Ordering::Release);
+    // Never backwards: a digest check made again in the hand-over (after
+    // a failing one) must not re-arm an earlier step's NMI.
+    STEP.fetch_max(step_code(step), Ordering::AcqRel);
     if point() != Some(CrashPoint::CoordinatorNmi(step)) || step == CoordinatorStep::Purgatory {
         return;
     }

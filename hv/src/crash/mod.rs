@@ -189,9 +189,12 @@ pub enum Step {
     CoreHeader,
     /// The digests are checked.
     Digests,
+    /// The digest check began (during the rendezvous: it needs nothing
+    /// from the other CPUs).
+    DigestsStart,
 }
 
-static STEPS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+static STEPS: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
 
 /// Stamps `step` with the TSC now.
 pub fn stamp(step: Step) {
