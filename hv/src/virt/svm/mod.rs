@@ -197,7 +197,16 @@ fn next_asid(capabilities: &Capabilities) -> u32 {
 }
 
 /// The slice timer's handler: the interrupt only had to make the guest
-/// exit; acknowledge it.
+/// exit. The one-shot is spent, so the next entry arms it again: it can
+/// fire a little before the moment [`TIMER_UNTIL_US`] names (the two
+/// clocks are read apart, and the APIC timer's rate is calibrated), and an
+/// entry that took it for still armed ran a guest with no timer at all. A
+/// spinning vCPU then kept its core, and the vCPUs queued behind it
+/// starved (kvm-unit-tests' `vmexit_*` batch timed out).
 pub fn on_slice_timer(_: &mut arch::idt::TrapFrame) {
+    let cpu = crate::cpu::percpu::current_cpu_index() as usize;
+    if let Some(until) = TIMER_UNTIL_US.get(cpu) {
+        until.store(0, Ordering::Relaxed);
+    }
     apic::end_of_interrupt();
 }
