@@ -443,6 +443,10 @@ fn file_data_offset(header_len: usize) -> Result<u64, ElfCoreError> {
 /// by physical address, disjoint) and the hypervisor's loaded `image` (its
 /// `NT_AUXV` and `NT_FILE` notes, for drgn) into `out`. Nothing is written
 /// unless everything fits and is valid.
+///
+/// The notes come in this order: the image's, one `NT_PRSTATUS` per CPU,
+/// the crash note. The same bytes as [`prepare_core_header`] followed by
+/// [`complete_core_header`].
 pub fn write_core_header(
     out: &mut [u8],
     cpus: &[CpuState],
@@ -456,90 +460,98 @@ pub fn write_core_header(
     let crash_desc_len = crash.desc_len()?;
     let len =
         core_header_len(cpus.len(), segments.len(), crash_desc_len, image).ok_or(E::TooLarge)?;
-    let out_len = out.len();
-    let out = out.get_mut(..len).ok_or(E::BufferTooSmall {
-        needed: len,
-        len: out_len,
-    })?;
-    let too_small = |OutOfBounds| E::BufferTooSmall {
-        needed: len,
-        len: out_len,
+    if out.len() < len {
+        return Err(E::BufferTooSmall {
+            needed: len,
+            len: out.len(),
+        });
+    }
+    let first_data_offset = match placement {
+        Placement::OldMemory { .. } => 0,
+        Placement::File => file_data_offset(len)?,
     };
-    out.fill(0);
+    let prepared = prepare(out, segments, image, placement, first_data_offset)?;
+    complete_core_header(out, &prepared, cpus, crash)
+}
 
-    let phnum = segments.len() + 1; // <= MAX_PHNUM
-    let notes_start = EHDR_LEN + phnum * PHDR_LEN;
-    let mut at = notes_start;
-    for cpu in cpus {
-        at = put_note(
-            out,
-            at,
-            CORE_NOTE_NAME,
-            NT_PRSTATUS,
-            PRSTATUS_LEN,
-            too_small,
-            |desc| {
-                // cpu_index < i32::MAX: checked by validate_inputs.
-                let pid = (cpu.cpu_index as i32).saturating_add(1);
-                bytes::put(desc, PR_PID_OFFSET, &pid.to_le_bytes()).map_err(too_small)?;
-                for (i, reg) in cpu.regs.to_array().into_iter().enumerate() {
-                    bytes::put_u64(desc, PR_REG_OFFSET + i * 8, reg).map_err(too_small)?;
-                }
-                Ok(())
-            },
-        )?;
+/// The parts of a core header that do not depend on the crash, as
+/// [`prepare_core_header`] wrote them: what [`complete_core_header`] adds
+/// to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PreparedHeader {
+    placement: Placement,
+    /// Where the notes begin: right after the program headers.
+    notes_start: usize,
+    /// Where the crash's notes begin: after the image's.
+    crash_notes_at: usize,
+    /// A file's first data offset (0 in old memory).
+    data_offset: u64,
+}
+
+impl PreparedHeader {
+    /// The bytes [`prepare_core_header`] wrote: `out[..fixed_len()]`.
+    pub fn fixed_len(&self) -> usize {
+        self.crash_notes_at
     }
-    if let Some(image) = image {
-        at = put_note(
-            out,
-            at,
-            CORE_NOTE_NAME,
-            NT_AUXV,
-            AUXV_DESC_LEN,
-            too_small,
-            |desc| image.write_auxv(desc).map_err(too_small),
-        )?;
-        at = put_note(
-            out,
-            at,
-            CORE_NOTE_NAME,
-            NT_FILE,
-            image.nt_file_desc_len(),
-            too_small,
-            |desc| image.write_nt_file(desc).map_err(too_small),
-        )?;
-    }
-    at = put_note(
+}
+
+/// The bytes [`prepare_core_header`] writes for `segments` and `image`,
+/// to size a buffer with.
+pub fn prepared_len(segments: usize, image: Option<&LoadedImage<'_>>) -> Option<usize> {
+    let phdrs = segments.checked_add(1)?.checked_mul(PHDR_LEN)?;
+    let image_notes = match image {
+        Some(image) => note_len(CORE_NOTE_NAME.len(), AUXV_DESC_LEN)?
+            .checked_add(note_len(CORE_NOTE_NAME.len(), image.nt_file_desc_len())?)?,
+        None => 0,
+    };
+    EHDR_LEN.checked_add(phdrs)?.checked_add(image_notes)
+}
+
+/// Writes the parts of an old-memory core header that do not depend on
+/// the crash: the ELF header, the memory's program headers and the
+/// image's notes (Linux's kexec tools build the whole header when the
+/// capture kernel is loaded). At the crash, [`complete_core_header`] adds
+/// only the CPUs' notes, the crash note and the note segment's size.
+pub fn prepare_core_header(
+    out: &mut [u8],
+    segments: &[MemorySegment],
+    image: Option<&LoadedImage<'_>>,
+    header_phys: u64,
+) -> Result<PreparedHeader, ElfCoreError> {
+    validate_inputs(&[], segments)?;
+    prepare(
         out,
-        at,
-        CRASH_NOTE_NAME,
-        NT_HV_CRASH,
-        crash_desc_len,
-        too_small,
-        |desc| {
-            crash.write(desc)?;
-            Ok(())
-        },
-    )?;
-    let notes_end = at;
-    // The terminating empty note: already zero.
-    let header_len = notes_end + NHDR_LEN;
-    debug_assert_eq!(header_len, len);
+        segments,
+        image,
+        Placement::OldMemory { header_phys },
+        0,
+    )
+}
 
-    let notes_len = (notes_end - notes_start) as u64;
-    let (note_offset, note_size, mut data_offset) = match placement {
-        Placement::OldMemory { header_phys } => (
-            header_phys
-                .checked_add(notes_start as u64)
-                .ok_or(E::TooLarge)?,
-            notes_len + NHDR_LEN as u64,
-            0,
-        ),
-        Placement::File => (notes_start as u64, notes_len, file_data_offset(header_len)?),
+fn prepare(
+    out: &mut [u8],
+    segments: &[MemorySegment],
+    image: Option<&LoadedImage<'_>>,
+    placement: Placement,
+    first_data_offset: u64,
+) -> Result<PreparedHeader, ElfCoreError> {
+    use ElfCoreError as E;
+    let phnum = segments.len() + 1; // <= MAX_PHNUM: validated
+    let notes_start = EHDR_LEN + phnum * PHDR_LEN;
+    let fixed_len = prepared_len(segments.len(), image).ok_or(E::TooLarge)?;
+    let out_len = out.len();
+    let too_small = |OutOfBounds| E::BufferTooSmall {
+        needed: fixed_len,
+        len: out_len,
     };
-    let first_data_offset = data_offset;
+    out.get_mut(..fixed_len)
+        .ok_or(E::BufferTooSmall {
+            needed: fixed_len,
+            len: out_len,
+        })?
+        .fill(0);
     put_ehdr(out, phnum as u16).map_err(too_small)?;
-    put_phdr(out, EHDR_LEN, PT_NOTE, 0, note_offset, 0, 0, note_size).map_err(too_small)?;
+    let mut data_offset = first_data_offset;
     for (i, segment) in segments.iter().enumerate() {
         let p_offset = match placement {
             Placement::OldMemory { .. } => segment.phys,
@@ -561,10 +573,125 @@ pub fn write_core_header(
         )
         .map_err(too_small)?;
     }
+    let mut at = notes_start;
+    if let Some(image) = image {
+        at = put_note(
+            out,
+            at,
+            CORE_NOTE_NAME,
+            NT_AUXV,
+            AUXV_DESC_LEN,
+            too_small,
+            |desc| image.write_auxv(desc).map_err(too_small),
+        )?;
+        at = put_note(
+            out,
+            at,
+            CORE_NOTE_NAME,
+            NT_FILE,
+            image.nt_file_desc_len(),
+            too_small,
+            |desc| image.write_nt_file(desc).map_err(too_small),
+        )?;
+    }
+    Ok(PreparedHeader {
+        placement,
+        notes_start,
+        crash_notes_at: at,
+        data_offset: first_data_offset,
+    })
+}
+
+/// Completes a header [`prepare_core_header`] wrote into `out`: one
+/// `NT_PRSTATUS` note per CPU of `cpus` (the first is gdb's first thread:
+/// put the one that crashed first), the `crash` record, the terminating
+/// empty note, and the `PT_NOTE` program header. Writes that program
+/// header and what lies from [`PreparedHeader::fixed_len`] on, nothing else
+/// of the prepared part; and nothing at all unless everything fits and is
+/// valid.
+pub fn complete_core_header(
+    out: &mut [u8],
+    prepared: &PreparedHeader,
+    cpus: &[CpuState],
+    crash: &CrashRecord<'_>,
+) -> Result<CoreHeaderLayout, ElfCoreError> {
+    use ElfCoreError as E;
+    validate_inputs(cpus, &[])?;
+    let crash_desc_len = crash.desc_len()?;
+    let len = note_len(CORE_NOTE_NAME.len(), PRSTATUS_LEN)
+        .and_then(|note| note.checked_mul(cpus.len()))
+        .and_then(|notes| notes.checked_add(prepared.crash_notes_at))
+        .and_then(|at| at.checked_add(note_len(CRASH_NOTE_NAME.len(), crash_desc_len)?))
+        .and_then(|at| at.checked_add(NHDR_LEN))
+        .ok_or(E::TooLarge)?;
+    let out_len = out.len();
+    let out = out.get_mut(..len).ok_or(E::BufferTooSmall {
+        needed: len,
+        len: out_len,
+    })?;
+    let too_small = |OutOfBounds| E::BufferTooSmall {
+        needed: len,
+        len: out_len,
+    };
+    out.get_mut(prepared.crash_notes_at..)
+        .ok_or(E::BufferTooSmall {
+            needed: len,
+            len: out_len,
+        })?
+        .fill(0);
+    let mut at = prepared.crash_notes_at;
+    for cpu in cpus {
+        at = put_note(
+            out,
+            at,
+            CORE_NOTE_NAME,
+            NT_PRSTATUS,
+            PRSTATUS_LEN,
+            too_small,
+            |desc| {
+                // cpu_index < i32::MAX: checked by validate_inputs.
+                let pid = (cpu.cpu_index as i32).saturating_add(1);
+                bytes::put(desc, PR_PID_OFFSET, &pid.to_le_bytes()).map_err(too_small)?;
+                for (i, reg) in cpu.regs.to_array().into_iter().enumerate() {
+                    bytes::put_u64(desc, PR_REG_OFFSET + i * 8, reg).map_err(too_small)?;
+                }
+                Ok(())
+            },
+        )?;
+    }
+    at = put_note(
+        out,
+        at,
+        CRASH_NOTE_NAME,
+        NT_HV_CRASH,
+        crash_desc_len,
+        too_small,
+        |desc| {
+            crash.write(desc)?;
+            Ok(())
+        },
+    )?;
+    let notes_end = at;
+    // The terminating empty note: already zero.
+    let header_len = notes_end + NHDR_LEN;
+    debug_assert_eq!(header_len, len);
+
+    let notes_start = prepared.notes_start;
+    let notes_len = (notes_end - notes_start) as u64;
+    let (note_offset, note_size) = match prepared.placement {
+        Placement::OldMemory { header_phys } => (
+            header_phys
+                .checked_add(notes_start as u64)
+                .ok_or(E::TooLarge)?,
+            notes_len + NHDR_LEN as u64,
+        ),
+        Placement::File => (notes_start as u64, notes_len),
+    };
+    put_phdr(out, EHDR_LEN, PT_NOTE, 0, note_offset, 0, 0, note_size).map_err(too_small)?;
     Ok(CoreHeaderLayout {
         len: header_len,
         notes: notes_start..notes_end,
-        data_offset: first_data_offset,
+        data_offset: prepared.data_offset,
     })
 }
 

@@ -121,8 +121,13 @@ fn qemu_64_cpus_a_stray_nmi_during_the_core_header() {
 #[test]
 fn qemu_64_cpus_a_stray_nmi_during_the_digest_check() {
     let run = qemu_point("nmi_in_digest", 64, 63);
-    assert_eq!(stray_nmis(&run).0, 0, "{}", explain(&run));
     assert!(stray_nmis(&run).1 >= 1, "{}", explain(&run));
+    // hv checks the digests while the others answer its NMIs.
+    assert!(
+        number(&run, "/capture/digests_start_tsc") < number(&run, "/capture/rendezvous_tsc"),
+        "{}",
+        explain(&run)
+    );
 }
 
 #[test]

@@ -16,7 +16,7 @@ use kexec_loader::bzimage::BzImage;
 use kexec_loader::cmdline::{CmdlineError, CpuWords};
 use kexec_loader::crash_note::desc_len_for;
 use kexec_loader::digest::{Algorithm, DigestTable};
-use kexec_loader::elfcore::{LoadedImage, MemorySegment, core_header_len};
+use kexec_loader::elfcore::{self, LoadedImage, MemorySegment, core_header_len};
 use kexec_loader::layout::CaptureLayout;
 use kexec_loader::purgatory::SealedTable;
 use kexec_loader::purgatory::abi::mailbox;
@@ -24,7 +24,7 @@ use kexec_loader::pvh::{BootDataConfig, PvhImage, write_boot_data};
 use kexec_loader::segments;
 
 use crate::boot::info::{BootInfo, Module, Protocol};
-use crate::crash::handover::{self, DIGESTS, Kind, MAX_REASON, MAX_SEGMENTS, Plan};
+use crate::crash::handover::{self, DIGESTS, Kind, MAX_REASON, MAX_SEGMENTS, Plan, PreparedCopy};
 use crate::crash::purgatory::{self, Entry};
 use crate::crash::records::MAX_VMCS;
 use crate::mm::paging::Access;
@@ -48,6 +48,7 @@ enum LoadError {
     DumpMap(kexec_loader::Error),
     Purgatory(kexec_loader::Error),
     HeaderSize,
+    CoreHeader(kexec_loader::elfcore::ElfCoreError),
     OutOfMemory,
 }
 
@@ -66,6 +67,7 @@ impl core::fmt::Display for LoadError {
             Self::DumpMap(error) => write!(f, "the dump's memory ranges: {error}"),
             Self::Purgatory(error) => write!(f, "the purgatory: {error}"),
             Self::HeaderSize => f.write_str("the ELF core header's size overflows"),
+            Self::CoreHeader(error) => write!(f, "the ELF core header: {error}"),
             Self::OutOfMemory => f.write_str("no memory for the crash-time buffers"),
         }
     }
@@ -284,6 +286,7 @@ fn load(boot: &BootInfo, options: &hv_core::cmdline::Options) -> Result<Plan, Lo
     digests
         .record(purgatory_area, purgatory_bytes)
         .map_err(|error| LoadError::Purgatory(error.into()))?;
+    let header = prepare_header(segments, hv_image.as_ref(), elfcorehdr.start)?;
     Ok(Plan {
         kind,
         elfcorehdr,
@@ -291,8 +294,26 @@ fn load(boot: &BootInfo, options: &hv_core::cmdline::Options) -> Result<Plan, Lo
         purgatory: purgatory_area,
         digests: SealedTable::seal(digests),
         segments,
-        image: hv_image,
+        header,
     })
+}
+
+/// The parts of the ELF core header that do not depend on the crash (its
+/// ELF header, the memory's program headers, the image's notes), written
+/// now into hv's own memory, as Linux's kexec tools build the whole header
+/// at load time: the crash path copies them into place and adds only the
+/// CPUs' notes and the crash note. A header that cannot be made is a load
+/// error, not a refusal at the crash.
+fn prepare_header(
+    segments: &[MemorySegment],
+    image: Option<&LoadedImage<'static>>,
+    header_phys: u64,
+) -> Result<PreparedCopy, LoadError> {
+    let len = elfcore::prepared_len(segments.len(), image).ok_or(LoadError::HeaderSize)?;
+    let bytes = mm::alloc_permanent_slice_with(len, |_| 0u8).ok_or(LoadError::OutOfMemory)?;
+    let prepared = elfcore::prepare_core_header(bytes, segments, image, header_phys)
+        .map_err(LoadError::CoreHeader)?;
+    Ok(PreparedCopy { bytes, prepared })
 }
 
 /// The crash words mailbox: the last [`mailbox::BYTES`] of the core

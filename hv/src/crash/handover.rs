@@ -15,7 +15,9 @@ use crash::summary::{self, HandoverFacts};
 use hv_abi::crash_note::{CpuLedger, CrashRecord, VmclearOutcome, VmclearRecord, cpu_flags};
 use hv_core::cmdline::CoordinatorStep;
 use kexec_loader::PhysRange;
-use kexec_loader::elfcore::{CpuState, LoadedImage, MemorySegment, Placement, write_core_header};
+use kexec_loader::elfcore::{
+    CpuState, ElfCoreError, MemorySegment, PreparedHeader, complete_core_header,
+};
 use smp_boot::bringup::CpuState as BringupState;
 use smp_boot::madt::MAX_CPUS;
 
@@ -74,9 +76,21 @@ pub struct Plan {
     /// The memory the dump describes (at most [`MAX_SEGMENTS`], in boot
     /// memory).
     pub segments: &'static [MemorySegment],
-    /// hv's own image as loaded, for the dump's `NT_AUXV` and `NT_FILE`
-    /// notes (drgn matches `-s hv` to the dump through them).
-    pub image: Option<LoadedImage<'static>>,
+    /// The core header's parts that do not depend on the crash, prepared
+    /// at load time (with hv's own image as loaded: the dump's `NT_AUXV`
+    /// and `NT_FILE` notes, through which drgn matches `-s hv` to it).
+    pub header: PreparedCopy,
+}
+
+/// The prepared parts of the core header, in hv's own memory: the crash
+/// path copies them into the header region (which hv may write, so a
+/// stray write there is undone) and completes the header.
+#[derive(Debug)]
+pub struct PreparedCopy {
+    /// The bytes, `prepared.fixed_len()` of them.
+    pub bytes: &'static [u8],
+    /// Where the crash's parts go.
+    pub prepared: PreparedHeader,
 }
 
 /// Buffers the crash path fills to write the core header (it allocates
@@ -312,20 +326,24 @@ pub fn hand_over(handover: &Handover<'_>) {
         stragglers: &scratch.stragglers[..straggler_count],
         cpus: &scratch.ledgers[..ledger_count],
     };
-    let placement = Placement::OldMemory {
-        header_phys: plan.elfcorehdr.start,
-    };
     // The core header region lies in the reservation, left out of every
-    // allocator and of the digests; only this CPU writes it now.
+    // allocator and of the digests; only this CPU writes it now: the
+    // parts prepared at load time, then the crash's.
     let header_room = plan.elfcorehdr.len - plan.mailbox.len;
     let written = phys::with_bytes_mut(plan.elfcorehdr.start, header_room, |out| {
-        write_core_header(
+        let fixed = plan.header.bytes;
+        let room = out.len();
+        out.get_mut(..fixed.len())
+            .ok_or(ElfCoreError::BufferTooSmall {
+                needed: fixed.len(),
+                len: room,
+            })?
+            .copy_from_slice(fixed);
+        complete_core_header(
             out,
+            &plan.header.prepared,
             &scratch.cpus[..cpu_count],
             &record,
-            plan.segments,
-            plan.image.as_ref(),
-            placement,
         )
     });
     super::stamp(super::Step::CoreHeader);

@@ -871,17 +871,17 @@ pub(crate) mod loaded_image {
         assert_eq!(
             kinds,
             [
-                (b"CORE".as_slice(), object::elf::NT_PRSTATUS),
-                (b"CORE", object::elf::NT_PRSTATUS),
-                (b"CORE", object::elf::NT_PRSTATUS),
-                (b"CORE", object::elf::NT_AUXV),
+                (b"CORE".as_slice(), object::elf::NT_AUXV),
                 (b"CORE", object::elf::NT_FILE),
+                (b"CORE", object::elf::NT_PRSTATUS),
+                (b"CORE", object::elf::NT_PRSTATUS),
+                (b"CORE", object::elf::NT_PRSTATUS),
                 (b"HVCRASH", NT_HV_CRASH),
             ]
         );
         let word =
             |desc: &[u8], i: usize| u64::from_le_bytes(desc[i * 8..i * 8 + 8].try_into().unwrap());
-        let auxv = &found[3].2;
+        let auxv = &found[0].2;
         let pairs: Vec<_> = (0..auxv.len() / 16)
             .map(|i| (word(auxv, 2 * i), word(auxv, 2 * i + 1)))
             .collect();
@@ -898,7 +898,7 @@ pub(crate) mod loaded_image {
                 (0, 0),
             ]
         );
-        let files = &found[4].2;
+        let files = &found[1].2;
         assert_eq!(
             (word(files, 0), word(files, 1)),
             (3, 4096),
@@ -972,6 +972,92 @@ pub(crate) mod loaded_image {
         });
     }
 
+    /// hv prepares the header when it loads the capture kernel and
+    /// completes it at the crash: the same bytes as one write, the prepared
+    /// part untouched by the completion, and a second completion (the
+    /// hand-over's second attempt, with fewer CPUs) as good as the first.
+    #[test]
+    fn a_prepared_header_completed_at_the_crash_is_the_one_written_at_once() {
+        const HEADER_PHYS: u64 = 0x1010_0000;
+        let placement = Placement::OldMemory {
+            header_phys: HEADER_PHYS,
+        };
+        let bytes = image_bytes();
+        let image = image(&bytes);
+        with_crash_record(|record| {
+            let len = core_header_len(3, 2, record.desc_len().unwrap(), Some(&image)).unwrap();
+            let mut once = vec![0xEEu8; len + 64];
+            let written = write_core_header(
+                &mut once,
+                &cpus(),
+                record,
+                &segments(),
+                Some(&image),
+                placement,
+            )
+            .unwrap();
+
+            let mut split = vec![0x55u8; len + 64];
+            let prepared =
+                prepare_core_header(&mut split, &segments(), Some(&image), HEADER_PHYS).unwrap();
+            assert_eq!(
+                prepared_len(segments().len(), Some(&image)),
+                Some(prepared.fixed_len())
+            );
+            let fixed = split[..prepared.fixed_len()].to_vec();
+            assert!(split[prepared.fixed_len()..].iter().all(|&b| b == 0x55));
+            // The completion writes the PT_NOTE program header (the second
+            // 56 bytes) and from the fixed part's end on, nothing else.
+            let untouched = |bytes: &[u8]| {
+                let mut kept = bytes[..prepared.fixed_len()].to_vec();
+                kept[EHDR_LEN..EHDR_LEN + PHDR_LEN].fill(0);
+                kept
+            };
+            let fixed = untouched(&fixed);
+            let completed = complete_core_header(&mut split, &prepared, &cpus(), record).unwrap();
+            assert_eq!(completed, written);
+            assert_eq!(split[..len], once[..len]);
+            assert_eq!(untouched(&split), fixed);
+            assert!(split[len..].iter().all(|&b| b == 0x55));
+
+            // Again with the crashing CPU alone: a valid, shorter header.
+            let alone = &cpus()[..1];
+            let again = complete_core_header(&mut split, &prepared, alone, record).unwrap();
+            assert!(again.len < completed.len);
+            assert_eq!(untouched(&split), fixed);
+            let dump = CoreDump::parse_elfcorehdr(&split[..again.len], HEADER_PHYS).unwrap();
+            assert_eq!(dump.cpus().count(), 1);
+            assert!(dump.image_notes().is_some());
+        });
+    }
+
+    #[test]
+    fn a_completion_that_does_not_fit_writes_nothing() {
+        let bytes = image_bytes();
+        let image = image(&bytes);
+        with_crash_record(|record| {
+            let len = core_header_len(3, 2, record.desc_len().unwrap(), Some(&image)).unwrap();
+            let mut out = vec![0x55u8; len - 1];
+            let prepared =
+                prepare_core_header(&mut out, &segments(), Some(&image), 0x1000_0000).unwrap();
+            let before = out.clone();
+            assert_eq!(
+                complete_core_header(&mut out, &prepared, &cpus(), record),
+                Err(ElfCoreError::BufferTooSmall {
+                    needed: len,
+                    len: len - 1
+                })
+            );
+            assert_eq!(out, before);
+            // Too small for the prepared part itself.
+            let mut tiny = vec![0u8; 100];
+            assert!(matches!(
+                prepare_core_header(&mut tiny, &segments(), Some(&image), 0x1000_0000),
+                Err(ElfCoreError::BufferTooSmall { len: 100, .. })
+            ));
+        });
+    }
+
     #[test]
     fn headers_that_do_not_describe_a_loaded_image_are_refused() {
         use ImageError as E;
@@ -1035,7 +1121,8 @@ pub(crate) mod loaded_image {
     #[test]
     fn malformed_image_notes_are_refused_by_the_reader() {
         let (file, layout) = write_with_image(Placement::File);
-        let nt_file_desc = layout.notes.start + 3 * (12 + 8 + 336) + (12 + 8 + 96) + 12 + 8;
+        // The image's notes come first: NT_AUXV, then NT_FILE.
+        let nt_file_desc = layout.notes.start + (12 + 8 + 96) + 12 + 8;
         // A count that promises more entries than the descriptor holds.
         let mut bad = file.clone();
         bad[nt_file_desc..nt_file_desc + 8].copy_from_slice(&1000u64.to_le_bytes());
@@ -1054,7 +1141,7 @@ pub(crate) mod loaded_image {
         );
         // An auxv whose size is not a multiple of 16.
         let mut bad = file;
-        let auxv_note = layout.notes.start + 3 * (12 + 8 + 336);
+        let auxv_note = layout.notes.start;
         bad[auxv_note + 4..auxv_note + 8].copy_from_slice(&88u32.to_le_bytes());
         assert!(CoreDump::parse(&bad).is_err());
     }
