@@ -57,27 +57,22 @@ pub fn linux_kit() -> Result<LinuxKit> {
     let dir = paths::build_dir().join("linux").join(&package);
     let vmlinuz = dir.join("vmlinuz");
     let modules_dir = dir.join("modules");
-    if vmlinuz.is_file()
-        && let Ok(modules) = kept_modules(&modules_dir)
-    {
-        return Ok(LinuxKit {
-            package,
-            vmlinuz,
+    let kept = || {
+        let modules = kept_modules(&modules_dir).ok()?;
+        vmlinuz.is_file().then(|| LinuxKit {
+            package: package.clone(),
+            vmlinuz: vmlinuz.clone(),
             modules,
-        });
+        })
+    };
+    if let Some(kit) = kept() {
+        return Ok(kit);
     }
-
     // Parallel tests may all find it missing: one fetches, the others wait
     // and then find it there.
     let _turn = paths::lock_dir(&dir)?;
-    if vmlinuz.is_file()
-        && let Ok(modules) = kept_modules(&modules_dir)
-    {
-        return Ok(LinuxKit {
-            package,
-            vmlinuz,
-            modules,
-        });
+    if let Some(kit) = kept() {
+        return Ok(kit);
     }
     eprintln!("capture: fetching {package} (the Linux capture kernel and its disk modules)");
     let root = unpack(&package, &dir)?;

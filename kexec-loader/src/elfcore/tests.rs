@@ -982,21 +982,11 @@ pub(crate) mod loaded_image {
         let placement = Placement::OldMemory {
             header_phys: HEADER_PHYS,
         };
+        let (once, written) = write_with_image(placement);
+        let len = written.len;
         let bytes = image_bytes();
         let image = image(&bytes);
         with_crash_record(|record| {
-            let len = core_header_len(3, 2, record.desc_len().unwrap(), Some(&image)).unwrap();
-            let mut once = vec![0xEEu8; len + 64];
-            let written = write_core_header(
-                &mut once,
-                &cpus(),
-                record,
-                &segments(),
-                Some(&image),
-                placement,
-            )
-            .unwrap();
-
             let mut split = vec![0x55u8; len + 64];
             let prepared =
                 prepare_core_header(&mut split, &segments(), Some(&image), HEADER_PHYS).unwrap();
