@@ -280,7 +280,9 @@ fn five_hundred_twelve_cpus_run_guests_crash_and_are_captured() {
         Boot::Direct,
         512,
         HV_MEMORY_MIB,
-        &[],
+        // qemu-smp's default crash, after the guest run and the boot
+        // report (the capture helpers' own default comes inside the run).
+        &["crash=cpu:1,after_ms:200"],
         CaptureOptions {
             wake_check: true,
             ..CaptureOptions::new(CaptureKernel::Hv, 512)
