@@ -180,8 +180,7 @@ pub fn check_time() {
 }
 
 /// The coordinator's progress, for the points that disturb it: 0 none, 1
-/// the NMIs are out, then `2 + ` a [`CoordinatorStep`]'s place in
-/// [`CoordinatorStep::ALL`].
+/// the NMIs are out, then a step's code ([`step_code`]).
 static STEP: AtomicU8 = AtomicU8::new(0);
 const STEP_NMIS_OUT: u8 = 1;
 

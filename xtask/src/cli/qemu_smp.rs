@@ -50,6 +50,9 @@ pub struct QemuArgs {
 /// more memory to send, under TCG on 2 cores).
 pub(super) const QEMU_CAPTURE_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// [`QEMU_CAPTURE_TIMEOUT`] above 255 CPUs (what the 512-CPU test allows).
+pub(super) const QEMU_CAPTURE_TIMEOUT_X2APIC: Duration = Duration::from_secs(900);
+
 impl QemuArgs {
     pub(crate) fn boot(&self) -> Boot {
         self.boot.unwrap_or(match self.capture.capture {
@@ -67,10 +70,16 @@ impl QemuArgs {
         })
     }
 
-    /// The time limit, for a run that captures or not.
+    /// The time limit, for a run that captures or not. Above 255 CPUs
+    /// (x2APIC, QEMU 10) a capture run gets [`QEMU_CAPTURE_TIMEOUT_X2APIC`]:
+    /// at 512 CPUs on 2 host cores the boot report alone can take 100 s to
+    /// go out before the crash, and the capture image wakes 511 CPUs.
     pub(crate) fn timeout(&self, captures: bool) -> Option<Duration> {
         match self.run.timeout {
             Some(secs) => Some(Duration::from_secs(secs)),
+            None if self.smp > crate::qemu_program::XAPIC_MAX_CPUS => {
+                captures.then_some(QEMU_CAPTURE_TIMEOUT_X2APIC)
+            }
             None => captures.then_some(QEMU_CAPTURE_TIMEOUT),
         }
     }
