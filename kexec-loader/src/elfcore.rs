@@ -306,18 +306,10 @@ pub fn core_header_len(
     crash_desc_len: usize,
     image: Option<&LoadedImage<'_>>,
 ) -> Option<usize> {
-    let phdrs = segment_count.checked_add(1)?.checked_mul(PHDR_LEN)?;
     let cpu_notes = note_len(CORE_NOTE_NAME.len(), PRSTATUS_LEN)?.checked_mul(cpu_count)?;
     let crash_note = note_len(CRASH_NOTE_NAME.len(), crash_desc_len)?;
-    let image_notes = match image {
-        Some(image) => note_len(CORE_NOTE_NAME.len(), AUXV_DESC_LEN)?
-            .checked_add(note_len(CORE_NOTE_NAME.len(), image.nt_file_desc_len())?)?,
-        None => 0,
-    };
-    EHDR_LEN
-        .checked_add(phdrs)?
+    prepared_len(segment_count, image)?
         .checked_add(cpu_notes)?
-        .checked_add(image_notes)?
         .checked_add(crash_note)?
         .checked_add(NHDR_LEN)
 }

@@ -815,6 +815,16 @@ mod tests {
         report
     }
 
+    /// What a capture run collected when it found no dump and no stream.
+    fn collected_nothing() -> Collected {
+        Collected {
+            dump: Err(anyhow::anyhow!("none")),
+            stream: None,
+            source: PathBuf::new(),
+            filtered: None,
+            parallel: None,
+        }
+    }
     #[test]
     fn a_good_capture_has_no_problems_but_the_samples_failed_vmclear() {
         let (dir, collected) = collected_sample("good");
@@ -976,13 +986,7 @@ mod tests {
     #[test]
     fn a_capture_kernel_that_did_not_load_is_named() {
         let report = json!({"capture": {"loaded": false, "error": "bzImage rejected: no HdrS"}});
-        let none = Collected {
-            dump: Err(anyhow::anyhow!("none")),
-            stream: None,
-            source: PathBuf::new(),
-            filtered: None,
-            parallel: None,
-        };
+        let none = collected_nothing();
         assert_eq!(
             capture_problems(&report, &words("crash=cpu:1,after_ms:5"), &none),
             ["hv did not load the capture kernel: bzImage rejected: no HdrS"]
@@ -1001,13 +1005,7 @@ mod tests {
 
     #[test]
     fn timing_prefers_the_tsc_and_falls_back_to_the_serial_clock() {
-        let none = Collected {
-            dump: Err(anyhow::anyhow!("none")),
-            stream: None,
-            source: PathBuf::new(),
-            filtered: None,
-            parallel: None,
-        };
+        let none = collected_nothing();
         let serial = [
             Some(Duration::from_millis(100)),
             Some(Duration::from_millis(350)),
@@ -1109,13 +1107,7 @@ mod tests {
 
     #[test]
     fn hv_s_streamed_length_is_kept_under_either_key() {
-        let none = Collected {
-            dump: Err(anyhow::anyhow!("none")),
-            stream: None,
-            source: PathBuf::new(),
-            filtered: None,
-            parallel: None,
-        };
+        let none = collected_nothing();
         // Today's capture mode says `streamed_bytes`; the object xtask
         // merges over it must not blank it out.
         let report = json!({"capture": {"streamed": true, "streamed_bytes": 4096}});
